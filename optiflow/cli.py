@@ -1,0 +1,195 @@
+"""The ``optiflow`` command line: parse flags, build a configuration, call the core.
+
+Heavy libraries (torch, mlflow, optuna) are imported inside the commands so that
+``optiflow --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from optiflow.errors import OptiflowError
+
+COMPONENT_HELP = "NAME[:key=value,...]"
+
+
+class OptiflowGroup(click.Group):
+    """A click group that turns user errors into one line and a non-zero exit, never a traceback."""
+
+    argv: list[str] = []
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        OptiflowGroup.argv = list(sys.argv[1:] if args is None else args)
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(args, *rest, **kwargs)
+        except OptiflowError as exc:
+            _fail(str(exc), exc.exit_code)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", 130)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    click.echo(f"Error: {first}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=OptiflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="optiflow", message="optiflow %(version)s")
+def cli() -> None:
+    """Train neural networks with the classic techniques as switches, every run tracked in MLflow.
+
+    \b
+    optiflow train                                  # MLP on the bundled digits data
+    optiflow train --opt sgd:momentum=0.9 --sched step:step_size=5,gamma=0.5
+    optiflow list optimizer                         # what can be switched on
+    optiflow ui                                     # browse the runs
+    """
+
+
+def train_options(func: Any) -> Any:
+    """The flags shared by every command that trains (train, compare, search)."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with the same keys as these flags (flags win)."),
+        click.option("--data", metavar=COMPONENT_HELP, help="Dataset [digits]; e.g. digits:image=true."),
+        click.option("--data-dir", type=click.Path(file_okay=False), help="Where file-based datasets live [data]."),
+        click.option("--norm", metavar=COMPONENT_HELP, help="Input normalization fitted on the training split [standard]."),
+        click.option("--aug", multiple=True, metavar=COMPONENT_HELP, help="Training-time augmentation (repeatable)."),
+        click.option("--model", metavar=COMPONENT_HELP, help="Model [mlp]; e.g. mlp:hidden=[256,128],activation=tanh."),
+        click.option("--loss", metavar=COMPONENT_HELP, help="Loss [cross-entropy for classification, mse for regression]."),
+        click.option("--opt", metavar=COMPONENT_HELP, help="Optimizer [adam]; e.g. sgd:momentum=0.9,nesterov=true."),
+        click.option("--sched", metavar=COMPONENT_HELP, help="Learning-rate schedule [none]; e.g. step:step_size=10,gamma=0.1."),
+        click.option("--init", metavar=COMPONENT_HELP, help="Weight initialization [default]; e.g. kaiming-normal."),
+        click.option("--reg", multiple=True, metavar=COMPONENT_HELP, help="Regularizer (repeatable); e.g. l2:strength=1e-4."),
+        click.option("--epochs", type=int, help="Training epochs [20]."),
+        click.option("--batch-size", help="Mini-batch size, or 'full' for whole-batch gradient descent [32]."),
+        click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default)."),
+        click.option("--seed", type=int, help="Random seed for splits, initialization and batching [0]."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
+        click.option("--val-split", type=float, help="Fraction of the training data held out for validation [0.1]."),
+        click.option("--test-split", type=float, help="Fraction held out for testing when the dataset has no test set [0.2]."),
+        click.option("--shuffle/--no-shuffle", default=None, help="Shuffle training batches every epoch [shuffle]."),
+        click.option("--drop-last/--keep-last", default=None, help="Drop the last incomplete batch [keep-last]."),
+        click.option("--experiment", help="MLflow experiment name [optiflow]."),
+        click.option("--run-name", help="MLflow run name."),
+        click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def command_tag() -> dict[str, str]:
+    """The ``optiflow.command`` tag: the command line as the user typed it."""
+    import shlex
+
+    return {"optiflow.command": shlex.join(["optiflow", *OptiflowGroup.argv])}
+
+
+def build_config(params: dict[str, Any], **extra: Any):
+    """The run configuration: defaults < ``--config`` file < flags given on the command line."""
+    from optiflow.config import RunConfig
+
+    overrides = {
+        key: value
+        for key, value in params.items()
+        if key not in {"config_file", "quiet", "print_config"} and value not in (None, ())
+    }
+    overrides.update(extra)
+    return RunConfig.from_layers(params.get("config_file"), overrides)
+
+
+@cli.command()
+@train_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors.")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+def train(**params: Any) -> None:
+    """Train one model and log the run to MLflow."""
+    config = build_config(params)
+    if params["print_config"]:
+        click.echo(config.to_yaml(), nl=False)
+        return
+    from optiflow.console import RichReporter, print_summary
+    from optiflow.runner import train as run_training
+
+    quiet = params["quiet"] or not sys.stdout.isatty()
+    reporter = None if quiet else RichReporter()
+    result = run_training(config, reporter=reporter, extra_tags=command_tag())
+    print_summary(result, config, quiet=params["quiet"])
+
+
+@cli.command("list")
+@click.argument("kind", required=False)
+@click.option("--pattern", default="*", help="Only names matching this glob, e.g. 'adam*'.")
+def list_components(kind: str | None, pattern: str) -> None:
+    """List registered components: all, one family (data, model, optimizer, regularizer,
+    scheduler, initializer) or one kind (dataset, normalizer, augmentation, activation, loss)."""
+    from optiflow.console import component_table
+    from optiflow.plugins import get_registry
+    from optiflow.registry import FAMILIES, KINDS
+
+    if kind is None:
+        kinds = list(KINDS)
+    elif kind in FAMILIES:
+        kinds = list(FAMILIES[kind])
+    elif kind in KINDS:
+        kinds = [kind]
+    elif kind.rstrip("s") in KINDS or kind.rstrip("s") in FAMILIES:
+        singular = kind.rstrip("s")
+        kinds = list(FAMILIES.get(singular, (singular,)))
+    else:
+        raise click.BadParameter(f"unknown kind '{kind}'; choose from {', '.join([*FAMILIES, *KINDS[1:]])}")
+    registry = get_registry()
+    component_table([c for k in kinds for c in registry.list(k, pattern)])
+
+
+@cli.command()
+def plugins() -> None:
+    """List loaded plugins with their version and the hooks each implements."""
+    from optiflow.console import plugin_table
+    from optiflow.plugins import describe_plugins
+
+    plugin_table(describe_plugins())
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 127.0.0.1 keeps it local.")
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--tracking-uri", help="Store to browse [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
+def ui(host: str, port: int, tracking_uri: str | None) -> None:
+    """Open the MLflow UI on this project's runs (Ctrl-C stops it)."""
+    from optiflow.tracking import resolve_tracking_uri, sqlite_path
+
+    uri = resolve_tracking_uri(tracking_uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    path = sqlite_path(uri)
+    if path is not None:
+        command += ["--default-artifact-root", (path.resolve().parent / "artifacts").as_uri()]
+    click.echo(f"MLflow UI: http://{host}:{port}  (store: {uri})", err=True)
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    import logging
+
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    cli(prog_name="optiflow")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""One typed run configuration: defaults < YAML file < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from optiflow.errors import OptiflowError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A component name with its raw options, as in ``sgd:momentum=0.9,nesterov=true``."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: "str | dict | ComponentSpec") -> "ComponentSpec":
+        """Parse ``name[:key=value,...]`` or a YAML mapping ``{name: ..., key: value}``."""
+        if isinstance(value, ComponentSpec):
+            return value
+        if isinstance(value, dict):
+            if "name" not in value:
+                raise OptiflowError(f"component mapping {value!r} needs a 'name' key")
+            options = {k: v for k, v in value.items() if k != "name"}
+            return cls(str(value["name"]), options)
+        if not isinstance(value, str) or not value.strip():
+            raise OptiflowError(f"expected a component name such as 'adam' or 'sgd:momentum=0.9', got {value!r}")
+        name, _, rest = value.strip().partition(":")
+        options: dict[str, Any] = {}
+        for item in _split_top_level(rest):
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise OptiflowError(f"malformed option '{item}' in '{value}': write key=value")
+            options[key.strip()] = raw.strip()
+        return cls(name.strip(), options)
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in self.options.items())
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets, so ``hidden=[64,32],act=relu`` works."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[(" 
+        depth -= char in "])"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p for p in (p.strip() for p in parts) if p]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a training run."""
+
+    data: ComponentSpec = ComponentSpec("digits")
+    norm: ComponentSpec = ComponentSpec("standard")
+    aug: list[ComponentSpec] = field(default_factory=list)
+    model: ComponentSpec = ComponentSpec("mlp")
+    loss: ComponentSpec | None = None
+    opt: ComponentSpec = ComponentSpec("adam")
+    sched: ComponentSpec = ComponentSpec("none")
+    init: ComponentSpec = ComponentSpec("default")
+    reg: list[ComponentSpec] = field(default_factory=list)
+    epochs: int = 20
+    batch_size: int | str = 32
+    lr: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    val_split: float = 0.1
+    test_split: float = 0.2
+    shuffle: bool = True
+    drop_last: bool = False
+    workers: int = 0
+    pin_memory: bool = False
+    data_dir: str = "data"
+    experiment: str = "optiflow"
+    run_name: str | None = None
+    tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_layers(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        """Defaults, updated by the YAML file at ``path``, updated by ``overrides`` (CLI flags)."""
+        values: dict[str, Any] = load_yaml(path) if path else {}
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise OptiflowError(f"unknown configuration key '{raw_key}'{hint}")
+            if value is None:
+                if "None" in known[key].type:
+                    kwargs[key] = None
+                continue
+            kwargs[key] = _convert(key, value)
+        return cls(**kwargs)
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise OptiflowError(message)
+
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
+        need(
+            self.batch_size == "full" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+            f"batch size must be an integer >= 1 or 'full', got {self.batch_size!r}",
+        )
+        need(self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr!r}")
+        need(0 <= self.val_split < 1, f"validation split must be in [0, 1), got {self.val_split!r}")
+        need(0 < self.test_split < 1, f"test split must be in (0, 1), got {self.test_split!r}")
+        need(self.val_split + self.test_split < 1, "validation and test splits leave no training data")
+        need(isinstance(self.workers, int) and self.workers >= 0, f"workers must be >= 0, got {self.workers!r}")
+        need(bool(DEVICE_PATTERN.match(str(self.device))), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (component specs as strings) that ``from_dict`` reads back."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ComponentSpec):
+                value = str(value)
+            elif isinstance(value, list):
+                value = [str(v) for v in value]
+            out[f.name] = value
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _convert(key: str, value: Any) -> Any:
+    field_type = {f.name: f.type for f in dataclasses.fields(RunConfig)}[key]
+    if key in {"aug", "reg"}:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [ComponentSpec.parse(v) for v in items if v not in (None, "", "none")]
+    if "ComponentSpec" in field_type:
+        return None if value in (None, "", "auto") and key == "loss" else ComponentSpec.parse(value)
+    try:
+        if key == "batch_size":
+            return "full" if str(value).lower() == "full" else _strict(int, value)
+        if field_type.startswith("int"):
+            return _strict(int, value)
+        if field_type.startswith("float"):
+            return _strict(float, value)
+        if field_type.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in {"true", "1", "yes", "on"}:
+                return True
+            if str(value).lower() in {"false", "0", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if field_type.startswith("str"):
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        raise OptiflowError(f"configuration key '{key}' expects {field_type.split(' ')[0]}, got {value!r}") from None
+    return value
+
+
+def _strict(tp: type, value: Any) -> Any:
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        raise TypeError(value)
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return tp(value)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``safe_load``, as one clear error when missing or malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise OptiflowError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise OptiflowError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise OptiflowError(f"config file {path} is not valid YAML{where}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise OptiflowError(f"config file {path} must hold a mapping of keys to values, not {type(values).__name__}")
+    return values

@@ -1,0 +1,77 @@
+"""Terminal output with rich: progress bars, summary and listing tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+class RichReporter:
+    """Progress over epochs and over the batches of the current epoch."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False,
+        )
+        self.epochs = self.batches = None
+
+    def start(self, epochs: int, batches: int) -> None:
+        self.progress.start()
+        self.epochs = self.progress.add_task("epochs", total=epochs, info="")
+        self.batches = self.progress.add_task("batches", total=batches, info="")
+
+    def batch(self) -> None:
+        self.progress.advance(self.batches)
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        shown = {k: metrics[k] for k in ("train_loss", "val_loss", "val_accuracy", "val_rmse") if k in metrics}
+        info = "  ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        self.progress.update(self.epochs, completed=epoch, info=info)
+        self.progress.reset(self.batches, info="")
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def print_summary(result: Any, config: Any, quiet: bool = False) -> None:
+    """The final table: test metrics, epochs, time, the MLflow run and how to open the UI."""
+    from optiflow.tracking import ui_command
+
+    if quiet:
+        return
+    table = Table(title="optiflow run", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in sorted(result.metrics.items()):
+        table.add_row(key, f"{value:.4f}")
+    table.add_row("epochs", f"{result.epochs}/{config.epochs}" + (f" ({result.stop_reason})" if result.stop_reason else ""))
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("mlflow run", str(result.run_id))
+    table.add_row("experiment", config.experiment)
+    table.add_row("open the UI", ui_command(result.tracking_uri))
+    console.print(table)
+
+
+def component_table(components: list[Any]) -> None:
+    table = Table(show_lines=False)
+    for column in ("kind", "name", "options", "description", "plugin"):
+        table.add_column(column, overflow="fold")
+    for c in components:
+        options = ", ".join(f"{o.name}={o.default}" for o in c.options)
+        table.add_row(c.kind, c.name + (f" ({', '.join(c.aliases)})" if c.aliases else ""), options, c.description, c.plugin)
+    console.print(table)
+
+
+def plugin_table(rows: list[dict[str, Any]]) -> None:
+    table = Table()
+    for column in ("name", "distribution", "version", "hooks"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["distribution"], row["version"], ", ".join(row["hooks"]))
+    console.print(table)

@@ -1,0 +1,135 @@
+"""The hook specifications every optiflow plugin, built-in or third-party, implements.
+
+Registration hooks receive a ``register`` callable; the core owns naming,
+option parsing and duplicate handling.  Lifecycle hooks receive the live
+:class:`optiflow.runner.Run` and fire in the order documented in docs/plugins.md.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("optiflow")
+hookimpl = pluggy.HookimplMarker("optiflow")
+
+
+@hookspec
+def optiflow_register_data(register):
+    """Register datasets, normalizers and augmentations.
+
+    Called once when the registry is built.  ``register(name, factory,
+    description=None, *, kind="dataset", aliases=())`` adds one component;
+    ``kind`` is ``"dataset"``, ``"normalizer"`` or ``"augmentation"``.
+    Keyword-only parameters of ``factory`` become the component's options.
+
+    - dataset: ``factory(ctx: DataContext, **options) -> DataSource``
+    - normalizer: ``factory(**options) -> Normalizer`` (``fit``/``transform``/``state``)
+    - augmentation: ``factory(**options) -> callable`` applied to one CHW image tensor
+    Returns nothing.
+    """
+
+
+@hookspec
+def optiflow_register_models(register):
+    """Register models, activations and losses.
+
+    Called once when the registry is built.  ``kind`` is ``"model"``
+    (default), ``"activation"`` or ``"loss"``.
+
+    - model: ``factory(input_shape: tuple[int, ...], num_outputs: int, **options) -> nn.Module``
+      returning raw outputs (logits for classification).
+    - activation: ``factory(**options) -> nn.Module``
+    - loss: ``factory(task: str, **options) -> nn.Module`` taking (outputs, targets)
+    Returns nothing.
+    """
+
+
+@hookspec
+def optiflow_register_optimizers(register):
+    """Register optimizers.
+
+    Called once when the registry is built.
+    ``factory(model: nn.Module, **options) -> torch.optim.Optimizer``; build
+    the parameter groups with ``optiflow.optim.decay_params(model)`` so that
+    biases and normalization parameters get no weight decay.
+    Returns nothing.
+    """
+
+
+@hookspec
+def optiflow_register_regularizers(register):
+    """Register regularizers.
+
+    Called once when the registry is built.  ``factory(**options) -> object``;
+    the object is registered as a pluggy plugin for the duration of one run,
+    so it regularizes by implementing lifecycle hooks (``optiflow_penalty``,
+    ``optiflow_after_backward``, ``optiflow_epoch_end`` ...).
+    Returns nothing.
+    """
+
+
+@hookspec
+def optiflow_register_schedulers(register):
+    """Register learning-rate schedulers.
+
+    Called once when the registry is built.
+    ``factory(optimizer, length: TrainingLength, **options) -> Schedule`` where
+    ``Schedule(scheduler, interval="epoch"|"step", monitor=None)`` says when
+    the core steps it and which metric (if any) it is stepped with.
+    Returns nothing.
+    """
+
+
+@hookspec
+def optiflow_register_initializers(register):
+    """Register weight initializers.
+
+    Called once when the registry is built.  ``factory(**options) -> callable``;
+    the callable receives every ``nn.Linear``/``nn.Conv*`` layer of the model
+    and initializes its weight (and bias) in place.
+    Returns nothing.
+    """
+
+
+@hookspec
+def optiflow_run_start(run):
+    """Called once after the model, optimizer and scheduler exist and the
+    MLflow run is open, before the first epoch.  Returns nothing."""
+
+
+@hookspec
+def optiflow_epoch_start(run, epoch):
+    """Called at the start of every epoch (``epoch`` counts from 1), with the
+    model in training mode.  Returns nothing."""
+
+
+@hookspec
+def optiflow_penalty(run):
+    """Called for every training batch after the forward pass.  Return a
+    scalar tensor to add to the loss (e.g. an L1/L2 penalty) or None."""
+
+
+@hookspec
+def optiflow_after_backward(run, step):
+    """Called after ``loss.backward()`` and before ``optimizer.step()`` on
+    every training batch (``step`` counts batches from 1 across epochs):
+    the place to clip or perturb gradients.  Returns nothing."""
+
+
+@hookspec
+def optiflow_epoch_end(run, epoch, metrics):
+    """Called after validation at the end of every epoch.  ``metrics`` is the
+    mutable dict of this epoch's metrics about to be logged: add entries to
+    log more.  Call ``run.request_stop(reason)`` to end training early.
+    Returns nothing."""
+
+
+@hookspec
+def optiflow_run_end(run, status):
+    """Called once when training ends, with status ``"FINISHED"``,
+    ``"FAILED"`` or ``"KILLED"``, while the MLflow run is still open.
+    Returns nothing."""
+
+
+@hookspec
+def optiflow_register_commands(cli):
+    """Called while the ``optiflow`` click group is built: add subcommands
+    with ``cli.command()`` or ``cli.add_command``.  Returns nothing."""

@@ -1,0 +1,30 @@
+"""Helpers optimizer plugins share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def decay_params(model: Any, include_bias_and_norm: bool = False) -> list[dict[str, Any]]:
+    """Parameter groups in which biases and normalization parameters get no weight decay.
+
+    With ``include_bias_and_norm`` every trainable parameter is in one decayed group.
+    """
+    from torch import nn
+
+    if include_bias_and_norm:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    decay, no_decay = [], []
+    norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if isinstance(module, norm_types) or param.ndim <= 1 or name.endswith("bias"):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups: list[dict[str, Any]] = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

@@ -1,0 +1,273 @@
+"""Frozen records of registered components and the ``register`` callables handed to hooks."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from optiflow.errors import OptiflowError
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "data": ("dataset", "normalizer", "augmentation"),
+    "model": ("model", "activation", "loss"),
+    "optimizer": ("optimizer",),
+    "regularizer": ("regularizer",),
+    "scheduler": ("scheduler",),
+    "initializer": ("initializer",),
+}
+KINDS: tuple[str, ...] = tuple(kind for kinds in FAMILIES.values() for kind in kinds)
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option a component accepts: its type, default and allowed choices."""
+
+    name: str
+    type: Any
+    default: Any = None
+    choices: tuple | None = None
+
+    @property
+    def type_name(self) -> str:
+        if self.choices:
+            return "|".join(map(str, self.choices))
+        return _type_name(self.type)
+
+    def coerce(self, value: Any, owner: str = "") -> Any:
+        """Convert a raw CLI string or YAML value to this option's type, or raise OptiflowError."""
+        try:
+            result = _coerce(self.type, value)
+        except (TypeError, ValueError):
+            raise OptiflowError(
+                f"{owner}: option '{self.name}' expects {self.type_name}, got {value!r}"
+            ) from None
+        if self.choices and result not in self.choices:
+            raise OptiflowError(
+                f"{owner}: option '{self.name}' must be one of {', '.join(map(str, self.choices))}; got {value!r}"
+            )
+        return result
+
+
+@dataclass(frozen=True)
+class Component:
+    """A named, registered component: what it is, how to build it, where it came from."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    description: str
+    options: tuple[Option, ...]
+    plugin: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
+    def resolve_options(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Typed options: the declared defaults updated with ``raw`` (validated)."""
+        known = {o.name: o for o in self.options}
+        resolved = self.defaults
+        for key, value in raw.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                valid = ", ".join(known) or "none"
+                hint = _suggest(key, known)
+                raise OptiflowError(
+                    f"{self.kind} '{self.name}' has no option '{key}'{hint}; valid options: {valid}"
+                )
+            resolved[key] = known[key].coerce(value, owner=f"{self.kind} '{self.name}'")
+        return resolved
+
+    def build(self, *context: Any, **options: Any) -> Any:
+        """Call the factory with the context arguments and the resolved options."""
+        return self.factory(*context, **self.resolve_options(options))
+
+
+@dataclass
+class Registry:
+    """All components by kind; filled by the registration hooks."""
+
+    components: dict[str, dict[str, Component]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+    aliases: dict[str, dict[str, str]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
+
+    def registrar(self, default_kind: str, plugin: str) -> Callable[..., Component]:
+        """The ``register`` callable handed to one plugin's registration hook."""
+
+        def register(
+            name: str,
+            factory: Callable[..., Any],
+            description: str | None = None,
+            *,
+            kind: str | None = None,
+            aliases: tuple[str, ...] | list[str] = (),
+        ) -> Component:
+            kind = kind or default_kind
+            if kind not in self.components:
+                raise OptiflowError(f"plugin '{plugin}' registered '{name}' under unknown kind '{kind}'")
+            doc = (inspect.getdoc(factory) or "").strip().splitlines()
+            component = Component(
+                kind=kind,
+                name=name,
+                factory=factory,
+                description=description or (doc[0] if doc else ""),
+                options=options_of(factory),
+                plugin=plugin,
+                aliases=tuple(aliases),
+            )
+            self.add(component)
+            return component
+
+        return register
+
+    def add(self, component: Component) -> None:
+        kind, table = component.kind, self.components[component.kind]
+        for name in (component.name, *component.aliases):
+            existing = self._lookup(kind, name)
+            if existing is not None:
+                raise OptiflowError(
+                    f"duplicate {kind} '{name}': registered by plugin '{existing.plugin}' "
+                    f"and again by plugin '{component.plugin}'"
+                )
+        table[component.name] = component
+        for alias in component.aliases:
+            self.aliases[kind][alias] = component.name
+
+    def remove_plugin(self, plugin: str) -> None:
+        """Drop every component a plugin registered (used when a plugin fails half-way)."""
+        for kind, table in self.components.items():
+            for name in [n for n, c in table.items() if c.plugin == plugin]:
+                del table[name]
+            self.aliases[kind] = {a: n for a, n in self.aliases[kind].items() if n in table}
+
+    def _lookup(self, kind: str, name: str) -> Component | None:
+        table = self.components[kind]
+        return table.get(name) or table.get(self.aliases[kind].get(name, ""))
+
+    def get(self, kind: str, name: str) -> Component:
+        """The component ``name`` of ``kind``, or an OptiflowError naming close matches."""
+        found = self._lookup(kind, name) or self._lookup(kind, name.replace("_", "-"))
+        if found is None:
+            names = sorted([*self.components[kind], *self.aliases[kind]])
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise OptiflowError(
+                f"unknown {kind} '{name}'.{hint} Available: {', '.join(sorted(self.components[kind]))}"
+            )
+        return found
+
+    def list(self, kind: str | None = None, pattern: str = "*") -> list[Component]:
+        kinds = [kind] if kind else KINDS
+        return [
+            c
+            for k in kinds
+            for c in sorted(self.components[k].values(), key=lambda c: c.name)
+            if fnmatch.fnmatch(c.name, pattern)
+        ]
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+
+def options_of(factory: Callable[..., Any]) -> tuple[Option, ...]:
+    """The keyword-only parameters of ``factory`` as typed options."""
+    options = []
+    for param in inspect.signature(factory).parameters.values():
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        default = None if param.default is inspect.Parameter.empty else param.default
+        annotation = _annotation(factory, param, default)
+        choices = None
+        if typing.get_origin(annotation) is Literal:
+            choices = typing.get_args(annotation)
+            annotation = type(choices[0])
+        options.append(Option(param.name, annotation, default, choices))
+    return tuple(options)
+
+
+def _annotation(factory: Callable[..., Any], param: inspect.Parameter, default: Any) -> Any:
+    """A parameter's annotation, evaluated lazily so plugins need not import torch to register."""
+    annotation = param.annotation
+    if isinstance(annotation, str):
+        namespace = {**vars(typing), **getattr(inspect.unwrap(factory), "__globals__", {})}
+        try:
+            annotation = eval(annotation, namespace)  # noqa: S307 - plugin's own annotation text
+        except Exception:
+            annotation = inspect.Parameter.empty
+    if annotation is inspect.Parameter.empty:
+        return type(default) if default is not None else str
+    return annotation
+
+
+def _suggest(word: str, names: Any) -> str:
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "none")
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
+            if type(None) in args:
+                return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if origin is tuple or tp is tuple:
+        item_type = args[0] if args else float
+        if isinstance(value, str):
+            text = value.strip().strip("[]()")
+            sep = "," if "," in text else ("x" if "x" in text else "-")
+            items = [v for v in text.split(sep) if v.strip()] if text else []
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        return tuple(_coerce(item_type, v) for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError(value)
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise TypeError(value)
+        return str(value)
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported option type {tp!r}")

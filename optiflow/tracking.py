@@ -1,0 +1,214 @@
+"""Everything MLflow: the store, runs, batched metrics, artifacts, models and run status."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from optiflow.errors import OptiflowError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+PARAM_BATCH = 100
+METRIC_BATCH = 1000
+_RETRIES = 8
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the project-local SQLite store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    path = sqlite_path(uri)
+    if path is not None and str(path) != ":memory:":
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths are relative to the cwd)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :])
+
+
+def ui_command(uri: str) -> str:
+    """The shell command that opens the MLflow UI on this store."""
+    return f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "optiflow ui"
+
+
+def retry(fn, *args: Any, **kwargs: Any) -> Any:
+    """Call an MLflow client method, retrying while a shared SQLite store is locked."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(_RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            transient = "locked" in str(exc).lower() or "busy" in str(exc).lower()
+            if not transient or attempt == _RETRIES - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    return None
+
+
+def client(uri: str):
+    """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock."""
+    from mlflow.tracking import MlflowClient
+
+    path = sqlite_path(uri)
+    with _store_lock(path):
+        mlflow_client = MlflowClient(tracking_uri=uri)
+        try:
+            mlflow_client.search_experiments(max_results=1)
+        except Exception as exc:
+            raise OptiflowError(f"cannot reach the tracking store {uri}: {_first_line(exc)}") from None
+    return mlflow_client
+
+
+@contextlib.contextmanager
+def _store_lock(path: Path | None) -> Iterator[None]:
+    if path is None or str(path) == ":memory:":
+        yield
+        return
+    with open(str(path) + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def experiment_id(mlflow_client, uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing (safe when processes race to create it)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = retry(mlflow_client.get_experiment_by_name, name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    path = sqlite_path(uri)
+    if path is not None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        location = (path.resolve().parent / "artifacts" / safe).as_uri()
+    try:
+        return retry(mlflow_client.create_experiment, name, artifact_location=location)
+    except MlflowException:
+        experiment = retry(mlflow_client.get_experiment_by_name, name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+class Tracker:
+    """One MLflow run, driven through ``MlflowClient`` (thread- and process-safe, no global state)."""
+
+    def __init__(self, uri: str | None, experiment: str) -> None:
+        self.uri = resolve_tracking_uri(uri)
+        self.experiment = experiment
+        self.client = client(self.uri)
+        self.experiment_id = experiment_id(self.client, self.uri, experiment)
+        self.run_id: str | None = None
+        self._pending: list[Any] = []
+
+    def start(self, run_name: str | None = None, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None, run_id: str | None = None) -> str:
+        """Open a new run (or reopen ``run_id`` to resume it); returns its id."""
+        if run_id is not None:
+            retry(self.client.update_run, run_id, status="RUNNING")
+            self.run_id = run_id
+            return run_id
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            retry(self.client.log_batch, self.run_id, params=items[i : i + PARAM_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, flush: bool = True) -> None:
+        """Queue metrics (non-numeric values dropped); sent in one batch at the next flush."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(
+            Metric(key, float(value), now, step or 0)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        )
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:METRIC_BATCH], self._pending[METRIC_BATCH:]
+            retry(self.client.log_batch, self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        retry(self.client.log_text, self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        retry(self.client.log_figure, self.run_id, figure, artifact_file)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        retry(self.client.log_artifact, self.run_id, str(local_path), artifact_path)
+
+    def log_model(self, model: Any, input_example: Any) -> None:
+        """Log a PyTorch model under ``model`` with its signature, loadable from ``runs:/<id>/model``."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.to("cpu").eval()
+        with torch.no_grad():
+            output = model(torch.as_tensor(input_example)).numpy()
+        signature = infer_signature(input_example, output)
+        os.environ.setdefault("MLFLOW_VALIDATE_SERVING_INPUT", "false")
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED)."""
+        try:
+            self.flush()
+        finally:
+            retry(self.client.set_terminated, self.run_id, status=status)
+
+
+def artifact_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="optiflow-"))
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
