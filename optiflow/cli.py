@@ -38,6 +38,20 @@ class OptiflowGroup(click.Group):
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        """A built-in command, else one a plugin added through ``optiflow_register_commands``."""
+        command = super().get_command(ctx, name)
+        if command is None:
+            from optiflow.plugins import get_plugin_manager
+
+            command = get_plugin_manager().commands.get(name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from optiflow.plugins import get_plugin_manager
+
+        return sorted({*super().list_commands(ctx), *get_plugin_manager().commands})
+
 
 def _fail(message: str, code: int) -> None:
     first = message.strip().splitlines()[0] if message.strip() else "failed"
@@ -47,6 +61,9 @@ def _fail(message: str, code: int) -> None:
 
 @click.group(cls=OptiflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="optiflow", message="optiflow %(version)s")
+@click.option("--disable-plugin", "disabled_plugins", multiple=True, metavar="NAME", is_eager=True,
+              expose_value=False, callback=lambda ctx, param, names: _disable_plugins(names),
+              help="Do not load this built-in or installed plugin (repeatable; see `optiflow plugins`).")
 def cli() -> None:
     """Train neural networks with the classic techniques as switches, every run tracked in MLflow.
 
@@ -56,6 +73,12 @@ def cli() -> None:
     optiflow list optimizer                         # what can be switched on
     optiflow ui                                     # browse the runs
     """
+
+
+def _disable_plugins(names: tuple[str, ...]) -> None:
+    from optiflow.plugins import disable_plugins
+
+    disable_plugins(names)
 
 
 def train_options(func: Any) -> Any:
@@ -155,12 +178,24 @@ def list_components(kind: str | None, pattern: str) -> None:
 
 
 @cli.command()
-def plugins() -> None:
-    """List loaded plugins with their version and the hooks each implements."""
-    from optiflow.console import plugin_table
+@click.option("--json", "as_json", is_flag=True, help="Print the plugins as JSON (for scripts).")
+def plugins(as_json: bool) -> None:
+    """List plugins: distribution and version, status, the hooks each implements and what it registered.
+
+    Failed and blocked plugins are listed too.  OPTIFLOW_LOAD_PLUGINS, OPTIFLOW_DISABLE_PLUGINS,
+    --disable-plugin and OPTIFLOW_STRICT_PLUGINS control loading; see docs/plugins.md.
+    """
     from optiflow.plugins import describe_plugins
 
-    plugin_table(describe_plugins())
+    rows = describe_plugins()
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from optiflow.console import plugin_table
+
+    plugin_table(rows)
 
 
 @cli.command()

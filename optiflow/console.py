@@ -69,9 +69,18 @@ def component_table(components: list[Any]) -> None:
 
 
 def plugin_table(rows: list[dict[str, Any]]) -> None:
+    """One row per plugin: origin, status, hooks and what it registered (components per kind, commands)."""
     table = Table()
-    for column in ("name", "distribution", "version", "hooks"):
-        table.add_column(column, overflow="fold")
+    table.add_column("name", overflow="fold")
+    table.add_column("distribution", no_wrap=True)
+    table.add_column("status", overflow="fold")
+    table.add_column("hooks (optiflow_...)", no_wrap=True)
+    table.add_column("registered", overflow="fold")
     for row in rows:
-        table.add_row(row["name"], row["distribution"], row["version"], ", ".join(row["hooks"]))
+        registered = [f"{kind}: {', '.join(names)}" for kind, names in row["components"].items()]
+        if row["commands"]:
+            registered.append(f"commands: {', '.join(row['commands'])}")
+        status = row["status"] if not row["error"] else f"{row['status']}: {row['error']}"
+        table.add_row(row["name"], f"{row['distribution']}\n{row['version']}", status, "\n".join(h.removeprefix("optiflow_") for h in row["hooks"]),
+                      "\n".join(registered))
     console.print(table)

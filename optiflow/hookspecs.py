@@ -90,46 +90,76 @@ def optiflow_register_initializers(register):
 
 
 @hookspec
+def optiflow_register_commands(cli):
+    """Add subcommands to the ``optiflow`` command line.
+
+    Called once, the first time the CLI needs the full command list (``optiflow
+    --help`` or an unknown command name), never at import time.  ``cli`` is a
+    ``click.Group``: use ``@cli.command()`` or ``cli.add_command(command)``.
+    A name that is already taken rejects the plugin.  Returns nothing.
+    """
+
+
+@hookspec
 def optiflow_run_start(run):
-    """Called once after the model, optimizer and scheduler exist and the
-    MLflow run is open, before the first epoch.  Returns nothing."""
+    """Called once per run, after the model, optimizer and scheduler exist and
+    the MLflow run is open, before the first epoch.  ``run`` is the live
+    :class:`optiflow.runner.Run`.  Returns nothing."""
 
 
 @hookspec
 def optiflow_epoch_start(run, epoch):
-    """Called at the start of every epoch (``epoch`` counts from 1), with the
-    model in training mode.  Returns nothing."""
+    """Called at the start of every epoch (``epoch`` counts from 1, equal to
+    ``run.epoch``), with the model in training mode.  Returns nothing."""
 
 
 @hookspec
 def optiflow_penalty(run):
-    """Called for every training batch after the forward pass.  Return a
-    scalar tensor to add to the loss (e.g. an L1/L2 penalty) or None."""
+    """Called for every training batch after the forward pass, before
+    ``backward()``.  Return a scalar tensor to add to the loss being minimized
+    (e.g. an L1/L2 penalty) or None.  ``run.last_outputs`` and
+    ``run.last_targets`` hold this batch's outputs and targets.  The logged
+    ``train_loss`` excludes penalties."""
 
 
 @hookspec
 def optiflow_after_backward(run, step):
     """Called after ``loss.backward()`` and before ``optimizer.step()`` on
-    every training batch (``step`` counts batches from 1 across epochs):
-    the place to clip or perturb gradients.  Returns nothing."""
+    every training batch (``step`` counts batches from 1 across epochs,
+    equal to ``run.step``): the place to read, clip or perturb gradients.
+    Optimizers that re-evaluate the loss (LBFGS) call it once per evaluation.
+    Returns nothing."""
+
+
+@hookspec
+def optiflow_after_step(run, step):
+    """Called after ``optimizer.step()`` on every training batch, before a
+    per-step scheduler steps (``step`` as in ``optiflow_after_backward``):
+    the place to track the new weights, e.g. an exponential moving average.
+    Returns nothing."""
+
+
+@hookspec
+def optiflow_validation_end(run, epoch, metrics):
+    """Called every epoch right after the validation pass, before the
+    scheduler steps and before ``optiflow_epoch_end``.  ``metrics`` is the
+    mutable dict of this epoch's metrics (``train_loss``, ``val_loss``,
+    ``val_accuracy`` ...; no ``val_*`` when the validation split is empty):
+    add or replace entries to compute extra validation metrics, which a
+    monitoring scheduler, early stopping and MLflow then see.  Returns nothing."""
 
 
 @hookspec
 def optiflow_epoch_end(run, epoch, metrics):
-    """Called after validation at the end of every epoch.  ``metrics`` is the
-    mutable dict of this epoch's metrics about to be logged: add entries to
-    log more.  Call ``run.request_stop(reason)`` to end training early.
+    """Called at the end of every epoch, after validation and the epoch's
+    scheduler step, before the metrics are logged.  ``metrics`` is the mutable
+    dict about to be logged with ``step=epoch``: add entries to log more.
+    Call ``run.request_stop(reason)`` to end training after this epoch.
     Returns nothing."""
 
 
 @hookspec
 def optiflow_run_end(run, status):
-    """Called once when training ends, with status ``"FINISHED"``,
-    ``"FAILED"`` or ``"KILLED"``, while the MLflow run is still open.
-    Returns nothing."""
-
-
-@hookspec
-def optiflow_register_commands(cli):
-    """Called while the ``optiflow`` click group is built: add subcommands
-    with ``cli.command()`` or ``cli.add_command``.  Returns nothing."""
+    """Called once when training ends, with ``status`` ``"FINISHED"``,
+    ``"FAILED"`` or ``"KILLED"``, while the MLflow run is still open and
+    before the test split is evaluated and the model logged.  Returns nothing."""

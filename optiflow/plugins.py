@@ -1,15 +1,37 @@
-"""The plugin manager: built-in plugins plus those found in the ``optiflow`` entry-point group."""
+"""The plugin manager: built-in plugins plus those found in the ``optiflow`` entry-point group.
+
+Every plugin is loaded, registered and asked for its components on its own: one
+that fails to import, raises in a hook, or registers a name that is already
+taken is reported in one warning line and dropped with everything it
+registered, so the rest keeps working.  Environment switches:
+
+- ``OPTIFLOW_LOAD_PLUGINS=a,b``: load only these external plugins (empty: none).
+- ``OPTIFLOW_DISABLE_PLUGINS=a,b``: block built-in or external plugins by name
+  (the CLI's ``--disable-plugin NAME`` adds to it).
+- ``OPTIFLOW_STRICT_PLUGINS=1``: a broken plugin is an error, not a warning.
+- ``OPTIFLOW_TRACE_HOOKS=1``: print every hook call with its plugins and time to stderr.
+"""
 
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+import os
+import re
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import pluggy
 
 from optiflow import hookspecs
 from optiflow.errors import OptiflowError
 from optiflow.registry import FAMILIES, Registry
+
+if TYPE_CHECKING:
+    import click
 
 ENTRY_POINT_GROUP = "optiflow"
 DEFAULT_PLUGINS = (
@@ -28,68 +50,338 @@ REGISTRATION_HOOKS = {
     "scheduler": "optiflow_register_schedulers",
     "initializer": "optiflow_register_initializers",
 }
+COMMANDS_HOOK = "optiflow_register_commands"
+BUILTIN_DISTRIBUTION = "optiflow"
+_TRUE = {"1", "true", "yes", "on"}
 
 
-@lru_cache(maxsize=1)
-def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager with built-in and installed plugins loaded."""
-    pm = pluggy.PluginManager("optiflow")
-    pm.add_hookspecs(hookspecs)
-    load_plugins(pm)
+@dataclass(frozen=True)
+class PluginSelection:
+    """Which plugins may load: external ones limited to ``load`` (None: all), none of ``disabled``."""
+
+    load: frozenset[str] | None = None
+    disabled: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_environment(cls, extra_disabled: Iterable[str] = ()) -> "PluginSelection":
+        load = os.environ.get("OPTIFLOW_LOAD_PLUGINS")
+        disabled = _names(os.environ.get("OPTIFLOW_DISABLE_PLUGINS", "")) | set(extra_disabled)
+        return cls(None if load is None else frozenset(_names(load)), frozenset(disabled))
+
+    def allows(self, *names: str) -> bool:
+        """Whether an external plugin known by any of ``names`` (entry point, distribution) may load."""
+        keys = {_normalize(n) for n in names}
+        if keys & self.disabled:
+            return False
+        return self.load is None or bool(keys & self.load)
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that could not be used, and why (one line)."""
+
+    plugin: str
+    distribution: str
+    version: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"plugin '{self.plugin}' ({self.distribution} {self.version})"
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus what optiflow shows about plugins: distributions, failures, blocks.
+
+    The registry and the plugin CLI commands are built from it on first use and
+    rebuilt after :func:`registered_plugin` changes the set of plugins.
+    """
+
+    def __init__(self, selection: PluginSelection = PluginSelection()) -> None:
+        super().__init__("optiflow")
+        self.add_hookspecs(hookspecs)
+        self.selection = selection
+        self.distributions: dict[str, tuple[str, str]] = {}
+        self.failures: list[PluginFailure] = []
+        self.blocked: list[tuple[str, str, str]] = []
+        self._registry: Registry | None = None
+        self._commands: dict[str, click.Command] | None = None
+        self.command_owners: dict[str, str] = {}
+        if _truthy("OPTIFLOW_TRACE_HOOKS"):
+            self.add_hookcall_monitoring(*_tracer())
+
+    @property
+    def registry(self) -> Registry:
+        """Every component of every plugin, built by calling the registration hooks once."""
+        if self._registry is None:
+            self._registry = build_registry(self)
+        return self._registry
+
+    @property
+    def commands(self) -> dict[str, click.Command]:
+        """The CLI subcommands plugins add through ``optiflow_register_commands``."""
+        if self._commands is None:
+            from optiflow.cli import cli
+
+            self._commands = build_commands(self, reserved=cli.commands)
+        return self._commands
+
+    def distribution(self, name: str) -> tuple[str, str]:
+        """(distribution, version) a plugin came from; built-ins and objects registered in code are optiflow's."""
+        from optiflow import __version__
+
+        return self.distributions.get(name, (BUILTIN_DISTRIBUTION, __version__))
+
+    def reject(self, name: str, error: str, plugin: object = None,
+               distribution: tuple[str, str] | None = None) -> None:
+        """Drop a broken plugin with all it registered; warn once, or raise under OPTIFLOW_STRICT_PLUGINS."""
+        failure = PluginFailure(name, *(distribution or self.distribution(name)), _one_line(error))
+        if _truthy("OPTIFLOW_STRICT_PLUGINS"):
+            raise OptiflowError(f"{failure} is broken: {failure.error} (OPTIFLOW_STRICT_PLUGINS is set)")
+        self.failures.append(failure)
+        print(f"Warning: {failure} skipped: {failure.error}", file=sys.stderr, flush=True)
+        if plugin is not None and self.is_registered(plugin):
+            self.unregister(plugin)
+        if self._registry is not None:
+            self._registry.remove_plugin(name)
+        if self._commands is not None:
+            for command in [c for c, owner in self.command_owners.items() if owner == name]:
+                del self._commands[command]
+
+    def invalidate(self) -> None:
+        """Forget the built registry and commands (after plugins were added or removed)."""
+        self._registry = None
+        self._commands = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager for the current plugin selection (env vars and --disable-plugin)."""
+    global _manager
+    selection = PluginSelection.from_environment(_disabled_by_cli)
+    with _loading:
+        if _manager is None or _manager.selection != selection:
+            _manager = load_plugins(PluginManager(selection))
+        return _manager
+
+
+def get_registry() -> Registry:
+    """Every component of every loaded plugin."""
+    return get_plugin_manager().registry
+
+
+def disable_plugins(names: Iterable[str]) -> None:
+    """Block plugins by name for this process on top of OPTIFLOW_DISABLE_PLUGINS (``--disable-plugin``)."""
+    global _disabled_by_cli
+    _disabled_by_cli = frozenset(_normalize(n) for n in names)
+
+
+def load_plugins(pm: PluginManager) -> PluginManager:
+    """Register the built-ins, then every allowed plugin of the ``optiflow`` entry-point group."""
+    from optiflow import __version__
+
+    for module_name in DEFAULT_PLUGINS:
+        name = module_name.rsplit(".", 1)[-1]
+        builtin = (BUILTIN_DISTRIBUTION, __version__)
+        if name in pm.selection.disabled:
+            pm.set_blocked(name)
+            pm.blocked.append((name, *builtin))
+            continue
+        _add(pm, name, builtin, lambda module_name=module_name: importlib.import_module(module_name))
+    for entry_point in _entry_points():
+        dist = entry_point.dist
+        origin = (dist.metadata["Name"], dist.version) if dist is not None else ("unknown distribution", "?")
+        if not pm.selection.allows(entry_point.name, origin[0]):
+            pm.blocked.append((entry_point.name, *origin))
+            continue
+        _add(pm, entry_point.name, origin, entry_point.load)
     return pm
 
 
-def load_plugins(pm: pluggy.PluginManager) -> None:
-    """Register the built-ins, then every plugin of the ``optiflow`` entry-point group."""
-    for module_name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(module_name), name=module_name.rsplit(".", 1)[-1])
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-
-
-@lru_cache(maxsize=1)
-def get_registry() -> Registry:
-    """Every component of every plugin, built by calling the registration hooks once."""
-    return build_registry(get_plugin_manager())
-
-
-def build_registry(pm: pluggy.PluginManager) -> Registry:
-    """Call each plugin's registration hooks with a ``register`` bound to that plugin."""
+def build_registry(pm: PluginManager) -> Registry:
+    """Ask each plugin in turn for its components; a plugin that fails is dropped with all it registered."""
     registry = Registry()
-    for family, hook_name in REGISTRATION_HOOKS.items():
-        hook = getattr(pm.hook, hook_name)
-        for impl in hook.get_hookimpls():
-            plugin = plugin_name(pm, impl.plugin)
-            register = registry.registrar(FAMILIES[family][0], plugin)
+    for name, plugin in list(pm.list_name_plugin()):
+        for family, hook_name in REGISTRATION_HOOKS.items():
             try:
-                impl.function(register)
-            except OptiflowError:
-                raise
+                for impl in _impls_of(pm, hook_name, plugin):
+                    _call(impl, hook_name, register=registry.registrar(FAMILIES[family][0], name))
             except Exception as exc:
-                raise OptiflowError(f"plugin '{plugin}' failed in {hook_name}: {exc}") from exc
+                registry.remove_plugin(name)
+                pm.reject(name, _failure_text(exc, hook_name), plugin)
+                break
     return registry
 
 
-def plugin_name(pm: pluggy.PluginManager, plugin: object) -> str:
-    return pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
+def build_commands(pm: PluginManager, reserved: Iterable[str] = ()) -> dict[str, click.Command]:
+    """Each plugin adds its commands to a group of its own, so clashes and failures stay its own."""
+    import click
+
+    commands: dict[str, click.Command] = {}
+    owners = {name: "optiflow" for name in reserved}
+    for name, plugin in list(pm.list_name_plugin()):
+        staging = click.Group()
+        try:
+            for impl in _impls_of(pm, COMMANDS_HOOK, plugin):
+                _call(impl, COMMANDS_HOOK, cli=staging)
+            for command_name in staging.commands:
+                if command_name in owners:
+                    raise OptiflowError(f"command '{command_name}' is already provided by '{owners[command_name]}'")
+        except Exception as exc:
+            pm.reject(name, _failure_text(exc, COMMANDS_HOOK), plugin)
+            continue
+        commands.update(staging.commands)
+        owners.update({command_name: name for command_name in staging.commands})
+    pm.command_owners = {command: owners[command] for command in commands}
+    return commands
 
 
-def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict[str, object]]:
-    """Name, distribution, version and implemented hooks of every registered plugin."""
-    from optiflow import __version__
+@contextmanager
+def registered_plugin(plugin: object, name: str | None = None) -> Iterator[PluginManager]:
+    """Register ``plugin`` (a module, class or object with hook implementations) until the block ends.
 
+    Meant for tests: the registry and plugin commands are rebuilt with it and
+    again without it afterwards.  A plugin that is already registered (say,
+    installed and found by its entry point) is left as it is.
+    """
+    pm = get_plugin_manager()
+    if pm.is_registered(plugin):
+        yield pm
+        return
+    pm.register(plugin, name=name)
+    pm.invalidate()
+    try:
+        yield pm
+    finally:
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        pm.invalidate()
+
+
+def describe_plugins(pm: PluginManager | None = None) -> list[dict[str, Any]]:
+    """Every plugin the manager knows: origin, status, hooks implemented and what it registered."""
     pm = pm or get_plugin_manager()
-    distributions = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    registry, commands = pm.registry, pm.commands
     rows = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
-        dist = distributions.get(id(plugin))
-        rows.append(
-            {
-                "name": name,
-                "distribution": dist.project_name if dist else "optiflow (built-in)",
-                "version": dist.version if dist else __version__,
-                "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
-            }
-        )
+        components: dict[str, list[str]] = {}
+        for component in registry.list():
+            if component.plugin == name:
+                components.setdefault(component.kind, []).append(component.name)
+        rows.append(_row(name, *pm.distribution(name), "loaded",
+                         hooks=sorted(caller.name for caller in pm.get_hookcallers(plugin) or []),
+                         components=components,
+                         commands=sorted(c for c in commands if pm.command_owners.get(c) == name)))
+    rows += [_row(f.plugin, f.distribution, f.version, "failed", error=f.error) for f in pm.failures]
+    rows += [_row(name, dist, version, "blocked") for name, dist, version in pm.blocked]
     return rows
+
+
+_manager: PluginManager | None = None
+_loading = threading.RLock()
+_disabled_by_cli: frozenset[str] = frozenset()
+
+
+def _add(pm: PluginManager, name: str, origin: tuple[str, str], load: Callable[[], object]) -> None:
+    """Import and register one plugin; reject it if that fails or it implements an unknown hook."""
+    if pm.has_plugin(name):
+        pm.reject(name, "has the name of a plugin already loaded; rename its entry point", distribution=origin)
+        return
+    plugin = None
+    try:
+        plugin = load()
+        pm.register(plugin, name=name)
+        pm.distributions[name] = origin
+        unknown = sorted(
+            caller.name for caller in pm.get_hookcallers(plugin) or []
+            if not caller.has_spec() and not all(i.optionalhook for i in _impls_of(pm, caller.name, plugin))
+        )
+        if unknown:
+            raise OptiflowError(f"implements unknown hook '{unknown[0]}' (see docs/plugins.md for the hooks)")
+    except Exception as exc:
+        pm.reject(name, f"failed to load: {_failure_text(exc)}", plugin, distribution=origin)
+
+
+def _entry_points() -> list[Any]:
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+def _impls_of(pm: PluginManager, hook_name: str, plugin: object) -> list[pluggy.HookImpl]:
+    return [impl for impl in getattr(pm.hook, hook_name).get_hookimpls() if impl.plugin is plugin]
+
+
+def _call(impl: pluggy.HookImpl, hook_name: str, **kwargs: Any) -> Any:
+    """Call one implementation directly (only the arguments it asks for), traced like pluggy's calls."""
+    started = time.perf_counter()
+    try:
+        return impl.function(*(kwargs[arg] for arg in impl.argnames))
+    finally:
+        if _truthy("OPTIFLOW_TRACE_HOOKS"):
+            _trace_line(hook_name, [impl.plugin_name], kwargs, time.perf_counter() - started)
+
+
+def _row(name: str, distribution: str, version: str, status: str, *, error: str | None = None,
+         hooks: list[str] | None = None, components: dict[str, list[str]] | None = None,
+         commands: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "distribution": distribution,
+        "version": version,
+        "builtin": distribution == BUILTIN_DISTRIBUTION,
+        "status": status,
+        "error": error,
+        "hooks": hooks or [],
+        "components": components or {},
+        "commands": commands or [],
+    }
+
+
+def _failure_text(exc: BaseException, hook_name: str | None = None) -> str:
+    """``duplicate optimizer 'x' ...`` for optiflow's own errors, ``Type: message`` (and the hook) for others."""
+    if isinstance(exc, OptiflowError):
+        return str(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    return f"raised in {hook_name}: {text}" if hook_name else text
+
+
+def _tracer() -> tuple[Callable[..., None], Callable[..., None]]:
+    """pluggy monitoring callbacks printing ``hook(args) <- plugins  time`` for every hook call."""
+    started: list[float] = []
+
+    def before(hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+        started.append(time.perf_counter())
+
+    def after(outcome: Any, hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+        seconds = time.perf_counter() - started.pop()
+        _trace_line(hook_name, [impl.plugin_name for impl in impls], kwargs, seconds,
+                    failed=outcome.exception is not None)
+
+    return before, after
+
+
+def _trace_line(hook_name: str, plugins: list[str], kwargs: dict[str, Any], seconds: float,
+                failed: bool = False) -> None:
+    args = ", ".join(k if not isinstance(v, (int, float, str, bool)) else f"{k}={v!r}" for k, v in kwargs.items())
+    status = "  RAISED" if failed else ""
+    print(f"[optiflow trace] {hook_name}({args}) <- {', '.join(plugins) or '-'}  "
+          f"{seconds * 1e3:.2f} ms{status}", file=sys.stderr, flush=True)
+
+
+def _names(text: str) -> set[str]:
+    return {_normalize(n) for n in text.split(",") if n.strip()}
+
+
+def _normalize(name: str) -> str:
+    """Plugin and distribution names compare like package names: case and -_. do not matter."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else "failed"
+
+
+def _truthy(variable: str) -> bool:
+    return os.environ.get(variable, "").strip().lower() in _TRUE

@@ -343,6 +343,7 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
             def closure() -> Tensor:
                 run.optimizer.zero_grad(set_to_none=True)
                 outputs = run.model(xb)
+                run.last_outputs, run.last_targets = outputs, yb
                 loss = run.loss_fn(outputs, yb)
                 total = loss
                 if penalties:
@@ -350,11 +351,11 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
                         total = total + penalty
                 total.backward()
                 hook.optiflow_after_backward(run=run, step=run.step)
-                run.last_outputs, run.last_targets = outputs, yb
                 closure.loss = loss  # type: ignore[attr-defined]
                 return total
 
             run.optimizer.step(closure)
+            hook.optiflow_after_step(run=run, step=run.step)
             loss_sum += closure.loss.detach() * len(xb)  # type: ignore[attr-defined]
             if classification:
                 correct += (run.last_outputs.detach().argmax(1) == yb).sum()
@@ -374,6 +375,7 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
             metrics["train_accuracy"] = float(correct) / max(seen, 1)
         if len(run.splits.x_val):
             metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
+        hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
         if run.schedule.interval == "epoch":
             run.schedule.step(metrics)
         hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)

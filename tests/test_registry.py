@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import pluggy
 import pytest
 
 from optiflow import hookimpl, hookspecs
 from optiflow.config import ComponentSpec
 from optiflow.errors import OptiflowError
-from optiflow.plugins import build_registry
+from optiflow.plugins import PluginManager, build_registry
 from optiflow.registry import Registry
 
 
@@ -84,22 +83,34 @@ def test_duplicate_name_names_both_plugins():
         registry.registrar("dataset", "third")("smp", sample)
 
 
-def test_duplicate_across_plugins_through_the_hooks():
+def test_duplicate_across_plugins_through_the_hooks(monkeypatch, capsys):
     class First:
         @hookimpl
         def optiflow_register_optimizers(self, register):
             register("same", sample)
 
     class Second(First):
-        pass
+        @hookimpl
+        def optiflow_register_models(self, register):
+            register("second-only", sample)
 
-    pm = pluggy.PluginManager("optiflow")
-    pm.add_hookspecs(hookspecs)
-    pm.register(First(), name="first")
-    pm.register(Second(), name="second")
+    def plugin_manager():
+        pm = PluginManager()
+        pm.register(First(), name="first")
+        pm.register(Second(), name="second")
+        return pm
+
+    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")
     with pytest.raises(OptiflowError) as info:
-        build_registry(pm)
+        build_registry(plugin_manager())
     assert "'first'" in str(info.value) and "'second'" in str(info.value)
+
+    monkeypatch.delenv("OPTIFLOW_STRICT_PLUGINS")
+    registry = build_registry(plugin_manager())
+    assert registry.get("optimizer", "same").plugin == "first"
+    assert "second-only" not in registry.names("model"), "the rejected plugin's other components must go too"
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "duplicate optimizer 'same'" in warning[0] and "'second'" in warning[0]
 
 
 def test_component_spec_round_trips():
@@ -129,4 +140,4 @@ def test_list_and_plugins_commands(invoke):
     assert result.exit_code == 2 and "unknown kind 'nonsense'" in result.stderr
     result = invoke("plugins")
     assert result.exit_code == 0
-    assert "optimizers" in result.output and "optiflow_register_optimizers" in result.output
+    assert "optimizers" in result.output and "register_optimizers" in result.output

@@ -1,0 +1,252 @@
+"""Third-party plugins found by entry point: isolation of broken ones, strict mode, load/disable switches."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from optiflow import plugins
+from conftest import run_cli
+
+GOOD_PLUGIN = """
+from optiflow import hookimpl
+
+
+@hookimpl
+def optiflow_register_optimizers(register):
+    register("{prefix}-sgd", sgd)
+
+
+def sgd(model, *, lr: float = 0.05):
+    '''Plain SGD from a third-party plugin.'''
+    import torch
+
+    return torch.optim.SGD(model.parameters(), lr=lr)
+"""
+
+BROKEN_PLUGINS = {
+    "import-error": ("import optiflow_no_such_dependency\n", "ModuleNotFoundError: No module named"),
+    "hook-exception": (
+        """
+        from optiflow import hookimpl
+
+        @hookimpl
+        def optiflow_register_optimizers(register):
+            register("half-registered", lambda model, *, lr=0.1: None)
+            raise RuntimeError("the plugin's registration blew up")
+        """,
+        "raised in optiflow_register_optimizers: RuntimeError: the plugin's registration blew up",
+    ),
+    "duplicate-name": (
+        """
+        from optiflow import hookimpl
+
+        @hookimpl
+        def optiflow_register_optimizers(register):
+            register("half-registered", lambda model, *, lr=0.1: None)
+            register("adam", lambda model, *, lr=0.1: None)
+        """,
+        "duplicate optimizer 'adam': registered by plugin 'optimizers' and again by plugin 'broken'",
+    ),
+    "unknown-hook": (
+        """
+        from optiflow import hookimpl
+
+        @hookimpl
+        def optiflow_register_optimizers(register):
+            register("half-registered", lambda model, *, lr=0.1: None)
+
+        @hookimpl
+        def optiflow_epoch_ends(run, epoch, metrics):
+            pass
+        """,
+        "implements unknown hook 'optiflow_epoch_ends'",
+    ),
+}
+
+
+class FakeSite:
+    """A folder on sys.path holding installed distributions (``*.dist-info``) with ``optiflow`` entry points."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.modules: list[str] = []
+
+    def install(self, distribution: str, entry_point: str, source: str, version: str = "0.1") -> None:
+        module = f"{distribution.replace('-', '_')}_plugin"
+        (self.path / f"{module}.py").write_text(textwrap.dedent(source))
+        info = self.path / f"{distribution.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[optiflow]\n{entry_point} = {module}\n")
+        self.modules.append(module)
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """Plugins 'installed' for this test only, with a plugin manager that is rebuilt to see them."""
+    fake = FakeSite(tmp_path / "site")
+    fake.path.mkdir()
+    monkeypatch.syspath_prepend(str(fake.path))
+    for variable in ("OPTIFLOW_LOAD_PLUGINS", "OPTIFLOW_DISABLE_PLUGINS", "OPTIFLOW_STRICT_PLUGINS",
+                     "OPTIFLOW_TRACE_HOOKS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(plugins, "_manager", None)
+    yield fake
+    for module in fake.modules:
+        sys.modules.pop(module, None)
+
+
+def warnings_in(stderr: str) -> list[str]:
+    """The lines of stderr, less MLflow's own INFO logging (it announces creating a new store)."""
+    return [line for line in stderr.splitlines() if line.strip() and not re.match(r"[\d/: ]+INFO ", line)]
+
+
+@pytest.mark.parametrize("kind", BROKEN_PLUGINS)
+def test_broken_plugin_is_one_warning_and_training_still_works(kind, site, invoke):
+    source, error = BROKEN_PLUGINS[kind]
+    site.install("optiflow-broken", "broken", source)
+    site.install("optiflow-good", "good", GOOD_PLUGIN.format(prefix="good"))
+
+    result = invoke("train", "--epochs", "1", "--opt", "good-sgd", "-q")
+    assert result.exit_code == 0, result.output
+    lines = warnings_in(result.stderr)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Warning: plugin 'broken' (optiflow-broken 0.1) skipped: ")
+    assert error in lines[0]
+
+    listing = invoke("list", "optimizer").output
+    assert "good-sgd" in listing and "adam" in listing
+    assert "half-registered" not in listing, "a rejected plugin's partial registrations must be removed"
+    assert "half-registered" not in plugins.get_registry().names("optimizer")
+    assert plugins.get_plugin_manager().get_plugin("broken") is None, "its lifecycle hooks must not fire either"
+    rows = {row["name"]: row for row in json.loads(invoke("plugins", "--json").output)}
+    assert rows["broken"]["status"] == "failed" and error in rows["broken"]["error"]
+    assert rows["good"]["status"] == "loaded"
+
+
+@pytest.mark.parametrize("kind", BROKEN_PLUGINS)
+def test_strict_mode_turns_a_broken_plugin_into_one_error_line(kind, site, invoke, mlflow_client, experiment,
+                                                               monkeypatch):
+    source, error = BROKEN_PLUGINS[kind]
+    site.install("optiflow-broken", "broken", source)
+    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")
+
+    result = invoke("train", "--epochs", "1", "-q")
+    assert result.exit_code == 2
+    lines = warnings_in(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert lines[0].startswith("Error: plugin 'broken' (optiflow-broken 0.1) is broken: ")
+    assert error in lines[0] and "OPTIFLOW_STRICT_PLUGINS" in lines[0]
+    assert mlflow_client.get_experiment_by_name(experiment) is None, "no MLflow run may be left behind"
+
+
+def test_broken_plugin_in_a_real_process_warns_on_one_line(tmp_path):
+    site = FakeSite(tmp_path)
+    site.install("optiflow-broken", "broken", BROKEN_PLUGINS["import-error"][0])
+    env = {"PYTHONPATH": str(tmp_path), "OPTIFLOW_STRICT_PLUGINS": ""}
+
+    listed = run_cli("list", "optimizer", cwd=tmp_path, env=env)
+    assert listed.returncode == 0 and "adam" in listed.stdout
+    assert warnings_in(listed.stderr) == [
+        "Warning: plugin 'broken' (optiflow-broken 0.1) skipped: failed to load: "
+        "ModuleNotFoundError: No module named 'optiflow_no_such_dependency'"
+    ]
+
+    strict = run_cli("list", "optimizer", cwd=tmp_path, env={**env, "OPTIFLOW_STRICT_PLUGINS": "1"})
+    assert strict.returncode == 2 and strict.stdout == ""
+    assert warnings_in(strict.stderr) == [
+        "Error: plugin 'broken' (optiflow-broken 0.1) is broken: failed to load: "
+        "ModuleNotFoundError: No module named 'optiflow_no_such_dependency' (OPTIFLOW_STRICT_PLUGINS is set)"
+    ]
+
+
+def test_load_plugins_limits_external_plugins(site, invoke, monkeypatch):
+    site.install("optiflow-alpha", "alpha", GOOD_PLUGIN.format(prefix="alpha"))
+    site.install("optiflow-beta", "beta", GOOD_PLUGIN.format(prefix="beta"))
+    assert {"alpha-sgd", "beta-sgd"} <= set(plugins.get_registry().names("optimizer"))
+
+    monkeypatch.setenv("OPTIFLOW_LOAD_PLUGINS", "alpha")
+    names = plugins.get_registry().names("optimizer")
+    assert "alpha-sgd" in names and "beta-sgd" not in names and "adam" in names
+
+    monkeypatch.setenv("OPTIFLOW_LOAD_PLUGINS", "optiflow_beta")
+    assert "beta-sgd" in plugins.get_registry().names("optimizer"), "the distribution name selects it too"
+
+    monkeypatch.setenv("OPTIFLOW_LOAD_PLUGINS", "")
+    names = plugins.get_registry().names("optimizer")
+    assert not {"alpha-sgd", "beta-sgd"} & set(names) and "adam" in names, "empty means no external plugins"
+    rows = {row["name"]: row for row in json.loads(invoke("plugins", "--json").output)}
+    assert rows["alpha"]["status"] == "blocked" and rows["alpha"]["distribution"] == "optiflow-alpha"
+
+
+def test_disabling_a_plugin_removes_its_components_from_list(site, invoke, monkeypatch):
+    site.install("optiflow-alpha", "alpha", GOOD_PLUGIN.format(prefix="alpha"))
+    assert "alpha-sgd" in invoke("list", "optimizer").output
+
+    listing = invoke("--disable-plugin", "optimizers", "--disable-plugin", "alpha", "list", "optimizer").output
+    assert "adam" not in listing and "sgd" not in listing and "alpha-sgd" not in listing
+    assert "digits" in invoke("--disable-plugin", "optimizers", "list").output, "other plugins stay"
+    rows = {row["name"]: row for row in json.loads(invoke("--disable-plugin", "optimizers", "plugins", "--json").output)}
+    assert rows["optimizers"]["status"] == "blocked" and rows["optimizers"]["builtin"]
+
+    monkeypatch.setenv("OPTIFLOW_DISABLE_PLUGINS", "optiflow-alpha, schedulers")
+    listing = invoke("list").output
+    assert "alpha-sgd" not in listing and "step" not in listing and "adam" in listing
+    unknown = invoke("train", "--epochs", "1", "--sched", "step")
+    assert unknown.exit_code == 2 and "unknown scheduler 'step'" in unknown.stderr
+
+
+def test_disabling_a_broken_plugin_silences_it(site, invoke, monkeypatch):
+    site.install("optiflow-broken", "broken", BROKEN_PLUGINS["import-error"][0])
+    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")
+    result = invoke("--disable-plugin", "broken", "list", "optimizer")
+    assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_plugins_json_shows_distribution_hooks_and_components(site, invoke):
+    site.install("optiflow-alpha", "alpha", GOOD_PLUGIN.format(prefix="alpha"), version="2.3")
+    result = invoke("plugins", "--json")
+    assert result.exit_code == 0
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert rows["alpha"] == {
+        "name": "alpha", "distribution": "optiflow-alpha", "version": "2.3", "builtin": False, "status": "loaded",
+        "error": None, "hooks": ["optiflow_register_optimizers"], "components": {"optimizer": ["alpha-sgd"]},
+        "commands": [],
+    }
+    assert rows["optimizers"]["builtin"] and rows["optimizers"]["components"]["optimizer"] == ["adam", "sgd"]
+    table = invoke("plugins").output
+    assert "optiflow-alpha" in table and "alpha-sgd" in table and "register_optimizers" in table
+
+
+def test_a_plugin_command_may_not_replace_a_builtin_one(site, invoke):
+    site.install("optiflow-clash", "clash", """
+        import click
+        from optiflow import hookimpl
+
+        @hookimpl
+        def optiflow_register_commands(cli):
+            @cli.command()
+            def train():
+                click.echo("hijacked")
+        """)
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert warnings_in(result.stderr) == [
+        "Warning: plugin 'clash' (optiflow-clash 0.1) skipped: command 'train' is already provided by 'optiflow'"
+    ]
+    assert "hijacked" not in invoke("train", "--print-config").output
+
+
+def test_trace_hooks_prints_every_hook_call(site, invoke, monkeypatch):
+    monkeypatch.setenv("OPTIFLOW_TRACE_HOOKS", "1")
+    monkeypatch.setattr(plugins, "_manager", None)
+    result = invoke("list", "optimizer")
+    trace = [line for line in result.stderr.splitlines() if line.startswith("[optiflow trace]")]
+    assert any(line.startswith("[optiflow trace] optiflow_register_optimizers(register) <- optimizers")
+               for line in trace), trace
