@@ -122,15 +122,37 @@ def command_tag() -> dict[str, str]:
 
 def build_config(params: dict[str, Any], **extra: Any):
     """The run configuration: defaults < ``--config`` file < flags given on the command line."""
-    from optiflow.config import RunConfig
+    return resolve_layers(params, {}, **extra)[0]
 
+
+def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any], **extra: Any):
+    """``(RunConfig, settings)``: a command's own settings (``vary``, ``space`` ...) are read from
+    the same ``--config`` file as the run configuration; flags win over the file, the file over
+    ``command_defaults``."""
+    from optiflow.config import RunConfig, load_yaml
+
+    path = params.get("config_file")
+    values = {str(k).replace("-", "_"): v for k, v in (load_yaml(path) if path else {}).items()}
+    settings = dict(command_defaults)
+    settings.update({key: values.pop(key) for key in command_defaults if key in values})
+    for key, default in command_defaults.items():
+        flag = params.get(key)
+        if flag in (None, ()):
+            continue
+        listed = isinstance(default, tuple)
+        settings[key] = [*_as_list(settings[key]), *flag] if listed else flag
     overrides = {
         key: value
         for key, value in params.items()
-        if key not in {"config_file", "quiet", "print_config"} and value not in (None, ())
+        if key not in {"config_file", "quiet", "print_config", *command_defaults} and value not in (None, ())
     }
     overrides.update(extra)
-    return RunConfig.from_layers(params.get("config_file"), overrides)
+    return RunConfig.from_dict({**values, **overrides}), settings
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A repeatable setting from a config file: a list, or one mapping/string."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @cli.command()
@@ -150,6 +172,71 @@ def train(**params: Any) -> None:
     reporter = None if quiet else RichReporter()
     result = run_training(config, reporter=reporter, extra_tags=command_tag())
     print_summary(result, config, quiet=params["quiet"])
+
+
+def _reporter_factory(quiet: bool):
+    """A fresh rich progress display per training, or none when quiet or not on a terminal."""
+    if quiet or not sys.stdout.isatty():
+        return None
+    from optiflow.console import RichReporter
+
+    return RichReporter
+
+
+COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "out": None, "log_models": False}
+
+
+@cli.command()
+@train_options
+@click.option("--vary", multiple=True, metavar="KEY=V1,V2,...",
+              help="A setting and the values to compare (repeatable: the grid product); component values keep "
+                   "their options, e.g. opt=sgd:momentum=0.9,nesterov=true,adam (or separate with '|').")
+@click.option("--repeats", type=int, help="Seeds per variant: seed, seed+1, ... [1].")
+@click.option("--metric", help="Final metric to rank and chart [test_accuracy, or test_loss for regression].")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>].")
+@click.option("--log-models/--no-log-models", default=None, help="Log each child's model to MLflow [no].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables, only errors.")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+def compare(**params: Any) -> None:
+    """Train one run per variant under one parent MLflow run; plot and tabulate the results.
+
+    \b
+    optiflow compare --vary opt=sgd,sgd:momentum=0.9,rmsprop,adam --epochs 10
+    optiflow compare --vary opt=sgd,adam --vary lr=0.1,0.01 --repeats 3
+    """
+    from optiflow.compare import parse_vary
+
+    config, settings = resolve_layers(params, COMPARE_DEFAULTS)
+    vary = parse_vary(settings["vary"])
+    if params["print_config"]:
+        _print_settings(config, {**settings, "vary": {k: "|".join(v) for k, v in vary.items()}})
+        return
+    from optiflow.compare import compare as run_comparison
+    from optiflow.console import console, print_comparison
+
+    quiet = params["quiet"]
+
+    def announce(index: int, total: int, name: str, _config: Any) -> None:
+        if not quiet:
+            console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
+
+    result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
+                            out_dir=settings["out"], log_models=bool(settings["log_models"]), tags=command_tag(),
+                            announce=announce, reporter_factory=_reporter_factory(quiet))
+    if not quiet:
+        print_comparison(result, config)
+    if not any(child.status == "FINISHED" for child in result.children):
+        from optiflow.errors import TrainingError
+
+        raise TrainingError("every variant failed; see the 'failure' tag of each child run")
+
+
+def _print_settings(config: Any, settings: dict[str, Any]) -> None:
+    """``--print-config`` for commands with their own settings: one YAML that ``--config`` reads back."""
+    import yaml
+
+    click.echo(config.to_yaml(), nl=False)
+    click.echo(yaml.safe_dump({k: v for k, v in settings.items() if v not in (None, (), [])}, sort_keys=False), nl=False)
 
 
 @cli.command("list")

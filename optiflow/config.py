@@ -50,6 +50,29 @@ class ComponentSpec:
         return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in self.options.items())
 
 
+def split_variants(text: str) -> list[str]:
+    """Split a list of values, keeping each component's options with it.
+
+    ``sgd:momentum=0.9,nesterov=true,adam`` gives ``["sgd:momentum=0.9,nesterov=true", "adam"]``:
+    a ``key=value`` piece belongs to the component before it.  With ``|`` in the text,
+    only ``|`` separates values (``sgd:momentum=0.9|adam``).
+    """
+    if "|" in text:
+        values = [v.strip() for v in text.split("|")]
+    else:
+        values = []
+        for piece in _split_top_level(text):
+            if "=" in piece.split(":", 1)[0] and values and ":" in values[-1]:
+                values[-1] += "," + piece
+            elif "=" in piece.split(":", 1)[0]:
+                raise OptiflowError(f"'{piece}' in '{text}' is an option without a component: write name:{piece}")
+            else:
+                values.append(piece)
+    if not values or any(not v for v in values):
+        raise OptiflowError(f"empty value in '{text}': separate values with ',' or '|'")
+    return values
+
+
 def _split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside brackets, so ``hidden=[64,32],act=relu`` works."""
     parts, depth, current = [], 0, ""

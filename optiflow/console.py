@@ -84,3 +84,24 @@ def plugin_table(rows: list[dict[str, Any]]) -> None:
         table.add_row(row["name"], f"{row['distribution']}\n{row['version']}", status, "\n".join(h.removeprefix("optiflow_") for h in row["hooks"]),
                       "\n".join(registered))
     console.print(table)
+
+
+def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A table of results (compare summary, search trials, reproduction check)."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*map(str, row))
+    console.print(table)
+
+
+def print_comparison(result: Any, config: Any) -> None:
+    """The summary of ``compare``: one row per variant, then where the plots went."""
+    from optiflow.tracking import resolve_tracking_uri, ui_command
+
+    from optiflow.compare import BRIEF_COLUMNS
+
+    result_table(f"compare: final {result.metric}", list(BRIEF_COLUMNS), result.brief)
+    console.print(f"parent run {result.parent_run_id}  ·  files in {result.out_dir}  ·  "
+                  f"open the UI: {ui_command(resolve_tracking_uri(config.tracking_uri))}")

@@ -35,3 +35,71 @@ def learning_curves(history: dict[str, list[float]], title: str = "") -> Any:
         figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def overlay_curves(histories: dict[str, list[dict[str, list[float]]]], title: str = "") -> Any:
+    """Training and validation loss of every variant on shared axes (mean over seeds, min-max band)."""
+    import numpy as np
+
+    plt = _pyplot()
+    keys = [k for k in ("train_loss", "val_loss") if any(k in h for runs in histories.values() for h in runs)]
+    figure, axes = plt.subplots(1, len(keys) or 1, figsize=(6 * max(len(keys), 1), 4.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, key in zip(axes[0], keys):
+        for index, (label, runs) in enumerate(histories.items()):
+            curves = [h[key] for h in runs if h.get(key)]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            stacked = np.array([c[:length] for c in curves])
+            epochs = np.arange(1, length + 1)
+            color = colors[index % len(colors)]
+            axis.plot(epochs, stacked.mean(0), color=color, label=label)
+            if len(curves) > 1:
+                axis.fill_between(epochs, stacked.min(0), stacked.max(0), color=color, alpha=0.2)
+        lines = [v for line in axis.get_lines() for v in line.get_ydata()]
+        if lines and min(lines) > 0 and max(lines) / min(lines) > 30:
+            axis.set_yscale("log")
+        axis.set(xlabel="epoch", ylabel="loss", title=key.replace("_", " ").replace("val", "validation"))
+        axis.legend(fontsize="small", loc="best")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def metric_bars(labels: list[str], values: list[list[float]], metric: str) -> Any:
+    """The final metric per variant: a bar at the mean, the standard deviation and each seed as a dot."""
+    import numpy as np
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(labels) + 2), 5))
+    means = [float(np.mean(v)) if v else float("nan") for v in values]
+    spreads = [float(np.std(v)) if len(v) > 1 else 0.0 for v in values]
+    positions = np.arange(len(labels))
+    axis.bar(positions, means, yerr=spreads, capsize=6, color="tab:blue", alpha=0.7)
+    for position, seeds in zip(positions, values):
+        axis.scatter([position] * len(seeds), seeds, color="black", s=12, zorder=3)
+    axis.set_xticks(positions, [label.replace(" ", "\n") for label in labels], fontsize="small",
+                    rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    axis.set(ylabel=metric, title=f"final {metric} (mean ± std over seeds)")
+    finite = [v for seeds in values for v in seeds]
+    if finite and metric.endswith("accuracy"):
+        low = min(finite)
+        axis.set_ylim(max(0.0, low - (1 - low) * 0.5 - 0.02), 1.0)
+    figure.tight_layout()
+    return figure
+
+
+def lr_schedule(positions: list[float], rates: list[float], title: str = "", warmup_end: float | None = None) -> Any:
+    """The learning rate over training (x in epochs), the warmup phase shaded."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(positions, rates, color="tab:blue")
+    if warmup_end:
+        axis.axvspan(0, warmup_end, color="tab:orange", alpha=0.15, label="warmup")
+        axis.legend()
+    axis.set(xlabel="epoch", ylabel="learning rate", title=title or "learning-rate schedule")
+    axis.set_xlim(0, max(positions) if positions else 1)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,230 @@
+"""``optiflow compare``: one training per variant of a grid (and per seed) under one parent MLflow run."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from optiflow.config import RunConfig, split_variants
+from optiflow.errors import OptiflowError, TrainingError
+from optiflow.experiment import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
+
+NOT_VARIABLE = frozenset({"experiment", "tracking_uri", "run_name"})
+VARIABLE_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in NOT_VARIABLE)
+
+
+@dataclass
+class ChildRun:
+    """One training of one variant with one seed."""
+
+    label: str
+    seed: int
+    status: str
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    failure: str | None = None
+
+
+BRIEF_COLUMNS = ("variant", "runs", "mean ± std", "min – max", "seconds", "best")
+
+
+@dataclass
+class Comparison:
+    """What ``compare`` produced: the parent run, every child, the summary and where files went."""
+
+    parent_run_id: str
+    metric: str
+    children: list[ChildRun]
+    columns: list[str]
+    rows: list[list[str]]
+    brief: list[list[str]]
+    out_dir: Path
+    files: list[Path]
+    best: str | None
+
+
+def parse_vary(items: Any) -> dict[str, list[str]]:
+    """``["opt=sgd,adam", "lr=0.1,0.01"]`` as ``{"opt": [...], "lr": [...]}``; a later key wins.
+
+    Items may also be YAML mappings ``{opt: [sgd, adam]}`` (from a ``--config`` file).
+    """
+    pairs: list[tuple[str, Any]] = []
+    for item in items if isinstance(items, (list, tuple)) else [items]:
+        if isinstance(item, dict):
+            pairs += list(item.items())
+            continue
+        key, sep, values = str(item).partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise OptiflowError(f"--vary expects KEY=VALUE,VALUE,... (e.g. opt=sgd,adam), got '{item}'")
+        pairs.append((key, values))
+    vary: dict[str, list[str]] = {}
+    for raw_key, values in pairs:
+        key = str(raw_key).strip().replace("-", "_")
+        if key not in VARIABLE_KEYS:
+            close = [k for k in VARIABLE_KEYS if key.startswith(k)] or difflib.get_close_matches(key, VARIABLE_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise OptiflowError(f"cannot vary '{raw_key}'{hint}; choose from {', '.join(VARIABLE_KEYS)}")
+        listed = values if isinstance(values, list) else split_variants(str(values))
+        vary[key] = [str(v) for v in listed]
+    if not vary:
+        raise OptiflowError("nothing to compare: give at least one --vary KEY=VALUE,VALUE,...")
+    return vary
+
+
+def variants(vary: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The grid product of the varied values, in the order given."""
+    keys = list(vary)
+    return [dict(zip(keys, values)) for values in itertools.product(*(vary[k] for k in keys))]
+
+
+def variant_label(values: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+def plan_runs(base: RunConfig, vary: dict[str, list[str]], repeats: int) -> list[tuple[str, RunConfig]]:
+    """Every (label, config) to train, validated against the registry before anything runs."""
+    from optiflow.plugins import get_registry
+    from optiflow.runner import plan
+
+    if repeats < 1:
+        raise OptiflowError(f"--repeats must be >= 1, got {repeats}")
+    registry = get_registry()
+    runs = []
+    for values in variants(vary):
+        label = variant_label(values)
+        for repeat in range(repeats):
+            seed = int(values.get("seed", base.seed)) + repeat
+            name = f"{label} seed={seed}" if repeats > 1 else label
+            try:
+                config = base.replace(**{**values, "seed": seed, "run_name": name})
+            except OptiflowError as exc:
+                raise OptiflowError(f"variant {label}: {exc}") from None
+            plan(config, registry)
+            runs.append((label, config))
+    return runs
+
+
+def compare(
+    base: RunConfig,
+    vary: dict[str, list[str]],
+    *,
+    repeats: int = 1,
+    metric: str | None = None,
+    out_dir: str | Path | None = None,
+    log_models: bool = False,
+    tags: dict[str, str] | None = None,
+    announce: Callable[[int, int, str, RunConfig], Any] | None = None,
+    reporter_factory: Callable[[], Any] | None = None,
+) -> Comparison:
+    """Train every variant (``repeats`` seeds each) as child runs of one parent run, then summarize.
+
+    A variant whose training diverges is recorded as FAILED and the comparison goes on;
+    Ctrl-C ends the parent KILLED, any other error ends it FAILED.
+    """
+    from optiflow.runner import train
+    from optiflow.tracking import Tracker
+
+    runs = plan_runs(base, vary, repeats)
+    tracker = Tracker(base.tracking_uri, base.experiment)
+    parent_name = base.run_name or "compare " + " x ".join(vary)
+    tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
+    status = "FAILED"
+    try:
+        tracker.log_params({**{f"vary.{k}": " | ".join(v) for k, v in vary.items()}, "repeats": repeats,
+                            "variants": len(runs) // repeats, "runs": len(runs)})
+        tracker.log_text(base.to_yaml(), "config.yaml")
+        children = []
+        for index, (label, config) in enumerate(runs, 1):
+            if announce is not None:
+                announce(index, len(runs), config.run_name or label, config)
+            child_tags = {**(tags or {}), "optiflow.variant": label}
+            reporter = reporter_factory() if reporter_factory else None
+            try:
+                result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags, log_model=log_models,
+                               reporter=reporter)
+            except TrainingError as exc:
+                children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
+                continue
+            children.append(ChildRun(label, config.seed, result.status, result.run_id,
+                                     final_metrics(result.metrics, result.history), result.history, result.seconds))
+        comparison = _summarize(tracker, children, metric, out_dir)
+        status = "FINISHED" if any(c.status == "FINISHED" for c in children) else "FAILED"
+        return comparison
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+
+
+def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_dir: str | Path | None) -> Comparison:
+    from optiflow.plots import metric_bars, overlay_curves
+
+    finished = [c for c in children if c.status == "FINISHED"]
+    metric = metric or default_metric(finished[0].metrics if finished else [])
+    if finished and not any(metric in c.metrics for c in finished):
+        available = sorted({k for c in finished for k in c.metrics})
+        raise OptiflowError(f"no run produced metric '{metric}'; available: {', '.join(available)}")
+    labels = list(dict.fromkeys(c.label for c in children))
+    by_label = {label: [c for c in children if c.label == label] for label in labels}
+    scores = {label: [c.metrics[metric] for c in runs if metric in c.metrics] for label, runs in by_label.items()}
+    ranked = [label for label in labels if scores[label]]
+    better = max if higher_is_better(metric) else min
+    best = better(ranked, key=lambda label: statistics.fmean(scores[label])) if ranked else None
+
+    extra = [k for k in ("test_loss", "train_loss", "val_loss") if k != metric]
+    columns = ["variant", "runs", "failed", f"{metric} mean", f"{metric} std", f"{metric} min", f"{metric} max",
+               *(f"{k} mean" for k in extra), "seconds", "best"]
+    rows = []
+    for label, runs in by_label.items():
+        values = scores[label]
+        means = [_mean([c.metrics[k] for c in runs if k in c.metrics]) for k in extra]
+        rows.append([
+            label, str(len(runs)), str(sum(c.status != "FINISHED" for c in runs)),
+            number(_mean(values)), number(statistics.stdev(values) if len(values) > 1 else 0.0 if values else None),
+            number(min(values) if values else None), number(max(values) if values else None),
+            *(number(m) for m in means), f"{sum(c.seconds for c in runs):.1f}", "*" if label == best else "",
+        ])
+    brief = [[row[0], row[1] + (f" ({row[2]} failed)" if row[2] != "0" else ""), f"{row[3]} ± {row[4]}",
+              f"{row[5]} – {row[6]}", row[-2], row[-1]] for row in rows]
+    run_columns = ["variant", "seed", "status", "run_id", metric, "seconds", "failure"]
+    run_rows = [[c.label, c.seed, c.status, c.run_id or "-", number(c.metrics.get(metric)), f"{c.seconds:.1f}",
+                 c.failure or ""] for c in children]
+
+    out = Path(out_dir) if out_dir else Path("compare") / tracker.run_id
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptiflowError(f"cannot create the output folder {out}: {exc.strerror}") from None
+    files = [out / name for name in ("loss_curves.png", "final_metric.png", "summary.csv", "summary.md", "runs.csv")]
+    curves = overlay_curves({label: [c.history for c in runs if c.history] for label, runs in by_label.items()},
+                            title="loss per variant")
+    bars = metric_bars(ranked, [scores[label] for label in ranked], metric)
+    for figure, path in ((curves, files[0]), (bars, files[1])):
+        figure.savefig(path, dpi=110)
+        figure.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    files[2].write_text(csv_text(columns, rows))
+    files[3].write_text(markdown_table(columns, rows))
+    files[4].write_text(csv_text(run_columns, run_rows))
+    for path in files:
+        tracker.log_artifact(path)
+    if best is not None:
+        tracker.log_metrics({f"best_{metric}": _mean(scores[best])})
+        tracker.set_tags({"best_variant": best, "metric": metric})
+    return Comparison(tracker.run_id, metric, children, columns, rows, brief, out, files, best)
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(finite) if finite else None

@@ -1,0 +1,49 @@
+"""What compare, search and reproduce share: final metrics, their direction, and result tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Sequence
+
+TIMING_METRICS = frozenset({"epoch_time", "samples_per_sec", "train_seconds"})
+HIGHER_IS_BETTER = ("accuracy", "r2", "f1", "auc", "precision", "recall")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (accuracy, R², ...) or worse (losses, RMSE)."""
+    return any(metric.endswith(word) for word in HIGHER_IS_BETTER)
+
+
+def final_metrics(metrics: dict[str, float], history: dict[str, list[float]]) -> dict[str, float]:
+    """The last value of every per-epoch metric, with the final test metrics."""
+    final = {key: values[-1] for key, values in history.items() if values}
+    final.update(metrics)
+    return final
+
+
+def default_metric(available: Sequence[str]) -> str:
+    """``test_accuracy`` for classification runs, ``test_loss`` otherwise."""
+    return "test_accuracy" if "test_accuracy" in available else "test_loss"
+
+
+def csv_text(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    """A metric for a table: ``-`` when missing."""
+    return "-" if value is None else f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"

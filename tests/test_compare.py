@@ -1,0 +1,109 @@
+"""`optiflow compare` end to end: a parent run, one child per variant and seed, plots and tables."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from optiflow.config import split_variants
+
+from conftest import runs_of
+
+TINY = ("--epochs", "2", "--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
+
+
+def children_of(client, experiment: str):
+    runs = runs_of(client, experiment)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_compare_logs_parent_children_plots_and_tables(invoke, mlflow_client, experiment, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("compare", "--vary", "opt=sgd:momentum=0.9,nesterov=true,adam", "--repeats", "2",
+                    "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.stderr
+    [parent], children = children_of(mlflow_client, experiment)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["repeats"] == "2" and parent.data.params["variants"] == "2"
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+    by_variant = {}
+    for child in children:
+        by_variant.setdefault(child.data.tags["optiflow.variant"], []).append(child)
+    assert set(by_variant) == {"opt=sgd:momentum=0.9,nesterov=true", "opt=adam"}
+    for runs in by_variant.values():
+        assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    sgd = by_variant["opt=sgd:momentum=0.9,nesterov=true"][0].data.params
+    assert sgd["opt"] == "sgd" and sgd["opt.momentum"] == "0.9" and sgd["opt.nesterov"] == "True"
+    for child in children:
+        assert [m.step for m in mlflow_client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2]
+
+    expected = {"loss_curves.png", "final_metric.png", "summary.csv", "summary.md", "runs.csv", "config.yaml"}
+    assert expected <= {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+    assert expected - {"config.yaml"} <= {p.name for p in out.iterdir()}
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["variant"] for r in rows] == ["opt=sgd:momentum=0.9,nesterov=true", "opt=adam"]
+    accuracies = [c.data.metrics["test_accuracy"] for c in by_variant["opt=adam"]]
+    assert float(rows[1]["test_accuracy mean"]) == pytest.approx(sum(accuracies) / 2, abs=1e-4)
+    assert parent.data.tags["best_variant"] in by_variant
+    assert "| opt=adam |" in (out / "summary.md").read_text()
+
+
+def test_a_diverging_variant_fails_alone(invoke, mlflow_client, experiment, tmp_path):
+    result = invoke("compare", "--opt", "sgd", "--vary", "lr=0.05,1e30", "--out", str(tmp_path / "o"), *TINY)
+    assert result.exit_code == 0, result.stderr
+    [parent], children = children_of(mlflow_client, experiment)
+    assert parent.info.status == "FINISHED"
+    statuses = {c.data.params["opt.lr"]: c.info.status for c in children}
+    assert statuses == {"0.05": "FINISHED", "1e+30": "FAILED"}
+    rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "o" / "summary.csv").open())}
+    assert rows["lr=1e30"]["failed"] == "1" and rows["lr=0.05"]["failed"] == "0"
+
+
+def test_config_file_holds_the_grid_and_flags_override(invoke, tmp_path):
+    config = tmp_path / "compare.yaml"
+    config.write_text("epochs: 3\nvary:\n  opt: [sgd, adam]\n  lr: [0.1, 0.01]\nrepeats: 2\n")
+    result = invoke("compare", "--config", str(config), "--vary", "lr=0.5", "--epochs", "4", "--print-config",
+                    store=False)
+    assert result.exit_code == 0, result.stderr
+    printed = yaml.safe_load(result.output)
+    assert printed["epochs"] == 4 and printed["repeats"] == 2
+    assert printed["vary"] == {"opt": "sgd|adam", "lr": "0.5"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--vary", "optimizer=sgd,adam"], "cannot vary 'optimizer' (did you mean 'opt'?)"),
+        (["--vary", "opt"], "--vary expects KEY=VALUE,VALUE"),
+        (["--vary", "opt=sgd,adamm"], "unknown optimizer 'adamm'"),
+        (["--vary", "opt=momentum=0.9,adam"], "is an option without a component"),
+        (["--vary", "lr=0.1", "--repeats", "0"], "--repeats must be >= 1"),
+        ([], "nothing to compare"),
+    ],
+)
+def test_bad_grid_is_one_line_and_creates_no_run(invoke, mlflow_client, experiment, args, message):
+    result = invoke("compare", *args, "-q")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert mlflow_client.get_experiment_by_name(experiment) is None or not runs_of(mlflow_client, experiment)
+
+
+@pytest.mark.parametrize(
+    "text, values",
+    [
+        ("sgd,momentum,adam", ["sgd", "momentum", "adam"]),
+        ("sgd:momentum=0.9,nesterov=true,adam", ["sgd:momentum=0.9,nesterov=true", "adam"]),
+        ("mlp:hidden=[64,32],mlp:hidden=[8]", ["mlp:hidden=[64,32]", "mlp:hidden=[8]"]),
+        ("sgd:momentum=0.9|adam:eps=1e-6", ["sgd:momentum=0.9", "adam:eps=1e-6"]),
+        ("0.1,0.01", ["0.1", "0.01"]),
+    ],
+)
+def test_values_keep_their_component_options(text, values):
+    assert split_variants(text) == values
