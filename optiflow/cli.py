@@ -104,6 +104,8 @@ def train_options(func: Any) -> Any:
         click.option("--test-split", type=float, help="Fraction held out for testing when the dataset has no test set [0.2]."),
         click.option("--shuffle/--no-shuffle", default=None, help="Shuffle training batches every epoch [shuffle]."),
         click.option("--drop-last/--keep-last", default=None, help="Drop the last incomplete batch [keep-last]."),
+        click.option("--log-step-loss", is_flag=True, default=None,
+                     help="Also log every batch's training loss as train_loss_step (step = batch number)."),
         click.option("--experiment", help="MLflow experiment name [optiflow]."),
         click.option("--run-name", help="MLflow run name."),
         click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),

@@ -118,6 +118,7 @@ class RunConfig:
     drop_last: bool = False
     workers: int = 0
     pin_memory: bool = False
+    log_step_loss: bool = False
     data_dir: str = "data"
     experiment: str = "optiflow"
     run_name: str | None = None

@@ -357,6 +357,8 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
             run.optimizer.step(closure)
             hook.optiflow_after_step(run=run, step=run.step)
             loss_sum += closure.loss.detach() * len(xb)  # type: ignore[attr-defined]
+            if config.log_step_loss:
+                run.log_metrics({"train_loss_step": float(closure.loss.detach())}, step=run.step)  # type: ignore[attr-defined]
             if classification:
                 correct += (run.last_outputs.detach().argmax(1) == yb).sum()
             seen += len(xb)

@@ -168,3 +168,16 @@ def test_trains_on_cuda(invoke, mlflow_client, experiment):
     assert invoke("train", "--device", "cuda", "--epochs", "2", "-q").exit_code == 0
     [run] = runs_of(mlflow_client, experiment)
     assert run.data.params["device_type"] == "cuda"
+
+
+def test_log_step_loss_logs_every_batch_and_matches_the_epoch_mean(invoke, mlflow_client, experiment):
+    args = ("train", "--epochs", "2", "--batch-size", "500", "--val-split", "0", "--no-shuffle", "-q")
+    assert invoke(*args, "--log-step-loss").exit_code == 0
+    [run] = runs_of(mlflow_client, experiment)
+    steps = mlflow_client.get_metric_history(run.info.run_id, "train_loss_step")
+    assert [m.step for m in steps] == [1, 2, 3, 4, 5, 6]  # 1,437 training samples -> 3 batches per epoch
+    first_epoch = mlflow_client.get_metric_history(run.info.run_id, "train_loss")[0].value
+    sizes = [500, 500, 437]
+    assert first_epoch == pytest.approx(sum(m.value * n for m, n in zip(steps[:3], sizes)) / 1437, rel=1e-5)
+    assert invoke(*args).exit_code == 0
+    assert mlflow_client.get_metric_history(runs_of(mlflow_client, experiment)[1].info.run_id, "train_loss_step") == []
