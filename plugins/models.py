@@ -51,6 +51,7 @@ ACTIVATIONS = {
     "relu": _activation("ReLU", "max(0, x)"),
     "tanh": _activation("Tanh", "hyperbolic tangent"),
     "sigmoid": _activation("Sigmoid", "logistic 1 / (1 + e^-x)"),
+    "identity": _activation("Identity", "no nonlinearity, f(x) = x: stacked linear layers stay one linear map"),
 }
 
 

@@ -141,3 +141,15 @@ def test_list_and_plugins_commands(invoke):
     result = invoke("plugins")
     assert result.exit_code == 0
     assert "optimizers" in result.output and "register_optimizers" in result.output
+
+
+def test_identity_activation_makes_an_mlp_a_linear_map():
+    """What the forgotten-activations example relies on: without a nonlinearity the layers compose linearly."""
+    import torch
+
+    from optiflow.plugins import get_registry
+
+    model = get_registry().get("model", "mlp").build((4,), 3, hidden=(8, 5), activation="identity")
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    bias = model(torch.zeros(1, 4))
+    assert torch.allclose(model(a + b) - bias, (model(a) - bias) + (model(b) - bias), atol=1e-5)

@@ -1,0 +1,56 @@
+"""Every example in examples/ runs at reduced size, draws its picture and writes its finding, so none rots."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES_DIR))
+_spec = importlib.util.spec_from_file_location("examples_run", EXAMPLES_DIR / "run.py")
+gallery = sys.modules["examples_run"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gallery)
+
+EXAMPLES = gallery.load_examples()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_example_runs_at_reduced_size(example, tracking_uri, mlflow_client, tmp_path):
+    result = gallery.run_example(example, tracking_uri, quick=True, out_dir=tmp_path)
+    picture = tmp_path / f"{example.name}.png"
+    assert result["picture"] == picture and picture.read_bytes()[:8] == PNG_MAGIC
+    rows = result["numbers"]["rows"]
+    assert len(rows) == example.picture["variants"], sorted(rows)
+    for variant, row in rows.items():
+        assert row and all(math.isfinite(v) for v in row.values() if isinstance(v, float)), (variant, row)
+    finding = (tmp_path / "finding.md").read_text()
+    assert all(variant in finding for variant in rows)
+    experiment = mlflow_client.get_experiment_by_name(example.experiment)
+    statuses = {r.info.status for r in mlflow_client.search_runs([experiment.experiment_id])}
+    assert statuses <= {"FINISHED", "FAILED"} and "FINISHED" in statuses
+
+
+def test_readme_shows_every_example_with_its_commands_and_committed_picture():
+    readme = (EXAMPLES_DIR / "README.md").read_text()
+    flat = " ".join(readme.split())
+    for example in EXAMPLES:
+        image = f"{example.name}/{example.name}.png"
+        assert f"]({image})" in readme, f"README does not show {image}"
+        assert (EXAMPLES_DIR / image).read_bytes()[:8] == PNG_MAGIC, f"{image} is not committed"
+        assert f"python examples/run.py {example.name}" in readme
+        for command in example.commands:
+            assert command in flat, f"README lacks the command of {example.name}: {command}"
+
+
+def test_unknown_example_and_foreign_command_are_one_clear_error(capsys):
+    assert gallery.main(["no-such-example"]) == 2
+    assert re.search(r"no single example matches 'no-such-example'; choose from \d\d-", capsys.readouterr().err)
+    with pytest.raises(gallery.ExampleError, match="must start with 'optiflow'"):
+        EXAMPLES[0].argv("python train.py", quick=False, data_dir=None)
