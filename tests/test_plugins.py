@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from optiflow import plugins
-from conftest import run_cli
+from conftest import run_cli, runs_of
 
 GOOD_PLUGIN = """
 from optiflow import hookimpl
@@ -77,8 +78,9 @@ class FakeSite:
         self.path = path
         self.modules: list[str] = []
 
-    def install(self, distribution: str, entry_point: str, source: str, version: str = "0.1") -> None:
-        module = f"{distribution.replace('-', '_')}_plugin"
+    def install(self, distribution: str, entry_point: str, source: str, version: str = "0.1",
+                module: str | None = None) -> None:
+        module = module or f"{distribution.replace('-', '_')}_plugin"
         (self.path / f"{module}.py").write_text(textwrap.dedent(source))
         info = self.path / f"{distribution.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
@@ -250,3 +252,27 @@ def test_trace_hooks_prints_every_hook_call(site, invoke, monkeypatch):
     trace = [line for line in result.stderr.splitlines() if line.startswith("[optiflow trace]")]
     assert any(line.startswith("[optiflow trace] optiflow_register_optimizers(register) <- optimizers")
                for line in trace), trace
+
+
+def test_the_tutorial_plugin_works_as_written(site, invoke, mlflow_client, experiment):
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    blocks = {language: re.findall(rf"```{language}\n(.*?)```", docs, flags=re.S) for language in ("toml", "python", "bash")}
+    pyproject = next(b for b in blocks["toml"] if "optiflow-triangular" in b)
+    name, version = (re.search(rf'^{key} = "(.+)"', pyproject, flags=re.M).group(1) for key in ("name", "version"))
+    entry_point, module = re.search(r'\[project.entry-points.optiflow\]\n(\S+) = "(\S+)"', pyproject).groups()
+    source = next(b for b in blocks["python"] if b.startswith(f"# {module}.py"))
+    site.install(name, entry_point, source, version, module=module)
+
+    rows = {row["name"]: row for row in json.loads(invoke("plugins", "--json").output)}
+    assert rows["triangular"]["components"] == {"regularizer": ["grad-norm"], "scheduler": ["triangular"]}
+    [command] = [line for b in blocks["bash"] for line in b.splitlines() if "--sched triangular" in line]
+    result = invoke(*shlex.split(command)[1:], "--epochs", "2", "-q")
+    assert result.exit_code == 0, result.output
+    [run] = runs_of(mlflow_client, experiment)
+    assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "grad_norm")] == [1, 2]
+    learning_rates = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "lr")]
+    assert learning_rates[0] == pytest.approx(0.001) and learning_rates[1] > learning_rates[0], "the cycle rises"
+
+    namespace: dict = {}
+    exec(next(b for b in blocks["python"] if b.startswith("# tests/test_triangular.py")), namespace)
+    namespace["test_registers_its_components"](None)

@@ -1,0 +1,59 @@
+"""The hook implementations optiflow finds through this distribution's ``optiflow`` entry point.
+
+Factories import torch (and the modules that need it) only when called, so
+registering costs nothing.
+"""
+
+from __future__ import annotations
+
+from optiflow import hookimpl
+from optiflow.data import DataContext, DataSource
+from optiflow.optim import decay_params
+
+
+@hookimpl
+def optiflow_register_optimizers(register):
+    register("lion", lion)
+
+
+@hookimpl
+def optiflow_register_data(register):
+    register("spirals", spirals)
+    register("two-moons", two_moons, aliases=["moons"])
+
+
+@hookimpl
+def optiflow_register_regularizers(register):
+    register("ema", ema)
+
+
+def lion(model, *, lr: float = 1e-4, betas: tuple[float, ...] = (0.9, 0.99), weight_decay: float = 0.0,
+         decay_bias: bool = False):
+    """Lion: sign of interpolated momentum with decoupled weight decay (Chen et al., 2023)."""
+    from optiflow_example.lion import Lion
+
+    return Lion(decay_params(model, decay_bias), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def spirals(ctx: DataContext, *, n: int = 600, arms: int = 2, turns: float = 1.5, noise: float = 0.05) -> DataSource:
+    """Interleaved 2-D spirals, one class per arm: not linearly separable."""
+    from optiflow_example.datasets import make_spirals
+
+    x, y = make_spirals(n, arms=arms, turns=turns, noise=noise, seed=ctx.seed)
+    return DataSource(x, y, "classification", num_classes=arms, classes=[f"arm {k}" for k in range(arms)])
+
+
+def two_moons(ctx: DataContext, *, n: int = 600, noise: float = 0.1) -> DataSource:
+    """scikit-learn's two interleaving half circles in 2-D."""
+    import torch
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(n_samples=n, noise=noise, random_state=ctx.seed)
+    return DataSource(torch.tensor(x, dtype=torch.float32), torch.tensor(y), "classification", num_classes=2)
+
+
+def ema(*, decay: float = 0.99, apply_at_end: bool = False):
+    """Exponential moving average of the weights, validated each epoch as ema_val_* metrics."""
+    from optiflow_example.ema import WeightEMA
+
+    return WeightEMA(decay=decay, apply_at_end=apply_at_end)
