@@ -52,6 +52,7 @@ REGISTRATION_HOOKS = {
 }
 COMMANDS_HOOK = "optiflow_register_commands"
 BUILTIN_DISTRIBUTION = "optiflow"
+REGISTERED_IN_CODE = ("(registered in code)", "")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -246,13 +247,15 @@ def registered_plugin(plugin: object, name: str | None = None) -> Iterator[Plugi
     if pm.is_registered(plugin):
         yield pm
         return
-    pm.register(plugin, name=name)
+    name = pm.register(plugin, name=name)
+    pm.distributions[name] = REGISTERED_IN_CODE
     pm.invalidate()
     try:
         yield pm
     finally:
         if pm.is_registered(plugin):
             pm.unregister(plugin)
+        pm.distributions.pop(name, None)
         pm.invalidate()
 
 

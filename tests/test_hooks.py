@@ -7,6 +7,7 @@ records every lifecycle hook feeds the ``test_hook_<name>`` tests below.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -332,4 +333,6 @@ def test_hook_register_commands(invoke):
     with registered_plugin(Commands(), name="hello-plugin"):
         assert invoke("hello", "--name", "plugin").output == "hello plugin\n"
         assert "Say hello from a plugin." in invoke("--help").output
+        rows = {row["name"]: row for row in json.loads(invoke("plugins", "--json").output)}
+        assert rows["hello-plugin"]["commands"] == ["hello"] and not rows["hello-plugin"]["builtin"]
     assert invoke("hello").exit_code == 2, "the command leaves with its plugin"
