@@ -99,6 +99,7 @@ def site(tmp_path, monkeypatch):
                      "OPTIFLOW_TRACE_HOOKS"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(plugins, "_manager", None)
+    monkeypatch.setattr(plugins, "_disabled_by_cli", frozenset())
     yield fake
     for module in fake.modules:
         sys.modules.pop(module, None)
