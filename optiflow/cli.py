@@ -54,8 +54,11 @@ class OptiflowGroup(click.Group):
 
 
 def _fail(message: str, code: int) -> None:
+    from optiflow.distributed import is_main_process
+
     first = message.strip().splitlines()[0] if message.strip() else "failed"
-    click.echo(f"Error: {first}", err=True)
+    if is_main_process():  # data-parallel workers all hit the same error: say it once
+        click.echo(f"Error: {first}", err=True)
     sys.exit(code)
 
 
@@ -106,6 +109,11 @@ def train_options(func: Any) -> Any:
         click.option("--drop-last/--keep-last", default=None, help="Drop the last incomplete batch [keep-last]."),
         click.option("--log-step-loss", is_flag=True, default=None,
                      help="Also log every batch's training loss as train_loss_step (step = batch number)."),
+        click.option("--workers", type=int, help="DataLoader worker processes; > 0 streams batches through a DataLoader [0: in-memory batches, or the main process when augmenting]."),
+        click.option("--pin-memory/--no-pin-memory", default=None, help="Page-locked host batches on the DataLoader path, copied to CUDA without blocking [no-pin-memory]."),
+        click.option("--compile/--no-compile", default=None, help="Compile the model with torch.compile (first epoch pays the compile time) [no-compile]."),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [no-channels-last]."),
+        click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), is_flag=False, flag_value="auto", help="Mixed precision autocast; bare --amp picks bf16 (fp16 with a GradScaler on CUDA without bf16); CPU supports bf16 only [off]."),
         click.option("--experiment", help="MLflow experiment name [optiflow]."),
         click.option("--run-name", help="MLflow run name."),
         click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),
@@ -146,7 +154,7 @@ def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any], **e
     overrides = {
         key: value
         for key, value in params.items()
-        if key not in {"config_file", "quiet", "print_config", *command_defaults} and value not in (None, ())
+        if key not in {"config_file", "quiet", "print_config", "nproc", *command_defaults} and value not in (None, ())
     }
     overrides.update(extra)
     return RunConfig.from_dict({**values, **overrides}), settings
@@ -161,19 +169,35 @@ def _as_list(value: Any) -> list[Any]:
 @train_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
 def train(**params: Any) -> None:
     """Train one model and log the run to MLflow."""
+    from optiflow.distributed import is_main_process
+
     config = build_config(params)
     if params["print_config"]:
         click.echo(config.to_yaml(), nl=False)
         return
+    if (params["nproc"] or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_data_parallel(config, params["nproc"])
     from optiflow.console import RichReporter, print_summary
     from optiflow.runner import train as run_training
 
-    quiet = params["quiet"] or not sys.stdout.isatty()
+    main_process = is_main_process()
+    quiet = params["quiet"] or not sys.stdout.isatty() or not main_process
     reporter = None if quiet else RichReporter()
     result = run_training(config, reporter=reporter, extra_tags=command_tag())
-    print_summary(result, config, quiet=params["quiet"])
+    print_summary(result, config, quiet=params["quiet"] or not main_process)
+
+
+def _launch_data_parallel(config: Any, nproc: int) -> None:
+    """Check the configuration once, then rerun this command in ``nproc`` torchrun processes and exit with their code."""
+    from optiflow.distributed import launch, without_nproc
+    from optiflow.plugins import get_registry
+    from optiflow.runner import plan
+
+    plan(config, get_registry())
+    sys.exit(launch(nproc, without_nproc(OptiflowGroup.argv)))
 
 
 def _reporter_factory(quiet: bool):

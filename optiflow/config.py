@@ -14,6 +14,7 @@ import yaml
 from optiflow.errors import OptiflowError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+AMP_MODES = ("off", "auto", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ class RunConfig:
     workers: int = 0
     pin_memory: bool = False
     log_step_loss: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    amp: str = "off"
     data_dir: str = "data"
     experiment: str = "optiflow"
     run_name: str | None = None
@@ -166,6 +170,7 @@ class RunConfig:
         need(0 < self.test_split < 1, f"test split must be in (0, 1), got {self.test_split!r}")
         need(self.val_split + self.test_split < 1, "validation and test splits leave no training data")
         need(isinstance(self.workers, int) and self.workers >= 0, f"workers must be >= 0, got {self.workers!r}")
+        need(self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         need(bool(DEVICE_PATTERN.match(str(self.device))), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +199,8 @@ def _convert(key: str, value: Any) -> Any:
         return [ComponentSpec.parse(v) for v in items if v not in (None, "", "none")]
     if "ComponentSpec" in field_type:
         return None if value in (None, "", "auto") and key == "loss" else ComponentSpec.parse(value)
+    if key == "amp" and isinstance(value, bool):
+        return "auto" if value else "off"
     try:
         if key == "batch_size":
             return "full" if str(value).lower() == "full" else _strict(int, value)

@@ -75,8 +75,11 @@ class Splits:
     x_test: Tensor
     y_test: Tensor
 
-    def to(self, device: torch.device) -> "Splits":
-        return Splits(*(t.to(device) for t in self.tensors()))
+    def to(self, device: torch.device, train_device: torch.device | None = None) -> "Splits":
+        """Every split on ``device``, except the training split on ``train_device`` when given."""
+        train_device = train_device or device
+        x_train, y_train, *rest = self.tensors()
+        return Splits(x_train.to(train_device), y_train.to(train_device), *(t.to(device) for t in rest))
 
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
@@ -141,8 +144,10 @@ def normalize(splits: Splits, normalizer: Normalizer) -> Splits:
 class TensorBatches:
     """Mini-batches from tensors already on the training device, by index permutation.
 
-    With ``transform`` (augmentation) each training sample is transformed on
-    its own before batching; otherwise no per-sample work is done at all.
+    No per-sample work and no host round trip: the fast path for data that fits
+    in memory.  With ``world_size > 1`` each rank takes every ``world_size``-th
+    index of the same seeded permutation (padded so that all ranks see as many
+    batches), like ``DistributedSampler``.
     """
 
     def __init__(
@@ -154,15 +159,18 @@ class TensorBatches:
         shuffle: bool = True,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
-        transform: Callable[[Tensor], Tensor] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.x, self.y = x, y
-        self.batch_size = max(1, min(batch_size, len(x)))
+        self.rank, self.world_size = rank, world_size
+        self.shard_size = math.ceil(len(x) / world_size)
+        self.batch_size = max(1, min(batch_size, self.shard_size))
         self.shuffle, self.drop_last = shuffle, drop_last
-        self.generator, self.transform = generator, transform
+        self.generator = generator
 
     def __len__(self) -> int:
-        n = len(self.x) / self.batch_size
+        n = self.shard_size / self.batch_size
         return max(1, math.floor(n)) if self.drop_last else math.ceil(n)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -173,12 +181,85 @@ class TensorBatches:
             order = torch.randperm(n, generator=self.generator).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)
+        if self.world_size > 1:
+            padded = self.shard_size * self.world_size
+            order = torch.cat([order, order[: padded - n]])[self.rank :: self.world_size]
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            xb = self.x[index]
-            if self.transform is not None:
-                xb = torch.stack([self.transform(sample) for sample in xb])
-            yield xb, self.y[index]
+            yield self.x[index], self.y[index]
+
+
+class LoaderBatches:
+    """Mini-batches through a ``DataLoader``: per-sample augmentation (in ``workers``
+    processes), optional pinned memory, and non-blocking copies to ``device``.
+
+    The path for augmented data or data kept on the host; shards by rank with
+    ``DistributedSampler`` when ``world_size > 1``.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        *,
+        device: torch.device,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        generator: torch.Generator | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        workers: int = 0,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        dataset = _SampleDataset(x.cpu(), y.cpu(), transform)
+        self.sampler = None
+        if world_size > 1:
+            seed = generator.initial_seed() if generator is not None else 0
+            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                              seed=seed, drop_last=False)
+        self.device = device
+        self.non_blocking = pin_memory and device.type == "cuda"
+        shard = len(dataset) if self.sampler is None else self.sampler.num_samples
+        self.loader = DataLoader(
+            dataset,
+            batch_size=max(1, min(batch_size, shard)),
+            shuffle=shuffle if self.sampler is None else False,
+            sampler=self.sampler,
+            drop_last=drop_last and shard >= batch_size,
+            generator=generator,
+            num_workers=workers,
+            pin_memory=self.non_blocking,
+            persistent_workers=workers > 0,
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        for xb, yb in self.loader:
+            yield xb.to(self.device, non_blocking=self.non_blocking), yb.to(self.device, non_blocking=self.non_blocking)
+
+
+class _SampleDataset:
+    """Indexable (x, y) pairs with an optional per-sample transform of x."""
+
+    def __init__(self, x: Tensor, y: Tensor, transform: Callable[[Tensor], Tensor] | None) -> None:
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        sample = self.x[index]
+        return (sample if self.transform is None else self.transform(sample)), self.y[index]
 
 
 def evaluation_batches(x: Tensor, y: Tensor, batch_size: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import sys
@@ -15,7 +16,9 @@ from torch import Tensor, nn
 
 import optiflow
 from optiflow.config import ComponentSpec, RunConfig
-from optiflow.data import DataContext, DataSource, Splits, TensorBatches, evaluation_batches, normalize, split
+from optiflow import distributed
+from optiflow.data import (DataContext, DataSource, LoaderBatches, Splits, TensorBatches, evaluation_batches,
+                           normalize, split)
 from optiflow.errors import OptiflowError, TrainingError
 from optiflow.optim import decay_params  # noqa: F401  (re-exported for plugins)
 from optiflow.registry import Component, Registry
@@ -67,7 +70,8 @@ class Plan:
             out[key] = component.name
             for option, option_value in options.items():
                 out[f"{key}.{option}"] = option_value
-        for key in ("epochs", "batch_size", "seed", "val_split", "test_split", "shuffle", "drop_last", "device"):
+        for key in ("epochs", "batch_size", "seed", "val_split", "test_split", "shuffle", "drop_last", "device",
+                    "workers", "pin_memory", "compile", "channels_last", "amp"):
             out[key] = getattr(self.config, key)
         return out
 
@@ -193,6 +197,10 @@ def prepare(config: RunConfig, registry: Registry, pm: Any) -> Run:
     """
     resolved = plan(config, registry)
     device = resolve_device(config.device)
+    cluster = distributed.current()
+    if cluster.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", cluster.local_rank)
+    amp_dtype(config.amp, device)
     torch.manual_seed(config.seed)
     dataset, dataset_options = resolved.dataset
     context = DataContext(Path(config.data_dir), config.seed)
@@ -214,6 +222,14 @@ def prepare(config: RunConfig, registry: Registry, pm: Any) -> Run:
                 initializer(module)
     _check_model_accepts(model, splits.x_train[:2], resolved.model[0].name, input_shape)
     model.to(device)
+    if config.channels_last:
+        if splits.x_train.ndim != 4:
+            raise OptiflowError(
+                f"--channels-last is for conv nets on images (N, C, H, W); this data has shape {list(input_shape)}"
+            )
+        model.to(memory_format=torch.channels_last)
+        splits = Splits(*(t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
+                          for t in splits.tensors()))
 
     if resolved.loss is not None:
         loss_component, loss_options = resolved.loss
@@ -233,8 +249,34 @@ def prepare(config: RunConfig, registry: Registry, pm: Any) -> Run:
     schedule = sched_component.factory(optimizer, length, **sched_options)
     if not isinstance(schedule, Schedule):
         schedule = Schedule(schedule)
-    return Run(config, resolved, device, source, splits.to(device), model, loss_fn, optimizer, schedule,
-               length, normalizer=normalizer)
+    train_device = torch.device("cpu") if streams_batches(config, splits, device) else device
+    return Run(config, resolved, device, source, splits.to(device, train_device), model, loss_fn, optimizer,
+               schedule, length, normalizer=normalizer)
+
+
+def streams_batches(config: RunConfig, splits: Splits, device: torch.device) -> bool:
+    """Whether training batches go through a DataLoader from host memory rather than
+    being sliced from one tensor on the device: for augmentation, worker processes,
+    or a training split too large for the device's free memory."""
+    if config.aug or config.workers > 0:
+        return True
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return splits.x_train.nbytes + splits.y_train.nbytes > free // 2
+    return False
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device`` (None when off); fp16 needs CUDA."""
+    if mode == "off":
+        return None
+    if device.type == "cuda":
+        if mode == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if mode == "fp16" else torch.bfloat16
+    if device.type == "cpu" and mode in ("auto", "bf16"):
+        return torch.bfloat16
+    raise OptiflowError(f"--amp {mode} is not supported on {device.type}: use --amp bf16 on CPU, fp16 or bf16 on CUDA")
 
 
 def _check_model_accepts(model: nn.Module, sample: Tensor, name: str, shape: tuple[int, ...]) -> None:
@@ -270,13 +312,14 @@ def train(
     re-raises KeyboardInterrupt after marking the run KILLED.
     """
     from optiflow.plugins import get_plugin_manager, get_registry
-    from optiflow.tracking import Tracker
+    from optiflow.tracking import NullTracker, Tracker
 
     registry = registry or get_registry()
     pm = pm or get_plugin_manager()
     reporter = reporter or SilentReporter()
     run = prepare(config, registry, pm)
-    tracker = Tracker(config.tracking_uri, config.experiment)
+    cluster = distributed.join(run.device)
+    tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
     tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
     tracker.start(run_name=config.run_name, tags=tags, parent_run_id=parent_run_id)
     run.tracker = tracker
@@ -319,14 +362,13 @@ def train(
 
 def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> None:
     config = run.config
-    generator = torch.Generator().manual_seed(config.seed)
-    transform = _augmentation(run)
-    batch_size = len(run.splits.x_train) if config.batch_size == "full" else int(config.batch_size)
-    batches = TensorBatches(run.splits.x_train, run.splits.y_train, batch_size, shuffle=config.shuffle,
-                            drop_last=config.drop_last, generator=generator, transform=transform)
+    cluster = distributed.current()
+    batches = _training_batches(run, cluster)
+    step = _step_function(run, pm, cluster)
     hook = pm.hook
-    penalties = bool(hook.optiflow_penalty.get_hookimpls())
     classification = run.task == "classification"
+    step_schedule = run.schedule.interval == "step"
+    log_step_loss = config.log_step_loss
     reporter.start(config.epochs, len(batches))
     for epoch in range(run.epoch + 1, config.epochs + 1):
         run.epoch = epoch
@@ -339,33 +381,18 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
         seen = 0
         for xb, yb in batches:
             run.step += 1
-
-            def closure() -> Tensor:
-                run.optimizer.zero_grad(set_to_none=True)
-                outputs = run.model(xb)
-                run.last_outputs, run.last_targets = outputs, yb
-                loss = run.loss_fn(outputs, yb)
-                total = loss
-                if penalties:
-                    for penalty in hook.optiflow_penalty(run=run):
-                        total = total + penalty
-                total.backward()
-                hook.optiflow_after_backward(run=run, step=run.step)
-                closure.loss = loss  # type: ignore[attr-defined]
-                return total
-
-            run.optimizer.step(closure)
-            hook.optiflow_after_step(run=run, step=run.step)
-            loss_sum += closure.loss.detach() * len(xb)  # type: ignore[attr-defined]
-            if config.log_step_loss:
-                run.log_metrics({"train_loss_step": float(closure.loss.detach())}, step=run.step)  # type: ignore[attr-defined]
+            loss, outputs = step(xb, yb)
+            loss_sum.add_(loss, alpha=len(xb))
+            if log_step_loss:
+                run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
             if classification:
-                correct += (run.last_outputs.detach().argmax(1) == yb).sum()
+                correct.add_((outputs.argmax(1) == yb).sum())
             seen += len(xb)
-            if run.schedule.interval == "step":
+            if step_schedule:
                 run.schedule.step()
             reporter.batch()
-        train_loss = float(loss_sum) / max(seen, 1)
+        loss_total, correct_total, seen = cluster.sum_floats([loss_sum, correct, seen], run.device)
+        train_loss = loss_total / max(seen, 1)
         if not math.isfinite(train_loss):
             raise TrainingError(
                 f"the training loss became {train_loss} in epoch {epoch} (lr={lr:g}): "
@@ -374,13 +401,15 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
         seconds = time.perf_counter() - started
         metrics = {"train_loss": train_loss, "lr": lr, "epoch_time": seconds, "samples_per_sec": seen / seconds}
         if classification:
-            metrics["train_accuracy"] = float(correct) / max(seen, 1)
+            metrics["train_accuracy"] = correct_total / max(seen, 1)
         if len(run.splits.x_val):
             metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
         hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
+        metrics = cluster.share(metrics)
         if run.schedule.interval == "epoch":
             run.schedule.step(metrics)
         hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
+        run.stop_reason = cluster.share(run.stop_reason)
         for key, value in metrics.items():
             run.history.setdefault(key, []).append(value)
         run.tracker.log_metrics(metrics, step=epoch)
@@ -390,6 +419,91 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
         if run.stop_reason:
             run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
             break
+
+
+def _training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches | LoaderBatches:
+    """In-memory batches when the training split lives on the device, else a DataLoader."""
+    config = run.config
+    generator = torch.Generator().manual_seed(config.seed)
+    batch_size = len(run.splits.x_train) if config.batch_size == "full" else int(config.batch_size)
+    common = dict(shuffle=config.shuffle, drop_last=config.drop_last, generator=generator, rank=cluster.rank,
+                  world_size=cluster.world_size)
+    if run.splits.x_train.device == run.device:
+        return TensorBatches(run.splits.x_train, run.splits.y_train, batch_size, **common)
+    return LoaderBatches(run.splits.x_train, run.splits.y_train, batch_size, device=run.device,
+                         transform=_augmentation(run), workers=config.workers, pin_memory=config.pin_memory,
+                         **common)
+
+
+def _step_function(run: Run, pm: Any, cluster: distributed.Cluster) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """One optimization step on a batch, returning its loss and outputs (detached).
+
+    Built once per run so that the per-step path does no hook look-ups, no
+    option checks and no host synchronisation: hooks nobody implements are not
+    called, autocast/GradScaler/channels-last/DDP/compile are decided here.
+    """
+    hook = pm.hook
+    penalties = hook.optiflow_penalty if hook.optiflow_penalty.get_hookimpls() else None
+    after_backward = hook.optiflow_after_backward if hook.optiflow_after_backward.get_hookimpls() else None
+    after_step = hook.optiflow_after_step if hook.optiflow_after_step.get_hookimpls() else None
+    optimizer, loss_fn = run.optimizer, run.loss_fn
+    model = _training_model(run, cluster)
+    dtype = amp_dtype(run.config.amp, run.device)
+    device_type = run.device.type
+    scaler = torch.amp.GradScaler(device_type) if dtype is torch.float16 else None
+    channels_last = run.config.channels_last
+
+    def forward_backward(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            outputs = model(xb)
+            run.last_outputs, run.last_targets = outputs, yb
+            loss = loss_fn(outputs, yb)
+        total = loss
+        if penalties is not None:
+            for penalty in penalties(run=run):
+                total = total + penalty
+        (total if scaler is None else scaler.scale(total)).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if after_backward is not None:
+            after_backward(run=run, step=run.step)
+        return total, loss, outputs
+
+    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        if scaler is not None:
+            _, loss, outputs = forward_backward(xb, yb)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            last: list[Tensor] = []
+
+            def closure() -> Tensor:
+                total, loss, outputs = forward_backward(xb, yb)
+                last[:] = loss, outputs
+                return total
+
+            optimizer.step(closure)
+            loss, outputs = last
+        if after_step is not None:
+            after_step(run=run, step=run.step)
+        return loss.detach(), outputs.detach()
+
+    return step
+
+
+def _training_model(run: Run, cluster: distributed.Cluster) -> nn.Module:
+    """``run.model`` as the training step calls it: DDP-wrapped across processes, compiled on ``--compile``."""
+    model: nn.Module = run.model
+    if cluster.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.config.compile:
+        model = torch.compile(model, dynamic=False)
+    return model
 
 
 def _augmentation(run: Run) -> Callable[[Tensor], Tensor] | None:

@@ -200,6 +200,22 @@ class Tracker:
             retry(self.client.set_terminated, self.run_id, status=status)
 
 
+class NullTracker:
+    """Stands in for ``Tracker`` on every data-parallel process but rank 0: logs nothing."""
+
+    uri = None
+    run_id = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _ignore
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def artifact_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="optiflow-"))
 
