@@ -1,0 +1,351 @@
+"""Training throughput of optiflow's runner against plain PyTorch loops, measured in one process.
+
+The two-conv FashionMNIST CNN (Adam 1e-3) on FashionMNIST-shaped synthetic images,
+interleaving the variants round by round (A B C D A B C D ...):
+
+  A  tutorial loop: per-sample normalization in Dataset.__getitem__, DataLoader(shuffle=True),
+     loss.item() every step
+  B  hand-written tensor loop: pre-normalized tensor, randperm slicing
+  C  optiflow's runner (optiflow.runner.train) with its defaults
+  D  optiflow's runner with --compile --channels-last
+
+Every variant trains two epochs per round from a fresh model; the second epoch is timed
+(the first is warm-up: allocator, oneDNN primitives, torch.compile).  For C and D the time
+is the wall clock between the runner's end-of-epoch callbacks, so it includes everything the
+runner does per epoch, MLflow logging included.  Prints samples/s (median, min-max), the
+paired ratios C/A, C/B, D/B of every round, the fraction of the float32 matmul peak reached
+(2048x2048 matmul measured in the same run; CNN forward+backward FLOPs counted analytically),
+the MLflow share of the epoch time and the wall time of ``optiflow --help``.
+
+    python benchmarks/bench_train.py                      # 20,000 images, batch 32 and 256, 3 rounds
+    python benchmarks/bench_train.py --images 4000 --rounds 2 --batch-sizes 256
+    python benchmarks/bench_train.py --device cuda --amp  # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+VARIANTS = {
+    "A": "tutorial loop (Dataset.__getitem__ normalization, DataLoader, loss.item())",
+    "B": "hand-written tensor loop (pre-normalized, randperm slicing)",
+    "C": "optiflow runner, defaults",
+    "D": "optiflow runner, --compile --channels-last",
+}
+IMAGE_SHAPE = (1, 28, 28)
+CLASSES = 10
+
+
+def fashion_cnn(input_shape: tuple = IMAGE_SHAPE, num_outputs: int = CLASSES) -> nn.Module:
+    """The issue's CNN: conv 1->32, ReLU, BN, maxpool; conv 32->64, ReLU, BN, maxpool; 3136->128, ReLU, dropout; 128->10."""
+    channels, height, width = input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * (height // 4) * (width // 4), 128), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(128, num_outputs),
+    )
+
+
+def cnn_train_flops_per_sample() -> float:
+    """Forward + backward FLOPs of one sample through the convolutions and linear layers
+    (2 per multiply-add; backward = grad wrt weights + grad wrt inputs, none for the image)."""
+    conv1 = 2 * (1 * 9) * 32 * 28 * 28
+    conv2 = 2 * (32 * 9) * 64 * 14 * 14
+    fc1 = 2 * 3136 * 128
+    fc2 = 2 * 128 * 10
+    return 2 * conv1 + 3 * (conv2 + fc1 + fc2)
+
+
+def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 28x28 images: a per-class blurred template plus noise (learnable, like FashionMNIST in shape)."""
+    generator = torch.Generator().manual_seed(seed)
+    templates = torch.rand(CLASSES, 1, 7, 7, generator=generator)
+    templates = nn.functional.interpolate(templates, size=(28, 28), mode="bilinear", align_corners=False)
+    labels = torch.randint(0, CLASSES, (n,), generator=generator)
+    noise = torch.rand(n, 1, 28, 28, generator=generator)
+    images = (0.6 * templates[labels] + 0.4 * noise).mul(255).round().to(torch.uint8)
+    return images, labels
+
+
+class Bench:
+    """Shared state of one benchmark run: data, device, AMP and the timing helpers."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.images, self.labels = synthetic_images(args.images, seed=0)
+        self.test_images, self.test_labels = synthetic_images(max(256, args.images // 20), seed=1)
+        scaled = self.images.float() / 255
+        self.mean, self.std = scaled.mean().item(), scaled.std().item()
+        self.amp_dtype = None
+        if args.amp:
+            cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" or cuda_bf16 else torch.float16
+        self.tracking_dir = Path(tempfile.mkdtemp(prefix="optiflow-bench-"))
+        self.mlflow_seconds: list[float] = []
+        self.mlflow_shares: list[float] = []
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def fresh(self) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+        torch.manual_seed(0)
+        model = fashion_cnn().to(self.device)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
+
+    def plain_loop(self, epoch: Callable[[nn.Module, torch.optim.Optimizer, nn.Module, Callable], int]) -> float:
+        """Samples/s of the second of two epochs of a hand-written loop."""
+        model, optimizer, loss_fn = self.fresh()
+        scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
+
+        def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = loss_fn(model(xb), yb)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            return loss
+
+        model.train()
+        epoch(step)
+        self.sync()
+        started = time.perf_counter()
+        seen = epoch(step)
+        self.sync()
+        return seen / (time.perf_counter() - started)
+
+    def tutorial(self, batch_size: int) -> float:
+        """(A) the loop of the PyTorch tutorials."""
+        from torch.utils.data import DataLoader, Dataset
+
+        mean, std = self.mean, self.std
+
+        class NormalizingDataset(Dataset):
+            def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+                self.images, self.labels = images, labels
+
+            def __len__(self) -> int:
+                return len(self.images)
+
+            def __getitem__(self, index: int):
+                image = self.images[index].float() / 255
+                return (image - mean) / std, self.labels[index]
+
+        loader = DataLoader(NormalizingDataset(self.images, self.labels), batch_size=batch_size, shuffle=True)
+
+        def epoch(step) -> int:
+            seen, running = 0, 0.0
+            for xb, yb in loader:
+                xb, yb = xb.to(self.device), yb.to(self.device)
+                running += step(xb, yb).item()
+                seen += len(xb)
+            return seen
+
+        return self.plain_loop(epoch)
+
+    def tensor_loop(self, batch_size: int) -> float:
+        """(B) pre-normalized tensor on the device, batches by randperm slicing."""
+        x = ((self.images.float() / 255 - self.mean) / self.std).to(self.device)
+        y = self.labels.to(self.device)
+
+        def epoch(step) -> int:
+            order = torch.randperm(len(x), device=self.device)
+            for i in range(0, len(x), batch_size):
+                index = order[i : i + batch_size]
+                step(x[index], y[index])
+            return len(x)
+
+        return self.plain_loop(epoch)
+
+    def optiflow(self, batch_size: int, *, fast: bool) -> float:
+        """(C) / (D) optiflow.runner.train, timed between its end-of-epoch callbacks."""
+        from optiflow.config import RunConfig
+        from optiflow.runner import train
+
+        marks: list[float] = []
+        overrides = {"compile": True, "channels_last": True} if fast else {}
+        config = RunConfig.from_dict({
+            "data": "bench-fashion", "model": MODEL_NAME, "opt": "adam", "lr": 1e-3, "batch_size": batch_size,
+            "epochs": 2, "val_split": 0.0, "device": self.args.device, "amp": "auto" if self.args.amp else "off",
+            "tracking_uri": f"sqlite:///{self.tracking_dir / 'mlflow.db'}", "experiment": "bench", **overrides,
+        })
+        flushed = len(self.mlflow_seconds)
+        train(config, on_epoch=lambda epoch, metrics: marks.append(time.perf_counter()), log_model=False)
+        epoch_seconds = marks[1] - marks[0]
+        # the second flush of this run is the one inside the timed epoch
+        self.mlflow_shares.append(self.mlflow_seconds[flushed + 1] / epoch_seconds)
+        return len(self.images) / epoch_seconds
+
+
+MODEL_NAME = "cnn"
+
+
+def register_components(bench: Bench) -> None:
+    """Register the benchmark's data (and, unless the built-in ``cnn`` is this exact
+    architecture, the benchmark's CNN) through the registry, as any plugin would."""
+    global MODEL_NAME
+    from optiflow.data import DataSource
+    from optiflow.plugins import get_registry
+    from optiflow.tracking import Tracker
+
+    def bench_fashion(ctx):
+        """FashionMNIST-shaped synthetic images (uint8, 10 classes) with a separate test set."""
+        return DataSource(bench.images, bench.labels, "classification", num_classes=CLASSES,
+                          x_test=bench.test_images, y_test=bench.test_labels)
+
+    registry = get_registry()
+    register = registry.registrar("dataset", "benchmark")
+    register("bench-fashion", bench_fashion)
+    if not _builtin_cnn_matches(registry):
+        MODEL_NAME = "bench-cnn"
+        register("bench-cnn", lambda input_shape, num_outputs: fashion_cnn(input_shape, num_outputs),
+                 "The benchmark's two-conv FashionMNIST CNN.", kind="model")
+
+    flush = Tracker.flush
+
+    def timed_flush(self) -> None:
+        started = time.perf_counter()
+        flush(self)
+        bench.mlflow_seconds.append(time.perf_counter() - started)
+
+    Tracker.flush = timed_flush
+
+
+def _builtin_cnn_matches(registry) -> bool:
+    """True when the registry's ``cnn`` builds the same layers with the same parameter shapes."""
+    from optiflow.errors import OptiflowError
+
+    try:
+        component = registry.get("model", "cnn")
+        built = component.factory(IMAGE_SHAPE, CLASSES, **component.resolve_options({}))
+    except (OptiflowError, TypeError, ValueError):
+        return False
+
+    def signature(model: nn.Module) -> list:
+        return [(type(m).__name__, tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
+                 getattr(m, "p", None), getattr(m, "padding", None))
+                for m in model.modules() if not list(m.children())]
+
+    return signature(built) == signature(fashion_cnn())
+
+
+def matmul_peak(device: torch.device, repeats: int = 10) -> float:
+    """Best float32 FLOP/s of a 2048x2048 matmul on ``device``."""
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * 2048**3 / best
+
+
+def help_seconds(repeats: int = 5) -> float:
+    """Median wall time of ``optiflow --help`` in a fresh process."""
+    executable = shutil.which("optiflow", path=str(Path(sys.executable).parent)) or shutil.which("optiflow")
+    command = [executable, "--help"] if executable else [sys.executable, "-m", "optiflow", "--help"]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=20_000, help="training images per epoch [20000]")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of A B C D [3]")
+    parser.add_argument("--batch-sizes", default="32,256", help="comma-separated batch sizes [32,256]")
+    parser.add_argument("--variants", default="ABCD", help="which of A, B, C, D to run [ABCD]")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    parser.add_argument("--amp", action="store_true", help="autocast in every variant (bf16; fp16 + GradScaler on CUDA without bf16)")
+    args = parser.parse_args()
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+    bench = Bench(args)
+    register_components(bench)
+    device = bench.device
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + (f", amp {bench.amp_dtype}" if bench.amp_dtype else ""))
+    print(f"model for C/D: '{MODEL_NAME}'; {args.images} images; rounds {args.rounds}")
+    for key in args.variants:
+        print(f"  {key}: {VARIANTS[key]}")
+    peak = matmul_peak(device)
+    flops = cnn_train_flops_per_sample()
+    print(f"float32 matmul peak (2048x2048): {peak / 1e9:.1f} GFLOP/s; CNN fwd+bwd: {flops / 1e6:.2f} MFLOP/sample")
+
+    runners = {
+        "A": bench.tutorial,
+        "B": bench.tensor_loop,
+        "C": lambda bs: bench.optiflow(bs, fast=False),
+        "D": lambda bs: bench.optiflow(bs, fast=True),
+    }
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        results: dict[str, list[float]] = {key: [] for key in args.variants}
+        print(f"\nbatch size {batch_size}")
+        for round_index in range(1, args.rounds + 1):
+            for key in args.variants:
+                results[key].append(runners[key](batch_size))
+            line = "  ".join(f"{k}={v[-1]:7.0f}/s" for k, v in results.items())
+            print(f"  round {round_index}: {line}  {ratio_text(results, round_index - 1)}", flush=True)
+        print(f"  {'variant':<8}{'median/s':>10}{'min-max/s':>18}{'of peak':>10}")
+        for key, values in results.items():
+            median = statistics.median(values)
+            print(f"  {key:<8}{median:>10.0f}{f'{min(values):.0f}-{max(values):.0f}':>18}"
+                  f"{median * flops / peak:>9.1%}")
+        medians = {
+            name: statistics.median(results[a][i] / results[b][i] for i in range(args.rounds))
+            for name, a, b in RATIOS if a in results and b in results
+        }
+        print("  median paired ratios: " + "  ".join(f"{k}={v:.2f}" for k, v in medians.items()))
+    if bench.mlflow_shares:
+        print(f"\nMLflow share of an optiflow epoch: median {statistics.median(bench.mlflow_shares):.2%}, "
+              f"max {max(bench.mlflow_shares):.2%}")
+    print(f"optiflow --help: {help_seconds():.3f} s (median of 5)")
+
+
+RATIOS = (("C/A", "C", "A"), ("C/B", "C", "B"), ("D/B", "D", "B"))
+
+
+def ratio_text(results: dict[str, list[float]], index: int) -> str:
+    return "  ".join(f"{name}={results[a][index] / results[b][index]:.2f}"
+                     for name, a, b in RATIOS if a in results and b in results)
+
+
+if __name__ == "__main__":
+    main()
