@@ -41,6 +41,7 @@ DEFAULT_PLUGINS = (
     "optiflow_plugins.regularizers",
     "optiflow_plugins.schedulers",
     "optiflow_plugins.initializers",
+    "optiflow_plugins.diagnostics",
 )
 REGISTRATION_HOOKS = {
     "data": "optiflow_register_data",

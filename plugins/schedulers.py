@@ -1,24 +1,189 @@
-"""Learning-rate schedulers."""
+"""Learning-rate schedulers from torch.optim.lr_scheduler, each with an explicit stepping interval.
+
+Every scheduler takes ``warmup_epochs``: the learning rate first rises
+linearly to the scheduler's starting rate over that many epochs (stepped at
+the scheduler's own interval), then the scheduler takes over for the rest of
+training.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Callable, Literal
+
 from optiflow import hookimpl
-from optiflow.schedule import Schedule
+from optiflow.errors import OptiflowError
+from optiflow.schedule import Schedule, TrainingLength
 
 
 @hookimpl
 def optiflow_register_schedulers(register):
-    register("none", constant)
-    register("step", step)
+    for name, factory in SCHEDULERS.items():
+        register(name, factory)
 
 
-def constant(optimizer, length):
-    """Keep the learning rate constant."""
-    return Schedule(None)
+def constant(optimizer, length, *, warmup_epochs: int = 0):
+    """Keep the learning rate constant (after an optional warm-up); per epoch."""
+    return _schedule(optimizer, length, warmup_epochs, "epoch", None)
 
 
-def step(optimizer, length, *, step_size: int = 10, gamma: float = 0.1):
-    """Multiply the learning rate by gamma every step_size epochs."""
-    import torch
+def step(optimizer, length, *, step_size: int = 10, gamma: float = 0.1, warmup_epochs: int = 0):
+    """Multiply the learning rate by gamma every step_size epochs; per epoch."""
+    from torch.optim import lr_scheduler
 
-    return Schedule(torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch")
+    _positive(step_size=step_size)
+    return _schedule(optimizer, length, warmup_epochs, "epoch",
+                     lambda rest: lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma))
+
+
+def multistep(optimizer, length, *, milestones: tuple[int, ...] = (30, 60, 90), gamma: float = 0.1,
+              warmup_epochs: int = 0):
+    """Multiply the learning rate by gamma at each milestone epoch (counted after warm-up); per epoch."""
+    from torch.optim import lr_scheduler
+
+    return _schedule(optimizer, length, warmup_epochs, "epoch",
+                     lambda rest: lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma))
+
+
+def exponential(optimizer, length, *, gamma: float = 0.95, warmup_epochs: int = 0):
+    """Multiply the learning rate by gamma every epoch; per epoch."""
+    from torch.optim import lr_scheduler
+
+    return _schedule(optimizer, length, warmup_epochs, "epoch", lambda rest: lr_scheduler.ExponentialLR(optimizer, gamma))
+
+
+def plateau(optimizer, length, *, monitor: str = "val_loss", mode: Literal["auto", "min", "max"] = "auto",
+            factor: float = 0.1, patience: int = 10, threshold: float = 1e-4, min_lr: float = 0.0,
+            warmup_epochs: int = 0):
+    """Multiply the learning rate by factor when the monitored metric stops improving for patience epochs; per epoch."""
+    from torch.optim import lr_scheduler
+
+    if mode == "auto":
+        mode = "min" if monitor.endswith(("loss", "rmse")) else "max"
+    return _schedule(optimizer, length, warmup_epochs, "epoch", lambda rest: lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold, min_lr=min_lr), monitor)
+
+
+def cosine(optimizer, length, *, min_lr: float = 0.0, warmup_epochs: int = 0):
+    """Cosine annealing from the initial rate to min_lr over the remaining epochs; per epoch."""
+    from torch.optim import lr_scheduler
+
+    return _schedule(optimizer, length, warmup_epochs, "epoch",
+                     lambda rest: lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, rest.epochs), eta_min=min_lr))
+
+
+def cosine_restarts(optimizer, length, *, first_cycle: int = 10, cycle_mult: int = 1, min_lr: float = 0.0,
+                    warmup_epochs: int = 0):
+    """SGDR: cosine annealing restarted every first_cycle epochs, cycles growing by cycle_mult; per epoch."""
+    from torch.optim import lr_scheduler
+
+    _positive(first_cycle=first_cycle, cycle_mult=cycle_mult)
+    return _schedule(optimizer, length, warmup_epochs, "epoch", lambda rest: lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=first_cycle, T_mult=cycle_mult, eta_min=min_lr))
+
+
+def onecycle(optimizer, length, *, max_lr: float | None = None, pct_start: float = 0.3,
+             anneal: Literal["cos", "linear"] = "cos", div_factor: float = 25.0, final_div_factor: float = 1e4,
+             warmup_epochs: int = 0):
+    """One-cycle policy (Smith 2018): up to max_lr (default: the optimizer's lr), then down; per batch."""
+    from torch.optim import lr_scheduler
+
+    peak = max_lr if max_lr is not None else [group["lr"] for group in optimizer.param_groups]
+    return _schedule(optimizer, length, warmup_epochs, "step", lambda rest: lr_scheduler.OneCycleLR(
+        optimizer, max_lr=peak, total_steps=max(2, rest.total_steps), pct_start=pct_start, anneal_strategy=anneal,
+        div_factor=div_factor, final_div_factor=final_div_factor, cycle_momentum=_has_momentum(optimizer)))
+
+
+def cyclic(optimizer, length, *, base_lr: float | None = None, max_lr: float | None = None,
+           step_size_up: int = 2000, mode: Literal["triangular", "triangular2", "exp_range"] = "triangular",
+           gamma: float = 1.0, warmup_epochs: int = 0):
+    """Cyclical learning rates (Smith 2017) between base_lr (default lr/10) and max_lr (default lr); per batch."""
+    from torch.optim import lr_scheduler
+
+    lr = optimizer.param_groups[0]["lr"]
+    return _schedule(optimizer, length, warmup_epochs, "step", lambda rest: lr_scheduler.CyclicLR(
+        optimizer, base_lr=base_lr if base_lr is not None else lr / 10, max_lr=max_lr if max_lr is not None else lr,
+        step_size_up=step_size_up, mode=mode, gamma=gamma, cycle_momentum=False))
+
+
+def polynomial(optimizer, length, *, power: float = 1.0, warmup_epochs: int = 0):
+    """Polynomial decay to zero over the remaining epochs (power=1 is linear decay); per epoch."""
+    from torch.optim import lr_scheduler
+
+    return _schedule(optimizer, length, warmup_epochs, "epoch",
+                     lambda rest: lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, rest.epochs), power=power))
+
+
+SCHEDULERS = {
+    "none": constant,
+    "step": step,
+    "multistep": multistep,
+    "exponential": exponential,
+    "plateau": plateau,
+    "cosine": cosine,
+    "cosine-restarts": cosine_restarts,
+    "onecycle": onecycle,
+    "cyclic": cyclic,
+    "polynomial": polynomial,
+}
+
+
+def _schedule(optimizer, length: TrainingLength, warmup_epochs: int, interval: str,
+              build: Callable[[TrainingLength], Any] | None, monitor: str | None = None) -> Schedule:
+    """The scheduler ``build`` makes for the training left after warm-up, with the warm-up chained before it."""
+    if warmup_epochs < 0 or (warmup_epochs and warmup_epochs >= length.epochs):
+        raise OptiflowError(f"warmup_epochs must be between 0 and epochs - 1 ({length.epochs - 1}), got {warmup_epochs}")
+    rest = TrainingLength(length.epochs - warmup_epochs, length.steps_per_epoch)
+    scheduler = build(rest) if build is not None else None
+    if warmup_epochs:
+        iterations = warmup_epochs * (length.steps_per_epoch if interval == "step" else 1)
+        scheduler = LinearWarmup(optimizer, iterations, scheduler)
+    return Schedule(scheduler, interval, monitor)
+
+
+class LinearWarmup:
+    """Raise the learning rate linearly to where ``then`` starts over ``iterations`` steps, then step ``then``.
+
+    The wrapped scheduler is untouched during warm-up, so it starts from its
+    own first learning rate as if warm-up had not happened.
+    """
+
+    def __init__(self, optimizer, iterations: int, then: Any = None) -> None:
+        self.optimizer, self.iterations, self.then = optimizer, iterations, then
+        self.targets = [group["lr"] for group in optimizer.param_groups]
+        self.count = 0
+        self._apply()
+
+    def step(self, *args: Any) -> None:
+        self.count += 1
+        if self.count <= self.iterations:
+            self._apply()
+        elif self.then is not None:
+            self.then.step(*args)
+
+    def _apply(self) -> None:
+        fraction = min(1.0, (self.count + 1) / (self.iterations + 1))
+        for group, target in zip(self.optimizer.param_groups, self.targets):
+            group["lr"] = target * fraction
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "targets": self.targets,
+                "then": self.then.state_dict() if self.then is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count, self.targets = state["count"], state["targets"]
+        if self.then is not None and state.get("then") is not None:
+            self.then.load_state_dict(state["then"])
+
+
+def _has_momentum(optimizer) -> bool:
+    defaults = optimizer.defaults
+    return "betas" in defaults or defaults.get("momentum", 0) > 0
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise OptiflowError(f"option '{name}' must be >= 1, got {value}")

@@ -1,0 +1,98 @@
+"""Training diagnostics for every run: per-layer gradient norms each epoch and a gradient-flow plot.
+
+The norms are read at the end of each epoch from the gradients the last
+training batch left in ``param.grad`` (as the optimizer used them, after any
+clipping or noise), so the training step itself pays nothing: one on-device
+norm per layer and one host transfer per epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optiflow import hookimpl
+
+METRIC_PREFIX = "grad_norm/"
+_flows: dict[int, "GradientFlow"] = {}
+
+
+class GradientFlow:
+    """Per-layer gradient norms of one run, one row per epoch."""
+
+    def __init__(self) -> None:
+        self.layers: list[str] = []
+        self.epochs: list[int] = []
+        self.norms: list[list[float]] = []
+
+    def measure(self, model) -> dict[str, float]:
+        """The L2 norm of each layer's current gradients, by layer name (layers without gradients skipped)."""
+        import torch
+
+        names, grads, owners = [], [], []
+        for name, module in model.named_modules():
+            own = [p.grad for p in module.parameters(recurse=False) if p.grad is not None and not p.grad.is_sparse]
+            if own:
+                names.append(name or "model")
+                owners.append(len(own))
+                grads += own
+        if not grads:
+            return {}
+        squares = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+        per_layer = torch.stack([chunk.sum() for chunk in squares.split(owners)]).sqrt().tolist()
+        return dict(zip(names, per_layer))
+
+    def record(self, epoch: int, norms: dict[str, float]) -> None:
+        if not self.layers:
+            self.layers = list(norms)
+        self.epochs.append(epoch)
+        self.norms.append([norms.get(layer, float("nan")) for layer in self.layers])
+
+    def figure(self, model=None) -> Any:
+        """Gradient norm per layer (input to output, log scale), one line per epoch from dark to light."""
+        from optiflow.plots import _pyplot
+
+        plt = _pyplot()
+        figure, axis = plt.subplots(figsize=(max(5.5, 0.6 * len(self.layers)), 4))
+        colors = plt.get_cmap("viridis")
+        for index, (epoch, row) in enumerate(zip(self.epochs, self.norms)):
+            shade = colors(index / max(1, len(self.epochs) - 1))
+            axis.plot(range(len(self.layers)), row, marker=".", color=shade, label=f"epoch {epoch}")
+        kinds = dict(model.named_modules()) if model is not None else {}
+        labels = [f"{layer}\n{type(kinds[layer]).__name__}" if layer in kinds else layer for layer in self.layers]
+        axis.set_xticks(range(len(self.layers)), labels, fontsize=7)
+        axis.set_yscale("log")
+        axis.set(xlabel="layer (input → output)", ylabel="gradient L2 norm", title="gradient flow")
+        if len(self.epochs) <= 12:
+            axis.legend(fontsize=7)
+        figure.subplots_adjust(left=0.12, right=0.97, bottom=0.2, top=0.9)
+        return figure
+
+
+@hookimpl
+def optiflow_run_start(run):
+    _flows[id(run)] = GradientFlow()
+
+
+@hookimpl
+def optiflow_epoch_end(run, epoch, metrics):
+    flow = _flows.get(id(run))
+    if flow is None:
+        return
+    norms = flow.measure(run.model)
+    if norms:
+        flow.record(epoch, norms)
+        metrics.update({f"{METRIC_PREFIX}{layer}": value for layer, value in norms.items()})
+
+
+@hookimpl
+def optiflow_run_end(run, status):
+    flow = _flows.pop(id(run), None)
+    if flow is None or not flow.epochs or run.tracker is None:
+        return
+    import matplotlib.pyplot as plt
+
+    figure = flow.figure(run.model)
+    try:
+        run.tracker.log_figure(figure, "gradient_flow.png")
+    finally:
+        plt.close(figure)

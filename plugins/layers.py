@@ -1,0 +1,27 @@
+"""Layers the built-in plugins build models from (imported lazily: this module imports torch)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Maxout(nn.Module):
+    """Max over groups of ``pieces`` consecutive features (dim 1), dividing their number by ``pieces``."""
+
+    def __init__(self, pieces: int) -> None:
+        super().__init__()
+        self.pieces = pieces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (x.shape[1] // self.pieces, self.pieces)).amax(dim=2)
+
+    def extra_repr(self) -> str:
+        return f"pieces={self.pieces}"
+
+
+class MSE(nn.MSELoss):
+    """Mean squared error with outputs reshaped to the targets' shape ((N, 1) against (N,))."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().forward(outputs.reshape(targets.shape), targets)

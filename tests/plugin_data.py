@@ -1,0 +1,100 @@
+"""Small dataset files in the real on-disk formats, written by tests (no download, no bundled binaries)."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MNIST_SIZES = {"train": 40, "t10k": 20}
+CIFAR_PER_BATCH = 6
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An unsigned-byte IDX file (the MNIST format): magic 0x0000080N, big-endian sizes, then the bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(root: Path, folder: str, *, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """MNIST-style ``<root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; returns the arrays."""
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in MNIST_SIZES.items():
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            name = f"{split}-{kind}-ubyte"
+            data = idx_bytes(array)
+            if gz:
+                (raw / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (raw / name).write_bytes(data)
+    return arrays
+
+
+def write_cifar10(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """CIFAR-10's python version: pickled ``data_batch_1..5``, ``test_batch`` and ``batches.meta``."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, list] = {"train": [], "test": []}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(CIFAR_PER_BATCH, 3 * 32 * 32), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=CIFAR_PER_BATCH)]
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, handle)
+        arrays["test" if name == "test_batch" else "train"].append(data)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": CIFAR_PER_BATCH}, handle)
+    return {key: np.concatenate(value) for key, value in arrays.items()}
+
+
+def write_csv(path: Path, rows: int = 60, seed: int = 0) -> None:
+    """Two numeric features and a text label column that depends on them."""
+    rng = np.random.default_rng(seed)
+    lines = ["a,b,label,c"]
+    for _ in range(rows):
+        a, b, c = rng.normal(size=3)
+        lines.append(f"{a:.4f},{b:.4f},{'big' if a + b > 0 else 'small'},{c:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_image_folder(root: Path, per_class: int = 6, size: int = 10) -> None:
+    """``root/<class>/<n>.png`` RGB images of two classes (red-ish and blue-ish)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, channel in (("blue", 2), ("red", 0)):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 80, size=(size, size, 3), dtype=np.uint8)
+            pixels[..., channel] = 200
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+def write_all(root: Path) -> dict[str, object]:
+    """Every file-based dataset's files under ``root`` (the --data-dir of the tests)."""
+    return {
+        "mnist": write_mnist(root, "MNIST", gz=True),
+        "fashion-mnist": write_mnist(root, "FashionMNIST", gz=False, seed=1),
+        "cifar10": write_cifar10(root),
+        "csv": write_csv(root / "table.csv"),
+        "image-folder": write_image_folder(root / "images"),
+    }
+
+
+DATASET_SPECS = {
+    "mnist": "mnist:download=false",
+    "fashion-mnist": "fashion-mnist:download=false",
+    "cifar10": "cifar10:download=false",
+    "csv": "csv:path=table.csv,target=label",
+    "image-folder": "image-folder:path=images,size=12",
+}
