@@ -243,12 +243,13 @@ class GradClip:
         import torch
         from torch.nn import utils
 
-        grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in run.model.parameters() if p.grad is not None]
+        if not params:
             return
+        grads = [p.grad for p in params]
         if self.mode == "norm":
             size = utils.get_total_norm(grads, self.norm_type)
-            utils.clip_grads_with_norm_(grads, self.threshold, size)
+            utils.clip_grads_with_norm_(params, self.threshold, size)
         else:
             size = utils.get_total_norm(grads, math.inf)
             torch._foreach_clamp_min_(grads, -self.threshold)
