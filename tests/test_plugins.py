@@ -200,7 +200,7 @@ def test_disabling_a_plugin_removes_its_components_from_list(site, invoke, monke
 
     monkeypatch.setenv("OPTIFLOW_DISABLE_PLUGINS", "optiflow-alpha, schedulers")
     listing = invoke("list").output
-    assert "alpha-sgd" not in listing and "step" not in listing and "adam" in listing
+    assert "alpha-sgd" not in listing and "│ scheduler" not in listing and "adam" in listing
     unknown = invoke("train", "--epochs", "1", "--sched", "step")
     assert unknown.exit_code == 2 and "unknown scheduler 'step'" in unknown.stderr
 
@@ -222,7 +222,7 @@ def test_plugins_json_shows_distribution_hooks_and_components(site, invoke):
         "error": None, "hooks": ["optiflow_register_optimizers"], "components": {"optimizer": ["alpha-sgd"]},
         "commands": [],
     }
-    assert rows["optimizers"]["builtin"] and rows["optimizers"]["components"]["optimizer"] == ["adam", "sgd"]
+    assert rows["optimizers"]["builtin"] and {"adam", "sgd"} <= set(rows["optimizers"]["components"]["optimizer"])
     table = invoke("plugins").output
     assert "optiflow-alpha" in table and "alpha-sgd" in table and "register_optimizers" in table
 

@@ -96,7 +96,7 @@ def test_weight_decay_regularizer_sets_decay_on_weight_groups_only():
     assert torch.equal(model[0].bias, before["0.bias"])
     metrics: dict = {}
     regularizer.optiflow_epoch_end(run=run, epoch=1, metrics=metrics)
-    expected = math.sqrt(float(model[0].weight.pow(2).sum() + model[3].weight.pow(2).sum()))
+    expected = math.sqrt(float(model[0].weight.detach().pow(2).sum() + model[3].weight.detach().pow(2).sum()))
     assert metrics["weight_norm"] == pytest.approx(expected, rel=1e-5)
 
 
