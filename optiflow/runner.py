@@ -428,7 +428,7 @@ def _training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches |
     batch_size = len(run.splits.x_train) if config.batch_size == "full" else int(config.batch_size)
     common = dict(shuffle=config.shuffle, drop_last=config.drop_last, generator=generator, rank=cluster.rank,
                   world_size=cluster.world_size)
-    if run.splits.x_train.device == run.device:
+    if run.splits.x_train.device == run.device and not run.plan.aug and config.workers == 0:
         return TensorBatches(run.splits.x_train, run.splits.y_train, batch_size, **common)
     return LoaderBatches(run.splits.x_train, run.splits.y_train, batch_size, device=run.device,
                          transform=_augmentation(run), workers=config.workers, pin_memory=config.pin_memory,
