@@ -257,6 +257,61 @@ def compare(**params: Any) -> None:
         raise TrainingError("every variant failed; see the 'failure' tag of each child run")
 
 
+SEARCH_DEFAULTS: dict[str, Any] = {
+    "space": (), "sampler": "tpe", "sampler_seed": None, "pruner": "none", "metric": "val_loss", "direction": None,
+    "n_trials": None, "timeout": None, "cv": 0, "storage": None, "study_name": None, "n_jobs": 1, "log_models": False,
+}
+
+
+@cli.command()
+@train_options
+@click.option("--space", multiple=True, metavar="NAME=SPEC",
+              help="A searched setting (repeatable): lr=loguniform:1e-4:1e-1, opt=choice:sgd,adam, "
+                   "hidden=int:32:256, dropout=float:0:0.5[:STEP], opt.momentum=uniform:0:0.99; or a YAML file.")
+@click.option("--sampler", metavar="NAME[:key=value,...]",
+              help="grid, random, tpe, gp (Bayesian), cmaes or nsga2 (genetic), with Optuna options [tpe].")
+@click.option("--sampler-seed", type=int, help="Seed of the sampler [unseeded].")
+@click.option("--pruner", metavar="NAME[:key=value,...]",
+              help="none, median, hyperband or successive-halving, fed each epoch's metric [none].")
+@click.option("--metric", help="Objective: a metric of the runs, e.g. val_accuracy [val_loss].")
+@click.option("--direction", type=click.Choice(["minimize", "maximize"]),
+              help="Whether to minimize or maximize the metric [maximize for accuracy/r2, else minimize].")
+@click.option("--n-trials", type=int, help="Trials this process runs [20; the whole grid for grid].")
+@click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
+@click.option("--cv", type=int, help="Score each trial by K-fold cross-validation on the training split.")
+@click.option("--storage", help="Optuna storage shared by processes: sqlite:///study.db, postgresql://..., "
+                                "journal:study.log [in memory].")
+@click.option("--study-name", help="Study to create or join in --storage [a new name].")
+@click.option("--n-jobs", type=int, help="Processes running trials in parallel [1].")
+@click.option("--log-models/--no-log-models", default=None, help="Log each trial's model to MLflow [no].")
+@click.option("--quiet", "-q", is_flag=True, help="No per-trial lines or tables, only errors.")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+def search(**params: Any) -> None:
+    """Search hyper-parameters with Optuna: a parent MLflow run per study, a child run per trial.
+
+    \b
+    optiflow search --space lr=loguniform:1e-4:1e-1 --space opt=choice:sgd,adam --n-trials 30
+    optiflow search --space hidden=int:32:256 --sampler random --pruner median --cv 5
+    optiflow search --space lr=loguniform:1e-4:1e-1 --storage sqlite:///study.db --study-name s1  # many processes
+    """
+    from optiflow.search import search as run_search
+    from optiflow.search import settings_from
+
+    config, values = resolve_layers(params, SEARCH_DEFAULTS)
+    settings = settings_from(values, config)
+    if params["print_config"]:
+        from optiflow.search import describe_dimension
+
+        _print_settings(config, {**values, "space": {d.name: describe_dimension(d) for d in settings.space}})
+        return
+    from optiflow.console import console, print_search
+
+    quiet = params["quiet"]
+    result = run_search(config, settings, tags=command_tag(), progress=None if quiet else console.print)
+    if not quiet:
+        print_search(result, config)
+
+
 def _print_settings(config: Any, settings: dict[str, Any]) -> None:
     """``--print-config`` for commands with their own settings: one YAML that ``--config`` reads back."""
     import yaml

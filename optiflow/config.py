@@ -115,6 +115,8 @@ class RunConfig:
     device: str = "auto"
     val_split: float = 0.1
     test_split: float = 0.2
+    cv_folds: int = 0
+    cv_fold: int = 0
     shuffle: bool = True
     drop_last: bool = False
     workers: int = 0
@@ -169,6 +171,9 @@ class RunConfig:
         need(0 <= self.val_split < 1, f"validation split must be in [0, 1), got {self.val_split!r}")
         need(0 < self.test_split < 1, f"test split must be in (0, 1), got {self.test_split!r}")
         need(self.val_split + self.test_split < 1, "validation and test splits leave no training data")
+        need(self.cv_folds == 0 or self.cv_folds >= 2, f"cross-validation needs at least 2 folds, got {self.cv_folds!r}")
+        need(self.cv_folds == 0 or 0 <= self.cv_fold < self.cv_folds,
+             f"fold must be in [0, {self.cv_folds}), got {self.cv_fold!r}")
         need(isinstance(self.workers, int) and self.workers >= 0, f"workers must be >= 0, got {self.workers!r}")
         need(self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         need(bool(DEVICE_PATTERN.match(str(self.device))), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -105,3 +105,16 @@ def print_comparison(result: Any, config: Any) -> None:
     result_table(f"compare: final {result.metric}", list(BRIEF_COLUMNS), result.brief)
     console.print(f"parent run {result.parent_run_id}  ·  files in {result.out_dir}  ·  "
                   f"open the UI: {ui_command(resolve_tracking_uri(config.tracking_uri))}")
+
+
+def print_search(result: Any, config: Any, top: int = 10) -> None:
+    """The best trials of the study, the best parameters and the parent run."""
+    from optiflow.tracking import resolve_tracking_uri, ui_command
+
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items() if n)
+    result_table(f"study {result.study_name}: {counts}", result.columns[:-1], [r[:-1] for r in result.rows[:top]])
+    if result.best_value is not None:
+        shown = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
+        console.print(f"best {result.best_value:.4g}: {shown}")
+    console.print(f"parent run {result.parent_run_id}  ·  open the UI: "
+                  f"{ui_command(resolve_tracking_uri(config.tracking_uri))}")

@@ -98,10 +98,15 @@ class Normalizer(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
-def split(source: DataSource, val_split: float, test_split: float, seed: int) -> Splits:
-    """Seeded, stratified (for classification) train/validation/test split."""
+def split(source: DataSource, val_split: float, test_split: float, seed: int, *, cv_folds: int = 0,
+          cv_fold: int = 0) -> Splits:
+    """Seeded, stratified (for classification) train/validation/test split.
+
+    With ``cv_folds`` K >= 2 the validation set is fold ``cv_fold`` of a seeded K-fold
+    partition of everything outside the test set (``val_split`` is then unused).
+    """
     import torch
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
     def cut(x: Tensor, y: Tensor, fraction: float, salt: int) -> tuple[Tensor, ...]:
         if fraction <= 0:
@@ -122,7 +127,16 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int) ->
         x_rest, y_rest, x_test, y_test = source.x, source.y, source.x_test, source.y_test
     else:
         x_rest, y_rest, x_test, y_test = cut(source.x, source.y, test_split, salt=0)
-    x_train, y_train, x_val, y_val = cut(x_rest, y_rest, val_split, salt=1)
+    if cv_folds:
+        folds = StratifiedKFold if source.task == "classification" else KFold
+        try:
+            parts = list(folds(cv_folds, shuffle=True, random_state=seed + 1).split(x_rest.numpy(), y_rest.numpy()))
+        except ValueError as exc:
+            raise OptiflowError(f"cannot make {cv_folds} cross-validation folds: {exc}") from None
+        train_index, val_index = (torch.as_tensor(i) for i in parts[cv_fold])
+        x_train, y_train, x_val, y_val = x_rest[train_index], y_rest[train_index], x_rest[val_index], y_rest[val_index]
+    else:
+        x_train, y_train, x_val, y_val = cut(x_rest, y_rest, val_split, salt=1)
     if len(x_train) == 0:
         raise OptiflowError("the training split is empty: use a smaller --val-split or more data")
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test)

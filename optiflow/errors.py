@@ -11,3 +11,7 @@ class TrainingError(OptiflowError):
     """Training stopped because of what happened during it (e.g. a non-finite loss)."""
 
     exit_code = 1
+
+
+class RunKilled(Exception):
+    """Raised from a training callback to end the run KILLED: stopped on purpose, not failed (a pruned trial)."""

@@ -19,7 +19,7 @@ from optiflow.config import ComponentSpec, RunConfig
 from optiflow import distributed
 from optiflow.data import (DataContext, DataSource, LoaderBatches, Splits, TensorBatches, evaluation_batches,
                            normalize, split)
-from optiflow.errors import OptiflowError, TrainingError
+from optiflow.errors import OptiflowError, RunKilled, TrainingError
 from optiflow.optim import decay_params  # noqa: F401  (re-exported for plugins)
 from optiflow.registry import Component, Registry
 from optiflow.schedule import Schedule, TrainingLength
@@ -73,6 +73,8 @@ class Plan:
         for key in ("epochs", "batch_size", "seed", "val_split", "test_split", "shuffle", "drop_last", "device",
                     "workers", "pin_memory", "compile", "channels_last", "amp"):
             out[key] = getattr(self.config, key)
+        if self.config.cv_folds:
+            out.update(cv_folds=self.config.cv_folds, cv_fold=self.config.cv_fold)
         return out
 
     def components(self) -> list[tuple[str, tuple[Component, dict[str, Any]]]]:
@@ -205,7 +207,8 @@ def prepare(config: RunConfig, registry: Registry, pm: Any) -> Run:
     dataset, dataset_options = resolved.dataset
     context = DataContext(Path(config.data_dir), config.seed)
     source = dataset.factory(context, **dataset_options)
-    splits = split(source, config.val_split, config.test_split, config.seed)
+    splits = split(source, config.val_split, config.test_split, config.seed,
+                   cv_folds=config.cv_folds, cv_fold=config.cv_fold)
     norm, norm_options = resolved.norm
     normalizer = norm.factory(**norm_options)
     splits = normalize(splits, normalizer)
@@ -303,13 +306,15 @@ def train(
     extra_tags: dict[str, str] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     log_model: bool = True,
+    extra_params: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
 
     ``on_epoch`` is called after every epoch's metrics are logged (search uses
-    it to report to Optuna and to prune).  Raises OptiflowError for bad input
-    before the run starts, TrainingError when training diverges, and
-    re-raises KeyboardInterrupt after marking the run KILLED.
+    it to report to Optuna and to prune; raising RunKilled there ends the run
+    KILLED).  ``extra_params`` are logged beside the resolved ones.  Raises
+    OptiflowError for bad input before the run starts, TrainingError when
+    training diverges, and re-raises KeyboardInterrupt after marking the run KILLED.
     """
     from optiflow.plugins import get_plugin_manager, get_registry
     from optiflow.tracking import NullTracker, Tracker
@@ -330,12 +335,18 @@ def train(
         pm.register(regularizer, name=f"run-{tracker.run_id}-reg-{index}")
     try:
         _log_setup(run)
+        if extra_params:
+            tracker.log_params(extra_params)
         pm.hook.optiflow_run_start(run=run)
         _fit(run, pm, reporter, on_epoch)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         tracker.set_tags({"failure": "interrupted by the user"})
+        raise
+    except RunKilled as exc:
+        status = "KILLED"
+        tracker.set_tags({"killed": str(exc)})
         raise
     except TrainingError as exc:
         tracker.set_tags({"failure": str(exc)})

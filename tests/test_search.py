@@ -1,0 +1,201 @@
+"""`optiflow search` on Optuna: parent/child MLflow runs, samplers, pruning, CV, shared storages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from optiflow.search import SAMPLERS
+
+from conftest import runs_of
+
+TINY = ("--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
+
+
+def study_runs(client, experiment: str):
+    runs = runs_of(client, experiment)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_search_logs_a_parent_per_study_and_a_child_per_trial(invoke, mlflow_client, experiment):
+    result = invoke("search", "--space", "lr=loguniform:1e-3:1e-1", "--space", "opt=choice:sgd,adam",
+                    "--sampler", "random", "--sampler-seed", "3", "--n-trials", "3", "--epochs", "2", *TINY)
+    assert result.exit_code == 0, result.stderr
+    [parent], children = study_runs(mlflow_client, experiment)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sampler"] == "random" and parent.data.params["metric"] == "val_loss"
+    assert parent.data.params["space.lr"] == "loguniform:0.001:0.1"
+    assert len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.data.params["optuna.trial_number"] for c in children) == ["0", "1", "2"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["optuna.sampler"] == "random" and child.data.params["optuna.pruner"] == "none"
+        assert child.data.params["opt"] == child.data.params["trial.opt"]
+        assert float(child.data.params["opt.lr"]) == pytest.approx(float(child.data.params["trial.lr"]))
+        assert [m.step for m in mlflow_client.get_metric_history(child.info.run_id, "val_loss")] == [1, 2]
+    best = min(children, key=lambda c: c.data.metrics["val_loss"])
+    assert parent.data.metrics["best_value"] == pytest.approx(best.data.metrics["val_loss"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.tags["best.opt"] == best.data.params["opt"]
+    artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "param_importances.png", "trials.csv", "best_params.yaml",
+            "config.yaml", "space.yaml"} <= artifacts
+
+
+def test_pruned_trials_end_killed_and_failed_trials_failed(invoke, mlflow_client, experiment):
+    """Grid order with seed 1 is lr=0.1, 1e30, 1e-6: a good run, a diverging one, then one that cannot
+    learn in 3 epochs and that the median pruner stops after its first epoch."""
+    result = invoke("search", "--opt", "sgd", "--space", "lr=choice:0.1,0.000001,1e30", "--sampler", "grid",
+                    "--sampler-seed", "1", "--pruner", "median:n_startup_trials=1", "--epochs", "3", *TINY)
+    assert result.exit_code == 0, result.stderr
+    [parent], children = study_runs(mlflow_client, experiment)
+    by_lr = {c.data.params["trial.lr"]: c for c in children}
+    assert [by_lr[lr].data.params["optuna.trial_number"] for lr in ("0.1", "1e+30", "1e-06")] == ["0", "1", "2"]
+    assert by_lr["0.1"].info.status == "FINISHED"
+    assert by_lr["1e+30"].info.status == "FAILED" and "training loss became" in by_lr["1e+30"].data.tags["failure"]
+    slow = by_lr["1e-06"]
+    assert slow.info.status == "KILLED" and "pruned" in slow.data.tags["killed"]
+    assert [m.step for m in mlflow_client.get_metric_history(slow.info.run_id, "val_loss")] == [1]
+    assert parent.data.metrics["n_fail"] == 1 and parent.data.metrics["n_pruned"] == 1
+    assert parent.info.status == "FINISHED"
+    assert "intermediate_values.png" in {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+
+
+def test_successive_halving_prunes_hopeless_trials(invoke, mlflow_client, experiment):
+    """Trials that all learn next to nothing: successive halving keeps only the better half at each rung."""
+    result = invoke("search", "--opt", "sgd", "--space", "lr=loguniform:1e-7:1e-6", "--sampler", "random",
+                    "--sampler-seed", "0", "--pruner", "successive-halving:reduction_factor=2",
+                    "--epochs", "3", "--n-trials", "4", *TINY)
+    assert result.exit_code == 0, result.stderr
+    [parent], children = study_runs(mlflow_client, experiment)
+    killed = [c for c in children if c.info.status == "KILLED"]
+    assert killed, [c.info.status for c in children]
+    assert parent.data.metrics["n_pruned"] == len(killed)
+    for child in killed:
+        assert len(mlflow_client.get_metric_history(child.info.run_id, "val_loss")) < 3
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_runs_a_tiny_study(invoke, mlflow_client, experiment, sampler):
+    options = {"tpe": "tpe:n_startup_trials=2", "gp": "gp:n_startup_trials=2", "cmaes": "cmaes:n_startup_trials=2",
+               "nsga2": "nsga2:population_size=2"}
+    space = ["lr=choice:0.01,0.05"] if sampler == "grid" else ["lr=loguniform:1e-3:1e-1", "dropout=float:0:0.5"]
+    args = [arg for item in space for arg in ("--space", item)]
+    result = invoke("search", *args, "--sampler", options.get(sampler, sampler), "--sampler-seed", "1",
+                    "--n-trials", "3", "--epochs", "1", *TINY)
+    assert result.exit_code == 0, result.stderr
+    [parent], children = study_runs(mlflow_client, experiment)
+    expected = 2 if sampler == "grid" else 3
+    assert len(children) == expected and all(c.info.status == "FINISHED" for c in children)
+    assert parent.data.metrics["n_complete"] == expected
+    assert {c.data.params["optuna.sampler"] for c in children} == {sampler}
+    if sampler == "grid":
+        assert sorted(c.data.params["trial.lr"] for c in children) == ["0.01", "0.05"]
+
+
+def test_cross_validation_scores_each_trial_on_k_folds(invoke, mlflow_client, experiment):
+    result = invoke("search", "--space", "lr=choice:0.01,0.001", "--sampler", "grid", "--cv", "3",
+                    "--epochs", "1", *TINY)
+    assert result.exit_code == 0, result.stderr
+    runs = runs_of(mlflow_client, experiment)
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 2
+    for trial in trials:
+        folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
+        assert sorted(f.data.params["cv_fold"] for f in folds) == ["0", "1", "2"]
+        assert all(f.data.params["cv_folds"] == "3" and f.info.status == "FINISHED" for f in folds)
+        scores = [f.data.metrics["val_loss"] for f in folds]
+        assert trial.data.metrics["cv_val_loss_mean"] == pytest.approx(sum(scores) / 3)
+        assert trial.info.status == "FINISHED"
+    assert parent.data.metrics["best_value"] == pytest.approx(min(t.data.metrics["cv_val_loss_mean"] for t in trials))
+
+
+def test_cv_folds_partition_the_training_split():
+    from optiflow.config import RunConfig
+    from optiflow.data import split
+    from optiflow.plugins import get_registry
+
+    source = get_registry().get("dataset", "digits").build(*[type("C", (), {"seed": 0, "data_dir": "."})()])
+    plain = split(source, 0.1, 0.2, seed=0)
+    folds = [split(source, 0.1, 0.2, seed=0, cv_folds=4, cv_fold=k) for k in range(4)]
+    rest = len(plain.x_train) + len(plain.x_val)
+    assert sum(len(f.x_val) for f in folds) == rest
+    assert all(len(f.x_train) + len(f.x_val) == rest for f in folds)
+    assert all(torch.equal(f.x_test, plain.x_test) for f in folds)
+    rows = torch.cat([f.x_val for f in folds])
+    assert len(torch.unique(rows, dim=0)) == len(torch.unique(torch.cat([plain.x_train, plain.x_val]), dim=0))
+    with pytest.raises(Exception, match="fold must be in"):
+        RunConfig(cv_folds=3, cv_fold=3)
+
+
+def test_two_processes_share_one_study_and_one_parent_run(tmp_path, tracking_uri, experiment, mlflow_client):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    command = [sys.executable, "-m", "optiflow", "search", "--space", "lr=loguniform:1e-3:1e-1",
+               "--sampler", "random", "--n-trials", "2", "--epochs", "1", "--storage", storage,
+               "--study-name", "shared", "--tracking-uri", tracking_uri, "--experiment", experiment, *TINY]
+    processes = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors
+    [parent], children = study_runs(mlflow_client, experiment)
+    assert parent.info.status == "FINISHED"
+    numbers = sorted(int(c.data.params["optuna.trial_number"]) for c in children)
+    assert numbers == list(range(4))
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
+    assert study.user_attrs["optiflow.mlflow_parent_run_id"] == parent.info.run_id
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {c.info.run_id for c in children}
+
+
+def test_n_jobs_runs_trials_in_worker_processes(invoke, mlflow_client, experiment, tmp_path):
+    result = invoke("search", "--space", "lr=loguniform:1e-3:1e-1", "--sampler", "random", "--n-jobs", "2",
+                    "--n-trials", "2", "--epochs", "1", "--storage", f"journal:{tmp_path / 'study.log'}", *TINY)
+    assert result.exit_code == 0, result.stderr
+    [parent], children = study_runs(mlflow_client, experiment)
+    assert sorted(int(c.data.params["optuna.trial_number"]) for c in children) == [0, 1]
+    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
+
+
+def test_config_file_and_space_file(invoke, tmp_path):
+    (tmp_path / "space.yaml").write_text("lr: loguniform:1e-4:1e-1\nopt: [sgd, adam]\n"
+                                         "hidden: {type: int, low: 8, high: 64, step: 8}\n")
+    (tmp_path / "search.yaml").write_text(f"epochs: 3\nsampler: tpe\nn_trials: 7\nspace: [{tmp_path / 'space.yaml'}]\n")
+    result = invoke("search", "--config", str(tmp_path / "search.yaml"), "--space", "lr=float:0.01:0.1",
+                    "--sampler", "random", "--print-config", store=False)
+    assert result.exit_code == 0, result.stderr
+    printed = yaml.safe_load(result.output)
+    assert printed["epochs"] == 3 and printed["n_trials"] == 7 and printed["sampler"] == "random"
+    assert printed["space"] == {"lr": "float:0.01:0.1", "opt": "choice:sgd|adam", "hidden": "int:8:64:8"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--space", "lr=loguniform:0:1"], "a log range needs LOW > 0"),
+        (["--space", "lr=normal:0:1"], "unknown range 'normal'"),
+        (["--space", "lr=float:0.1"], "write float:LOW:HIGH[:STEP]"),
+        (["--space", "flux=int:1:3"], "not a setting or an option"),
+        (["--space", "opt=choice:sgd,adamm"], "unknown optimizer 'adamm'"),
+        (["--space", "lr=loguniform:1e-4:1e-1", "--sampler", "tpee"], "unknown sampler 'tpee' (did you mean 'tpe'?)"),
+        (["--space", "lr=loguniform:1e-4:1e-1", "--sampler", "grid"], "the grid sampler needs finite values"),
+        (["--space", "lr=loguniform:1e-4:1e-1", "--pruner", "median:patience=3"], "pruner 'median'"),
+        (["--space", "lr=loguniform:1e-4:1e-1", "--storage", "study.db"], "is not a storage URL"),
+        (["--space", "lr=loguniform:1e-4:1e-1", "--cv", "1"], "--cv needs at least 2 folds"),
+        ([], "nothing to search"),
+    ],
+)
+def test_bad_search_input_is_one_line_and_creates_no_run(invoke, mlflow_client, experiment, args, message):
+    result = invoke("search", *args, "-q")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert mlflow_client.get_experiment_by_name(experiment) is None or not runs_of(mlflow_client, experiment)
