@@ -312,6 +312,63 @@ def search(**params: Any) -> None:
         print_search(result, config)
 
 
+@cli.command()
+@click.argument("run_id")
+@click.option("--tracking-uri", help="Store holding the run [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
+@click.option("--device", help="Train on this device instead of the logged one (auto, cpu, cuda).")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per metric.")
+@click.option("--atol", type=float, default=1e-8, show_default=True, help="Absolute tolerance per metric.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or table; the exit code tells.")
+def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: float, atol: float,
+              quiet: bool) -> None:
+    """Re-run RUN_ID from its logged config.yaml (same seed) and check that every metric matches.
+
+    Exits 1 when a metric differs beyond the tolerance (timing metrics are not compared).
+    """
+    from optiflow.console import print_reproduction
+    from optiflow.reproduce import MetricsDiffer
+    from optiflow.reproduce import reproduce as run_reproduction
+
+    reporter = _reporter_factory(quiet)
+    result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
+                              reporter=reporter() if reporter else None, tags=command_tag())
+    if not quiet:
+        print_reproduction(result)
+    differing = [row[0] for row in result.rows if not row[3]]
+    if differing:
+        raise MetricsDiffer(f"{len(differing)} of {len(result.rows)} metrics differ from run {run_id}: "
+                            + ", ".join(differing))
+
+
+@cli.command("lr-preview")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with train keys (flags win).")
+@click.option("--sched", metavar=COMPONENT_HELP, help="Learning-rate schedule [none]; e.g. step:step_size=10,gamma=0.1.")
+@click.option("--opt", metavar=COMPONENT_HELP, help="Optimizer [adam].")
+@click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default).")
+@click.option("--epochs", type=int, help="Training epochs [20].")
+@click.option("--batch-size", help="Mini-batch size, or 'full' [32]; with the data it sets the steps per epoch.")
+@click.option("--data", metavar=COMPONENT_HELP, help="Dataset whose training split is counted [digits].")
+@click.option("--steps-per-epoch", type=int, help="Steps per epoch, instead of counting the data's batches.")
+@click.option("--out", type=click.Path(dir_okay=False), default="lr-schedule.png", show_default=True,
+              help="Where to save the plot.")
+def lr_preview(**params: Any) -> None:
+    """Plot the learning-rate schedule (warmup shaded) and print it per epoch, without training."""
+    from optiflow.console import print_lr_preview
+    from optiflow.lr_preview import preview
+    from optiflow.plots import lr_schedule
+
+    steps, out = params.pop("steps_per_epoch"), params.pop("out")
+    config = build_config(params)
+    result = preview(config, steps)
+    figure = lr_schedule(result.positions, result.rates, title=f"{config.opt} / {config.sched}",
+                         warmup_end=result.warmup_end)
+    try:
+        figure.savefig(out, dpi=110)
+    except OSError as exc:
+        raise OptiflowError(f"cannot write {out}: {exc.strerror}") from None
+    print_lr_preview(result, out)
+
+
 def _print_settings(config: Any, settings: dict[str, Any]) -> None:
     """``--print-config`` for commands with their own settings: one YAML that ``--config`` reads back."""
     import yaml

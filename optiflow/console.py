@@ -118,3 +118,28 @@ def print_search(result: Any, config: Any, top: int = 10) -> None:
         console.print(f"best {result.best_value:.4g}: {shown}")
     console.print(f"parent run {result.parent_run_id}  ·  open the UI: "
                   f"{ui_command(resolve_tracking_uri(config.tracking_uri))}")
+
+
+def print_reproduction(result: Any) -> None:
+    """Metric by metric: the original value, the reproduced one and whether they match."""
+    rows = [[key, "-" if a is None else f"{a:.6g}", "-" if b is None else f"{b:.6g}",
+             "-" if a is None or b is None else f"{abs(a - b):.2g}", "yes" if same else "[red]NO[/red]"]
+            for key, a, b, same in result.rows]
+    note = "" if result.original_status == "FINISHED" else f" (the original ended {result.original_status})"
+    result_table(f"reproduce {result.original_run_id}{note}", ["metric", "original", "reproduced", "|diff|", "match"],
+                 rows)
+    verdict = "[green]all metrics match[/green]" if result.matches else "[red]metrics differ[/red]"
+    console.print(f"{verdict}  ·  new run {result.run_id}")
+
+
+def print_lr_preview(result: Any, out: Any) -> None:
+    """The learning rate per epoch (start, lowest, highest) and where the plot went."""
+    rows = [[str(epoch), f"{start:.4g}", f"{low:.4g}", f"{high:.4g}"] for epoch, start, low, high in result.per_epoch()]
+    length = result.length
+    title = f"learning rate: {length.epochs} epochs x {length.steps_per_epoch} steps"
+    if result.warmup_end is not None:
+        title += f", warmup until epoch {result.warmup_end:.2f}"
+    if result.monitor:
+        title += f" ('{result.monitor}' assumed never to improve)"
+    result_table(title, ["epoch", "lr at start", "lowest", "highest"], rows)
+    console.print(f"plot saved to {out}")

@@ -241,20 +241,20 @@ def prepare(config: RunConfig, registry: Registry, pm: Any) -> Run:
         loss_options = loss_component.resolve_options({})
     loss_fn = loss_component.factory(source.task, **loss_options).to(device)
 
-    batch_size = len(splits.x_train) if config.batch_size == "full" else int(config.batch_size)
-    batches = math.ceil(len(splits.x_train) / batch_size)
-    if config.drop_last:
-        batches = max(1, len(splits.x_train) // batch_size)
-    length = TrainingLength(config.epochs, batches)
+    length = TrainingLength.of(config.epochs, len(splits.x_train), config.batch_size, config.drop_last)
+    optimizer, schedule = build_optimizer(resolved, model, length)
+    train_device = torch.device("cpu") if streams_batches(config, splits, device) else device
+    return Run(config, resolved, device, source, splits.to(device, train_device), model, loss_fn, optimizer,
+               schedule, length, normalizer=normalizer)
+
+
+def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) -> tuple[torch.optim.Optimizer, Schedule]:
+    """The planned optimizer on ``model`` and its learning-rate schedule."""
     opt_component, opt_options = resolved.opt
     optimizer = opt_component.factory(model, **opt_options)
     sched_component, sched_options = resolved.sched
     schedule = sched_component.factory(optimizer, length, **sched_options)
-    if not isinstance(schedule, Schedule):
-        schedule = Schedule(schedule)
-    train_device = torch.device("cpu") if streams_batches(config, splits, device) else device
-    return Run(config, resolved, device, source, splits.to(device, train_device), model, loss_fn, optimizer,
-               schedule, length, normalizer=normalizer)
+    return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
 
 
 def streams_batches(config: RunConfig, splits: Splits, device: torch.device) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,13 @@ class TrainingLength:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    @classmethod
+    def of(cls, epochs: int, n_train: int, batch_size: int | str, drop_last: bool = False) -> "TrainingLength":
+        """The length of training on ``n_train`` samples in batches as the runner makes them."""
+        size = n_train if batch_size == "full" else int(batch_size)
+        steps = max(1, n_train // size) if drop_last else math.ceil(n_train / size)
+        return cls(epochs, steps)
 
 
 @dataclass

@@ -598,7 +598,7 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
     from optiflow.tracking import Tracker
 
     tracker = Tracker(config.tracking_uri, config.experiment)
-    tracker.start(run_name=name, tags=tags, parent_run_id=parent_id)
+    tracker.start(run_name=name, tags={**tags, "optiflow.kind": "cross-validation"}, parent_run_id=parent_id)
     trial.set_user_attr("mlflow_run_id", tracker.run_id)
     status = "FAILED"
     scores: list[float] = []

@@ -1,0 +1,80 @@
+"""``optiflow lr-preview``: step the configured optimizer and schedule through training, without a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from optiflow.config import RunConfig
+from optiflow.errors import OptiflowError
+from optiflow.schedule import TrainingLength
+
+MONITORED_VALUE = 1.0
+
+
+@dataclass
+class SchedulePreview:
+    """The learning rate at every optimizer step (positions in epochs) and where warmup ends."""
+
+    positions: list[float]
+    rates: list[float]
+    length: TrainingLength
+    monitor: str | None
+    warmup_end: float | None
+
+    def per_epoch(self, rows: int = 12) -> list[tuple[int, float, float, float]]:
+        """``(epoch, lr at its start, lowest, highest)`` for at most ``rows`` evenly spaced epochs (and the last)."""
+        steps = self.length.steps_per_epoch
+        epochs = self.length.epochs
+        stride = max(1, -(-epochs // rows))
+        shown = sorted({*range(1, epochs + 1, stride), epochs})
+        table = []
+        for epoch in shown:
+            rates = self.rates[(epoch - 1) * steps : epoch * steps]
+            table.append((epoch, rates[0], min(rates), max(rates)))
+        return table
+
+
+def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePreview:
+    """The schedule ``config`` would follow; the data is loaded only to count batches (unless given).
+
+    Schedules that watch a metric (plateau) see one that never improves.
+    """
+    import torch
+
+    from optiflow.data import DataContext, split
+    from optiflow.plugins import get_registry
+    from optiflow.runner import build_optimizer, plan
+
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise OptiflowError(f"--steps-per-epoch must be >= 1, got {steps_per_epoch}")
+    resolved = plan(config, get_registry())
+    if steps_per_epoch is None:
+        dataset, options = resolved.dataset
+        source = dataset.factory(DataContext(Path(config.data_dir), config.seed), **options)
+        n_train = len(split(source, config.val_split, config.test_split, config.seed,
+                            cv_folds=config.cv_folds, cv_fold=config.cv_fold).x_train)
+        length = TrainingLength.of(config.epochs, n_train, config.batch_size, config.drop_last)
+    else:
+        length = TrainingLength(config.epochs, steps_per_epoch)
+    optimizer, schedule = build_optimizer(resolved, torch.nn.Linear(1, 1), length)
+    positions, rates = [], []
+    no_loss = torch.zeros(())
+    for epoch in range(length.epochs):
+        for step in range(length.steps_per_epoch):
+            positions.append(epoch + step / length.steps_per_epoch)
+            rates.append(float(optimizer.param_groups[0]["lr"]))
+            optimizer.step(lambda: no_loss)
+            if schedule.interval == "step":
+                schedule.step()
+        if schedule.interval == "epoch":
+            schedule.step({schedule.monitor: MONITORED_VALUE} if schedule.monitor else None)
+    return SchedulePreview(positions, rates, length, schedule.monitor, _warmup_end(positions, rates))
+
+
+def _warmup_end(positions: list[float], rates: list[float]) -> float | None:
+    """Where the learning rate stops rising, when it rises from the start."""
+    index = 0
+    while index + 1 < len(rates) and rates[index + 1] > rates[index]:
+        index += 1
+    return positions[index] if index else None

@@ -1,0 +1,83 @@
+"""``optiflow reproduce RUN_ID``: re-run a tracked run from its logged configuration and check its metrics."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from optiflow.config import RunConfig, load_yaml
+from optiflow.errors import OptiflowError
+from optiflow.experiment import TIMING_METRICS
+
+NOT_REPRODUCIBLE = {"compare": "a compare parent run; reproduce one of its child runs",
+                    "search": "a search parent run; reproduce one of its trial runs",
+                    "cross-validation": "a cross-validated trial; reproduce one of its fold runs"}
+
+
+class MetricsDiffer(OptiflowError):
+    """The reproduced run's metrics are not those of the original."""
+
+    exit_code = 1
+
+
+@dataclass
+class Reproduction:
+    original_run_id: str
+    run_id: str
+    original_status: str
+    rows: list[tuple[str, float | None, float | None, bool]]
+
+    @property
+    def matches(self) -> bool:
+        return all(match for *_, match in self.rows)
+
+
+def original_config(run_id: str, tracking_uri: str | None) -> tuple[RunConfig, Any]:
+    """The logged ``config.yaml`` of ``run_id`` (pointed at the store it came from) and the run itself."""
+    from mlflow.exceptions import MlflowException
+
+    from optiflow.tracking import client, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow_client = client(uri)
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException:
+        raise OptiflowError(f"no run '{run_id}' in the tracking store {uri}") from None
+    kind = run.data.tags.get("optiflow.kind")
+    if kind in NOT_REPRODUCIBLE:
+        raise OptiflowError(f"run '{run_id}' is {NOT_REPRODUCIBLE[kind]}")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory(prefix="optiflow-reproduce-") as folder:
+        try:
+            path = mlflow_client.download_artifacts(run_id, "config.yaml", folder)
+        except (MlflowException, OSError):
+            raise OptiflowError(f"run '{run_id}' has no config.yaml artifact: it was not logged by optiflow train") from None
+        values = load_yaml(path)
+    experiment = mlflow_client.get_experiment(run.info.experiment_id).name
+    values.update(tracking_uri=uri, experiment=experiment, run_name=f"reproduce {run.info.run_name or run_id[:8]}")
+    return RunConfig.from_dict(values), run
+
+
+def reproduce(run_id: str, tracking_uri: str | None = None, *, device: str | None = None, rtol: float = 1e-5,
+              atol: float = 1e-8, reporter: Any = None, tags: dict[str, str] | None = None) -> Reproduction:
+    """Train again with the original configuration and seed; compare every non-timing metric."""
+    from optiflow.runner import train
+
+    config, original = original_config(run_id, tracking_uri)
+    if device is not None:
+        config = config.replace(device=device)
+    result = train(config, reporter=reporter, log_model=False,
+                   extra_tags={**(tags or {}), "optiflow.reproduces": run_id})
+    from optiflow.tracking import client
+
+    reproduced = client(result.tracking_uri).get_run(result.run_id).data.metrics
+    rows = []
+    for key in sorted(k for k in original.data.metrics if k not in TIMING_METRICS):
+        before, after = original.data.metrics[key], reproduced.get(key)
+        same = after is not None and math.isclose(before, after, rel_tol=rtol, abs_tol=atol)
+        rows.append((key, before, after, same))
+    return Reproduction(run_id, result.run_id, original.info.status, rows)
