@@ -381,7 +381,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
     from optiflow.tracking import Tracker
 
     validate(base, settings)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     temporary = None
     if settings.n_jobs > 1 and settings.storage is None:
         temporary = tempfile.TemporaryDirectory(prefix="optiflow-study-")
@@ -524,7 +524,7 @@ def _spawn_workers(base: RunConfig, settings: SearchSettings, study_name: str, p
 
 def _worker(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str, n_trials: int,
             tags: dict[str, str] | None) -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = _open_study(base, dataclasses.replace(settings, study_name=study_name))
     run_trials(base, settings, study, parent_id, n_trials, tags=tags)
 
@@ -553,6 +553,7 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
         except UnknownMetric:
             raise
         except OptiflowError as exc:
+            trial.set_user_attr("failure", str(exc)[:1000])
             trial.set_user_attr("mlflow_run_id", _child_run(base, parent_id, name, trial_tags, params, str(exc)))
             raise exc if isinstance(exc, TrainingError) else TrainingError(str(exc)) from None
         return value
@@ -561,7 +562,7 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
         if progress is None:
             return
         shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
-        value = f"{settings.metric}={trial.value:.4g}" if trial.value is not None else trial.state.name.lower()
+        value = f"{settings.metric}={trial.value:.4g}" if trial.value is not None else trial.user_attrs.get("failure", "")
         try:
             best = f"  (best {study.best_value:.4g})"
         except ValueError:
