@@ -36,6 +36,7 @@ NOT_SEARCHABLE = frozenset({"experiment", "tracking_uri", "run_name", "cv_folds"
 PARENT_ATTR = "optiflow.mlflow_parent_run_id"
 LOCK_SUFFIX = ".optiflow-parent-lock"
 PARENT_WAIT_SECONDS = 120.0
+STORAGE_ATTEMPTS = 4
 
 
 class TrialPruned(RunKilled, optuna.TrialPruned):
@@ -337,10 +338,13 @@ def open_storage(url: str | None) -> Any:
         raise OptiflowError(f"--storage '{url}' is not a storage URL: use sqlite:///study.db, "
                             "postgresql://..., or journal:study.log")
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as exc:  # SQLAlchemy raises many kinds
-        raise OptiflowError(f"cannot open the study storage {url}: {str(exc).splitlines()[0]}") from None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as exc:  # SQLAlchemy raises many kinds; a process creating the schema beside us is one
+            failure = str(exc).splitlines()[0]
+            time.sleep(0.5 * (attempt + 1))
+    raise OptiflowError(f"cannot open the study storage {_redact(url)}: {failure}")
 
 
 def validate(base: RunConfig, settings: SearchSettings) -> None:
