@@ -73,8 +73,10 @@ def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePr
 
 
 def _warmup_end(positions: list[float], rates: list[float]) -> float | None:
-    """Where the learning rate stops rising, when it rises from the start."""
-    index = 0
-    while index + 1 < len(rates) and rates[index + 1] > rates[index]:
-        index += 1
-    return positions[index] if index else None
+    """Where the learning rate first reaches its peak, when it rises to it from the start
+    (step by step, or epoch by epoch for schedules stepped per epoch)."""
+    end = 0
+    while end + 1 < len(rates) and rates[end + 1] >= rates[end]:
+        end += 1
+    peak = rates.index(max(rates[: end + 1])) if rates else 0
+    return positions[peak] if rates and rates[peak] > rates[0] else None

@@ -87,6 +87,17 @@ def test_lr_preview_counts_the_batches_and_saves_the_plot(invoke, tmp_path):
     assert "0.05" in lines["4"] and "0.025" in lines["7"]
 
 
+def test_lr_preview_marks_warmup_of_an_epoch_stepped_schedule():
+    from optiflow.lr_preview import preview
+
+    config = RunConfig.from_dict({"sched": "step:step_size=2,gamma=0.5", "opt": "sgd", "lr": 0.1, "epochs": 4})
+    assert preview(config, steps_per_epoch=5).warmup_end is None
+    rising = preview(RunConfig.from_dict({"sched": "cosine:warmup_epochs=2", "opt": "sgd", "lr": 0.1, "epochs": 6}),
+                     steps_per_epoch=5)
+    assert rising.warmup_end == pytest.approx(2.0)
+    assert max(rising.rates) == pytest.approx(0.1)
+
+
 def test_lr_preview_bad_input_is_one_line(invoke):
     result = invoke("lr-preview", "--sched", "stepp")
     assert result.exit_code == 2 and "unknown scheduler 'stepp'" in result.stderr
