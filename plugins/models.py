@@ -127,11 +127,14 @@ def _check_dropout(rate: float) -> None:
         raise OptiflowError(f"dropout must be in [0, 1), got {rate}")
 
 
-def build_activation(name: str):
-    """A fresh activation module by registered name (so plugin activations work in every model)."""
+def build_activation(spec: str):
+    """A fresh activation module by registered name, with options: ``leaky-relu:negative_slope=0.1``
+    (so plugin activations and their options work in every model)."""
+    from optiflow.config import ComponentSpec
     from optiflow.plugins import get_registry
 
-    return get_registry().get("activation", name).build()
+    activation = ComponentSpec.parse(spec)
+    return get_registry().get("activation", activation.name).build(**activation.options)
 
 
 def relu():

@@ -462,6 +462,15 @@ def test_maxout_is_a_real_layer():
     assert model[1].out_features == 16 and model(torch.zeros(4, 10)).shape == (4, 2)
 
 
+def test_model_activations_take_their_own_options():
+    model = build("model", "mlp", (1,), 1, hidden=(4,), activation="leaky-relu:negative_slope=0.1")
+    assert isinstance(model[2], nn.LeakyReLU) and model[2].negative_slope == 0.1
+    cnn = build("model", "cnn", (1, 8, 8), 2, activation="elu:alpha=0.5")
+    assert {m.alpha for m in cnn.modules() if isinstance(m, nn.ELU)} == {0.5}
+    with pytest.raises(OptiflowError, match="no option 'slope'"):
+        build("model", "mlp", (1,), 1, hidden=(4,), activation="leaky-relu:slope=0.1")
+
+
 def test_mlp_batch_norm_before_or_after_the_activation():
     before = build("model", "mlp", (10,), 2, hidden=(8,), batch_norm="before", activation="tanh")
     after = build("model", "mlp", (10,), 2, hidden=(8,), batch_norm="after", activation="tanh")
