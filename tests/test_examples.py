@@ -54,3 +54,12 @@ def test_unknown_example_and_foreign_command_are_one_clear_error(capsys):
     assert re.search(r"no single example matches 'no-such-example'; choose from \d\d-", capsys.readouterr().err)
     with pytest.raises(gallery.ExampleError, match="must start with 'optiflow'"):
         EXAMPLES[0].argv("python train.py", quick=False, data_dir=None)
+
+
+def test_data_dir_switches_the_cnn_example_to_fashion_mnist_and_is_refused_elsewhere(tmp_path):
+    cnn = next(e for e in EXAMPLES if e.name == "11-cnn")
+    argv = cnn.argv(cnn.commands[0], quick=True, data_dir=str(tmp_path))
+    assert argv[argv.index("--data-dir") - 2 :] == ["--data", "fashion-mnist", "--data-dir", str(tmp_path),
+                                                   "--experiment", "examples-11-cnn"]
+    with pytest.raises(gallery.ExampleError, match="reads no files"):
+        EXAMPLES[0].argv(EXAMPLES[0].commands[0], quick=False, data_dir=str(tmp_path))
