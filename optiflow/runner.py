@@ -252,9 +252,27 @@ def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) ->
     """The planned optimizer on ``model`` and its learning-rate schedule."""
     opt_component, opt_options = resolved.opt
     optimizer = opt_component.factory(model, **opt_options)
+    use_fused_kernels(optimizer)
     sched_component, sched_options = resolved.sched
     schedule = sched_component.factory(optimizer, length, **sched_options)
     return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+
+
+def use_fused_kernels(optimizer: torch.optim.Optimizer) -> None:
+    """Switch a plain Adam, AdamW or SGD to its fused kernels, in place, when its factory left
+    the choice open: one kernel per step instead of a loop over parameters (Adam's step over
+    the benchmark CNN: ~28 ms -> ~7 ms on a 2-core CPU)."""
+    defaults = optimizer.defaults
+    if (type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD) or optimizer.state
+            or defaults.get("fused") is not None or defaults.get("foreach") is not None
+            or defaults.get("differentiable")):
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not all(torch.is_floating_point(p) and p.device.type in ("cpu", "cuda") for p in params):
+        return
+    for group in [defaults, *optimizer.param_groups]:
+        group["fused"] = True
+    optimizer._step_supports_amp_scaling = True  # as the constructor sets it for fused=True
 
 
 def streams_batches(config: RunConfig, splits: Splits, device: torch.device) -> bool:

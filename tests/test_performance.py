@@ -152,3 +152,22 @@ def test_two_gloo_processes_log_one_run_shaped_like_a_single_process_run(invoke,
     times = {m.step: m.value for m in mlflow_client.get_metric_history(two.info.run_id, "epoch_time")}
     assert history[2] * times[2] == pytest.approx(1294, abs=2)
     assert two.data.metrics["test_accuracy"] > 0.8
+
+
+def test_adam_and_sgd_switch_to_fused_kernels_in_place_keeping_their_groups():
+    from optiflow.optim import decay_params
+    from optiflow.runner import use_fused_kernels
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    adam = torch.optim.Adam(decay_params(model, False), lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)
+    before = [(g["lr"], g["betas"], g["weight_decay"], len(g["params"])) for g in adam.param_groups]
+    use_fused_kernels(adam)
+    assert all(g["fused"] for g in adam.param_groups)
+    assert [(g["lr"], g["betas"], g["weight_decay"], len(g["params"])) for g in adam.param_groups] == before
+    model(torch.randn(5, 4)).sum().backward()
+    adam.step()
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    explicit = torch.optim.SGD(model.parameters(), lr=0.1, foreach=False)
+    use_fused_kernels(lbfgs)
+    use_fused_kernels(explicit)
+    assert "fused" not in lbfgs.defaults and not explicit.param_groups[0]["fused"]
