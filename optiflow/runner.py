@@ -341,12 +341,12 @@ def train(
     pm = pm or get_plugin_manager()
     reporter = reporter or SilentReporter()
     run = prepare(config, registry, pm)
+    regularizers = [component.factory(**options) for component, options in run.plan.reg]
     cluster = distributed.join(run.device)
     tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
     tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
     tracker.start(run_name=config.run_name, tags=tags, parent_run_id=parent_run_id)
     run.tracker = tracker
-    regularizers = [component.factory(**options) for component, options in run.plan.reg]
     started = time.perf_counter()
     status = "FAILED"
     for index, regularizer in enumerate(regularizers):

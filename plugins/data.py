@@ -213,11 +213,17 @@ def _open(dataset_class, root: Path, location: Path, download: bool):
         with contextlib.redirect_stdout(sys.stderr):
             return dataset_class(root, train=True, download=True), dataset_class(root, train=False)
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise OptiflowError(
-            f"{name} files not found in {location} and the download failed ({reason}); "
-            "copy the files there on an offline machine"
+            f"{name} files not found in {location} and the download failed ({_last_reason(exc)}); "
+            "copy the files there in torchvision's layout"
         ) from None
+
+
+def _last_reason(exc: Exception) -> str:
+    """The innermost cause in torchvision's (possibly multi-mirror, multi-line) download error."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    causes = [line for line in lines if line and not line.startswith(("Tried ", "Error downloading"))]
+    return (causes[-1] if causes else type(exc).__name__)[:160]
 
 
 def _images(dataset):

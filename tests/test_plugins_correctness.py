@@ -127,8 +127,8 @@ def test_lbfgs_lowers_a_convex_loss_to_the_noise_floor(tmp_path):
     final = float(closure().detach())
     assert initial > 1.0
     assert final == pytest.approx(0.1**2, rel=0.3)  # the noise variance: nothing left to fit
-    assert float(run.model[1].weight) == pytest.approx(3.0, abs=0.05)
-    assert float(run.model[1].bias) == pytest.approx(2.0, abs=0.05)
+    assert run.model[1].weight.item() == pytest.approx(3.0, abs=0.05)
+    assert run.model[1].bias.item() == pytest.approx(2.0, abs=0.05)
 
 
 def test_sparse_adam_trains_sparse_embeddings():
@@ -377,6 +377,14 @@ def test_early_stopping_ends_a_real_run(tmp_path, tracking_uri, experiment, mlfl
     run = mlflow_client.get_run(result.run_id)
     assert run.data.tags["early_stopping.restored_epoch"] == "1"
     assert run.data.tags["stopped_epoch"] == "3"
+
+
+def test_bad_regularizer_option_fails_before_any_run_exists(invoke, mlflow_client, experiment):
+    result = invoke("train", "--reg", "l2:strength=-1", "--epochs", "1")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["Error: regularizer 'l2': strength must be >= 0.0, got -1.0"]
+    experiment_record = mlflow_client.get_experiment_by_name(experiment)
+    assert experiment_record is None or not mlflow_client.search_runs([experiment_record.experiment_id])
 
 
 def test_early_stopping_needs_a_validation_split():
