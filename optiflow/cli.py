@@ -33,10 +33,14 @@ class OptiflowGroup(click.Group):
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
-        except click.exceptions.Abort:
-            _fail("aborted", 130)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
+        except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+            interrupt = exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else exc
+            _fail(str(interrupt) or "interrupted", getattr(interrupt, "exit_code", 130))
+        except Exception as exc:
+            if os.environ.get("OPTIFLOW_TRACEBACK"):
+                raise
+            notes = " ".join(getattr(exc, "__notes__", []))
+            _fail(f"{type(exc).__name__}: {str(exc).strip() or 'failed'}".splitlines()[0] + (f" ({notes})" if notes else ""), 1)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         """A built-in command, else one a plugin added through ``optiflow_register_commands``."""
@@ -54,6 +58,7 @@ class OptiflowGroup(click.Group):
 
 
 def _fail(message: str, code: int) -> None:
+    """Print ``Error: <first line>`` on stderr and exit with ``code`` (set OPTIFLOW_TRACEBACK=1 to see tracebacks)."""
     from optiflow.distributed import is_main_process
 
     first = message.strip().splitlines()[0] if message.strip() else "failed"
@@ -170,11 +175,16 @@ def _as_list(value: Any) -> list[Any]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
+@click.option("--resume", metavar="RUN_ID", help="Continue a KILLED or FAILED run from its checkpoint, in the same run.")
 def train(**params: Any) -> None:
-    """Train one model and log the run to MLflow."""
+    """Train one model and log the run to MLflow.
+
+    Ctrl-C or SIGTERM ends the run KILLED with a checkpoint of the last completed
+    epoch; `optiflow train --resume RUN_ID` continues it.
+    """
     from optiflow.distributed import is_main_process
 
-    config = build_config(params)
+    config = _resume_config(params) if params["resume"] else build_config(params)
     if params["print_config"]:
         click.echo(config.to_yaml(), nl=False)
         return
@@ -186,8 +196,22 @@ def train(**params: Any) -> None:
     main_process = is_main_process()
     quiet = params["quiet"] or not sys.stdout.isatty() or not main_process
     reporter = None if quiet else RichReporter()
-    result = run_training(config, reporter=reporter, extra_tags=command_tag())
+    result = run_training(config, reporter=reporter, extra_tags=command_tag(), resume=params["resume"])
     print_summary(result, config, quiet=params["quiet"] or not main_process)
+
+
+RESUME_FLAGS = {"resume", "tracking_uri", "device", "quiet", "print_config"}
+
+
+def _resume_config(params: dict[str, Any]):
+    """The logged configuration of the run to resume; flags that would change what is trained are refused."""
+    from optiflow.runner import resume_config
+
+    changed = sorted(k for k, v in params.items() if k not in RESUME_FLAGS and v not in (None, (), False))
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise click.UsageError(f"--resume continues the run exactly as it was configured; drop {flags}")
+    return resume_config(params["resume"], params["tracking_uri"], device=params["device"])
 
 
 def _launch_data_parallel(config: Any, nproc: int) -> None:

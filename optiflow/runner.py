@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import math
 import shlex
+import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -19,10 +21,15 @@ from optiflow.config import ComponentSpec, RunConfig
 from optiflow import distributed
 from optiflow.data import (DataContext, DataSource, LoaderBatches, Splits, TensorBatches, evaluation_batches,
                            normalize, split)
-from optiflow.errors import OptiflowError, RunKilled, TrainingError
+from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, TrainingError
 from optiflow.optim import decay_params  # noqa: F401  (re-exported for plugins)
+from optiflow import recovery
+from optiflow.recovery import first_line
 from optiflow.registry import Component, Registry
 from optiflow.schedule import Schedule, TrainingLength
+
+
+FINITE_CHECK_STEPS = 16
 
 
 class Reporter(Protocol):
@@ -157,6 +164,11 @@ class Run:
     last_outputs: Tensor | None = None
     last_targets: Tensor | None = None
     artifacts_dir: Path | None = None
+    batch_generator: torch.Generator | None = None
+    augmentation: Callable[[Tensor], Tensor] | None = None
+    regularizers: list[Any] = field(default_factory=list)
+    checkpoint: dict[str, Any] | None = None
+    status: str | None = None
 
     @property
     def task(self) -> str:
@@ -190,6 +202,7 @@ class RunResult:
     seconds: float
     tracking_uri: str | None
     stop_reason: str | None = None
+    resumed_from: int | None = None
 
 
 def prepare(config: RunConfig, registry: Registry, pm: Any) -> Run:
@@ -206,19 +219,22 @@ def prepare(config: RunConfig, registry: Registry, pm: Any) -> Run:
     torch.manual_seed(config.seed)
     dataset, dataset_options = resolved.dataset
     context = DataContext(Path(config.data_dir), config.seed)
-    source = dataset.factory(context, **dataset_options)
+    source = build(dataset, context, **dataset_options)
     splits = split(source, config.val_split, config.test_split, config.seed,
                    cv_folds=config.cv_folds, cv_fold=config.cv_fold)
     norm, norm_options = resolved.norm
-    normalizer = norm.factory(**norm_options)
-    splits = normalize(splits, normalizer)
+    normalizer = build(norm, **norm_options)
+    try:
+        splits = normalize(splits, normalizer)
+    except ValueError as exc:
+        raise OptiflowError(f"normalizer '{norm.name}': {first_line(exc)}") from None
     input_shape = tuple(splits.x_train.shape[1:])
 
     torch.manual_seed(config.seed)
     model_component, model_options = resolved.model
-    model = model_component.factory(input_shape, source.num_outputs, **model_options)
+    model = build(model_component, input_shape, source.num_outputs, **model_options)
     init_component, init_options = resolved.init
-    initializer = init_component.factory(**init_options)
+    initializer = build(init_component, **init_options)
     if initializer is not None:
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
@@ -239,22 +255,23 @@ def prepare(config: RunConfig, registry: Registry, pm: Any) -> Run:
     else:
         loss_component = registry.get("loss", "cross-entropy" if source.task == "classification" else "mse")
         loss_options = loss_component.resolve_options({})
-    loss_fn = loss_component.factory(source.task, **loss_options).to(device)
+    loss_fn = build(loss_component, source.task, **loss_options).to(device)
 
     length = TrainingLength.of(config.epochs, len(splits.x_train), config.batch_size, config.drop_last)
     optimizer, schedule = build_optimizer(resolved, model, length)
     train_device = torch.device("cpu") if streams_batches(config, splits, device) else device
     return Run(config, resolved, device, source, splits.to(device, train_device), model, loss_fn, optimizer,
-               schedule, length, normalizer=normalizer)
+               schedule, length, normalizer=normalizer, batch_generator=torch.Generator().manual_seed(config.seed),
+               augmentation=_augmentation(resolved), regularizers=[build(c, **o) for c, o in resolved.reg])
 
 
 def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) -> tuple[torch.optim.Optimizer, Schedule]:
     """The planned optimizer on ``model`` and its learning-rate schedule."""
     opt_component, opt_options = resolved.opt
-    optimizer = opt_component.factory(model, **opt_options)
+    optimizer = build(opt_component, model, **opt_options)
     use_fused_kernels(optimizer)
     sched_component, sched_options = resolved.sched
-    schedule = sched_component.factory(optimizer, length, **sched_options)
+    schedule = build(sched_component, optimizer, length, **sched_options)
     return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
 
 
@@ -273,6 +290,16 @@ def use_fused_kernels(optimizer: torch.optim.Optimizer) -> None:
     for group in [defaults, *optimizer.param_groups]:
         group["fused"] = True
     optimizer._step_supports_amp_scaling = True  # as the constructor sets it for fused=True
+
+
+def build(component: Component, *context: Any, **options: Any) -> Any:
+    """Call a component's factory; a ValueError or OSError it raises is about the user's input: one line."""
+    try:
+        return component.factory(*context, **options)
+    except OptiflowError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise OptiflowError(f"{component.kind} '{component.name}': {first_line(exc)}") from None
 
 
 def streams_batches(config: RunConfig, splits: Splits, device: torch.device) -> bool:
@@ -325,68 +352,141 @@ def train(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     log_model: bool = True,
     extra_params: dict[str, Any] | None = None,
+    resume: str | None = None,
 ) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
 
     ``on_epoch`` is called after every epoch's metrics are logged (search uses
     it to report to Optuna and to prune; raising RunKilled there ends the run
-    KILLED).  ``extra_params`` are logged beside the resolved ones.  Raises
+    KILLED).  ``extra_params`` are logged beside the resolved ones.  ``resume`` is the id of a KILLED or
+    FAILED run to continue from its checkpoint, in that same run (``config``
+    must be its logged configuration: see ``resume_config``).  Raises
     OptiflowError for bad input before the run starts, TrainingError when
-    training diverges, and re-raises KeyboardInterrupt after marking the run KILLED.
+    training diverges, PluginError when a plugin raises, RunInterrupted (a
+    KeyboardInterrupt) on SIGINT/SIGTERM; the run then ends FAILED or KILLED
+    with a ``failure`` tag, what was logged kept and a checkpoint saved.
     """
     from optiflow.plugins import get_plugin_manager, get_registry
-    from optiflow.tracking import NullTracker, Tracker
+    from optiflow.tracking import NullTracker, Tracker, client, resolve_tracking_uri
 
     registry = registry or get_registry()
     pm = pm or get_plugin_manager()
     reporter = reporter or SilentReporter()
     run = prepare(config, registry, pm)
-    regularizers = [component.factory(**options) for component, options in run.plan.reg]
     cluster = distributed.join(run.device)
     tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
+    state = None
+    if resume is not None:
+        uri = resolve_tracking_uri(config.tracking_uri)
+        store = client(uri)
+        recovery.check_resumable(store, uri, resume)
+        state = recovery.load(store, resume)
     tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
-    tracker.start(run_name=config.run_name, tags=tags, parent_run_id=parent_run_id)
+    tracker.start(run_name=config.run_name, tags=tags, parent_run_id=parent_run_id, run_id=resume)
     run.tracker = tracker
+    names = {f"{c.name}@{tracker.run_id}#{i}": f"regularizer '{c.name}'" for i, (c, _) in enumerate(run.plan.reg)}
     started = time.perf_counter()
-    status = "FAILED"
-    for index, regularizer in enumerate(regularizers):
-        pm.register(regularizer, name=f"run-{tracker.run_id}-reg-{index}")
-    try:
-        _log_setup(run)
-        if extra_params:
-            tracker.log_params(extra_params)
-        pm.hook.optiflow_run_start(run=run)
-        _fit(run, pm, reporter, on_epoch)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        tracker.set_tags({"failure": "interrupted by the user"})
-        raise
-    except RunKilled as exc:
-        status = "KILLED"
-        tracker.set_tags({"killed": str(exc)})
-        raise
-    except TrainingError as exc:
-        tracker.set_tags({"failure": str(exc)})
-        raise
-    except Exception as exc:
-        tracker.set_tags({"failure": f"{type(exc).__name__}: {exc}"[:5000]})
-        raise
-    finally:
-        reporter.stop()
+    with recovery.InterruptGuard():
         try:
-            pm.hook.optiflow_run_end(run=run, status=status)
+            for name, regularizer in zip(names, run.regularizers):
+                pm.register(regularizer, name=name)
+            if state is None:
+                _log_setup(run)
+                if extra_params:
+                    tracker.log_params(extra_params)
+            else:
+                recovery.restore(run, state)
+                run.checkpoint = state
+                tracker.delete_tag("failure")
+                tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
+            resumed_from = run.epoch if state is not None else None
+            pm.hook.optiflow_run_start(run=run)
+            if state is not None:
+                recovery.restore_rng(run, state)
+            _fit(run, pm, reporter, on_epoch)
+            reporter.stop()
+            run.status = "FINISHED"
+            pm.hook.optiflow_run_end(run=run, status="FINISHED")
+            metrics = _finish(run, log_model=log_model)
+            seconds = time.perf_counter() - started
+            tracker.log_metrics({"train_seconds": seconds}, step=run.epoch)
+            tracker.end("FINISHED")
+        except BaseException as exc:
+            error = _fail(run, pm, reporter, exc, names)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
-            for index in range(len(regularizers)):
-                pm.unregister(name=f"run-{tracker.run_id}-reg-{index}")
-            if status != "FINISHED":
-                tracker.end(status)
-    metrics = _finish(run, log_model=log_model)
-    seconds = time.perf_counter() - started
-    tracker.log_metrics({"train_seconds": seconds}, step=run.epoch)
-    tracker.end("FINISHED")
+            for name in names:
+                if pm.get_plugin(name) is not None:
+                    pm.unregister(name=name)
     return RunResult(tracker.run_id, "FINISHED", metrics, run.history, run.epoch, seconds, tracker.uri,
-                     run.stop_reason)
+                     run.stop_reason, resumed_from)
+
+
+def resume_config(run_id: str, tracking_uri: str | None = None, **overrides: Any) -> RunConfig:
+    """The logged configuration of KILLED or FAILED run ``run_id``, for ``train(config, resume=run_id)``.
+
+    ``overrides`` may only change where and how the run is computed
+    (``device``, ``tracking_uri``), never what is trained.
+    """
+    from optiflow.tracking import client, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    values = recovery.resumable_config(client(uri), uri, run_id)
+    return RunConfig.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}, "tracking_uri": uri})
+
+
+def _fail(run: Run, pm: Any, reporter: Reporter, exc: BaseException, names: dict[str, str]) -> BaseException:
+    """Close the run FAILED or KILLED (failure tag, checkpoint, traceback) and return the error to raise."""
+    tracker = run.tracker
+    reporter.stop()
+    if isinstance(exc, RunKilled):
+        run.status = run.status or "KILLED"
+        try:
+            tracker.set_tags({"killed": str(exc)})
+        finally:
+            tracker.end("KILLED")
+        return exc
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    status = "KILLED" if interrupted else "FAILED"
+    where = recovery.culprit(pm, exc) if not interrupted else None
+    if interrupted:
+        reason = str(exc) if isinstance(exc, RunInterrupted) else "interrupted by SIGINT"
+    elif isinstance(exc, OptiflowError):
+        reason = str(exc)
+    else:
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+    if where is not None:
+        plugin, hook = where
+        reason = f"plugin {names.get(plugin, repr(plugin))} failed in {hook}: {reason}"
+    saved = ""
+    try:
+        if run.status is None:
+            run.status = status
+            try:
+                pm.hook.optiflow_run_end(run=run, status=status)
+            except Exception:
+                pass
+        tracker.set_tags({"failure": reason[:5000]})
+        if not isinstance(exc, OptiflowError):
+            tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
+        if run.checkpoint is not None:
+            recovery.save(tracker, run.checkpoint)
+            saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
+    finally:
+        tracker.end(status)
+    message = f"{reason} (run {tracker.run_id} ended {status}{saved})"
+    if interrupted:
+        return RunInterrupted(getattr(exc, "signum", signal.SIGINT), message)
+    if where is not None:
+        return PluginError(message, where[0])
+    if isinstance(exc, OptiflowError):
+        error = type(exc)(message)
+        error.exit_code = exc.exit_code
+        return error
+    exc.__notes__ = [*getattr(exc, "__notes__", []), f"run {tracker.run_id} ended FAILED; its traceback is the failure.txt artifact"]
+    return exc
 
 
 def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> None:
@@ -420,13 +520,11 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
             if step_schedule:
                 run.schedule.step()
             reporter.batch()
+            if run.step % FINITE_CHECK_STEPS == 0:
+                _check_finite(loss_sum, run, lr)
+        _check_finite(loss_sum, run, lr)
         loss_total, correct_total, seen = cluster.sum_floats([loss_sum, correct, seen], run.device)
         train_loss = loss_total / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise TrainingError(
-                f"the training loss became {train_loss} in epoch {epoch} (lr={lr:g}): "
-                "lower the learning rate or add gradient clipping (--reg grad-clip)"
-            )
         seconds = time.perf_counter() - started
         metrics = {"train_loss": train_loss, "lr": lr, "epoch_time": seconds, "samples_per_sec": seen / seconds}
         if classification:
@@ -439,9 +537,7 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
             run.schedule.step(metrics)
         hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
         run.stop_reason = cluster.share(run.stop_reason)
-        for key, value in metrics.items():
-            run.history.setdefault(key, []).append(value)
-        run.tracker.log_metrics(metrics, step=epoch)
+        _record_epoch(run, metrics)
         reporter.epoch(epoch, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
@@ -453,14 +549,13 @@ def _fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable | None) -> No
 def _training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches | LoaderBatches:
     """In-memory batches when the training split lives on the device, else a DataLoader."""
     config = run.config
-    generator = torch.Generator().manual_seed(config.seed)
     batch_size = len(run.splits.x_train) if config.batch_size == "full" else int(config.batch_size)
-    common = dict(shuffle=config.shuffle, drop_last=config.drop_last, generator=generator, rank=cluster.rank,
+    common = dict(shuffle=config.shuffle, drop_last=config.drop_last, generator=run.batch_generator, rank=cluster.rank,
                   world_size=cluster.world_size)
     if run.splits.x_train.device == run.device and not run.plan.aug and config.workers == 0:
         return TensorBatches(run.splits.x_train, run.splits.y_train, batch_size, **common)
     return LoaderBatches(run.splits.x_train, run.splits.y_train, batch_size, device=run.device,
-                         transform=_augmentation(run), workers=config.workers, pin_memory=config.pin_memory,
+                         transform=run.augmentation, workers=config.workers, pin_memory=config.pin_memory,
                          **common)
 
 
@@ -535,10 +630,28 @@ def _training_model(run: Run, cluster: distributed.Cluster) -> nn.Module:
     return model
 
 
-def _augmentation(run: Run) -> Callable[[Tensor], Tensor] | None:
-    if not run.plan.aug:
+def _check_finite(loss_sum: Tensor, run: Run, lr: float) -> None:
+    """Stop at once when the running training loss is NaN or infinite (one host sync per call)."""
+    if not bool(torch.isfinite(loss_sum)):
+        raise TrainingError(
+            f"the training loss became {float(loss_sum)} at step {run.step} (epoch {run.epoch}, lr={lr:g}): "
+            "lower the learning rate or add gradient clipping (--reg grad-clip)"
+        )
+
+
+def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
+    """Log the epoch's metrics and keep a checkpoint of it, as one step no signal can split."""
+    with recovery.deferred():
+        for key, value in metrics.items():
+            run.history.setdefault(key, []).append(value)
+        run.tracker.log_metrics(metrics, step=run.epoch)
+        run.checkpoint = recovery.capture(run)
+
+
+def _augmentation(plan: Plan) -> Callable[[Tensor], Tensor] | None:
+    if not plan.aug:
         return None
-    transforms = [component.factory(**options) for component, options in run.plan.aug]
+    transforms = [build(component, **options) for component, options in plan.aug]
 
     def apply(sample: Tensor) -> Tensor:
         for transform in transforms:

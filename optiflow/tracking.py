@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from optiflow.errors import OptiflowError
+from optiflow.recovery import deferred
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 _RETRIES = 8
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -49,7 +51,8 @@ def retry(fn, *args: Any, **kwargs: Any) -> Any:
 
     for attempt in range(_RETRIES):
         try:
-            return fn(*args, **kwargs)
+            with deferred():
+                return fn(*args, **kwargs)
         except MlflowException as exc:
             transient = "locked" in str(exc).lower() or "busy" in str(exc).lower()
             if not transient or attempt == _RETRIES - 1:
@@ -66,10 +69,46 @@ def client(uri: str):
     with _store_lock(path):
         mlflow_client = MlflowClient(tracking_uri=uri)
         try:
-            mlflow_client.search_experiments(max_results=1)
+            with _fail_fast_http():
+                mlflow_client.search_experiments(max_results=1)
         except Exception as exc:
-            raise OptiflowError(f"cannot reach the tracking store {uri}: {_first_line(exc)}") from None
+            raise OptiflowError(f"cannot reach the tracking store {uri}: {_reason(exc)}") from None
+        if path is not None:
+            _use_write_ahead_log(path)
     return mlflow_client
+
+
+@contextlib.contextmanager
+def _fail_fast_http() -> Iterator[None]:
+    """No retries and a short timeout while probing a tracking server, so a wrong URI fails in seconds."""
+    saved = {name: os.environ.get(name) for name in PROBE_ENV}
+    os.environ.update(PROBE_ENV)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _use_write_ahead_log(path: Path) -> None:
+    """Switch a SQLite store to WAL (persistent in the file): writers then never block readers."""
+    import sqlite3
+
+    if str(path) == ":memory:":
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            connection.execute("PRAGMA journal_mode=WAL")
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause of a failed store probe, e.g. ``Connection refused``."""
+    text = str(exc)
+    cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    return cause.group(1).strip() if cause else _first_line(exc)
 
 
 @contextlib.contextmanager
@@ -160,6 +199,11 @@ class Tracker:
         from mlflow.entities import RunTag
 
         retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def delete_tag(self, key: str) -> None:
+        """Remove tag ``key`` from the run if it is there."""
+        if key in retry(self.client.get_run, self.run_id).data.tags:
+            retry(self.client.delete_tag, self.run_id, key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         retry(self.client.log_text, self.run_id, text, artifact_file)

@@ -1,0 +1,217 @@
+"""Failures during training: NaN losses, plugin exceptions, SIGINT/SIGTERM, resuming, concurrent processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from optiflow import hookimpl
+from optiflow.config import RunConfig
+from optiflow.errors import PluginError, RunInterrupted, TrainingError
+from optiflow.plugins import get_plugin_manager
+from optiflow.runner import resume_config, train
+
+from conftest import runs_of
+
+SMALL = {"model": "mlp:hidden=[16]", "batch_size": 64}
+EXACT = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+
+
+class RaiseAt:
+    """A plugin that raises ``exc`` in its epoch-end hook at ``epoch``."""
+
+    def __init__(self, exc: BaseException, epoch: int) -> None:
+        self.exc, self.epoch = exc, epoch
+
+    @hookimpl
+    def optiflow_epoch_end(self, run, epoch, metrics):
+        if epoch == self.epoch:
+            raise self.exc
+
+
+@pytest.fixture
+def plugin():
+    pm = get_plugin_manager()
+    names = []
+
+    def register(obj, name):
+        pm.register(obj, name=name)
+        names.append(name)
+
+    yield register
+    for name in names:
+        pm.unregister(name=name)
+
+
+def config(tracking_uri, experiment, **values) -> RunConfig:
+    return RunConfig.from_dict({**SMALL, "tracking_uri": tracking_uri, "experiment": experiment, **values})
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_nan_loss_stops_within_the_epoch_and_keeps_what_was_logged(tracking_uri, experiment, mlflow_client, plugin):
+    class Explode:
+        """Turn the learning rate huge from epoch 2 on: the loss becomes non-finite a few steps later."""
+
+        @hookimpl
+        def optiflow_epoch_start(self, run, epoch):
+            if epoch == 2:
+                for group in run.optimizer.param_groups:
+                    group["lr"] = 1e30
+
+    plugin(Explode(), "explode")
+    with pytest.raises(TrainingError, match=r"training loss became (nan|inf) at step \d+ \(epoch 2") as info:
+        train(config(tracking_uri, experiment, opt="sgd", epochs=3, batch_size=8))
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.info.status == "FAILED"
+    assert "training loss became" in run.data.tags["failure"]
+    assert f"run {run.info.run_id} ended FAILED" in str(info.value)
+    assert [step for step, _ in history(mlflow_client, run.info.run_id, "val_loss")] == [1]
+    steps_per_epoch = -(-int(run.data.params["data.n_train"]) // 8)
+    stopped_at = int(str(info.value).split("at step ")[1].split()[0])
+    assert steps_per_epoch < stopped_at < steps_per_epoch + 64, "checked every 16 steps, not once per epoch"
+
+
+def test_plugin_exception_fails_the_run_naming_the_plugin(tracking_uri, experiment, mlflow_client, plugin):
+    plugin(RaiseAt(ValueError("cannot compute the thing"), epoch=2), "flaky-plugin")
+    with pytest.raises(PluginError, match="plugin 'flaky-plugin' failed in optiflow_epoch_end: ValueError") as info:
+        train(config(tracking_uri, experiment, epochs=3))
+    assert info.value.plugin == "flaky-plugin"
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure"].startswith("plugin 'flaky-plugin' failed in optiflow_epoch_end")
+    assert [step for step, _ in history(mlflow_client, run.info.run_id, "train_loss")] == [1]
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert {"failure.txt", "checkpoint", "config.yaml"} <= artifacts
+    trace = mlflow_client.download_artifacts(run.info.run_id, "failure.txt")
+    assert "cannot compute the thing" in open(trace).read()
+
+
+def test_regularizer_exception_names_the_regularizer(tracking_uri, experiment, mlflow_client, monkeypatch):
+    from optiflow_plugins.regularizers import L2Penalty
+
+    def broken(self, run):
+        raise RuntimeError("penalty exploded")
+
+    monkeypatch.setattr(L2Penalty, "optiflow_penalty", hookimpl(broken))
+    with pytest.raises(PluginError, match="plugin regularizer 'l2' failed in optiflow_penalty: RuntimeError: penalty"):
+        train(config(tracking_uri, experiment, epochs=2, reg=["l2"]))
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.info.status == "FAILED"
+
+
+def test_plugin_failure_on_the_cli_is_one_line(invoke, plugin, mlflow_client, experiment):
+    plugin(RaiseAt(RuntimeError("boom\nsecond line"), epoch=1), "cli-flaky")
+    result = invoke("train", "--epochs", "2", *("--model", "mlp:hidden=[16]"))
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: plugin 'cli-flaky' failed in optiflow_epoch_end: RuntimeError: boom")
+    assert "Traceback" not in result.output
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.info.status == "FAILED"
+
+
+def test_interrupted_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(
+    tracking_uri, experiment, mlflow_client, plugin, invoke
+):
+    """Dropout, shuffling and a step schedule all draw on state that the checkpoint must carry over."""
+    values = dict(epochs=4, seed=7, opt="sgd:momentum=0.9", sched="step:step_size=2,gamma=0.5",
+                  model="mlp:hidden=[32],dropout=0.3", batch_size=32)
+    straight = train(config(tracking_uri, experiment, run_name="straight", **values))
+
+    plugin(RaiseAt(RunInterrupted(signal.SIGTERM), epoch=3), "interrupt-at-3")
+    with pytest.raises(RunInterrupted, match="ended KILLED; checkpoint of epoch 2 saved") as info:
+        train(config(tracking_uri, experiment, run_name="interrupted", **values))
+    assert info.value.exit_code == 143
+    get_plugin_manager().unregister(name="interrupt-at-3")
+    interrupted = next(r for r in runs_of(mlflow_client, experiment) if r.info.run_name == "interrupted")
+    run_id = interrupted.info.run_id
+    assert interrupted.info.status == "KILLED"
+    assert interrupted.data.tags["failure"] == "interrupted by SIGTERM"
+    assert [step for step, _ in history(mlflow_client, run_id, "val_loss")] == [1, 2]
+
+    result = invoke("train", "--resume", run_id, "--tracking-uri", tracking_uri, "-q", store=False)
+    assert result.exit_code == 0, result.output
+
+    runs = runs_of(mlflow_client, experiment)
+    assert len(runs) == 2, "resuming continues the same MLflow run"
+    resumed = mlflow_client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert "failure" not in resumed.data.tags
+    assert resumed.data.tags["optiflow.resumed_from_epoch"] == "2"
+    for key in EXACT:
+        assert history(mlflow_client, run_id, key) == history(mlflow_client, straight.run_id, key), key
+    for key in ("test_loss", "test_accuracy"):
+        assert resumed.data.metrics[key] == straight.metrics[key]
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert model(torch.randn(3, 64)).shape == (3, 10)
+
+
+def test_resume_refuses_a_finished_run(tracking_uri, experiment):
+    done = train(config(tracking_uri, experiment, epochs=1), log_model=False)
+    from optiflow.errors import OptiflowError
+
+    with pytest.raises(OptiflowError, match="already FINISHED"):
+        resume_config(done.run_id, tracking_uri)
+
+
+def test_checkpoints_load_with_weights_only(tracking_uri, experiment, mlflow_client, plugin):
+    plugin(RaiseAt(RunInterrupted(), epoch=2), "interrupt-at-2")
+    with pytest.raises(RunInterrupted):
+        train(config(tracking_uri, experiment, epochs=3))
+    [run] = runs_of(mlflow_client, experiment)
+    path = mlflow_client.download_artifacts(run.info.run_id, "checkpoint/last.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 1 and state["format"] == 1
+    assert set(state["rng"]) >= {"torch", "batches", "python", "numpy"}
+
+
+def wait_for_epochs(client, experiment: str, epochs: int, process: subprocess.Popen, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= epochs:
+            return runs[0].info.run_id
+        time.sleep(0.3)
+    raise AssertionError("training did not reach the wanted epoch in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_ends_the_run_killed_with_a_checkpoint(tracking_uri, experiment, mlflow_client, tmp_path, signum, code):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optiflow", "train", "--epochs", "1000", "--model", "mlp:hidden=[16]", "-q",
+         "--tracking-uri", tracking_uri, "--experiment", experiment],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ,
+    )
+    try:
+        run_id = wait_for_epochs(mlflow_client, experiment, 2, process)
+        process.send_signal(signum)
+        sent = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        assert time.monotonic() - sent < 30, "the process exits promptly"
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == code
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: interrupted by {signal.Signals(signum).name}"), stderr
+    assert f"optiflow train --resume {run_id}" in lines[0]
+    run = mlflow_client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    logged = len(mlflow_client.get_metric_history(run_id, "train_loss"))
+    state = torch.load(mlflow_client.download_artifacts(run_id, "checkpoint/last.pt", str(tmp_path)), weights_only=True)
+    assert state["epoch"] == logged >= 2, "the checkpoint is the last epoch whose metrics were logged"
