@@ -448,21 +448,30 @@ def plugins(as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 127.0.0.1 keeps it local.")
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 127.0.0.1 keeps it local, 0.0.0.0 exposes it to the network.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Server worker processes.")
 @click.option("--tracking-uri", help="Store to browse [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
-def ui(host: str, port: int, tracking_uri: str | None) -> None:
+def ui(host: str, port: int, workers: int, tracking_uri: str | None) -> None:
     """Open the MLflow UI on this project's runs (Ctrl-C stops it)."""
     from optiflow.tracking import resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+               "--workers", str(workers)]
     path = sqlite_path(uri)
     if path is not None:
         command += ["--default-artifact-root", (path.resolve().parent / "artifacts").as_uri()]
-    click.echo(f"MLflow UI: http://{host}:{port}  (store: {uri})", err=True)
+    if host not in LOOPBACK_HOSTS:
+        click.echo(f"Warning: --host {host} makes the UI reachable from other machines, without authentication.",
+                   err=True)
+    click.echo(f"MLflow UI: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}  (store: {uri})", err=True)
     sys.stderr.flush()
     os.execv(sys.executable, command)
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def main() -> None:

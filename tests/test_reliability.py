@@ -20,6 +20,7 @@ from optiflow.runner import resume_config, train
 from conftest import runs_of
 
 SMALL = {"model": "mlp:hidden=[16]", "batch_size": 64}
+CONCURRENT_PROCESSES = 4
 EXACT = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 
 
@@ -215,3 +216,32 @@ def test_signal_ends_the_run_killed_with_a_checkpoint(tracking_uri, experiment, 
     logged = len(mlflow_client.get_metric_history(run_id, "train_loss"))
     state = torch.load(mlflow_client.download_artifacts(run_id, "checkpoint/last.pt", str(tmp_path)), weights_only=True)
     assert state["epoch"] == logged >= 2, "the checkpoint is the last epoch whose metrics were logged"
+
+
+@pytest.mark.slow
+def test_concurrent_processes_on_a_fresh_project_store_lose_nothing(tmp_path):
+    """Processes started at once race to create the SQLite store, the experiment and their runs."""
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "optiflow", "train", "--epochs", "3", "--model", "mlp:hidden=[16]", "-q",
+             "--seed", str(index), "--run-name", f"p{index}"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for index in range(CONCURRENT_PROCESSES)
+    ]
+    outcomes = [(p.wait(timeout=400), p.stderr.read()) for p in processes]
+    for code, stderr in outcomes:
+        assert code == 0, stderr
+        assert "locked" not in stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("optiflow").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"p{i}" for i in range(CONCURRENT_PROCESSES)]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+            assert [step for step, _ in history(client, run.info.run_id, key)] == [1, 2, 3], (run.info.run_name, key)
+        assert "test_accuracy" in run.data.metrics
+        assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
