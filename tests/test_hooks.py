@@ -15,6 +15,7 @@ import pytest
 
 from optiflow import hookimpl, hookspecs
 from optiflow.config import RunConfig
+from optiflow.errors import PluginError
 from optiflow.plugins import registered_plugin
 from optiflow.schedule import Schedule
 
@@ -313,7 +314,7 @@ def test_hook_run_end(hooked_run, tracking_uri, monkeypatch):
     config = RunConfig.from_dict({"data": "hooks-blobs:n=60", "model": "hooks-net", "reg": ["hooks-recorder"],
                                   "epochs": 2, "tracking_uri": tracking_uri, "experiment": "test-hooks-failed"})
     with registered_plugin(FamilyPlugin(), name="hooks-test-plugin"), registered_plugin(Failing()):
-        with pytest.raises(RuntimeError, match="plugin failure"):
+        with pytest.raises(PluginError, match="failed in optiflow_epoch_end: RuntimeError: plugin failure"):
             train(config, log_model=False)
     assert Recorder.instances[0].events[-1] == ("run_end", "FAILED", 1)
 
