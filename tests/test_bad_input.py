@@ -181,10 +181,10 @@ def test_tracking_store_that_cannot_be_created(invoke, files):
 
 
 @command("search")
-@pytest.mark.parametrize("space", ["lr", "lr=loguniform:abc:1", "lr=warp:1:2", "opt=choice:"])
+@pytest.mark.parametrize("space", ["lr", "lr=loguniform:abc:1", "lr=warp:1:2"])
 def test_unparseable_search_space(invoke, files, mlflow_client, experiment, space):
     result = invoke("search", "--space", space, "--epochs", "1")
-    assert_one_clear_line(result, "lr" if space.startswith("lr") else "opt")
+    assert_one_clear_line(result, "lr")
     assert result.exit_code == 2
     assert_no_run(mlflow_client, experiment)
 
