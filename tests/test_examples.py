@@ -20,6 +20,10 @@ EXAMPLES = gallery.load_examples()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def test_there_are_twelve_examples_numbered_in_order():
+    assert [int(e.name[:2]) for e in EXAMPLES] == list(range(1, 13))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
 def test_example_runs_at_reduced_size(example, tracking_uri, mlflow_client, tmp_path):
