@@ -27,10 +27,11 @@ def draw(client, runs: list, spec: dict[str, Any], title: str = "") -> tuple[Any
     kind = spec.get("kind", "curves")
     if kind not in PICTURES:
         raise ValueError(f"unknown picture kind {kind!r}; choose from {', '.join(PICTURES)}")
-    figure, numbers = PICTURES[kind](client, runs, spec)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
+    with plt.style.context("default"):  # optuna's plots switch the global style to ggplot
+        figure, numbers = PICTURES[kind](client, runs, spec)
+        if title:
+            figure.suptitle(title)
+        figure.tight_layout()
     return figure, numbers
 
 
