@@ -15,10 +15,18 @@ is the wall clock between the runner's end-of-epoch callbacks, so it includes ev
 runner does per epoch, MLflow logging included.  Prints samples/s (median, min-max), the
 paired ratios C/A, C/B, D/B of every round, the fraction of the float32 matmul peak reached
 (2048x2048 matmul measured in the same run; CNN forward+backward FLOPs counted analytically),
-the MLflow share of the epoch time and the wall time of ``optiflow --help``.
+the minor page faults per step, the MLflow share of the epoch time and the wall time of
+``optiflow --help``.
+
+On a CPU the runner raises glibc's malloc thresholds (optiflow.host) so that a step's
+activations are not handed back to the kernel and faulted in again on the next step.  That
+setting is process-wide and cannot be undone, so the benchmark applies it to every variant
+before the first round (the ratios then measure the loops, not the allocator);
+``--system-malloc`` runs every variant on the C library's defaults instead.
 
     python benchmarks/bench_train.py                      # 20,000 images, batch 32 and 256, 3 rounds
     python benchmarks/bench_train.py --images 4000 --rounds 2 --batch-sizes 256
+    python benchmarks/bench_train.py --system-malloc      # glibc's malloc defaults in every variant
     python benchmarks/bench_train.py --device cuda --amp  # on a GPU machine
 """
 
@@ -29,6 +37,7 @@ import contextlib
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -100,6 +109,7 @@ class Bench:
         self.tracking_dir = Path(tempfile.mkdtemp(prefix="optiflow-bench-"))
         self.mlflow_seconds: list[float] = []
         self.mlflow_shares: list[float] = []
+        self.faults_per_step: list[float] = []  # of the last timed epoch
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -115,12 +125,15 @@ class Bench:
         model = fashion_cnn().to(self.device)
         return model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.CrossEntropyLoss()
 
-    def plain_loop(self, epoch: Callable[[nn.Module, torch.optim.Optimizer, nn.Module, Callable], int]) -> float:
+    def plain_loop(self, epoch: Callable[[Callable], int]) -> float:
         """Samples/s of the second of two epochs of a hand-written loop."""
         model, optimizer, loss_fn = self.fresh()
         scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
+        steps = 0
 
         def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            nonlocal steps
+            steps += 1
             optimizer.zero_grad(set_to_none=True)
             with self.autocast():
                 loss = loss_fn(model(xb), yb)
@@ -136,10 +149,12 @@ class Bench:
         model.train()
         epoch(step)
         self.sync()
-        started = time.perf_counter()
+        steps, faults, started = 0, minor_faults(), time.perf_counter()
         seen = epoch(step)
         self.sync()
-        return seen / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.faults_per_step.append((minor_faults() - faults) / steps)
+        return seen / seconds
 
     def tutorial(self, batch_size: int) -> float:
         """(A) the loop of the PyTorch tutorials."""
@@ -189,7 +204,7 @@ class Bench:
         from optiflow.config import RunConfig
         from optiflow.runner import train
 
-        marks: list[float] = []
+        marks: list[tuple[float, int]] = []
         overrides = {"compile": True, "channels_last": True} if fast else {}
         config = RunConfig.from_dict({
             "data": "bench-fashion", "model": MODEL_NAME, "opt": "adam", "lr": 1e-3, "batch_size": batch_size,
@@ -197,8 +212,10 @@ class Bench:
             "tracking_uri": f"sqlite:///{self.tracking_dir / 'mlflow.db'}", "experiment": "bench", **overrides,
         })
         flushed = len(self.mlflow_seconds)
-        train(config, on_epoch=lambda epoch, metrics: marks.append(time.perf_counter()), log_model=False)
-        epoch_seconds = marks[1] - marks[0]
+        train(config, on_epoch=lambda epoch, metrics: marks.append((time.perf_counter(), minor_faults())),
+              log_model=False)
+        epoch_seconds = marks[1][0] - marks[0][0]
+        self.faults_per_step.append((marks[1][1] - marks[0][1]) / math.ceil(len(self.images) / batch_size))
         # the second flush of this run is the one inside the timed epoch
         self.mlflow_shares.append(self.mlflow_seconds[flushed + 1] / epoch_seconds)
         return len(self.images) / epoch_seconds
@@ -256,6 +273,11 @@ def _builtin_cnn_matches(registry) -> bool:
     return signature(built) == signature(fashion_cnn())
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (memory the kernel had to map in again)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def matmul_peak(device: torch.device, repeats: int = 10) -> float:
     """Best float32 FLOP/s of a 2048x2048 matmul on ``device``."""
     a = torch.randn(2048, 2048, device=device)
@@ -292,8 +314,17 @@ def main() -> None:
     parser.add_argument("--variants", default="ABCD", help="which of A, B, C, D to run [ABCD]")
     parser.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
     parser.add_argument("--amp", action="store_true", help="autocast in every variant (bf16; fp16 + GradScaler on CUDA without bf16)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is in every variant (OPTIFLOW_MALLOC_TUNING=0)")
     args = parser.parse_args()
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # malloc settings are process-wide and cannot be undone: the runner tunes them on its first CPU
+    # run, so tune them (or keep the runner from tuning them) for every variant alike, up front
+    from optiflow.host import ENV_SWITCH, keep_freed_memory
+
+    if args.system_malloc:
+        os.environ[ENV_SWITCH] = "0"
+    malloc = "tuned for every variant (optiflow.host)" if keep_freed_memory() else "the C library's defaults"
 
     bench = Bench(args)
     register_components(bench)
@@ -302,7 +333,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + (f", amp {bench.amp_dtype}" if bench.amp_dtype else ""))
-    print(f"model for C/D: '{MODEL_NAME}'; {args.images} images; rounds {args.rounds}")
+    print(f"model for C/D: '{MODEL_NAME}'; {args.images} images; rounds {args.rounds}; malloc: {malloc}")
     for key in args.variants:
         print(f"  {key}: {VARIANTS[key]}")
     peak = matmul_peak(device)
@@ -317,17 +348,19 @@ def main() -> None:
     }
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         results: dict[str, list[float]] = {key: [] for key in args.variants}
+        faults: dict[str, list[float]] = {key: [] for key in args.variants}
         print(f"\nbatch size {batch_size}")
         for round_index in range(1, args.rounds + 1):
             for key in args.variants:
                 results[key].append(runners[key](batch_size))
+                faults[key].append(bench.faults_per_step[-1])
             line = "  ".join(f"{k}={v[-1]:7.0f}/s" for k, v in results.items())
             print(f"  round {round_index}: {line}  {ratio_text(results, round_index - 1)}", flush=True)
-        print(f"  {'variant':<8}{'median/s':>10}{'min-max/s':>18}{'of peak':>10}")
+        print(f"  {'variant':<8}{'median/s':>10}{'min-max/s':>18}{'of peak':>10}{'page faults/step':>18}")
         for key, values in results.items():
             median = statistics.median(values)
             print(f"  {key:<8}{median:>10.0f}{f'{min(values):.0f}-{max(values):.0f}':>18}"
-                  f"{median * flops / peak:>9.1%}")
+                  f"{median * flops / peak:>9.1%}{statistics.median(faults[key]):>18.0f}")
         medians = {
             name: statistics.median(results[a][i] / results[b][i] for i in range(args.rounds))
             for name, a, b in RATIOS if a in results and b in results

@@ -23,7 +23,7 @@ from optiflow.data import (DataContext, DataSource, LoaderBatches, Splits, Tenso
                            normalize, split)
 from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, TrainingError
 from optiflow.optim import decay_params  # noqa: F401  (re-exported for plugins)
-from optiflow import recovery
+from optiflow import host, recovery
 from optiflow.recovery import first_line
 from optiflow.registry import Component, Registry
 from optiflow.schedule import Schedule, TrainingLength
@@ -373,6 +373,8 @@ def train(
     pm = pm or get_plugin_manager()
     reporter = reporter or SilentReporter()
     run = prepare(config, registry, pm)
+    if run.device.type == "cpu":
+        host.keep_freed_memory()
     cluster = distributed.join(run.device)
     tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
     state = None

@@ -5,10 +5,15 @@ These check behaviour only; speed is measured by benchmarks/bench_train.py, neve
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from optiflow import hookimpl
+from optiflow import hookimpl, host
 from optiflow.config import RunConfig
 from optiflow.data import LoaderBatches, TensorBatches
 from optiflow.distributed import without_nproc
@@ -171,3 +176,38 @@ def test_adam_and_sgd_switch_to_fused_kernels_in_place_keeping_their_groups():
     use_fused_kernels(lbfgs)
     use_fused_kernels(explicit)
     assert "fused" not in lbfgs.defaults and not explicit.param_groups[0]["fused"]
+
+
+FAULTS_AFTER_TRAINING = """
+import resource, sys, torch
+from optiflow.config import RunConfig
+from optiflow.runner import train
+
+train(RunConfig.from_dict({"data": "iris", "epochs": 1, "device": "cpu", "tracking_uri": sys.argv[1]}),
+      log_model=False)
+block = 40 << 20  # above glibc's largest automatic mmap threshold (32 MiB), within one arena heap (64 MiB)
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.empty(block, dtype=torch.uint8).fill_(1)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))  # the first rounds may still fault while the heap settles
+"""
+
+
+@pytest.mark.skipif(not host._glibc(), reason="malloc tuning is for glibc")
+@pytest.mark.parametrize("switch, reused", [(None, True), ("0", False)])
+def test_cpu_training_keeps_freed_blocks_for_reuse_unless_switched_off(tracking_uri, switch, reused):
+    env = {**os.environ}
+    env.pop(host.ENV_SWITCH, None)
+    if switch is not None:
+        env[host.ENV_SWITCH] = switch
+    done = subprocess.run([sys.executable, "-c", FAULTS_AFTER_TRAINING, tracking_uri], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    faults = int(done.stdout.split()[-1])
+    pages = 10 * (40 << 20) // resource.getpagesize()
+    # reused: the 40 MiB block stays in the heap, no page is mapped in again;
+    # handed back: every page of every block faults in anew
+    assert faults < pages // 100 if reused else faults > pages // 2
