@@ -101,6 +101,15 @@ def optiflow_register_commands(cli):
 
 
 @hookspec
+def optiflow_check_run(run):
+    """Called once per run when the data, model, loss, optimizer and scheduler
+    exist, before the MLflow run opens (``run.tracker`` is None).  The place to
+    refuse a combination the plugin cannot work with: raise
+    :class:`optiflow.errors.OptiflowError` with one line saying what to change;
+    the user sees that line and no run is logged.  Returns nothing."""
+
+
+@hookspec
 def optiflow_run_start(run):
     """Called once per run, after the model, optimizer and scheduler exist and
     the MLflow run is open, before the first epoch.  ``run`` is the live

@@ -11,7 +11,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -375,53 +375,48 @@ def train(
     run = prepare(config, registry, pm)
     if run.device.type == "cpu":
         host.keep_freed_memory()
-    cluster = distributed.join(run.device)
-    tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
-    state = None
-    if resume is not None:
-        uri = resolve_tracking_uri(config.tracking_uri)
-        store = client(uri)
-        recovery.check_resumable(store, uri, resume)
-        state = recovery.load(store, resume)
-    tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
-    tracker.start(run_name=config.run_name, tags=tags, parent_run_id=parent_run_id, run_id=resume)
-    run.tracker = tracker
-    names = {f"{c.name}@{tracker.run_id}#{i}": f"regularizer '{c.name}'" for i, (c, _) in enumerate(run.plan.reg)}
-    started = time.perf_counter()
-    with recovery.InterruptGuard():
-        try:
-            for name, regularizer in zip(names, run.regularizers):
-                pm.register(regularizer, name=name)
-            if state is None:
-                _log_setup(run)
-                if extra_params:
-                    tracker.log_params(extra_params)
-            else:
-                recovery.restore(run, state)
-                run.checkpoint = state
-                tracker.delete_tag("failure")
-                tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
-            resumed_from = run.epoch if state is not None else None
-            pm.hook.optiflow_run_start(run=run)
-            if state is not None:
-                recovery.restore_rng(run, state)
-            _fit(run, pm, reporter, on_epoch)
-            reporter.stop()
-            run.status = "FINISHED"
-            pm.hook.optiflow_run_end(run=run, status="FINISHED")
-            metrics = _finish(run, log_model=log_model)
-            seconds = time.perf_counter() - started
-            tracker.log_metrics({"train_seconds": seconds}, step=run.epoch)
-            tracker.end("FINISHED")
-        except BaseException as exc:
-            error = _fail(run, pm, reporter, exc, names)
-            if error is exc:
-                raise
-            raise error from exc
-        finally:
-            for name in names:
-                if pm.get_plugin(name) is not None:
-                    pm.unregister(name=name)
+    with _per_run_plugins(run, pm) as names:
+        _check_run(run, pm, names)
+        cluster = distributed.join(run.device)
+        tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
+        state = None
+        if resume is not None:
+            uri = resolve_tracking_uri(config.tracking_uri)
+            store = client(uri)
+            recovery.check_resumable(store, uri, resume)
+            state = recovery.load(store, resume)
+        tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
+        tracker.start(run_name=config.run_name, tags=tags, parent_run_id=parent_run_id, run_id=resume)
+        run.tracker = tracker
+        started = time.perf_counter()
+        with recovery.InterruptGuard():
+            try:
+                if state is None:
+                    _log_setup(run)
+                    if extra_params:
+                        tracker.log_params(extra_params)
+                else:
+                    recovery.restore(run, state)
+                    run.checkpoint = state
+                    tracker.delete_tag("failure")
+                    tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
+                resumed_from = run.epoch if state is not None else None
+                pm.hook.optiflow_run_start(run=run)
+                if state is not None:
+                    recovery.restore_rng(run, state)
+                _fit(run, pm, reporter, on_epoch)
+                reporter.stop()
+                run.status = "FINISHED"
+                pm.hook.optiflow_run_end(run=run, status="FINISHED")
+                metrics = _finish(run, log_model=log_model)
+                seconds = time.perf_counter() - started
+                tracker.log_metrics({"train_seconds": seconds}, step=run.epoch)
+                tracker.end("FINISHED")
+            except BaseException as exc:
+                error = _fail(run, pm, reporter, exc, names)
+                if error is exc:
+                    raise
+                raise error from exc
     return RunResult(tracker.run_id, "FINISHED", metrics, run.history, run.epoch, seconds, tracker.uri,
                      run.stop_reason, resumed_from)
 
@@ -437,6 +432,33 @@ def resume_config(run_id: str, tracking_uri: str | None = None, **overrides: Any
     uri = resolve_tracking_uri(tracking_uri)
     values = recovery.resumable_config(client(uri), uri, run_id)
     return RunConfig.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}, "tracking_uri": uri})
+
+
+@contextlib.contextmanager
+def _per_run_plugins(run: Run, pm: Any) -> Iterator[dict[str, str]]:
+    """Register the run's ``--reg`` objects as plugins for as long as the run lasts; yields
+    ``{plugin name: "regularizer 'x'"}`` for naming them in errors."""
+    names = {f"{c.name}@{id(run):x}#{i}": f"regularizer '{c.name}'" for i, (c, _) in enumerate(run.plan.reg)}
+    try:
+        for name, regularizer in zip(names, run.regularizers):
+            pm.register(regularizer, name=name)
+        yield names
+    finally:
+        for name in names:
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+
+
+def _check_run(run: Run, pm: Any, names: dict[str, str]) -> None:
+    """``optiflow_check_run``: plugins refuse combinations they cannot work with before any run is logged."""
+    try:
+        pm.hook.optiflow_check_run(run=run)
+    except OptiflowError:
+        raise
+    except Exception as exc:
+        plugin, hook = recovery.culprit(pm, exc) or ("?", "optiflow_check_run")
+        raise PluginError(f"plugin {names.get(plugin, repr(plugin))} failed in {hook}: {type(exc).__name__}: "
+                          f"{first_line(exc)}", plugin) from exc
 
 
 def _fail(run: Run, pm: Any, reporter: Reporter, exc: BaseException, names: dict[str, str]) -> BaseException:

@@ -90,11 +90,14 @@ class WeightDecay:
         self.strength, self.decay_bias = strength, decay_bias
 
     @hookimpl
-    def optiflow_run_start(self, run):
+    def optiflow_check_run(self, run):
         if "weight_decay" not in run.optimizer.defaults:
             raise OptiflowError(
                 f"optimizer '{run.plan.opt[0].name}' has no weight decay; use --reg l2 to penalize weights instead"
             )
+
+    @hookimpl
+    def optiflow_run_start(self, run):
         decayed = {id(p) for p in weights(run.model)}
         for group in run.optimizer.param_groups:
             if self.decay_bias or any(id(p) in decayed for p in group["params"]):
@@ -117,13 +120,22 @@ class Dropout:
         self.p, self.input_p = p, input_p
         self.handles: list = []
 
+    @staticmethod
+    def _layers(model) -> list:
+        from torch import nn
+
+        return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+
+    @hookimpl
+    def optiflow_check_run(self, run):
+        if not self._layers(run.model):
+            raise OptiflowError("regularizer 'dropout' found no Linear or Conv layer in the model")
+
     @hookimpl
     def optiflow_run_start(self, run):
         from torch import nn
 
-        layers = [m for m in run.model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-        if not layers:
-            raise OptiflowError("regularizer 'dropout' found no Linear or Conv layer in the model")
+        layers = self._layers(run.model)
         if self.input_p:
             self.handles.append(layers[0].register_forward_pre_hook(self._drop_input))
         hidden = [m for m in layers[1:] if isinstance(m, nn.Linear)]
@@ -164,7 +176,7 @@ class EarlyStopping:
         self.best_state: dict | None = None
 
     @hookimpl
-    def optiflow_run_start(self, run):
+    def optiflow_check_run(self, run):
         if self.monitor.startswith("val_") and len(run.splits.x_val) == 0:
             raise OptiflowError(f"early-stopping monitors '{self.monitor}', but --val-split is 0 (no validation set)")
 
@@ -281,10 +293,13 @@ class LabelSmoothing:
         self.epsilon = epsilon
 
     @hookimpl
-    def optiflow_run_start(self, run):
+    def optiflow_check_run(self, run):
         from torch import nn
 
         if run.task != "classification" or not isinstance(run.loss_fn, nn.CrossEntropyLoss):
             raise OptiflowError("label-smoothing needs a classification run with the cross-entropy loss")
+
+    @hookimpl
+    def optiflow_run_start(self, run):
         run.loss_fn.label_smoothing = self.epsilon
         run.set_tags({"label_smoothing.epsilon": self.epsilon})

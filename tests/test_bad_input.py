@@ -114,6 +114,13 @@ CASES = [
     case("--data", "digits:image=true", "--model", "lenet", expect="lenet needs images of at least 12x12",
          marks=registered("model", "lenet"), id="small-images-to-lenet"),
     case("--data", "digits", "--model", "cnn", expect="cnn", marks=registered("model", "cnn"), id="flat-data-to-cnn"),
+    # combinations a technique cannot work with, refused before the run opens (optiflow_check_run)
+    case("--opt", "lbfgs", "--reg", "weight-decay", expect="optimizer 'lbfgs' has no weight decay; use --reg l2",
+         id="weight-decay-on-lbfgs"),
+    case("--reg", "early-stopping", "--val-split", "0", expect="early-stopping monitors 'val_loss', but --val-split is 0",
+         id="early-stopping-without-validation"),
+    case("--data", "diabetes", "--reg", "label-smoothing", expect="label-smoothing needs a classification run",
+         id="label-smoothing-on-regression"),
 ]
 
 

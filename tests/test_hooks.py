@@ -73,6 +73,10 @@ class Recorder:
         return run.model[-1].weight
 
     @hookimpl
+    def optiflow_check_run(self, run):
+        self.events.append(("check_run", run.tracker, len(run.splits.x_train)))
+
+    @hookimpl
     def optiflow_run_start(self, run):
         self.events.append(("run_start", run.tracker.run_id, run.epoch))
         self.last_weight_at_start = self.last_weight(run).detach().clone()
@@ -253,9 +257,40 @@ def test_hook_register_initializers(hooked_run):
     assert FamilyPlugin.calls["initializer"] == ["Linear", "Linear"]
 
 
+def test_hook_check_run(hooked_run, tracking_uri):
+    result, recorder, client = hooked_run
+    params = client.get_run(result.run_id).data.params
+    assert recorder.events[0] == ("check_run", None, int(params["data.n_train"])), "before the MLflow run opens"
+    assert len(recorder.names("check_run")) == 1
+
+    from optiflow.errors import OptiflowError
+    from optiflow.plugins import get_plugin_manager
+    from optiflow.runner import train
+
+    class Refusing:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        @hookimpl
+        def optiflow_check_run(self, run):
+            raise self.error
+
+    config = RunConfig.from_dict({"data": "hooks-blobs:n=60", "model": "hooks-net", "reg": ["hooks-recorder"],
+                                  "epochs": 1, "tracking_uri": tracking_uri, "experiment": "test-hooks-refused"})
+    cases = [(OptiflowError("hooks-net cannot take this"), OptiflowError, "^hooks-net cannot take this$"),
+             (RuntimeError("boom"), PluginError, "plugin 'refusing' failed in optiflow_check_run: RuntimeError: boom")]
+    for error, raised, message in cases:
+        with registered_plugin(FamilyPlugin(), name="hooks-test-plugin"), \
+                registered_plugin(Refusing(error), name="refusing"):
+            with pytest.raises(raised, match=message):
+                train(config, log_model=False)
+    assert client.get_experiment_by_name("test-hooks-refused") is None, "a refused run logs nothing"
+    assert not [p for p in get_plugin_manager().get_plugins() if isinstance(p, Recorder)], "the --reg objects left"
+
+
 def test_hook_run_start(hooked_run):
     result, recorder, client = hooked_run
-    assert recorder.events[0] == ("run_start", result.run_id, 0)
+    assert recorder.events[1] == ("run_start", result.run_id, 0)
     assert len(recorder.names("run_start")) == 1
 
 

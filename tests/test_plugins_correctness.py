@@ -105,7 +105,7 @@ def test_weight_decay_regularizer_refuses_optimizers_without_decay():
     run = fake_run(model, optimizer=build("optimizer", "lbfgs", model),
                    plan=SimpleNamespace(opt=(SimpleNamespace(name="lbfgs"), {})))
     with pytest.raises(OptiflowError, match="has no weight decay"):
-        build("regularizer", "weight-decay").optiflow_run_start(run=run)
+        build("regularizer", "weight-decay").optiflow_check_run(run=run)
 
 
 # --- optimizers -----------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def test_bad_regularizer_option_fails_before_any_run_exists(invoke, mlflow_clien
 def test_early_stopping_needs_a_validation_split():
     stopper = build("regularizer", "early-stopping")
     with pytest.raises(OptiflowError, match="no validation set"):
-        stopper.optiflow_run_start(run=fake_run(nn.Linear(1, 1), splits=SimpleNamespace(x_val=torch.zeros(0))))
+        stopper.optiflow_check_run(run=fake_run(nn.Linear(1, 1), splits=SimpleNamespace(x_val=torch.zeros(0))))
 
 
 def test_gradient_noise_follows_the_annealing_schedule():
@@ -433,7 +433,7 @@ def test_label_smoothing_changes_the_live_loss():
     logits, target = torch.tensor([[10.0, -10.0]]), torch.tensor([0])
     assert float(loss(logits, target)) == pytest.approx(0.1 * 20, rel=1e-3)  # epsilon/2 of the mass on class 1
     with pytest.raises(OptiflowError, match="classification"):
-        build("regularizer", "label-smoothing").optiflow_run_start(
+        build("regularizer", "label-smoothing").optiflow_check_run(
             run=fake_run(nn.Linear(1, 1), task="regression", loss_fn=nn.MSELoss()))
 
 
