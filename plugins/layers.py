@@ -20,6 +20,16 @@ class Maxout(nn.Module):
         return f"pieces={self.pieces}"
 
 
+class SoftmaxMSE(nn.Module):
+    """The quadratic cost for classification: mean squared error between the softmax of the
+    outputs (logits) and the one-hot targets, averaged over samples and classes."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probabilities = outputs.softmax(1)
+        one_hot = nn.functional.one_hot(targets, probabilities.shape[1]).to(probabilities.dtype)
+        return nn.functional.mse_loss(probabilities, one_hot)
+
+
 class MSE(nn.MSELoss):
     """Mean squared error with outputs reshaped to the targets' shape ((N, 1) against (N,))."""
 

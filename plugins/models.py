@@ -241,7 +241,7 @@ def cross_entropy(task: str, *, label_smoothing: float = 0.0):
 
 
 def mse(task: str):
-    """Mean squared error for regression."""
-    from optiflow_plugins.layers import MSE
+    """Mean squared error; on classification data the quadratic cost between softmax outputs and one-hot targets."""
+    from optiflow_plugins.layers import MSE, SoftmaxMSE
 
-    return MSE()
+    return SoftmaxMSE() if task == "classification" else MSE()

@@ -511,3 +511,23 @@ def test_gradient_norms_are_logged_per_layer_and_show_vanishing_gradients(tmp_pa
     artifacts = {a.path for a in mlflow_client.list_artifacts(result.run_id)}
     assert "gradient_flow.png" in artifacts
     assert len(mlflow_client.get_metric_history(result.run_id, "grad_norm/1")) == 2
+
+
+# --- losses ------------------------------------------------------------------------------------------
+
+
+def test_mse_on_classification_is_the_quadratic_cost_of_softmax_against_one_hot():
+    loss = get_registry().get("loss", "mse").factory("classification")
+    logits, targets = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]), torch.tensor([0, 1])
+    p = logits.softmax(1)
+    one_hot = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert float(loss(logits, targets)) == pytest.approx(float(((p - one_hot) ** 2).mean()), rel=1e-6)
+    regression = get_registry().get("loss", "mse").factory("regression")
+    assert float(regression(torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0]))) == pytest.approx(2.5)
+
+
+def test_quadratic_cost_trains_a_classifier(tmp_path, tracking_uri, experiment):
+    cfg = config(tmp_path, data="iris", loss="mse", opt="adam:lr=0.05", epochs=30, tracking_uri=tracking_uri,
+                 experiment=experiment)
+    result = train(cfg, log_model=False)
+    assert result.metrics["test_accuracy"] > 0.85
