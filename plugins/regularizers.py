@@ -201,6 +201,14 @@ class EarlyStopping:
                 )
         metrics["early_stopping_wait"] = self.wait
 
+    def state_dict(self) -> dict:
+        """What ``--resume`` needs to go on counting where the interrupted run stopped."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+        self.best_state = state["best_state"]
+
     @hookimpl
     def optiflow_run_end(self, run, status):
         if self.best is None:

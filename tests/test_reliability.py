@@ -123,9 +123,12 @@ def test_plugin_failure_on_the_cli_is_one_line(invoke, plugin, mlflow_client, ex
 def test_interrupted_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(
     tracking_uri, experiment, mlflow_client, plugin, invoke
 ):
-    """Dropout, shuffling and a step schedule all draw on state that the checkpoint must carry over."""
+    """Dropout, shuffling, a step schedule and early stopping all keep state that the checkpoint must carry over."""
+    # lr is best at epoch 1 (the step schedule halves it at 3): early stopping's count of epochs
+    # without improvement must go on 2, 3 after the resume, and its best weights stay epoch 1's
     values = dict(epochs=4, seed=7, opt="sgd:momentum=0.9", sched="step:step_size=2,gamma=0.5",
-                  model="mlp:hidden=[32],dropout=0.3", batch_size=32)
+                  model="mlp:hidden=[32],dropout=0.3", batch_size=32,
+                  reg=["early-stopping:monitor=lr,mode=max,patience=10"])
     straight = train(config(tracking_uri, experiment, run_name="straight", **values))
 
     plugin(RaiseAt(RunInterrupted(signal.SIGTERM), epoch=3), "interrupt-at-3")
@@ -150,6 +153,8 @@ def test_interrupted_run_resumes_to_the_same_metrics_as_an_uninterrupted_one(
     assert resumed.data.tags["optiflow.resumed_from_epoch"] == "2"
     for key in EXACT:
         assert history(mlflow_client, run_id, key) == history(mlflow_client, straight.run_id, key), key
+    assert [wait for _, wait in history(mlflow_client, run_id, "early_stopping_wait")] == [0, 1, 2, 3]
+    assert resumed.data.tags["early_stopping.restored_epoch"] == "1"
     for key in ("test_loss", "test_accuracy"):
         assert resumed.data.metrics[key] == straight.metrics[key]
     import mlflow.pytorch
