@@ -117,7 +117,7 @@ def train_options(func: Any) -> Any:
         click.option("--workers", type=int, help="DataLoader worker processes; > 0 streams batches through a DataLoader [0: in-memory batches, or the main process when augmenting]."),
         click.option("--pin-memory/--no-pin-memory", default=None, help="Page-locked host batches on the DataLoader path, copied to CUDA without blocking [no-pin-memory]."),
         click.option("--compile/--no-compile", default=None, help="Compile the model with torch.compile (first epoch pays the compile time) [no-compile]."),
-        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [no-channels-last]."),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [auto: on for conv nets on images on the CPU]."),
         click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), is_flag=False, flag_value="auto", help="Mixed precision autocast; bare --amp picks bf16 (fp16 with a GradScaler on CUDA without bf16); CPU supports bf16 only [off]."),
         click.option("--experiment", help="MLflow experiment name [optiflow]."),
         click.option("--run-name", help="MLflow run name."),

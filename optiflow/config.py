@@ -123,7 +123,7 @@ class RunConfig:
     pin_memory: bool = False
     log_step_loss: bool = False
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: auto (on for conv nets on images on the CPU)
     amp: str = "off"
     data_dir: str = "data"
     experiment: str = "optiflow"
@@ -206,6 +206,8 @@ def _convert(key: str, value: Any) -> Any:
         return None if value in (None, "", "auto") and key == "loss" else ComponentSpec.parse(value)
     if key == "amp" and isinstance(value, bool):
         return "auto" if value else "off"
+    if key == "channels_last" and str(value).lower() == "auto":
+        return None
     try:
         if key == "batch_size":
             return "full" if str(value).lower() == "full" else _strict(int, value)

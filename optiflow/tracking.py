@@ -221,7 +221,7 @@ class Tracker:
         import torch
         from mlflow.models import infer_signature
 
-        model = model.to("cpu").eval()
+        model = model.to("cpu", memory_format=torch.contiguous_format).eval()  # saved in the standard layout
         with torch.no_grad():
             output = model(torch.as_tensor(input_example)).numpy()
         signature = infer_signature(input_example, output)

@@ -133,6 +133,33 @@ def test_compile_channels_last_and_amp_together(invoke, mlflow_client, experimen
     assert history[1].value < history[0].value
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--data", "digits:image=true", "--model", "cnn"], True),
+    (["--data", "digits:image=true", "--model", "cnn", "--no-channels-last"], False),
+    (["--data", "digits", "--model", "mlp"], False),
+])
+def test_channels_last_defaults_to_nhwc_for_conv_nets_on_cpu_images(invoke, mlflow_client, experiment, args, expected):
+    from optiflow.plugins import get_plugin_manager, get_registry
+    from optiflow.runner import prepare
+
+    result = invoke("train", *args, "--epochs", "1", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.data.params["channels_last"] == str(expected)
+    import mlflow.pytorch
+
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert all(p.is_contiguous() for p in logged.parameters()), "the logged model has the standard layout"
+    config = RunConfig.from_dict({"data": args[1], "model": args[3], "device": "cpu",
+                                  "channels_last": False if "--no-channels-last" in args else "auto"})
+    prepared = prepare(config, get_registry(), get_plugin_manager())
+    convs = [m for m in prepared.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert prepared.channels_last is expected
+    if convs:  # the last conv has many input channels, so the two layouts differ
+        assert convs[-1].weight.is_contiguous(memory_format=torch.channels_last) is expected
+        assert convs[-1].weight.is_contiguous() is not expected
+
+
 def test_nproc_is_removed_from_the_relaunched_command():
     assert without_nproc(["train", "--nproc", "2", "--epochs", "3", "--nproc=4"]) == ["train", "--epochs", "3"]
 
