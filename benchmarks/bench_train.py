@@ -1,7 +1,8 @@
 """Training throughput of optiflow's runner against plain PyTorch loops, measured in one process.
 
 The two-conv FashionMNIST CNN (Adam 1e-3) on FashionMNIST-shaped synthetic images,
-interleaving the variants round by round (A B C D A B C D ...):
+interleaving the variants round by round, in alternating order (A B C D, D C B A, A B C D ...:
+a drift in the machine's speed then favours no variant over a pair of rounds):
 
   A  tutorial loop: per-sample normalization in Dataset.__getitem__, DataLoader(shuffle=True),
      loss.item() every step
@@ -24,7 +25,7 @@ setting is process-wide and cannot be undone, so the benchmark applies it to eve
 before the first round (the ratios then measure the loops, not the allocator);
 ``--system-malloc`` runs every variant on the C library's defaults instead.
 
-    python benchmarks/bench_train.py                      # 20,000 images, batch 32 and 256, 3 rounds
+    python benchmarks/bench_train.py                      # 20,000 images, batch 32 and 256, 6 rounds
     python benchmarks/bench_train.py --images 4000 --rounds 2 --batch-sizes 256
     python benchmarks/bench_train.py --system-malloc      # glibc's malloc defaults in every variant
     python benchmarks/bench_train.py --device cuda --amp  # on a GPU machine
@@ -309,7 +310,7 @@ def help_seconds(repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=20_000, help="training images per epoch [20000]")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of A B C D [3]")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved repetitions of A B C D, every other one reversed [6]")
     parser.add_argument("--batch-sizes", default="32,256", help="comma-separated batch sizes [32,256]")
     parser.add_argument("--variants", default="ABCD", help="which of A, B, C, D to run [ABCD]")
     parser.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
@@ -351,7 +352,7 @@ def main() -> None:
         faults: dict[str, list[float]] = {key: [] for key in args.variants}
         print(f"\nbatch size {batch_size}")
         for round_index in range(1, args.rounds + 1):
-            for key in args.variants:
+            for key in args.variants if round_index % 2 else reversed(args.variants):
                 results[key].append(runners[key](batch_size))
                 faults[key].append(bench.faults_per_step[-1])
             line = "  ".join(f"{k}={v[-1]:7.0f}/s" for k, v in results.items())
