@@ -355,7 +355,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
     model = nn.Linear(2, 1)
     stopper = build("regularizer", "early-stopping", patience=3, min_delta=0.01)
     run = fake_run(model, splits=SimpleNamespace(x_val=torch.zeros(5)))
-    stopper.optiflow_run_start(run=run)
+    stopper.optiflow_check_run(run=run)
     for epoch, val_loss in enumerate([1.0, 0.5, 0.495, 0.6, 0.7], start=1):
         with torch.no_grad():
             model.weight.fill_(epoch)
