@@ -2,7 +2,7 @@
 
 glibc's malloc serves large blocks with ``mmap`` and hands them back to the
 kernel on ``free``: a CPU training step, whose activations are tens of MB,
-then page-faults every page of them in again, step after step (about 10,000
+then page-faults every page of them in again, step after step (thousands of
 minor faults per step for the benchmark CNN at batch 256).  Raising malloc's
 mmap and trim thresholds keeps freed blocks in the heap for the next step, as
 the CUDA caching allocator does on the GPU and as jemalloc/tcmalloc (the
