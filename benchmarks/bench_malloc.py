@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ def child(images: int, batch_size: int, tuned: bool) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_train import fashion_cnn, synthetic_images
+    from bench_train import fashion_cnn, minor_faults, synthetic_images
 
     if tuned:
         from optiflow.host import keep_freed_memory
@@ -54,10 +53,10 @@ def child(images: int, batch_size: int, tuned: bool) -> None:
         return steps
 
     epoch()
-    faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    faults, started = minor_faults(), time.perf_counter()
     steps = epoch()
     seconds = time.perf_counter() - started
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    faults = minor_faults() - faults
     print(json.dumps({"samples_per_s": len(x) / seconds, "faults_per_step": faults / steps}))
 
 

@@ -110,7 +110,7 @@ class Bench:
         self.tracking_dir = Path(tempfile.mkdtemp(prefix="optiflow-bench-"))
         self.mlflow_seconds: list[float] = []
         self.mlflow_shares: list[float] = []
-        self.faults_per_step: list[float] = []  # of the last timed epoch
+        self.faults_per_step = 0.0  # minor page faults per step of the last timed epoch
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -154,7 +154,7 @@ class Bench:
         seen = epoch(step)
         self.sync()
         seconds = time.perf_counter() - started
-        self.faults_per_step.append((minor_faults() - faults) / steps)
+        self.faults_per_step = (minor_faults() - faults) / steps
         return seen / seconds
 
     def tutorial(self, batch_size: int) -> float:
@@ -216,7 +216,7 @@ class Bench:
         train(config, on_epoch=lambda epoch, metrics: marks.append((time.perf_counter(), minor_faults())),
               log_model=False)
         epoch_seconds = marks[1][0] - marks[0][0]
-        self.faults_per_step.append((marks[1][1] - marks[0][1]) / math.ceil(len(self.images) / batch_size))
+        self.faults_per_step = (marks[1][1] - marks[0][1]) / math.ceil(len(self.images) / batch_size)
         # the second flush of this run is the one inside the timed epoch
         self.mlflow_shares.append(self.mlflow_seconds[flushed + 1] / epoch_seconds)
         return len(self.images) / epoch_seconds
@@ -354,7 +354,7 @@ def main() -> None:
         for round_index in range(1, args.rounds + 1):
             for key in args.variants if round_index % 2 else reversed(args.variants):
                 results[key].append(runners[key](batch_size))
-                faults[key].append(bench.faults_per_step[-1])
+                faults[key].append(bench.faults_per_step)
             line = "  ".join(f"{k}={v[-1]:7.0f}/s" for k, v in results.items())
             print(f"  round {round_index}: {line}  {ratio_text(results, round_index - 1)}", flush=True)
         print(f"  {'variant':<8}{'median/s':>10}{'min-max/s':>18}{'of peak':>10}{'page faults/step':>18}")

@@ -78,7 +78,7 @@ class Plan:
             for option, option_value in options.items():
                 out[f"{key}.{option}"] = option_value
         for key in ("epochs", "batch_size", "seed", "val_split", "test_split", "shuffle", "drop_last", "device",
-                    "workers", "pin_memory", "compile", "channels_last", "amp"):
+                    "workers", "pin_memory", "compile", "amp"):
             out[key] = getattr(self.config, key)
         if self.config.cv_folds:
             out.update(cv_folds=self.config.cv_folds, cv_fold=self.config.cv_fold)
@@ -737,7 +737,7 @@ def _log_setup(run: Run) -> None:
     params["data.input_shape"] = list(run.splits.x_train.shape[1:])
     params["model.parameters"] = sum(p.numel() for p in run.model.parameters())
     params["device_type"] = run.device.type
-    params["channels_last"] = run.channels_last
+    params["channels_last"] = run.channels_last  # resolved: --channels-last may be left to auto
     tracker.log_params(params)
     tracker.log_text(run.config.to_yaml(), "config.yaml")
     state = run.normalizer.state() if hasattr(run.normalizer, "state") else {}
