@@ -3,7 +3,8 @@
 The norms are read at the end of each epoch from the gradients the last
 training batch left in ``param.grad`` (as the optimizer used them, after any
 clipping or noise), so the training step itself pays nothing: one on-device
-norm per layer and one host transfer per epoch.
+norm per layer and one host transfer per epoch.  Each run's measurements live in
+``run.state["diagnostics"]``, so concurrent runs never share them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from optiflow import hookimpl
 
 METRIC_PREFIX = "grad_norm/"
-_flows: dict[int, "GradientFlow"] = {}
+STATE_KEY = "diagnostics"
 
 
 class GradientFlow:
@@ -49,9 +50,9 @@ class GradientFlow:
 
     def figure(self, model=None) -> Any:
         """Gradient norm per layer (input to output, log scale), one line per epoch from dark to light."""
-        from optiflow.plots import _pyplot
+        from optiflow.plots import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         figure, axis = plt.subplots(figsize=(max(5.5, 0.6 * len(self.layers)), 4))
         colors = plt.get_cmap("viridis")
         for index, (epoch, row) in enumerate(zip(self.epochs, self.norms)):
@@ -70,12 +71,12 @@ class GradientFlow:
 
 @hookimpl
 def optiflow_run_start(run):
-    _flows[id(run)] = GradientFlow()
+    run.state[STATE_KEY] = GradientFlow()
 
 
 @hookimpl
 def optiflow_epoch_end(run, epoch, metrics):
-    flow = _flows.get(id(run))
+    flow = run.state.get(STATE_KEY)
     if flow is None:
         return
     norms = flow.measure(run.model)
@@ -86,7 +87,7 @@ def optiflow_epoch_end(run, epoch, metrics):
 
 @hookimpl
 def optiflow_run_end(run, status):
-    flow = _flows.pop(id(run), None)
+    flow = run.state.pop(STATE_KEY, None)
     if flow is None or not flow.epochs or run.tracker is None:
         return
     import matplotlib.pyplot as plt

@@ -11,6 +11,7 @@ from typing import Literal
 
 from optiflow import hookimpl
 from optiflow.errors import OptiflowError
+from optiflow.metrics import higher_is_better
 
 
 @hookimpl
@@ -169,7 +170,7 @@ class EarlyStopping:
         _check_range("early-stopping", "patience", patience, 1)
         _check_range("early-stopping", "min_delta", min_delta, 0.0)
         self.monitor, self.patience, self.min_delta, self.restore_best = monitor, patience, min_delta, restore_best
-        self.sign = -1.0 if (mode == "min" or (mode == "auto" and monitor.endswith(("loss", "rmse")))) else 1.0
+        self.sign = -1.0 if (mode == "min" or (mode == "auto" and not higher_is_better(monitor))) else 1.0
         self.best: float | None = None
         self.best_epoch = 0
         self.wait = 0

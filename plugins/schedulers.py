@@ -8,10 +8,12 @@ training.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from optiflow import hookimpl
 from optiflow.errors import OptiflowError
+from optiflow.metrics import higher_is_better
 from optiflow.schedule import Schedule, TrainingLength
 
 
@@ -58,7 +60,7 @@ def plateau(optimizer, length, *, monitor: str = "val_loss", mode: Literal["auto
     from torch.optim import lr_scheduler
 
     if mode == "auto":
-        mode = "min" if monitor.endswith(("loss", "rmse")) else "max"
+        mode = "max" if higher_is_better(monitor) else "min"
     return _schedule(optimizer, length, warmup_epochs, "epoch", lambda rest: lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold, min_lr=min_lr), monitor)
 

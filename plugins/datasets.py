@@ -1,11 +1,9 @@
-"""Datasets, normalizers and augmentations.
+"""Datasets: the tensors a run trains and tests on.
 
-Datasets: scikit-learn's bundled sets (no download), the classic synthetic
-regression problems (seeded by ``--seed``), torchvision's MNIST, Fashion-MNIST
-and CIFAR-10 read from ``--data-dir`` in their standard on-disk layout, and a
-user's own CSV file or folder of images.  Normalizers are fitted on the
-training split only; augmentations are torchvision transforms applied to each
-training sample.
+scikit-learn's bundled sets (no download), the classic synthetic regression
+problems (seeded by ``--seed``), torchvision's MNIST, Fashion-MNIST and
+CIFAR-10 read from ``--data-dir`` in their standard on-disk layout, and a
+user's own CSV file or folder of images.
 """
 
 from __future__ import annotations
@@ -16,17 +14,13 @@ from typing import Literal
 
 from optiflow import hookimpl
 from optiflow.data import DataContext, DataSource
-from optiflow.errors import OptiflowError
+from optiflow.errors import OptiflowError, first_line
 
 
 @hookimpl
 def optiflow_register_data(register):
     for name, factory in DATASETS.items():
         register(name, factory)
-    for name, factory in NORMALIZERS.items():
-        register(name, factory, kind="normalizer")
-    for name, factory in AUGMENTATIONS.items():
-        register(name, factory, kind="augmentation")
 
 
 # --- scikit-learn's bundled datasets -------------------------------------------------------------
@@ -293,7 +287,7 @@ def image_folder(ctx: DataContext, *, path: str = "", size: int = 32, grayscale:
     try:
         dataset = datasets.ImageFolder(str(folder), transform=v2.Compose(steps))
     except (FileNotFoundError, NotADirectoryError) as exc:
-        raise OptiflowError(f"image-folder {folder}: {str(exc).splitlines()[0]}") from None
+        raise OptiflowError(f"image-folder {folder}: {first_line(exc)}") from None
     images = [dataset[i][0] for i in range(len(dataset))]
     y = torch.tensor(dataset.targets, dtype=torch.long)
     return DataSource(torch.stack(images), y, "classification", num_classes=len(dataset.classes),
@@ -333,286 +327,4 @@ DATASETS = {
     "cifar10": cifar10,
     "csv": csv,
     "image-folder": image_folder,
-}
-
-
-# --- normalizers (fitted on the training split only) ---------------------------------------------
-
-
-class NoNormalization:
-    """Leave features as they are."""
-
-    def fit(self, x):
-        return self
-
-    def transform(self, x):
-        return x
-
-    def state(self):
-        return {}
-
-
-class Standardize:
-    """Zero mean, unit variance per feature (per pixel for images), fitted on the training split."""
-
-    def __init__(self, *, eps: float = 1e-8) -> None:
-        self.eps = eps
-        self.mean = self.std = None
-
-    def reduce_dims(self, x) -> list[int]:
-        return [0]
-
-    def fit(self, x):
-        dims = self.reduce_dims(x)
-        self.mean = x.mean(dim=dims, keepdim=True)
-        std = x.std(dim=dims, keepdim=True) if len(x) > 1 else x.new_ones(self.mean.shape)
-        self.std = std.masked_fill(std < self.eps, 1.0)
-        return self
-
-    def transform(self, x):
-        return (x - self.mean) / self.std
-
-    def state(self):
-        return {"mean": self.mean.flatten(), "std": self.std.flatten()}
-
-
-class PerChannel(Standardize):
-    """Per-channel mean/std for images (N, C, H, W), fitted on the training split unless mean and std are given."""
-
-    def __init__(self, *, mean: tuple[float, ...] = (), std: tuple[float, ...] = (), eps: float = 1e-8) -> None:
-        super().__init__(eps=eps)
-        if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise OptiflowError("per-channel: give mean and std together, one positive std per channel")
-        self.fixed = (mean, std) if mean else None
-
-    def reduce_dims(self, x) -> list[int]:
-        if x.ndim != 4:
-            raise OptiflowError(
-                f"per-channel normalization needs images (N, C, H, W), got shape {list(x.shape)}; use standard"
-            )
-        return [0, 2, 3]
-
-    def fit(self, x):
-        if self.fixed is None:
-            return super().fit(x)
-        self.reduce_dims(x)
-        mean, std = (x.new_tensor(values).reshape(1, -1, 1, 1) for values in self.fixed)
-        if mean.shape[1] != x.shape[1]:
-            raise OptiflowError(f"per-channel: {mean.shape[1]} mean values for images with {x.shape[1]} channels")
-        self.mean, self.std = mean, std
-        return self
-
-
-class MinMax:
-    """Rescale each feature linearly to [low, high] using the training split's min and max."""
-
-    def __init__(self, low: float = 0.0, high: float = 1.0) -> None:
-        self.low, self.high = low, high
-        self.min = self.range = None
-
-    def fit(self, x):
-        self.min = x.amin(dim=0, keepdim=True)
-        span = x.amax(dim=0, keepdim=True) - self.min
-        self.range = span.masked_fill(span <= 0, 1.0)
-        return self
-
-    def transform(self, x):
-        return self.low + (x - self.min) / self.range * (self.high - self.low)
-
-    def state(self):
-        return {"min": self.min.flatten(), "max": (self.min + self.range).flatten(), "low": self.low, "high": self.high}
-
-
-def minmax():
-    """Rescale each feature to [0, 1] with the training split's min and max."""
-    return MinMax(0.0, 1.0)
-
-
-def scale():
-    """Rescale each feature to [-1, 1] with the training split's min and max."""
-    return MinMax(-1.0, 1.0)
-
-
-class PCA:
-    """Project flattened inputs on the training split's top principal components (optionally whitened)."""
-
-    def __init__(self, n_components: float | None, whiten: bool, eps: float) -> None:
-        if n_components is not None and (n_components <= 0 or (n_components >= 1 and not n_components.is_integer())):
-            raise OptiflowError(
-                f"n_components must be a whole number of components or a variance fraction in (0, 1), got {n_components}"
-            )
-        self.n_components, self.whiten, self.eps = n_components, whiten, eps
-        self.mean = self.components = self.variance = None
-        self.ratio = 0.0
-
-    def fit(self, x):
-        import torch
-
-        flat = x.flatten(1).double()
-        self.mean = flat.mean(dim=0)
-        centered = flat - self.mean
-        covariance = centered.T @ centered / max(1, len(flat) - 1)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-        eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
-        total = eigenvalues.sum().clamp_min(1e-300)
-        k = self._count(eigenvalues, total)
-        self.components = eigenvectors[:, :k].T.contiguous()
-        self.variance = eigenvalues[:k]
-        self.ratio = float(self.variance.sum() / total)
-        return self
-
-    def _count(self, eigenvalues, total) -> int:
-        useful = int((eigenvalues > eigenvalues[0] * 1e-10).sum()) or 1
-        if self.n_components is None:
-            return useful
-        if self.n_components < 1:
-            cumulative = eigenvalues.cumsum(0) / total
-            return min(useful, int((cumulative < self.n_components).sum()) + 1)
-        return min(int(self.n_components), len(eigenvalues))
-
-    def transform(self, x):
-        projected = (x.flatten(1).double() - self.mean) @ self.components.T
-        if self.whiten:
-            projected = projected / (self.variance + self.eps).sqrt()
-        return projected.float()
-
-    def state(self):
-        return {"n_components": len(self.components), "explained_variance_ratio": self.ratio, "whiten": self.whiten,
-                "mean": self.mean, "components": self.components, "explained_variance": self.variance}
-
-
-def pca(*, n_components: float | None = 0.95):
-    """PCA on flattened inputs: keep n_components components (or, below 1, that fraction of the variance)."""
-    return PCA(n_components, whiten=False, eps=0.0)
-
-
-def whiten(*, n_components: float | None = None, eps: float = 1e-5):
-    """PCA whitening: decorrelated components scaled to unit variance (all non-degenerate ones by default)."""
-    return PCA(n_components, whiten=True, eps=eps)
-
-
-NORMALIZERS = {
-    "none": NoNormalization,
-    "minmax": minmax,
-    "scale": scale,
-    "standard": Standardize,
-    "per-channel": PerChannel,
-    "pca": pca,
-    "whiten": whiten,
-}
-
-
-# --- augmentations (torchvision transforms, training samples only) -------------------------------
-
-
-class ImageTransform:
-    """One torchvision transform applied to a single CHW image tensor; rejects non-image inputs clearly."""
-
-    def __init__(self, name: str, transform) -> None:
-        self.name, self.transform = name, transform
-
-    def __call__(self, sample):
-        if sample.ndim != 3:
-            raise OptiflowError(
-                f"augmentation '{self.name}' needs image inputs (C, H, W), got a sample of shape {list(sample.shape)}"
-            )
-        return self.transform(sample)
-
-
-def hflip(*, p: float = 0.5):
-    """Flip the image left-right with probability p."""
-    from torchvision.transforms import v2
-
-    return ImageTransform("hflip", v2.RandomHorizontalFlip(_probability(p)))
-
-
-def vflip(*, p: float = 0.5):
-    """Flip the image upside down with probability p."""
-    from torchvision.transforms import v2
-
-    return ImageTransform("vflip", v2.RandomVerticalFlip(_probability(p)))
-
-
-def rotation(*, degrees: float = 15.0):
-    """Rotate by an angle drawn uniformly from [-degrees, degrees] (corners filled with 0)."""
-    from torchvision.transforms import v2
-
-    if degrees < 0:
-        raise OptiflowError(f"rotation: degrees must be >= 0, got {degrees}")
-    return ImageTransform("rotation", v2.RandomRotation(degrees))
-
-
-class RandomCrop:
-    """Pad by ``padding`` on every side, then crop back to the image's own size at a random offset."""
-
-    def __init__(self, padding: int, mode: str) -> None:
-        self.padding, self.mode = padding, mode
-        self.crops: dict = {}
-
-    def __call__(self, sample):
-        from torchvision.transforms import v2
-
-        size = tuple(sample.shape[-2:])
-        if size not in self.crops:
-            self.crops[size] = v2.RandomCrop(size, padding=self.padding, padding_mode=self.mode)
-        return self.crops[size](sample)
-
-
-def random_crop(*, padding: int = 4, mode: Literal["constant", "edge", "reflect", "symmetric"] = "constant"):
-    """Pad each side by padding pixels and crop back to the original size at a random position."""
-    if padding < 0:
-        raise OptiflowError(f"random-crop: padding must be >= 0, got {padding}")
-    return ImageTransform("random-crop", RandomCrop(padding, mode))
-
-
-class OnUnitRange:
-    """Apply ``transform`` (which expects values in [0, 1]) to a sample mapped there by its own min and max."""
-
-    def __init__(self, transform) -> None:
-        self.transform = transform
-
-    def __call__(self, sample):
-        low, high = sample.min(), sample.max()
-        span = (high - low).clamp_min(1e-12)
-        return self.transform((sample - low) / span) * span + low
-
-
-def color_jitter(*, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.0):
-    """Random brightness, contrast, saturation and hue changes (saturation and hue need colour images)."""
-    from torchvision.transforms import v2
-
-    try:
-        jitter = v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-    except ValueError as exc:
-        raise OptiflowError(f"color-jitter: {exc}") from None
-    return ImageTransform("color-jitter", OnUnitRange(jitter))
-
-
-def random_erasing(*, p: float = 0.5, scale: tuple[float, ...] = (0.02, 0.33), ratio: tuple[float, ...] = (0.3, 3.3),
-                   value: float = 0.0):
-    """Erase a random rectangle (area fraction in scale, aspect ratio in ratio) with probability p (Zhong et al. 2017)."""
-    from torchvision.transforms import v2
-
-    if len(scale) != 2 or len(ratio) != 2:
-        raise OptiflowError("random-erasing: scale and ratio take two numbers each, e.g. scale=[0.02,0.33]")
-    try:
-        eraser = v2.RandomErasing(p=_probability(p), scale=tuple(scale), ratio=tuple(ratio), value=value)
-    except ValueError as exc:
-        raise OptiflowError(f"random-erasing: {exc}") from None
-    return ImageTransform("random-erasing", eraser)
-
-
-def _probability(p: float) -> float:
-    if not 0.0 <= p <= 1.0:
-        raise OptiflowError(f"probability p must be in [0, 1], got {p}")
-    return p
-
-
-AUGMENTATIONS = {
-    "hflip": hflip,
-    "vflip": vflip,
-    "rotation": rotation,
-    "random-crop": random_crop,
-    "color-jitter": color_jitter,
-    "random-erasing": random_erasing,
 }
