@@ -33,16 +33,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="interleaved repetitions [6]")
     args = parser.parse_args()
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    from optiflow.commands.train import train
     from optiflow.config import RunConfig
     from optiflow.data import DataSource
     from optiflow.plugins import get_registry
-    from optiflow.runner import train
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.samples, 16, generator=generator)
     y = torch.randint(0, 4, (args.samples,), generator=generator)
     registry = get_registry()
-    registry.registrar("dataset", "benchmark")(
+    registry.registrar("data", "benchmark")(
         "overhead-blobs", lambda ctx: DataSource(x, y, "classification", num_classes=4, x_test=x[:256], y_test=y[:256]))
     registry.registrar("model", "benchmark")(
         "overhead-net", lambda input_shape, num_outputs: tiny(), "A 16-8-4 perceptron.", kind="model")

@@ -7,7 +7,7 @@ a drift in the machine's speed then favours no variant over a pair of rounds):
   A  tutorial loop: per-sample normalization in Dataset.__getitem__, DataLoader(shuffle=True),
      loss.item() every step
   B  hand-written tensor loop: pre-normalized tensor, randperm slicing
-  C  optiflow's runner (optiflow.runner.train) with its defaults
+  C  optiflow's runner (optiflow.commands.train.train) with its defaults
   D  optiflow's runner with --compile --channels-last
 
 Every variant trains two epochs per round from a fresh model; the second epoch is timed
@@ -45,8 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -201,9 +201,9 @@ class Bench:
         return self.plain_loop(epoch)
 
     def optiflow(self, batch_size: int, *, fast: bool) -> float:
-        """(C) / (D) optiflow.runner.train, timed between its end-of-epoch callbacks."""
+        """(C) / (D) optiflow.commands.train.train, timed between its end-of-epoch callbacks."""
+        from optiflow.commands.train import train
         from optiflow.config import RunConfig
-        from optiflow.runner import train
 
         marks: list[tuple[float, int]] = []
         overrides = {"compile": True, "channels_last": True} if fast else {}
@@ -239,7 +239,7 @@ def register_components(bench: Bench) -> None:
                           x_test=bench.test_images, y_test=bench.test_labels)
 
     registry = get_registry()
-    register = registry.registrar("dataset", "benchmark")
+    register = registry.registrar("data", "benchmark")
     register("bench-fashion", bench_fashion)
     if not _builtin_cnn_matches(registry):
         MODEL_NAME = "bench-cnn"

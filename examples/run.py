@@ -19,9 +19,10 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -106,7 +107,6 @@ def run_example(example: Example, tracking_uri: str, *, quick: bool = False, dat
     With ``redraw`` nothing is trained: the picture is drawn again from the runs of the last invocation.
     """
     from mlflow.tracking import MlflowClient
-
     from pictures import draw  # examples/pictures.py, next to this file
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri

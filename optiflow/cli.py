@@ -12,18 +12,17 @@ from typing import Any
 
 import click
 
-from optiflow.errors import OptiflowError
-
-COMPONENT_HELP = "NAME[:key=value,...]"
+from optiflow import flags
+from optiflow.errors import OptiflowError, first_line
+from optiflow.flags import COMPONENT_HELP, build_config, command_tag, print_settings, resolve_layers, train_options
+from optiflow.slots import FAMILY_KINDS, KINDS
 
 
 class OptiflowGroup(click.Group):
     """A click group that turns user errors into one line and a non-zero exit, never a traceback."""
 
-    argv: list[str] = []
-
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
-        OptiflowGroup.argv = list(sys.argv[1:] if args is None else args)
+        flags.ARGV[:] = sys.argv[1:] if args is None else args
         kwargs["standalone_mode"] = False
         try:
             return super().main(args, *rest, **kwargs)
@@ -40,7 +39,7 @@ class OptiflowGroup(click.Group):
             if os.environ.get("OPTIFLOW_TRACEBACK"):
                 raise
             notes = " ".join(getattr(exc, "__notes__", []))
-            _fail(f"{type(exc).__name__}: {str(exc).strip() or 'failed'}".splitlines()[0] + (f" ({notes})" if notes else ""), 1)
+            _fail(f"{type(exc).__name__}: {first_line(str(exc)) or 'failed'}" + (f" ({notes})" if notes else ""), 1)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         """A built-in command, else one a plugin added through ``optiflow_register_commands``."""
@@ -48,20 +47,20 @@ class OptiflowGroup(click.Group):
         if command is None:
             from optiflow.plugins import get_plugin_manager
 
-            command = get_plugin_manager().commands.get(name)
+            command = get_plugin_manager().commands(self.commands).get(name)
         return command
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         from optiflow.plugins import get_plugin_manager
 
-        return sorted({*super().list_commands(ctx), *get_plugin_manager().commands})
+        return sorted({*super().list_commands(ctx), *get_plugin_manager().commands(self.commands)})
 
 
 def _fail(message: str, code: int) -> None:
     """Print ``Error: <first line>`` on stderr and exit with ``code`` (set OPTIFLOW_TRACEBACK=1 to see tracebacks)."""
     from optiflow.distributed import is_main_process
 
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    first = first_line(message) or "failed"
     if is_main_process():  # data-parallel workers all hit the same error: say it once
         click.echo(f"Error: {first}", err=True)
     sys.exit(code)
@@ -89,87 +88,6 @@ def _disable_plugins(names: tuple[str, ...]) -> None:
     disable_plugins(names)
 
 
-def train_options(func: Any) -> Any:
-    """The flags shared by every command that trains (train, compare, search)."""
-    options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with the same keys as these flags (flags win)."),
-        click.option("--data", metavar=COMPONENT_HELP, help="Dataset [digits]; e.g. digits:image=true."),
-        click.option("--data-dir", type=click.Path(file_okay=False), help="Where file-based datasets live [data]."),
-        click.option("--norm", metavar=COMPONENT_HELP, help="Input normalization fitted on the training split [standard]."),
-        click.option("--aug", multiple=True, metavar=COMPONENT_HELP, help="Training-time augmentation (repeatable)."),
-        click.option("--model", metavar=COMPONENT_HELP, help="Model [mlp]; e.g. mlp:hidden=[256,128],activation=tanh."),
-        click.option("--loss", metavar=COMPONENT_HELP, help="Loss [cross-entropy for classification, mse for regression]."),
-        click.option("--opt", metavar=COMPONENT_HELP, help="Optimizer [adam]; e.g. sgd:momentum=0.9,nesterov=true."),
-        click.option("--sched", metavar=COMPONENT_HELP, help="Learning-rate schedule [none]; e.g. step:step_size=10,gamma=0.1."),
-        click.option("--init", metavar=COMPONENT_HELP, help="Weight initialization [default]; e.g. kaiming-normal."),
-        click.option("--reg", multiple=True, metavar=COMPONENT_HELP, help="Regularizer (repeatable); e.g. l2:strength=1e-4."),
-        click.option("--epochs", type=int, help="Training epochs [20]."),
-        click.option("--batch-size", help="Mini-batch size, or 'full' for whole-batch gradient descent [32]."),
-        click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default)."),
-        click.option("--seed", type=int, help="Random seed for splits, initialization and batching [0]."),
-        click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
-        click.option("--val-split", type=float, help="Fraction of the training data held out for validation [0.1]."),
-        click.option("--test-split", type=float, help="Fraction held out for testing when the dataset has no test set [0.2]."),
-        click.option("--shuffle/--no-shuffle", default=None, help="Shuffle training batches every epoch [shuffle]."),
-        click.option("--drop-last/--keep-last", default=None, help="Drop the last incomplete batch [keep-last]."),
-        click.option("--log-step-loss", is_flag=True, default=None,
-                     help="Also log every batch's training loss as train_loss_step (step = batch number)."),
-        click.option("--workers", type=int, help="DataLoader worker processes; > 0 streams batches through a DataLoader [0: in-memory batches, or the main process when augmenting]."),
-        click.option("--pin-memory/--no-pin-memory", default=None, help="Page-locked host batches on the DataLoader path, copied to CUDA without blocking [no-pin-memory]."),
-        click.option("--compile/--no-compile", default=None, help="Compile the model with torch.compile (first epoch pays the compile time) [no-compile]."),
-        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [auto: on for conv nets on images on the CPU]."),
-        click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), is_flag=False, flag_value="auto", help="Mixed precision autocast; bare --amp picks bf16 (fp16 with a GradScaler on CUDA without bf16); CPU supports bf16 only [off]."),
-        click.option("--experiment", help="MLflow experiment name [optiflow]."),
-        click.option("--run-name", help="MLflow run name."),
-        click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def command_tag() -> dict[str, str]:
-    """The ``optiflow.command`` tag: the command line as the user typed it."""
-    import shlex
-
-    return {"optiflow.command": shlex.join(["optiflow", *OptiflowGroup.argv])}
-
-
-def build_config(params: dict[str, Any], **extra: Any):
-    """The run configuration: defaults < ``--config`` file < flags given on the command line."""
-    return resolve_layers(params, {}, **extra)[0]
-
-
-def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any], **extra: Any):
-    """``(RunConfig, settings)``: a command's own settings (``vary``, ``space`` ...) are read from
-    the same ``--config`` file as the run configuration; flags win over the file, the file over
-    ``command_defaults``."""
-    from optiflow.config import RunConfig, load_yaml
-
-    path = params.get("config_file")
-    values = {str(k).replace("-", "_"): v for k, v in (load_yaml(path) if path else {}).items()}
-    settings = dict(command_defaults)
-    settings.update({key: values.pop(key) for key in command_defaults if key in values})
-    for key, default in command_defaults.items():
-        flag = params.get(key)
-        if flag in (None, ()):
-            continue
-        listed = isinstance(default, tuple)
-        settings[key] = [*_as_list(settings[key]), *flag] if listed else flag
-    overrides = {
-        key: value
-        for key, value in params.items()
-        if key not in {"config_file", "quiet", "print_config", "nproc", *command_defaults} and value not in (None, ())
-    }
-    overrides.update(extra)
-    return RunConfig.from_dict({**values, **overrides}), settings
-
-
-def _as_list(value: Any) -> list[Any]:
-    """A repeatable setting from a config file: a list, or one mapping/string."""
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 @cli.command()
 @train_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors.")
@@ -190,8 +108,8 @@ def train(**params: Any) -> None:
         return
     if (params["nproc"] or 1) > 1 and "WORLD_SIZE" not in os.environ:
         _launch_data_parallel(config, params["nproc"])
+    from optiflow.commands.train import train as run_training
     from optiflow.console import RichReporter, print_summary
-    from optiflow.runner import train as run_training
 
     main_process = is_main_process()
     quiet = params["quiet"] or not sys.stdout.isatty() or not main_process
@@ -205,7 +123,7 @@ RESUME_FLAGS = {"resume", "tracking_uri", "device", "quiet", "print_config"}
 
 def _resume_config(params: dict[str, Any]):
     """The logged configuration of the run to resume; flags that would change what is trained are refused."""
-    from optiflow.runner import resume_config
+    from optiflow.commands.train import resume_config
 
     changed = sorted(k for k, v in params.items() if k not in RESUME_FLAGS and v not in (None, (), False))
     if changed:
@@ -217,11 +135,11 @@ def _resume_config(params: dict[str, Any]):
 def _launch_data_parallel(config: Any, nproc: int) -> None:
     """Check the configuration once, then rerun this command in ``nproc`` torchrun processes and exit with their code."""
     from optiflow.distributed import launch, without_nproc
+    from optiflow.plan import plan
     from optiflow.plugins import get_registry
-    from optiflow.runner import plan
 
     plan(config, get_registry())
-    sys.exit(launch(nproc, without_nproc(OptiflowGroup.argv)))
+    sys.exit(launch(nproc, without_nproc(flags.ARGV)))
 
 
 def _reporter_factory(quiet: bool):
@@ -254,14 +172,14 @@ def compare(**params: Any) -> None:
     optiflow compare --vary opt=sgd,sgd:momentum=0.9,rmsprop,adam --epochs 10
     optiflow compare --vary opt=sgd,adam --vary lr=0.1,0.01 --repeats 3
     """
-    from optiflow.compare import parse_vary
+    from optiflow.commands.compare import parse_vary
 
     config, settings = resolve_layers(params, COMPARE_DEFAULTS)
     vary = parse_vary(settings["vary"])
     if params["print_config"]:
-        _print_settings(config, {**settings, "vary": {k: "|".join(v) for k, v in vary.items()}})
+        print_settings(config, {**settings, "vary": {k: "|".join(v) for k, v in vary.items()}})
         return
-    from optiflow.compare import compare as run_comparison
+    from optiflow.commands.compare import compare as run_comparison
     from optiflow.console import console, print_comparison
 
     quiet = params["quiet"]
@@ -318,15 +236,15 @@ def search(**params: Any) -> None:
     optiflow search --space hidden=int:32:256 --sampler random --pruner median --cv 5
     optiflow search --space lr=loguniform:1e-4:1e-1 --storage sqlite:///study.db --study-name s1  # many processes
     """
-    from optiflow.search import search as run_search
-    from optiflow.search import settings_from
+    from optiflow.commands.search import search as run_search
+    from optiflow.commands.search import settings_from
 
     config, values = resolve_layers(params, SEARCH_DEFAULTS)
     settings = settings_from(values, config)
     if params["print_config"]:
-        from optiflow.search import describe_dimension
+        from optiflow.search.space import describe_dimension
 
-        _print_settings(config, {**values, "space": {d.name: describe_dimension(d) for d in settings.space}})
+        print_settings(config, {**values, "space": {d.name: describe_dimension(d) for d in settings.space}})
         return
     from optiflow.console import console, print_search
 
@@ -349,9 +267,9 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
 
     Exits 1 when a metric differs beyond the tolerance (timing metrics are not compared).
     """
+    from optiflow.commands.reproduce import MetricsDiffer
+    from optiflow.commands.reproduce import reproduce as run_reproduction
     from optiflow.console import print_reproduction
-    from optiflow.reproduce import MetricsDiffer
-    from optiflow.reproduce import reproduce as run_reproduction
 
     reporter = _reporter_factory(quiet)
     result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
@@ -377,8 +295,8 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
               help="Where to save the plot.")
 def lr_preview(**params: Any) -> None:
     """Plot the learning-rate schedule (warmup shaded) and print it per epoch, without training."""
+    from optiflow.commands.lr_preview import preview
     from optiflow.console import print_lr_preview
-    from optiflow.lr_preview import preview
     from optiflow.plots import lr_schedule
 
     steps, out = params.pop("steps_per_epoch"), params.pop("out")
@@ -393,14 +311,6 @@ def lr_preview(**params: Any) -> None:
     print_lr_preview(result, out)
 
 
-def _print_settings(config: Any, settings: dict[str, Any]) -> None:
-    """``--print-config`` for commands with their own settings: one YAML that ``--config`` reads back."""
-    import yaml
-
-    click.echo(config.to_yaml(), nl=False)
-    click.echo(yaml.safe_dump({k: v for k, v in settings.items() if v not in (None, (), [])}, sort_keys=False), nl=False)
-
-
 @cli.command("list")
 @click.argument("kind", required=False)
 @click.option("--pattern", default="*", help="Only names matching this glob, e.g. 'adam*'.")
@@ -409,21 +319,19 @@ def list_components(kind: str | None, pattern: str) -> None:
     scheduler, initializer) or one kind (dataset, normalizer, augmentation, activation, loss)."""
     from optiflow.console import component_table
     from optiflow.plugins import get_registry
-    from optiflow.registry import FAMILIES, KINDS
 
-    if kind is None:
-        kinds = list(KINDS)
-    elif kind in FAMILIES:
-        kinds = list(FAMILIES[kind])
-    elif kind in KINDS:
-        kinds = [kind]
-    elif kind.rstrip("s") in KINDS or kind.rstrip("s") in FAMILIES:
-        singular = kind.rstrip("s")
-        kinds = list(FAMILIES.get(singular, (singular,)))
-    else:
-        raise click.BadParameter(f"unknown kind '{kind}'; choose from {', '.join([*FAMILIES, *KINDS[1:]])}")
+    kinds = list(KINDS) if kind is None else list(_kinds_named(kind))
     registry = get_registry()
-    component_table([c for k in kinds for c in registry.list(k, pattern)])
+    component_table([c for k in kinds for c in registry.select(k, pattern)])
+
+
+def _kinds_named(name: str) -> tuple[str, ...]:
+    """The kinds a family or kind name stands for; plurals (``losses``, ``optimizers``) too."""
+    named = {**FAMILY_KINDS, **{kind: (kind,) for kind in KINDS}}
+    for candidate in (name, name[:-2] if name.endswith("es") else name, name[:-1] if name.endswith("s") else name):
+        if candidate in named:
+            return named[candidate]
+    raise click.BadParameter(f"unknown kind '{name}'; choose from {', '.join(named)}")
 
 
 @cli.command()
@@ -436,7 +344,7 @@ def plugins(as_json: bool) -> None:
     """
     from optiflow.plugins import describe_plugins
 
-    rows = describe_plugins()
+    rows = describe_plugins(reserved=cli.commands)
     if as_json:
         import json
 

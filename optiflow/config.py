@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from optiflow.errors import OptiflowError
+from optiflow.slots import SLOT_BY_KEY
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 AMP_MODES = ("off", "auto", "bf16", "fp16")
@@ -25,15 +26,14 @@ class ComponentSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, value: "str | dict | ComponentSpec") -> "ComponentSpec":
+    def parse(cls, value: str | dict | ComponentSpec) -> ComponentSpec:
         """Parse ``name[:key=value,...]`` or a YAML mapping ``{name: ..., key: value}``."""
         if isinstance(value, ComponentSpec):
             return value
         if isinstance(value, dict):
             if "name" not in value:
                 raise OptiflowError(f"component mapping {value!r} needs a 'name' key")
-            options = {k: v for k, v in value.items() if k != "name"}
-            return cls(str(value["name"]), options)
+            return cls(str(value["name"]), {k: v for k, v in value.items() if k != "name"})
         if not isinstance(value, str) or not value.strip():
             raise OptiflowError(f"expected a component name such as 'adam' or 'sgd:momentum=0.9', got {value!r}")
         name, _, rest = value.strip().partition(":")
@@ -49,6 +49,11 @@ class ComponentSpec:
         if not self.options:
             return self.name
         return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in self.options.items())
+
+
+def _default_spec(key: str) -> ComponentSpec:
+    """The component a slot holds when the configuration does not name one."""
+    return ComponentSpec(str(SLOT_BY_KEY[key].default))
 
 
 def split_variants(text: str) -> list[str]:
@@ -78,7 +83,7 @@ def _split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside brackets, so ``hidden=[64,32],act=relu`` works."""
     parts, depth, current = [], 0, ""
     for char in text:
-        depth += char in "[(" 
+        depth += char in "[("
         depth -= char in "])"
         if char == "," and depth == 0:
             parts.append(current)
@@ -99,14 +104,14 @@ def _format(value: Any) -> str:
 class RunConfig:
     """Everything that determines a training run."""
 
-    data: ComponentSpec = ComponentSpec("digits")
-    norm: ComponentSpec = ComponentSpec("standard")
+    data: ComponentSpec = field(default_factory=lambda: _default_spec("data"))
+    norm: ComponentSpec = field(default_factory=lambda: _default_spec("norm"))
     aug: list[ComponentSpec] = field(default_factory=list)
-    model: ComponentSpec = ComponentSpec("mlp")
+    model: ComponentSpec = field(default_factory=lambda: _default_spec("model"))
     loss: ComponentSpec | None = None
-    opt: ComponentSpec = ComponentSpec("adam")
-    sched: ComponentSpec = ComponentSpec("none")
-    init: ComponentSpec = ComponentSpec("default")
+    opt: ComponentSpec = field(default_factory=lambda: _default_spec("opt"))
+    sched: ComponentSpec = field(default_factory=lambda: _default_spec("sched"))
+    init: ComponentSpec = field(default_factory=lambda: _default_spec("init"))
     reg: list[ComponentSpec] = field(default_factory=list)
     epochs: int = 20
     batch_size: int | str = 32
@@ -134,14 +139,7 @@ class RunConfig:
         self.validate()
 
     @classmethod
-    def from_layers(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "RunConfig":
-        """Defaults, updated by the YAML file at ``path``, updated by ``overrides`` (CLI flags)."""
-        values: dict[str, Any] = load_yaml(path) if path else {}
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_dict(values)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
@@ -193,17 +191,18 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return RunConfig.from_dict({**self.to_dict(), **changes})
 
 
 def _convert(key: str, value: Any) -> Any:
     field_type = {f.name: f.type for f in dataclasses.fields(RunConfig)}[key]
-    if key in {"aug", "reg"}:
+    slot = SLOT_BY_KEY.get(key)
+    if slot is not None and slot.repeatable:
         items = value if isinstance(value, (list, tuple)) else [value]
         return [ComponentSpec.parse(v) for v in items if v not in (None, "", "none")]
-    if "ComponentSpec" in field_type:
-        return None if value in (None, "", "auto") and key == "loss" else ComponentSpec.parse(value)
+    if slot is not None:
+        return None if value in (None, "", "auto") and slot.default is None else ComponentSpec.parse(value)
     if key == "amp" and isinstance(value, bool):
         return "auto" if value else "off"
     if key == "channels_last" and str(value).lower() == "auto":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console()
@@ -19,7 +19,7 @@ class RichReporter:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False,
         )
-        self.epochs = self.batches = None
+        self.epochs = self.batches = TaskID(-1)
 
     def start(self, epochs: int, batches: int) -> None:
         self.progress.start()
@@ -98,9 +98,8 @@ def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 def print_comparison(result: Any, config: Any) -> None:
     """The summary of ``compare``: one row per variant, then where the plots went."""
+    from optiflow.commands.compare import BRIEF_COLUMNS
     from optiflow.tracking import resolve_tracking_uri, ui_command
-
-    from optiflow.compare import BRIEF_COLUMNS
 
     result_table(f"compare: final {result.metric}", list(BRIEF_COLUMNS), result.brief)
     console.print(f"parent run {result.parent_run_id}  ·  files in {result.out_dir}  ·  "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from optiflow.errors import OptiflowError
 
@@ -60,7 +61,7 @@ class DataSource:
     @property
     def num_outputs(self) -> int:
         if self.task == "classification":
-            return int(self.num_classes)
+            return int(self.num_classes or 0)
         return 1 if self.y.ndim == 1 else int(self.y.shape[1])
 
 
@@ -75,7 +76,7 @@ class Splits:
     x_test: Tensor
     y_test: Tensor
 
-    def to(self, device: torch.device, train_device: torch.device | None = None) -> "Splits":
+    def to(self, device: torch.device, train_device: torch.device | None = None) -> Splits:
         """Every split on ``device``, except the training split on ``train_device`` when given."""
         train_device = train_device or device
         x_train, y_train, *rest = self.tensors()
@@ -91,7 +92,7 @@ class Splits:
 class Normalizer(Protocol):
     """Fitted on the training split only, then applied to every split."""
 
-    def fit(self, x: Tensor) -> "Normalizer": ...
+    def fit(self, x: Tensor) -> Normalizer: ...
 
     def transform(self, x: Tensor) -> Tensor: ...
 
@@ -123,7 +124,7 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
         a, b = torch.as_tensor(index_a), torch.as_tensor(index_b)
         return x[a], y[a], x[b], y[b]
 
-    if source.x_test is not None:
+    if source.x_test is not None and source.y_test is not None:
         x_rest, y_rest, x_test, y_test = source.x, source.y, source.x_test, source.y_test
     else:
         x_rest, y_rest, x_test, y_test = cut(source.x, source.y, test_split, salt=0)
@@ -229,8 +230,8 @@ class LoaderBatches:
     ) -> None:
         from torch.utils.data import DataLoader, DistributedSampler
 
-        dataset = _SampleDataset(x.cpu(), y.cpu(), transform)
-        self.sampler = None
+        dataset: Any = _SampleDataset(x.cpu(), y.cpu(), transform)  # a map-style Dataset, without importing torch here
+        self.sampler: DistributedSampler[int] | None = None
         if world_size > 1:
             seed = generator.initial_seed() if generator is not None else 0
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
@@ -238,7 +239,7 @@ class LoaderBatches:
         self.device = device
         self.non_blocking = pin_memory and device.type == "cuda"
         shard = len(dataset) if self.sampler is None else self.sampler.num_samples
-        self.loader = DataLoader(
+        self.loader: DataLoader[tuple[Tensor, Tensor]] = DataLoader(
             dataset,
             batch_size=max(1, min(batch_size, shard)),
             shuffle=shuffle if self.sampler is None else False,

@@ -1,6 +1,26 @@
-"""Errors a user can cause.  The CLI prints them as one line and exits non-zero."""
+"""Errors a user can cause, and the one way their messages are cut to a line.
+
+The CLI prints an :class:`OptiflowError` as one line and exits with its ``exit_code``.
+"""
 
 import signal
+
+MAX_LINE = 300
+
+
+def first_line(error: "BaseException | str") -> str:
+    """The first non-empty line of an error message, at most 300 characters.
+
+    An exception with no message gives its type name; an ``OSError`` gives
+    ``strerror: filename``.  Never raises, whatever the message is.
+    """
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+        return text[:MAX_LINE]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines:
+        return lines[0][:MAX_LINE]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
 
 
 class OptiflowError(Exception):

@@ -2,7 +2,7 @@
 
 Registration hooks receive a ``register`` callable; the core owns naming,
 option parsing and duplicate handling.  Lifecycle hooks receive the live
-:class:`optiflow.runner.Run` and fire in the order documented in docs/plugins.md.
+:class:`optiflow.run.Run` and fire in the order documented in docs/plugins.md.
 """
 
 import pluggy
@@ -113,7 +113,7 @@ def optiflow_check_run(run):
 def optiflow_run_start(run):
     """Called once per run, after the model, optimizer and scheduler exist and
     the MLflow run is open, before the first epoch.  ``run`` is the live
-    :class:`optiflow.runner.Run`.  Returns nothing."""
+    :class:`optiflow.run.Run`.  Returns nothing."""
 
 
 @hookspec

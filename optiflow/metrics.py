@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 TIMING_METRICS = frozenset({"epoch_time", "samples_per_sec", "train_seconds"})
-HIGHER_IS_BETTER = ("accuracy", "r2", "f1", "auc", "precision", "recall")
+HIGHER_IS_BETTER = ("accuracy", "r2", "f1", "auc", "precision", "recall", "per_sec")
 
 
 def higher_is_better(metric: str) -> bool:

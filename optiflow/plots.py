@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,7 +16,7 @@ def _pyplot() -> Any:
 
 def learning_curves(history: dict[str, list[float]], title: str = "") -> Any:
     """Loss curves (train/validation) beside the accuracy or RMSE curves, per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     quality = [k for k in ("train_accuracy", "val_accuracy", "val_rmse", "val_r2") if k in history]
     figure, axes = plt.subplots(1, 2 if quality else 1, figsize=(10 if quality else 5.5, 4), squeeze=False)
     for key in ("train_loss", "val_loss"):
@@ -41,7 +41,7 @@ def overlay_curves(histories: dict[str, list[dict[str, list[float]]]], title: st
     """Training and validation loss of every variant on shared axes (mean over seeds, min-max band)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     keys = [k for k in ("train_loss", "val_loss") if any(k in h for runs in histories.values() for h in runs)]
     figure, axes = plt.subplots(1, len(keys) or 1, figsize=(6 * max(len(keys), 1), 4.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -72,7 +72,7 @@ def metric_bars(labels: list[str], values: list[list[float]], metric: str) -> An
     """The final metric per variant: a bar at the mean, the standard deviation and each seed as a dot."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(labels) + 2), 5))
     means = [float(np.mean(v)) if v else float("nan") for v in values]
     spreads = [float(np.std(v)) if len(v) > 1 else 0.0 for v in values]
@@ -93,7 +93,7 @@ def metric_bars(labels: list[str], values: list[list[float]], metric: str) -> An
 
 def lr_schedule(positions: list[float], rates: list[float], title: str = "", warmup_end: float | None = None) -> Any:
     """The learning rate over training (x in epochs), the warmup phase shaded."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.plot(positions, rates, color="tab:blue")
     if warmup_end:

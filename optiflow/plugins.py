@@ -14,28 +14,34 @@ registered, so the rest keeps working.  Environment switches:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from optiflow import hookspecs
-from optiflow.errors import OptiflowError
-from optiflow.registry import FAMILIES, Registry
+from optiflow.errors import OptiflowError, first_line
+from optiflow.hooktrace import hook_tracer, trace_line
+from optiflow.registry import Registry
+from optiflow.slots import FAMILIES
 
 if TYPE_CHECKING:
     import click
 
 ENTRY_POINT_GROUP = "optiflow"
 DEFAULT_PLUGINS = (
-    "optiflow_plugins.data",
+    "optiflow_plugins.datasets",
+    "optiflow_plugins.normalizers",
+    "optiflow_plugins.augmentations",
     "optiflow_plugins.models",
     "optiflow_plugins.optimizers",
     "optiflow_plugins.regularizers",
@@ -43,14 +49,6 @@ DEFAULT_PLUGINS = (
     "optiflow_plugins.initializers",
     "optiflow_plugins.diagnostics",
 )
-REGISTRATION_HOOKS = {
-    "data": "optiflow_register_data",
-    "model": "optiflow_register_models",
-    "optimizer": "optiflow_register_optimizers",
-    "regularizer": "optiflow_register_regularizers",
-    "scheduler": "optiflow_register_schedulers",
-    "initializer": "optiflow_register_initializers",
-}
 COMMANDS_HOOK = "optiflow_register_commands"
 BUILTIN_DISTRIBUTION = "optiflow"
 REGISTERED_IN_CODE = ("(registered in code)", "")
@@ -65,7 +63,7 @@ class PluginSelection:
     disabled: frozenset[str] = frozenset()
 
     @classmethod
-    def from_environment(cls, extra_disabled: Iterable[str] = ()) -> "PluginSelection":
+    def from_environment(cls, extra_disabled: Iterable[str] = ()) -> PluginSelection:
         load = os.environ.get("OPTIFLOW_LOAD_PLUGINS")
         disabled = _names(os.environ.get("OPTIFLOW_DISABLE_PLUGINS", "")) | set(extra_disabled)
         return cls(None if load is None else frozenset(_names(load)), frozenset(disabled))
@@ -109,7 +107,7 @@ class PluginManager(pluggy.PluginManager):
         self._commands: dict[str, click.Command] | None = None
         self.command_owners: dict[str, str] = {}
         if _truthy("OPTIFLOW_TRACE_HOOKS"):
-            self.add_hookcall_monitoring(*_tracer())
+            self.add_hookcall_monitoring(*hook_tracer())
 
     @property
     def registry(self) -> Registry:
@@ -118,13 +116,11 @@ class PluginManager(pluggy.PluginManager):
             self._registry = build_registry(self)
         return self._registry
 
-    @property
-    def commands(self) -> dict[str, click.Command]:
-        """The CLI subcommands plugins add through ``optiflow_register_commands``."""
+    def commands(self, reserved: Iterable[str] = ()) -> dict[str, click.Command]:
+        """The CLI subcommands plugins add through ``optiflow_register_commands``; a name in
+        ``reserved`` (the built-in commands, passed by the CLI) rejects the plugin adding it."""
         if self._commands is None:
-            from optiflow.cli import cli
-
-            self._commands = build_commands(self, reserved=cli.commands)
+            self._commands = build_commands(self, reserved=reserved)
         return self._commands
 
     def distribution(self, name: str) -> tuple[str, str]:
@@ -136,7 +132,7 @@ class PluginManager(pluggy.PluginManager):
     def reject(self, name: str, error: str, plugin: object = None,
                distribution: tuple[str, str] | None = None) -> None:
         """Drop a broken plugin with all it registered; warn once, or raise under OPTIFLOW_STRICT_PLUGINS."""
-        failure = PluginFailure(name, *(distribution or self.distribution(name)), _one_line(error))
+        failure = PluginFailure(name, *(distribution or self.distribution(name)), first_line(error) or "failed")
         if _truthy("OPTIFLOW_STRICT_PLUGINS"):
             raise OptiflowError(f"{failure} is broken: {failure.error} (OPTIFLOW_STRICT_PLUGINS is set)")
         self.failures.append(failure)
@@ -187,7 +183,7 @@ def load_plugins(pm: PluginManager) -> PluginManager:
             pm.set_blocked(name)
             pm.blocked.append((name, *builtin))
             continue
-        _add(pm, name, builtin, lambda module_name=module_name: importlib.import_module(module_name))
+        _add(pm, name, builtin, functools.partial(importlib.import_module, module_name))
     for entry_point in _entry_points():
         dist = entry_point.dist
         origin = (dist.metadata["Name"], dist.version) if dist is not None else ("unknown distribution", "?")
@@ -202,10 +198,11 @@ def build_registry(pm: PluginManager) -> Registry:
     """Ask each plugin in turn for its components; a plugin that fails is dropped with all it registered."""
     registry = Registry()
     for name, plugin in list(pm.list_name_plugin()):
-        for family, hook_name in REGISTRATION_HOOKS.items():
+        for family in FAMILIES:
+            hook_name = family.hook
             try:
                 for impl in _impls_of(pm, hook_name, plugin):
-                    _call(impl, hook_name, register=registry.registrar(FAMILIES[family][0], name))
+                    _call(impl, hook_name, register=registry.registrar(family.name, name))
             except Exception as exc:
                 registry.remove_plugin(name)
                 pm.reject(name, _failure_text(exc, hook_name), plugin)
@@ -248,28 +245,30 @@ def registered_plugin(plugin: object, name: str | None = None) -> Iterator[Plugi
     if pm.is_registered(plugin):
         yield pm
         return
-    name = pm.register(plugin, name=name)
-    pm.distributions[name] = REGISTERED_IN_CODE
+    registered = pm.register(plugin, name=name)
+    assert registered is not None, "pluggy refused a plugin that is not registered"
+    pm.distributions[registered] = REGISTERED_IN_CODE
     pm.invalidate()
     try:
         yield pm
     finally:
         if pm.is_registered(plugin):
             pm.unregister(plugin)
-        pm.distributions.pop(name, None)
+        pm.distributions.pop(registered, None)
         pm.invalidate()
 
 
-def describe_plugins(pm: PluginManager | None = None) -> list[dict[str, Any]]:
-    """Every plugin the manager knows: origin, status, hooks implemented and what it registered."""
+def describe_plugins(pm: PluginManager | None = None, reserved: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Every plugin the manager knows: origin, status, hooks implemented and what it registered
+    (``reserved``: the built-in command names, see :meth:`PluginManager.commands`)."""
     pm = pm or get_plugin_manager()
-    registry, commands = pm.registry, pm.commands
+    registry, commands = pm.registry, pm.commands(reserved)
     rows = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
         components: dict[str, list[str]] = {}
-        for component in registry.list():
+        for component in registry.select():
             if component.plugin == name:
                 components.setdefault(component.kind, []).append(component.name)
         rows.append(_row(name, *pm.distribution(name), "loaded",
@@ -323,7 +322,7 @@ def _call(impl: pluggy.HookImpl, hook_name: str, **kwargs: Any) -> Any:
         return impl.function(*(kwargs[arg] for arg in impl.argnames))
     finally:
         if _truthy("OPTIFLOW_TRACE_HOOKS"):
-            _trace_line(hook_name, [impl.plugin_name], kwargs, time.perf_counter() - started)
+            trace_line(hook_name, [impl.plugin_name], kwargs, time.perf_counter() - started)
 
 
 def _row(name: str, distribution: str, version: str, status: str, *, error: str | None = None,
@@ -350,29 +349,6 @@ def _failure_text(exc: BaseException, hook_name: str | None = None) -> str:
     return f"raised in {hook_name}: {text}" if hook_name else text
 
 
-def _tracer() -> tuple[Callable[..., None], Callable[..., None]]:
-    """pluggy monitoring callbacks printing ``hook(args) <- plugins  time`` for every hook call."""
-    started: list[float] = []
-
-    def before(hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
-        started.append(time.perf_counter())
-
-    def after(outcome: Any, hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
-        seconds = time.perf_counter() - started.pop()
-        _trace_line(hook_name, [impl.plugin_name for impl in impls], kwargs, seconds,
-                    failed=outcome.exception is not None)
-
-    return before, after
-
-
-def _trace_line(hook_name: str, plugins: list[str], kwargs: dict[str, Any], seconds: float,
-                failed: bool = False) -> None:
-    args = ", ".join(k if not isinstance(v, (int, float, str, bool)) else f"{k}={v!r}" for k, v in kwargs.items())
-    status = "  RAISED" if failed else ""
-    print(f"[optiflow trace] {hook_name}({args}) <- {', '.join(plugins) or '-'}  "
-          f"{seconds * 1e3:.2f} ms{status}", file=sys.stderr, flush=True)
-
-
 def _names(text: str) -> set[str]:
     return {_normalize(n) for n in text.split(",") if n.strip()}
 
@@ -381,10 +357,6 @@ def _normalize(name: str) -> str:
     """Plugin and distribution names compare like package names: case and -_. do not matter."""
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else "failed"
 
 
 def _truthy(variable: str) -> bool:

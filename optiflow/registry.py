@@ -7,20 +7,13 @@ import fnmatch
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from optiflow.errors import OptiflowError
+from optiflow.slots import FAMILY_KINDS, KINDS, family_of
 
-FAMILIES: dict[str, tuple[str, ...]] = {
-    "data": ("dataset", "normalizer", "augmentation"),
-    "model": ("model", "activation", "loss"),
-    "optimizer": ("optimizer",),
-    "regularizer": ("regularizer",),
-    "scheduler": ("scheduler",),
-    "initializer": ("initializer",),
-}
-KINDS: tuple[str, ...] = tuple(kind for kinds in FAMILIES.values() for kind in kinds)
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
 
@@ -100,8 +93,10 @@ class Registry:
     )
     aliases: dict[str, dict[str, str]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
 
-    def registrar(self, default_kind: str, plugin: str) -> Callable[..., Component]:
-        """The ``register`` callable handed to one plugin's registration hook."""
+    def registrar(self, family: str, plugin: str) -> Callable[..., Component]:
+        """The ``register`` callable handed to one plugin's registration hook of ``family``:
+        it accepts only that family's kinds (the first is the default)."""
+        kinds = FAMILY_KINDS[family]
 
         def register(
             name: str,
@@ -111,16 +106,21 @@ class Registry:
             kind: str | None = None,
             aliases: tuple[str, ...] | list[str] = (),
         ) -> Component:
-            kind = kind or default_kind
-            if kind not in self.components:
+            kind = kind or kinds[0]
+            if kind not in KINDS:
                 raise OptiflowError(f"plugin '{plugin}' registered '{name}' under unknown kind '{kind}'")
+            if kind not in kinds:
+                raise OptiflowError(
+                    f"plugin '{plugin}' registered {kind} '{name}' from {family_of(kinds[0]).hook}; "
+                    f"a {kind} is registered from {family_of(kind).hook}"
+                )
             doc = (inspect.getdoc(factory) or "").strip().splitlines()
             component = Component(
                 kind=kind,
                 name=name,
                 factory=factory,
                 description=description or (doc[0] if doc else ""),
-                options=options_of(factory),
+                options=options_of(factory, owner=f"{kind} '{name}'"),
                 plugin=plugin,
                 aliases=tuple(aliases),
             )
@@ -165,7 +165,8 @@ class Registry:
             )
         return found
 
-    def list(self, kind: str | None = None, pattern: str = "*") -> list[Component]:
+    def select(self, kind: str | None = None, pattern: str = "*") -> list[Component]:
+        """Components of ``kind`` (every kind when None) whose names match the glob ``pattern``, by name."""
         kinds = [kind] if kind else KINDS
         return [
             c
@@ -178,11 +179,20 @@ class Registry:
         return sorted(self.components[kind])
 
 
-def options_of(factory: Callable[..., Any]) -> tuple[Option, ...]:
-    """The keyword-only parameters of ``factory`` as typed options."""
+def options_of(factory: Callable[..., Any], owner: str = "") -> tuple[Option, ...]:
+    """The keyword-only parameters of ``factory`` as typed options.
+
+    A positional parameter with a default would silently not be an option, so it is an
+    error naming the parameter: options go after ``*`` in the signature.
+    """
     options = []
     for param in inspect.signature(factory).parameters.values():
         if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            if param.default is not inspect.Parameter.empty and param.kind is not inspect.Parameter.VAR_KEYWORD:
+                raise OptiflowError(
+                    f"{owner or getattr(factory, '__name__', 'factory')}: parameter '{param.name}' has a default but "
+                    "is not keyword-only; put options after '*' in the factory's signature"
+                )
             continue
         default = None if param.default is inspect.Parameter.empty else param.default
         annotation = _annotation(factory, param, default)

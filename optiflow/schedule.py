@@ -21,7 +21,7 @@ class TrainingLength:
         return self.epochs * self.steps_per_epoch
 
     @classmethod
-    def of(cls, epochs: int, n_train: int, batch_size: int | str, drop_last: bool = False) -> "TrainingLength":
+    def of(cls, epochs: int, n_train: int, batch_size: int | str, drop_last: bool = False) -> TrainingLength:
         """The length of training on ``n_train`` samples in batches as the runner makes them."""
         size = n_train if batch_size == "full" else int(batch_size)
         steps = max(1, n_train // size) if drop_last else math.ceil(n_train / size)

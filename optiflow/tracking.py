@@ -6,13 +6,13 @@ import contextlib
 import fcntl
 import os
 import re
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from optiflow.errors import OptiflowError
-from optiflow.recovery import deferred
+from optiflow.errors import OptiflowError, RunKilled, first_line
+from optiflow.signals import deferred
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
@@ -49,16 +49,16 @@ def retry(fn, *args: Any, **kwargs: Any) -> Any:
     """Call an MLflow client method, retrying while a shared SQLite store is locked."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(_RETRIES):
+    for attempt in range(_RETRIES - 1):
         try:
             with deferred():
                 return fn(*args, **kwargs)
         except MlflowException as exc:
-            transient = "locked" in str(exc).lower() or "busy" in str(exc).lower()
-            if not transient or attempt == _RETRIES - 1:
+            if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
                 raise
-            time.sleep(0.05 * 2**attempt)
-    return None
+        time.sleep(0.05 * 2**attempt)
+    with deferred():
+        return fn(*args, **kwargs)
 
 
 def client(uri: str):
@@ -108,7 +108,7 @@ def _reason(exc: BaseException) -> str:
     """The root cause of a failed store probe, e.g. ``Connection refused``."""
     text = str(exc)
     cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
-    return cause.group(1).strip() if cause else _first_line(exc)
+    return cause.group(1).strip() if cause else first_line(exc)
 
 
 @contextlib.contextmanager
@@ -244,6 +244,45 @@ class Tracker:
             retry(self.client.set_terminated, self.run_id, status=status)
 
 
+class Outcome:
+    """How the run of a :func:`run_status` block ends; the block may change it before it completes.
+
+    ``status`` is the status the run gets when the block completes (FINISHED; None leaves the
+    run open for another process to end); ``failure`` replaces the ``failure`` tag that an
+    exception sets (its first line).
+    """
+
+    def __init__(self) -> None:
+        self.status: str | None = "FINISHED"
+        self.failure: str | None = None
+
+
+@contextlib.contextmanager
+def run_status(tracker: Any) -> Iterator[Outcome]:
+    """End ``tracker``'s open run with the right status, whatever happens in the block.
+
+    FINISHED (or the ``Outcome``'s status) when the block completes; KILLED on
+    :class:`optiflow.errors.RunKilled` (stopped on purpose, e.g. a pruned trial); KILLED on
+    Ctrl-C or SIGTERM and FAILED on any other exception, both with a ``failure`` tag.  The
+    exception is re-raised.
+    Train, compare and search end every run they open through this one block.
+    """
+    outcome = Outcome()
+    try:
+        yield outcome
+    except RunKilled:
+        outcome.status = "KILLED"
+        raise
+    except BaseException as exc:
+        outcome.status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            tracker.set_tags({"failure": (outcome.failure or first_line(exc))[:5000]})
+        raise
+    finally:
+        if outcome.status is not None:
+            tracker.end(outcome.status)
+
+
 class NullTracker:
     """Stands in for ``Tracker`` on every data-parallel process but rank 0: logs nothing."""
 
@@ -260,15 +299,8 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def artifact_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="optiflow-"))
-
 
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

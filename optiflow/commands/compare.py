@@ -7,13 +7,14 @@ import difflib
 import itertools
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from optiflow.config import RunConfig, split_variants
 from optiflow.errors import OptiflowError, TrainingError
-from optiflow.experiment import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
+from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
 
 NOT_VARIABLE = frozenset({"experiment", "tracking_uri", "run_name"})
 VARIABLE_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in NOT_VARIABLE)
@@ -91,8 +92,8 @@ def variant_label(values: dict[str, str]) -> str:
 
 def plan_runs(base: RunConfig, vary: dict[str, list[str]], repeats: int) -> list[tuple[str, RunConfig]]:
     """Every (label, config) to train, validated against the registry before anything runs."""
+    from optiflow.plan import plan
     from optiflow.plugins import get_registry
-    from optiflow.runner import plan
 
     if repeats < 1:
         raise OptiflowError(f"--repeats must be >= 1, got {repeats}")
@@ -129,15 +130,14 @@ def compare(
     A variant whose training diverges is recorded as FAILED and the comparison goes on;
     Ctrl-C ends the parent KILLED, any other error ends it FAILED.
     """
-    from optiflow.runner import train
-    from optiflow.tracking import Tracker
+    from optiflow.commands.train import train
+    from optiflow.tracking import Tracker, run_status
 
     runs = plan_runs(base, vary, repeats)
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
-    status = "FAILED"
-    try:
+    with run_status(tracker) as outcome:
         tracker.log_params({**{f"vary.{k}": " | ".join(v) for k, v in vary.items()}, "repeats": repeats,
                             "variants": len(runs) // repeats, "runs": len(runs)})
         tracker.log_text(base.to_yaml(), "config.yaml")
@@ -153,23 +153,19 @@ def compare(
             except TrainingError as exc:
                 children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
                 continue
-            children.append(ChildRun(label, config.seed, result.status, result.run_id,
+            children.append(ChildRun(label, config.seed, "FINISHED", result.run_id,
                                      final_metrics(result.metrics, result.history), result.history, result.seconds))
         comparison = _summarize(tracker, children, metric, out_dir)
-        status = "FINISHED" if any(c.status == "FINISHED" for c in children) else "FAILED"
+        if not any(c.status == "FINISHED" for c in children):
+            outcome.status = "FAILED"
         return comparison
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end(status)
 
 
 def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_dir: str | Path | None) -> Comparison:
     from optiflow.plots import metric_bars, overlay_curves
 
     finished = [c for c in children if c.status == "FINISHED"]
-    metric = metric or default_metric(finished[0].metrics if finished else [])
+    metric = metric or default_metric(list(finished[0].metrics) if finished else [])
     if finished and not any(metric in c.metrics for c in finished):
         available = sorted({k for c in finished for k in c.metrics})
         raise OptiflowError(f"no run produced metric '{metric}'; available: {', '.join(available)}")

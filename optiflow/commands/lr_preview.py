@@ -43,14 +43,15 @@ def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePr
     import torch
 
     from optiflow.data import DataContext, split
+    from optiflow.plan import plan
     from optiflow.plugins import get_registry
-    from optiflow.runner import build_optimizer, plan
+    from optiflow.run import build_optimizer
 
     if steps_per_epoch is not None and steps_per_epoch < 1:
         raise OptiflowError(f"--steps-per-epoch must be >= 1, got {steps_per_epoch}")
     resolved = plan(config, get_registry())
     if steps_per_epoch is None:
-        dataset, options = resolved.dataset
+        dataset, options = resolved.data
         source = dataset.factory(DataContext(Path(config.data_dir), config.seed), **options)
         n_train = len(split(source, config.val_split, config.test_split, config.seed,
                             cv_folds=config.cv_folds, cv_fold=config.cv_fold).x_train)
@@ -64,7 +65,7 @@ def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePr
         for step in range(length.steps_per_epoch):
             positions.append(epoch + step / length.steps_per_epoch)
             rates.append(float(optimizer.param_groups[0]["lr"]))
-            optimizer.step(lambda: no_loss)
+            optimizer.step(lambda: float(no_loss))
             if schedule.interval == "step":
                 schedule.step()
         if schedule.interval == "epoch":

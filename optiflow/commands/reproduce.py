@@ -10,7 +10,7 @@ from typing import Any
 
 from optiflow.config import RunConfig, load_yaml
 from optiflow.errors import OptiflowError
-from optiflow.experiment import TIMING_METRICS
+from optiflow.metrics import TIMING_METRICS
 
 NOT_REPRODUCIBLE = {"compare": "a compare parent run; reproduce one of its child runs",
                     "search": "a search parent run; reproduce one of its trial runs",
@@ -65,7 +65,7 @@ def original_config(run_id: str, tracking_uri: str | None) -> tuple[RunConfig, A
 def reproduce(run_id: str, tracking_uri: str | None = None, *, device: str | None = None, rtol: float = 1e-5,
               atol: float = 1e-8, reporter: Any = None, tags: dict[str, str] | None = None) -> Reproduction:
     """Train again with the original configuration and seed; compare every non-timing metric."""
-    from optiflow.runner import train
+    from optiflow.commands.train import train
 
     config, original = original_config(run_id, tracking_uri)
     if device is not None:
@@ -74,6 +74,7 @@ def reproduce(run_id: str, tracking_uri: str | None = None, *, device: str | Non
                    extra_tags={**(tags or {}), "optiflow.reproduces": run_id})
     from optiflow.tracking import client
 
+    assert result.run_id is not None and result.tracking_uri is not None, "reproduce trains in one process"
     reproduced = client(result.tracking_uri).get_run(result.run_id).data.metrics
     rows = []
     for key in sorted(k for k in original.data.metrics if k not in TIMING_METRICS):

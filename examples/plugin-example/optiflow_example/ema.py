@@ -8,13 +8,13 @@ model's weights when training finishes, so the test metrics and the logged model
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
 from optiflow import hookimpl
-from optiflow.runner import evaluate
+from optiflow.loop import evaluate
 
 
 class WeightEMA:

@@ -13,7 +13,8 @@ and a weight decay 3-10x larger than AdamW.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 

@@ -9,14 +9,15 @@ import os
 
 import pytest
 import torch
-
-from optiflow.config import RunConfig
-from optiflow.plugins import registered_plugin
-from optiflow.runner import train
+from mlflow.tracking import MlflowClient
 from optiflow_example import plugin
 from optiflow_example.datasets import make_spirals
 from optiflow_example.ema import WeightEMA
 from optiflow_example.lion import Lion
+
+from optiflow.commands.train import train
+from optiflow.config import RunConfig
+from optiflow.plugins import registered_plugin
 
 
 def test_lion_follows_the_papers_update_rule():
@@ -90,6 +91,7 @@ def test_lion_trains_on_spirals_with_ema(example_plugin, tmp_path):
         "epochs": 8, "tracking_uri": store, "experiment": "plugin-example",
     })
     result = train(config, log_model=False)
-    assert result.status == "FINISHED" and result.epochs == 8
+    assert result.epochs == 8 and result.stop_reason is None
+    assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
     assert len(result.history["ema_val_accuracy"]) == 8
     assert result.history["val_accuracy"][-1] > 0.6, "Lion learns the spirals"

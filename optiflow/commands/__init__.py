@@ -1,0 +1,1 @@
+"""What each ``optiflow`` command does, as functions the CLI (and Python users) call."""

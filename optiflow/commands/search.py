@@ -1,0 +1,140 @@
+"""``optiflow search``: hyper-parameter search on Optuna, one parent MLflow run per study, a child per trial."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import yaml
+
+from optiflow.config import RunConfig
+from optiflow.errors import OptiflowError
+from optiflow.metrics import higher_is_better
+from optiflow.search.objective import run_study
+from optiflow.search.space import Dimension, describe_dimension, parse_space, trial_config
+from optiflow.search.study import (
+    PRUNERS,
+    SAMPLERS,
+    SearchSettings,
+    make_pruner,
+    make_sampler,
+    open_study,
+    parse_component,
+    redact,
+    shared_parent_run,
+)
+from optiflow.search.summary import SearchResult, summarize
+
+
+def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
+           progress: Callable[[str], Any] | None = None) -> SearchResult:
+    """Run (or join) the study and map it onto MLflow; returns the study's summary.
+
+    The parent run stays open when this process finishes while others still run trials: the last one ends it.
+    """
+    from optiflow.tracking import Tracker, run_status
+
+    validate(base, settings)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    temporary = None
+    if settings.n_jobs > 1 and settings.storage is None:
+        temporary = tempfile.TemporaryDirectory(prefix="optiflow-study-")
+        settings = dataclasses.replace(settings, storage=f"journal:{temporary.name}/study.log")
+    try:
+        study = open_study(base, settings)
+        tracker = Tracker(base.tracking_uri, base.experiment)
+        parent_id = shared_parent_run(study, settings.storage is not None,
+                                      lambda: _create_parent(tracker, base, settings, study.study_name, tags))
+        tracker.start(run_id=parent_id)
+        with run_status(tracker) as outcome:
+            try:
+                run_study(base, settings, study, parent_id, tags=tags, progress=progress)
+            finally:
+                result = summarize(tracker, study, settings)
+            if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+                outcome.status = None
+        return result
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+
+
+def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
+    """Search settings from flags and ``--config`` values, validated and with defaults filled in."""
+    space = parse_space(values.get("space") or (), base)
+    sampler, sampler_options = parse_component(str(values.get("sampler") or "tpe"), SAMPLERS, "sampler")
+    pruner, pruner_options = parse_component(str(values.get("pruner") or "none"), PRUNERS, "pruner")
+    metric = str(values.get("metric") or "val_loss")
+    n_trials = values.get("n_trials")
+    if n_trials is None and sampler == "grid":
+        n_trials = math.prod(len(dim.grid()) for dim in space)
+    cv = int(values.get("cv") or 0)
+    return SearchSettings(
+        space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=values.get("sampler_seed"),
+        pruner=pruner, pruner_options=pruner_options, metric=metric,
+        direction=str(values.get("direction") or default_direction(metric)), n_trials=int(n_trials or 20),
+        timeout=values.get("timeout"), cv=cv, storage=values.get("storage"), study_name=values.get("study_name"),
+        n_jobs=int(values.get("n_jobs") or 1), log_models=bool(values.get("log_models")),
+    )
+
+
+def default_direction(metric: str) -> str:
+    return "maximize" if higher_is_better(metric) else "minimize"
+
+
+def validate(base: RunConfig, settings: SearchSettings) -> None:
+    """Check the space, sampler and pruner, and that every choice builds a run, before anything runs."""
+    from optiflow.plan import plan
+    from optiflow.plugins import get_registry
+
+    if settings.n_trials is not None and settings.n_trials < 1:
+        raise OptiflowError(f"--n-trials must be >= 1, got {settings.n_trials}")
+    if settings.n_jobs < 1:
+        raise OptiflowError(f"--n-jobs must be >= 1, got {settings.n_jobs}")
+    if settings.cv == 1 or settings.cv < 0:
+        raise OptiflowError(f"--cv needs at least 2 folds, got {settings.cv}")
+    if settings.direction not in ("minimize", "maximize"):
+        raise OptiflowError(f"--direction must be minimize or maximize, got '{settings.direction}'")
+    if settings.cv and not settings.metric.startswith("val_"):
+        raise OptiflowError(f"with --cv the objective is a validation metric (val_loss, val_accuracy ...), "
+                            f"not '{settings.metric}'")
+    make_sampler(settings)
+    make_pruner(settings, base.epochs)
+    registry = get_registry()
+    for dim in settings.space:
+        for value in (dim.choices if dim.kind == "choice" else (dim.low, dim.high)):
+            def pick(d: Dimension, dim: Dimension = dim, value: Any = value) -> Any:
+                if d is dim:
+                    return int(value) if d.kind == "int" else value
+                return d.choices[0] if d.kind == "choice" else (int(d.low) if d.kind == "int" else d.low)
+
+            try:
+                plan(trial_config(base, settings.space, pick)[0], registry)
+            except OptiflowError as exc:
+                raise OptiflowError(f"--space {dim.name}={value}: {exc}") from None
+
+
+def _create_parent(tracker: Any, base: RunConfig, settings: SearchSettings, study_name: str,
+                   tags: dict[str, str] | None) -> str:
+    """Open the study's parent run (left open for :func:`search`; FAILED if logging its settings fails)."""
+    from optiflow.tracking import run_status
+
+    run_id = tracker.start(run_name=base.run_name or f"search {study_name}",
+                           tags={**(tags or {}), "optiflow.kind": "search", "optuna.study_name": study_name})
+    params = {"study_name": study_name, "sampler": settings.sampler, "pruner": settings.pruner,
+              "metric": settings.metric, "direction": settings.direction, "cv": settings.cv,
+              "storage": redact(settings.storage) if settings.storage else "in-memory"}
+    params.update({f"space.{d.name}": describe_dimension(d) for d in settings.space})
+    params.update({f"sampler.{k}": v for k, v in settings.sampler_options.items()})
+    params.update({f"pruner.{k}": v for k, v in settings.pruner_options.items()})
+    with run_status(tracker) as outcome:
+        outcome.status = None
+        tracker.log_params(params)
+        tracker.log_text(base.to_yaml(), "config.yaml")
+        tracker.log_text(yaml.safe_dump({d.name: describe_dimension(d) for d in settings.space}, sort_keys=False),
+                         "space.yaml")
+    return run_id

@@ -1,0 +1,236 @@
+"""``optiflow train``: one training, tracked as one MLflow run from setup to model.
+
+:func:`train` is also the Python entry point (compare, search, reproduce and tests call it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import optiflow
+from optiflow import checkpoints, distributed, host
+from optiflow.config import RunConfig
+from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, first_line
+from optiflow.hooktrace import culprit
+from optiflow.loop import evaluate, fit
+from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
+from optiflow.registry import Registry
+from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
+from optiflow.signals import InterruptGuard
+from optiflow.tracking import NullTracker, Outcome, Tracker, client, resolve_tracking_uri, run_status
+
+
+def train(
+    config: RunConfig,
+    *,
+    registry: Registry | None = None,
+    pm: PluginManager | None = None,
+    reporter: Reporter | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    log_model: bool = True,
+    extra_params: dict[str, Any] | None = None,
+    resume: str | None = None,
+) -> RunResult:
+    """Train one model as ``config`` says and track it as one MLflow run.
+
+    ``on_epoch`` is called after every epoch's metrics are logged (search uses
+    it to report to Optuna and to prune; raising RunKilled there ends the run
+    KILLED).  ``extra_params`` are logged beside the resolved ones.  ``resume`` is the id of a KILLED or
+    FAILED run to continue from its checkpoint, in that same run (``config``
+    must be its logged configuration: see ``resume_config``).  Raises
+    OptiflowError for bad input before the run starts, TrainingError when
+    training diverges, PluginError when a plugin raises, RunInterrupted (a
+    KeyboardInterrupt) on SIGINT/SIGTERM; the run then ends FAILED or KILLED
+    with a ``failure`` tag, what was logged kept and a checkpoint saved.
+    """
+    registry = registry or get_registry()
+    pm = pm or get_plugin_manager()
+    reporter = reporter or SilentReporter()
+    run = prepare(config, registry)
+    if run.device.type == "cpu":
+        host.keep_freed_memory()
+    with _per_run_plugins(run, pm) as names:
+        _check_run(run, pm, names)
+        cluster = distributed.join(run.device)
+        tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
+        state = None
+        if resume is not None:
+            uri = resolve_tracking_uri(config.tracking_uri)
+            store = client(uri)
+            checkpoints.check_resumable(store, uri, resume)
+            state = checkpoints.load(store, resume)
+        tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
+        tracker.start(run_name=config.run_name, tags=tags, parent_run_id=parent_run_id, run_id=resume)
+        run.tracker = tracker
+        started = time.perf_counter()
+        with InterruptGuard(), run_status(tracker) as outcome:
+            try:
+                if state is None:
+                    _log_setup(run)
+                    if extra_params:
+                        tracker.log_params(extra_params)
+                else:
+                    checkpoints.restore(run, state)
+                    run.checkpoint = state
+                    tracker.delete_tag("failure")
+                    tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
+                resumed_from = run.epoch if state is not None else None
+                pm.hook.optiflow_run_start(run=run)
+                if state is not None:
+                    checkpoints.restore_rng(run, state)
+                fit(run, pm, reporter, on_epoch)
+                reporter.stop()
+                run.status = "FINISHED"
+                pm.hook.optiflow_run_end(run=run, status="FINISHED")
+                metrics = _finish(run, log_model=log_model)
+                seconds = time.perf_counter() - started
+                tracker.log_metrics({"train_seconds": seconds}, step=run.epoch)
+            except BaseException as exc:
+                error = _record_failure(run, pm, reporter, exc, names, outcome)
+                if error is exc:
+                    raise
+                raise error from exc
+    return RunResult(tracker.run_id, metrics, run.history, run.epoch, seconds, tracker.uri, run.stop_reason,
+                     resumed_from)
+
+
+def resume_config(run_id: str, tracking_uri: str | None = None, **overrides: Any) -> RunConfig:
+    """The logged configuration of KILLED or FAILED run ``run_id``, for ``train(config, resume=run_id)``.
+
+    ``overrides`` may only change where and how the run is computed
+    (``device``, ``tracking_uri``), never what is trained.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    values = checkpoints.resumable_config(client(uri), uri, run_id)
+    return RunConfig.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}, "tracking_uri": uri})
+
+
+@contextlib.contextmanager
+def _per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
+    """Register the run's ``--reg`` objects as plugins for as long as the run lasts; yields
+    ``{plugin name: "regularizer 'x'"}`` for naming them in errors."""
+    names = {f"{c.name}@{id(run):x}#{i}": f"regularizer '{c.name}'" for i, (c, _) in enumerate(run.plan.reg)}
+    try:
+        for name, regularizer in zip(names, run.regularizers):
+            pm.register(regularizer, name=name)
+        yield names
+    finally:
+        for name in names:
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+
+
+def _check_run(run: Run, pm: PluginManager, names: dict[str, str]) -> None:
+    """``optiflow_check_run``: plugins refuse combinations they cannot work with before any run is logged."""
+    try:
+        pm.hook.optiflow_check_run(run=run)
+    except OptiflowError:
+        raise
+    except Exception as exc:
+        plugin, hook = culprit(pm, exc) or ("?", "optiflow_check_run")
+        raise PluginError(f"plugin {names.get(plugin, repr(plugin))} failed in {hook}: {type(exc).__name__}: "
+                          f"{first_line(exc)}", plugin) from exc
+
+
+def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseException, names: dict[str, str],
+                    outcome: Outcome) -> BaseException:
+    """Say why the run did not finish (failure tag, traceback, checkpoint) before ``run_status`` ends it
+    FAILED or KILLED; returns the error to raise, its message naming the run and how to resume it."""
+    tracker = run.tracker
+    reporter.stop()
+    if isinstance(exc, RunKilled):
+        run.status = run.status or "KILLED"
+        tracker.set_tags({"killed": str(exc)})
+        return exc
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    status = "KILLED" if interrupted else "FAILED"
+    where = culprit(pm, exc) if not interrupted else None
+    if interrupted:
+        reason = str(exc) if isinstance(exc, RunInterrupted) else "interrupted by SIGINT"
+    elif isinstance(exc, OptiflowError):
+        reason = str(exc)
+    else:
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+    if where is not None:
+        plugin, hook = where
+        reason = f"plugin {names.get(plugin, repr(plugin))} failed in {hook}: {reason}"
+    outcome.failure = reason  # run_status tags the run with it as it ends the run
+    saved = ""
+    if run.status is None:
+        run.status = status
+        with contextlib.suppress(Exception):
+            pm.hook.optiflow_run_end(run=run, status=status)
+    if not isinstance(exc, OptiflowError):
+        tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
+    if run.checkpoint is not None:
+        checkpoints.save(tracker, run.checkpoint)
+        saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
+    message = f"{reason} (run {tracker.run_id} ended {status}{saved})"
+    if interrupted:
+        return RunInterrupted(getattr(exc, "signum", signal.SIGINT), message)
+    if where is not None:
+        return PluginError(message, where[0])
+    if isinstance(exc, OptiflowError):
+        error = type(exc)(message)
+        error.exit_code = exc.exit_code
+        return error
+    note = f"run {tracker.run_id} ended FAILED; its traceback is the failure.txt artifact"
+    noted: Any = exc  # BaseException.add_note() is Python 3.11+
+    noted.__notes__ = [*getattr(exc, "__notes__", []), note]
+    return exc
+
+
+def _log_setup(run: Run) -> None:
+    """Parameters (the plan, data sizes, resolved computing decisions), the config and the normalizer."""
+    tracker = run.tracker
+    params = run.plan.params()
+    params.update({f"data.n_{k}": v for k, v in run.splits.sizes().items()})
+    params["data.input_shape"] = list(run.splits.x_train.shape[1:])
+    params["model.parameters"] = sum(p.numel() for p in run.model.parameters())
+    params["device_type"] = run.device.type
+    params["channels_last"] = run.setup.channels_last
+    tracker.log_params(params)
+    tracker.log_text(run.config.to_yaml(), "config.yaml")
+    state = run.normalizer.state() if hasattr(run.normalizer, "state") else {}
+    if state:
+        tracker.log_text(json.dumps(_jsonable(state), indent=2), "normalization.json")
+
+
+def _finish(run: Run, log_model: bool) -> dict[str, float]:
+    """Test metrics, the learning curves and (``log_model``) the model, on the finished run."""
+    from optiflow.plots import learning_curves, pyplot
+
+    tracker = run.tracker
+    test = evaluate(run, run.splits.x_test, run.splits.y_test, "test")
+    tracker.log_metrics(test, step=run.epoch)
+    figure = learning_curves(run.history, title=f"{run.plan.model[0].name} / {run.plan.opt[0].name}")
+    tracker.log_figure(figure, "learning_curves.png")
+    pyplot().close(figure)
+    if log_model:
+        example = run.splits.x_test[:5].detach().cpu().numpy()
+        tracker.log_model(run.model, example)
+    return test
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.detach().cpu().tolist() if hasattr(value, "detach") else value.tolist()
+    return value
+
+
+def _command_line() -> str:
+    return shlex.join(["optiflow", *sys.argv[1:]]) if sys.argv and "optiflow" in sys.argv[0] else shlex.join(sys.argv)

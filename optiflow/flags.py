@@ -1,0 +1,95 @@
+"""The flags shared by the commands that train, and how they layer over a ``--config`` file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from optiflow.slots import SLOTS
+
+COMPONENT_HELP = "NAME[:key=value,...]"
+#: the command line as the user typed it (set by the CLI group before a command runs)
+ARGV: list[str] = []
+
+
+def train_options(func: Any) -> Any:
+    """The flags shared by every command that trains (train, compare, search)."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with the same keys as these flags (flags win)."),
+        *(click.option(f"--{slot.key}", multiple=slot.repeatable, metavar=COMPONENT_HELP, help=slot.help)
+          for slot in SLOTS),
+        click.option("--data-dir", type=click.Path(file_okay=False), help="Where file-based datasets live [data]."),
+        click.option("--epochs", type=int, help="Training epochs [20]."),
+        click.option("--batch-size", help="Mini-batch size, or 'full' for whole-batch gradient descent [32]."),
+        click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default)."),
+        click.option("--seed", type=int, help="Random seed for splits, initialization and batching [0]."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
+        click.option("--val-split", type=float, help="Fraction of the training data held out for validation [0.1]."),
+        click.option("--test-split", type=float, help="Fraction held out for testing when the dataset has no test set [0.2]."),
+        click.option("--shuffle/--no-shuffle", default=None, help="Shuffle training batches every epoch [shuffle]."),
+        click.option("--drop-last/--keep-last", default=None, help="Drop the last incomplete batch [keep-last]."),
+        click.option("--log-step-loss", is_flag=True, default=None,
+                     help="Also log every batch's training loss as train_loss_step (step = batch number)."),
+        click.option("--workers", type=int, help="DataLoader worker processes; > 0 streams batches through a DataLoader [0: in-memory batches, or the main process when augmenting]."),
+        click.option("--pin-memory/--no-pin-memory", default=None, help="Page-locked host batches on the DataLoader path, copied to CUDA without blocking [no-pin-memory]."),
+        click.option("--compile/--no-compile", default=None, help="Compile the model with torch.compile (first epoch pays the compile time) [no-compile]."),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [auto: on for conv nets on images on the CPU]."),
+        click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), is_flag=False, flag_value="auto", help="Mixed precision autocast; bare --amp picks bf16 (fp16 with a GradScaler on CUDA without bf16); CPU supports bf16 only [off]."),
+        click.option("--experiment", help="MLflow experiment name [optiflow]."),
+        click.option("--run-name", help="MLflow run name."),
+        click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def command_tag() -> dict[str, str]:
+    """The ``optiflow.command`` tag: the command line as the user typed it."""
+    import shlex
+
+    return {"optiflow.command": shlex.join(["optiflow", *ARGV])}
+
+
+def build_config(params: dict[str, Any], **extra: Any):
+    """The run configuration: defaults < ``--config`` file < flags given on the command line."""
+    return resolve_layers(params, {}, **extra)[0]
+
+
+def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any], **extra: Any):
+    """``(RunConfig, settings)``: a command's own settings (``vary``, ``space`` ...) are read from
+    the same ``--config`` file as the run configuration; flags win over the file, the file over
+    ``command_defaults``."""
+    from optiflow.config import RunConfig, load_yaml
+
+    path = params.get("config_file")
+    values = {str(k).replace("-", "_"): v for k, v in (load_yaml(path) if path else {}).items()}
+    settings = dict(command_defaults)
+    settings.update({key: values.pop(key) for key in command_defaults if key in values})
+    for key, default in command_defaults.items():
+        flag = params.get(key)
+        if flag in (None, ()):
+            continue
+        listed = isinstance(default, tuple)
+        settings[key] = [*_as_list(settings[key]), *flag] if listed else flag
+    overrides = {
+        key: value
+        for key, value in params.items()
+        if key not in {"config_file", "quiet", "print_config", "nproc", *command_defaults} and value not in (None, ())
+    }
+    overrides.update(extra)
+    return RunConfig.from_dict({**values, **overrides}), settings
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A repeatable setting from a config file: a list, or one mapping/string."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def print_settings(config: Any, settings: dict[str, Any]) -> None:
+    """``--print-config`` for commands with their own settings: one YAML that ``--config`` reads back."""
+    import yaml
+
+    click.echo(config.to_yaml(), nl=False)
+    click.echo(yaml.safe_dump({k: v for k, v in settings.items() if v not in (None, (), [])}, sort_keys=False), nl=False)

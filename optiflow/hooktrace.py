@@ -1,0 +1,50 @@
+"""Following hook calls: ``OPTIFLOW_TRACE_HOOKS`` printing, and naming the plugin behind an exception."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+
+def culprit(pm: Any, exc: BaseException) -> tuple[str, str] | None:
+    """``(plugin name, hook name)`` of the hook implementation ``exc`` was raised from, if any."""
+    codes: dict[Any, tuple[str, str]] = {}
+    for hook_name, caller in vars(pm.hook).items():
+        for impl in caller.get_hookimpls():
+            function = inspect.unwrap(getattr(impl.function, "__func__", impl.function))
+            code = getattr(function, "__code__", None)
+            if code is not None:
+                codes.setdefault(code, (impl.plugin_name, hook_name))
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code in codes:
+            return codes[frame.f_code]
+    return None
+
+
+def hook_tracer() -> tuple[Callable[..., None], Callable[..., None]]:
+    """pluggy monitoring callbacks printing ``hook(args) <- plugins  time`` for every hook call."""
+    started: list[float] = []
+
+    def before(hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+        started.append(time.perf_counter())
+
+    def after(outcome: Any, hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+        seconds = time.perf_counter() - started.pop()
+        trace_line(hook_name, [impl.plugin_name for impl in impls], kwargs, seconds,
+                    failed=outcome.exception is not None)
+
+    return before, after
+
+
+def trace_line(hook_name: str, plugins: list[str], kwargs: dict[str, Any], seconds: float,
+                failed: bool = False) -> None:
+    args = ", ".join(k if not isinstance(v, (int, float, str, bool)) else f"{k}={v!r}" for k, v in kwargs.items())
+    status = "  RAISED" if failed else ""
+    print(f"[optiflow trace] {hook_name}({args}) <- {', '.join(plugins) or '-'}  "
+          f"{seconds * 1e3:.2f} ms{status}", file=sys.stderr, flush=True)

@@ -1,0 +1,222 @@
+"""The training loop: epochs of optimization steps, validation, hooks, metrics and checkpoints.
+
+:func:`fit` runs the epochs; :func:`training_step` builds the function that does one
+optimization step on a batch, the part a reader would write by hand::
+
+    optimizer.zero_grad(); outputs = model(x); loss = loss_fn(outputs, y) + penalties
+    loss.backward(); optiflow_after_backward(...); optimizer.step(); optiflow_after_step(...)
+
+Every optimizer is stepped with a closure doing the first line and the backward pass, so
+optimizers that re-evaluate the loss (LBFGS) work unchanged; under fp16 autocast the
+GradScaler steps instead and there is no closure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from optiflow import checkpoints, distributed
+from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
+from optiflow.errors import TrainingError
+from optiflow.run import Reporter, Run
+from optiflow.signals import deferred
+
+#: steps between checks that the running training loss is finite (each check is one host sync)
+FINITE_CHECK_STEPS = 16
+
+
+def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str, float]], None] | None) -> None:
+    """Train from the epoch after ``run.epoch`` to ``config.epochs`` (or an early stop), logging every epoch."""
+    config = run.config
+    cluster = distributed.current()
+    batches = training_batches(run, cluster)
+    step = training_step(run, pm, cluster)
+    hook = pm.hook
+    classification = run.task == "classification"
+    step_schedule = run.schedule.interval == "step"
+    log_step_loss = config.log_step_loss
+    reporter.start(config.epochs, len(batches))
+    for epoch in range(run.epoch + 1, config.epochs + 1):
+        run.epoch = epoch
+        run.model.train()
+        hook.optiflow_epoch_start(run=run, epoch=epoch)
+        started = time.perf_counter()
+        lr = run.lr
+        loss_sum = torch.zeros((), device=run.device)
+        correct = torch.zeros((), device=run.device, dtype=torch.long)
+        seen = 0
+        for xb, yb in batches:
+            run.step += 1
+            loss, outputs = step(xb, yb)
+            loss_sum.add_(loss, alpha=len(xb))
+            if log_step_loss:
+                run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
+            if classification:
+                correct.add_((outputs.argmax(1) == yb).sum())
+            seen += len(xb)
+            if step_schedule:
+                run.schedule.step()
+            reporter.batch()
+            if run.step % FINITE_CHECK_STEPS == 0:
+                _check_finite(loss_sum, run, lr)
+        _check_finite(loss_sum, run, lr)
+        loss_total, correct_total, seen_total = cluster.sum_floats([loss_sum, correct, seen], run.device)
+        train_loss = loss_total / max(seen_total, 1)
+        seconds = time.perf_counter() - started
+        metrics = {"train_loss": train_loss, "lr": lr, "epoch_time": seconds, "samples_per_sec": seen_total / seconds}
+        if classification:
+            metrics["train_accuracy"] = correct_total / max(seen_total, 1)
+        if len(run.splits.x_val):
+            metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
+        hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
+        metrics = cluster.share(metrics)
+        if run.schedule.interval == "epoch":
+            run.schedule.step(metrics)
+        hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
+        run.stop_reason = cluster.share(run.stop_reason)
+        _record_epoch(run, metrics)
+        reporter.epoch(epoch, metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if run.stop_reason:
+            run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
+            break
+
+
+def training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches | LoaderBatches:
+    """In-memory batches when the training split lives on the device, else a DataLoader."""
+    config = run.config
+    batch_size = len(run.splits.x_train) if config.batch_size == "full" else int(config.batch_size)
+    if not run.setup.streamed:
+        return TensorBatches(run.splits.x_train, run.splits.y_train, batch_size, shuffle=config.shuffle,
+                             drop_last=config.drop_last, generator=run.batch_generator, rank=cluster.rank,
+                             world_size=cluster.world_size)
+    return LoaderBatches(run.splits.x_train, run.splits.y_train, batch_size, device=run.device,
+                         transform=run.augmentation, workers=config.workers, pin_memory=config.pin_memory,
+                         shuffle=config.shuffle, drop_last=config.drop_last, generator=run.batch_generator,
+                         rank=cluster.rank, world_size=cluster.world_size)
+
+
+def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """One optimization step on a batch, returning its loss and outputs (detached).
+
+    Built once per run so that the per-step path does no hook look-ups, no
+    option checks and no host synchronisation: hooks nobody implements are not
+    called, autocast/GradScaler/channels-last/DDP/compile are decided here.
+    """
+    hook = pm.hook
+    penalties = hook.optiflow_penalty if hook.optiflow_penalty.get_hookimpls() else None
+    after_backward = hook.optiflow_after_backward if hook.optiflow_after_backward.get_hookimpls() else None
+    after_step = hook.optiflow_after_step if hook.optiflow_after_step.get_hookimpls() else None
+    optimizer, loss_fn = run.optimizer, run.loss_fn
+    model = _training_model(run, cluster)
+    dtype = run.setup.amp_dtype
+    device_type = run.device.type
+    scaler = torch.amp.GradScaler(device_type) if run.setup.grad_scaler else None
+    channels_last = run.setup.channels_last
+
+    def forward_backward(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            outputs = model(xb)
+            run.last_outputs, run.last_targets = outputs, yb
+            loss = loss_fn(outputs, yb)
+        total = loss
+        if penalties is not None:
+            for penalty in penalties(run=run):
+                total = total + penalty
+        (total if scaler is None else scaler.scale(total)).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if after_backward is not None:
+            after_backward(run=run, step=run.step)
+        return total, loss, outputs
+
+    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        if scaler is not None:
+            _, loss, outputs = forward_backward(xb, yb)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            last: list[Tensor] = []
+
+            def closure() -> Any:
+                total, loss, outputs = forward_backward(xb, yb)
+                last[:] = loss, outputs
+                return total
+
+            optimizer.step(closure)
+            loss, outputs = last
+        if after_step is not None:
+            after_step(run=run, step=run.step)
+        return loss.detach(), outputs.detach()
+
+    return step
+
+
+def _training_model(run: Run, cluster: distributed.Cluster) -> nn.Module:
+    """``run.model`` as the training step calls it: DDP-wrapped across processes, compiled on ``--compile``."""
+    model: Any = run.model
+    if cluster.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.config.compile:
+        model = torch.compile(model, dynamic=False)
+    return model
+
+
+def _check_finite(loss_sum: Tensor, run: Run, lr: float) -> None:
+    """Stop at once when the running training loss is NaN or infinite (one host sync per call)."""
+    if not bool(torch.isfinite(loss_sum)):
+        raise TrainingError(
+            f"the training loss became {float(loss_sum)} at step {run.step} (epoch {run.epoch}, lr={lr:g}): "
+            "lower the learning rate or add gradient clipping (--reg grad-clip)"
+        )
+
+
+def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
+    """Log the epoch's metrics and keep a checkpoint of it, as one step no signal can split."""
+    with deferred():
+        for key, value in metrics.items():
+            run.history.setdefault(key, []).append(value)
+        run.tracker.log_metrics(metrics, step=run.epoch)
+        run.checkpoint = checkpoints.capture(run)
+
+
+def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
+    """Loss (and accuracy, or RMSE/R² for regression) of the model on ``x``, ``y`` in eval mode."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=run.device)
+    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    outputs_all = []
+    with torch.no_grad():
+        for xb, yb in evaluation_batches(x, y):
+            outputs = model(xb)
+            loss_sum += run.loss_fn(outputs, yb) * len(xb)
+            if run.task == "classification":
+                correct += (outputs.argmax(1) == yb).sum()
+            else:
+                outputs_all.append(outputs.reshape(yb.shape))
+    model.train(was_training)
+    n = max(len(x), 1)
+    metrics = {f"{prefix}_loss": float(loss_sum) / n}
+    if run.task == "classification":
+        metrics[f"{prefix}_accuracy"] = float(correct) / n
+    elif outputs_all:
+        predictions = torch.cat(outputs_all)
+        residual = ((predictions - y) ** 2).sum()
+        total = ((y - y.mean()) ** 2).sum().clamp_min(1e-12)
+        metrics[f"{prefix}_rmse"] = float(torch.sqrt(residual / n))
+        metrics[f"{prefix}_r2"] = float(1 - residual / total)
+    return metrics

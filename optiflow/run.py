@@ -1,0 +1,222 @@
+"""The live state of one training run, and how it is built from a plan.
+
+Everything a user can get wrong fails in :func:`prepare`, before an MLflow run exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from optiflow import distributed
+from optiflow.config import RunConfig
+from optiflow.data import DataContext, DataSource, Splits, normalize, split
+from optiflow.errors import OptiflowError, first_line
+from optiflow.plan import Plan, plan
+from optiflow.registry import Component, Registry
+from optiflow.schedule import Schedule, TrainingLength
+from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
+
+
+class Reporter(Protocol):
+    """Progress display driven by the training loop (the CLI passes a rich one)."""
+
+    def start(self, epochs: int, batches: int) -> None: ...
+
+    def batch(self) -> None: ...
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, epochs: int, batches: int) -> None: ...
+
+    def batch(self) -> None: ...
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Run:
+    """The live state of one training run; every lifecycle hook receives it."""
+
+    config: RunConfig
+    plan: Plan
+    setup: Setup
+    source: DataSource
+    splits: Splits
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    length: TrainingLength
+    #: draws the order of training batches; its state is checkpointed
+    batch_generator: torch.Generator
+    normalizer: Any = None
+    augmentation: Callable[[Tensor], Tensor] | None = None
+    regularizers: list[Any] = field(default_factory=list)
+    #: the MLflow run's tracker, None until the run is open (``optiflow_check_run`` sees None)
+    tracker: Any = None
+    epoch: int = 0
+    step: int = 0
+    stop_reason: str | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    last_outputs: Tensor | None = None
+    last_targets: Tensor | None = None
+    checkpoint: dict[str, Any] | None = None
+    status: str | None = None
+    #: per-run scratch space for plugins, keyed by plugin name
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.setup.device
+
+    @property
+    def task(self) -> str:
+        return self.source.task
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to end training after the current epoch."""
+        self.stop_reason = self.stop_reason or reason
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log extra metrics on this run (batched with the epoch's own)."""
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=self.epoch if step is None else step, flush=False)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.set_tags(tags)
+
+
+@dataclass
+class RunResult:
+    """What a finished training returns (a run that does not finish raises instead)."""
+
+    run_id: str | None
+    metrics: dict[str, float]
+    history: dict[str, list[float]]
+    epochs: int
+    seconds: float
+    tracking_uri: str | None
+    stop_reason: str | None = None
+    resumed_from: int | None = None
+
+
+def prepare(config: RunConfig, registry: Registry) -> Run:
+    """Load and split the data, build the model, loss, optimizer and scheduler, and decide
+    where and how they compute; raises OptiflowError on bad input."""
+    resolved = plan(config, registry)
+    cluster = distributed.current()
+    device = resolve_device(config.device, cluster.local_rank if cluster.enabled else None)
+    torch.manual_seed(config.seed)
+    dataset, dataset_options = resolved.data
+    source = build(dataset, DataContext(Path(config.data_dir), config.seed), **dataset_options)
+    splits = split(source, config.val_split, config.test_split, config.seed,
+                   cv_folds=config.cv_folds, cv_fold=config.cv_fold)
+    norm, norm_options = resolved.norm
+    normalizer = build(norm, **norm_options)
+    try:
+        splits = normalize(splits, normalizer)
+    except ValueError as exc:
+        raise OptiflowError(f"normalizer '{norm.name}': {first_line(exc)}") from None
+    input_shape = tuple(splits.x_train.shape[1:])
+
+    torch.manual_seed(config.seed)
+    model_component, model_options = resolved.model
+    model = build(model_component, input_shape, source.num_outputs, **model_options)
+    initialize(model, resolved)
+    _check_model_accepts(model, splits.x_train[:2], model_component.name, input_shape)
+    model.to(device)
+    setup = decide(config, device, model, splits.x_train, splits.y_train)
+    if setup.channels_last:
+        model.to(memory_format=torch.channels_last)
+        splits = Splits(*(t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
+                          for t in splits.tensors()))
+    loss_fn = build_loss(resolved, registry, source.task).to(device)
+    length = TrainingLength.of(config.epochs, len(splits.x_train), config.batch_size, config.drop_last)
+    optimizer, schedule = build_optimizer(resolved, model, length)
+    return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
+               model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
+               normalizer=normalizer,
+               augmentation=_augmentation(resolved), regularizers=[build(c, **o) for c, o in resolved.reg])
+
+
+def build(component: Component, *context: Any, **options: Any) -> Any:
+    """Call a component's factory; a ValueError or OSError it raises is about the user's input: one line."""
+    try:
+        return component.factory(*context, **options)
+    except OptiflowError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise OptiflowError(f"{component.kind} '{component.name}': {first_line(exc)}") from None
+
+
+def initialize(model: nn.Module, resolved: Plan) -> None:
+    """Apply the planned initializer to every Linear and Conv layer of ``model``."""
+    component, options = resolved.init
+    initializer = build(component, **options)
+    if initializer is None:
+        return
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            initializer(module)
+
+
+def build_loss(resolved: Plan, registry: Registry, task: str) -> nn.Module:
+    """The planned loss, or the task's default: cross-entropy for classification, MSE for regression."""
+    if resolved.loss is not None:
+        component, options = resolved.loss
+    else:
+        component = registry.get("loss", "cross-entropy" if task == "classification" else "mse")
+        options = component.resolve_options({})
+    return build(component, task, **options)
+
+
+def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) -> tuple[torch.optim.Optimizer, Schedule]:
+    """The planned optimizer on ``model`` and its learning-rate schedule."""
+    opt_component, opt_options = resolved.opt
+    optimizer = build(opt_component, model, **opt_options)
+    use_fused_kernels(optimizer)
+    sched_component, sched_options = resolved.sched
+    schedule = build(sched_component, optimizer, length, **sched_options)
+    return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+
+
+def _check_model_accepts(model: nn.Module, sample: Tensor, name: str, shape: tuple[int, ...]) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise OptiflowError(f"model '{name}' cannot take inputs of shape {list(shape)}: {first_line(exc)}") from None
+    finally:
+        model.train(was_training)
+
+
+def _augmentation(resolved: Plan) -> Callable[[Tensor], Tensor] | None:
+    if not resolved.aug:
+        return None
+    transforms = [build(component, **options) for component, options in resolved.aug]
+
+    def apply(sample: Tensor) -> Tensor:
+        for transform in transforms:
+            sample = transform(sample)
+        return sample
+
+    return apply

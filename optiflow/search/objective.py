@@ -1,0 +1,189 @@
+"""The trials: Optuna's objective (one training, or K for cross-validation), each a child MLflow run,
+run in this process and in ``--n-jobs`` worker processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import statistics
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from optiflow.config import RunConfig
+from optiflow.errors import OptiflowError, RunKilled, TrainingError
+from optiflow.metrics import final_metrics
+from optiflow.search.space import short, trial_config
+from optiflow.search.study import SearchSettings, open_study
+
+
+class TrialPruned(RunKilled, optuna.TrialPruned):
+    """Optuna prunes the trial; the runner ends its MLflow run KILLED."""
+
+
+class UnknownMetric(OptiflowError):
+    """The objective metric is not among those the runs log: stops the study rather than failing each trial."""
+
+
+def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, *,
+              tags: dict[str, str] | None = None, progress: Callable[[str], Any] | None = None) -> None:
+    """This process's share of ``settings.n_trials``, with ``n_jobs - 1`` workers running the rest."""
+    workers: list[Any] = []
+    try:
+        workers = _spawn_workers(base, settings, study.study_name, parent_id, tags)
+        share = _share(settings.n_trials, settings.n_jobs, 0)
+        run_trials(base, settings, study, parent_id, share, tags=tags, progress=progress)
+        for worker in workers:
+            worker.join()
+        if any(worker.exitcode != 0 for worker in workers):
+            raise OptiflowError("a search worker process failed; see the failed trials in the study")
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+
+
+def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, n_trials: int,
+               *, tags: dict[str, str] | None = None, progress: Callable[[str], Any] | None = None) -> None:
+    """Optimize ``n_trials`` trials of ``study`` in this process, each a child run of ``parent_id``."""
+
+    def objective(trial: optuna.Trial) -> float:
+        config, sampled = trial_config(base, settings.space, lambda dim: dim.suggest(trial))
+        trial_tags = {**(tags or {}), "optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
+        params = {"optuna.trial_number": trial.number, "optuna.sampler": settings.sampler,
+                  "optuna.pruner": settings.pruner, **{f"trial.{k}": v for k, v in sampled.items()}}
+        name = f"trial {trial.number}"
+        try:
+            if settings.cv:
+                value = _cross_validate(trial, config, settings, parent_id, name, trial_tags, params)
+            else:
+                result = _train_trial(trial, config.replace(run_name=name), settings, parent_id, trial_tags,
+                                      params, offset=0)
+                trial.set_user_attr("mlflow_run_id", result.run_id)
+                value = _objective_value(final_metrics(result.metrics, result.history), settings.metric)
+        except TrialPruned:
+            trial.set_user_attr("mlflow_run_id", _child_run(base, parent_id, name, trial_tags, params, None))
+            raise
+        except UnknownMetric:
+            raise
+        except OptiflowError as exc:
+            trial.set_user_attr("failure", str(exc)[:1000])
+            trial.set_user_attr("mlflow_run_id", _child_run(base, parent_id, name, trial_tags, params, str(exc)))
+            raise exc if isinstance(exc, TrainingError) else TrainingError(str(exc)) from None
+        return value
+
+    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if progress is None:
+            return
+        shown = ", ".join(f"{k}={short(v)}" for k, v in trial.params.items())
+        value = f"{settings.metric}={trial.value:.4g}" if trial.value is not None else trial.user_attrs.get("failure", "")
+        try:
+            best = f"  (best {study.best_value:.4g})"
+        except ValueError:
+            best = ""
+        progress(f"trial {trial.number} {trial.state.name.lower()}: {value}{best}  {shown}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=(TrainingError,),
+                       callbacks=[report], gc_after_trial=False)
+
+
+def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str | None,
+                 tags: dict[str, str], params: dict[str, Any], offset: int) -> Any:
+    """One training reporting its per-epoch metric to the pruner (step ``offset + epoch``)."""
+    from optiflow.commands.train import train
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        value = metrics.get(settings.metric)
+        if value is None or settings.pruner == "none":
+            return
+        trial.report(value, offset + epoch)
+        if trial.should_prune():
+            raise TrialPruned(f"pruned by optuna ({settings.pruner}) after epoch {epoch}: "
+                              f"{settings.metric}={value:.4g}")
+
+    return train(config, parent_run_id=parent_id, extra_tags=tags, extra_params=params, on_epoch=on_epoch,
+                 log_model=settings.log_models)
+
+
+def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str, name: str,
+                    tags: dict[str, str], params: dict[str, Any]) -> float:
+    """K trainings, fold k validating on fold k of the training split; the trial's run holds the folds."""
+    from optiflow.tracking import Tracker, run_status
+
+    tracker = Tracker(config.tracking_uri, config.experiment)
+    tracker.start(run_name=name, tags={**tags, "optiflow.kind": "cross-validation"}, parent_run_id=parent_id)
+    scores: list[float] = []
+    histories: list[dict[str, list[float]]] = []
+    with run_status(tracker):
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        tracker.log_params({**params, "cv_folds": settings.cv})
+        tracker.log_text(config.to_yaml(), "config.yaml")
+        for fold in range(settings.cv):
+            fold_config = config.replace(cv_folds=settings.cv, cv_fold=fold, run_name=f"{name} fold {fold}")
+            result = _train_trial(trial, fold_config, settings, tracker.run_id, {**tags, "optiflow.cv_fold": str(fold)},
+                                  {"optuna.trial_number": trial.number}, offset=fold * config.epochs)
+            scores.append(_objective_value(final_metrics(result.metrics, result.history), settings.metric))
+            histories.append(result.history)
+            tracker.log_metrics({f"cv_{settings.metric}": scores[-1]}, step=fold + 1)
+        for epoch in range(min(len(h.get("train_loss", [])) for h in histories)):
+            keys = set.intersection(*(set(h) for h in histories))
+            tracker.log_metrics({k: statistics.fmean(h[k][epoch] for h in histories) for k in keys}, step=epoch + 1,
+                                flush=False)
+        value = statistics.fmean(scores)
+        tracker.log_metrics({f"cv_{settings.metric}_mean": value,
+                             f"cv_{settings.metric}_std": statistics.pstdev(scores)})
+        return value
+
+
+def _objective_value(metrics: dict[str, float], metric: str) -> float:
+    if metric not in metrics:
+        raise UnknownMetric(f"the runs produce no metric '{metric}'; available: {', '.join(sorted(metrics))}")
+    return metrics[metric]
+
+
+def _child_run(base: RunConfig, parent_id: str, name: str, tags: dict[str, str], params: dict[str, Any],
+               failure: str | None) -> str:
+    """The id of a trial's child run; a trial that failed before its run started gets a FAILED one saying why."""
+    from optiflow.tracking import Tracker, retry, run_status
+
+    tracker = Tracker(base.tracking_uri, base.experiment)
+    query = (f"tags.mlflow.parentRunId = '{parent_id}' and "
+             f"tags.`optuna.trial_number` = '{tags['optuna.trial_number']}'")
+    found = retry(tracker.client.search_runs, [tracker.experiment_id], query, max_results=1)
+    if found or failure is None:
+        return found[0].info.run_id if found else "-"
+    run_id = tracker.start(run_name=name, tags={**tags, "failure": failure[:5000]}, parent_run_id=parent_id)
+    with run_status(tracker) as outcome:
+        outcome.status, outcome.failure = "FAILED", failure
+        tracker.log_params(params)
+    return run_id
+
+
+def _share(n_trials: int, n_jobs: int, index: int) -> int:
+    return n_trials // n_jobs + (index < n_trials % n_jobs)
+
+
+def _spawn_workers(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str,
+                   tags: dict[str, str] | None) -> list[Any]:
+    """``n_jobs - 1`` extra processes (separate processes, so per-run plugins never cross runs)."""
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for index in range(1, settings.n_jobs):
+        share = _share(settings.n_trials, settings.n_jobs, index)
+        if share:
+            worker = context.Process(target=_worker, args=(base, settings, study_name, parent_id, share, tags),
+                                     daemon=True)
+            worker.start()
+            workers.append(worker)
+    return workers
+
+
+def _worker(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str, n_trials: int,
+            tags: dict[str, str] | None) -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = open_study(base, dataclasses.replace(settings, study_name=study_name))
+    run_trials(base, settings, study, parent_id, n_trials, tags=tags)

@@ -1,0 +1,191 @@
+"""The Optuna study: its settings, sampler, pruner and storage, and the one parent MLflow run it shares.
+
+Several processes (``--n-jobs`` or separate ``optiflow search`` commands on one
+``--storage``) share one study and one parent run: the first process to create
+the study's lock study (a unique name, so exactly one succeeds) creates the
+parent run and records its id in the study's user attributes; the others wait
+for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from optiflow.config import ComponentSpec, RunConfig
+from optiflow.errors import OptiflowError, first_line
+from optiflow.search.space import Dimension, scalar
+
+SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
+PRUNERS = ("none", "median", "hyperband", "successive-halving")
+PARENT_ATTR = "optiflow.mlflow_parent_run_id"
+LOCK_SUFFIX = ".optiflow-parent-lock"
+PARENT_WAIT_SECONDS = 120.0
+STORAGE_ATTEMPTS = 4
+
+
+@dataclass
+class SearchSettings:
+    """Everything about the study besides the base run configuration."""
+
+    space: list[Dimension]
+    sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    sampler_seed: int | None = None
+    pruner: str = "none"
+    pruner_options: dict[str, Any] = field(default_factory=dict)
+    metric: str = "val_loss"
+    direction: str = "minimize"
+    n_trials: int = 20
+    timeout: float | None = None
+    cv: int = 0
+    storage: str | None = None
+    study_name: str | None = None
+    n_jobs: int = 1
+    log_models: bool = False
+
+
+def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
+    samplers: dict[str, Callable[..., Any]] = {
+        "random": optuna.samplers.RandomSampler,
+        "tpe": optuna.samplers.TPESampler,
+        "gp": optuna.samplers.GPSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+    }
+    options = dict(settings.sampler_options)
+    if settings.sampler == "grid":
+        space = {dim.name: dim.grid() for dim in settings.space}
+        return _construct("sampler", "grid", optuna.samplers.GridSampler, space, seed=settings.sampler_seed, **options)
+    if settings.sampler == "nsga2":
+        options.setdefault("population_size", max(2, min(50, settings.n_trials // 3)))
+    if settings.sampler == "cmaes":
+        options.setdefault("warn_independent_sampling", False)
+    return _construct("sampler", settings.sampler, samplers[settings.sampler], seed=settings.sampler_seed, **options)
+
+
+def make_pruner(settings: SearchSettings, steps: int) -> optuna.pruners.BasePruner:
+    pruners: dict[str, Callable[..., Any]] = {
+        "none": optuna.pruners.NopPruner,
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": lambda **o: optuna.pruners.HyperbandPruner(**{"min_resource": 1, "max_resource": steps, **o}),
+        "successive-halving": lambda **o: optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **o}),
+    }
+    return _construct("pruner", settings.pruner, pruners[settings.pruner], **settings.pruner_options)
+
+
+def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str, dict[str, Any]]:
+    """``tpe:n_startup_trials=5`` as ``("tpe", {"n_startup_trials": 5})`` with the choices checked."""
+    spec = ComponentSpec.parse(value)
+    if spec.name not in names:
+        close = difflib.get_close_matches(spec.name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise OptiflowError(f"unknown {what} '{spec.name}'{hint}; choose from {', '.join(names)}")
+    return spec.name, {k.replace("-", "_"): scalar(v) for k, v in spec.options.items()}
+
+
+def open_storage(url: str | None) -> Any:
+    """An Optuna storage from ``--storage``: ``sqlite:///x.db``, ``postgresql://...``, a journal file
+    (``journal:PATH`` or a path ending in .log/.journal), or in-memory when ``None``."""
+    if url is None:
+        return None
+    path = url[len("journal:"):] if url.startswith("journal:") else url
+    if url.startswith("journal:") or ("://" not in url and Path(url).suffix in {".log", ".journal", ".jsonl"}):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(path))
+        except OSError as exc:
+            raise OptiflowError(f"cannot open the journal file {path}: {exc.strerror}") from None
+    if "://" not in url:
+        raise OptiflowError(f"--storage '{url}' is not a storage URL: use sqlite:///study.db, "
+                            "postgresql://..., or journal:study.log")
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as exc:  # SQLAlchemy raises many kinds; a process creating the schema beside us is one
+            failure = first_line(exc)
+            time.sleep(0.5 * (attempt + 1))
+    raise OptiflowError(f"cannot open the study storage {redact(url)}: {failure}")
+
+
+def open_study(base: RunConfig, settings: SearchSettings) -> optuna.Study:
+    """Create the study, or load it from the storage with the same direction."""
+    storage = open_storage(settings.storage)
+    steps = base.epochs * max(settings.cv, 1)
+    try:
+        study = optuna.create_study(storage=storage, study_name=settings.study_name, load_if_exists=True,
+                                    sampler=make_sampler(settings), pruner=make_pruner(settings, steps),
+                                    direction=optuna.study.StudyDirection[settings.direction.upper()])
+    except ValueError as exc:
+        raise OptiflowError(f"study '{settings.study_name}': {first_line(exc)}") from None
+    if study.direction.name.lower() != settings.direction:
+        raise OptiflowError(f"study '{study.study_name}' was created to {study.direction.name.lower()}, "
+                            f"not {settings.direction}")
+    return study
+
+
+def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], str]) -> str:
+    """The study's parent MLflow run: created by exactly one process, found by every other.
+
+    The process that manages to create the lock study ``<study>.optiflow-parent-lock``
+    (study names are unique in every Optuna storage) creates the run and stores its id
+    in the study's user attributes; the others poll for that attribute.
+    """
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id:
+        return run_id
+    if not shared:
+        run_id = create()
+        study.set_user_attr(PARENT_ATTR, run_id)
+        return run_id
+    lock_name = study.study_name + LOCK_SUFFIX
+    try:
+        optuna.create_study(storage=study._storage, study_name=lock_name)
+    except optuna.exceptions.DuplicatedStudyError:
+        deadline = time.monotonic() + PARENT_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            run_id = study.user_attrs.get(PARENT_ATTR)
+            if run_id:
+                return run_id
+            time.sleep(0.2)
+        raise OptiflowError(f"another process is setting up study '{study.study_name}' but recorded no MLflow "
+                            f"run; if it crashed, delete the study '{lock_name}'") from None
+    try:
+        run_id = create()
+    except BaseException:
+        optuna.delete_study(study_name=lock_name, storage=study._storage)
+        raise
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}"
+
+
+def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return factory(*args, **options)
+    except TypeError as exc:
+        raise OptiflowError(f"{what} '{name}': {exc}".replace("__init__() ", "")) from None
+    except ValueError as exc:
+        raise OptiflowError(f"{what} '{name}': {first_line(exc)}") from None
+    except ImportError as exc:
+        raise OptiflowError(f"{what} '{name}' needs the package '{exc.name}': pip install {exc.name}") from None

@@ -1,0 +1,80 @@
+"""What a study found, logged on its parent run: trial counts, the trials table, the best parameters, Optuna's plots."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import yaml
+
+from optiflow.metrics import csv_text, markdown_table, number
+from optiflow.search.space import short
+from optiflow.search.study import SearchSettings
+
+
+@dataclass
+class SearchResult:
+    """The study's summary: the best trial, the trials table (best first) and the count per state."""
+
+    study_name: str
+    parent_run_id: str
+    best_value: float | None
+    best_params: dict[str, Any]
+    columns: list[str]
+    rows: list[list[str]]
+    counts: dict[str, int]
+
+
+def summarize(tracker: Any, study: optuna.Study, settings: SearchSettings) -> SearchResult:
+    """Best value and parameters, trial counts, the trials table and Optuna's plots on the parent run."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = study.best_trial if complete else None
+    names = list(dict.fromkeys(k for t in trials for k in t.params))
+    columns = ["trial", "state", settings.metric, *names, "mlflow run"]
+    ordered = sorted(trials, key=lambda t: (t.value is None, (t.value or 0) * (1 if settings.direction == "minimize" else -1)))
+    rows = [[str(t.number), t.state.name, number(t.value), *(short(t.params.get(n, "-")) for n in names),
+             str(t.user_attrs.get("mlflow_run_id", "-"))] for t in ordered]
+    tracker.log_metrics({"n_trials": len(trials), **{f"n_{k.lower()}": v for k, v in counts.items() if v}},
+                        step=len(trials))
+    tracker.log_text(csv_text(columns, rows), "trials.csv")
+    tracker.log_text(markdown_table(columns, rows), "trials.md")
+    if best is not None:
+        tracker.log_metrics({"best_value": best.value}, step=len(trials))
+        tracker.set_tags({"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id", "-"),
+                          **{f"best.{k}": v for k, v in best.params.items()}})
+        tracker.log_text(yaml.safe_dump({"value": best.value, "metric": settings.metric, "trial": best.number,
+                                         "params": best.params}, sort_keys=False), "best_params.yaml")
+        _log_plots(tracker, study, settings, several=len(complete) > 1 and bool(names))
+    return SearchResult(study.study_name, tracker.run_id, best.value if best else None,
+                        dict(best.params) if best else {}, columns, rows, counts)
+
+
+def _log_plots(tracker: Any, study: optuna.Study, settings: SearchSettings, several: bool) -> None:
+    """Optuna's optimization history, and parameter importances (``several`` trials) and intermediate values (pruning)."""
+    from optiflow.plots import pyplot
+
+    plt = pyplot()
+    plots: list[tuple[str, Callable[[optuna.Study], Any]]] = [
+        ("optimization_history.png", optuna.visualization.matplotlib.plot_optimization_history)]
+    if several:
+        plots.append(("param_importances.png", optuna.visualization.matplotlib.plot_param_importances))
+    if settings.pruner != "none":
+        plots.append(("intermediate_values.png", optuna.visualization.matplotlib.plot_intermediate_values))
+    for artifact, plot in plots:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes: Any = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            tracker.set_tags({f"plot.{artifact}": f"not drawn: {exc}"[:500]})
+            continue
+        figure: Any = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        tracker.log_figure(figure, artifact)
+        plt.close(figure)
