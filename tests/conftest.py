@@ -1,10 +1,11 @@
-"""Shared fixtures: a throw-away MLflow store per test session and a CLI runner."""
+"""Shared fixtures: a throw-away MLflow store per test session, a CLI runner, plugins registered for one test.
+
+Plain helper functions live in helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from click.testing import CliRunner
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_VALIDATE_SERVING_INPUT", "false")
+
+# test_search.py (edited elsewhere) still imports runs_of from here; new code imports it from helpers.
+from helpers import runs_of  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -51,15 +55,18 @@ def invoke(tracking_uri: str, experiment: str, tmp_path: Path, monkeypatch: pyte
     return run
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 300):
-    """Run the real ``optiflow`` executable in a subprocess (exit codes, stderr, signals)."""
-    return subprocess.run(
-        [sys.executable, "-m", "optiflow", *args],
-        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-    )
+@pytest.fixture
+def plugin():
+    """``plugin(obj, name)`` registers ``obj``'s hook implementations until the test ends."""
+    from optiflow.plugins import get_plugin_manager
 
+    pm = get_plugin_manager()
+    names = []
 
-def runs_of(client, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"experiment {experiment} was not created"
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    def register(obj, name):
+        pm.register(obj, name=name)
+        names.append(name)
+
+    yield register
+    for name in names:
+        pm.unregister(name=name)

@@ -12,12 +12,15 @@ import warnings
 import pytest
 import torch
 
+from optiflow.commands.train import train
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError
-from optiflow.plugins import get_plugin_manager, get_registry
+from optiflow.plugins import DEFAULT_PLUGINS, get_registry
 from optiflow.registry import KINDS
-from optiflow.runner import prepare, train
-from plugin_data import DATASET_SPECS, write_all
+from optiflow.run import prepare
+
+from dataset_files import DATASET_SPECS, write_all
+from helpers import tracked_status
 
 IMAGE_DATA = "digits:image=true"
 MODEL_DATA = {"cnn": IMAGE_DATA, "lenet": "mnist:download=false"}
@@ -44,7 +47,7 @@ def make_config(data_dir, **values) -> RunConfig:
 
 
 def prepared(data_dir, **values):
-    return prepare(make_config(data_dir, **values), get_registry(), get_plugin_manager())
+    return prepare(make_config(data_dir, **values), get_registry())
 
 
 def train_one_step(run) -> float:
@@ -69,7 +72,7 @@ def test_every_family_is_populated():
     registry = get_registry()
     for kind in KINDS:
         assert registry.names(kind), kind
-        for component in registry.list(kind):
+        for component in registry.select(kind):
             assert component.description and "\n" not in component.description, component.name
 
 
@@ -152,7 +155,7 @@ def test_regularizer_trains_and_logs(name, data_dir, tracking_uri, experiment):
     config = make_config(data_dir, reg=[name], tracking_uri=tracking_uri, experiment=experiment,
                          model="mlp:hidden=[16]")
     result = train(config, log_model=False)
-    assert result.status == "FINISHED"
+    assert tracked_status(result) == "FINISHED"
     assert math.isfinite(result.metrics["test_loss"])
 
 
@@ -162,5 +165,16 @@ def test_scheduler_trains(name, data_dir, tracking_uri, experiment):
     config = make_config(data_dir, sched=f"{name}:{options}" if options else name, tracking_uri=tracking_uri,
                          experiment=experiment, model="mlp:hidden=[16]", epochs=3)
     result = train(config, log_model=False)
-    assert result.status == "FINISHED"
+    assert tracked_status(result) == "FINISHED"
     assert all(lr > 0 and math.isfinite(lr) for lr in result.history["lr"])
+
+
+def test_builtin_registry_has_every_family():
+    from optiflow.slots import FAMILIES
+
+    registry = get_registry()
+    builtin = {module.rsplit(".", 1)[-1] for module in DEFAULT_PLUGINS}
+    for family in FAMILIES:
+        for kind in family.kinds:
+            assert registry.select(kind), f"no {kind}"
+            assert [c for c in registry.select(kind) if c.plugin in builtin], f"no built-in {kind}"

@@ -9,12 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from optiflow.commands.train import train
 from optiflow.config import RunConfig
 from optiflow.data import split
 from optiflow.errors import OptiflowError
-from optiflow.plugins import get_plugin_manager, get_registry
-from optiflow.runner import prepare, train
+from optiflow.plugins import get_registry
+from optiflow.run import prepare
 from optiflow.schedule import TrainingLength
+
+from helpers import assert_no_run
 
 
 def build(kind: str, name: str, *context, **options):
@@ -113,7 +116,7 @@ def test_weight_decay_regularizer_refuses_optimizers_without_decay():
 
 def test_lbfgs_lowers_a_convex_loss_to_the_noise_floor(tmp_path):
     cfg = config(tmp_path, data="linear:noise=0.1", model="linear", opt="lbfgs", batch_size="full", norm="none")
-    run = prepare(cfg, get_registry(), get_plugin_manager())
+    run = prepare(cfg, get_registry())
     x, y = run.splits.x_train, run.splits.y_train
 
     def closure():
@@ -204,16 +207,6 @@ def test_warmup_ramps_linearly_then_hands_over(name):
         assert warm_opt.param_groups[0]["lr"] == pytest.approx(plain_opt.param_groups[0]["lr"])
 
 
-def test_per_batch_schedulers_step_every_batch(tmp_path, tracking_uri, experiment):
-    cfg = config(tmp_path, data="iris", sched="onecycle", opt="sgd:lr=0.1", epochs=3, batch_size=16,
-                 tracking_uri=tracking_uri, experiment=experiment, val_split=0.0)
-    result = train(cfg, log_model=False)
-    lrs = result.history["lr"]
-    assert lrs[0] == pytest.approx(0.1 / 25) and lrs[1] > lrs[0] and lrs[2] < lrs[1]
-    assert build("scheduler", "cyclic", optimizer_with_lr(), TrainingLength(3, 5)).interval == "step"
-    assert build("scheduler", "cosine", optimizer_with_lr(), TrainingLength(3, 5)).interval == "epoch"
-
-
 # --- initializers ---------------------------------------------------------------------------------
 
 
@@ -275,7 +268,7 @@ def test_normalizer_is_fitted_on_the_training_split_only(name, tmp_path, monkeyp
         return normalizer
 
     monkeypatch.setitem(registry.components["normalizer"], name, _replace_factory(component, recording_factory))
-    run = prepare(cfg, registry, get_plugin_manager())
+    run = prepare(cfg, registry)
     raw = split(registry.get("dataset", "digits").build(None, **({"image": True} if "image" in data else {})),
                 cfg.val_split, cfg.test_split, cfg.seed)
     assert len(fitted_on) == 1 and torch.equal(fitted_on[0], raw.x_train)
@@ -318,26 +311,6 @@ def test_pca_keeps_the_requested_share_of_variance():
     pca = build("normalizer", "pca", n_components=0.95).fit(x)
     assert pca.state()["n_components"] == 2
     assert pca.state()["explained_variance_ratio"] >= 0.95
-
-
-def test_augmentation_runs_per_training_sample_and_never_at_evaluation(tmp_path, tracking_uri, experiment,
-                                                                       monkeypatch):
-    registry = get_registry()
-    component = registry.get("augmentation", "hflip")
-    calls = []
-
-    def counting_factory(**options):
-        transform = component.factory(**options)
-        return lambda sample: calls.append(sample.shape) or transform(sample)
-
-    monkeypatch.setitem(registry.components["augmentation"], "hflip", _replace_factory(component, counting_factory))
-    cfg = config(tmp_path, data="digits:image=true", model="linear", aug=["hflip"],
-                 epochs=2, tracking_uri=tracking_uri, experiment=experiment)
-    result = train(cfg, log_model=False)
-    n_train = len(split(registry.get("dataset", "digits").build(None), cfg.val_split, cfg.test_split, 0).x_train)
-    assert calls and all(shape == (1, 8, 8) for shape in calls)
-    assert len(calls) == 2 * n_train  # every training sample each epoch; no validation or test sample
-    assert result.status == "FINISHED"
 
 
 def test_flip_is_drawn_per_sample():
@@ -383,8 +356,7 @@ def test_bad_regularizer_option_fails_before_any_run_exists(invoke, mlflow_clien
     result = invoke("train", "--reg", "l2:strength=-1", "--epochs", "1")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == ["Error: regularizer 'l2': strength must be >= 0.0, got -1.0"]
-    experiment_record = mlflow_client.get_experiment_by_name(experiment)
-    assert experiment_record is None or not mlflow_client.search_runs([experiment_record.experiment_id])
+    assert_no_run(mlflow_client, experiment)
 
 
 def test_early_stopping_needs_a_validation_split():
@@ -511,6 +483,14 @@ def test_gradient_norms_are_logged_per_layer_and_show_vanishing_gradients(tmp_pa
     artifacts = {a.path for a in mlflow_client.list_artifacts(result.run_id)}
     assert "gradient_flow.png" in artifacts
     assert len(mlflow_client.get_metric_history(result.run_id, "grad_norm/1")) == 2
+
+
+def test_identity_activation_makes_an_mlp_a_linear_map():
+    """What the forgotten-activations example relies on: without a nonlinearity the layers compose linearly."""
+    model = get_registry().get("model", "mlp").build((4,), 3, hidden=(8, 5), activation="identity")
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    bias = model(torch.zeros(1, 4))
+    assert torch.allclose(model(a + b) - bias, (model(a) - bias) + (model(b) - bias), atol=1e-5)
 
 
 # --- losses ------------------------------------------------------------------------------------------

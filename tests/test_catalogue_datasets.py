@@ -12,7 +12,8 @@ import torch
 from optiflow.data import DataContext
 from optiflow.errors import OptiflowError
 from optiflow.plugins import get_registry
-from plugin_data import CIFAR_CLASSES, MNIST_SIZES, write_cifar10, write_csv, write_image_folder, write_mnist
+
+from dataset_files import CIFAR_CLASSES, MNIST_SIZES, write_cifar10, write_csv, write_image_folder, write_mnist
 
 
 def load(name: str, root: Path, seed: int = 0, **options):

@@ -9,7 +9,7 @@ import yaml
 
 from optiflow.config import split_variants
 
-from conftest import runs_of
+from helpers import assert_no_run, runs_of
 
 TINY = ("--epochs", "2", "--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
 
@@ -92,7 +92,7 @@ def test_bad_grid_is_one_line_and_creates_no_run(invoke, mlflow_client, experime
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
-    assert mlflow_client.get_experiment_by_name(experiment) is None or not runs_of(mlflow_client, experiment)
+    assert_no_run(mlflow_client, experiment)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, runs_of
+from helpers import run_cli, runs_of
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugin-example"
 

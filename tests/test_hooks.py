@@ -55,7 +55,7 @@ def test_every_documented_hook_exists():
 class Recorder:
     """The per-run object behind ``--reg hooks-recorder``: records every lifecycle hook and acts through some."""
 
-    instances: list["Recorder"] = []
+    instances: list[Recorder] = []
 
     def __init__(self, *, penalty_weight: float = 1000.0) -> None:
         self.penalty_weight = penalty_weight
@@ -202,7 +202,7 @@ def hooked_run(tracking_uri):
     """One 3-epoch run on the plugin's components (stopped after epoch 2 by a hook)."""
     from mlflow.tracking import MlflowClient
 
-    from optiflow.runner import train
+    from optiflow.commands.train import train
 
     Recorder.instances.clear()
     FamilyPlugin.calls.clear()
@@ -263,9 +263,9 @@ def test_hook_check_run(hooked_run, tracking_uri):
     assert recorder.events[0] == ("check_run", None, int(params["data.n_train"])), "before the MLflow run opens"
     assert len(recorder.names("check_run")) == 1
 
+    from optiflow.commands.train import train
     from optiflow.errors import OptiflowError
     from optiflow.plugins import get_plugin_manager
-    from optiflow.runner import train
 
     class Refusing:
         def __init__(self, error: Exception) -> None:
@@ -338,7 +338,7 @@ def test_hook_run_end(hooked_run, tracking_uri, monkeypatch):
     result, recorder, client = hooked_run
     assert recorder.events[-1] == ("run_end", "FINISHED", STOP_AT)
 
-    from optiflow.runner import train
+    from optiflow.commands.train import train
 
     class Failing:
         @hookimpl

@@ -1,4 +1,5 @@
-"""Third-party plugins found by entry point: isolation of broken ones, strict mode, load/disable switches."""
+"""The plugin manager (optiflow/plugins.py): plugins found by entry point, broken ones isolated, strict mode,
+load/disable switches, plugin commands, hook tracing, and `optiflow plugins`, its view on the command line."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from optiflow import plugins
-from conftest import run_cli, runs_of
+from optiflow import hookimpl, plugins
+from optiflow.errors import OptiflowError
+from optiflow.plugins import PluginManager, build_registry
+from optiflow.registry import Registry
+
+from helpers import run_cli, runs_of
 
 GOOD_PLUGIN = """
 from optiflow import hookimpl
@@ -69,6 +74,11 @@ BROKEN_PLUGINS = {
         "implements unknown hook 'optiflow_epoch_ends'",
     ),
 }
+
+
+def sample(ctx, *, rate: float = 0.1):
+    """A component that plugins registered in code register under any kind."""
+    return rate
 
 
 class FakeSite:
@@ -277,3 +287,62 @@ def test_the_tutorial_plugin_works_as_written(site, invoke, mlflow_client, exper
     namespace: dict = {}
     exec(next(b for b in blocks["python"] if b.startswith("# tests/test_triangular.py")), namespace)
     namespace["test_registers_its_components"](None)
+
+
+def test_duplicate_across_plugins_through_the_hooks(monkeypatch, capsys):
+    class First:
+        @hookimpl
+        def optiflow_register_optimizers(self, register):
+            register("same", sample)
+
+    class Second(First):
+        @hookimpl
+        def optiflow_register_models(self, register):
+            register("second-only", sample)
+
+    def plugin_manager():
+        pm = PluginManager()
+        pm.register(First(), name="first")
+        pm.register(Second(), name="second")
+        return pm
+
+    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")
+    with pytest.raises(OptiflowError) as info:
+        build_registry(plugin_manager())
+    assert "'first'" in str(info.value) and "'second'" in str(info.value)
+
+    monkeypatch.delenv("OPTIFLOW_STRICT_PLUGINS")
+    registry = build_registry(plugin_manager())
+    assert registry.get("optimizer", "same").plugin == "first"
+    assert "second-only" not in registry.names("model"), "the rejected plugin's other components must go too"
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "duplicate optimizer 'same'" in warning[0] and "'second'" in warning[0]
+
+
+def test_each_registration_hook_registers_only_its_own_family(monkeypatch, capsys):
+    class Misplaced:
+        @hookimpl
+        def optiflow_register_optimizers(self, register):
+            register("fine", sample)
+            register("a-model", sample, kind="model")
+
+    pm = PluginManager()
+    pm.register(Misplaced(), name="misplaced")
+    registry = build_registry(pm)
+    warning = capsys.readouterr().err
+    assert "registered model 'a-model' from optiflow_register_optimizers" in warning
+    assert "optiflow_register_models" in warning
+    assert "fine" not in registry.names("optimizer") and "a-model" not in registry.names("model")
+    with pytest.raises(OptiflowError, match="unknown kind 'widget'"):
+        Registry().registrar("model", "tests")("w", sample, kind="widget")
+
+
+def test_list_and_plugins_commands(invoke):
+    result = invoke("list", "optimizer")
+    assert result.exit_code == 0 and "adam" in result.output and "sgd" in result.output
+    assert "dataset" not in result.output
+    result = invoke("list", "nonsense")
+    assert result.exit_code == 2 and "unknown kind 'nonsense'" in result.stderr
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    assert "optimizers" in result.output and "register_optimizers" in result.output

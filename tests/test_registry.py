@@ -1,4 +1,5 @@
-"""The registry: options from factory signatures, typing, duplicates, lookups."""
+"""The registry (optiflow/registry.py): options from factory signatures, typing, duplicates, lookups, and
+`optiflow list`, its view on the command line."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ from typing import Literal
 
 import pytest
 
-from optiflow import hookimpl, hookspecs
 from optiflow.config import ComponentSpec
 from optiflow.errors import OptiflowError
-from optiflow.plugins import PluginManager, build_registry
 from optiflow.registry import Registry
 
 
@@ -24,7 +23,7 @@ def sample(ctx, *, rate: float = 0.1, depth: int = 2, name: str = "x", flag: boo
 
 def make_registry() -> Registry:
     registry = Registry()
-    registry.registrar("dataset", "tests")("sample", sample, aliases=["smp"])
+    registry.registrar("data", "tests")("sample", sample, aliases=["smp"])
     return registry
 
 
@@ -63,7 +62,7 @@ def test_bad_options_name_the_valid_ones(options, message):
 def test_aliases_and_underscores_resolve():
     registry = make_registry()
     assert registry.get("dataset", "smp").name == "sample"
-    registry.registrar("dataset", "tests")("two-words", sample)
+    registry.registrar("data", "tests")("two-words", sample)
     assert registry.get("dataset", "two_words").name == "two-words"
 
 
@@ -76,80 +75,27 @@ def test_unknown_name_suggests_close_matches():
 def test_duplicate_name_names_both_plugins():
     registry = make_registry()
     with pytest.raises(OptiflowError) as info:
-        registry.registrar("dataset", "other-plugin")("sample", sample)
+        registry.registrar("data", "other-plugin")("sample", sample)
     assert "duplicate dataset 'sample'" in str(info.value)
     assert "'tests'" in str(info.value) and "'other-plugin'" in str(info.value)
     with pytest.raises(OptiflowError, match="duplicate dataset 'smp'"):
-        registry.registrar("dataset", "third")("smp", sample)
+        registry.registrar("data", "third")("smp", sample)
 
 
-def test_duplicate_across_plugins_through_the_hooks(monkeypatch, capsys):
-    class First:
-        @hookimpl
-        def optiflow_register_optimizers(self, register):
-            register("same", sample)
+def test_an_option_that_is_not_keyword_only_is_refused_naming_it():
+    def positional_default(model, lr=0.1, *, momentum: float = 0.0):
+        return model
 
-    class Second(First):
-        @hookimpl
-        def optiflow_register_models(self, register):
-            register("second-only", sample)
-
-    def plugin_manager():
-        pm = PluginManager()
-        pm.register(First(), name="first")
-        pm.register(Second(), name="second")
-        return pm
-
-    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")
-    with pytest.raises(OptiflowError) as info:
-        build_registry(plugin_manager())
-    assert "'first'" in str(info.value) and "'second'" in str(info.value)
-
-    monkeypatch.delenv("OPTIFLOW_STRICT_PLUGINS")
-    registry = build_registry(plugin_manager())
-    assert registry.get("optimizer", "same").plugin == "first"
-    assert "second-only" not in registry.names("model"), "the rejected plugin's other components must go too"
-    warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and "duplicate optimizer 'same'" in warning[0] and "'second'" in warning[0]
+    with pytest.raises(OptiflowError, match="optimizer 'bad': parameter 'lr' has a default but is not keyword-only"):
+        Registry().registrar("optimizer", "tests")("bad", positional_default)
 
 
-def test_component_spec_round_trips():
-    spec = ComponentSpec.parse("mlp:hidden=[64,32],activation=tanh")
-    assert spec.name == "mlp" and spec.options == {"hidden": "[64,32]", "activation": "tanh"}
-    assert ComponentSpec.parse(str(spec)) == spec
-    assert ComponentSpec.parse({"name": "sgd", "momentum": 0.9}) == ComponentSpec("sgd", {"momentum": 0.9})
-    with pytest.raises(OptiflowError, match="malformed option 'momentum' in 'sgd:momentum'"):
-        ComponentSpec.parse("sgd:momentum")
-
-
-def test_builtin_registry_has_every_family(tmp_path):
-    from optiflow.plugins import get_registry
-    from optiflow.registry import FAMILIES
-
-    registry = get_registry()
-    for family, kinds in FAMILIES.items():
-        assert registry.list(kinds[0]), f"no built-in {kinds[0]}"
-        assert all(c.plugin for c in registry.list(kinds[0]))
-
-
-def test_list_and_plugins_commands(invoke):
-    result = invoke("list", "optimizer")
-    assert result.exit_code == 0 and "adam" in result.output and "sgd" in result.output
-    assert "dataset" not in result.output
-    result = invoke("list", "nonsense")
-    assert result.exit_code == 2 and "unknown kind 'nonsense'" in result.stderr
-    result = invoke("plugins")
-    assert result.exit_code == 0
-    assert "optimizers" in result.output and "register_optimizers" in result.output
-
-
-def test_identity_activation_makes_an_mlp_a_linear_map():
-    """What the forgotten-activations example relies on: without a nonlinearity the layers compose linearly."""
-    import torch
-
-    from optiflow.plugins import get_registry
-
-    model = get_registry().get("model", "mlp").build((4,), 3, hidden=(8, 5), activation="identity")
-    a, b = torch.randn(2, 4), torch.randn(2, 4)
-    bias = model(torch.zeros(1, 4))
-    assert torch.allclose(model(a + b) - bias, (model(a) - bias) + (model(b) - bias), atol=1e-5)
+def test_list_takes_plurals_and_names_each_kind_once(invoke):
+    result = invoke("list", "losses")
+    assert result.exit_code == 0 and "cross-entropy" in result.output
+    result = invoke("list", "optimizers")
+    assert result.exit_code == 0 and "adam" in result.output
+    message = invoke("list", "nonsense").stderr
+    choices = message.split("choose from", 1)[1].replace(".", "").split(",")
+    names = [name.strip() for name in choices]
+    assert len(names) == len(set(names)) and {"data", "loss", "initializer"} <= set(names)

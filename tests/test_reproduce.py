@@ -1,13 +1,8 @@
-"""`optiflow reproduce` re-runs a logged configuration; `optiflow lr-preview` draws a schedule without training."""
+"""`optiflow reproduce` re-runs a logged configuration and compares its metrics with the original's."""
 
 from __future__ import annotations
 
-import pytest
-
-from optiflow.config import RunConfig
-from optiflow.plugins import get_registry
-
-from conftest import runs_of
+from helpers import runs_of
 
 TINY = ("--epochs", "2", "--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
 
@@ -43,62 +38,3 @@ def test_reproduce_rejects_unknown_and_parent_runs(invoke, mlflow_client, experi
     parent = next(r for r in runs_of(mlflow_client, experiment) if "mlflow.parentRunId" not in r.data.tags)
     result = invoke("reproduce", parent.info.run_id, "--tracking-uri", uri, store=False)
     assert result.exit_code == 2 and "compare parent run" in result.stderr
-
-
-@pytest.fixture
-def warmup_scheduler():
-    """A throw-away scheduler: linear warmup over 'warmup' steps, then constant."""
-
-    def linear_warmup(optimizer, length, *, warmup: int = 10):
-        """Linear warmup."""
-        import torch
-
-        from optiflow.schedule import Schedule
-
-        return Schedule(torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, 1.0, total_iters=warmup), "step")
-
-    registry = get_registry()
-    registry.registrar("scheduler", "test-warmup")("test-warmup", linear_warmup)
-    yield "test-warmup"
-    registry.remove_plugin("test-warmup")
-
-
-def test_preview_follows_a_warmup_schedule_step_by_step(warmup_scheduler):
-    from optiflow.lr_preview import preview
-
-    config = RunConfig.from_dict({"sched": f"{warmup_scheduler}:warmup=20", "opt": "sgd", "lr": 0.5, "epochs": 3})
-    result = preview(config, steps_per_epoch=10)
-    assert len(result.rates) == 30
-    assert result.rates[0] == pytest.approx(0.05)
-    assert result.rates[20:] == pytest.approx([0.5] * 10)
-    assert all(a < b for a, b in zip(result.rates[:20], result.rates[1:21]))
-    assert result.warmup_end == pytest.approx(2.0)
-    assert [row[0] for row in result.per_epoch()] == [1, 2, 3]
-
-
-def test_lr_preview_counts_the_batches_and_saves_the_plot(invoke, tmp_path):
-    out = tmp_path / "lr.png"
-    result = invoke("lr-preview", "--opt", "sgd", "--lr", "0.1", "--sched", "step:step_size=3,gamma=0.5",
-                    "--epochs", "7", "--batch-size", "100", "--out", str(out))
-    assert result.exit_code == 0, result.stderr
-    assert out.read_bytes()[:4] == b"\x89PNG"
-    assert "7 epochs x 13 steps" in result.output  # 1293 training digits in batches of 100
-    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│")}
-    assert "0.05" in lines["4"] and "0.025" in lines["7"]
-
-
-def test_lr_preview_marks_warmup_of_an_epoch_stepped_schedule():
-    from optiflow.lr_preview import preview
-
-    config = RunConfig.from_dict({"sched": "step:step_size=2,gamma=0.5", "opt": "sgd", "lr": 0.1, "epochs": 4})
-    assert preview(config, steps_per_epoch=5).warmup_end is None
-    rising = preview(RunConfig.from_dict({"sched": "cosine:warmup_epochs=2", "opt": "sgd", "lr": 0.1, "epochs": 6}),
-                     steps_per_epoch=5)
-    assert rising.warmup_end == pytest.approx(2.0)
-    assert max(rising.rates) == pytest.approx(0.1)
-
-
-def test_lr_preview_bad_input_is_one_line(invoke):
-    result = invoke("lr-preview", "--sched", "stepp")
-    assert result.exit_code == 2 and "unknown scheduler 'stepp'" in result.stderr
-    assert result.stderr.count("\n") == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from optiflow.search import SAMPLERS
+from optiflow.search.study import SAMPLERS
 
 from conftest import runs_of
 

@@ -1,4 +1,5 @@
-"""The performance switches: batching paths, --workers/--pin-memory, --compile, --channels-last, --amp, DDP.
+"""Where and how a run computes (optiflow/setup.py): device, --amp, --channels-last, --compile, fused
+optimizer kernels, batches streamed through a DataLoader (--workers/--pin-memory), glibc malloc tuning.
 
 These check behaviour only; speed is measured by benchmarks/bench_train.py, never here.
 """
@@ -13,47 +14,14 @@ import sys
 import pytest
 import torch
 
-from optiflow import hookimpl, host
+from optiflow import distributed, hookimpl, host
 from optiflow.config import RunConfig
 from optiflow.data import LoaderBatches, TensorBatches
-from optiflow.distributed import without_nproc
-from optiflow.plugins import get_plugin_manager
-from optiflow.runner import train
+from optiflow.loop import training_batches
+from optiflow.plugins import get_registry
+from optiflow.run import prepare
 
-from conftest import run_cli, runs_of
-
-
-def indices_seen(batches) -> list[int]:
-    return [int(i) for xb, _ in batches for i in xb[:, 0]]
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_tensor_batches_shard_one_permutation_across_ranks(world_size):
-    x = torch.arange(10.0).unsqueeze(1)
-    y = torch.arange(10)
-    shards = [
-        TensorBatches(x, y, 2, generator=torch.Generator().manual_seed(0), rank=r, world_size=world_size)
-        for r in range(world_size)
-    ]
-    seen = [indices_seen(shard) for shard in shards]
-    assert len({len(shard) for shard in shards}) == 1, "every rank must run as many steps (DDP would hang)"
-    assert sorted(set(sum(seen, []))) == list(range(10))
-    assert sum(len(s) for s in seen) == -(-10 // world_size) * world_size  # padded to equal shards
-    again = TensorBatches(x, y, 2, generator=torch.Generator().manual_seed(0), rank=0, world_size=world_size)
-    assert indices_seen(again) == seen[0], "the same seed gives the same order"
-
-
-def test_loader_batches_apply_the_transform_and_shard():
-    x = torch.arange(12.0).reshape(12, 1, 1, 1)
-    y = torch.arange(12)
-    shards = [
-        LoaderBatches(x, y, 4, device=torch.device("cpu"), transform=lambda s: s + 100, pin_memory=True,
-                      generator=torch.Generator().manual_seed(1), rank=r, world_size=2)
-        for r in range(2)
-    ]
-    values = sorted(int(v) for shard in shards for xb, _ in shard for v in xb.flatten())
-    assert values == [v + 100 for v in range(12)]
-    assert [len(shard) for shard in shards] == [2, 2]
+from helpers import assert_no_run, runs_of
 
 
 def test_workers_and_pin_memory_stream_batches_through_a_dataloader(invoke, mlflow_client, experiment):
@@ -63,38 +31,33 @@ def test_workers_and_pin_memory_stream_batches_through_a_dataloader(invoke, mlfl
     assert run.info.status == "FINISHED"
     assert run.data.params["workers"] == "2" and run.data.params["pin_memory"] == "True"
     assert run.data.metrics["val_accuracy"] > 0.8
+    streamed = prepare(RunConfig.from_dict({"workers": 2, "pin_memory": True, "device": "cpu"}), get_registry())
+    batches = training_batches(streamed, distributed.current())
+    assert streamed.setup.streamed and isinstance(batches, LoaderBatches) and batches.loader.num_workers == 2
+    in_memory = prepare(RunConfig.from_dict({"device": "cpu"}), get_registry())
+    assert not in_memory.setup.streamed
+    assert isinstance(training_batches(in_memory, distributed.current()), TensorBatches)
 
 
-class CountSteps:
+class OutputDtypes:
+    """Records the dtype of the model's outputs at every training step."""
+
     def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.grads_present: list[bool] = []
+        self.seen: set[torch.dtype] = set()
 
     @hookimpl
-    def optiflow_after_backward(self, run, step):
-        self.steps.append(step)
-        self.grads_present.append(all(p.grad is not None for p in run.model.parameters()))
+    def optiflow_after_step(self, run, step):
+        self.seen.add(run.last_outputs.dtype)
 
 
-def test_after_backward_runs_once_per_step_with_gradients(tracking_uri, experiment):
-    counter = CountSteps()
-    pm = get_plugin_manager()
-    pm.register(counter, name="test-count-steps")
-    try:
-        config = RunConfig(epochs=2, batch_size=256, tracking_uri=tracking_uri, experiment=experiment)
-        train(config, log_model=False)
-    finally:
-        pm.unregister(counter)
-    batches_per_epoch = -(-1293 // 256)  # 1,797 digits less 20% test less 10% validation
-    assert counter.steps == list(range(1, 2 * batches_per_epoch + 1))
-    assert all(counter.grads_present)
-
-
-def test_amp_bf16_on_cpu_trains(invoke, mlflow_client, experiment):
+def test_amp_bf16_on_cpu_trains(invoke, mlflow_client, experiment, plugin):
+    dtypes = OutputDtypes()
+    plugin(dtypes, "test-output-dtypes")
     result = invoke("train", "--epochs", "3", "--amp", "-q", "--device", "cpu")
     assert result.exit_code == 0, result.output
     [run] = runs_of(mlflow_client, experiment)
     assert run.data.params["amp"] == "auto"
+    assert dtypes.seen == {torch.bfloat16}, "every step ran its forward pass under bf16 autocast"
     assert run.data.metrics["test_accuracy"] > 0.8
 
 
@@ -112,12 +75,7 @@ def test_bad_performance_options_are_one_line_and_leave_no_run(invoke, mlflow_cl
     assert result.exit_code == 2
     assert message in result.stderr
     assert result.stderr.strip().count("\n") == 0
-    assert mlflow_client.get_experiment_by_name(experiment) is None or not runs_of(mlflow_client, experiment)
-
-
-def test_amp_in_yaml_accepts_true_and_false():
-    assert RunConfig.from_dict({"amp": True}).amp == "auto"
-    assert RunConfig.from_dict({"amp": False}).amp == "off"
+    assert_no_run(mlflow_client, experiment)
 
 
 @pytest.mark.slow
@@ -139,9 +97,6 @@ def test_compile_channels_last_and_amp_together(invoke, mlflow_client, experimen
     (["--data", "digits", "--model", "mlp"], False),
 ])
 def test_channels_last_defaults_to_nhwc_for_conv_nets_on_cpu_images(invoke, mlflow_client, experiment, args, expected):
-    from optiflow.plugins import get_plugin_manager, get_registry
-    from optiflow.runner import prepare
-
     result = invoke("train", *args, "--epochs", "1", "--device", "cpu", "-q")
     assert result.exit_code == 0, result.output
     [run] = runs_of(mlflow_client, experiment)
@@ -152,43 +107,18 @@ def test_channels_last_defaults_to_nhwc_for_conv_nets_on_cpu_images(invoke, mlfl
     assert all(p.is_contiguous() for p in logged.parameters()), "the logged model has the standard layout"
     config = RunConfig.from_dict({"data": args[1], "model": args[3], "device": "cpu",
                                   "channels_last": False if "--no-channels-last" in args else "auto"})
-    prepared = prepare(config, get_registry(), get_plugin_manager())
+    prepared = prepare(config, get_registry())
     convs = [m for m in prepared.model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert prepared.channels_last is expected
+    assert prepared.setup.channels_last is expected
+    assert bool(convs) == (args[3] == "cnn"), "the layout check below must run for the conv net"
     if convs:  # the last conv has many input channels, so the two layouts differ
         assert convs[-1].weight.is_contiguous(memory_format=torch.channels_last) is expected
         assert convs[-1].weight.is_contiguous() is not expected
 
 
-def test_nproc_is_removed_from_the_relaunched_command():
-    assert without_nproc(["train", "--nproc", "2", "--epochs", "3", "--nproc=4"]) == ["train", "--epochs", "3"]
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_log_one_run_shaped_like_a_single_process_run(invoke, tracking_uri, experiment, tmp_path,
-                                                                        mlflow_client):
-    """DDP over 2 CPU processes: one MLflow run (rank 0), same epochs and metrics as one process."""
-    common = ["train", "--epochs", "2", "--batch-size", "64", "-q"]
-    assert invoke(*common).exit_code == 0
-    ddp = run_cli(*common, "--nproc", "2", "--tracking-uri", tracking_uri, "--experiment", f"{experiment}-ddp",
-                  cwd=tmp_path)
-    assert ddp.returncode == 0, ddp.stderr
-    [one] = runs_of(mlflow_client, experiment)
-    [two] = runs_of(mlflow_client, f"{experiment}-ddp")
-    assert two.info.status == "FINISHED"
-    assert set(two.data.metrics) == set(one.data.metrics)
-    for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_sec"):
-        assert len(mlflow_client.get_metric_history(two.info.run_id, key)) == 2, key
-    # metrics are reduced over both ranks: each epoch counts every training sample once (padding aside)
-    history = {m.step: m.value for m in mlflow_client.get_metric_history(two.info.run_id, "samples_per_sec")}
-    times = {m.step: m.value for m in mlflow_client.get_metric_history(two.info.run_id, "epoch_time")}
-    assert history[2] * times[2] == pytest.approx(1294, abs=2)
-    assert two.data.metrics["test_accuracy"] > 0.8
-
-
 def test_adam_and_sgd_switch_to_fused_kernels_in_place_keeping_their_groups():
     from optiflow.optim import decay_params
-    from optiflow.runner import use_fused_kernels
+    from optiflow.setup import use_fused_kernels
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
     adam = torch.optim.Adam(decay_params(model, False), lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)
@@ -208,7 +138,7 @@ def test_adam_and_sgd_switch_to_fused_kernels_in_place_keeping_their_groups():
 FAULTS_AFTER_TRAINING = """
 import resource, sys, torch
 from optiflow.config import RunConfig
-from optiflow.runner import train
+from optiflow.commands.train import train
 
 train(RunConfig.from_dict({"data": "iris", "epochs": 1, "device": "cpu", "tracking_uri": sys.argv[1]}),
       log_model=False)
@@ -238,3 +168,20 @@ def test_cpu_training_keeps_freed_blocks_for_reuse_unless_switched_off(tracking_
     # reused: the 40 MiB block stays in the heap, no page is mapped in again;
     # handed back: every page of every block faults in anew
     assert faults < pages // 100 if reused else faults > pages // 2
+
+
+def test_cuda_auto_falls_back_to_cpu_and_cuda_without_gpu_is_an_error(invoke, mlflow_client, experiment):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("train", "--device", "cuda", "--epochs", "1", "-q")
+    assert result.exit_code == 2 and "no CUDA device is available" in result.stderr
+    assert invoke("train", "--device", "auto", "--epochs", "1", "-q").exit_code == 0
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.data.params["device_type"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trains_on_cuda(invoke, mlflow_client, experiment):
+    assert invoke("train", "--device", "cuda", "--epochs", "2", "-q").exit_code == 0
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.data.params["device_type"] == "cuda"

@@ -1,0 +1,70 @@
+"""Data-parallel training: one batch order sharded across ranks, the --nproc relaunch, two gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optiflow.data import LoaderBatches, TensorBatches
+from optiflow.distributed import without_nproc
+
+from helpers import run_cli, runs_of
+
+
+def indices_seen(batches) -> list[int]:
+    return [int(i) for xb, _ in batches for i in xb[:, 0]]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_tensor_batches_shard_one_permutation_across_ranks(world_size):
+    x = torch.arange(10.0).unsqueeze(1)
+    y = torch.arange(10)
+    shards = [
+        TensorBatches(x, y, 2, generator=torch.Generator().manual_seed(0), rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    seen = [indices_seen(shard) for shard in shards]
+    assert len({len(shard) for shard in shards}) == 1, "every rank must run as many steps (DDP would hang)"
+    assert sorted(set(sum(seen, []))) == list(range(10))
+    assert sum(len(s) for s in seen) == -(-10 // world_size) * world_size  # padded to equal shards
+    again = TensorBatches(x, y, 2, generator=torch.Generator().manual_seed(0), rank=0, world_size=world_size)
+    assert indices_seen(again) == seen[0], "the same seed gives the same order"
+
+
+def test_loader_batches_apply_the_transform_and_shard():
+    x = torch.arange(12.0).reshape(12, 1, 1, 1)
+    y = torch.arange(12)
+    shards = [
+        LoaderBatches(x, y, 4, device=torch.device("cpu"), transform=lambda s: s + 100, pin_memory=True,
+                      generator=torch.Generator().manual_seed(1), rank=r, world_size=2)
+        for r in range(2)
+    ]
+    values = sorted(int(v) for shard in shards for xb, _ in shard for v in xb.flatten())
+    assert values == [v + 100 for v in range(12)]
+    assert [len(shard) for shard in shards] == [2, 2]
+
+
+def test_nproc_is_removed_from_the_relaunched_command():
+    assert without_nproc(["train", "--nproc", "2", "--epochs", "3", "--nproc=4"]) == ["train", "--epochs", "3"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_log_one_run_shaped_like_a_single_process_run(invoke, tracking_uri, experiment, tmp_path,
+                                                                        mlflow_client):
+    """DDP over 2 CPU processes: one MLflow run (rank 0), same epochs and metrics as one process."""
+    common = ["train", "--epochs", "2", "--batch-size", "64", "-q"]
+    assert invoke(*common).exit_code == 0
+    ddp = run_cli(*common, "--nproc", "2", "--tracking-uri", tracking_uri, "--experiment", f"{experiment}-ddp",
+                  cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr
+    [one] = runs_of(mlflow_client, experiment)
+    [two] = runs_of(mlflow_client, f"{experiment}-ddp")
+    assert two.info.status == "FINISHED"
+    assert set(two.data.metrics) == set(one.data.metrics)
+    for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_sec"):
+        assert len(mlflow_client.get_metric_history(two.info.run_id, key)) == 2, key
+    # metrics are reduced over both ranks: each epoch counts every training sample once (padding aside)
+    history = {m.step: m.value for m in mlflow_client.get_metric_history(two.info.run_id, "samples_per_sec")}
+    times = {m.step: m.value for m in mlflow_client.get_metric_history(two.info.run_id, "epoch_time")}
+    assert history[2] * times[2] == pytest.approx(1294, abs=2)
+    assert two.data.metrics["test_accuracy"] > 0.8

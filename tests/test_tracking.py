@@ -1,0 +1,126 @@
+"""MLflow tracking (optiflow/tracking.py): run_status ends every run with the right status, the
+project-local default store, and concurrent processes sharing one store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from optiflow.errors import RunKilled, first_line
+from optiflow.tracking import Tracker, run_status
+
+from helpers import metric_history, run_cli
+
+CONCURRENT_PROCESSES = 4
+
+
+class FakeTracker:
+    def __init__(self):
+        self.tags: dict[str, str] = {}
+        self.ended: list[str] = []
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def end(self, status):
+        self.ended.append(status)
+
+
+def test_run_status_finishes_a_block_that_completes():
+    tracker = FakeTracker()
+    with run_status(tracker):
+        pass
+    assert tracker.ended == ["FINISHED"] and "failure" not in tracker.tags
+
+
+@pytest.mark.parametrize("error, status", [
+    (RuntimeError("boom\ntrace"), "FAILED"), (KeyboardInterrupt(), "KILLED"), (RunKilled("pruned"), "KILLED"),
+])
+def test_run_status_ends_a_raising_block_with_the_status_its_error_means(error, status):
+    tracker = FakeTracker()
+    with pytest.raises(type(error)):
+        with run_status(tracker):
+            raise error
+    assert tracker.ended == [status]
+    if isinstance(error, RunKilled):
+        assert "failure" not in tracker.tags
+    else:
+        assert tracker.tags["failure"] == first_line(error)
+
+
+def test_run_status_lets_the_block_choose_the_status_or_leave_the_run_open():
+    tracker = FakeTracker()
+    with run_status(tracker) as outcome:
+        outcome.status = "FAILED"
+    with run_status(tracker) as outcome:
+        outcome.status = None
+    with pytest.raises(ValueError), run_status(tracker) as outcome:
+        outcome.failure = "the reason the caller knows"
+        raise ValueError("internal")
+    assert tracker.ended == ["FAILED", "FAILED"]
+    assert tracker.tags["failure"] == "the reason the caller knows"
+
+
+def test_run_status_ends_real_mlflow_runs_as_the_store_shows(tracking_uri, experiment, mlflow_client):
+    def opened() -> Tracker:
+        tracker = Tracker(tracking_uri, experiment)
+        tracker.start()
+        return tracker
+
+    completed, failed, killed, left_open = opened(), opened(), opened(), opened()
+    with run_status(completed):
+        completed.log_metrics({"queued": 1.0}, step=1, flush=False)
+    with pytest.raises(RuntimeError), run_status(failed):
+        raise RuntimeError("boom\ntrace")
+    with pytest.raises(KeyboardInterrupt), run_status(killed):
+        raise KeyboardInterrupt
+    with run_status(left_open) as outcome:
+        outcome.status = None
+
+    def stored(tracker):
+        return mlflow_client.get_run(tracker.run_id)
+
+    assert stored(completed).info.status == "FINISHED" and "failure" not in stored(completed).data.tags
+    assert stored(completed).data.metrics["queued"] == 1.0, "ending the run flushes the queued metrics"
+    assert stored(failed).info.status == "FAILED" and stored(failed).data.tags["failure"] == "boom"
+    assert stored(killed).info.status == "KILLED" and stored(killed).data.tags["failure"] == "KeyboardInterrupt"
+    assert stored(left_open).info.status == "RUNNING"
+
+
+def test_default_store_is_project_local(tmp_path):
+    proc = run_cli("train", "--epochs", "1", "-q", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    assert list((tmp_path / "mlruns" / "artifacts").glob("optiflow/*/artifacts/config.yaml"))
+
+
+@pytest.mark.slow
+def test_concurrent_processes_on_a_fresh_project_store_lose_nothing(tmp_path):
+    """Processes started at once race to create the SQLite store, the experiment and their runs."""
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "optiflow", "train", "--epochs", "3", "--model", "mlp:hidden=[16]", "-q",
+             "--seed", str(index), "--run-name", f"p{index}"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for index in range(CONCURRENT_PROCESSES)
+    ]
+    outcomes = [(p.wait(timeout=400), p.stderr.read()) for p in processes]
+    for code, stderr in outcomes:
+        assert code == 0, stderr
+        assert "locked" not in stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("optiflow").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"p{i}" for i in range(CONCURRENT_PROCESSES)]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+            assert [step for step, _ in metric_history(client, run.info.run_id, key)] == [1, 2, 3], (run.info.run_name, key)
+        assert "test_accuracy" in run.data.metrics
+        assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
