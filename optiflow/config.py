@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,13 @@ import yaml
 from optiflow.errors import OptiflowError
 from optiflow.slots import SLOT_BY_KEY
 
+#: the largest epoch count or batch size accepted (beyond it a typo, not a plan)
+MAX_COUNT = 10**9
+#: seeds are 32-bit, as numpy and scikit-learn take them
+MAX_SEED = 2**32 - 1
+#: bounds on what a config file may hold
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_NODES = 100_000
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 AMP_MODES = ("off", "auto", "bf16", "fp16")
 
@@ -32,16 +41,18 @@ class ComponentSpec:
             return value
         if isinstance(value, dict):
             if "name" not in value:
-                raise OptiflowError(f"component mapping {value!r} needs a 'name' key")
+                raise OptiflowError(f"component mapping {brief(value)} needs a 'name' key")
             return cls(str(value["name"]), {k: v for k, v in value.items() if k != "name"})
         if not isinstance(value, str) or not value.strip():
-            raise OptiflowError(f"expected a component name such as 'adam' or 'sgd:momentum=0.9', got {value!r}")
+            raise OptiflowError(f"expected a component name such as 'adam' or 'sgd:momentum=0.9', got {brief(value)}")
         name, _, rest = value.strip().partition(":")
         options: dict[str, Any] = {}
         for item in _split_top_level(rest):
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
                 raise OptiflowError(f"malformed option '{item}' in '{value}': write key=value")
+            if key.strip() in options:
+                raise OptiflowError(f"option '{key.strip()}' is given twice in '{value}'")
             options[key.strip()] = raw.strip()
         return cls(name.strip(), options)
 
@@ -85,11 +96,15 @@ def _split_top_level(text: str) -> list[str]:
     for char in text:
         depth += char in "[("
         depth -= char in "])"
+        if depth < 0:
+            raise OptiflowError(f"unbalanced brackets in '{text}': a ']' or ')' closes nothing")
         if char == "," and depth == 0:
             parts.append(current)
             current = ""
         else:
             current += char
+    if depth:
+        raise OptiflowError(f"unbalanced brackets in '{text}': a '[' or '(' is never closed")
     parts.append(current)
     return [p for p in (p.strip() for p in parts) if p]
 
@@ -160,21 +175,25 @@ class RunConfig:
             if not ok:
                 raise OptiflowError(message)
 
-        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
+        need(isinstance(self.epochs, int) and 1 <= self.epochs <= MAX_COUNT,
+             f"epochs must be an integer >= 1 and <= {MAX_COUNT}, got {brief(self.epochs)}")
+        need(isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED,
+             f"seed must be an integer in [0, {MAX_SEED}], got {brief(self.seed)}")
         need(
-            self.batch_size == "full" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
-            f"batch size must be an integer >= 1 or 'full', got {self.batch_size!r}",
+            self.batch_size == "full" or (isinstance(self.batch_size, int) and 1 <= self.batch_size <= MAX_COUNT),
+            f"batch size must be an integer >= 1 or 'full', got {brief(self.batch_size)}",
         )
-        need(self.lr is None or self.lr > 0, f"learning rate must be > 0, got {self.lr!r}")
-        need(0 <= self.val_split < 1, f"validation split must be in [0, 1), got {self.val_split!r}")
-        need(0 < self.test_split < 1, f"test split must be in (0, 1), got {self.test_split!r}")
+        need(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+             f"learning rate must be > 0 and finite, got {brief(self.lr)}")
+        need(0 <= self.val_split < 1, f"validation split must be in [0, 1), got {brief(self.val_split)}")
+        need(0 < self.test_split < 1, f"test split must be in (0, 1), got {brief(self.test_split)}")
         need(self.val_split + self.test_split < 1, "validation and test splits leave no training data")
-        need(self.cv_folds == 0 or self.cv_folds >= 2, f"cross-validation needs at least 2 folds, got {self.cv_folds!r}")
+        need(self.cv_folds == 0 or self.cv_folds >= 2, f"cross-validation needs at least 2 folds, got {brief(self.cv_folds)}")
         need(self.cv_folds == 0 or 0 <= self.cv_fold < self.cv_folds,
-             f"fold must be in [0, {self.cv_folds}), got {self.cv_fold!r}")
-        need(isinstance(self.workers, int) and self.workers >= 0, f"workers must be >= 0, got {self.workers!r}")
-        need(self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        need(bool(DEVICE_PATTERN.match(str(self.device))), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+             f"fold must be in [0, {self.cv_folds}), got {brief(self.cv_fold)}")
+        need(isinstance(self.workers, int) and 0 <= self.workers <= 1024, f"workers must be in [0, 1024], got {brief(self.workers)}")
+        need(self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}, got {brief(self.amp)}")
+        need(bool(DEVICE_PATTERN.match(str(self.device))), f"device must be auto, cpu, cuda or cuda:N, got {brief(self.device)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (component specs as strings) that ``from_dict`` reads back."""
@@ -227,7 +246,7 @@ def _convert(key: str, value: Any) -> Any:
                 raise ValueError(value)
             return str(value)
     except (TypeError, ValueError):
-        raise OptiflowError(f"configuration key '{key}' expects {field_type.split(' ')[0]}, got {value!r}") from None
+        raise OptiflowError(f"configuration key '{key}' expects {field_type.split(' ')[0]}, got {brief(value)}") from None
     return value
 
 
@@ -240,22 +259,64 @@ def _strict(tp: type, value: Any) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``safe_load``, as one clear error when missing or malformed."""
+    """Read a YAML mapping safely (no code, no duplicate keys, bounded size and expansion), as
+    one clear error when missing or malformed."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise OptiflowError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1000} kB; is it a config file?")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise OptiflowError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise OptiflowError(f"config file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise OptiflowError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        values = yaml.safe_load(text)
+        values = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise OptiflowError(f"config file {path} is not valid YAML{where}") from None
+        problem = f": {exc.problem}" if getattr(exc, "problem", None) else ""
+        raise OptiflowError(f"config file {path} is not valid YAML{where}{problem}") from None
+    except RecursionError:
+        raise OptiflowError(f"config file {path} is nested too deeply") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise OptiflowError(f"config file {path} must hold a mapping of keys to values, not {type(values).__name__}")
+    if _size(values) > MAX_CONFIG_NODES:
+        raise OptiflowError(f"config file {path} expands to more than {MAX_CONFIG_NODES} values (YAML aliases?)")
     return values
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _size(value: Any, budget: int = MAX_CONFIG_NODES + 1) -> int:
+    """How many values ``value`` holds once aliases are expanded, counting no further than ``budget``."""
+    count, stack = 0, [value]
+    while stack and count < budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += list(item)
+    return count
+
+
+def brief(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut short."""
+    return reprlib.repr(value)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import math
+import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -39,11 +42,11 @@ class Option:
             result = _coerce(self.type, value)
         except (TypeError, ValueError):
             raise OptiflowError(
-                f"{owner}: option '{self.name}' expects {self.type_name}, got {value!r}"
+                f"{owner}: option '{self.name}' expects {self.type_name}, got {reprlib.repr(value)}"
             ) from None
         if self.choices and result not in self.choices:
             raise OptiflowError(
-                f"{owner}: option '{self.name}' must be one of {', '.join(map(str, self.choices))}; got {value!r}"
+                f"{owner}: option '{self.name}' must be one of {', '.join(map(str, self.choices))}; got {reprlib.repr(value)}"
             )
         return result
 
@@ -247,9 +250,18 @@ def _coerce(tp: Any, value: Any) -> Any:
     if origin is tuple or tp is tuple:
         item_type = args[0] if args else float
         if isinstance(value, str):
-            text = value.strip().strip("[]()")
-            sep = "," if "," in text else ("x" if "x" in text else "-")
-            items = [v for v in text.split(sep) if v.strip()] if text else []
+            text = value.strip()
+            if text[:1] in "[(" or text[-1:] in "])":
+                if text[:1] + text[-1:] not in ("[]", "()") or any(c in text[1:-1] for c in "[]()"):
+                    raise ValueError(value)
+                text = text[1:-1]
+            if "," in text:
+                items = text.split(",")
+            elif "x" in text:
+                items = text.split("x")
+            else:
+                items = re.split(r"(?<=\d)-(?=[\d.])", text)
+            items = [v for v in items if v.strip()]
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:
@@ -273,7 +285,10 @@ def _coerce(tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise TypeError(value)
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(value)
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise TypeError(value)

@@ -23,7 +23,12 @@ FILES = {
     "text-cell.csv": CSV_OK.replace("5,6", "5,six"),
     "ragged.csv": CSV_OK + "9\n",
     "folder.csv/.keep": "",
+    "duplicate.yaml": "epochs: 1\nlr: 0.1\nepochs: 2\n",
+    "bomb.yaml": "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcde", "bcdef")),
+    "deep.yaml": "a: " + "[" * 3000 + "]" * 3000 + "\n",
 }
+BINARY_FILES = {"latin1.yaml": "epochs: 3 # caf\xe9\n".encode("latin-1")}
 
 
 def case(*args: str, expect: str, marks=(), id: str):
@@ -58,6 +63,20 @@ CASES = [
     case("--lr", "-0.1", expect="learning rate must be > 0", id="negative-lr"),
     case("--lr", "0", expect="learning rate must be > 0", id="zero-lr"),
     case("--opt", "sgd:lr=-1", expect="learning rate must be > 0", id="negative-optimizer-lr"),
+    case("--lr", "inf", expect="learning rate must be > 0 and finite, got inf", id="infinite-lr"),
+    case("--lr", "nan", expect="learning rate must be > 0 and finite, got nan", id="nan-lr"),
+    case("--seed", "-1", expect="seed must be an integer in [0, 4294967295], got -1", id="negative-seed"),
+    case("--seed", "99999999999999999999", expect="seed must be an integer in [0, 4294967295]", id="huge-seed"),
+    case("--epochs", "99999999999999999999", expect="epochs must be an integer >= 1 and <= 1000000000",
+         id="huge-epochs"),
+    case("--val-split", "nan", expect="validation split must be in [0, 1), got nan", id="nan-val-split"),
+    case("--opt", "sgd:momentum=nan", expect="option 'momentum' expects float, got 'nan'", id="nan-option"),
+    case("--opt", "adam:lr=1e-3,lr=1e-2", expect="option 'lr' is given twice in 'adam:lr=1e-3,lr=1e-2'",
+         id="option-given-twice"),
+    case("--model", "mlp:hidden=[", expect="unbalanced brackets in 'hidden=[': a '[' or '(' is never closed",
+         id="unclosed-bracket"),
+    case("--model", "mlp:hidden=]64,32[", expect="unbalanced brackets in 'hidden=]64,32[': a ']' or ')' closes nothing",
+         id="bracket-closing-nothing"),
     case("--epochs", "0", expect="epochs must be an integer >= 1", id="zero-epochs"),
     case("--epochs", "-3", expect="epochs must be an integer >= 1", id="negative-epochs"),
     case("--batch-size", "0", expect="batch size must be an integer >= 1", id="zero-batch-size"),
@@ -85,6 +104,11 @@ CASES = [
     case("--config", "split.yaml", expect="configuration key 'val_split' expects float", id="yaml-list-for-float"),
     case("--config", "component.yaml", expect="expected a component name", id="yaml-number-for-component"),
     case("--config", "nested.yaml", expect="no option 'momentun' (did you mean 'momentum'?)", id="yaml-unknown-option"),
+    case("--config", "duplicate.yaml", expect="duplicate.yaml is not valid YAML at line 3: key 'epochs' is given twice",
+         id="yaml-duplicate-key"),
+    case("--config", "bomb.yaml", expect="bomb.yaml expands to more than 100000 values", id="yaml-alias-bomb"),
+    case("--config", "deep.yaml", expect="deep.yaml is nested too deeply", id="yaml-too-deep"),
+    case("--config", "latin1.yaml", expect="latin1.yaml is not UTF-8 text", id="yaml-not-utf8"),
     # data files
     case("--data", "csv:path=missing.csv,target=label", expect="dataset 'csv': missing.csv not found", id="missing-csv"),
     case("--data", "csv:path=folder.csv,target=label", expect="dataset 'csv': Is a directory: folder.csv",
@@ -113,6 +137,8 @@ def files(tmp_path):
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    for name, data in BINARY_FILES.items():
+        (tmp_path / name).write_bytes(data)
     return tmp_path
 
 

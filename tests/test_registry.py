@@ -99,3 +99,21 @@ def test_list_takes_plurals_and_names_each_kind_once(invoke):
     choices = message.split("choose from", 1)[1].replace(".", "").split(",")
     names = [name.strip() for name in choices]
     assert len(names) == len(set(names)) and {"data", "loss", "initializer"} <= set(names)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[64,32]", (64, 32)), ("64-32", (64, 32)), ("2x3", (2, 3)), ("[-5]", (-5,)), ("-5", (-5,)), ("[]", ()),
+])
+def test_list_options_read_signs_as_signs(text, expected):
+    from optiflow.registry import Option
+
+    assert Option("sizes", tuple[int, ...]).coerce(text) == expected
+
+
+@pytest.mark.parametrize("text", ["[", "[64", "64]", "][", "[1,[2]]", "nan", "inf"])
+def test_malformed_or_non_finite_option_values_are_refused(text):
+    from optiflow.registry import Option
+
+    option_type = tuple[int, ...] if "[" in text or "]" in text else float
+    with pytest.raises(OptiflowError, match="option 'x' expects"):
+        Option("x", option_type).coerce(text, owner="test")
