@@ -275,9 +275,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        marked: Any = exc  # MarkedYAMLError carries problem and problem_mark
+        mark, problem = getattr(marked, "problem_mark", None), getattr(marked, "problem", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        problem = f": {exc.problem}" if getattr(exc, "problem", None) else ""
+        problem = f": {problem}" if problem else ""
         raise OptiflowError(f"config file {path} is not valid YAML{where}{problem}") from None
     except RecursionError:
         raise OptiflowError(f"config file {path} is nested too deeply") from None

@@ -14,6 +14,7 @@ GradScaler steps instead and there is no closure.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +28,11 @@ from optiflow.errors import TrainingError
 from optiflow.run import Reporter, Run
 from optiflow.signals import deferred
 
-#: steps between checks that the running training loss is finite (each check is one host sync)
+#: steps between checks that the running training loss is finite and not diverging (each is one host sync)
 FINITE_CHECK_STEPS = 16
+#: a loss this many times its first check's value, for DIVERGED_CHECKS checks in a row, has diverged
+DIVERGED_FACTOR = 1e4
+DIVERGED_CHECKS = 3
 
 
 def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str, float]], None] | None) -> None:
@@ -41,6 +45,7 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
     classification = run.task == "classification"
     step_schedule = run.schedule.interval == "step"
     log_step_loss = config.log_step_loss
+    check = LossCheck(run)
     reporter.start(config.epochs, len(batches))
     for epoch in range(run.epoch + 1, config.epochs + 1):
         run.epoch = epoch
@@ -51,10 +56,13 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
         loss_sum = torch.zeros((), device=run.device)
         correct = torch.zeros((), device=run.device, dtype=torch.long)
         seen = 0
+        check.start_epoch(lr)
         for xb, yb in batches:
             run.step += 1
             loss, outputs = step(xb, yb)
             loss_sum.add_(loss, alpha=len(xb))
+            if check.baseline is None:
+                check.baseline = max(abs(float(loss)), 1e-12)
             if log_step_loss:
                 run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
             if classification:
@@ -64,8 +72,8 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
                 run.schedule.step()
             reporter.batch()
             if run.step % FINITE_CHECK_STEPS == 0:
-                _check_finite(loss_sum, run, lr)
-        _check_finite(loss_sum, run, lr)
+                check(loss_sum, seen)
+        check(loss_sum, seen)
         loss_total, correct_total, seen_total = cluster.sum_floats([loss_sum, correct, seen], run.device)
         train_loss = loss_total / max(seen_total, 1)
         seconds = time.perf_counter() - started
@@ -174,13 +182,38 @@ def _training_model(run: Run, cluster: distributed.Cluster) -> nn.Module:
     return model
 
 
-def _check_finite(loss_sum: Tensor, run: Run, lr: float) -> None:
-    """Stop at once when the running training loss is NaN or infinite (one host sync per call)."""
-    if not bool(torch.isfinite(loss_sum)):
-        raise TrainingError(
-            f"the training loss became {float(loss_sum)} at step {run.step} (epoch {run.epoch}, lr={lr:g}): "
-            "lower the learning rate or add gradient clipping (--reg grad-clip)"
-        )
+class LossCheck:
+    """Stops training whose loss is NaN or infinite, or has stayed above ``DIVERGED_FACTOR`` times the
+    loss of its first step (the weights as initialized) for ``DIVERGED_CHECKS`` checks in a row: a
+    divergence that stays finite (1e15 with ``--lr 1e6``) fails the run instead of finishing it."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.baseline: float | None = None
+        self.strikes = 0
+        self.lr = run.lr
+        self.last_sum, self.last_seen = 0.0, 0
+
+    def start_epoch(self, lr: float) -> None:
+        self.lr, self.last_sum, self.last_seen = lr, 0.0, 0
+
+    def __call__(self, loss_sum: Tensor, seen: int) -> None:
+        total = float(loss_sum)
+        run = self.run
+        where = f"at step {run.step} (epoch {run.epoch}, lr={self.lr:g})"
+        advice = "lower the learning rate or add gradient clipping (--reg grad-clip)"
+        if not math.isfinite(total):
+            raise TrainingError(f"the training loss became {total} {where}: {advice}")
+        if seen <= self.last_seen:
+            return
+        window = (total - self.last_sum) / (seen - self.last_seen)
+        self.last_sum, self.last_seen = total, seen
+        if self.baseline is None or not math.isfinite(self.baseline):
+            return
+        self.strikes = self.strikes + 1 if window > DIVERGED_FACTOR * max(self.baseline, 1.0) else 0
+        if self.strikes >= DIVERGED_CHECKS:
+            raise TrainingError(f"the training loss diverged to {window:.3g} {where}, over {DIVERGED_FACTOR:g} times "
+                                f"its first step's {self.baseline:.3g}: {advice}")
 
 
 def _record_epoch(run: Run, metrics: dict[str, float]) -> None:

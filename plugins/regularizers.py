@@ -189,16 +189,18 @@ class EarlyStopping:
                 f"early-stopping monitors '{self.monitor}', which this run does not log; "
                 f"choose one of {', '.join(sorted(metrics))}"
             )
-        if self.best is None or self.sign * (value - self.best) > self.min_delta:
+        improved = math.isfinite(value) and (self.best is None or self.sign * (value - self.best) > self.min_delta)
+        if improved:
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best:
                 self.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         else:
             self.wait += 1
             if self.wait >= self.patience:
+                best = (f"best {self.best:.6g} at epoch {self.best_epoch}" if self.best is not None
+                        else f"no finite {self.monitor} yet")
                 run.request_stop(
-                    f"early stopping: {self.monitor} did not improve for {self.patience} epochs "
-                    f"(best {self.best:.6g} at epoch {self.best_epoch})"
+                    f"early stopping: {self.monitor} did not improve for {self.patience} epochs ({best})"
                 )
         metrics["early_stopping_wait"] = self.wait
 

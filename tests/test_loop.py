@@ -4,6 +4,7 @@ the NaN check, evaluation metrics, per-step logging, augmentation on training sa
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,6 +53,28 @@ def test_nan_loss_stops_within_the_epoch_and_keeps_what_was_logged(tracking_uri,
     steps_per_epoch = -(-int(run.data.params["data.n_train"]) // 8)
     stopped_at = int(str(info.value).split("at step ")[1].split()[0])
     assert steps_per_epoch < stopped_at < steps_per_epoch + 64, "checked every 16 steps, not once per epoch"
+
+
+@pytest.mark.parametrize("options", [{"lr": 1e6}, {"opt": "sgd", "lr": 2.0}], ids=["adam-lr-1e6", "sgd-lr-2"])
+def test_a_finite_divergence_fails_the_run_saying_so(tracking_uri, experiment, mlflow_client, options):
+    with pytest.raises(TrainingError, match=r"training loss diverged to \S+ at step \d+ .* over 10000 times its first"):
+        train(config(tracking_uri, experiment, epochs=6, model="mlp", batch_size=32, **options))
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["failure"]
+
+
+def test_a_loss_that_falls_or_spikes_once_is_not_divergence_three_high_checks_are():
+    from optiflow.loop import LossCheck
+
+    check = LossCheck(SimpleNamespace(step=1, epoch=1, lr=0.1))  # type: ignore[arg-type]
+    check.baseline = 2.3
+    total = 0.0
+    for index, window in enumerate([2.0, 1.0, 3e4, 0.5, 3e4, 3e4, 0.4, 3e4, 3e4], 1):
+        total += window * 16
+        check(torch.tensor(total), 16 * index)  # each check sees 16 new samples of mean loss ``window``
+    with pytest.raises(TrainingError, match="diverged to 3e[+]04"):
+        total += 3e4 * 16
+        check(torch.tensor(total), 16 * 10)
 
 
 class CountSteps:
