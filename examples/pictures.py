@@ -222,7 +222,8 @@ def search_history(client, runs: list, spec: dict[str, Any]) -> tuple[Any, Numbe
     """Best objective so far against the trial number, one line per search (study), beside every trial's value."""
     children: dict[str, list] = {}
     for run in runs:
-        children.setdefault(run.data.tags.get("mlflow.parentRunId", ""), []).append(run)
+        if run.data.tags.get("optiflow.role") != "refit":  # the best trial trained again is not a trial
+            children.setdefault(run.data.tags.get("mlflow.parentRunId", ""), []).append(run)
     searches = [run for run in runs if run.data.tags.get("optiflow.kind") == "search"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     rows = {}
@@ -266,8 +267,9 @@ GRADIENT_PREFIX = "grad_norm/"
 
 
 def _layer_order(metric: str) -> tuple:
-    """``grad_norm/10`` after ``grad_norm/9``: numeric parts of a layer name compare as numbers."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"[./]", metric))
+    """``grad_norm/fc10`` after ``grad_norm/fc9``: numbers in a layer name compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"[./]|(\d+)", metric)
+                 if part)
 
 
 def _finish_axis(axis, logy: bool) -> None:

@@ -13,9 +13,9 @@ from typing import Any
 import click
 
 from optiflow import flags
-from optiflow.errors import OptiflowError, first_line
+from optiflow.cli_predict import predict
+from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import COMPONENT_HELP, build_config, command_tag, print_settings, resolve_layers, train_options
-from optiflow.slots import FAMILY_KINDS, KINDS
 
 
 class OptiflowGroup(click.Group):
@@ -94,6 +94,7 @@ def _disable_plugins(names: tuple[str, ...]) -> None:
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
 @click.option("--resume", metavar="RUN_ID", help="Continue a KILLED or FAILED run from its checkpoint, in the same run.")
+@flags.model_options(register="the run's model")
 def train(**params: Any) -> None:
     """Train one model and log the run to MLflow.
 
@@ -116,9 +117,10 @@ def train(**params: Any) -> None:
     reporter = None if quiet else RichReporter()
     result = run_training(config, reporter=reporter, extra_tags=command_tag(), resume=params["resume"])
     print_summary(result, config, quiet=params["quiet"] or not main_process)
+    flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
 
-RESUME_FLAGS = {"resume", "tracking_uri", "device", "quiet", "print_config"}
+RESUME_FLAGS = {"resume", "tracking_uri", "device", "quiet", "print_config", "register"}
 
 
 def _resume_config(params: dict[str, Any]):
@@ -162,7 +164,7 @@ COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "o
 @click.option("--repeats", type=int, help="Seeds per variant: seed, seed+1, ... [1].")
 @click.option("--metric", help="Final metric to rank and chart [test_accuracy, or test_loss for regression].")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>].")
-@click.option("--log-models/--no-log-models", default=None, help="Log each child's model to MLflow [no].")
+@flags.model_options(register="the best variant's model (every child's model is then logged)", log_models="each child's")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 def compare(**params: Any) -> None:
@@ -190,13 +192,11 @@ def compare(**params: Any) -> None:
 
     result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
                             out_dir=settings["out"], log_models=bool(settings["log_models"]), tags=command_tag(),
-                            announce=announce, reporter_factory=_reporter_factory(quiet))
+                            announce=announce, reporter_factory=_reporter_factory(quiet), register=params["register"])
     if not quiet:
         print_comparison(result, config)
-    if not any(child.status == "FINISHED" for child in result.children):
-        from optiflow.errors import TrainingError
-
-        raise TrainingError("every variant failed; see the 'failure' tag of each child run")
+    if result.failure:
+        raise TrainingError(result.failure)
 
 
 SEARCH_DEFAULTS: dict[str, Any] = {
@@ -225,7 +225,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
                                 "journal:study.log [in memory].")
 @click.option("--study-name", help="Study to create or join in --storage [a new name].")
 @click.option("--n-jobs", type=int, help="Processes running trials in parallel [1].")
-@click.option("--log-models/--no-log-models", default=None, help="Log each trial's model to MLflow [no].")
+@flags.model_options(register="the refit model", log_models="each trial's", refit=True)
 @click.option("--quiet", "-q", is_flag=True, help="No per-trial lines or tables, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 def search(**params: Any) -> None:
@@ -236,11 +236,10 @@ def search(**params: Any) -> None:
     optiflow search --space hidden=int:32:256 --sampler random --pruner median --cv 5
     optiflow search --space lr=loguniform:1e-4:1e-1 --storage sqlite:///study.db --study-name s1  # many processes
     """
-    from optiflow.commands.search import search as run_search
-    from optiflow.commands.search import settings_from
+    from optiflow.commands import search as command
 
     config, values = resolve_layers(params, SEARCH_DEFAULTS)
-    settings = settings_from(values, config)
+    settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"]}, config)
     if params["print_config"]:
         from optiflow.search.space import describe_dimension
 
@@ -249,9 +248,11 @@ def search(**params: Any) -> None:
     from optiflow.console import console, print_search
 
     quiet = params["quiet"]
-    result = run_search(config, settings, tags=command_tag(), progress=None if quiet else console.print)
+    result = command.search(config, settings, tags=command_tag(), progress=None if quiet else console.print)
     if not quiet:
         print_search(result, config)
+    if result.failure:
+        raise TrainingError(result.failure)
 
 
 @cli.command()
@@ -314,24 +315,24 @@ def lr_preview(**params: Any) -> None:
 @cli.command("list")
 @click.argument("kind", required=False)
 @click.option("--pattern", default="*", help="Only names matching this glob, e.g. 'adam*'.")
-def list_components(kind: str | None, pattern: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the components as JSON (for scripts).")
+def list_components(kind: str | None, pattern: str, as_json: bool) -> None:
     """List registered components: all, one family (data, model, optimizer, regularizer,
-    scheduler, initializer) or one kind (dataset, normalizer, augmentation, activation, loss)."""
+    scheduler, initializer) or one kind (dataset, normalizer, augmentation, activation, loss).
+
+    One line per component when the output is not a terminal (for grep)."""
     from optiflow.console import component_table
+    from optiflow.listing import component_records, kinds_named
     from optiflow.plugins import get_registry
 
-    kinds = list(KINDS) if kind is None else list(_kinds_named(kind))
     registry = get_registry()
-    component_table([c for k in kinds for c in registry.select(k, pattern)])
+    components = [c for k in kinds_named(kind) for c in registry.select(k, pattern)]
+    if as_json:
+        import json
 
-
-def _kinds_named(name: str) -> tuple[str, ...]:
-    """The kinds a family or kind name stands for; plurals (``losses``, ``optimizers``) too."""
-    named = {**FAMILY_KINDS, **{kind: (kind,) for kind in KINDS}}
-    for candidate in (name, name[:-2] if name.endswith("es") else name, name[:-1] if name.endswith("s") else name):
-        if candidate in named:
-            return named[candidate]
-    raise click.BadParameter(f"unknown kind '{name}'; choose from {', '.join(named)}")
+        click.echo(json.dumps(component_records(components), indent=2, default=str))
+        return
+    component_table(components)
 
 
 @cli.command()
@@ -362,15 +363,14 @@ def plugins(as_json: bool) -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Server worker processes.")
 @click.option("--tracking-uri", help="Store to browse [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
 def ui(host: str, port: int, workers: int, tracking_uri: str | None) -> None:
-    """Open the MLflow UI on this project's runs (Ctrl-C stops it)."""
-    from optiflow.tracking import resolve_tracking_uri, sqlite_path
+    """Open the MLflow UI on this project's runs (Ctrl-C stops it); a tracking server's UI is at its own URL."""
+    from optiflow.tracking import is_server, resolve_tracking_uri, ui_server_command
 
     uri = resolve_tracking_uri(tracking_uri)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-               "--workers", str(workers)]
-    path = sqlite_path(uri)
-    if path is not None:
-        command += ["--default-artifact-root", (path.resolve().parent / "artifacts").as_uri()]
+    if is_server(uri):
+        click.echo(f"MLflow UI: {uri}  (served by the tracking server)", err=True)
+        return
+    command = ui_server_command(uri, host, port, workers)
     if host not in LOOPBACK_HOSTS:
         click.echo(f"Warning: --host {host} makes the UI reachable from other machines, without authentication.",
                    err=True)
@@ -380,15 +380,14 @@ def ui(host: str, port: int, workers: int, tracking_uri: str | None) -> None:
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+cli.add_command(predict)
 
 
 def main() -> None:
     """Console-script entry point."""
-    import logging
-
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Importing mlflow (later, inside a command) sets its loggers' levels from this, overriding any set here before.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     cli(prog_name="optiflow")
 
 

@@ -59,31 +59,49 @@ def print_summary(result: Any, config: Any, quiet: bool = False) -> None:
 
 
 def component_table(components: list[Any]) -> None:
-    table = Table(show_lines=False)
-    for column in ("kind", "name", "options", "description", "plugin"):
-        table.add_column(column, overflow="fold")
-    for c in components:
-        options = ", ".join(f"{o.name}={o.default}" for o in c.options)
-        table.add_row(c.kind, c.name + (f" ({', '.join(c.aliases)})" if c.aliases else ""), options, c.description, c.plugin)
-    console.print(table)
+    """One row per component; names never wrap.  Not on a terminal: one line per component (for grep)."""
+    columns = ["kind", "name", "options", "description", "plugin"]
+    rows = [[c.kind, c.name + (f" ({', '.join(c.aliases)})" if c.aliases else ""),
+             ", ".join(f"{o.name}={o.default}" for o in c.options), c.description, c.plugin] for c in components]
+    _print_rows(columns, rows, no_wrap=("kind", "name", "plugin"))
 
 
 def plugin_table(rows: list[dict[str, Any]]) -> None:
     """One row per plugin: origin, status, hooks and what it registered (components per kind, commands)."""
-    table = Table()
-    table.add_column("name", overflow="fold")
-    table.add_column("distribution", no_wrap=True)
-    table.add_column("status", overflow="fold")
-    table.add_column("hooks (optiflow_...)", no_wrap=True)
-    table.add_column("registered", overflow="fold")
+    columns = ["name", "distribution", "version", "status", "hooks (optiflow_...)", "registered"]
+    cells = []
     for row in rows:
         registered = [f"{kind}: {', '.join(names)}" for kind, names in row["components"].items()]
         if row["commands"]:
             registered.append(f"commands: {', '.join(row['commands'])}")
         status = row["status"] if not row["error"] else f"{row['status']}: {row['error']}"
-        table.add_row(row["name"], f"{row['distribution']}\n{row['version']}", status, "\n".join(h.removeprefix("optiflow_") for h in row["hooks"]),
-                      "\n".join(registered))
-    console.print(table)
+        cells.append([row["name"], row["distribution"], str(row["version"]), status,
+                      "\n".join(h.removeprefix("optiflow_") for h in row["hooks"]), "\n".join(registered)])
+    if console.is_terminal:  # the distribution under the name leaves an 80-column terminal room for whole names
+        cells = [[f"{name}\n{distribution} {version}", *rest] for name, distribution, version, *rest in cells]
+        columns = ["plugin", *columns[3:]]
+    _print_rows(columns, cells, no_wrap=("name", "plugin", "hooks (optiflow_...)"),
+                joins={"hooks (optiflow_...)": ", ", "registered": "; "})
+
+
+def _print_rows(columns: list[str], rows: list[list[str]], no_wrap: tuple[str, ...],
+                joins: dict[str, str] | None = None) -> None:
+    """A table on a terminal, the ``no_wrap`` columns never wrapped.  Piped: aligned plain lines, one per row and
+    nothing cut, so ``grep`` finds whole rows (a cell's lines joined by ``joins[column]``, else a space)."""
+    if console.is_terminal:
+        table = Table()
+        for column in columns:
+            table.add_column(column, no_wrap=column in no_wrap, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table, markup=False)
+        return
+    joins = joins or {}
+    lines = [columns] + [[" ".join(joins.get(column, " ").join(cell.splitlines()).split())
+                          for column, cell in zip(columns, row)] for row in rows]
+    widths = [max(len(line[index]) for line in lines) for index in range(len(columns) - 1)]
+    for line in lines:
+        print("  ".join([cell.ljust(width) for cell, width in zip(line, widths)] + line[-1:]).rstrip())
 
 
 def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -104,6 +122,8 @@ def print_comparison(result: Any, config: Any) -> None:
     result_table(f"compare: final {result.metric}", list(BRIEF_COLUMNS), result.brief)
     console.print(f"parent run {result.parent_run_id}  ·  files in {result.out_dir}  ·  "
                   f"open the UI: {ui_command(resolve_tracking_uri(config.tracking_uri))}")
+    if result.registered is not None:
+        print_registered(*result.registered)
 
 
 def print_search(result: Any, config: Any, top: int = 10) -> None:
@@ -115,8 +135,24 @@ def print_search(result: Any, config: Any, top: int = 10) -> None:
     if result.best_value is not None:
         shown = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
         console.print(f"best {result.best_value:.4g}: {shown}")
+    refit = result.refit
+    if refit is not None and refit.run_id is not None:
+        scores = "  ".join(f"{k}={v:.4f}" for k, v in sorted(refit.metrics.items()))
+        split = f"validation split {refit.val_split:g} kept" if refit.val_split else "train + validation"
+        console.print(f"refit of trial {refit.trial} on {split}: {scores}  ·  run {refit.run_id}", markup=False,
+                      soft_wrap=True)
+    if refit is not None and refit.failure:
+        console.print(f"refit of trial {refit.trial} failed: {refit.failure}", markup=False, soft_wrap=True)
     console.print(f"parent run {result.parent_run_id}  ·  open the UI: "
                   f"{ui_command(resolve_tracking_uri(config.tracking_uri))}")
+    if refit is not None and refit.registered is not None:
+        print_registered(refit.registered[0], refit.registered[1], refit.run_id)
+
+
+def print_registered(name: str, version: str, run_id: str | None) -> None:
+    """Where ``--register`` put the model: its registered name and version, and the URI that loads it."""
+    console.print(f"registered the model of run {run_id} as '{name}' version {version}: models:/{name}/{version}",
+                  markup=False, soft_wrap=True)
 
 
 def print_reproduction(result: Any) -> None:
@@ -142,3 +178,43 @@ def print_lr_preview(result: Any, out: Any) -> None:
         title += f" ('{result.monitor}' assumed never to improve)"
     result_table(title, ["epoch", "lr at start", "lowest", "highest"], rows)
     console.print(f"plot saved to {out}")
+
+
+def print_predictions(result: Any, out: Any, rows: int = 10, max_probabilities: int = 5) -> None:
+    """The first predictions (with the true label when the input had one), the score and where the CSV went."""
+    table = result.table
+    probabilities = [c for c in table.columns if c.startswith("prob_")]
+    columns = ["id", *(c for c in table.columns if c.startswith("prediction"))]
+    columns += probabilities if len(probabilities) <= max_probabilities else []
+    head = table.head(rows)
+    cells = [[_cell(v) for v in row] for row in head[columns].itertuples(index=False)]
+    if len(probabilities) > max_probabilities:
+        columns.append("probability")
+        for row, best in zip(cells, head[probabilities].max(axis=1)):
+            row.append(_cell(best))
+    if result.labels is not None:
+        columns.insert(1, "label")
+        for row, label in zip(cells, result.labels):
+            row.insert(1, _cell(label))
+    result_table("predictions", columns, cells)
+    if result.score is not None:
+        score = result.score
+        console.print(f"{score.name} {score.value:.4f} on {score.rows} labelled rows")
+    total, model = len(table), result.model_uri
+    if out is not None:
+        console.print(f"{total} predictions of {model} written to {out}")
+    elif total > rows:
+        console.print(f"first {rows} of {total} predictions of {model}; --output FILE writes them all")
+    else:
+        console.print(f"{total} predictions of {model}")
+
+
+def _cell(value: Any) -> str:
+    """A value as table text: a non-integer number to 4 significant decimals, a missing label as '-'."""
+    import numbers
+
+    if value is None:
+        return "-"
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return f"{value:.4f}"
+    return str(value)

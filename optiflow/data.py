@@ -32,7 +32,11 @@ class DataSource:
 
     ``x`` is float32 (or uint8 images, scaled to [0, 1] by the core) shaped
     ``(N, *input_shape)``; ``y`` is int64 class indices for classification or
-    float32 ``(N,)``/``(N, k)`` for regression.
+    float32 ``(N,)``/``(N, k)`` for regression.  The samples are images
+    (``image``: ``x`` shaped ``(N, C, H, W)``; the default when ``x`` has 4 dimensions)
+    or feature vectors, named by ``feature_names`` when they have names; ``target``
+    names what ``y`` holds, and regression targets are ``y * target_scale`` in their
+    original units.  The logged model takes ``x`` as given here (before normalization).
     """
 
     x: Tensor
@@ -43,6 +47,10 @@ class DataSource:
     y_test: Tensor | None = None
     classes: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    image: bool | None = None
+    feature_names: list[str] | None = None
+    target: str | None = None
+    target_scale: float = 1.0
 
     def __post_init__(self) -> None:
         import torch
@@ -53,6 +61,12 @@ class DataSource:
             self.x_test = _as_float(self.x_test)
         if self.task == "classification" and self.num_classes is None:
             self.num_classes = int(self.y.max().item()) + 1
+        if self.image is None:
+            self.image = self.x.ndim == 4
+        elif self.image and self.x.ndim != 4:
+            raise OptiflowError(f"a dataset of images gives x shaped (N, C, H, W), got {list(self.x.shape)}")
+        if self.feature_names is not None and len(self.feature_names) != math.prod(self.input_shape):
+            raise OptiflowError(f"{len(self.feature_names)} feature names for samples of shape {list(self.input_shape)}")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -90,7 +104,11 @@ class Splits:
 
 
 class Normalizer(Protocol):
-    """Fitted on the training split only, then applied to every split."""
+    """Fitted on the training split only, then applied to every split.
+
+    A normalizer that also has ``module() -> nn.Module`` (the fitted transform, its statistics
+    as buffers) becomes part of the logged model, which then takes raw inputs.
+    """
 
     def fit(self, x: Tensor) -> Normalizer: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -45,6 +46,44 @@ def train_options(func: Any) -> Any:
     return func
 
 
+REFIT_HELP = ("Train the best configuration again on the whole training split (train + validation, every fold with "
+              "--cv), score it on the test split and log it with its model as a child run tagged optiflow.role=refit; "
+              "a configuration that monitors a val_* metric (early stopping, plateau) keeps its validation split "
+              "[refit].")
+
+
+def model_options(register: str, log_models: str | None = None, refit: bool = False) -> Callable[[Any], Any]:
+    """What becomes of the models a command trains: ``--log-models`` (``log_models``: whose), ``--refit`` (search)
+    and ``--register NAME`` (``register``: which model)."""
+    options = [click.option("--register", metavar="NAME",
+                            help=f"Register {register} in MLflow's model registry as the next version of NAME "
+                                 "(load it as models:/NAME/VERSION).")]
+    if log_models:
+        options.append(click.option("--log-models/--no-log-models", default=None,
+                                    help=f"Log {log_models} model to MLflow [no]."))
+    if refit:
+        options.append(click.option("--refit/--no-refit", default=None, help=REFIT_HELP))
+
+    def decorate(func: Any) -> Any:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def register(name: str | None, run_id: str | None, tracking_uri: str | None, quiet: bool) -> None:
+    """``train --register NAME``: the run's model as the next version of NAME, said unless ``quiet``."""
+    if not name or run_id is None:  # data-parallel processes but rank 0 have no run
+        return
+    from optiflow.commands.train import register_model
+    from optiflow.console import print_registered
+
+    version = register_model(run_id, name, tracking_uri)
+    if not quiet:
+        print_registered(name, version, run_id)
+
+
 def command_tag() -> dict[str, str]:
     """The ``optiflow.command`` tag: the command line as the user typed it."""
     import shlex
@@ -76,7 +115,7 @@ def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any], **e
     overrides = {
         key: value
         for key, value in params.items()
-        if key not in {"config_file", "quiet", "print_config", "nproc", *command_defaults} and value not in (None, ())
+        if key not in {"config_file", "quiet", "print_config", "nproc", "register", "refit", *command_defaults} and value not in (None, ())
     }
     overrides.update(extra)
     return RunConfig.from_dict({**values, **overrides}), settings

@@ -14,6 +14,13 @@ def pyplot() -> Any:
     return plt
 
 
+def epoch_ticks(axis: Any) -> None:
+    """Whole epochs on the x axis: no tick at epoch 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def learning_curves(history: dict[str, list[float]], title: str = "") -> Any:
     """Loss curves (train/validation) beside the accuracy or RMSE curves, per epoch."""
     plt = pyplot()
@@ -25,12 +32,14 @@ def learning_curves(history: dict[str, list[float]], title: str = "") -> Any:
             axes[0][0].plot(epochs, history[key], marker=".", label=key.replace("_", " "))
     axes[0][0].set(xlabel="epoch", ylabel="loss", title="loss")
     axes[0][0].legend()
+    epoch_ticks(axes[0][0])
     if quality:
         for key in quality:
             epochs = range(1, len(history[key]) + 1)
             axes[0][1].plot(epochs, history[key], marker=".", label=key.replace("_", " "))
         axes[0][1].set(xlabel="epoch", title="quality")
         axes[0][1].legend()
+        epoch_ticks(axes[0][1])
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -62,6 +71,7 @@ def overlay_curves(histories: dict[str, list[dict[str, list[float]]]], title: st
             axis.set_yscale("log")
         axis.set(xlabel="epoch", ylabel="loss", title=key.replace("_", " ").replace("val", "validation"))
         axis.legend(fontsize="small", loc="best")
+        epoch_ticks(axis)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -101,5 +111,6 @@ def lr_schedule(positions: list[float], rates: list[float], title: str = "", war
         axis.legend()
     axis.set(xlabel="epoch", ylabel="learning rate", title=title or "learning-rate schedule")
     axis.set_xlim(0, max(positions) if positions else 1)
+    epoch_ticks(axis)
     figure.tight_layout()
     return figure

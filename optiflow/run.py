@@ -135,9 +135,10 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     except ValueError as exc:
         raise OptiflowError(f"normalizer '{norm.name}': {first_line(exc)}") from None
     input_shape = tuple(splits.x_train.shape[1:])
+    model_component, model_options = resolved.model
+    _check_images(model_component, source, input_shape, dataset.name, norm.name)
 
     torch.manual_seed(config.seed)
-    model_component, model_options = resolved.model
     model = build(model_component, input_shape, source.num_outputs, **model_options)
     initialize(model, resolved)
     _check_model_accepts(model, splits.x_train[:2], model_component.name, input_shape)
@@ -195,6 +196,18 @@ def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) ->
     sched_component, sched_options = resolved.sched
     schedule = build(sched_component, optimizer, length, **sched_options)
     return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+
+
+def _check_images(model: Component, source: DataSource, input_shape: tuple[int, ...], dataset: str,
+                  norm: str) -> None:
+    """A model whose factory declares ``needs_images = True`` refuses feature vectors in one line."""
+    if not getattr(model.factory, "needs_images", False) or len(input_shape) == 3:
+        return
+    if source.image:
+        why = f"normalizer '{norm}' turns the images into vectors of shape {list(input_shape)}; use standard or per-channel"
+    else:
+        why = f"dataset '{dataset}' gives feature vectors of shape {list(source.input_shape)}"
+    raise OptiflowError(f"model '{model.name}' needs images (channels x height x width), but {why}")
 
 
 def _check_model_accepts(model: nn.Module, sample: Tensor, name: str, shape: tuple[int, ...]) -> None:

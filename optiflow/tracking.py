@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,8 +42,25 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def ui_command(uri: str) -> str:
-    """The shell command that opens the MLflow UI on this store."""
+    """How to open the MLflow UI on this store: a tracking server's own URL, else the shell command that serves it."""
+    if is_server(uri):
+        return uri
     return f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "optiflow ui"
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` is an MLflow tracking server, which serves its own UI."""
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
+    """The ``mlflow ui`` command line serving the store at ``uri`` (a SQLite store's artifacts beside it)."""
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+               "--workers", str(workers)]
+    path = sqlite_path(uri)
+    if path is not None:
+        command += ["--default-artifact-root", (path.resolve().parent / "artifacts").as_uri()]
+    return command
 
 
 def retry(fn, *args: Any, **kwargs: Any) -> Any:
@@ -214,27 +232,16 @@ class Tracker:
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         retry(self.client.log_artifact, self.run_id, str(local_path), artifact_path)
 
-    def log_model(self, model: Any, input_example: Any) -> None:
-        """Log a PyTorch model under ``model`` with its signature, loadable from ``runs:/<id>/model``."""
+    def log_model(self, flavor: Any, metadata: dict[str, Any], **kwargs: Any) -> None:
+        """Log a model under ``model`` on this run (``runs:/<id>/model``), saved by the flavor module's
+        ``save_model(path, mlflow_model, **kwargs)`` (optiflow.export: the run's raw-input pipeline)."""
         import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
+        from mlflow.models import Model
 
-        model = model.to("cpu", memory_format=torch.contiguous_format).eval()  # saved in the standard layout
-        with torch.no_grad():
-            output = model(torch.as_tensor(input_example)).numpy()
-        signature = infer_signature(input_example, output)
-        os.environ.setdefault("MLFLOW_VALIDATE_SERVING_INPUT", "false")
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=signature,
-                input_example=input_example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
+            Model.log(None, flavor, name="model", run_id=self.run_id, metadata=metadata,
+                      validate_serving_input=False, **kwargs)
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED)."""

@@ -26,8 +26,8 @@ def optiflow_register_data(register):
 # --- scikit-learn's bundled datasets -------------------------------------------------------------
 
 
-def digits(ctx: DataContext, *, image: bool = False) -> DataSource:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 samples, 10 classes); image=true gives 1x8x8 images."""
+def digits(ctx: DataContext, *, image: bool = True) -> DataSource:
+    """scikit-learn's bundled handwritten digits (1,797 samples, 10 classes): 1x8x8 images in [0, 1]; image=false: 64 features."""
     import torch
     from sklearn.datasets import load_digits
 
@@ -36,7 +36,8 @@ def digits(ctx: DataContext, *, image: bool = False) -> DataSource:
     if image:
         x = x.reshape(-1, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)
-    return DataSource(x, y, "classification", num_classes=10, classes=[str(c) for c in bunch.target_names])
+    return DataSource(x, y, "classification", num_classes=10, classes=[str(c) for c in bunch.target_names],
+                      image=image, feature_names=None if image else list(bunch.feature_names))
 
 
 def iris(ctx: DataContext) -> DataSource:
@@ -64,7 +65,8 @@ def diabetes(ctx: DataContext, *, target_scale: float = 100.0) -> DataSource:
     bunch = load_diabetes()
     x = torch.tensor(bunch.data, dtype=torch.float32)
     y = torch.tensor(bunch.target, dtype=torch.float32) / target_scale
-    return DataSource(x, y, "regression", meta={"target_scale": target_scale})
+    return DataSource(x, y, "regression", meta={"target_scale": target_scale}, feature_names=list(bunch.feature_names),
+                      target="progression", target_scale=target_scale)
 
 
 def _sklearn_classification(loader: str) -> DataSource:
@@ -75,7 +77,8 @@ def _sklearn_classification(loader: str) -> DataSource:
     x = torch.tensor(bunch.data, dtype=torch.float32)
     y = torch.tensor(bunch.target, dtype=torch.long)
     return DataSource(x, y, "classification", num_classes=len(bunch.target_names),
-                      classes=[str(c) for c in bunch.target_names])
+                      classes=[str(c) for c in bunch.target_names], feature_names=list(bunch.feature_names),
+                      target="target")
 
 
 # --- synthetic regression problems ---------------------------------------------------------------
@@ -110,7 +113,7 @@ def _synthetic(ctx: DataContext, n: int, noise: float, interval: tuple[float, fl
     low, high = interval
     x = torch.rand(n, 1, generator=generator) * (high - low) + low
     y = function(x).squeeze(1) + noise * torch.randn(n, generator=generator)
-    return DataSource(x, y, "regression", meta={"noise": noise})
+    return DataSource(x, y, "regression", meta={"noise": noise}, feature_names=["x"], target="y")
 
 
 # --- torchvision image datasets ------------------------------------------------------------------
@@ -258,6 +261,7 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
             ) from None
         labels.append(row[column].strip())
     x = torch.tensor(features, dtype=torch.float32)
+    names = [name for i, name in enumerate(header) if i != column]
     numeric = all(_is_number(v) for v in labels)
     if task == "auto":
         integral = numeric and all(float(v).is_integer() for v in labels)
@@ -265,11 +269,13 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
     if task == "regression":
         if not numeric:
             raise OptiflowError(f"csv file {file}: target column '{target}' is not numeric, so it cannot be regressed")
-        return DataSource(x, torch.tensor([float(v) for v in labels]), "regression", meta={"path": str(file)})
+        return DataSource(x, torch.tensor([float(v) for v in labels]), "regression", meta={"path": str(file)},
+                          feature_names=names, target=target)
     classes = sorted(set(labels), key=lambda v: (float(v), v) if numeric else (0.0, v))
     index = {label: i for i, label in enumerate(classes)}
     y = torch.tensor([index[v] for v in labels], dtype=torch.long)
-    return DataSource(x, y, "classification", num_classes=len(classes), classes=classes, meta={"path": str(file)})
+    return DataSource(x, y, "classification", num_classes=len(classes), classes=classes, meta={"path": str(file)},
+                      feature_names=names, target=target)
 
 
 def image_folder(ctx: DataContext, *, path: str = "", size: int = 32, grayscale: bool = False) -> DataSource:

@@ -4,17 +4,40 @@ The norms are read at the end of each epoch from the gradients the last
 training batch left in ``param.grad`` (as the optimizer used them, after any
 clipping or noise), so the training step itself pays nothing: one on-device
 norm per layer and one host transfer per epoch.  Each run's measurements live in
-``run.state["diagnostics"]``, so concurrent runs never share them.
+``run.state["diagnostics"]``, so concurrent runs never share them.  Layers are
+named after their modules (``fc1``, ``features.conv2``), see :func:`layer_names`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from optiflow import hookimpl
 
 METRIC_PREFIX = "grad_norm/"
 STATE_KEY = "diagnostics"
+SHORT_KINDS = {"Linear": "fc", "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv", "BatchNorm1d": "bn",
+               "BatchNorm2d": "bn", "BatchNorm3d": "bn", "LayerNorm": "ln"}
+
+
+def layer_names(model) -> dict[str, str]:
+    """A readable name per module, by qualified name: a position in a container (``3``, ``features.0``) becomes
+    the module's kind and rank among its siblings of that kind (``fc2``, ``features.conv1``); named modules keep
+    their names.  Only the metric names change: the parameters (and checkpoints) keep their keys."""
+    names = {"": "model"}
+    for parent_name, parent in model.named_modules():
+        children = dict(parent.named_children())
+        ranks: Counter[str] = Counter()
+        for child_name, child in children.items():
+            shown = child_name
+            if child_name.isdigit():
+                kind = SHORT_KINDS.get(type(child).__name__, type(child).__name__.lower())
+                ranks[kind] += 1
+                shown = f"{kind}{ranks[kind]}" if f"{kind}{ranks[kind]}" not in children else child_name
+            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+            names[qualified] = f"{names[parent_name]}.{shown}" if parent_name else shown
+    return names
 
 
 class GradientFlow:
@@ -29,11 +52,12 @@ class GradientFlow:
         """The L2 norm of each layer's current gradients, by layer name (layers without gradients skipped)."""
         import torch
 
+        shown = layer_names(model)
         names, grads, owners = [], [], []
         for name, module in model.named_modules():
             own = [p.grad for p in module.parameters(recurse=False) if p.grad is not None and not p.grad.is_sparse]
             if own:
-                names.append(name or "model")
+                names.append(shown[name])
                 owners.append(len(own))
                 grads += own
         if not grads:
@@ -58,8 +82,9 @@ class GradientFlow:
         for index, (epoch, row) in enumerate(zip(self.epochs, self.norms)):
             shade = colors(index / max(1, len(self.epochs) - 1))
             axis.plot(range(len(self.layers)), row, marker=".", color=shade, label=f"epoch {epoch}")
-        kinds = dict(model.named_modules()) if model is not None else {}
-        labels = [f"{layer}\n{type(kinds[layer]).__name__}" if layer in kinds else layer for layer in self.layers]
+        shown = layer_names(model) if model is not None else {}
+        kinds = {shown[name]: type(module).__name__ for name, module in model.named_modules()} if shown else {}
+        labels = [f"{layer}\n{kinds[layer]}" if layer in kinds else layer for layer in self.layers]
         axis.set_xticks(range(len(self.layers)), labels, fontsize=7)
         axis.set_yscale("log")
         axis.set(xlabel="layer (input → output)", ylabel="gradient L2 norm", title="gradient flow")

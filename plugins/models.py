@@ -90,6 +90,10 @@ def lenet(input_shape: tuple, num_outputs: int, *, activation: str = "tanh", poo
     return _conv_net("lenet", input_shape, features, (120, 84), activation, 0.0, num_outputs)
 
 
+cnn.needs_images = True
+lenet.needs_images = True
+
+
 def _conv_net(name, input_shape, features, hidden, activation, dropout, num_outputs, first_dropout_only=False):
     """Convolutional ``features`` followed by dense layers sized by a dry run on one input."""
     import torch
@@ -117,7 +121,7 @@ def _image_shape(name: str, input_shape: tuple) -> tuple[int, int, int]:
     if len(input_shape) != 3:
         raise OptiflowError(
             f"{name} needs images (channels x height x width), got inputs of shape {list(input_shape)}; "
-            "e.g. --data digits:image=true"
+            "use an image dataset (digits, mnist, cifar10, image-folder) and a normalizer that keeps the image shape"
         )
     return tuple(int(v) for v in input_shape)  # type: ignore[return-value]
 

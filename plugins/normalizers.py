@@ -1,4 +1,8 @@
-"""Normalizers: feature scaling fitted on the training split only, then applied to every split."""
+"""Normalizers: feature scaling fitted on the training split only, then applied to every split.
+
+Each fitted normalizer is a torch module (``module()``, built in ``optiflow_plugins.normalizer_layers``)
+that normalizes the training data and becomes part of the logged model.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,11 @@ class NoNormalization:
 
     def transform(self, x):
         return x
+
+    def module(self):
+        from torch import nn
+
+        return nn.Identity()
 
     def state(self):
         return {}
@@ -43,7 +52,12 @@ class Standardize:
         return self
 
     def transform(self, x):
-        return (x - self.mean) / self.std
+        return self.module()(x)
+
+    def module(self):
+        from optiflow_plugins.normalizer_layers import Standardization
+
+        return Standardization(self.mean, self.std)
 
     def state(self):
         return {"mean": self.mean.flatten(), "std": self.std.flatten()}
@@ -90,7 +104,12 @@ class MinMax:
         return self
 
     def transform(self, x):
-        return self.low + (x - self.min) / self.range * (self.high - self.low)
+        return self.module()(x)
+
+    def module(self):
+        from optiflow_plugins.normalizer_layers import Rescaling
+
+        return Rescaling(self.min, self.range, self.low, self.high)
 
     def state(self):
         return {"min": self.min.flatten(), "max": (self.min + self.range).flatten(), "low": self.low, "high": self.high}
@@ -144,10 +163,13 @@ class PCA:
         return min(int(self.n_components), len(eigenvalues))
 
     def transform(self, x):
-        projected = (x.flatten(1).double() - self.mean) @ self.components.T
-        if self.whiten:
-            projected = projected / (self.variance + self.eps).sqrt()
-        return projected.float()
+        return self.module()(x)
+
+    def module(self):
+        from optiflow_plugins.normalizer_layers import Projection
+
+        scale = (self.variance + self.eps).sqrt() if self.whiten else None
+        return Projection(self.mean, self.components, scale)
 
     def state(self):
         return {"n_components": len(self.components), "explained_variance_ratio": self.ratio, "whiten": self.whiten,

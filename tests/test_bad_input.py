@@ -119,7 +119,8 @@ CASES = [
     # data the model cannot take
     case("--data", "digits:image=true", "--model", "lenet", expect="lenet needs images of at least 12x12",
          id="small-images-to-lenet"),
-    case("--data", "digits", "--model", "cnn", expect="cnn needs images (channels x height x width)",
+    case("--data", "digits:image=false", "--model", "cnn",
+         expect="model 'cnn' needs images (channels x height x width), but dataset 'digits' gives feature vectors",
          id="flat-data-to-cnn"),
     # combinations a technique cannot work with, refused before the run opens (optiflow_check_run)
     case("--opt", "lbfgs", "--reg", "weight-decay", expect="optimizer 'lbfgs' has no weight decay; use --reg l2",
@@ -226,3 +227,20 @@ def test_unknown_component_in_a_real_process_has_no_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0
     assert "unknown optimizer 'adamw2'" in proc.stderr
     assert not (tmp_path / "mlruns").exists() or not any((tmp_path / "mlruns").glob("artifacts/*/*"))
+
+
+@pytest.mark.parametrize(
+    "model, path, expect",
+    [
+        ("0123456789abcdef0123456789abcdef", "ragged.csv", "no run '0123456789abcdef0123456789abcdef' in the tracking store"),
+        ("{run}", "missing.csv", "input not found: missing.csv"),
+        ("{run}", "ragged.csv", "has no logged model at 'model'"),
+        ("models:/no-such-model/1", "ragged.csv", "cannot load models:/no-such-model/1"),
+    ],
+    ids=["predict-unknown-run", "predict-missing-input", "predict-run-without-model", "predict-unknown-registered-model"],
+)
+def test_predict_refuses_bad_input_in_one_line(invoke, files, mlflow_client, experiment, model, path, expect):
+    run_id = mlflow_client.create_run(mlflow_client.create_experiment(experiment)).info.run_id
+    result = invoke("predict", model.format(run=run_id), "--input", path, "--tracking-uri", mlflow_client.tracking_uri)
+    assert_one_clear_line(result, expect)
+    assert result.exit_code == 2

@@ -477,12 +477,43 @@ def test_gradient_norms_are_logged_per_layer_and_show_vanishing_gradients(tmp_pa
     cfg = config(tmp_path, data="iris", model="mlp:hidden=[16,16,16,16,16,16],activation=sigmoid", epochs=2,
                  opt="sgd", tracking_uri=tracking_uri, experiment=experiment)
     result = train(cfg, log_model=False)
-    first, last = result.history["grad_norm/1"], result.history["grad_norm/13"]
+    logged = {key for key in mlflow_client.get_run(result.run_id).data.metrics if key.startswith("grad_norm/")}
+    assert logged == {f"grad_norm/fc{index}" for index in range(1, 8)}, "named after the layers, not their positions"
+    first, last = result.history["grad_norm/fc1"], result.history["grad_norm/fc7"]
     assert len(first) == len(last) == 2
     assert first[-1] < last[-1] / 10  # deep sigmoid nets starve their first layers
     artifacts = {a.path for a in mlflow_client.list_artifacts(result.run_id)}
     assert "gradient_flow.png" in artifacts
-    assert len(mlflow_client.get_metric_history(result.run_id, "grad_norm/1")) == 2
+    assert len(mlflow_client.get_metric_history(result.run_id, "grad_norm/fc1")) == 2
+
+
+class TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+        self.head = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+        self.fc1 = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("model, layers", [
+    (("mlp", (4,), 3, {"hidden": (8, 8), "batch_norm": "before"}), ["fc1", "bn1", "fc2", "bn2", "fc3"]),
+    (("cnn", (1, 8, 8), 3, {}), ["conv1", "bn1", "conv2", "bn2", "fc1", "fc2", "fc3"]),
+    (("lenet", (1, 12, 12), 3, {}), ["conv1", "conv2", "fc1", "fc2", "fc3"]),
+    (TwoBranches, ["features.conv1", "features.conv2", "head.fc1", "head.fc2", "fc1"]),
+])
+def test_gradient_norms_are_named_after_the_layers_and_checkpoints_keep_their_keys(model, layers):
+    from optiflow_plugins.diagnostics import GradientFlow
+
+    if isinstance(model, tuple):
+        name, shape, outputs, options = model
+        model = build("model", name, shape, outputs, **options)
+    else:
+        model = model()
+    keys = list(model.state_dict())
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    assert list(GradientFlow().measure(model)) == layers
+    assert list(model.state_dict()) == keys
 
 
 def test_identity_activation_makes_an_mlp_a_linear_map():
@@ -511,3 +542,15 @@ def test_quadratic_cost_trains_a_classifier(tmp_path, tracking_uri, experiment):
                  experiment=experiment)
     result = train(cfg, log_model=False)
     assert result.metrics["test_accuracy"] > 0.85
+
+
+def test_early_stopping_never_takes_a_non_finite_value_as_best():
+    stopper = get_registry().get("regularizer", "early-stopping").build(patience=2)
+    stopped: list[str] = []
+    run = SimpleNamespace(model=nn.Linear(1, 1), request_stop=stopped.append)
+    for epoch, value in enumerate([math.nan, math.inf, math.nan], 1):
+        stopper.optiflow_epoch_end(run=run, epoch=epoch, metrics={"val_loss": value})
+    assert stopper.best is None
+    assert stopped and "no finite val_loss yet" in stopped[0] and "nan" not in stopped[0]
+    stopper.optiflow_epoch_end(run=run, epoch=4, metrics={"val_loss": 0.5})
+    assert stopper.best == 0.5 and stopper.best_epoch == 4

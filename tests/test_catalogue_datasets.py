@@ -145,4 +145,5 @@ def test_bundled_sklearn_datasets(tmp_path):
     assert diabetes.task == "regression" and diabetes.x.shape == (442, 10)
     assert float(diabetes.y.max()) == pytest.approx(3.46)
     assert load("digits", tmp_path, image=True).x.shape == (1797, 1, 8, 8)
-    assert load("digits", tmp_path).x.shape == (1797, 64)
+    assert load("digits", tmp_path).x.shape == (1797, 1, 8, 8)
+    assert load("digits", tmp_path, image=False).x.shape == (1797, 64)

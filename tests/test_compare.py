@@ -107,3 +107,21 @@ def test_bad_grid_is_one_line_and_creates_no_run(invoke, mlflow_client, experime
 )
 def test_values_keep_their_component_options(text, values):
     assert split_variants(text) == values
+
+
+@pytest.mark.slow
+def test_register_registers_the_best_variants_model(invoke, mlflow_client, experiment, tmp_path):
+    result = invoke("compare", "--opt", "sgd", "--vary", "lr=0.0001,0.1", "--repeats", "2", "--metric", "test_loss",
+                    "--register", experiment, "--out", str(tmp_path / "o"), *TINY[:-1])
+    assert result.exit_code == 0, result.stderr
+    [parent], children = children_of(mlflow_client, experiment)
+    assert parent.data.tags["best_variant"] == "lr=0.1"
+    best = min((c for c in children if c.data.tags["optiflow.variant"] == "lr=0.1"),
+               key=lambda c: c.data.metrics["test_loss"])
+    version = mlflow_client.get_model_version(experiment, "1")
+    assert version.run_id == best.info.run_id
+    assert parent.data.tags["registered_model"] == f"models:/{experiment}/1"
+    assert parent.data.tags["registered_run_id"] == best.info.run_id
+    assert f"as '{experiment}' version 1" in result.output and best.info.run_id in result.output
+    for child in children:  # every child logged its model, so any of them can be registered later
+        assert mlflow_client.search_logged_models([child.info.experiment_id], f"source_run_id = '{child.info.run_id}'")

@@ -16,6 +16,7 @@ from optiflow import hookimpl, plugins
 from optiflow.errors import OptiflowError
 from optiflow.plugins import PluginManager, build_registry
 from optiflow.registry import Registry
+from optiflow.slots import KINDS
 
 from helpers import run_cli, runs_of
 
@@ -210,7 +211,8 @@ def test_disabling_a_plugin_removes_its_components_from_list(site, invoke, monke
 
     monkeypatch.setenv("OPTIFLOW_DISABLE_PLUGINS", "optiflow-alpha, schedulers")
     listing = invoke("list").output
-    assert "alpha-sgd" not in listing and "│ scheduler" not in listing and "adam" in listing
+    assert "alpha-sgd" not in listing and "adam" in listing
+    assert not [line for line in listing.splitlines() if line.startswith("scheduler ")]
     unknown = invoke("train", "--epochs", "1", "--sched", "step")
     assert unknown.exit_code == 2 and "unknown scheduler 'step'" in unknown.stderr
 
@@ -335,6 +337,55 @@ def test_each_registration_hook_registers_only_its_own_family(monkeypatch, capsy
     assert "fine" not in registry.names("optimizer") and "a-model" not in registry.names("model")
     with pytest.raises(OptiflowError, match="unknown kind 'widget'"):
         Registry().registrar("model", "tests")("w", sample, kind="widget")
+
+
+def test_list_piped_into_grep_shows_one_whole_line_per_component(tmp_path):
+    listed = run_cli("list", cwd=tmp_path, env={"COLUMNS": "80"})
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["kind", "name", "options", "description", "plugin"]
+    assert len(lines) == 1 + sum(len(plugins.get_registry().names(kind)) for kind in KINDS)
+    (found,) = [line for line in lines if "kaiming-normal" in line]
+    assert found.split()[:2] == ["initializer", "kaiming-normal"] and found.split()[-1] == "initializers"
+    assert "mode=fan_in" in found and "He/Kaiming normal" in found
+    assert not {"│", "┃", "━"} & set(listed.stdout)
+
+    table = run_cli("plugins", cwd=tmp_path, env={"COLUMNS": "80"})
+    (initializers,) = [line for line in table.stdout.splitlines() if line.startswith("initializers ")]
+    assert "register_initializers" in initializers and "kaiming-normal, kaiming-uniform" in initializers
+
+
+@pytest.mark.parametrize("command", ["list", "plugins"])
+def test_an_80_column_terminal_never_splits_a_name(command, invoke, monkeypatch):
+    from rich.console import Console
+
+    from optiflow import console
+
+    monkeypatch.setattr(console, "console", Console(force_terminal=True, width=80, color_system=None))
+    output = invoke(command).output
+    assert "┃" in output and max(map(len, output.splitlines())) <= 80, "a table, fitted to the terminal"
+    words = set(re.findall(r"[\w-]+", output))
+    registry = plugins.get_registry()
+    assert {name for kind in KINDS for name in registry.names(kind)} <= words
+    if command == "plugins":
+        assert {f"register_{family}" for family in ("optimizers", "regularizers", "initializers")} <= words
+
+
+def test_list_json_describes_each_component(invoke):
+    result = invoke("list", "--json")
+    assert result.exit_code == 0
+    records = {(r["kind"], r["name"]): r for r in json.loads(result.output)}
+    assert len(records) == sum(len(plugins.get_registry().names(kind)) for kind in KINDS)
+    kaiming = records["initializer", "kaiming-normal"]
+    assert set(kaiming) == {"kind", "name", "aliases", "options", "description", "plugin"}
+    assert kaiming["plugin"] == "initializers" and kaiming["description"].startswith("He/Kaiming normal")
+    assert {"name": "mode", "type": "fan_in|fan_out", "default": "fan_in", "choices": ["fan_in", "fan_out"]} in \
+        kaiming["options"]
+    assert records["loss", "cross-entropy"]["aliases"] == ["ce"]
+    assert {"name": "hidden", "type": "list of int", "default": [256], "choices": None} in \
+        records["model", "mlp"]["options"]
+    only = json.loads(invoke("list", "optimizers", "--json", "--pattern", "adam*").output)
+    assert only and {r["kind"] for r in only} == {"optimizer"} and all(r["name"].startswith("adam") for r in only)
 
 
 def test_list_and_plugins_commands(invoke):

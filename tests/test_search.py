@@ -10,18 +10,25 @@ import pytest
 import torch
 import yaml
 
+from optiflow import hookimpl
 from optiflow.search.study import SAMPLERS
 
 from conftest import runs_of
 
-TINY = ("--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
+TINY = ("--model", "mlp:hidden=[16]", "--batch-size", "64", "--no-refit", "-q")
+REFIT = ("--model", "mlp:hidden=[16]", "--batch-size", "64")
 
 
 def study_runs(client, experiment: str):
+    """The parent runs and the trials' runs (not the refit, see refits())."""
     runs = runs_of(client, experiment)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("optiflow.role") != "refit"]
     return parents, children
+
+
+def refits(client, experiment: str):
+    return [r for r in runs_of(client, experiment) if r.data.tags.get("optiflow.role") == "refit"]
 
 
 def test_search_logs_a_parent_per_study_and_a_child_per_trial(invoke, mlflow_client, experiment):
@@ -48,6 +55,8 @@ def test_search_logs_a_parent_per_study_and_a_child_per_trial(invoke, mlflow_cli
     artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
     assert {"optimization_history.png", "param_importances.png", "trials.csv", "best_params.yaml",
             "config.yaml", "space.yaml"} <= artifacts
+    assert refits(mlflow_client, experiment) == [] and "refit_run_id" not in parent.data.tags  # --no-refit
+    assert parent.data.params["refit"] == "False"
 
 
 def test_pruned_trials_end_killed_and_failed_trials_failed(invoke, mlflow_client, experiment):
@@ -138,10 +147,11 @@ def test_cv_folds_partition_the_training_split():
 
 
 def test_two_processes_share_one_study_and_one_parent_run(tmp_path, tracking_uri, experiment, mlflow_client):
+    """... and the study is refitted once, by the process that finishes it."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     command = [sys.executable, "-m", "optiflow", "search", "--space", "lr=loguniform:1e-3:1e-1",
                "--sampler", "random", "--n-trials", "2", "--epochs", "1", "--storage", storage,
-               "--study-name", "shared", "--tracking-uri", tracking_uri, "--experiment", experiment, *TINY]
+               "--study-name", "shared", "--tracking-uri", tracking_uri, "--experiment", experiment, *REFIT, "-q"]
     processes = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [p.communicate(timeout=300)[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], errors
@@ -154,6 +164,10 @@ def test_two_processes_share_one_study_and_one_parent_run(tmp_path, tracking_uri
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
     assert study.user_attrs["optiflow.mlflow_parent_run_id"] == parent.info.run_id
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {c.info.run_id for c in children}
+    [refit] = refits(mlflow_client, experiment)
+    assert refit.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.tags["refit_run_id"] == refit.info.run_id
+    assert refit.data.tags["optiflow.refit_of_trial"] == str(study.best_trial.number)
 
 
 def test_n_jobs_runs_trials_in_worker_processes(invoke, mlflow_client, experiment, tmp_path):
@@ -190,6 +204,7 @@ def test_config_file_and_space_file(invoke, tmp_path):
         (["--space", "lr=loguniform:1e-4:1e-1", "--pruner", "median:patience=3"], "pruner 'median'"),
         (["--space", "lr=loguniform:1e-4:1e-1", "--storage", "study.db"], "is not a storage URL"),
         (["--space", "lr=loguniform:1e-4:1e-1", "--cv", "1"], "--cv needs at least 2 folds"),
+        (["--space", "lr=loguniform:1e-4:1e-1", "--no-refit", "--register", "m"], "registers the refit model"),
         ([], "nothing to search"),
     ],
 )
@@ -199,3 +214,88 @@ def test_bad_search_input_is_one_line_and_creates_no_run(invoke, mlflow_client, 
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert mlflow_client.get_experiment_by_name(experiment) is None or not runs_of(mlflow_client, experiment)
+
+
+@pytest.mark.slow
+def test_search_refits_the_best_configuration_and_registers_it(invoke, mlflow_client, experiment, tracking_uri):
+    """The best trial trained again on train + validation, scored on the same test split, model logged and
+    registered; the summary names the refit run."""
+    import mlflow
+
+    result = invoke("search", "--space", "lr=choice:0.05,0.0001", "--sampler", "grid", "--opt", "sgd",
+                    "--epochs", "2", "--register", experiment, *REFIT)
+    assert result.exit_code == 0, result.stderr
+    [parent], trials = study_runs(mlflow_client, experiment)
+    [refit] = refits(mlflow_client, experiment)
+    best = min(trials, key=lambda t: t.data.metrics["val_loss"])
+    assert refit.data.tags["mlflow.parentRunId"] == parent.info.run_id and refit.info.status == "FINISHED"
+    assert parent.data.tags["refit_run_id"] == refit.info.run_id
+    assert refit.data.params["refit.trial_number"] == best.data.params["optuna.trial_number"]
+    assert refit.data.params["opt.lr"] == best.data.params["opt.lr"] == "0.05"
+    assert refit.data.params["val_split"] == "0.0" and "val_loss" not in refit.data.metrics
+    n_train, n_val = (int(best.data.params[f"data.n_{k}"]) for k in ("train", "val"))
+    assert int(refit.data.params["data.n_train"]) == n_train + n_val
+    assert refit.data.params["data.n_test"] == best.data.params["data.n_test"]
+    assert 0.5 < refit.data.metrics["test_accuracy"] <= 1.0
+    assert refit.info.run_id in result.output and "refit of trial" in result.output
+    assert f"test_accuracy={refit.data.metrics['test_accuracy']:.4f}" in result.output
+
+    version = mlflow_client.get_model_version(experiment, "1")
+    assert version.run_id == refit.info.run_id
+    assert parent.data.tags["registered_model"] == f"models:/{experiment}/1"
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{experiment}/1")
+    shape = model.metadata.get_input_schema().inputs[0].shape  # whatever layout the logged model takes
+    assert model.predict(torch.randn(3, *shape[1:]).numpy()).shape == (3, 10)
+
+
+@pytest.mark.slow
+def test_refit_keeps_a_validation_split_for_early_stopping_and_drops_the_folds(invoke, mlflow_client, experiment):
+    result = invoke("search", "--space", "lr=choice:0.01", "--sampler", "grid", "--cv", "2", "--epochs", "2",
+                    "--reg", "early-stopping:patience=1", *REFIT, "-q")
+    assert result.exit_code == 0, result.stderr
+    [refit] = refits(mlflow_client, experiment)
+    assert refit.data.params["val_split"] == "0.1" and "cv_folds" not in refit.data.params
+    assert "val_loss" in refit.data.metrics and "test_loss" in refit.data.metrics
+    assert mlflow_client.search_logged_models([refit.info.experiment_id],
+                                              f"source_run_id = '{refit.info.run_id}'")
+
+
+def test_refit_config_has_no_fold_and_no_validation_unless_monitored():
+    from optiflow.commands.search import settings_from
+    from optiflow.config import RunConfig
+    from optiflow.search.refit import refit_config
+
+    def refit_of(**base_values):
+        base = RunConfig.from_dict(base_values)
+        settings = settings_from({"space": ["lr=loguniform:1e-4:1e-1", "momentum=uniform:0:0.9"], "cv": 3}, base)
+        trial = optuna.trial.create_trial(params={"lr": 0.02, "momentum": 0.5}, value=0.1,
+                                          distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1),
+                                                         "momentum": optuna.distributions.FloatDistribution(0, 0.9)})
+        return refit_config(base, settings, trial)
+
+    plain = refit_of(opt="sgd", seed=4, test_split=0.3)
+    assert (plain.val_split, plain.cv_folds, plain.seed, plain.test_split) == (0.0, 0, 4, 0.3)
+    assert plain.lr == 0.02 and float(plain.opt.options["momentum"]) == 0.5
+    assert refit_of(opt="sgd", reg=["early-stopping"], val_split=0.2).val_split == 0.2
+    assert refit_of(opt="sgd", sched="plateau").val_split == 0.1
+    assert refit_of(opt="sgd", sched="plateau:monitor=train_loss").val_split == 0.0
+
+
+def test_a_failed_refit_keeps_the_study_summary(invoke, mlflow_client, experiment, plugin):
+    class FailRefit:
+        @hookimpl
+        def optiflow_run_start(self, run):
+            if (run.config.run_name or "").startswith("refit"):
+                raise RuntimeError("no refit today")
+
+    plugin(FailRefit(), "fail-refit")
+    result = invoke("search", "--space", "lr=choice:0.05", "--sampler", "grid", "--epochs", "1", *REFIT)
+    assert result.exit_code == 1
+    assert "best " in result.output and "refit of trial 0 failed" in result.output
+    assert "refit failed" in result.stderr and "no refit today" in result.stderr
+    [parent], [trial] = study_runs(mlflow_client, experiment)
+    [refit] = refits(mlflow_client, experiment)
+    assert parent.info.status == "FINISHED" and trial.info.status == "FINISHED" and refit.info.status == "FAILED"
+    assert "no refit today" in parent.data.tags["refit_failure"]
+    assert "trials.csv" in {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}

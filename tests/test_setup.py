@@ -65,7 +65,7 @@ def test_amp_bf16_on_cpu_trains(invoke, mlflow_client, experiment, plugin):
     "args, message",
     [
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 is not supported on cpu"),
-        (["--channels-last"], "--channels-last is for conv nets on images"),
+        (["--data", "digits:image=false", "--channels-last"], "--channels-last is for conv nets on images"),
         (["--amp", "half"], "'half' is not one of"),
         (["--nproc", "0"], "0 is not in the range"),
     ],

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from optiflow.errors import RunKilled, first_line
-from optiflow.tracking import Tracker, run_status
+from optiflow.tracking import DEFAULT_TRACKING_URI, Tracker, run_status, ui_command
 
 from helpers import metric_history, run_cli
 
@@ -90,11 +90,26 @@ def test_run_status_ends_real_mlflow_runs_as_the_store_shows(tracking_uri, exper
     assert stored(left_open).info.status == "RUNNING"
 
 
-def test_default_store_is_project_local(tmp_path):
+def test_default_store_is_project_local_and_created_without_mlflow_chatter(tmp_path):
     proc = run_cli("train", "--epochs", "1", "-q", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
     assert list((tmp_path / "mlruns" / "artifacts").glob("optiflow/*/artifacts/config.yaml"))
+    assert "Creating initial MLflow database tables" not in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if " INFO " in line], proc.stderr
+
+
+def test_the_ui_hint_of_a_tracking_server_is_its_url():
+    assert ui_command("http://tracking.example:5000") == "http://tracking.example:5000"
+    assert ui_command("https://mlflow.example.org/") == "https://mlflow.example.org/"
+    assert ui_command("sqlite:///elsewhere.db") == "mlflow ui --backend-store-uri sqlite:///elsewhere.db"
+    assert ui_command(DEFAULT_TRACKING_URI) == "optiflow ui"
+
+
+def test_ui_on_a_tracking_server_points_at_it_instead_of_serving_it(invoke, monkeypatch):
+    monkeypatch.setattr(os, "execv", lambda *args: pytest.fail(f"started {args}"))
+    result = invoke("ui", "--tracking-uri", "http://tracking.example:5000")
+    assert result.exit_code == 0 and "MLflow UI: http://tracking.example:5000 " in result.stderr
 
 
 @pytest.mark.slow

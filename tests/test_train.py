@@ -29,7 +29,7 @@ def test_train_logs_a_complete_run(invoke, mlflow_client, experiment, tracking_u
     assert {"config.yaml", "learning_curves.png", "normalization.json"} <= artifacts
 
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    batch = torch.randn(7, 64)
+    batch = torch.rand(7, 1, 8, 8)  # raw digits: 1x8x8 images in [0, 1]
     assert model(batch).shape == (7, 10)
 
 
@@ -92,3 +92,44 @@ def test_summary_names_the_run_and_the_ui(tmp_path):
     [run] = runs_of(MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db"), "optiflow")
     assert run.info.run_id in proc.stdout, "the summary names the run it logged"
     assert "optiflow ui" in proc.stdout
+
+
+def test_default_run_names_say_what_ran(invoke, mlflow_client, experiment):
+    tiny = ("--epochs", "1", "--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
+    assert invoke("train", *tiny).exit_code == 0
+    assert invoke("train", *tiny, "--opt", "sgd:momentum=0.9", "--sched", "plateau:patience=2").exit_code == 0
+    assert [r.info.run_name for r in runs_of(mlflow_client, experiment)] == ["mlp-adam-digits", "mlp-sgd-plateau-digits"]
+
+
+@pytest.mark.slow
+def test_register_makes_a_model_version_that_loads_and_predicts(invoke, mlflow_client, experiment, tracking_uri,
+                                                                 tmp_path):
+    import numpy as np
+
+    from optiflow.cli import cli
+
+    result = invoke("train", "--epochs", "2", "--model", "mlp:hidden=[16]", "--register", experiment)
+    assert result.exit_code == 0, result.stderr
+    [run] = runs_of(mlflow_client, experiment)
+    assert f"as '{experiment}' version 1: models:/{experiment}/1" in result.output
+    assert mlflow_client.get_model_version(experiment, "1").run_id == run.info.run_id
+    assert invoke("train", "--epochs", "1", "--model", "mlp:hidden=[16]", "--register", experiment, "-q").exit_code == 0
+    assert mlflow_client.get_model_version(experiment, "2").run_id != run.info.run_id
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{experiment}/1")
+    shape = model.metadata.get_input_schema().inputs[0].shape
+    assert model.predict(torch.randn(3, *shape[1:]).numpy()).shape == (3, 10)
+    if "predict" in cli.commands:
+        np.save(tmp_path / "x.npy", np.full((4, 1, 8, 8), 0.5, dtype=np.float32))
+        predicted = invoke("predict", f"models:/{experiment}/1", "--input", str(tmp_path / "x.npy"),
+                           "--output", str(tmp_path / "p.csv"), "--tracking-uri", tracking_uri, "-q")
+        assert predicted.exit_code == 0, predicted.stderr
+        assert len((tmp_path / "p.csv").read_text().splitlines()) == 5
+
+
+def test_register_needs_a_model_name_mlflow_accepts(invoke, mlflow_client, experiment):
+    result = invoke("train", "--epochs", "1", "--model", "mlp:hidden=[16]", "--register", "a/b", "-q")
+    assert result.exit_code == 2 and "Error: cannot register the model as 'a/b'" in result.stderr
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.info.status == "FINISHED"

@@ -50,6 +50,14 @@ class Comparison:
     out_dir: Path
     files: list[Path]
     best: str | None
+    registered: tuple[str, str, str] | None = None
+    failure: str | None = None
+
+    def best_child(self) -> ChildRun | None:
+        """The best variant's child with the best metric (its best seed with ``--repeats``)."""
+        runs = [c for c in self.children if c.label == self.best and self.metric in c.metrics and c.run_id]
+        better = max if higher_is_better(self.metric) else min
+        return better(runs, key=lambda c: c.metrics[self.metric]) if runs else None
 
 
 def parse_vary(items: Any) -> dict[str, list[str]]:
@@ -121,6 +129,7 @@ def compare(
     metric: str | None = None,
     out_dir: str | Path | None = None,
     log_models: bool = False,
+    register: str | None = None,
     tags: dict[str, str] | None = None,
     announce: Callable[[int, int, str, RunConfig], Any] | None = None,
     reporter_factory: Callable[[], Any] | None = None,
@@ -128,9 +137,10 @@ def compare(
     """Train every variant (``repeats`` seeds each) as child runs of one parent run, then summarize.
 
     A variant whose training diverges is recorded as FAILED and the comparison goes on;
-    Ctrl-C ends the parent KILLED, any other error ends it FAILED.
+    Ctrl-C ends the parent KILLED, any other error ends it FAILED.  ``register`` logs every child's
+    model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
     """
-    from optiflow.commands.train import train
+    from optiflow.commands.train import register_model, train
     from optiflow.tracking import Tracker, run_status
 
     runs = plan_runs(base, vary, repeats)
@@ -148,8 +158,8 @@ def compare(
             child_tags = {**(tags or {}), "optiflow.variant": label}
             reporter = reporter_factory() if reporter_factory else None
             try:
-                result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags, log_model=log_models,
-                               reporter=reporter)
+                result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags,
+                               log_model=log_models or bool(register), reporter=reporter)
             except TrainingError as exc:
                 children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
                 continue
@@ -158,7 +168,16 @@ def compare(
         comparison = _summarize(tracker, children, metric, out_dir)
         if not any(c.status == "FINISHED" for c in children):
             outcome.status = "FAILED"
-        return comparison
+            comparison.failure = "every variant failed; see the 'failure' tag of each child run"
+    best = comparison.best_child() if register else None
+    if register and best is not None and best.run_id is not None:
+        try:
+            comparison.registered = (register, register_model(best.run_id, register, base.tracking_uri), best.run_id)
+            tracker.set_tags({"registered_model": f"models:/{register}/{comparison.registered[1]}",
+                              "registered_run_id": best.run_id})
+        except OptiflowError as exc:
+            comparison.failure = f"the comparison is logged, but its best model was not registered: {exc}"
+    return comparison
 
 
 def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_dir: str | Path | None) -> Comparison:

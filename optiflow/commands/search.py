@@ -15,6 +15,7 @@ from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError
 from optiflow.metrics import higher_is_better
 from optiflow.search.objective import run_study
+from optiflow.search.refit import refit
 from optiflow.search.space import Dimension, describe_dimension, parse_space, trial_config
 from optiflow.search.study import (
     PRUNERS,
@@ -34,7 +35,8 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
            progress: Callable[[str], Any] | None = None) -> SearchResult:
     """Run (or join) the study and map it onto MLflow; returns the study's summary.
 
-    The parent run stays open when this process finishes while others still run trials: the last one ends it.
+    The parent run stays open when this process finishes while others still run trials: the last one ends it,
+    and refits the best configuration first (``settings.refit``; see :mod:`optiflow.search.refit`).
     """
     from optiflow.tracking import Tracker, run_status
 
@@ -57,6 +59,8 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
                 result = summarize(tracker, study, settings)
             if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
                 outcome.status = None
+            elif settings.refit:
+                result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
         return result
     finally:
         if temporary is not None:
@@ -79,6 +83,7 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         direction=str(values.get("direction") or default_direction(metric)), n_trials=int(n_trials or 20),
         timeout=values.get("timeout"), cv=cv, storage=values.get("storage"), study_name=values.get("study_name"),
         n_jobs=int(values.get("n_jobs") or 1), log_models=bool(values.get("log_models")),
+        refit=values.get("refit") is not False, register=str(values.get("register") or "") or None,
     )
 
 
@@ -99,6 +104,8 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
         raise OptiflowError(f"--cv needs at least 2 folds, got {settings.cv}")
     if settings.direction not in ("minimize", "maximize"):
         raise OptiflowError(f"--direction must be minimize or maximize, got '{settings.direction}'")
+    if settings.register and not settings.refit:
+        raise OptiflowError("--register registers the refit model: drop --no-refit")
     if settings.cv and not settings.metric.startswith("val_"):
         raise OptiflowError(f"with --cv the objective is a validation metric (val_loss, val_accuracy ...), "
                             f"not '{settings.metric}'")
@@ -126,7 +133,7 @@ def _create_parent(tracker: Any, base: RunConfig, settings: SearchSettings, stud
     run_id = tracker.start(run_name=base.run_name or f"search {study_name}",
                            tags={**(tags or {}), "optiflow.kind": "search", "optuna.study_name": study_name})
     params = {"study_name": study_name, "sampler": settings.sampler, "pruner": settings.pruner,
-              "metric": settings.metric, "direction": settings.direction, "cv": settings.cv,
+              "metric": settings.metric, "direction": settings.direction, "cv": settings.cv, "refit": settings.refit,
               "storage": redact(settings.storage) if settings.storage else "in-memory"}
     params.update({f"space.{d.name}": describe_dimension(d) for d in settings.space})
     params.update({f"sampler.{k}": v for k, v in settings.sampler_options.items()})

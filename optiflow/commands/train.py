@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import optiflow
-from optiflow import checkpoints, distributed, host
+from optiflow import checkpoints, distributed, export, host
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, first_line
 from optiflow.hooktrace import culprit
@@ -25,7 +25,7 @@ from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
 from optiflow.signals import InterruptGuard
-from optiflow.tracking import NullTracker, Outcome, Tracker, client, resolve_tracking_uri, run_status
+from optiflow.tracking import NullTracker, Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
 
 
 def train(
@@ -70,7 +70,8 @@ def train(
             checkpoints.check_resumable(store, uri, resume)
             state = checkpoints.load(store, resume)
         tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
-        tracker.start(run_name=config.run_name, tags=tags, parent_run_id=parent_run_id, run_id=resume)
+        tracker.start(run_name=config.run_name or default_run_name(run), tags=tags, parent_run_id=parent_run_id,
+                      run_id=resume)
         run.tracker = tracker
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome:
@@ -113,6 +114,38 @@ def resume_config(run_id: str, tracking_uri: str | None = None, **overrides: Any
     uri = resolve_tracking_uri(tracking_uri)
     values = checkpoints.resumable_config(client(uri), uri, run_id)
     return RunConfig.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}, "tracking_uri": uri})
+
+
+def default_run_name(run: Run) -> str:
+    """``<model>-<opt>-<sched>-<data>`` (``cnn-adam-plateau-digits``), leaving out a ``none`` scheduler."""
+    plan = run.plan
+    names = [plan.model[0].name, plan.opt[0].name, plan.sched[0].name, plan.data[0].name]
+    return "-".join(name for name in names if name != "none")
+
+
+def register_model(run_id: str, name: str, tracking_uri: str | None = None) -> str:
+    """Register the model that run ``run_id`` logged as a new version of ``name`` in MLflow's model registry
+    (created if missing); returns the version, so that ``models:/NAME/VERSION`` loads it."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    store = client(uri)
+    run = retry(store.get_run, run_id)
+    found = retry(store.search_logged_models, [run.info.experiment_id],
+                  f"source_run_id = '{run_id}' AND name = 'model'", max_results=1)
+    if not found:
+        raise OptiflowError(f"cannot register '{name}': run {run_id} logged no model")
+    model_id = found[0].model_id
+    try:
+        retry(store.create_registered_model, name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
+    try:
+        version = retry(store.create_model_version, name, f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    except MlflowException as exc:
+        raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
+    return str(version.version)
 
 
 @contextlib.contextmanager
@@ -217,8 +250,7 @@ def _finish(run: Run, log_model: bool) -> dict[str, float]:
     tracker.log_figure(figure, "learning_curves.png")
     pyplot().close(figure)
     if log_model:
-        example = run.splits.x_test[:5].detach().cpu().numpy()
-        tracker.log_model(run.model, example)
+        export.log_model(run)
     return test
 
 

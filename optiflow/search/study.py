@@ -50,6 +50,8 @@ class SearchSettings:
     study_name: str | None = None
     n_jobs: int = 1
     log_models: bool = False
+    refit: bool = True
+    register: str | None = None
 
 
 def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -26,6 +26,27 @@ class SearchResult:
     columns: list[str]
     rows: list[list[str]]
     counts: dict[str, int]
+    refit: Refit | None = None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the command exits non-zero although the study is complete: its refit failed."""
+        if self.refit is not None and self.refit.failure:
+            return f"the study is logged, but its refit failed: {self.refit.failure}"
+        return None
+
+
+@dataclass
+class Refit:
+    """The best configuration trained again on the whole training split: its run, test metrics and registration
+    (``failure`` says why there is none)."""
+
+    trial: int
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    val_split: float = 0.0
+    registered: tuple[str, str] | None = None
+    failure: str | None = None
 
 
 def summarize(tracker: Any, study: optuna.Study, settings: SearchSettings) -> SearchResult:

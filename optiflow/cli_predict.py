@@ -1,0 +1,55 @@
+"""The ``optiflow predict`` click command (thin, like those in cli.py, which registers it on the group)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+
+@click.command()
+@click.argument("model")
+@click.option("--input", "input_path", required=True, metavar="PATH",
+              help="A CSV with a header (the training feature columns by name; a target column is used to score), "
+                   "a .npy array, an image file or a folder of images (resized as in training).")
+@click.option("--output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the predictions CSV here [stdout when it is not a terminal].")
+@click.option("--tracking-uri", help="Store holding the run [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
+@click.option("--quiet", "-q", is_flag=True, help="No table or score, only errors.")
+def predict(model: str, input_path: str, output: str | None, tracking_uri: str | None, quiet: bool) -> None:
+    """Predict with a logged model: MODEL is a run id, runs:/ID/model or models:/NAME/VERSION.
+
+    The CSV has the input's row id (its `id` column, else the row number; the file name for
+    images), `prediction` (the class name, or the value) and one `prob_<class>` column per class.
+    Images convert between grayscale and RGB to the model's channels.
+
+    \b
+    optiflow predict 3f2a9c... --input flowers.csv --output predictions.csv
+    optiflow predict runs:/3f2a9c.../model --input digits.npy > predictions.csv
+    """
+    from optiflow.commands.predict import predict as run_prediction
+    from optiflow.commands.predict import write_predictions
+
+    result = run_prediction(model, input_path, tracking_uri)
+    if not result.spec.raw_input:
+        click.echo("warning: this model takes normalized inputs (its normalizer could not be part of it), "
+                   "so raw values give wrong predictions", err=True)
+    terminal = sys.stdout.isatty()
+    if output is None and not terminal:
+        try:
+            write_predictions(result, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return
+        if result.score is not None and not quiet:
+            score = result.score
+            click.echo(f"{score.name} {score.value:.4f} on {score.rows} labelled rows", err=True)
+        return
+    if output is not None:
+        write_predictions(result, output)
+    if not quiet:
+        from optiflow.console import print_predictions
+
+        print_predictions(result, output)

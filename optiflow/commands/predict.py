@@ -1,0 +1,178 @@
+"""``optiflow predict MODEL --input PATH``: a logged model's predictions on a CSV, a ``.npy`` array or images.
+
+The logged model's contract lives here and nowhere else: where MODEL points (:func:`resolve_model`),
+what its MLmodel metadata says it takes (:func:`model_spec`), and what its pyfunc ``predict`` gives
+back (:func:`run_model`): a DataFrame of one probability column per class, named by the class, or of
+``prediction`` (``prediction_0..k-1``) columns in the target's units.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optiflow.errors import OptiflowError, first_line
+from optiflow.predict_inputs import ID_COLUMN, ModelSpec, read_inputs
+
+RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
+DEFAULT_MODEL_PATH = "model"
+NO_MODEL_HINT = "train logs one; compare, search and reproduce do not, unless asked with --log-models"
+
+
+@dataclass
+class Score:
+    """Accuracy (classification) or RMSE (regression) on the rows whose label the input gave."""
+
+    name: str
+    value: float
+    rows: int
+
+
+@dataclass
+class Predictions:
+    """The predictions table (``id``, ``prediction`` columns, ``prob_<class>`` columns) and its score."""
+
+    model_uri: str
+    spec: ModelSpec
+    table: Any
+    labels: list[Any] | None
+    score: Score | None
+
+
+def predict(model: str, input_path: str, tracking_uri: str | None = None) -> Predictions:
+    """Predict the rows of ``input_path`` with ``model`` (a run id, ``runs:/ID/path`` or ``models:/NAME/VERSION``)."""
+    if not Path(input_path).expanduser().exists():
+        raise OptiflowError(f"input not found: {input_path}")
+    uri, label = resolve_model(model, tracking_uri)
+    spec = model_spec(uri, label)
+    inputs = read_inputs(input_path, spec)
+    output = run_model(uri, inputs.x, spec)
+    table = prediction_table(inputs.ids, output, spec)
+    return Predictions(uri, spec, table, inputs.labels, score(table, inputs.labels, spec))
+
+
+def write_predictions(predictions: Predictions, out: Any) -> None:
+    """The predictions as CSV to a path or an open text stream."""
+    try:
+        predictions.table.to_csv(out, index=False)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OptiflowError(f"cannot write {getattr(out, 'name', out)}: {exc.strerror or first_line(exc)}") from None
+
+
+def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """The model URI MODEL stands for and how to name it in messages; an unknown run is refused.
+
+    ``runs:/`` and ``models:/`` URIs resolve against the tracking store, made MLflow's current one.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from optiflow.tracking import client, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    store = client(uri)
+    mlflow.set_tracking_uri(uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if model.startswith("models:/"):
+        return model, model
+    match = RUNS_URI.match(model)
+    run_id = match.group("run") if match else model
+    path = (match.group("path") or "").strip("/") if match else ""
+    try:
+        store.get_run(run_id)
+    except MlflowException:
+        raise OptiflowError(f"no run '{run_id}' in the tracking store {uri} (MODEL is a run id, runs:/ID/model "
+                            "or models:/NAME/VERSION)") from None
+    return f"runs:/{run_id}/{path or DEFAULT_MODEL_PATH}", f"run '{run_id}'"
+
+
+def model_spec(uri: str, label: str) -> ModelSpec:
+    """What the model at ``uri`` takes and gives, from the ``optiflow`` entry of its MLmodel metadata."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    try:
+        logged = Model.load(uri)
+    except MlflowException as exc:
+        if uri.startswith("runs:/"):
+            where = uri.split("/", 2)[2]
+            raise OptiflowError(f"{label} has no logged model at '{where}' ({NO_MODEL_HINT})") from None
+        raise OptiflowError(f"cannot load {label}: {first_line(exc)}") from None
+    meta = (logged.metadata or {}).get("optiflow")
+    if not isinstance(meta, dict):
+        raise OptiflowError(f"the model of {label} has no optiflow metadata: it was logged by an older optiflow "
+                            "or by another tool; retrain it with optiflow train")
+    try:
+        classes = meta.get("classes")
+        names = meta.get("feature_names")
+        return ModelSpec(task=str(meta["task"]), classes=None if classes is None else [str(c) for c in classes],
+                         feature_names=None if names is None else [str(n) for n in names],
+                         input_shape=tuple(int(d) for d in meta["input_shape"]), image=bool(meta.get("image")),
+                         target=meta.get("target"), raw_input=bool(meta.get("raw_input", True)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OptiflowError(f"the optiflow metadata of the model of {label} is incomplete ({first_line(exc)})") from None
+
+
+def run_model(uri: str, x: Any, spec: ModelSpec) -> Any:
+    """The pyfunc model's output for ``x``, checked against the contract: a DataFrame with the promised columns."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(uri, suppress_warnings=True)
+    try:
+        output = model.predict(x)
+    except MlflowException as exc:
+        raise OptiflowError(f"the model refused the input: {first_line(exc)}") from None
+    if not isinstance(output, pd.DataFrame):
+        raise OptiflowError(f"the model at {uri} returns {type(output).__name__}, not a table of named columns: "
+                            "it was logged by an older optiflow; retrain it with optiflow train")
+    output.columns = [str(c) for c in output.columns]
+    expected = expected_columns(spec, output)
+    if list(output.columns) != expected or len(output) != len(x):
+        raise OptiflowError(f"the model at {uri} returned {len(output)} rows of columns "
+                            f"{', '.join(output.columns)}; expected {len(x)} rows of {', '.join(expected)}")
+    return output
+
+
+def expected_columns(spec: ModelSpec, output: Any) -> list[str]:
+    """The model's output columns by the contract: the classes, or ``prediction`` / ``prediction_0..k-1``."""
+    if spec.task == "classification":
+        return list(spec.classes or [])
+    width = len(output.columns)
+    return ["prediction"] if width == 1 else [f"prediction_{i}" for i in range(width)]
+
+
+def prediction_table(ids: list[Any], output: Any, spec: ModelSpec) -> Any:
+    """``id``, the predicted class name (or value) and, for classification, ``prob_<class>`` columns."""
+    import pandas as pd
+
+    table = pd.DataFrame({ID_COLUMN: ids})
+    if spec.task != "classification":
+        for column in output.columns:
+            table[column] = output[column].to_numpy()
+        return table
+    probabilities = output.to_numpy(dtype=float)
+    classes = list(output.columns)
+    table["prediction"] = [classes[i] for i in probabilities.argmax(axis=1)]
+    for i, name in enumerate(classes):
+        table[f"prob_{name}"] = probabilities[:, i]
+    return table
+
+
+def score(table: Any, labels: list[Any] | None, spec: ModelSpec) -> Score | None:
+    """Accuracy or RMSE over the labelled rows; None without labels (or for several regression targets)."""
+    if labels is None or "prediction" not in table.columns:
+        return None
+    pairs = [(p, y) for p, y in zip(table["prediction"], labels) if y is not None]
+    if not pairs:
+        return None
+    if spec.task == "classification":
+        return Score("accuracy", sum(p == y for p, y in pairs) / len(pairs), len(pairs))
+    return Score("rmse", math.sqrt(sum((float(p) - y) ** 2 for p, y in pairs) / len(pairs)), len(pairs))

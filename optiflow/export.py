@@ -1,0 +1,169 @@
+"""The model a finished run logs: raw input -> fitted normalizer -> trained model -> class
+probabilities (classification) or the target in its original units (regression).
+
+The logged MLflow model (``runs:/<id>/model``) holds this pipeline as one exported torch program
+(``data/model.pt2``, written by ``torch.export``; no pickle) under two flavors:
+
+- ``pytorch``: ``mlflow.pytorch.load_model(uri)`` gives torch's inference graph, callable on a
+  raw batch and already in inference mode (torch refuses ``.eval()``/``.train()`` on it);
+  :func:`load_module` gives the same program as a plain ``nn.Module``.
+- ``python_function``: ``optiflow_serving`` (a copy of ``optiflow/serving.py`` inside the model)
+  turns raw rows into a DataFrame named by the classes, also under ``mlflow models serve``.
+
+The MLmodel metadata's ``optiflow`` entry (:class:`ModelCard`) says what it takes and gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from optiflow.run import Run
+
+SERVING_MODULE = "optiflow_serving"
+NORMALIZED_INPUT_TAG = "optiflow.model_input"
+
+
+class InferenceModule(nn.Module):
+    """``normalizer`` then ``model``, then a softmax (classification) or ``* target_scale`` (regression)."""
+
+    def __init__(self, normalizer: nn.Module, model: nn.Module, classification: bool, target_scale: float) -> None:
+        super().__init__()
+        self.normalizer = normalizer
+        self.model = model
+        self.classification = classification
+        self.target_scale = target_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = self.model(self.normalizer(x))
+        return outputs.softmax(dim=1) if self.classification else outputs * self.target_scale
+
+
+@dataclass
+class ModelCard:
+    """What the logged model takes and gives (its MLmodel metadata under ``optiflow``).
+
+    ``input_shape`` is one raw sample's shape, ``feature_names`` the raw columns' names (None for
+    images and unnamed features); ``raw_input`` is False only when the run's normalizer could not
+    become part of the model (then the model takes normalized inputs).
+    """
+
+    task: str
+    classes: list[str] | None
+    feature_names: list[str] | None
+    input_shape: list[int]
+    image: bool
+    target: str | None
+    dataset: str
+    raw_input: bool = True
+
+    def metadata(self) -> dict[str, Any]:
+        return {"optiflow": asdict(self)}
+
+    def output_columns(self, width: int) -> list[str]:
+        if self.classes is not None:
+            return list(self.classes)
+        return ["prediction"] if width == 1 else [f"prediction_{i}" for i in range(width)]
+
+
+def inference_module(run: Run) -> tuple[InferenceModule, ModelCard, Tensor]:
+    """The run's logged pipeline (on the CPU, in eval mode; the run's own model untouched), its
+    card and a few raw samples to export it with."""
+    source = run.source
+    fitted = normalizer_module(run.normalizer)
+    raw_input = fitted is not None
+    model = copy.deepcopy(run.model).cpu().to(memory_format=torch.contiguous_format)
+    classification = source.task == "classification"
+    module = InferenceModule(fitted or nn.Identity(), model, classification, float(source.target_scale)).eval()
+    example = (source.x if raw_input else run.splits.x_train).detach()[:5].cpu().contiguous()
+    classes = None
+    if classification:
+        classes = [str(c) for c in (source.classes or range(int(source.num_classes or 0)))]
+    shape = list(example.shape[1:])
+    card = ModelCard(
+        task=source.task,
+        classes=classes,
+        feature_names=list(source.feature_names) if raw_input and source.feature_names and not source.image else None,
+        input_shape=shape,
+        image=bool(source.image) and len(shape) == 3,
+        target=source.target,
+        dataset=run.plan.data[0].name,
+        raw_input=raw_input,
+    )
+    return module, card, example
+
+
+def normalizer_module(normalizer: Any) -> nn.Module | None:
+    """The fitted normalizer as a torch module (on the CPU), or None when it cannot give one."""
+    give = getattr(normalizer, "module", None)
+    fitted = give() if callable(give) else None
+    return copy.deepcopy(fitted).cpu() if isinstance(fitted, nn.Module) else None
+
+
+def save_model(path: str, mlflow_model: Any, *, module: InferenceModule, card: ModelCard, example: Tensor,
+               **kwargs: Any) -> None:
+    """The MLflow flavor hook ``Model.log(flavor=optiflow.export, ...)`` calls: ``module`` exported
+    under the ``pytorch`` flavor, served through ``optiflow_serving``, with a signature of the raw input."""
+    import mlflow.pytorch
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.models.model import MLMODEL_FILE_NAME
+    from mlflow.models.utils import _save_example
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    with torch.no_grad():
+        width = int(module(example).reshape(len(example), -1).shape[1])
+    array = example.numpy().astype(np.float32)
+    tensor_schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *card.input_shape))])
+    outputs = Schema([ColSpec("double", name) for name in card.output_columns(width)])
+    with tempfile.TemporaryDirectory() as staging:
+        code = Path(staging) / f"{SERVING_MODULE}.py"
+        shutil.copyfile(Path(__file__).with_name("serving.py"), code)
+        mlflow.pytorch.save_model(
+            module, path, mlflow_model=mlflow_model, signature=ModelSignature(tensor_schema, outputs),
+            input_example=array, serialization_format="pt2", code_paths=[str(code)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                              f"pandas=={pd.__version__}"],
+        )
+    mlflow_model.flavors["python_function"]["loader_module"] = SERVING_MODULE
+    if card.feature_names:
+        inputs = Schema([ColSpec("double", name) for name in card.feature_names])
+        mlflow_model.signature = ModelSignature(inputs, outputs)
+        _save_example(mlflow_model, pd.DataFrame(array.reshape(len(array), -1), columns=card.feature_names), path)
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+
+
+def load_module(model_uri: str) -> nn.Module:
+    """A logged model as a plain ``nn.Module`` (``torch.export.unflatten`` of its program):
+    ``.eval()`` works, parameters keep their training names (``model.0.weight``), and it always
+    computes in inference mode, as it was exported."""
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(model_uri)
+    return torch.export.unflatten(torch.export.load(os.path.join(local, "data", "model.pt2")))
+
+
+def log_model(run: Run) -> ModelCard | None:
+    """Log the run's pipeline as its ``model``; a normalizer that cannot be part of it is
+    said once (tag ``optiflow.model_input=normalized``, and on stderr)."""
+    import sys
+
+    if run.tracker is None or run.tracker.run_id is None:  # not the process that logs (data parallel)
+        return None
+    module, card, example = inference_module(run)
+    if not card.raw_input:
+        name = run.plan.norm[0].name
+        run.tracker.set_tags({NORMALIZED_INPUT_TAG: "normalized"})
+        print(f"warning: normalizer '{name}' has no module(), so the logged model takes normalized inputs, "
+              "not raw ones", file=sys.stderr)
+    run.tracker.log_model(sys.modules[__name__], card.metadata(), module=module, card=card, example=example)
+    return card

@@ -1,0 +1,273 @@
+"""What ``optiflow predict`` feeds a model: a CSV, a ``.npy`` array, an image file or a folder of images,
+read and checked against what the model takes (its :class:`ModelSpec`).
+
+Every mistake in the input is an :class:`OptiflowError` naming the file and, where there is one,
+the line and column.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optiflow.errors import OptiflowError, first_line
+
+ID_COLUMN = "id"
+SHOWN_NAMES = 8
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a logged model takes and gives: its task, classes, raw feature names and raw sample shape
+    (``raw_input`` is False for a model whose normalizer could not be part of it: it takes normalized values)."""
+
+    task: str
+    classes: list[str] | None
+    feature_names: list[str] | None
+    input_shape: tuple[int, ...]
+    image: bool
+    target: str | None = None
+    raw_input: bool = True
+
+    def describe_input(self) -> str:
+        """``1x8x8 images`` or ``4 features``: what the model takes, for messages."""
+        if self.image:
+            return "x".join(map(str, self.input_shape)) + " images (channels x height x width)"
+        return f"{math.prod(self.input_shape)} features"
+
+
+@dataclass
+class Inputs:
+    """Rows to predict: their ids, the raw features (a DataFrame with the feature names, else an array
+    shaped ``(N, *input_shape)``) and the true labels when the input had them (None where missing)."""
+
+    ids: list[Any]
+    x: Any
+    labels: list[Any] | None = None
+
+
+def read_inputs(path: str, spec: ModelSpec) -> Inputs:
+    """The rows of ``path`` for a model that takes ``spec``: a ``.csv``, a ``.npy``, an image or a folder of images."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise OptiflowError(f"input not found: {path}")
+    suffix = file.suffix.lower()
+    if file.is_dir() or suffix in image_suffixes():
+        if not spec.image:
+            raise OptiflowError(f"{path} holds images, but the model takes {spec.describe_input()}; give a .csv or .npy")
+        files = _image_files(file) if file.is_dir() else [file]
+        return read_images(file, files, spec)
+    if suffix == ".npy":
+        return read_npy(file, spec)
+    if suffix in (".csv", ".txt"):
+        if spec.image:
+            raise OptiflowError(f"the model takes {spec.describe_input()}; give an image file, a folder of images "
+                                f"or a .npy array, not {path}")
+        return read_csv(file, spec)
+    raise OptiflowError(f"cannot read {path}: give a .csv file, a .npy array, an image file or a folder of images")
+
+
+def read_csv(file: Path, spec: ModelSpec) -> Inputs:
+    """A CSV with a header: the model's feature columns by name, optionally its target column and an ``id`` column."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(file, skipinitialspace=True, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise OptiflowError(f"{file} is empty; it needs a header row and at least one data row") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        raise OptiflowError(f"{file} is not a readable CSV file: {first_line(exc)}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if frame.empty:
+        raise OptiflowError(f"{file} has a header but no data rows")
+    features = _feature_columns(file, list(frame.columns), spec)
+    values = _numbers(file, frame, features)
+    ids = frame[ID_COLUMN].tolist() if ID_COLUMN in frame.columns and ID_COLUMN not in features else list(range(len(frame)))
+    labels = None
+    if spec.target and spec.target in frame.columns and spec.target not in features:
+        labels = _labels(file, frame[spec.target].tolist(), spec)
+    x = pd.DataFrame(values, columns=features) if spec.feature_names else values
+    return Inputs(ids, x, labels)
+
+
+def read_npy(file: Path, spec: ModelSpec) -> Inputs:
+    """An array shaped ``(N, *input_shape)`` (one sample may drop the N; images may be flat or lack a 1-channel axis)."""
+    import numpy as np
+    import pandas as pd
+
+    try:
+        array = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise OptiflowError(f"{file} is not a readable .npy array: {first_line(exc)}") from None
+    if array.dtype.kind not in "biuf":
+        raise OptiflowError(f"{file} holds {array.dtype} values; the model takes numbers")
+    shape = tuple(spec.input_shape)
+    if array.shape == shape:
+        array = array[None]
+    elif spec.image and array.ndim == 2 and array.shape[1] == math.prod(shape):
+        array = array.reshape(-1, *shape)
+    elif spec.image and shape[0] == 1 and array.shape[1:] == shape[1:]:
+        array = array[:, None]
+    if array.shape[1:] != shape or len(array) == 0:
+        raise OptiflowError(f"{file} holds an array of shape {tuple(array.shape)}; {_shape_hint(array.shape, spec)}")
+    scaled = array.dtype == np.uint8 and spec.image
+    array = array.astype(np.float32) / (255.0 if scaled else 1.0)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise OptiflowError(f"{file}, sample {row}: holds NaN or infinite values")
+    if spec.image and (array.min() < 0 or array.max() > 1):
+        raise OptiflowError(f"{file}: image values must be in [0, 1] (uint8 arrays are divided by 255), "
+                            f"found {array.min():.4g}..{array.max():.4g}")
+    x = pd.DataFrame(array, columns=spec.feature_names) if spec.feature_names and not spec.image else array
+    return Inputs(list(range(len(array))), x)
+
+
+def read_images(root: Path, files: list[Path], spec: ModelSpec) -> Inputs:
+    """Image files converted to the model's channels (grayscale <-> RGB) and resized as the image-folder dataset does.
+
+    In a folder with one sub-folder per class (as ``image-folder`` trains on), the sub-folder
+    names are the labels.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = _image_shape(spec)
+    transform = image_transform(height, width, grayscale=channels == 1)
+    tensors = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                tensors.append(transform(image.convert("RGB")))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise OptiflowError(f"{file} is not a readable image: {first_line(exc)}") from None
+    x = torch.stack(tensors).float().div_(255.0).numpy().astype(np.float32)
+    ids = [f.relative_to(root).as_posix() if f != root else f.name for f in files]
+    folders = [f.parent.name for f in files]
+    nested = root.is_dir() and all(f.parent.parent == root for f in files)
+    labels = folders if nested and spec.classes and set(folders) <= set(spec.classes) else None
+    return Inputs(ids, x, labels)
+
+
+def image_transform(height: int, width: int, *, grayscale: bool) -> Any:
+    """The ``image-folder`` dataset's steps for an RGB PIL image: to a uint8 tensor, resize (antialiased), grayscale."""
+    from torchvision.transforms import v2
+
+    steps = [v2.PILToTensor(), v2.Resize((height, width), antialias=True)]
+    if grayscale:
+        steps.append(v2.Grayscale(1))
+    return v2.Compose(steps)
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """The file endings read as images: torchvision ImageFolder's, which training reads too."""
+    return (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in image_suffixes()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise OptiflowError(f"no image files in {folder} (looked for {', '.join(image_suffixes())})")
+    return files
+
+
+def _image_shape(spec: ModelSpec) -> tuple[int, int, int]:
+    if len(spec.input_shape) != 3 or spec.input_shape[0] not in (1, 3):
+        raise OptiflowError(f"the model takes {spec.describe_input()}; image files convert only to 1-channel "
+                            "(grayscale) or 3-channel (RGB) images: give a .npy array")
+    channels, height, width = spec.input_shape
+    return channels, height, width
+
+
+def _feature_columns(file: Path, columns: list[str], spec: ModelSpec) -> list[str]:
+    """The feature columns in the model's order; missing or unknown columns refused, with a close match."""
+    extra_ok = {ID_COLUMN, spec.target}
+    if not spec.feature_names:
+        features = [c for c in columns if c not in extra_ok]
+        if len(features) != math.prod(spec.input_shape):
+            raise OptiflowError(f"{file} has {len(features)} feature columns; the model takes {spec.describe_input()}")
+        return features
+    names = list(spec.feature_names)
+    unknown = [c for c in columns if c not in names and c not in extra_ok]
+    missing = [n for n in names if n not in columns]
+    if missing:
+        close = difflib.get_close_matches(missing[0], unknown, n=1)
+        hint = f" (is '{close[0]}' it?)" if close else ""
+        raise OptiflowError(f"{file} has no column '{missing[0]}'{hint}; {_columns_hint(names, spec)}")
+    if unknown:
+        raise OptiflowError(f"{file}: column '{unknown[0]}' is not a feature of the model; {_columns_hint(names, spec)}")
+    return names
+
+
+def _columns_hint(names: list[str], spec: ModelSpec) -> str:
+    shown = ", ".join(names[:SHOWN_NAMES]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_NAMES else "")
+    target = f" (and optionally '{spec.target}')" if spec.target else ""
+    return f"the model takes the columns {shown}{target}"
+
+
+def _numbers(file: Path, frame: Any, features: list[str]) -> Any:
+    """The feature cells as a float32 array; an empty, NaN, infinite or non-numeric cell refused with its line."""
+    import numpy as np
+    import pandas as pd
+
+    cells = frame[features]
+    values = cells.apply(lambda column: pd.to_numeric(column.str.strip(), errors="coerce"))
+    values = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        text = str(cells.iat[row, col]).strip()
+        what = "is empty" if not text else f"holds {text!r}, not a finite number"
+        raise OptiflowError(f"{file}, line {row + 2}: column '{features[col]}' {what}")
+    return values.astype(np.float32)
+
+
+def _labels(file: Path, cells: list[str], spec: ModelSpec) -> list[Any]:
+    """The target column as class names (or class indices mapped to names) or numbers; None where a cell is empty."""
+    present = [c.strip() for c in cells if c.strip()]
+    if spec.task != "classification" or not spec.classes:
+        try:
+            numbers = [float(c) if c.strip() else math.nan for c in cells]
+        except ValueError:
+            raise OptiflowError(f"{file}: target column '{spec.target}' is not numeric") from None
+        return [n if math.isfinite(n) else None for n in numbers]
+    classes = list(spec.classes)
+    mapping: dict[str, str | None] = {c: c for c in classes}
+    if not set(present) <= set(classes):
+        mapping.update({text: _class_of(text, classes) for text in present if text not in classes})
+        unknown = next((text for text in present if mapping[text] is None), None)
+        if unknown is not None:
+            shown = ", ".join(classes[:SHOWN_NAMES]) + (", ..." if len(classes) > SHOWN_NAMES else "")
+            raise OptiflowError(f"{file}: target column '{spec.target}' holds {unknown!r}, not a class of the model "
+                                f"({shown})")
+    return [mapping[c.strip()] if c.strip() else None for c in cells]
+
+
+def _class_of(text: str, classes: list[str]) -> str | None:
+    """The class a numeric label stands for: its name (``1.0`` for class ``1``) or its index into the classes."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not number.is_integer():
+        return None
+    if str(int(number)) in classes:
+        return str(int(number))
+    return classes[int(number)] if 0 <= number < len(classes) else None
+
+
+def _shape_hint(shape: tuple[int, ...], spec: ModelSpec) -> str:
+    """Why an array does not fit: wrong channels, wrong image size, or the shape the model takes."""
+    wanted = tuple(spec.input_shape)
+    if spec.image and len(shape) == 4 and len(wanted) == 3:
+        if shape[2:] == wanted[1:] and shape[1] != wanted[0]:
+            return f"{shape[1]}-channel images, but the model takes {wanted[0]}-channel ones, shape (N, {', '.join(map(str, wanted))})"
+        if shape[1] == wanted[0]:
+            return (f"{shape[2]}x{shape[3]} images, but the model takes {wanted[1]}x{wanted[2]} ones "
+                    "(image files are resized; arrays are not)")
+    return f"the model takes (N, {', '.join(map(str, wanted))}): {spec.describe_input()}"
