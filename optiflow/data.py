@@ -308,3 +308,16 @@ def _as_float(x: Tensor) -> Tensor:
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
     return x.float() if not torch.is_floating_point(x) or x.dtype == torch.float64 else x
+
+
+def image_transform(height: int, width: int, *, grayscale: bool) -> Any:
+    """How an RGB PIL image becomes a sample: a uint8 tensor, resized (antialiased), optionally grayscale.
+
+    The ``image-folder`` dataset and ``optiflow predict`` both use it, so predicted images are
+    prepared exactly as the training images were."""
+    from torchvision.transforms import v2
+
+    steps = [v2.PILToTensor(), v2.Resize((height, width), antialias=True)]
+    if grayscale:
+        steps.append(v2.Grayscale(1))
+    return v2.Compose(steps)

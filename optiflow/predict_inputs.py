@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optiflow.data import image_transform
 from optiflow.errors import OptiflowError, first_line
 
 ID_COLUMN = "id"
@@ -151,16 +152,6 @@ def read_images(root: Path, files: list[Path], spec: ModelSpec) -> Inputs:
     nested = root.is_dir() and all(f.parent.parent == root for f in files)
     labels = folders if nested and spec.classes and set(folders) <= set(spec.classes) else None
     return Inputs(ids, x, labels)
-
-
-def image_transform(height: int, width: int, *, grayscale: bool) -> Any:
-    """The ``image-folder`` dataset's steps for an RGB PIL image: to a uint8 tensor, resize (antialiased), grayscale."""
-    from torchvision.transforms import v2
-
-    steps = [v2.PILToTensor(), v2.Resize((height, width), antialias=True)]
-    if grayscale:
-        steps.append(v2.Grayscale(1))
-    return v2.Compose(steps)
 
 
 def image_suffixes() -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from optiflow import hookimpl
-from optiflow.data import DataContext, DataSource
+from optiflow.data import DataContext, DataSource, image_transform
 from optiflow.errors import OptiflowError, first_line
 
 
@@ -282,16 +282,12 @@ def image_folder(ctx: DataContext, *, path: str = "", size: int = 32, grayscale:
     """Images in one sub-folder per class (torchvision ImageFolder), resized to size x size."""
     import torch
     from torchvision import datasets
-    from torchvision.transforms import v2
 
     folder = _user_path(ctx, "image-folder", path)
     if size < 1:
         raise OptiflowError(f"image-folder: size must be >= 1, got {size}")
-    steps = [v2.PILToTensor(), v2.Resize((size, size), antialias=True)]
-    if grayscale:
-        steps.append(v2.Grayscale(1))
     try:
-        dataset = datasets.ImageFolder(str(folder), transform=v2.Compose(steps))
+        dataset = datasets.ImageFolder(str(folder), transform=image_transform(size, size, grayscale=grayscale))
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise OptiflowError(f"image-folder {folder}: {first_line(exc)}") from None
     images = [dataset[i][0] for i in range(len(dataset))]
