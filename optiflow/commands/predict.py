@@ -20,7 +20,8 @@ from optiflow.predict_inputs import ID_COLUMN, ModelSpec, read_inputs
 
 RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
 DEFAULT_MODEL_PATH = "model"
-NO_MODEL_HINT = "train logs one; compare, search and reproduce do not, unless asked with --log-models"
+NO_MODEL_HINT = ("train and the refit run of a search log one; compare children and search trials do not, "
+                 "unless asked with --log-models (or --register)")
 
 
 @dataclass
