@@ -45,6 +45,7 @@ DEFAULT_PLUGINS = (
     "optiflow_plugins.models",
     "optiflow_plugins.optimizers",
     "optiflow_plugins.regularizers",
+    "optiflow_plugins.mixing",
     "optiflow_plugins.schedulers",
     "optiflow_plugins.initializers",
     "optiflow_plugins.diagnostics",
