@@ -84,7 +84,9 @@ def optiflow_register_initializers(register):
 
     Called once when the registry is built.  ``factory(**options) -> callable``;
     the callable receives every ``nn.Linear``/``nn.Conv*`` layer of the model
-    and initializes its weight (and bias) in place.
+    and initializes its weight (and bias) in place.  A data-aware initializer
+    (LSUV) sets ``needs_batch = True`` on its callable, which is then called once
+    as ``callable(model, x)`` with the normalized training inputs (on the CPU).
     Returns nothing.
     """
 

@@ -140,7 +140,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
 
     torch.manual_seed(config.seed)
     model = build(model_component, input_shape, source.num_outputs, **model_options)
-    initialize(model, resolved)
+    initialize(model, resolved, splits.x_train)
     _check_model_accepts(model, splits.x_train[:2], model_component.name, input_shape)
     model.to(device)
     setup = decide(config, device, model, splits.x_train, splits.y_train)
@@ -167,11 +167,15 @@ def build(component: Component, *context: Any, **options: Any) -> Any:
         raise OptiflowError(f"{component.kind} '{component.name}': {first_line(exc)}") from None
 
 
-def initialize(model: nn.Module, resolved: Plan) -> None:
-    """Apply the planned initializer to every Linear and Conv layer of ``model``."""
+def initialize(model: nn.Module, resolved: Plan, x_train: Tensor) -> None:
+    """Apply the planned initializer to every Linear and Conv layer of ``model``, or, when it says
+    ``needs_batch = True`` (data-aware, like LSUV), once to the model and the training inputs."""
     component, options = resolved.init
     initializer = build(component, **options)
     if initializer is None:
+        return
+    if getattr(initializer, "needs_batch", False):
+        initializer(model, x_train)
         return
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):

@@ -118,3 +118,38 @@ def test_a_sam_like_optimizer_reports_the_loss_at_the_current_weights(tmp_path):
     loss, outputs, *_ = training_step(run, get_plugin_manager(), distributed.current())(x, y)
     assert float(loss) == pytest.approx(at_weights, rel=1e-5)
     assert outputs.requires_grad is False
+
+
+def layer_output_variances(model: nn.Module, x: torch.Tensor) -> list[float]:
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    variances: list[float] = []
+    handles = [layer.register_forward_hook(lambda m, i, o: variances.append(float(o.var()))) for layer in layers]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return variances
+
+
+def test_lsuv_gives_unit_output_variance_per_layer_on_a_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+    x = 5.0 * torch.randn(512, 10) + 2.0
+    assert not all(abs(v - 1) < 0.05 for v in layer_output_variances(model, x)), "PyTorch's init is not LSUV"
+    build("initializer", "lsuv", batch=512, tol=0.05)(model, x)
+    variances = layer_output_variances(model, x)
+    assert len(variances) == 3 and all(abs(v - 1) < 0.05 for v in variances), variances
+
+
+def test_lsuv_initializes_a_conv_model_through_prepare(tmp_path):
+    config = RunConfig.from_dict({"epochs": 1, "device": "cpu", "data": "digits", "data_dir": str(tmp_path),
+                                  "model": "cnn", "init": "lsuv:batch=300,tol=0.02"})
+    run = prepare(config, get_registry())
+    variances = layer_output_variances(run.model, run.splits.x_train[:1000])
+    assert len(variances) >= 3 and all(abs(v - 1) < 0.1 for v in variances), variances
+
+
+def test_lsuv_refuses_bad_options():
+    with pytest.raises(OptiflowError, match="batch must be >= 2"):
+        build("initializer", "lsuv", batch=1)
