@@ -127,7 +127,7 @@ class Registry:
                 name=name,
                 factory=factory,
                 description=description or (doc[0] if doc else ""),
-                options=options_of(factory, owner=f"{kind} '{name}'"),
+                options=_with_core_options(kind, options_of(factory, owner=f"{kind} '{name}'")),
                 plugin=plugin,
                 aliases=tuple(aliases),
             )
@@ -242,6 +242,13 @@ def _annotation(factory: Callable[..., Any], param: inspect.Parameter, default: 
     if annotation is inspect.Parameter.empty:
         return type(default) if default is not None else str
     return annotation
+
+
+def _with_core_options(kind: str, options: tuple[Option, ...]) -> tuple[Option, ...]:
+    """Every scheduler takes ``warmup_epochs``: the core adds it (and applies it) where the factory lacks it."""
+    if kind != "scheduler" or any(o.name == "warmup_epochs" for o in options):
+        return options
+    return (*options, Option("warmup_epochs", int, 0))
 
 
 def _clash_line(kind: str, name: str, owner: str, newcomer: Component) -> str:

@@ -5,6 +5,7 @@ Everything a user can get wrong fails in :func:`prepare`, before an MLflow run e
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from optiflow.data import DataContext, DataSource, Splits, normalize, split
 from optiflow.errors import OptiflowError, first_line
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
-from optiflow.schedule import Schedule, TrainingLength
+from optiflow.schedule import WARMUP_OPTION, Schedule, TrainingLength, warm_up
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
 
@@ -198,8 +199,20 @@ def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) ->
     optimizer = build(opt_component, model, **opt_options)
     use_fused_kernels(optimizer)
     sched_component, sched_options = resolved.sched
-    schedule = build(sched_component, optimizer, length, **sched_options)
-    return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+    if WARMUP_OPTION in inspect.signature(sched_component.factory).parameters:
+        schedule = build(sched_component, optimizer, length, **sched_options)
+        return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+    options = dict(sched_options)
+    warmup_epochs = int(options.pop(WARMUP_OPTION, 0))
+
+    def build_schedule(rest: TrainingLength) -> Schedule:
+        schedule = build(sched_component, optimizer, rest, **options)
+        return schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+
+    try:
+        return optimizer, warm_up(optimizer, length, warmup_epochs, build_schedule)
+    except OptiflowError as exc:
+        raise OptiflowError(f"scheduler '{sched_component.name}': {exc}") from None
 
 
 def _check_images(model: Component, source: DataSource, input_shape: tuple[int, ...], dataset: str,
