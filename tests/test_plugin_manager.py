@@ -277,11 +277,13 @@ def test_the_tutorial_plugin_works_as_written(site, invoke, mlflow_client, exper
     site.install(name, entry_point, source, version, module=module)
 
     rows = {row["name"]: row for row in json.loads(invoke("plugins", "--json").output)}
-    assert rows["triangular"]["components"] == {"regularizer": ["grad-norm"], "scheduler": ["triangular"]}
+    assert rows["triangular"]["components"] == {"regularizer": ["grad-norm", "input-noise"],
+                                                "scheduler": ["triangular"]}
     [command] = [line for b in blocks["bash"] for line in b.splitlines() if "--sched triangular" in line]
     result = invoke(*shlex.split(command)[1:], "--epochs", "2", "-q")
     assert result.exit_code == 0, result.output
     [run] = runs_of(mlflow_client, experiment)
+    assert run.data.params["reg.input-noise.std"] == "0.05"
     assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "grad_norm")] == [1, 2]
     learning_rates = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "lr")]
     assert learning_rates[0] == pytest.approx(0.001) and learning_rates[1] > learning_rates[0], "the cycle rises"
