@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from optiflow import checkpoints, distributed
 from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
 from optiflow.errors import TrainingError
+from optiflow.hooktrace import trace_line
 from optiflow.run import Reporter, Run
 from optiflow.signals import deferred
 
@@ -187,12 +189,16 @@ def batch_transform(pm: Any) -> Callable[[Run, Tensor, Tensor], tuple[Tensor, Te
     impls = list(reversed(pm.hook.optiflow_train_batch.get_hookimpls()))
     if not impls:
         return None
-    calls = [(impl.function, impl.argnames) for impl in impls]
+    calls = [(impl.function, impl.argnames, impl.plugin_name) for impl in impls]
+    traced = os.environ.get("OPTIFLOW_TRACE_HOOKS", "").strip().lower() in {"1", "true", "yes", "on"}
 
     def transform(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        for function, argnames in calls:
+        for function, argnames, plugin in calls:
             values = {"run": run, "x": x, "y": y}
+            started = time.perf_counter()
             result = function(*[values[name] for name in argnames])
+            if traced:
+                trace_line("optiflow_train_batch", [plugin], values, time.perf_counter() - started)
             if result is not None:
                 x, y = result
         return x, y

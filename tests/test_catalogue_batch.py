@@ -81,6 +81,16 @@ def test_mixing_refuses_bad_options(name):
         build("regularizer", name, probability=1.5)
 
 
+def test_mixing_state_resumes_the_same_draws():
+    x, y = torch.randn(8, 3), torch.arange(8) % 3
+    first = build("regularizer", "mixup", alpha=1.0)
+    first.optiflow_train_batch(batch_run(), x, y)
+    resumed = build("regularizer", "mixup", alpha=1.0)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(first.optiflow_train_batch(batch_run(), x, y), resumed.optiflow_train_batch(batch_run(seed=9), x, y)):
+        assert torch.equal(a, b)
+
+
 def test_mixing_with_probability_zero_leaves_batches_alone():
     x, y = torch.randn(8, 3), torch.arange(8) % 3
     assert build("regularizer", "mixup", probability=0.0).optiflow_train_batch(batch_run(), x, y) is None
