@@ -84,7 +84,9 @@ def optiflow_register_initializers(register):
 
     Called once when the registry is built.  ``factory(**options) -> callable``;
     the callable receives every ``nn.Linear``/``nn.Conv*`` layer of the model
-    and initializes its weight (and bias) in place.
+    and initializes its weight (and bias) in place.  A data-aware initializer
+    (LSUV) sets ``needs_batch = True`` on its callable, which is then called once
+    as ``callable(model, x)`` with the normalized training inputs (on the CPU).
     Returns nothing.
     """
 
@@ -123,9 +125,19 @@ def optiflow_epoch_start(run, epoch):
 
 
 @hookspec
+def optiflow_train_batch(run, x, y):
+    """Called for every training batch, on the device, before the optimization step (and once
+    per step, however often the optimizer re-evaluates the loss).  Return ``(x, y)``
+    transformed (mixup, cutmix ...) or None to keep the batch.  Implementations are chained:
+    each receives the batch the previous one returned.  ``y`` may become soft targets, a float
+    ``(N, classes)`` tensor of class probabilities, which the built-in losses accept; the
+    training accuracy then compares predictions with ``y.argmax(1)``."""
+
+
+@hookspec
 def optiflow_penalty(run):
-    """Called for every training batch after the forward pass, before
-    ``backward()``.  Return a scalar tensor to add to the loss being minimized
+    """Called for every evaluation of the loss (once per training batch, twice for SAM-like
+    optimizers) after the forward pass, before ``backward()``.  Return a scalar tensor to add to the loss being minimized
     (e.g. an L1/L2 penalty) or None.  ``run.last_outputs`` and
     ``run.last_targets`` hold this batch's outputs and targets.  The logged
     ``train_loss`` excludes penalties."""

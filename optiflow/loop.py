@@ -3,18 +3,22 @@
 :func:`fit` runs the epochs; :func:`training_step` builds the function that does one
 optimization step on a batch, the part a reader would write by hand::
 
+    x, y = optiflow_train_batch(x, y)   # chained: each implementation gets the previous one's batch
     optimizer.zero_grad(); outputs = model(x); loss = loss_fn(outputs, y) + penalties
     loss.backward(); optiflow_after_backward(...); optimizer.step(); optiflow_after_step(...)
 
-Every optimizer is stepped with a closure doing the first line and the backward pass, so
-optimizers that re-evaluate the loss (LBFGS) work unchanged; under fp16 autocast the
-GradScaler steps instead and there is no closure.
+Every optimizer is stepped with a closure doing the second line and the backward pass (the
+closure zeroes the gradients first, every time it is called), so optimizers that re-evaluate
+the loss (LBFGS, SAM) work unchanged; the loss and outputs reported are those of the closure's
+*first* call, at the weights the step started from.  Under fp16 autocast the GradScaler steps
+instead and there is no closure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from optiflow import checkpoints, distributed
 from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
 from optiflow.errors import TrainingError
+from optiflow.hooktrace import trace_line
 from optiflow.run import Reporter, Run
 from optiflow.signals import deferred
 
@@ -59,14 +64,14 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
         check.start_epoch(lr)
         for xb, yb in batches:
             run.step += 1
-            loss, outputs = step(xb, yb)
+            loss, outputs, xb, yb = step(xb, yb)
             loss_sum.add_(loss, alpha=len(xb))
             if check.baseline is None:
                 check.baseline = max(abs(float(loss)), 1e-12)
             if log_step_loss:
                 run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
             if classification:
-                correct.add_((outputs.argmax(1) == yb).sum())
+                correct.add_((outputs.argmax(1) == (yb if yb.ndim == 1 else yb.argmax(1))).sum())
             seen += len(xb)
             if step_schedule:
                 run.schedule.step()
@@ -111,14 +116,19 @@ def training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches | 
                          rank=cluster.rank, world_size=cluster.world_size)
 
 
-def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """One optimization step on a batch, returning its loss and outputs (detached).
+Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
+    """One optimization step on a batch, returning its loss and outputs (detached, from the first
+    evaluation of the loss) and the batch as trained on (after ``optiflow_train_batch``).
 
     Built once per run so that the per-step path does no hook look-ups, no
     option checks and no host synchronisation: hooks nobody implements are not
     called, autocast/GradScaler/channels-last/DDP/compile are decided here.
     """
     hook = pm.hook
+    transform_batch = batch_transform(pm)
     penalties = hook.optiflow_penalty if hook.optiflow_penalty.get_hookimpls() else None
     after_backward = hook.optiflow_after_backward if hook.optiflow_after_backward.get_hookimpls() else None
     after_step = hook.optiflow_after_step if hook.optiflow_after_step.get_hookimpls() else None
@@ -146,7 +156,9 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Callable[[
             after_backward(run=run, step=run.step)
         return total, loss, outputs
 
-    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if transform_batch is not None:
+            xb, yb = transform_batch(run, xb, yb)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         if scaler is not None:
@@ -158,16 +170,40 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Callable[[
 
             def closure() -> Any:
                 total, loss, outputs = forward_backward(xb, yb)
-                last[:] = loss, outputs
+                if not last:
+                    last[:] = loss.detach(), outputs.detach()
                 return total
 
             optimizer.step(closure)
             loss, outputs = last
         if after_step is not None:
             after_step(run=run, step=run.step)
-        return loss.detach(), outputs.detach()
+        return loss.detach(), outputs.detach(), xb, yb
 
     return step
+
+
+def batch_transform(pm: Any) -> Callable[[Run, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """The ``optiflow_train_batch`` implementations chained in hook-call order (each receives the
+    batch the previous one returned; None keeps it), or None when nobody implements the hook."""
+    impls = list(reversed(pm.hook.optiflow_train_batch.get_hookimpls()))
+    if not impls:
+        return None
+    calls = [(impl.function, impl.argnames, impl.plugin_name) for impl in impls]
+    traced = os.environ.get("OPTIFLOW_TRACE_HOOKS", "").strip().lower() in {"1", "true", "yes", "on"}
+
+    def transform(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        for function, argnames, plugin in calls:
+            values = {"run": run, "x": x, "y": y}
+            started = time.perf_counter()
+            result = function(*[values[name] for name in argnames])
+            if traced:
+                trace_line("optiflow_train_batch", [plugin], values, time.perf_counter() - started)
+            if result is not None:
+                x, y = result
+        return x, y
+
+    return transform
 
 
 def _training_model(run: Run, cluster: distributed.Cluster) -> nn.Module:

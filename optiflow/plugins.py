@@ -45,6 +45,7 @@ DEFAULT_PLUGINS = (
     "optiflow_plugins.models",
     "optiflow_plugins.optimizers",
     "optiflow_plugins.regularizers",
+    "optiflow_plugins.mixing",
     "optiflow_plugins.schedulers",
     "optiflow_plugins.initializers",
     "optiflow_plugins.diagnostics",
@@ -141,9 +142,17 @@ class PluginManager(pluggy.PluginManager):
             self.unregister(plugin)
         if self._registry is not None:
             self._registry.remove_plugin(name)
+            self._registry.skipped.append(name)
         if self._commands is not None:
             for command in [c for c, owner in self.command_owners.items() if owner == name]:
                 del self._commands[command]
+
+    def warn(self, name: str, message: str) -> None:
+        """One warning line about a plugin that stays loaded; an error under OPTIFLOW_STRICT_PLUGINS."""
+        distribution, version = self.distribution(name)
+        if _truthy("OPTIFLOW_STRICT_PLUGINS"):
+            raise OptiflowError(f"plugin '{name}' ({distribution} {version}): {message} (OPTIFLOW_STRICT_PLUGINS is set)")
+        print(f"Warning: plugin '{name}' ({distribution} {version}): {message}", file=sys.stderr, flush=True)
 
     def invalidate(self) -> None:
         """Forget the built registry and commands (after plugins were added or removed)."""
@@ -207,6 +216,9 @@ def build_registry(pm: PluginManager) -> Registry:
                 registry.remove_plugin(name)
                 pm.reject(name, _failure_text(exc, hook_name), plugin)
                 break
+        for clash in [line for owner, line in registry.clashes if owner == name]:
+            pm.warn(name, clash)
+    registry.skipped = [failure.plugin for failure in pm.failures]
     return registry
 
 

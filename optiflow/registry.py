@@ -11,11 +11,11 @@ import reprlib
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from optiflow.errors import OptiflowError
-from optiflow.slots import FAMILY_KINDS, KINDS, family_of
+from optiflow.slots import FAMILY_KINDS, KINDS, SLOTS, family_of
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
@@ -95,6 +95,10 @@ class Registry:
         default_factory=lambda: {kind: {} for kind in KINDS}
     )
     aliases: dict[str, dict[str, str]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
+    #: (plugin, one line) for each name a plugin registered that another plugin already had
+    clashes: list[tuple[str, str]] = field(default_factory=list)
+    #: plugins that were skipped (failed to load or register): unknown names point at them
+    skipped: list[str] = field(default_factory=list)
 
     def registrar(self, family: str, plugin: str) -> Callable[..., Component]:
         """The ``register`` callable handed to one plugin's registration hook of ``family``:
@@ -123,27 +127,35 @@ class Registry:
                 name=name,
                 factory=factory,
                 description=description or (doc[0] if doc else ""),
-                options=options_of(factory, owner=f"{kind} '{name}'"),
+                options=_with_core_options(kind, options_of(factory, owner=f"{kind} '{name}'")),
                 plugin=plugin,
                 aliases=tuple(aliases),
             )
-            self.add(component)
-            return component
+            return self.add(component)
 
         return register
 
-    def add(self, component: Component) -> None:
+    def add(self, component: Component) -> Component:
+        """Add ``component`` and return it as stored.  A name (or alias) another plugin already
+        has stays that plugin's: the newcomer keeps its other names and is always reachable as
+        ``plugin/name``; the clash is recorded in ``clashes``.  A plugin registering one name
+        twice is an error."""
         kind, table = component.kind, self.components[component.kind]
-        for name in (component.name, *component.aliases):
-            existing = self._lookup(kind, name)
-            if existing is not None:
-                raise OptiflowError(
-                    f"duplicate {kind} '{name}': registered by plugin '{existing.plugin}' "
-                    f"and again by plugin '{component.plugin}'"
-                )
+        taken = {name: found for name in (component.name, *component.aliases)
+                 if (found := self._lookup(kind, name)) is not None}
+        for name, existing in taken.items():
+            if existing.plugin == component.plugin:
+                raise OptiflowError(f"duplicate {kind} '{name}': registered twice by plugin '{component.plugin}'")
+        if taken:
+            component = replace(component, aliases=tuple(a for a in component.aliases if a not in taken))
+            if component.name in taken:
+                component = replace(component, name=f"{component.plugin}/{component.name}")
+            for name, existing in taken.items():
+                self.clashes.append((component.plugin, _clash_line(kind, name, existing.plugin, component)))
         table[component.name] = component
         for alias in component.aliases:
             self.aliases[kind][alias] = component.name
+        return component
 
     def remove_plugin(self, plugin: str) -> None:
         """Drop every component a plugin registered (used when a plugin fails half-way)."""
@@ -156,15 +168,26 @@ class Registry:
         table = self.components[kind]
         return table.get(name) or table.get(self.aliases[kind].get(name, ""))
 
+    def _qualified(self, kind: str, name: str) -> Component | None:
+        """``plugin/name``: the component ``name`` (or alias) that ``plugin`` registered."""
+        plugin, _, bare = name.partition("/")
+        return next((c for c in self.components[kind].values()
+                     if _same(c.plugin, plugin) and bare in (c.name.rpartition("/")[2], *c.aliases)), None)
+
     def get(self, kind: str, name: str) -> Component:
-        """The component ``name`` of ``kind``, or an OptiflowError naming close matches."""
+        """The component ``name`` (or ``plugin/name``) of ``kind``, or an OptiflowError naming close
+        matches and the plugins that were skipped."""
         found = self._lookup(kind, name) or self._lookup(kind, name.replace("_", "-"))
+        if found is None and "/" in name:
+            found = self._qualified(kind, name) or self._qualified(kind, name.replace("_", "-"))
         if found is None:
             names = sorted([*self.components[kind], *self.aliases[kind]])
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
             hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            skipped = (f". Plugin {', '.join(repr(p) for p in self.skipped)} was skipped: see the warning above "
+                       "or `optiflow plugins`" if self.skipped else "")
             raise OptiflowError(
-                f"unknown {kind} '{name}'.{hint} Available: {', '.join(sorted(self.components[kind]))}"
+                f"unknown {kind} '{name}'.{hint} Available: {', '.join(sorted(self.components[kind]))}{skipped}"
             )
         return found
 
@@ -219,6 +242,27 @@ def _annotation(factory: Callable[..., Any], param: inspect.Parameter, default: 
     if annotation is inspect.Parameter.empty:
         return type(default) if default is not None else str
     return annotation
+
+
+def _with_core_options(kind: str, options: tuple[Option, ...]) -> tuple[Option, ...]:
+    """Every scheduler takes ``warmup_epochs``: the core adds it (and applies it) where the factory lacks it."""
+    if kind != "scheduler" or any(o.name == "warmup_epochs" for o in options):
+        return options
+    return (*options, Option("warmup_epochs", int, 0))
+
+
+def _clash_line(kind: str, name: str, owner: str, newcomer: Component) -> str:
+    """One line saying which plugin keeps ``name`` and how to pick the other one."""
+    flag = next((f"--{slot.key} " for slot in SLOTS if slot.kind == kind), "")
+    bare = newcomer.name.rpartition("/")[2]
+    pick = f"{flag}{newcomer.plugin}/{bare}" if newcomer.name.endswith(f"/{name}") else f"{flag}{newcomer.name}"
+    return (f"{kind} '{name}' is registered by plugin '{owner}' and again by plugin '{newcomer.plugin}': "
+            f"'{name}' stays plugin '{owner}'s; use {pick} for plugin '{newcomer.plugin}'s")
+
+
+def _same(plugin: str, wanted: str) -> bool:
+    """Plugin names compare like package names."""
+    return re.sub(r"[-_.]+", "-", plugin).lower() == re.sub(r"[-_.]+", "-", wanted).lower()
 
 
 def _suggest(word: str, names: Any) -> str:

@@ -5,6 +5,7 @@ Everything a user can get wrong fails in :func:`prepare`, before an MLflow run e
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from optiflow.data import DataContext, DataSource, Splits, normalize, split
 from optiflow.errors import OptiflowError, first_line
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
-from optiflow.schedule import Schedule, TrainingLength
+from optiflow.schedule import WARMUP_OPTION, Schedule, TrainingLength, warm_up
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
 
@@ -140,7 +141,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
 
     torch.manual_seed(config.seed)
     model = build(model_component, input_shape, source.num_outputs, **model_options)
-    initialize(model, resolved)
+    initialize(model, resolved, splits.x_train)
     _check_model_accepts(model, splits.x_train[:2], model_component.name, input_shape)
     model.to(device)
     setup = decide(config, device, model, splits.x_train, splits.y_train)
@@ -167,11 +168,15 @@ def build(component: Component, *context: Any, **options: Any) -> Any:
         raise OptiflowError(f"{component.kind} '{component.name}': {first_line(exc)}") from None
 
 
-def initialize(model: nn.Module, resolved: Plan) -> None:
-    """Apply the planned initializer to every Linear and Conv layer of ``model``."""
+def initialize(model: nn.Module, resolved: Plan, x_train: Tensor) -> None:
+    """Apply the planned initializer to every Linear and Conv layer of ``model``, or, when it says
+    ``needs_batch = True`` (data-aware, like LSUV), once to the model and the training inputs."""
     component, options = resolved.init
     initializer = build(component, **options)
     if initializer is None:
+        return
+    if getattr(initializer, "needs_batch", False):
+        initializer(model, x_train)
         return
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
@@ -194,8 +199,20 @@ def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) ->
     optimizer = build(opt_component, model, **opt_options)
     use_fused_kernels(optimizer)
     sched_component, sched_options = resolved.sched
-    schedule = build(sched_component, optimizer, length, **sched_options)
-    return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+    if WARMUP_OPTION in inspect.signature(sched_component.factory).parameters:
+        schedule = build(sched_component, optimizer, length, **sched_options)
+        return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+    options = dict(sched_options)
+    warmup_epochs = int(options.pop(WARMUP_OPTION, 0))
+
+    def build_schedule(rest: TrainingLength) -> Schedule:
+        schedule = build(sched_component, optimizer, rest, **options)
+        return schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+
+    try:
+        return optimizer, warm_up(optimizer, length, warmup_epochs, build_schedule)
+    except OptiflowError as exc:
+        raise OptiflowError(f"scheduler '{sched_component.name}': {exc}") from None
 
 
 def _check_images(model: Component, source: DataSource, input_shape: tuple[int, ...], dataset: str,

@@ -1,8 +1,9 @@
-"""What scheduler plugins return: the scheduler and when the core steps it."""
+"""What scheduler plugins return (the scheduler and when the core steps it), and the warm-up every scheduler gets."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,3 +47,66 @@ class Schedule:
         if value is None:
             raise OptiflowError(f"scheduler monitors '{self.monitor}', which this run does not produce")
         self.scheduler.step(value)
+
+
+#: the option every scheduler takes; the core adds it to schedulers that do not declare it
+WARMUP_OPTION = "warmup_epochs"
+
+
+def with_warmup(optimizer: Any, length: TrainingLength, warmup_epochs: int, interval: str,
+                build: Callable[[TrainingLength], Any] | None, monitor: str | None = None) -> Schedule:
+    """The scheduler ``build`` makes for the training left after warm-up, with a linear warm-up over
+    ``warmup_epochs`` chained before it, all stepped at ``interval`` (``"epoch"`` or ``"step"``)."""
+    return warm_up(optimizer, length, warmup_epochs,
+                   lambda rest: Schedule(build(rest) if build is not None else None, interval, monitor))
+
+
+def warm_up(optimizer: Any, length: TrainingLength, warmup_epochs: int,
+            build_schedule: Callable[[TrainingLength], Schedule]) -> Schedule:
+    """The ``Schedule`` that ``build_schedule`` makes for the training left after ``warmup_epochs``
+    epochs, preceded by a linear warm-up to its starting rate, stepped at the schedule's interval."""
+    if warmup_epochs < 0 or (warmup_epochs and warmup_epochs >= length.epochs):
+        raise OptiflowError(f"warmup_epochs must be between 0 and epochs - 1 ({length.epochs - 1}), got {warmup_epochs}")
+    schedule = build_schedule(TrainingLength(length.epochs - warmup_epochs, length.steps_per_epoch))
+    if not warmup_epochs:
+        return schedule
+    iterations = warmup_epochs * (length.steps_per_epoch if schedule.interval == "step" else 1)
+    return Schedule(LinearWarmup(optimizer, iterations, schedule.scheduler), schedule.interval, schedule.monitor)
+
+
+class LinearWarmup:
+    """Raise the learning rate linearly to where ``then`` starts over ``iterations`` steps, then step ``then``.
+
+    The wrapped scheduler is untouched during warm-up, so it starts from its
+    own first learning rate as if warm-up had not happened.
+    """
+
+    def __init__(self, optimizer, iterations: int, then: Any = None) -> None:
+        self.optimizer, self.iterations, self.then = optimizer, iterations, then
+        self.targets = [group["lr"] for group in optimizer.param_groups]
+        self.count = 0
+        self._apply()
+
+    def step(self, *args: Any) -> None:
+        self.count += 1
+        if self.count <= self.iterations:
+            self._apply()
+        elif self.then is not None:
+            self.then.step(*args)
+
+    def _apply(self) -> None:
+        fraction = min(1.0, (self.count + 1) / (self.iterations + 1))
+        for group, target in zip(self.optimizer.param_groups, self.targets):
+            group["lr"] = target * fraction
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "targets": self.targets,
+                "then": self.then.state_dict() if self.then is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count, self.targets = state["count"], state["targets"]
+        if self.then is not None and state.get("then") is not None:
+            self.then.load_state_dict(state["then"])

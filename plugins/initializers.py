@@ -1,4 +1,8 @@
-"""Weight initializers, applied by the core to every Linear and Conv layer; each sets biases to ``bias``."""
+"""Weight initializers, applied by the core to every Linear and Conv layer; each sets biases to ``bias``.
+
+``lsuv`` is data-aware: its callable says ``needs_batch = True`` and gets the whole model and
+the training inputs once instead of one layer at a time.
+"""
 
 from __future__ import annotations
 
@@ -101,6 +105,47 @@ def constant(*, value: float = 0.1, bias: float = 0.0):
     return _identical_weights("constant", value, bias)
 
 
+def lsuv(*, batch: int = 256, tol: float = 0.05, max_iter: int = 10):
+    """Layer-sequential unit variance: orthogonal weights, then each layer rescaled to unit output variance on a batch (Mishkin & Matas 2016)."""
+    if batch < 2:
+        raise OptiflowError(f"initializer 'lsuv': batch must be >= 2, got {batch}")
+    if not 0.0 < tol < 1.0:
+        raise OptiflowError(f"initializer 'lsuv': tol must be in (0, 1), got {tol}")
+    if max_iter < 1:
+        raise OptiflowError(f"initializer 'lsuv': max_iter must be >= 1, got {max_iter}")
+
+    def apply(model, x) -> None:
+        import torch
+        from torch import nn
+
+        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+        sample = x[torch.randperm(len(x))[:batch]]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for layer in layers:
+                nn.init.orthogonal_(layer.weight)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+            outputs: list = []
+            for layer in layers:
+                handle = layer.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+                try:
+                    for _ in range(max_iter):
+                        outputs.clear()
+                        model(sample)
+                        variance = float(outputs[0].var())
+                        if abs(variance - 1.0) < tol or variance < 1e-12:
+                            break
+                        layer.weight.div_(variance ** 0.5)
+                finally:
+                    handle.remove()
+        model.train(was_training)
+
+    apply.needs_batch = True  # type: ignore[attr-defined]
+    return apply
+
+
 def _identical_weights(name: str, value: float, bias: float):
     from torch import nn
 
@@ -130,6 +175,7 @@ INITIALIZERS = {
     "normal": normal,
     "uniform": uniform,
     "sparse": sparse,
+    "lsuv": lsuv,
     "zeros": zeros,
     "constant": constant,
 }

@@ -22,12 +22,14 @@ class Maxout(nn.Module):
 
 class SoftmaxMSE(nn.Module):
     """The quadratic cost for classification: mean squared error between the softmax of the
-    outputs (logits) and the one-hot targets, averaged over samples and classes."""
+    outputs (logits) and the one-hot targets (or soft targets: class probabilities), averaged
+    over samples and classes."""
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         probabilities = outputs.softmax(1)
-        one_hot = nn.functional.one_hot(targets, probabilities.shape[1]).to(probabilities.dtype)
-        return nn.functional.mse_loss(probabilities, one_hot)
+        if targets.ndim == 1:
+            targets = nn.functional.one_hot(targets, probabilities.shape[1])
+        return nn.functional.mse_loss(probabilities, targets.to(probabilities.dtype))
 
 
 class MSE(nn.MSELoss):

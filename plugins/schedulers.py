@@ -3,18 +3,18 @@
 Every scheduler takes ``warmup_epochs``: the learning rate first rises
 linearly to the scheduler's starting rate over that many epochs (stepped at
 the scheduler's own interval), then the scheduler takes over for the rest of
-training.
+training.  The core gives the same option to plugin schedulers that do not
+declare it (:func:`optiflow.schedule.with_warmup`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 from optiflow import hookimpl
 from optiflow.errors import OptiflowError
 from optiflow.metrics import higher_is_better
-from optiflow.schedule import Schedule, TrainingLength
+from optiflow.schedule import with_warmup as _schedule
 
 
 @hookimpl
@@ -127,57 +127,6 @@ SCHEDULERS = {
     "cyclic": cyclic,
     "polynomial": polynomial,
 }
-
-
-def _schedule(optimizer, length: TrainingLength, warmup_epochs: int, interval: str,
-              build: Callable[[TrainingLength], Any] | None, monitor: str | None = None) -> Schedule:
-    """The scheduler ``build`` makes for the training left after warm-up, with the warm-up chained before it."""
-    if warmup_epochs < 0 or (warmup_epochs and warmup_epochs >= length.epochs):
-        raise OptiflowError(f"warmup_epochs must be between 0 and epochs - 1 ({length.epochs - 1}), got {warmup_epochs}")
-    rest = TrainingLength(length.epochs - warmup_epochs, length.steps_per_epoch)
-    scheduler = build(rest) if build is not None else None
-    if warmup_epochs:
-        iterations = warmup_epochs * (length.steps_per_epoch if interval == "step" else 1)
-        scheduler = LinearWarmup(optimizer, iterations, scheduler)
-    return Schedule(scheduler, interval, monitor)
-
-
-class LinearWarmup:
-    """Raise the learning rate linearly to where ``then`` starts over ``iterations`` steps, then step ``then``.
-
-    The wrapped scheduler is untouched during warm-up, so it starts from its
-    own first learning rate as if warm-up had not happened.
-    """
-
-    def __init__(self, optimizer, iterations: int, then: Any = None) -> None:
-        self.optimizer, self.iterations, self.then = optimizer, iterations, then
-        self.targets = [group["lr"] for group in optimizer.param_groups]
-        self.count = 0
-        self._apply()
-
-    def step(self, *args: Any) -> None:
-        self.count += 1
-        if self.count <= self.iterations:
-            self._apply()
-        elif self.then is not None:
-            self.then.step(*args)
-
-    def _apply(self) -> None:
-        fraction = min(1.0, (self.count + 1) / (self.iterations + 1))
-        for group, target in zip(self.optimizer.param_groups, self.targets):
-            group["lr"] = target * fraction
-
-    def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "targets": self.targets,
-                "then": self.then.state_dict() if self.then is not None else None}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.count, self.targets = state["count"], state["targets"]
-        if self.then is not None and state.get("then") is not None:
-            self.then.load_state_dict(state["then"])
 
 
 def _has_momentum(optimizer) -> bool:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from optiflow import hookimpl, hookspecs
 from optiflow.config import RunConfig
@@ -86,6 +88,13 @@ class Recorder:
         self.events.append(("epoch_start", epoch, run.model.training))
 
     @hookimpl
+    def optiflow_train_batch(self, run, x, y):
+        import torch
+
+        self.events.append(("train_batch", run.step, x.device.type, y.dtype))
+        return x, torch.nn.functional.one_hot(y, 3).float()
+
+    @hookimpl
     def optiflow_penalty(self, run):
         self.events.append(("penalty", run.step, tuple(run.last_outputs.shape)))
         return self.penalty_weight * self.first_bias(run).sum()
@@ -143,6 +152,10 @@ class FamilyPlugin:
     @hookimpl
     def optiflow_register_data(self, register):
         register("hooks-blobs", blobs)
+
+    @hookimpl
+    def optiflow_train_batch(self, y):
+        FamilyPlugin.calls.setdefault("train_batch", []).append((y.dtype, tuple(y.shape)))
 
     @hookimpl
     def optiflow_register_models(self, register):
@@ -297,6 +310,18 @@ def test_hook_run_start(hooked_run):
 def test_hook_epoch_start(hooked_run):
     result, recorder, client = hooked_run
     assert recorder.names("epoch_start") == [("epoch_start", 1, True), ("epoch_start", 2, True)]
+
+
+def test_hook_train_batch(hooked_run):
+    result, recorder, client = hooked_run
+    batches = recorder.names("train_batch")
+    assert [e[1] for e in batches] == [e[1] for e in recorder.names("penalty")], "once per step, before the loss"
+    assert {e[2:] for e in batches} == {("cpu", torch.int64)}
+    received = FamilyPlugin.calls["train_batch"]
+    assert len(received) == len(batches) and all(dtype.is_floating_point and len(shape) == 2
+                                                  for dtype, shape in received), "chained: got the soft targets"
+    assert all(0.0 <= a <= 1.0 for a in result.history["train_accuracy"])
+    assert all(math.isfinite(loss) for loss in result.history["train_loss"]), "the loss takes soft targets"
 
 
 def test_hook_penalty(hooked_run):

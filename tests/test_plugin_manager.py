@@ -56,9 +56,9 @@ BROKEN_PLUGINS = {
         @hookimpl
         def optiflow_register_optimizers(register):
             register("half-registered", lambda model, *, lr=0.1: None)
-            register("adam", lambda model, *, lr=0.1: None)
+            register("half_registered", lambda model, *, lr=0.1: None, aliases=["half-registered"])
         """,
-        "duplicate optimizer 'adam': registered by plugin 'optimizers' and again by plugin 'broken'",
+        "duplicate optimizer 'half-registered': registered twice by plugin 'broken'",
     ),
     "unknown-hook": (
         """
@@ -277,11 +277,13 @@ def test_the_tutorial_plugin_works_as_written(site, invoke, mlflow_client, exper
     site.install(name, entry_point, source, version, module=module)
 
     rows = {row["name"]: row for row in json.loads(invoke("plugins", "--json").output)}
-    assert rows["triangular"]["components"] == {"regularizer": ["grad-norm"], "scheduler": ["triangular"]}
+    assert rows["triangular"]["components"] == {"regularizer": ["grad-norm", "input-noise"],
+                                                "scheduler": ["triangular"]}
     [command] = [line for b in blocks["bash"] for line in b.splitlines() if "--sched triangular" in line]
     result = invoke(*shlex.split(command)[1:], "--epochs", "2", "-q")
     assert result.exit_code == 0, result.output
     [run] = runs_of(mlflow_client, experiment)
+    assert run.data.params["reg.input-noise.std"] == "0.05"
     assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "grad_norm")] == [1, 2]
     learning_rates = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "lr")]
     assert learning_rates[0] == pytest.approx(0.001) and learning_rates[1] > learning_rates[0], "the cycle rises"
@@ -291,13 +293,18 @@ def test_the_tutorial_plugin_works_as_written(site, invoke, mlflow_client, exper
     namespace["test_registers_its_components"](None)
 
 
-def test_duplicate_across_plugins_through_the_hooks(monkeypatch, capsys):
+def test_a_clashing_name_stays_the_first_plugins_and_the_rest_is_kept(monkeypatch, capsys):
     class First:
         @hookimpl
         def optiflow_register_optimizers(self, register):
             register("same", sample)
 
-    class Second(First):
+    class Second:
+        @hookimpl
+        def optiflow_register_optimizers(self, register):
+            register("same", sample, aliases=["second-same"])
+            register("other", sample, aliases=["same"])
+
         @hookimpl
         def optiflow_register_models(self, register):
             register("second-only", sample)
@@ -316,9 +323,42 @@ def test_duplicate_across_plugins_through_the_hooks(monkeypatch, capsys):
     monkeypatch.delenv("OPTIFLOW_STRICT_PLUGINS")
     registry = build_registry(plugin_manager())
     assert registry.get("optimizer", "same").plugin == "first"
-    assert "second-only" not in registry.names("model"), "the rejected plugin's other components must go too"
-    warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and "duplicate optimizer 'same'" in warning[0] and "'second'" in warning[0]
+    assert registry.get("optimizer", "first/same").plugin == "first"
+    picked = registry.get("optimizer", "second/same")
+    assert (picked.plugin, picked.name) == ("second", "second/same")
+    assert registry.get("optimizer", "second-same") is picked, "its aliases nobody else has still work"
+    assert registry.get("optimizer", "other").plugin == "second", "a clashing alias drops only the alias"
+    assert "second-only" in registry.names("model"), "the plugin's other components stay"
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2, warnings
+    assert all(w.startswith("Warning: plugin 'second'") and "'first'" in w for w in warnings)
+    assert "use --opt second/same for plugin 'second's" in warnings[0]
+
+
+def test_a_clash_is_picked_by_plugin_name_on_the_command_line(site, invoke):
+    site.install("optiflow-dup", "dup", """
+        from optiflow import hookimpl
+
+        @hookimpl
+        def optiflow_register_optimizers(register):
+            def adam(model, *, lr: float = 0.05):
+                \"\"\"Plain SGD under a famous name.\"\"\"
+                import torch
+                return torch.optim.SGD(model.parameters(), lr=lr)
+            register("adam", adam)
+            register("dup-sgd", adam)
+        """)
+    result = invoke("train", "--epochs", "1", "--opt", "dup/adam", "--data", "iris", "-q")
+    assert result.exit_code == 0, result.output
+    lines = warnings_in(result.stderr)
+    assert len(lines) == 1 and "optimizer 'adam' is registered by plugin 'optimizers' and again by plugin 'dup'" in lines[0]
+
+
+def test_an_unknown_name_points_at_the_skipped_plugin(site, invoke):
+    site.install("optiflow-sam", "sam", "import optiflow_no_such_dependency\n")
+    result = invoke("train", "--epochs", "1", "--opt", "sam", "-q")
+    assert result.exit_code == 2
+    assert "unknown optimizer 'sam'" in result.output and "Plugin 'sam' was skipped: see the warning above" in result.output
 
 
 def test_each_registration_hook_registers_only_its_own_family(monkeypatch, capsys):

@@ -72,14 +72,25 @@ def test_unknown_name_suggests_close_matches():
     assert "unknown dataset 'sampel'. Did you mean 'sample'" in str(info.value)
 
 
-def test_duplicate_name_names_both_plugins():
+def test_a_taken_name_stays_its_owners_and_the_newcomer_is_qualified():
     registry = make_registry()
-    with pytest.raises(OptiflowError) as info:
-        registry.registrar("data", "other-plugin")("sample", sample)
-    assert "duplicate dataset 'sample'" in str(info.value)
-    assert "'tests'" in str(info.value) and "'other-plugin'" in str(info.value)
-    with pytest.raises(OptiflowError, match="duplicate dataset 'smp'"):
-        registry.registrar("data", "third")("smp", sample)
+    newcomer = registry.registrar("data", "other-plugin")("sample", sample)
+    assert newcomer.name == "other-plugin/sample"
+    assert registry.get("dataset", "sample").plugin == "tests"
+    assert registry.get("dataset", "other_plugin/sample") is newcomer, "plugin names compare like package names"
+    assert registry.get("dataset", "tests/smp").plugin == "tests", "every component answers to plugin/name"
+    [(plugin, line)] = registry.clashes
+    assert plugin == "other-plugin" and "'tests'" in line and "'other-plugin'" in line
+    assert "--data other-plugin/sample" in line
+    kept = registry.registrar("data", "third")("third-sample", sample, aliases=["smp"])
+    assert (kept.name, kept.aliases) == ("third-sample", ()), "only the clashing alias is dropped"
+    assert registry.get("dataset", "smp").plugin == "tests"
+
+
+def test_one_plugin_registering_a_name_twice_is_an_error():
+    registry = make_registry()
+    with pytest.raises(OptiflowError, match="duplicate dataset 'smp': registered twice by plugin 'tests'"):
+        registry.registrar("data", "tests")("smp", sample)
 
 
 def test_an_option_that_is_not_keyword_only_is_refused_naming_it():
