@@ -33,6 +33,8 @@ FINITE_CHECK_STEPS = 16
 #: a loss this many times its first check's value, for DIVERGED_CHECKS checks in a row, has diverged
 DIVERGED_FACTOR = 1e4
 DIVERGED_CHECKS = 3
+#: the longest an epoch's metrics wait before they are written to MLflow (short epochs share one write)
+METRIC_FLUSH_SECONDS = 2.0
 
 
 def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str, float]], None] | None) -> None:
@@ -221,7 +223,8 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
     with deferred():
         for key, value in metrics.items():
             run.history.setdefault(key, []).append(value)
-        run.tracker.log_metrics(metrics, step=run.epoch)
+        run.tracker.log_metrics(metrics, step=run.epoch, flush=False)
+        run.tracker.flush_due(METRIC_FLUSH_SECONDS)
         run.checkpoint = checkpoints.capture(run)
 
 

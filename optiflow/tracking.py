@@ -173,6 +173,7 @@ class Tracker:
         self.experiment_id = experiment_id(self.client, self.uri, experiment)
         self.run_id: str | None = None
         self._pending: list[Any] = []
+        self._queued_since = 0.0
 
     def start(self, run_name: str | None = None, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None, run_id: str | None = None) -> str:
@@ -200,12 +201,20 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        if not self._pending:
+            self._queued_since = time.monotonic()
         self._pending.extend(
             Metric(key, float(value), now, step or 0)
             for key, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         )
         if flush:
+            self.flush()
+
+    def flush_due(self, seconds: float) -> None:
+        """Flush if the oldest queued metric waited ``seconds``: runs of short epochs write a batch every few
+        seconds instead of one per epoch (``end`` flushes the rest)."""
+        if self._pending and time.monotonic() - self._queued_since >= seconds:
             self.flush()
 
     def flush(self) -> None:
