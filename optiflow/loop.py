@@ -6,9 +6,9 @@ optimization step on a batch, the part a reader would write by hand::
     optimizer.zero_grad(); outputs = model(x); loss = loss_fn(outputs, y) + penalties
     loss.backward(); optiflow_after_backward(...); optimizer.step(); optiflow_after_step(...)
 
-Every optimizer is stepped with a closure doing the first line and the backward pass, so
-optimizers that re-evaluate the loss (LBFGS) work unchanged; under fp16 autocast the
-GradScaler steps instead and there is no closure.
+Optimizers are stepped with a closure doing the first line and the backward pass, so
+optimizers that re-evaluate the loss (LBFGS) work unchanged; PyTorch's first-order optimizers,
+which call it once, are stepped directly; under fp16 autocast the GradScaler steps instead.
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Callable[[
     device_type = run.device.type
     scaler = torch.amp.GradScaler(device_type) if run.setup.grad_scaler else None
     channels_last = run.setup.channels_last
+    closure_free = _steps_without_closure(optimizer)
 
     def forward_backward(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         optimizer.zero_grad(set_to_none=True)
@@ -155,6 +156,9 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Callable[[
             _, loss, outputs = forward_backward(xb, yb)
             scaler.step(optimizer)
             scaler.update()
+        elif closure_free:
+            _, loss, outputs = forward_backward(xb, yb)
+            optimizer.step()
         else:
             last: list[Tensor] = []
 
@@ -170,6 +174,14 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Callable[[
         return loss.detach(), outputs.detach()
 
     return step
+
+
+def _steps_without_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """PyTorch's first-order optimizers (exactly those classes, not subclasses) evaluate a closure once,
+    before updating: calling the step directly is the same computation without a closure per step."""
+    optim = torch.optim
+    return type(optimizer) in (optim.SGD, optim.Adam, optim.AdamW, optim.Adamax, optim.Adagrad, optim.Adadelta,
+                               optim.RMSprop, optim.NAdam, optim.RAdam)
 
 
 def _training_model(run: Run, cluster: distributed.Cluster) -> nn.Module:

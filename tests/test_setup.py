@@ -185,3 +185,31 @@ def test_trains_on_cuda(invoke, mlflow_client, experiment):
     assert invoke("train", "--device", "cuda", "--epochs", "2", "-q").exit_code == 0
     [run] = runs_of(mlflow_client, experiment)
     assert run.data.params["device_type"] == "cuda"
+
+
+def test_one_parameter_group_without_weight_decay_with_identical_training():
+    from optiflow.optim import decay_params
+    from optiflow.plugins import get_registry
+
+    def trained(groups_of) -> tuple[int, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+        optimizer = torch.optim.Adam(groups_of(model), lr=0.01)
+        x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        for _ in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return len(optimizer.param_groups), [p.detach().clone() for p in model.parameters()]
+
+    groups, weights = trained(lambda m: decay_params(m, False, weight_decay=0.0))
+    two, reference = trained(lambda m: decay_params(m, False))
+    assert (groups, two) == (1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(weights, reference))
+    model = torch.nn.Linear(3, 2)
+    for name in ("adam", "sgd", "rmsprop", "adamw"):
+        component = get_registry().get("optimizer", name)
+        options = component.resolve_options({})
+        decayed = component.factory(model, **{**options, "weight_decay": 0.1})
+        plain = component.factory(model, **{**options, "weight_decay": 0.0})
+        assert (len(decayed.param_groups), len(plain.param_groups)) == (2, 1), name
