@@ -213,3 +213,29 @@ def test_one_parameter_group_without_weight_decay_with_identical_training():
         decayed = component.factory(model, **{**options, "weight_decay": 0.1})
         plain = component.factory(model, **{**options, "weight_decay": 0.0})
         assert (len(decayed.param_groups), len(plain.param_groups)) == (2, 1), name
+
+
+def test_small_cpu_models_train_on_one_thread_and_the_process_keeps_its_own(tmp_path, monkeypatch):
+    from optiflow.commands.train import train
+    from optiflow.config import RunConfig
+    from optiflow.setup import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    small, big = torch.nn.Linear(64, 10), torch.nn.Linear(4096, 4096)
+    config = RunConfig.from_dict({"batch_size": 64})
+    x = torch.zeros(100, 64)
+    assert cpu_threads(config, torch.device("cpu"), small, x) == 1
+    assert cpu_threads(config, torch.device("cpu"), big, x) is None
+    assert cpu_threads(config, torch.device("meta"), small, x) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(config, torch.device("cpu"), small, x) is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    seen = []
+    before = torch.get_num_threads()
+    result = train(RunConfig.from_dict({"epochs": 1, "model": "mlp:hidden=[8]", "device": "cpu",
+                                        "tracking_uri": f"sqlite:///{tmp_path}/m.db", "experiment": "threads"}),
+                   on_epoch=lambda epoch, metrics: seen.append(torch.get_num_threads()), log_model=False)
+    assert seen == [1] and torch.get_num_threads() == before
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{tmp_path}/m.db").get_run(result.run_id).data.params["cpu_threads"] == "1"

@@ -62,7 +62,7 @@ def train(
     run.artifacts = artifacts
     if run.device.type == "cpu":
         host.keep_freed_memory()
-    with _per_run_plugins(run, pm) as names:
+    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
         _check_run(run, pm, names)
         cluster = distributed.join(run.device)
         tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
@@ -236,6 +236,7 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     params["model.parameters"] = sum(p.numel() for p in run.model.parameters())
     params["device_type"] = run.device.type
     params["channels_last"] = run.setup.channels_last
+    params["cpu_threads"] = run.setup.threads or "default"
     tracker.log_params({**params, **extra_params})
     if not run.artifacts:
         return
