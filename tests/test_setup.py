@@ -180,6 +180,7 @@ def test_cuda_auto_falls_back_to_cpu_and_cuda_without_gpu_is_an_error(invoke, ml
     assert run.data.params["device_type"] == "cpu"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_trains_on_cuda(invoke, mlflow_client, experiment):
     assert invoke("train", "--device", "cuda", "--epochs", "2", "-q").exit_code == 0
