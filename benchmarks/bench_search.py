@@ -101,16 +101,17 @@ def run_optiflow(seed: int, store: str, n_jobs: int) -> tuple[float, float | Non
     return seconds, accuracy
 
 
-def bookkeeping(store: str) -> tuple[float, float]:
-    """(wall seconds of a 1-epoch tracked train() call, of which the epoch itself)."""
+def bookkeeping(store: str, artifacts: bool = True) -> tuple[float, float]:
+    """(wall seconds of a 1-epoch tracked train() call, of which the epoch itself); ``artifacts=False``
+    is a search child run (params and metrics, no figures or files)."""
     from optiflow.commands.train import train
     from optiflow.config import RunConfig
 
     config = RunConfig.from_dict({"epochs": 1, "tracking_uri": store, "experiment": "bench-bookkeeping",
                                   "model": "mlp:hidden=[64]"})
-    train(config, log_model=False)  # warm: imports, store tables, registry
+    train(config, log_model=False, artifacts=artifacts)  # warm: imports, store tables, registry
     started = time.perf_counter()
-    result = train(config, log_model=False)
+    result = train(config, log_model=False, artifacts=artifacts)
     wall = time.perf_counter() - started
     return wall, result.history["epoch_time"][-1]
 
@@ -146,9 +147,10 @@ def main() -> None:
         scores = accuracy[side]
         shown = f"{statistics.fmean(scores):.4f} (min {min(scores):.4f})" if scores else "n/a (no refit run)"
         print(f"refit test accuracy, {side}: {shown}")
-    wall, epoch = bookkeeping(store)
-    print(f"bookkeeping of one tracked run: {wall * 1e3:.0f} ms wall, {epoch * 1e3:.0f} ms of it training, "
-          f"{(wall - epoch) * 1e3:.0f} ms the rest")
+    for artifacts, what in ((True, "one tracked run"), (False, "one search child run (no --child-artifacts)")):
+        wall, epoch = bookkeeping(store, artifacts)
+        print(f"bookkeeping of {what}: {wall * 1e3:.0f} ms wall, {epoch * 1e3:.0f} ms of it training, "
+              f"{(wall - epoch) * 1e3:.0f} ms the rest")
     overhead = subprocess.run([sys.executable, str(HERE / "bench_overhead.py"), "--rounds", "2"],
                               capture_output=True, text=True, check=True)
     print("tiny-model step overhead (bench_overhead.py): " + overhead.stdout.strip().splitlines()[-1])

@@ -108,7 +108,7 @@ class Bench:
             cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" or cuda_bf16 else torch.float16
         self.tracking_dir = Path(tempfile.mkdtemp(prefix="optiflow-bench-"))
-        self.mlflow_seconds: list[float] = []
+        self.mlflow_seconds: list[tuple[float, float]] = []
         self.mlflow_shares: list[float] = []
         self.faults_per_step = 0.0  # minor page faults per step of the last timed epoch
 
@@ -217,8 +217,9 @@ class Bench:
               log_model=False)
         epoch_seconds = marks[1][0] - marks[0][0]
         self.faults_per_step = (marks[1][1] - marks[0][1]) / math.ceil(len(self.images) / batch_size)
-        # the second flush of this run is the one inside the timed epoch
-        self.mlflow_shares.append(self.mlflow_seconds[flushed + 1] / epoch_seconds)
+        # the flushes that ended inside the timed epoch (short epochs share one every 2 s: maybe none)
+        inside = [seconds for ended, seconds in self.mlflow_seconds[flushed:] if marks[0][0] < ended <= marks[1][0]]
+        self.mlflow_shares.append(sum(inside) / epoch_seconds)
         return len(self.images) / epoch_seconds
 
 
@@ -251,7 +252,8 @@ def register_components(bench: Bench) -> None:
     def timed_flush(self) -> None:
         started = time.perf_counter()
         flush(self)
-        bench.mlflow_seconds.append(time.perf_counter() - started)
+        ended = time.perf_counter()
+        bench.mlflow_seconds.append((ended, ended - started))
 
     Tracker.flush = timed_flush
 

@@ -202,6 +202,7 @@ def compare(**params: Any) -> None:
 SEARCH_DEFAULTS: dict[str, Any] = {
     "space": (), "sampler": "tpe", "sampler_seed": None, "pruner": "none", "metric": "val_loss", "direction": None,
     "n_trials": None, "timeout": None, "cv": 0, "storage": None, "study_name": None, "n_jobs": 1, "log_models": False,
+    "child_artifacts": False,
 }
 
 
@@ -226,6 +227,9 @@ SEARCH_DEFAULTS: dict[str, Any] = {
 @click.option("--study-name", help="Study to create or join in --storage [a new name].")
 @click.option("--n-jobs", type=int, help="Processes running trials in parallel [1].")
 @flags.model_options(register="the refit model", log_models="each trial's", refit=True)
+@click.option("--child-artifacts", is_flag=True, default=None,
+              help="Trial and fold runs log figures and config files too [no: params and metrics; the parent "
+                   "holds the plots].")
 @click.option("--quiet", "-q", is_flag=True, help="No per-trial lines or tables, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 def search(**params: Any) -> None:

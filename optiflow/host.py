@@ -1,4 +1,4 @@
-"""Host-memory settings for training on the CPU.
+"""Host settings for training on the CPU: how many threads a run computes on, and malloc.
 
 glibc's malloc serves large blocks with ``mmap`` and hands them back to the
 kernel on ``free``: a CPU training step, whose activations are tens of MB,
@@ -12,9 +12,11 @@ that the process keeps its peak heap instead of returning it between steps.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+from collections.abc import Iterator
 
 #: mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -44,3 +46,19 @@ def _glibc() -> bool:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (AttributeError, ValueError, OSError):
         return False
+
+
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` PyTorch CPU threads (None: as they are), restored after it."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

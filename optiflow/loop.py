@@ -7,11 +7,12 @@ optimization step on a batch, the part a reader would write by hand::
     optimizer.zero_grad(); outputs = model(x); loss = loss_fn(outputs, y) + penalties
     loss.backward(); optiflow_after_backward(...); optimizer.step(); optiflow_after_step(...)
 
-Every optimizer is stepped with a closure doing the second line and the backward pass (the
-closure zeroes the gradients first, every time it is called), so optimizers that re-evaluate
-the loss (LBFGS, SAM) work unchanged; the loss and outputs reported are those of the closure's
-*first* call, at the weights the step started from.  Under fp16 autocast the GradScaler steps
-instead and there is no closure.
+Optimizers are stepped with a closure doing the second line and the backward pass (the closure
+zeroes the gradients first, every time it is called), so optimizers that re-evaluate the loss
+(LBFGS, SAM) work unchanged; the loss and outputs reported are those of the closure's *first*
+call, at the weights the step started from.  PyTorch's first-order optimizers, which call it
+once, are stepped directly without a closure (the same computation); under fp16 autocast the
+GradScaler steps instead.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ FINITE_CHECK_STEPS = 16
 #: a loss this many times its first check's value, for DIVERGED_CHECKS checks in a row, has diverged
 DIVERGED_FACTOR = 1e4
 DIVERGED_CHECKS = 3
+#: the longest an epoch's metrics wait before they are written to MLflow (short epochs share one write)
+METRIC_FLUSH_SECONDS = 2.0
 
 
 def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str, float]], None] | None) -> None:
@@ -138,6 +141,7 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
     device_type = run.device.type
     scaler = torch.amp.GradScaler(device_type) if run.setup.grad_scaler else None
     channels_last = run.setup.channels_last
+    closure_free = _steps_without_closure(optimizer)
 
     def forward_backward(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         optimizer.zero_grad(set_to_none=True)
@@ -165,6 +169,9 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
             _, loss, outputs = forward_backward(xb, yb)
             scaler.step(optimizer)
             scaler.update()
+        elif closure_free:
+            _, loss, outputs = forward_backward(xb, yb)
+            optimizer.step()
         else:
             last: list[Tensor] = []
 
@@ -204,6 +211,14 @@ def batch_transform(pm: Any) -> Callable[[Run, Tensor, Tensor], tuple[Tensor, Te
         return x, y
 
     return transform
+
+
+def _steps_without_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """PyTorch's first-order optimizers (exactly those classes, not subclasses) evaluate a closure once,
+    before updating: calling the step directly is the same computation without a closure per step."""
+    optim = torch.optim
+    return type(optimizer) in (optim.SGD, optim.Adam, optim.AdamW, optim.Adamax, optim.Adagrad, optim.Adadelta,
+                               optim.RMSprop, optim.NAdam, optim.RAdam)
 
 
 def _training_model(run: Run, cluster: distributed.Cluster) -> nn.Module:
@@ -257,7 +272,8 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
     with deferred():
         for key, value in metrics.items():
             run.history.setdefault(key, []).append(value)
-        run.tracker.log_metrics(metrics, step=run.epoch)
+        run.tracker.log_metrics(metrics, step=run.epoch, flush=False)
+        run.tracker.flush_due(METRIC_FLUSH_SECONDS)
         run.checkpoint = checkpoints.capture(run)
 
 

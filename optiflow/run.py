@@ -5,8 +5,9 @@ Everything a user can get wrong fails in :func:`prepare`, before an MLflow run e
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +78,8 @@ class Run:
     status: str | None = None
     #: per-run scratch space for plugins, keyed by plugin name
     state: dict[str, Any] = field(default_factory=dict)
+    #: whether the run logs its pictures and files (figures, config.yaml); search children only with --child-artifacts
+    artifacts: bool = True
 
     @property
     def device(self) -> torch.device:
@@ -125,8 +128,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     cluster = distributed.current()
     device = resolve_device(config.device, cluster.local_rank if cluster.enabled else None)
     torch.manual_seed(config.seed)
-    dataset, dataset_options = resolved.data
-    source = build(dataset, DataContext(Path(config.data_dir), config.seed), **dataset_options)
+    source = load_source(resolved, config)
     splits = split(source, config.val_split, config.test_split, config.seed,
                    cv_folds=config.cv_folds, cv_fold=config.cv_fold)
     norm, norm_options = resolved.norm
@@ -137,7 +139,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
         raise OptiflowError(f"normalizer '{norm.name}': {first_line(exc)}") from None
     input_shape = tuple(splits.x_train.shape[1:])
     model_component, model_options = resolved.model
-    _check_images(model_component, source, input_shape, dataset.name, norm.name)
+    _check_images(model_component, source, input_shape, resolved.data[0].name, norm.name)
 
     torch.manual_seed(config.seed)
     model = build(model_component, input_shape, source.num_outputs, **model_options)
@@ -156,6 +158,35 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
                normalizer=normalizer,
                augmentation=_augmentation(resolved), regularizers=[build(c, **o) for c, o in resolved.reg])
+
+
+_SOURCES: dict[tuple[Any, ...], DataSource] | None = None
+
+
+@contextlib.contextmanager
+def shared_data() -> Iterator[None]:
+    """Within this block, runs of the same dataset (name, options, data folder, seed) load it once:
+    search's trials and folds, which differ in everything but the data."""
+    global _SOURCES
+    outer = _SOURCES
+    _SOURCES = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SOURCES = outer
+
+
+def load_source(resolved: Plan, config: RunConfig) -> DataSource:
+    """The planned dataset, from the :func:`shared_data` cache when one is open."""
+    dataset, options = resolved.data
+    key = (dataset.name, id(dataset.factory), repr(sorted(options.items())), str(config.data_dir), config.seed)
+    if _SOURCES is not None and key in _SOURCES:
+        return _SOURCES[key]
+    source = build(dataset, DataContext(Path(config.data_dir), config.seed), **options)
+    if _SOURCES is not None:
+        _SOURCES.clear()  # one dataset at a time: a search has one
+        _SOURCES[key] = source
+    return source
 
 
 def build(component: Component, *context: Any, **options: Any) -> Any:

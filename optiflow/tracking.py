@@ -173,6 +173,7 @@ class Tracker:
         self.experiment_id = experiment_id(self.client, self.uri, experiment)
         self.run_id: str | None = None
         self._pending: list[Any] = []
+        self._flushed_at = time.monotonic()
 
     def start(self, run_name: str | None = None, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None, run_id: str | None = None) -> str:
@@ -208,10 +209,17 @@ class Tracker:
         if flush:
             self.flush()
 
+    def flush_due(self, seconds: float) -> None:
+        """Flush if the last flush is ``seconds`` old: epochs longer than that write a batch each, as before;
+        shorter ones share a write every few seconds (``end`` flushes the rest)."""
+        if self._pending and time.monotonic() - self._flushed_at >= seconds:
+            self.flush()
+
     def flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:METRIC_BATCH], self._pending[METRIC_BATCH:]
             retry(self.client.log_batch, self.run_id, metrics=batch)
+        self._flushed_at = time.monotonic()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag

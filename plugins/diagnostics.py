@@ -1,4 +1,5 @@
-"""Training diagnostics for every run: per-layer gradient norms each epoch and a gradient-flow plot.
+"""Training diagnostics for every run: per-layer gradient norms each epoch and a gradient-flow plot
+(on runs that log artifacts: not on search's child runs unless --child-artifacts).
 
 The norms are read at the end of each epoch from the gradients the last
 training batch left in ``param.grad`` (as the optimizer used them, after any
@@ -113,7 +114,7 @@ def optiflow_epoch_end(run, epoch, metrics):
 @hookimpl
 def optiflow_run_end(run, status):
     flow = run.state.pop(STATE_KEY, None)
-    if flow is None or not flow.epochs or run.tracker is None:
+    if flow is None or not flow.epochs or run.tracker is None or not getattr(run, "artifacts", True):
         return
     import matplotlib.pyplot as plt
 

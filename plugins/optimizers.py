@@ -26,7 +26,7 @@ def sgd(model, *, lr: float = 0.01, momentum: float = 0.0, dampening: float = 0.
 
     if nesterov and momentum <= 0:
         raise OptiflowError("sgd: nesterov=true needs momentum > 0 (or use the 'nesterov' optimizer)")
-    return torch.optim.SGD(decay_params(model, decay_bias), lr=lr, momentum=momentum, dampening=dampening,
+    return torch.optim.SGD(decay_params(model, decay_bias, weight_decay), lr=lr, momentum=momentum, dampening=dampening,
                            nesterov=nesterov, weight_decay=weight_decay)
 
 
@@ -45,7 +45,7 @@ def adagrad(model, *, lr: float = 0.01, lr_decay: float = 0.0, initial_accumulat
     """Adagrad: per-parameter rates scaled by accumulated squared gradients (Duchi et al. 2011)."""
     import torch
 
-    return torch.optim.Adagrad(decay_params(model, decay_bias), lr=lr, lr_decay=lr_decay, eps=eps,
+    return torch.optim.Adagrad(decay_params(model, decay_bias, weight_decay), lr=lr, lr_decay=lr_decay, eps=eps,
                                initial_accumulator_value=initial_accumulator_value, weight_decay=weight_decay)
 
 
@@ -54,7 +54,7 @@ def rmsprop(model, *, lr: float = 0.001, alpha: float = 0.99, eps: float = 1e-8,
     """RMSprop: rates scaled by a moving average of squared gradients (centered: by their variance)."""
     import torch
 
-    return torch.optim.RMSprop(decay_params(model, decay_bias), lr=lr, alpha=alpha, eps=eps, momentum=momentum,
+    return torch.optim.RMSprop(decay_params(model, decay_bias, weight_decay), lr=lr, alpha=alpha, eps=eps, momentum=momentum,
                                centered=centered, weight_decay=weight_decay)
 
 
@@ -63,7 +63,7 @@ def adadelta(model, *, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, wei
     """Adadelta: Adagrad without a global learning rate to tune (Zeiler 2012)."""
     import torch
 
-    return torch.optim.Adadelta(decay_params(model, decay_bias), lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
+    return torch.optim.Adadelta(decay_params(model, decay_bias, weight_decay), lr=lr, rho=rho, eps=eps, weight_decay=weight_decay)
 
 
 def adam(model, *, lr: float = 1e-3, betas: tuple[float, ...] = (0.9, 0.999), eps: float = 1e-8,
@@ -71,7 +71,7 @@ def adam(model, *, lr: float = 1e-3, betas: tuple[float, ...] = (0.9, 0.999), ep
     """Adam: adaptive moment estimation (Kingma & Ba 2014)."""
     import torch
 
-    return torch.optim.Adam(decay_params(model, decay_bias), lr=lr, betas=_pair("betas", betas), eps=eps,
+    return torch.optim.Adam(decay_params(model, decay_bias, weight_decay), lr=lr, betas=_pair("betas", betas), eps=eps,
                             weight_decay=weight_decay, amsgrad=amsgrad)
 
 
@@ -86,7 +86,7 @@ def adamax(model, *, lr: float = 2e-3, betas: tuple[float, ...] = (0.9, 0.999), 
     """Adamax: Adam with the infinity norm of past gradients."""
     import torch
 
-    return torch.optim.Adamax(decay_params(model, decay_bias), lr=lr, betas=_pair("betas", betas), eps=eps,
+    return torch.optim.Adamax(decay_params(model, decay_bias, weight_decay), lr=lr, betas=_pair("betas", betas), eps=eps,
                               weight_decay=weight_decay)
 
 
@@ -95,7 +95,7 @@ def adamw(model, *, lr: float = 1e-3, betas: tuple[float, ...] = (0.9, 0.999), e
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019)."""
     import torch
 
-    return torch.optim.AdamW(decay_params(model, decay_bias), lr=lr, betas=_pair("betas", betas), eps=eps,
+    return torch.optim.AdamW(decay_params(model, decay_bias, weight_decay), lr=lr, betas=_pair("betas", betas), eps=eps,
                              weight_decay=weight_decay, amsgrad=amsgrad)
 
 
@@ -104,7 +104,7 @@ def nadam(model, *, lr: float = 2e-3, betas: tuple[float, ...] = (0.9, 0.999), e
     """NAdam: Adam with Nesterov momentum (Dozat 2016)."""
     import torch
 
-    return torch.optim.NAdam(decay_params(model, decay_bias), lr=lr, betas=_pair("betas", betas), eps=eps,
+    return torch.optim.NAdam(decay_params(model, decay_bias, weight_decay), lr=lr, betas=_pair("betas", betas), eps=eps,
                              momentum_decay=momentum_decay, weight_decay=weight_decay)
 
 
@@ -113,7 +113,7 @@ def radam(model, *, lr: float = 1e-3, betas: tuple[float, ...] = (0.9, 0.999), e
     """RAdam: Adam with a rectified adaptive rate during warm-up (Liu et al. 2020)."""
     import torch
 
-    return torch.optim.RAdam(decay_params(model, decay_bias), lr=lr, betas=_pair("betas", betas), eps=eps,
+    return torch.optim.RAdam(decay_params(model, decay_bias, weight_decay), lr=lr, betas=_pair("betas", betas), eps=eps,
                              weight_decay=weight_decay)
 
 
@@ -122,7 +122,7 @@ def asgd(model, *, lr: float = 0.01, lambd: float = 1e-4, alpha: float = 0.75, t
     """Averaged SGD (Polyak & Juditsky 1992)."""
     import torch
 
-    return torch.optim.ASGD(decay_params(model, decay_bias), lr=lr, lambd=lambd, alpha=alpha, t0=t0,
+    return torch.optim.ASGD(decay_params(model, decay_bias, weight_decay), lr=lr, lambd=lambd, alpha=alpha, t0=t0,
                             weight_decay=weight_decay)
 
 
@@ -167,7 +167,7 @@ def adafactor(model, *, lr: float = 1e-2, beta2_decay: float = -0.8, eps: float 
     """Adafactor: factored second moments, sub-linear memory (Shazeer & Stern 2018)."""
     import torch
 
-    return torch.optim.Adafactor(decay_params(model, decay_bias), lr=lr, beta2_decay=beta2_decay,
+    return torch.optim.Adafactor(decay_params(model, decay_bias, weight_decay), lr=lr, beta2_decay=beta2_decay,
                                  eps=(None, eps), weight_decay=weight_decay)
 
 

@@ -165,3 +165,23 @@ def test_per_batch_schedulers_step_every_batch(tracking_uri, experiment):
     assert lrs[0] == pytest.approx(0.1 / 25) and lrs[1] > lrs[0] and lrs[2] < lrs[1]
     assert schedule_interval("cyclic") == "step"
     assert schedule_interval("cosine") == "epoch"
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd:momentum=0.9", "rmsprop"])
+def test_stepping_without_a_closure_trains_exactly_as_with_one(opt, monkeypatch):
+    import optiflow.loop
+    from optiflow import distributed
+    from optiflow.run import prepare
+
+    def weights(closure_free: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(optiflow.loop, "_steps_without_closure", lambda optimizer: closure_free)
+        run = prepare(RunConfig.from_dict({"model": "mlp:hidden=[16]", "opt": opt, "device": "cpu"}), get_registry())
+        step = optiflow.loop.training_step(run, get_plugin_manager(), distributed.current())
+        for start in range(0, 256, 32):
+            step(run.splits.x_train[start:start + 32], run.splits.y_train[start:start + 32])
+        return [p.detach().clone() for p in run.model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(weights(True), weights(False)))
+    monkeypatch.undo()
+    assert optiflow.loop._steps_without_closure(torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
+    assert not optiflow.loop._steps_without_closure(torch.optim.LBFGS([nn.Parameter(torch.zeros(1))]))

@@ -299,3 +299,56 @@ def test_a_failed_refit_keeps_the_study_summary(invoke, mlflow_client, experimen
     assert parent.info.status == "FINISHED" and trial.info.status == "FINISHED" and refit.info.status == "FAILED"
     assert "no refit today" in parent.data.tags["refit_failure"]
     assert "trials.csv" in {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+
+
+def test_child_runs_log_params_and_metrics_and_no_files_unless_child_artifacts(invoke, mlflow_client, experiment):
+    args = ("search", "--space", "lr=choice:0.01,0.001", "--sampler", "grid", "--cv", "2", "--epochs", "2", *TINY)
+    assert invoke(*args).exit_code == 0
+    runs = runs_of(mlflow_client, experiment)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 + 2 * 2  # trials and their folds
+    for child in children:
+        assert mlflow_client.list_artifacts(child.info.run_id) == [], child.info.run_name
+    folds = [c for c in children if "cv_fold" in c.data.params]
+    assert all("opt.lr" in f.data.params and "val_loss" in f.data.metrics and "test_accuracy" in f.data.metrics
+               for f in folds)
+    assert [m.step for m in mlflow_client.get_metric_history(folds[0].info.run_id, "train_loss")] == [1, 2]
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert "optimization_history.png" in {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+
+    assert invoke(*args, "--child-artifacts").exit_code == 0
+    before = {r.info.run_id for r in runs}
+    children = [r for r in runs_of(mlflow_client, experiment)
+                if "mlflow.parentRunId" in r.data.tags and r.info.run_id not in before]
+    assert len(children) == 6
+    for child in children:
+        files = {a.path for a in mlflow_client.list_artifacts(child.info.run_id)}
+        assert "config.yaml" in files
+        if "cv_fold" in child.data.params:
+            assert {"learning_curves.png", "gradient_flow.png"} <= files
+
+
+def test_shared_data_loads_a_dataset_once_and_gives_the_same_splits(monkeypatch):
+    import optiflow.run
+    from optiflow.config import RunConfig
+    from optiflow.plugins import get_registry
+
+    registry = get_registry()
+    loaded = []
+    build = optiflow.run.build
+
+    def counting(component, *args, **kwargs):
+        if component.kind == registry.get("dataset", "digits").kind:
+            loaded.append(component.name)
+        return build(component, *args, **kwargs)
+
+    monkeypatch.setattr(optiflow.run, "build", counting)
+    configs = [RunConfig.from_dict({"cv_folds": 3, "cv_fold": k, "model": "mlp:hidden=[8]"}) for k in range(3)]
+    fresh = [optiflow.run.prepare(c, registry).splits for c in configs]
+    assert loaded == ["digits"] * 3
+    with optiflow.run.shared_data():
+        shared = [optiflow.run.prepare(c, registry).splits for c in configs]
+        optiflow.run.prepare(configs[0].replace(seed=1), registry)  # another seed: loaded again
+    assert loaded == ["digits"] * 5
+    for a, b in zip(fresh, shared):
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))

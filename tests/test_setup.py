@@ -180,8 +180,63 @@ def test_cuda_auto_falls_back_to_cpu_and_cuda_without_gpu_is_an_error(invoke, ml
     assert run.data.params["device_type"] == "cpu"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_trains_on_cuda(invoke, mlflow_client, experiment):
     assert invoke("train", "--device", "cuda", "--epochs", "2", "-q").exit_code == 0
     [run] = runs_of(mlflow_client, experiment)
     assert run.data.params["device_type"] == "cuda"
+
+
+def test_one_parameter_group_without_weight_decay_with_identical_training():
+    from optiflow.optim import decay_params
+    from optiflow.plugins import get_registry
+
+    def trained(groups_of) -> tuple[int, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+        optimizer = torch.optim.Adam(groups_of(model), lr=0.01)
+        x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        for _ in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return len(optimizer.param_groups), [p.detach().clone() for p in model.parameters()]
+
+    groups, weights = trained(lambda m: decay_params(m, False, weight_decay=0.0))
+    two, reference = trained(lambda m: decay_params(m, False))
+    assert (groups, two) == (1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(weights, reference))
+    model = torch.nn.Linear(3, 2)
+    for name in ("adam", "sgd", "rmsprop", "adamw"):
+        component = get_registry().get("optimizer", name)
+        options = component.resolve_options({})
+        decayed = component.factory(model, **{**options, "weight_decay": 0.1})
+        plain = component.factory(model, **{**options, "weight_decay": 0.0})
+        assert (len(decayed.param_groups), len(plain.param_groups)) == (2, 1), name
+
+
+def test_small_cpu_models_train_on_one_thread_and_the_process_keeps_its_own(tmp_path, monkeypatch):
+    from optiflow.commands.train import train
+    from optiflow.config import RunConfig
+    from optiflow.setup import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    small, big = torch.nn.Linear(64, 10), torch.nn.Linear(4096, 4096)
+    config = RunConfig.from_dict({"batch_size": 64})
+    x = torch.zeros(100, 64)
+    assert cpu_threads(config, torch.device("cpu"), small, x) == 1
+    assert cpu_threads(config, torch.device("cpu"), big, x) is None
+    assert cpu_threads(config, torch.device("meta"), small, x) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(config, torch.device("cpu"), small, x) is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    seen = []
+    before = torch.get_num_threads()
+    result = train(RunConfig.from_dict({"epochs": 1, "model": "mlp:hidden=[8]", "device": "cpu",
+                                        "tracking_uri": f"sqlite:///{tmp_path}/m.db", "experiment": "threads"}),
+                   on_epoch=lambda epoch, metrics: seen.append(torch.get_num_threads()), log_model=False)
+    assert seen == [1] and torch.get_num_threads() == before
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{tmp_path}/m.db").get_run(result.run_id).data.params["cpu_threads"] == "1"

@@ -139,3 +139,21 @@ def test_concurrent_processes_on_a_fresh_project_store_lose_nothing(tmp_path):
             assert [step for step, _ in metric_history(client, run.info.run_id, key)] == [1, 2, 3], (run.info.run_name, key)
         assert "test_accuracy" in run.data.metrics
         assert "learning_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_short_epochs_share_one_metric_write_and_end_writes_the_rest(tracking_uri, experiment, mlflow_client,
+                                                                      monkeypatch):
+    tracker = Tracker(tracking_uri, experiment)
+    tracker.start(run_name="batched")
+    writes = []
+    log_batch = tracker.client.log_batch
+    monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (writes.append(1), log_batch(*a, **k))[1])
+    for epoch in (1, 2, 3):
+        tracker.log_metrics({"loss": 1.0 / epoch}, step=epoch, flush=False)
+        tracker.flush_due(60.0)
+    assert writes == [] and metric_history(mlflow_client, tracker.run_id, "loss") == []
+    tracker.flush_due(0.0)
+    assert len(writes) == 1 and [s for s, _ in metric_history(mlflow_client, tracker.run_id, "loss")] == [1, 2, 3]
+    tracker.log_metrics({"loss": 0.1}, step=4, flush=False)
+    tracker.end()
+    assert [s for s, _ in metric_history(mlflow_client, tracker.run_id, "loss")] == [1, 2, 3, 4]

@@ -14,6 +14,7 @@ import yaml
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError
 from optiflow.metrics import higher_is_better
+from optiflow.run import shared_data
 from optiflow.search.objective import run_study
 from optiflow.search.refit import refit
 from optiflow.search.space import Dimension, describe_dimension, parse_space, trial_config
@@ -52,7 +53,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
         parent_id = shared_parent_run(study, settings.storage is not None,
                                       lambda: _create_parent(tracker, base, settings, study.study_name, tags))
         tracker.start(run_id=parent_id)
-        with run_status(tracker) as outcome:
+        with run_status(tracker) as outcome, shared_data():
             try:
                 run_study(base, settings, study, parent_id, tags=tags, progress=progress)
             finally:
@@ -83,6 +84,7 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         direction=str(values.get("direction") or default_direction(metric)), n_trials=int(n_trials or 20),
         timeout=values.get("timeout"), cv=cv, storage=values.get("storage"), study_name=values.get("study_name"),
         n_jobs=int(values.get("n_jobs") or 1), log_models=bool(values.get("log_models")),
+        child_artifacts=bool(values.get("child_artifacts")),
         refit=values.get("refit") is not False, register=str(values.get("register") or "") or None,
     )
 

@@ -40,6 +40,7 @@ def train(
     log_model: bool = True,
     extra_params: dict[str, Any] | None = None,
     resume: str | None = None,
+    artifacts: bool = True,
 ) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
 
@@ -47,7 +48,8 @@ def train(
     it to report to Optuna and to prune; raising RunKilled there ends the run
     KILLED).  ``extra_params`` are logged beside the resolved ones.  ``resume`` is the id of a KILLED or
     FAILED run to continue from its checkpoint, in that same run (``config``
-    must be its logged configuration: see ``resume_config``).  Raises
+    must be its logged configuration: see ``resume_config``).  ``artifacts=False`` logs params and metrics
+    only, no figures or files (search's child runs; a failed run still gets its config.yaml).  Raises
     OptiflowError for bad input before the run starts, TrainingError when
     training diverges, PluginError when a plugin raises, RunInterrupted (a
     KeyboardInterrupt) on SIGINT/SIGTERM; the run then ends FAILED or KILLED
@@ -57,9 +59,10 @@ def train(
     pm = pm or get_plugin_manager()
     reporter = reporter or SilentReporter()
     run = prepare(config, registry)
+    run.artifacts = artifacts
     if run.device.type == "cpu":
         host.keep_freed_memory()
-    with _per_run_plugins(run, pm) as names:
+    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
         _check_run(run, pm, names)
         cluster = distributed.join(run.device)
         tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
@@ -77,9 +80,7 @@ def train(
         with InterruptGuard(), run_status(tracker) as outcome:
             try:
                 if state is None:
-                    _log_setup(run)
-                    if extra_params:
-                        tracker.log_params(extra_params)
+                    _log_setup(run, extra_params or {})
                 else:
                     checkpoints.restore(run, state)
                     run.checkpoint = state
@@ -206,6 +207,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     if not isinstance(exc, OptiflowError):
         tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
     if run.checkpoint is not None:
+        if not run.artifacts:
+            tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
         checkpoints.save(tracker, run.checkpoint)
         saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
     message = f"{reason} (run {tracker.run_id} ended {status}{saved})"
@@ -223,8 +226,9 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     return exc
 
 
-def _log_setup(run: Run) -> None:
-    """Parameters (the plan, data sizes, resolved computing decisions), the config and the normalizer."""
+def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
+    """Parameters (the plan, data sizes, resolved computing decisions, ``extra_params``), the config and the
+    normalizer."""
     tracker = run.tracker
     params = run.plan.params()
     params.update({f"data.n_{k}": v for k, v in run.splits.sizes().items()})
@@ -232,7 +236,10 @@ def _log_setup(run: Run) -> None:
     params["model.parameters"] = sum(p.numel() for p in run.model.parameters())
     params["device_type"] = run.device.type
     params["channels_last"] = run.setup.channels_last
-    tracker.log_params(params)
+    params["cpu_threads"] = run.setup.threads or "default"
+    tracker.log_params({**params, **extra_params})
+    if not run.artifacts:
+        return
     tracker.log_text(run.config.to_yaml(), "config.yaml")
     state = run.normalizer.state() if hasattr(run.normalizer, "state") else {}
     if state:
@@ -240,18 +247,23 @@ def _log_setup(run: Run) -> None:
 
 
 def _finish(run: Run, log_model: bool) -> dict[str, float]:
-    """Test metrics, the learning curves and (``log_model``) the model, on the finished run."""
-    from optiflow.plots import learning_curves, pyplot
-
+    """Test metrics, the learning curves (``run.artifacts``) and (``log_model``) the model, on the finished run."""
     tracker = run.tracker
     test = evaluate(run, run.splits.x_test, run.splits.y_test, "test")
-    tracker.log_metrics(test, step=run.epoch)
-    figure = learning_curves(run.history, title=f"{run.plan.model[0].name} / {run.plan.opt[0].name}")
-    tracker.log_figure(figure, "learning_curves.png")
-    pyplot().close(figure)
+    tracker.log_metrics(test, step=run.epoch, flush=False)
+    if run.artifacts:
+        _log_curves(run)
     if log_model:
         export.log_model(run)
     return test
+
+
+def _log_curves(run: Run) -> None:
+    from optiflow.plots import learning_curves, pyplot
+
+    figure = learning_curves(run.history, title=f"{run.plan.model[0].name} / {run.plan.opt[0].name}")
+    run.tracker.log_figure(figure, "learning_curves.png")
+    pyplot().close(figure)
 
 
 def _jsonable(value: Any) -> Any:

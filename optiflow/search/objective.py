@@ -15,6 +15,7 @@ import optuna
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, RunKilled, TrainingError
 from optiflow.metrics import final_metrics
+from optiflow.run import shared_data
 from optiflow.search.space import short, trial_config
 from optiflow.search.study import SearchSettings, open_study
 
@@ -85,7 +86,7 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
             best = ""
         progress(f"trial {trial.number} {trial.state.name.lower()}: {value}{best}  {shown}")
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), shared_data():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=(TrainingError,),
                        callbacks=[report], gc_after_trial=False)
@@ -106,7 +107,7 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSetting
                               f"{settings.metric}={value:.4g}")
 
     return train(config, parent_run_id=parent_id, extra_tags=tags, extra_params=params, on_epoch=on_epoch,
-                 log_model=settings.log_models)
+                 log_model=settings.log_models, artifacts=settings.child_artifacts)
 
 
 def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str, name: str,
@@ -121,7 +122,8 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
     with run_status(tracker):
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         tracker.log_params({**params, "cv_folds": settings.cv})
-        tracker.log_text(config.to_yaml(), "config.yaml")
+        if settings.child_artifacts:
+            tracker.log_text(config.to_yaml(), "config.yaml")
         for fold in range(settings.cv):
             fold_config = config.replace(cv_folds=settings.cv, cv_fold=fold, run_name=f"{name} fold {fold}")
             result = _train_trial(trial, fold_config, settings, tracker.run_id, {**tags, "optiflow.cv_fold": str(fold)},

@@ -50,6 +50,8 @@ class SearchSettings:
     study_name: str | None = None
     n_jobs: int = 1
     log_models: bool = False
+    #: child runs (trials, folds) log figures and files too, not only params and metrics
+    child_artifacts: bool = False
     refit: bool = True
     register: str | None = None
 
