@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from dataset_files import write_hostile_cifar10
 from helpers import assert_no_run, free_port, run_cli
 
 CSV_OK = "a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n"
@@ -244,3 +245,14 @@ def test_predict_refuses_bad_input_in_one_line(invoke, files, mlflow_client, exp
     result = invoke("predict", model.format(run=run_id), "--input", path, "--tracking-uri", mlflow_client.tracking_uri)
     assert_one_clear_line(result, expect)
     assert result.exit_code == 2
+
+
+def test_dataset_file_that_would_run_code_is_refused(invoke, tmp_path, mlflow_client, experiment):
+    """A pickled CIFAR batch naming os.system: refused in one line, never unpickled, no run."""
+    marker = tmp_path / "pwned"
+    write_hostile_cifar10(tmp_path / "data", marker)
+    result = invoke("train", "--data", "cifar10:download=false", "--data-dir", str(tmp_path / "data"), "--epochs", "1")
+    assert_one_clear_line(result, "data_batch_1 is not a CIFAR-10 batch (it names posix.system); refusing to read it")
+    assert result.exit_code == 2
+    assert not marker.exists()
+    assert_no_run(mlflow_client, experiment)
