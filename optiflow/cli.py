@@ -94,6 +94,7 @@ def _disable_plugins(names: tuple[str, ...]) -> None:
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
 @click.option("--resume", metavar="RUN_ID", help="Continue a KILLED or FAILED run from its checkpoint, in the same run.")
+@flags.stored_config_options(data_dir=False)
 @flags.model_options(register="the run's model")
 def train(**params: Any) -> None:
     """Train one model and log the run to MLflow.
@@ -120,7 +121,7 @@ def train(**params: Any) -> None:
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
 
-RESUME_FLAGS = {"resume", "tracking_uri", "device", "quiet", "print_config", "register"}
+RESUME_FLAGS = {"resume", "tracking_uri", "device", "quiet", "print_config", "register", "data_dir", "allow_download"}
 
 
 def _resume_config(params: dict[str, Any]):
@@ -131,7 +132,8 @@ def _resume_config(params: dict[str, Any]):
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise click.UsageError(f"--resume continues the run exactly as it was configured; drop {flags}")
-    return resume_config(params["resume"], params["tracking_uri"], device=params["device"])
+    return resume_config(params["resume"], params["tracking_uri"], device=params["device"], data_dir=params["data_dir"],
+                         allow_download=bool(params["allow_download"]))
 
 
 def _launch_data_parallel(config: Any, nproc: int) -> None:
@@ -262,8 +264,9 @@ def search(**params: Any) -> None:
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per metric.")
 @click.option("--atol", type=float, default=1e-8, show_default=True, help="Absolute tolerance per metric.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table; the exit code tells.")
+@flags.stored_config_options(data_dir=True)
 def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: float, atol: float,
-              quiet: bool) -> None:
+              quiet: bool, data_dir: str | None, allow_download: bool | None) -> None:
     """Re-run RUN_ID from its logged config.yaml (same seed) and check that every metric matches.
 
     Exits 1 when a metric differs beyond the tolerance (timing metrics are not compared).
@@ -274,7 +277,8 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
 
     reporter = _reporter_factory(quiet)
     result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
-                              reporter=reporter() if reporter else None, tags=command_tag())
+                              reporter=reporter() if reporter else None, tags=command_tag(), data_dir=data_dir,
+                              allow_download=bool(allow_download))
     if not quiet:
         print_reproduction(result)
     differing = [row[0] for row in result.rows if not row[3]]
