@@ -14,6 +14,7 @@ import click
 
 from optiflow import flags
 from optiflow.cli_predict import predict
+from optiflow.cli_runs import runs
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import COMPONENT_HELP, build_config, command_tag, print_settings, resolve_layers, train_options
 
@@ -121,7 +122,8 @@ def train(**params: Any) -> None:
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
 
-RESUME_FLAGS = {"resume", "tracking_uri", "device", "quiet", "print_config", "register", "data_dir", "allow_download"}
+RESUME_PLACES = {"device", "data_dir", "allow_download"}
+RESUME_FLAGS = {"resume", "tracking_uri", "quiet", "print_config", "register", *RESUME_PLACES}
 
 
 def _resume_config(params: dict[str, Any]):
@@ -132,8 +134,7 @@ def _resume_config(params: dict[str, Any]):
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise click.UsageError(f"--resume continues the run exactly as it was configured; drop {flags}")
-    return resume_config(params["resume"], params["tracking_uri"], device=params["device"], data_dir=params["data_dir"],
-                         allow_download=bool(params["allow_download"]))
+    return resume_config(params["resume"], params["tracking_uri"], **{k: params[k] for k in RESUME_PLACES})
 
 
 def _launch_data_parallel(config: Any, nproc: int) -> None:
@@ -266,7 +267,7 @@ def search(**params: Any) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table; the exit code tells.")
 @flags.stored_config_options(data_dir=True)
 def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: float, atol: float,
-              quiet: bool, data_dir: str | None, allow_download: bool | None) -> None:
+              quiet: bool, **places: Any) -> None:
     """Re-run RUN_ID from its logged config.yaml (same seed) and check that every metric matches.
 
     Exits 1 when a metric differs beyond the tolerance (timing metrics are not compared).
@@ -277,8 +278,7 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
 
     reporter = _reporter_factory(quiet)
     result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
-                              reporter=reporter() if reporter else None, tags=command_tag(), data_dir=data_dir,
-                              allow_download=bool(allow_download))
+                              reporter=reporter() if reporter else None, tags=command_tag(), **places)
     if not quiet:
         print_reproduction(result)
     differing = [row[0] for row in result.rows if not row[3]]
@@ -385,6 +385,7 @@ def ui(host: str, port: int, workers: int, tracking_uri: str | None) -> None:
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 cli.add_command(predict)
+cli.add_command(runs)
 
 
 def main() -> None:

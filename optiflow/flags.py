@@ -49,7 +49,7 @@ def train_options(func: Any) -> Any:
 def stored_config_options(data_dir: bool) -> Callable[[Any], Any]:
     """``--allow-download`` (and ``--data-dir``) for commands that run a configuration read from a store
     (``reproduce``, ``train --resume``): where it reads and whether it downloads is the user's."""
-    options = [click.option("--allow-download", is_flag=True, default=None,
+    options = [click.option("--allow-download", is_flag=True,
                             help="Let a stored configuration's dataset download its files when missing [no].")]
     if data_dir:
         options.insert(0, click.option("--data-dir", type=click.Path(file_okay=False),

@@ -223,6 +223,7 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
             run.history.setdefault(key, []).append(value)
         run.tracker.log_metrics(metrics, step=run.epoch)
         run.checkpoint = checkpoints.capture(run)
+        checkpoints.save_periodically(run)
 
 
 def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:

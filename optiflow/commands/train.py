@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import optiflow
-from optiflow import checkpoints, distributed, export, host
+from optiflow import checkpoints, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, first_line
 from optiflow.hooktrace import culprit
@@ -72,6 +72,8 @@ def train(
         tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
         tracker.start(run_name=config.run_name or default_run_name(run), tags=tags, parent_run_id=parent_run_id,
                       run_id=resume)
+        if cluster.main:
+            heartbeat.beat(tracker)
         run.tracker = tracker
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome:
