@@ -135,6 +135,10 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     except ValueError as exc:
         raise OptiflowError(f"normalizer '{norm.name}': {first_line(exc)}") from None
     input_shape = tuple(splits.x_train.shape[1:])
+    augmentation = _augmentation(resolved)
+    if augmentation is not None:
+        with torch.random.fork_rng(devices=[]):
+            augmentation(splits.x_train[0])  # refuses data it cannot augment before any run opens
     model_component, model_options = resolved.model
     _check_images(model_component, source, input_shape, dataset.name, norm.name)
 
@@ -154,7 +158,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
                normalizer=normalizer,
-               augmentation=_augmentation(resolved), regularizers=[build(c, **o) for c, o in resolved.reg])
+               augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg])
 
 
 def build(component: Component, *context: Any, **options: Any) -> Any:

@@ -31,7 +31,24 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
+        _check_database_file(path)
     return uri
+
+
+def _check_database_file(path: Path) -> None:
+    """Refuse a store path that holds something other than a SQLite database (it would be clobbered or misread)."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise OptiflowError(f"the tracking store {path} is not a file")
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(16)
+    except OSError as exc:
+        raise OptiflowError(f"cannot read the tracking store {path}: {exc.strerror}") from None
+    if header and header != b"SQLite format 3\x00":
+        raise OptiflowError(f"the tracking store {path} exists and is not a SQLite database; "
+                            "give --tracking-uri a new file or an optiflow store")
 
 
 def sqlite_path(uri: str) -> Path | None:

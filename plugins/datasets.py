@@ -243,6 +243,8 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
     import torch
 
     file = _user_path(ctx, "csv", path)
+    if file.exists() and not file.is_file() and not file.is_dir():
+        raise OptiflowError(f"dataset 'csv': {file} is not a regular file (a device, pipe or socket cannot be read)")
     with open(file, newline="") as handle:
         rows = [row for row in csv_module.reader(handle, delimiter=delimiter) if row]
     if len(rows) < 2:
