@@ -1,15 +1,20 @@
 """Checkpoints: the state at the end of the last completed epoch, saved as the run's
-``checkpoint/last.pt`` artifact when a run ends KILLED or FAILED, so that
-``optiflow train --resume RUN_ID`` continues it in the same MLflow run.
+``checkpoint/last.pt`` artifact after epochs (at most every ``OPTIFLOW_CHECKPOINT_SECONDS``,
+default 60, one file overwritten in place atomically on a local store) and when a run ends
+KILLED or FAILED, so that ``optiflow train --resume RUN_ID`` continues it in the same MLflow
+run, even after a SIGKILL.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optiflow import heartbeat
 from optiflow.errors import OptiflowError, first_line
 from optiflow.tracking import retry
 
@@ -20,6 +25,8 @@ if TYPE_CHECKING:
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 1
+EVERY_ENV = "OPTIFLOW_CHECKPOINT_SECONDS"
+EVERY_S = 60.0
 
 
 def capture(run: Run) -> dict[str, Any]:
@@ -81,14 +88,48 @@ def restore_rng(run: Run, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def save_periodically(run: Run) -> None:
+    """After an epoch: beat the run's heartbeat, and save its checkpoint when the last is old enough."""
+    tracker = run.tracker
+    if not isinstance(tracker.run_id, str) or run.checkpoint is None:
+        return
+    heartbeat.beat(tracker)
+    every = float(os.environ.get(EVERY_ENV) or EVERY_S)
+    last = getattr(tracker, "checkpoint_saved_at", None)
+    if last is None or time.monotonic() - last >= every:
+        save(tracker, run.checkpoint)
+
+
 def save(tracker: Tracker, state: dict[str, Any]) -> None:
-    """Log ``state`` as the run's ``checkpoint/last.pt`` artifact."""
+    """Write ``state`` as the run's ``checkpoint/last.pt`` artifact: on a local store by an atomic rename
+    over the last one (a kill mid-write leaves the previous checkpoint whole), else by logging it."""
     import torch
 
-    with tempfile.TemporaryDirectory(prefix="optiflow-checkpoint-") as folder:
-        path = Path(folder) / CHECKPOINT_FILE
-        torch.save(state, path)
-        tracker.log_artifact(path, CHECKPOINT_DIR)
+    folder = _local_checkpoint_folder(tracker)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.partial"
+        torch.save(state, partial)
+        os.replace(partial, folder / CHECKPOINT_FILE)
+    else:
+        with tempfile.TemporaryDirectory(prefix="optiflow-checkpoint-") as scratch:
+            path = Path(scratch) / CHECKPOINT_FILE
+            torch.save(state, path)
+            tracker.log_artifact(path, CHECKPOINT_DIR)
+    tracker.checkpoint_saved_at = time.monotonic()  # type: ignore[attr-defined]
+
+
+def _local_checkpoint_folder(tracker: Tracker) -> Path | None:
+    """The run's ``checkpoint`` artifact folder when the artifacts live in a local folder."""
+    from urllib.parse import unquote, urlparse
+
+    uri = retry(tracker.client.get_run, tracker.run_id).info.artifact_uri
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)) / CHECKPOINT_DIR
+    if not parsed.scheme:
+        return Path(uri) / CHECKPOINT_DIR
+    return None
 
 
 def load(client: Any, run_id: str) -> dict[str, Any]:
@@ -113,14 +154,19 @@ def load(client: Any, run_id: str) -> dict[str, Any]:
 
 
 def check_resumable(client: Any, uri: str, run_id: str) -> Any:
-    """The info of run ``run_id`` if it can be resumed (it ended KILLED or FAILED), else OptiflowError."""
+    """The info of run ``run_id`` if it can be resumed (it ended KILLED or FAILED, or it is RUNNING but
+    its process is gone: see ``heartbeat``), else OptiflowError."""
     try:
-        info = retry(client.get_run, run_id).info
+        run = retry(client.get_run, run_id)
     except Exception:
         raise OptiflowError(f"no run {run_id} in the tracking store {uri}") from None
+    info = run.info
     if info.status == "FINISHED":
         raise OptiflowError(f"run {run_id} already FINISHED; there is nothing to resume")
-    if info.status != "KILLED" and info.status != "FAILED":
+    if info.status == "RUNNING" and heartbeat.gone(run.data.tags) is None:
+        raise OptiflowError(f"run {run_id} is RUNNING and its process may still be training it; "
+                            "only a KILLED or FAILED run, or a RUNNING one whose process is gone, can be resumed")
+    if info.status not in ("KILLED", "FAILED", "RUNNING"):
         raise OptiflowError(f"run {run_id} is {info.status}; only a KILLED or FAILED run can be resumed")
     return info
 

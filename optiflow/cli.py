@@ -14,6 +14,7 @@ import click
 
 from optiflow import flags
 from optiflow.cli_predict import predict
+from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import COMPONENT_HELP, build_config, command_tag, print_settings, resolve_layers, train_options
 
@@ -94,6 +95,7 @@ def _disable_plugins(names: tuple[str, ...]) -> None:
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
 @click.option("--resume", metavar="RUN_ID", help="Continue a KILLED or FAILED run from its checkpoint, in the same run.")
+@flags.stored_config_options(data_dir=False)
 @flags.model_options(register="the run's model")
 def train(**params: Any) -> None:
     """Train one model and log the run to MLflow.
@@ -120,7 +122,8 @@ def train(**params: Any) -> None:
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
 
-RESUME_FLAGS = {"resume", "tracking_uri", "device", "quiet", "print_config", "register"}
+RESUME_PLACES = {"device", "data_dir", "allow_download"}
+RESUME_FLAGS = {"resume", "tracking_uri", "quiet", "print_config", "register", *RESUME_PLACES}
 
 
 def _resume_config(params: dict[str, Any]):
@@ -131,7 +134,7 @@ def _resume_config(params: dict[str, Any]):
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise click.UsageError(f"--resume continues the run exactly as it was configured; drop {flags}")
-    return resume_config(params["resume"], params["tracking_uri"], device=params["device"])
+    return resume_config(params["resume"], params["tracking_uri"], **{k: params[k] for k in RESUME_PLACES})
 
 
 def _launch_data_parallel(config: Any, nproc: int) -> None:
@@ -266,8 +269,9 @@ def search(**params: Any) -> None:
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per metric.")
 @click.option("--atol", type=float, default=1e-8, show_default=True, help="Absolute tolerance per metric.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or table; the exit code tells.")
+@flags.stored_config_options(data_dir=True)
 def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: float, atol: float,
-              quiet: bool) -> None:
+              quiet: bool, **places: Any) -> None:
     """Re-run RUN_ID from its logged config.yaml (same seed) and check that every metric matches.
 
     Exits 1 when a metric differs beyond the tolerance (timing metrics are not compared).
@@ -278,7 +282,7 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
 
     reporter = _reporter_factory(quiet)
     result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
-                              reporter=reporter() if reporter else None, tags=command_tag())
+                              reporter=reporter() if reporter else None, tags=command_tag(), **places)
     if not quiet:
         print_reproduction(result)
     differing = [row[0] for row in result.rows if not row[3]]
@@ -360,31 +364,9 @@ def plugins(as_json: bool) -> None:
     plugin_table(rows)
 
 
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to bind; 127.0.0.1 keeps it local, 0.0.0.0 exposes it to the network.")
-@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Server worker processes.")
-@click.option("--tracking-uri", help="Store to browse [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
-def ui(host: str, port: int, workers: int, tracking_uri: str | None) -> None:
-    """Open the MLflow UI on this project's runs (Ctrl-C stops it); a tracking server's UI is at its own URL."""
-    from optiflow.tracking import is_server, resolve_tracking_uri, ui_server_command
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if is_server(uri):
-        click.echo(f"MLflow UI: {uri}  (served by the tracking server)", err=True)
-        return
-    command = ui_server_command(uri, host, port, workers)
-    if host not in LOOPBACK_HOSTS:
-        click.echo(f"Warning: --host {host} makes the UI reachable from other machines, without authentication.",
-                   err=True)
-    click.echo(f"MLflow UI: http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}  (store: {uri})", err=True)
-    sys.stderr.flush()
-    os.execv(sys.executable, command)
-
-
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 cli.add_command(predict)
+cli.add_command(runs)
+cli.add_command(ui)
 
 
 def main() -> None:

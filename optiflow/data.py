@@ -67,6 +67,26 @@ class DataSource:
             raise OptiflowError(f"a dataset of images gives x shaped (N, C, H, W), got {list(self.x.shape)}")
         if self.feature_names is not None and len(self.feature_names) != math.prod(self.input_shape):
             raise OptiflowError(f"{len(self.feature_names)} feature names for samples of shape {list(self.input_shape)}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Refuse non-finite inputs or targets (naming the sample and column) and classification with one class."""
+        import torch
+
+        for name, tensor in (("training", self.x), ("test", self.x_test), ("target of the training", self.y)):
+            if tensor is None or not tensor.is_floating_point():
+                continue
+            bad = (~torch.isfinite(tensor)).reshape(len(tensor), -1).nonzero()
+            if len(bad):
+                sample, column = (int(v) for v in bad[0])
+                names = self.feature_names if name != "target of the training" else [self.target or "target"]
+                where = f", column '{names[column]}'" if names and column < len(names) else ""
+                value = tensor.reshape(len(tensor), -1)[sample, column].item()
+                raise OptiflowError(f"the {name} data holds {value} in sample {sample}{where}; "
+                                    "every value must be a finite number")
+        if self.task == "classification" and len(self.y) and int(self.y.unique().numel()) < 2:
+            only = self.classes[int(self.y[0])] if self.classes else str(int(self.y[0]))
+            raise OptiflowError(f"every sample is of the one class '{only}'; classification needs at least 2 classes")
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -95,25 +95,64 @@ def _leave() -> None:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``optiflow ARGV`` in ``nproc`` processes on this machine (torchrun --standalone); returns the exit code."""
+    """Run ``optiflow ARGV`` in ``nproc`` processes on this machine; returns the exit code.
+
+    Everything listens on the loopback interface only: the rendezvous store is a ``TCPStore``
+    served here on a socket bound to 127.0.0.1 (the processes join it as clients, as under
+    torchrun's agent), and gloo/NCCL pick the ``lo`` interface, so no port opens to the network.
+    """
+    import signal
+    import socket
+    import subprocess
     import sys
-    import uuid
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, parse_args
+    import torch.distributed as dist
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    args = parse_args(["--nproc-per-node", str(nproc), "-m", "optiflow", *argv])
-    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
-    config, command, command_args = config_from_args(args)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(nproc)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=listener.detach(),
+                          wait_for_workers=False)
+    base = {**os.environ, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "GLOO_SOCKET_IFNAME": LOOPBACK,
+            "NCCL_SOCKET_IFNAME": LOOPBACK, "OMP_NUM_THREADS": os.environ.get(
+                "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    processes = [subprocess.Popen([sys.executable, "-m", "optiflow", *argv],
+                                  env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"})
+                 for rank in range(nproc)]
+
+    def forward(signum: int, _frame: Any) -> None:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        elastic_launch(config, command)(*command_args)
-    except ChildFailedError as exc:
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        sys.stderr.flush()
-        return next((c for c in codes if c and c > 0), 1)
-    return 0
+        return _wait_all(processes)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        del store  # it owns the listening socket and closes it
+
+
+LOOPBACK = "lo"
+
+
+def _wait_all(processes: list[Any]) -> int:
+    """Wait for every process; when one fails, stop the others. The first failing code (1 for a signal)."""
+    import time
+
+    code = 0
+    while any(p.poll() is None for p in processes):
+        failed = [p.returncode for p in processes if p.returncode not in (None, 0)]
+        if failed and not code:
+            code = next((c for c in failed if c > 0), 1)
+            for process in processes:
+                if process.poll() is None:
+                    process.terminate()
+        time.sleep(0.1)
+    failed = [p.returncode for p in processes if p.returncode]
+    return code or next((c for c in failed if c > 0), 1 if failed else 0)
 
 
 def without_nproc(argv: list[str]) -> list[str]:

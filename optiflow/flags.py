@@ -46,6 +46,23 @@ def train_options(func: Any) -> Any:
     return func
 
 
+def stored_config_options(data_dir: bool) -> Callable[[Any], Any]:
+    """``--allow-download`` (and ``--data-dir``) for commands that run a configuration read from a store
+    (``reproduce``, ``train --resume``): where it reads and whether it downloads is the user's."""
+    options = [click.option("--allow-download", is_flag=True,
+                            help="Let a stored configuration's dataset download its files when missing [no].")]
+    if data_dir:
+        options.insert(0, click.option("--data-dir", type=click.Path(file_okay=False),
+                                       help="Where file-based datasets live (never the stored run's) [data]."))
+
+    def decorate(func: Any) -> Any:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 REFIT_HELP = ("Train the best configuration again on the whole training split (train + validation, every fold with "
               "--cv), score it on the test split and log it with its model as a child run tagged optiflow.role=refit; "
               "a configuration that monitors a val_* metric (early stopping, plateau) keeps its validation split "
@@ -115,7 +132,8 @@ def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any], **e
     overrides = {
         key: value
         for key, value in params.items()
-        if key not in {"config_file", "quiet", "print_config", "nproc", "register", "refit", *command_defaults} and value not in (None, ())
+        if key not in {"config_file", "quiet", "print_config", "nproc", "register", "refit", "allow_download",
+                       *command_defaults} and value not in (None, ())
     }
     overrides.update(extra)
     return RunConfig.from_dict({**values, **overrides}), settings

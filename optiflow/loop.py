@@ -275,6 +275,7 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
         run.tracker.log_metrics(metrics, step=run.epoch, flush=False)
         run.tracker.flush_due(METRIC_FLUSH_SECONDS)
         run.checkpoint = checkpoints.capture(run)
+        checkpoints.save_periodically(run)
 
 
 def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:

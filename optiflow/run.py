@@ -138,6 +138,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     except ValueError as exc:
         raise OptiflowError(f"normalizer '{norm.name}': {first_line(exc)}") from None
     input_shape = tuple(splits.x_train.shape[1:])
+    augmentation = _augmentation(resolved, input_shape)
     model_component, model_options = resolved.model
     _check_images(model_component, source, input_shape, resolved.data[0].name, norm.name)
 
@@ -157,7 +158,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
                normalizer=normalizer,
-               augmentation=_augmentation(resolved), regularizers=[build(c, **o) for c, o in resolved.reg])
+               augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg])
 
 
 _SOURCES: dict[tuple[Any, ...], DataSource] | None = None
@@ -270,10 +271,16 @@ def _check_model_accepts(model: nn.Module, sample: Tensor, name: str, shape: tup
         model.train(was_training)
 
 
-def _augmentation(resolved: Plan) -> Callable[[Tensor], Tensor] | None:
+def _augmentation(resolved: Plan, input_shape: tuple[int, ...]) -> Callable[[Tensor], Tensor] | None:
+    """The augmentations as one function; one whose ``sample_ndim`` does not fit the samples is refused now."""
     if not resolved.aug:
         return None
     transforms = [build(component, **options) for component, options in resolved.aug]
+    for (component, _), transform in zip(resolved.aug, transforms):
+        wanted = getattr(transform, "sample_ndim", None)
+        if wanted is not None and wanted != len(input_shape):
+            raise OptiflowError(f"augmentation '{component.name}' needs image inputs (C, H, W), "
+                                f"got a sample of shape {list(input_shape)}")
 
     def apply(sample: Tensor) -> Tensor:
         for transform in transforms:

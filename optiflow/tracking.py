@@ -31,7 +31,33 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
+        _check_database_file(path)
     return uri
+
+
+def _check_database_file(path: Path) -> None:
+    """Refuse a store path that holds something other than a SQLite database (it would be clobbered or misread).
+
+    Read through sqlite3 itself: closing a plain file handle on the database would drop the
+    POSIX locks this process's open connections hold on it.
+    """
+    import sqlite3
+    from urllib.parse import quote
+
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise OptiflowError(f"the tracking store {path} is not a file")
+    try:
+        connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=60)
+        try:
+            connection.execute("PRAGMA schema_version").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise OptiflowError(f"the tracking store {path} exists and is not a SQLite database; "
+                                "give --tracking-uri a new file or an optiflow store") from None
 
 
 def sqlite_path(uri: str) -> Path | None:

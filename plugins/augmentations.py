@@ -17,6 +17,9 @@ def optiflow_register_data(register):
 class ImageTransform:
     """One torchvision transform applied to a single CHW image tensor; rejects non-image inputs clearly."""
 
+    #: the core refuses a run on non-image data before it opens (samples of another rank)
+    sample_ndim = 3
+
     def __init__(self, name: str, transform) -> None:
         self.name, self.transform = name, transform
 

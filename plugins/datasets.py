@@ -131,54 +131,52 @@ def fashion_mnist(ctx: DataContext, *, subset: int = 0, download: bool = True) -
 
 def cifar10(ctx: DataContext, *, subset: int = 0, download: bool = True) -> DataSource:
     """CIFAR-10 (50k/10k 3x32x32, 10 classes) from <data-dir>/cifar-10-batches-py; downloaded when missing."""
-    return _torchvision_dataset(ctx, "CIFAR10", subset, download)
+    from optiflow_plugins import cifar_batches
+
+    root = Path(ctx.data_dir)
+    folder = root / "cifar-10-batches-py"
+    names = [*cifar_batches.TRAIN_BATCHES, cifar_batches.TEST_BATCH, cifar_batches.META]
+    if not all((folder / name).is_file() for name in names):
+        _fetch(lambda: _download_cifar10(root), "CIFAR10", folder, download)
+    train, test = cifar_batches.read_split(folder, train=True), cifar_batches.read_split(folder, train=False)
+    return _image_source(ctx, train, test, cifar_batches.read_classes(folder), folder, subset)
 
 
 def _torchvision_dataset(ctx: DataContext, class_name: str, subset: int, download: bool) -> DataSource:
     """Train and test sets through torchvision's own dataset class; ``subset`` > 0 keeps that many training samples."""
+    from torchvision import datasets
+
+    dataset_class = getattr(datasets, class_name)
+    root = Path(ctx.data_dir)
+    location = root / class_name / "raw"
+    _gunzip_missing(dataset_class, location)
+    train, test = _open(dataset_class, root, location, download)
+    return _image_source(ctx, (train.data, train.targets), (test.data, test.targets), list(train.classes), location,
+                         subset)
+
+
+def _image_source(ctx: DataContext, train, test, classes: list[str], location: Path, subset: int) -> DataSource:
+    """A DataSource of (images, labels) pairs; ``subset`` > 0 keeps that many training samples (seeded)."""
     import torch
 
     if subset < 0:
         raise OptiflowError(f"subset must be >= 0 (0 keeps every sample), got {subset}")
-    dataset_class = _dataset_class(class_name)
-    root = Path(ctx.data_dir)
-    location = root / (class_name + "/raw" if class_name != "CIFAR10" else "cifar-10-batches-py")
-    if class_name != "CIFAR10":
-        _gunzip_missing(dataset_class, location)
-    train, test = _open(dataset_class, root, location, download)
-    x, y = _images(train), torch.as_tensor(train.targets, dtype=torch.long)
+    x, y = _images(train[0]), torch.as_tensor(train[1], dtype=torch.long)
     if subset and subset < len(x):
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(ctx.seed))[:subset]
         x, y = x[keep], y[keep]
-    return DataSource(x, y, "classification", num_classes=len(train.classes), classes=list(train.classes),
-                      x_test=_images(test), y_test=torch.as_tensor(test.targets, dtype=torch.long),
+    return DataSource(x, y, "classification", num_classes=len(classes), classes=classes,
+                      x_test=_images(test[0]), y_test=torch.as_tensor(test[1], dtype=torch.long),
                       meta={"root": str(location)})
 
 
-def _dataset_class(class_name: str):
+def _download_cifar10(root: Path) -> None:
+    """torchvision's CIFAR-10 download (the archive's md5 checked, then unpacked); its loader is never run."""
     from torchvision import datasets
 
-    if class_name != "CIFAR10":
-        return getattr(datasets, class_name)
-
-    class CIFAR10(datasets.CIFAR10):
-        """torchvision's CIFAR-10 that asks only that the batch files exist (their checksums are checked on download)."""
-
-        def _check_integrity(self) -> bool:
-            folder = Path(self.root) / self.base_folder
-            return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-        def _load_meta(self) -> None:
-            import pickle
-
-            path = Path(self.root) / self.base_folder / self.meta["filename"]
-            if not path.is_file():
-                raise RuntimeError(f"Dataset metadata file {path} not found")
-            with open(path, "rb") as handle:
-                self.classes = pickle.load(handle, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-
-    return CIFAR10
+    downloader = datasets.CIFAR10.__new__(datasets.CIFAR10)
+    downloader.root = str(root)
+    downloader.download()
 
 
 def _gunzip_missing(dataset_class, raw: Path) -> None:
@@ -195,20 +193,25 @@ def _gunzip_missing(dataset_class, raw: Path) -> None:
 
 def _open(dataset_class, root: Path, location: Path, download: bool):
     """The train and test datasets, downloading only when the files are missing and ``download`` allows it."""
-    import contextlib
-    import sys
-
-    name = dataset_class.__name__
     try:
         return dataset_class(root, train=True), dataset_class(root, train=False)
     except RuntimeError:
-        if not download:
-            raise OptiflowError(
-                f"{name} files not found in {location}; copy them there or allow the download (download=true)"
-            ) from None
+        _fetch(lambda: dataset_class(root, train=True, download=True), dataset_class.__name__, location, download)
+    return dataset_class(root, train=True), dataset_class(root, train=False)
+
+
+def _fetch(download_files, name: str, location: Path, download: bool) -> None:
+    """Run ``download_files`` when ``download`` allows it; one clear line when it is not allowed or fails."""
+    import contextlib
+    import sys
+
+    if not download:
+        raise OptiflowError(
+            f"{name} files not found in {location}; copy them there or allow the download (download=true)"
+        )
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            return dataset_class(root, train=True, download=True), dataset_class(root, train=False)
+            download_files()
     except Exception as exc:
         raise OptiflowError(
             f"{name} files not found in {location} and the download failed ({_last_reason(exc)}); "
@@ -223,11 +226,11 @@ def _last_reason(exc: Exception) -> str:
     return (causes[-1] if causes else type(exc).__name__)[:160]
 
 
-def _images(dataset):
-    """A torchvision dataset's images as one uint8 tensor shaped (N, C, H, W)."""
+def _images(images):
+    """Images (N, H, W) or (N, H, W, C) as one uint8 tensor shaped (N, C, H, W)."""
     import torch
 
-    data = torch.as_tensor(dataset.data)
+    data = torch.as_tensor(images)
     return data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2).contiguous()
 
 
@@ -240,6 +243,8 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
     import torch
 
     file = _user_path(ctx, "csv", path)
+    if file.exists() and not file.is_file() and not file.is_dir():
+        raise OptiflowError(f"dataset 'csv': {file} is not a regular file (a device, pipe or socket cannot be read)")
     with open(file, newline="") as handle:
         rows = [row for row in csv_module.reader(handle, delimiter=delimiter) if row]
     if len(rows) < 2:

@@ -40,8 +40,8 @@ def write_mnist(root: Path, folder: str, *, gz: bool, seed: int = 0) -> dict[str
     return arrays
 
 
-def write_cifar10(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """CIFAR-10's python version: pickled ``data_batch_1..5``, ``test_batch`` and ``batches.meta``."""
+def write_cifar10(root: Path, seed: int = 0, protocol: int = 2) -> dict[str, np.ndarray]:
+    """CIFAR-10's python version: pickled ``data_batch_1..5``, ``test_batch`` and ``batches.meta`` (protocol 2 as CIFAR's own)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,10 +50,10 @@ def write_cifar10(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
         data = rng.integers(0, 256, size=(CIFAR_PER_BATCH, 3 * 32 * 32), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, size=CIFAR_PER_BATCH)]
         with open(folder / name, "wb") as handle:
-            pickle.dump({"batch_label": name, "data": data, "labels": labels}, handle)
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, handle, protocol=protocol)
         arrays["test" if name == "test_batch" else "train"].append(data)
     with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": CIFAR_PER_BATCH}, handle)
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": CIFAR_PER_BATCH}, handle, protocol=protocol)
     return {key: np.concatenate(value) for key, value in arrays.items()}
 
 
@@ -98,3 +98,22 @@ DATASET_SPECS = {
     "csv": "csv:path=table.csv,target=label",
     "image-folder": "image-folder:path=images,size=12",
 }
+
+
+class ShellCommand:
+    """Unpickling this runs ``command``: what a hostile dataset file would hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def write_hostile_cifar10(root: Path, marker: Path) -> None:
+    """CIFAR-10 files whose first batch runs ``touch marker`` when unpickled."""
+    write_cifar10(root)
+    with open(root / "cifar-10-batches-py" / "data_batch_1", "wb") as handle:
+        pickle.dump({"data": ShellCommand(f"touch {marker}"), "labels": []}, handle)

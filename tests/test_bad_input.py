@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from dataset_files import write_hostile_cifar10
 from helpers import assert_no_run, free_port, run_cli
 
 CSV_OK = "a,b,label\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n"
@@ -27,6 +28,9 @@ FILES = {
     "bomb.yaml": "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcde", "bcdef")),
     "deep.yaml": "a: " + "[" * 3000 + "]" * 3000 + "\n",
+    "nan.csv": CSV_OK.replace("3,4", "3,nan"),
+    "one-class.csv": CSV_OK.replace(",y", ",x"),
+    "not-a-database.db": "my notes\n",
 }
 BINARY_FILES = {"latin1.yaml": "epochs: 3 # caf\xe9\n".encode("latin-1")}
 
@@ -116,7 +120,15 @@ CASES = [
     case("--data", "csv:path=no-target.csv,target=label", expect="no column 'label'", id="csv-without-target"),
     case("--data", "csv:path=text-cell.csv,target=label", expect="'six', not a number", id="csv-non-numeric-cell"),
     case("--data", "csv:path=ragged.csv,target=label", expect="values for 3 columns", id="csv-ragged-row"),
+    case("--data", "csv:path=nan.csv,target=label", expect="the training data holds nan in sample 1, column 'b'",
+         id="csv-nan-cell"),
+    case("--data", "csv:path=one-class.csv,target=label",
+         expect="every sample is of the one class 'x'; classification needs at least 2 classes", id="csv-one-class"),
+    case("--data", "csv:path=/dev/zero,target=label", expect="/dev/zero is not a regular file", id="csv-device-file"),
+    case("--data", "linear:noise=nan", expect="option 'noise' expects float, got 'nan'", id="nan-dataset-option"),
     # data the model cannot take
+    case("--aug", "hflip", "--data", "iris", expect="augmentation 'hflip' needs image inputs (C, H, W)",
+         id="image-augmentation-on-vectors"),
     case("--data", "digits:image=true", "--model", "lenet", expect="lenet needs images of at least 12x12",
          id="small-images-to-lenet"),
     case("--data", "digits:image=false", "--model", "cnn",
@@ -186,6 +198,39 @@ def test_tracking_store_that_cannot_be_created(invoke, files):
     assert_one_clear_line(result, "cannot create the tracking store folder folder.csv/.keep")
 
 
+def test_tracking_store_that_is_not_a_database_is_refused_untouched(invoke, files):
+    result = invoke("train", "--epochs", "1", "--tracking-uri", "sqlite:///not-a-database.db", store=False)
+    assert_one_clear_line(result, "the tracking store not-a-database.db exists and is not a SQLite database")
+    assert result.exit_code == 2
+    assert (files / "not-a-database.db").read_text() == "my notes\n"
+
+
+SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["search", *SPACE, "--n-trials", "0"], "--n-trials must be >= 1, got 0"),
+        (["search", *SPACE, "--timeout", "-1"], "--timeout must be a number of seconds > 0, got -1.0"),
+        (["search", *SPACE, "--n-jobs", "0"], "--n-jobs must be >= 1, got 0"),
+        (["search", *SPACE, "--sampler", "tpe:n_startup_trials=abc"],
+         "sampler 'tpe': option 'n_startup_trials' expects int, got 'abc'"),
+        (["search", "--space", "lr=loguniform:1e-4:inf", "--epochs", "1"], "learning rate must be > 0 and finite"),
+        (["compare", "--vary", "lr=0.1", "--out", "/proc/x", "--epochs", "1"], "cannot create the output folder /proc/x"),
+        (["reproduce", "0123", "--rtol", "-1"], "--rtol must be >= 0 and finite, got -1.0"),
+    ],
+    ids=["search-zero-trials", "search-negative-timeout", "search-zero-jobs", "search-sampler-option-not-int",
+         "search-infinite-bound", "compare-out-in-proc", "reproduce-negative-rtol"],
+)
+def test_other_commands_refuse_bad_input_in_one_line_without_a_run(invoke, files, mlflow_client, experiment, args,
+                                                                   expect):
+    result = invoke(*args, store=args[0] != "reproduce")
+    assert_one_clear_line(result, expect)
+    assert result.exit_code == 2
+    assert_no_run(mlflow_client, experiment)
+
+
 @pytest.mark.parametrize("space", ["lr", "lr=loguniform:abc:1", "lr=warp:1:2"])
 def test_unparseable_search_space(invoke, files, mlflow_client, experiment, space):
     result = invoke("search", "--space", space, "--epochs", "1")
@@ -244,3 +289,14 @@ def test_predict_refuses_bad_input_in_one_line(invoke, files, mlflow_client, exp
     result = invoke("predict", model.format(run=run_id), "--input", path, "--tracking-uri", mlflow_client.tracking_uri)
     assert_one_clear_line(result, expect)
     assert result.exit_code == 2
+
+
+def test_dataset_file_that_would_run_code_is_refused(invoke, tmp_path, mlflow_client, experiment):
+    """A pickled CIFAR batch naming os.system: refused in one line, never unpickled, no run."""
+    marker = tmp_path / "pwned"
+    write_hostile_cifar10(tmp_path / "data", marker)
+    result = invoke("train", "--data", "cifar10:download=false", "--data-dir", str(tmp_path / "data"), "--epochs", "1")
+    assert_one_clear_line(result, "data_batch_1 is not a CIFAR-10 batch (it names posix.system); refusing to read it")
+    assert result.exit_code == 2
+    assert not marker.exists()
+    assert_no_run(mlflow_client, experiment)

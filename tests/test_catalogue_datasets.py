@@ -1,4 +1,4 @@
-"""File-based datasets read the real on-disk formats through torchvision, and fail with one clear line."""
+"""File-based datasets read the real on-disk formats (CIFAR-10 without unpickling), and fail with one clear line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from optiflow.data import DataContext
 from optiflow.errors import OptiflowError
 from optiflow.plugins import get_registry
 
-from dataset_files import CIFAR_CLASSES, MNIST_SIZES, write_cifar10, write_csv, write_image_folder, write_mnist
+from dataset_files import (
+    CIFAR_CLASSES,
+    MNIST_SIZES,
+    write_cifar10,
+    write_csv,
+    write_hostile_cifar10,
+    write_image_folder,
+    write_mnist,
+)
 
 
 def load(name: str, root: Path, seed: int = 0, **options):
@@ -34,14 +42,33 @@ def test_mnist_style_idx_files_load_through_torchvision(name, folder, gz, tmp_pa
         assert (tmp_path / folder / "raw" / "train-images-idx3-ubyte").is_file()
 
 
-def test_cifar10_python_batches_load_through_torchvision(tmp_path):
-    arrays = write_cifar10(tmp_path)
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_cifar10_python_batches_load_without_unpickling(tmp_path, protocol):
+    arrays = write_cifar10(tmp_path, protocol=protocol)
     source = load("cifar10", tmp_path, download=False)
     assert source.x.shape == (len(arrays["train"]), 3, 32, 32)
     assert source.x_test.shape == (len(arrays["test"]), 3, 32, 32)
     expected = torch.from_numpy(arrays["train"].reshape(-1, 3, 32, 32)).float() / 255
     assert torch.allclose(source.x, expected)
     assert source.classes == CIFAR_CLASSES
+
+
+def test_cifar10_batch_that_would_run_code_is_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    write_hostile_cifar10(tmp_path, marker)
+    with pytest.raises(OptiflowError, match="data_batch_1 is not a CIFAR-10 batch .it names posix.system.; refusing"):
+        load("cifar10", tmp_path, download=False)
+    assert not marker.exists()
+
+
+def test_cifar10_batch_of_the_wrong_shape_is_refused(tmp_path):
+    import pickle
+
+    write_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as handle:
+        pickle.dump({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}, handle)
+    with pytest.raises(OptiflowError, match="test_batch is not a CIFAR-10 batch: 'data' is not N x 3072 bytes"):
+        load("cifar10", tmp_path, download=False)
 
 
 def test_subset_keeps_a_seeded_sample_of_the_training_set(tmp_path):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -68,3 +73,42 @@ def test_two_gloo_processes_log_one_run_shaped_like_a_single_process_run(invoke,
     times = {m.step: m.value for m in mlflow_client.get_metric_history(two.info.run_id, "epoch_time")}
     assert history[2] * times[2] == pytest.approx(1294, abs=2)
     assert two.data.metrics["test_accuracy"] > 0.8
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses (hex, as in /proc/net/tcp*) of TCP sockets the processes ``pids`` listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                found.add(fields[1].rsplit(":", 1)[0])
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
+def test_nproc_listens_on_loopback_only(tracking_uri, experiment, tmp_path):
+    """--nproc 2 opens its rendezvous store and process-group sockets on 127.0.0.1, never on every interface."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optiflow", "train", "--epochs", "3", "--batch-size", "16", "-q", "--nproc", "2",
+         "--tracking-uri", tracking_uri, "--experiment", experiment], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: set[str] = set()
+    while process.poll() is None:
+        children = {int(p) for p in open(f"/proc/{process.pid}/task/{process.pid}/children").read().split()} \
+            if os.path.exists(f"/proc/{process.pid}") else set()
+        seen |= listening_addresses({process.pid, *children})
+        time.sleep(0.2)
+    assert process.returncode == 0, process.stderr.read()
+    assert seen, "no listening socket was seen"
+    assert seen <= {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}, seen

@@ -179,3 +179,45 @@ def test_signal_ends_the_run_killed_with_a_checkpoint(tracking_uri, experiment, 
     logged = len(mlflow_client.get_metric_history(run_id, "train_loss"))
     state = torch.load(mlflow_client.download_artifacts(run_id, "checkpoint/last.pt", str(tmp_path)), weights_only=True)
     assert state["epoch"] == logged >= 2, "the checkpoint is the last epoch whose metrics were logged"
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_is_stale_and_resumes_to_the_end(tracking_uri, experiment, mlflow_client, tmp_path, invoke):
+    """SIGKILL leaves the run RUNNING; its per-epoch checkpoint and heartbeat let --resume finish the same run."""
+    env = {**os.environ, "OPTIFLOW_CHECKPOINT_SECONDS": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optiflow", "train", "--epochs", "12", "--model", "mlp:hidden=[16]", "--batch-size", "16",
+         "-q", "--tracking-uri", tracking_uri, "--experiment", experiment],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        run_id = wait_for_epochs(mlflow_client, experiment, 3, process)
+        alive = invoke("train", "--resume", run_id, "--tracking-uri", tracking_uri, "-q", store=False)
+        assert alive.exit_code == 2 and "is RUNNING and its process may still be training it" in alive.stderr
+        assert run_id not in invoke("runs", "--stale", "--tracking-uri", tracking_uri, store=False).output
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert mlflow_client.get_run(run_id).info.status == "RUNNING"
+    listed = invoke("runs", "--stale", "--tracking-uri", tracking_uri, store=False)
+    assert listed.exit_code == 0 and f"{run_id}" in listed.output and "is gone" in listed.output
+    result = invoke("train", "--resume", run_id, "--tracking-uri", tracking_uri, "-q", store=False)
+    assert result.exit_code == 0, result.output
+    run = mlflow_client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["optiflow.resumed_from_epoch"]) >= 2
+    assert {step for step, _ in metric_history(mlflow_client, run_id, "train_loss")} == set(range(1, 13))
+    assert run_id not in invoke("runs", "--stale", "--tracking-uri", tracking_uri, store=False).output
+
+
+def test_runs_stale_close_ends_a_run_whose_process_is_gone_killed(tracking_uri, experiment, mlflow_client, invoke):
+    from optiflow import heartbeat
+
+    run_id = mlflow_client.create_run(mlflow_client.create_experiment(experiment)).info.run_id
+    mlflow_client.set_tag(run_id, heartbeat.TAG, "elsewhere 123 1000")  # another host, long ago
+    result = invoke("runs", "--stale", "--close", "--tracking-uri", tracking_uri, store=False)
+    assert result.exit_code == 0 and run_id in result.output and "heartbeat from elsewhere" in result.output
+    run = mlflow_client.get_run(run_id)
+    assert run.info.status == "KILLED" and "closed by optiflow runs" in run.data.tags["failure"]

@@ -38,3 +38,50 @@ def test_reproduce_rejects_unknown_and_parent_runs(invoke, mlflow_client, experi
     parent = next(r for r in runs_of(mlflow_client, experiment) if "mlflow.parentRunId" not in r.data.tags)
     result = invoke("reproduce", parent.info.run_id, "--tracking-uri", uri, store=False)
     assert result.exit_code == 2 and "compare parent run" in result.stderr
+
+
+def foreign_run(mlflow_client, experiment, tmp_path, config: str) -> str:
+    """A run whose config.yaml was written by someone else (a store the user did not make)."""
+    run_id = mlflow_client.create_run(mlflow_client.create_experiment(experiment)).info.run_id
+    (tmp_path / "config.yaml").write_text(config)
+    mlflow_client.log_artifact(run_id, str(tmp_path / "config.yaml"))
+    mlflow_client.set_terminated(run_id)
+    return run_id
+
+
+def test_a_stored_configuration_never_chooses_the_data_folder_nor_downloads(invoke, mlflow_client, experiment,
+                                                                           tmp_path):
+    run_id = foreign_run(mlflow_client, experiment, tmp_path,
+                         f"data: mnist:download=true\ndata_dir: {tmp_path / 'theirs'}\ntracking_uri: sqlite:///x.db\n")
+    result = invoke("reproduce", run_id, "--tracking-uri", mlflow_client.tracking_uri, "--data-dir", "mine",
+                    store=False)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "MNIST files not found in mine/MNIST/raw; copy them there or allow the download" in result.stderr
+    assert not (tmp_path / "theirs").exists() and not (tmp_path / "x.db").exists()
+    assert len(runs_of(mlflow_client, experiment)) == 1
+
+
+def test_a_stored_configuration_reads_only_under_the_data_folder(invoke, mlflow_client, experiment, tmp_path):
+    run_id = foreign_run(mlflow_client, experiment, tmp_path, "data: csv:path=/etc/passwd,target=root\n")
+    result = invoke("reproduce", run_id, "--tracking-uri", mlflow_client.tracking_uri, store=False)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"run {run_id} reads '/etc/passwd', outside --data-dir" in result.stderr
+    assert len(runs_of(mlflow_client, experiment)) == 1
+
+
+def test_placed_keeps_what_is_trained_and_takes_the_users_places():
+    from optiflow.commands.stored import placed
+
+    values = {"data": "csv:path=t.csv,target=y", "data_dir": "/theirs", "tracking_uri": "sqlite:////theirs.db",
+              "epochs": 3}
+    assert placed(values, "r", tracking_uri="sqlite:///mine.db", data_dir=None, allow_download=False) == {
+        "data": "csv:path=data/t.csv,target=y", "data_dir": "data", "tracking_uri": "sqlite:///mine.db", "epochs": 3}
+    assert placed({"data": "cifar10"}, "r", tracking_uri="u", data_dir="d", allow_download=False)["data"] == \
+        "cifar10:download=false"
+    assert placed({"data": "cifar10:download=true"}, "r", tracking_uri="u", data_dir="d",
+                  allow_download=True)["data"] == "cifar10:download=true"
+
+
+def test_reproduce_refuses_a_negative_tolerance(invoke, mlflow_client):
+    result = invoke("reproduce", "0123", "--rtol", "-1", "--tracking-uri", mlflow_client.tracking_uri, store=False)
+    assert result.exit_code == 2 and result.stderr == "Error: --rtol must be >= 0 and finite, got -1.0\n"

@@ -144,6 +144,8 @@ def compare(
     from optiflow.tracking import Tracker, run_status
 
     runs = plan_runs(base, vary, repeats)
+    if out_dir:
+        _output_folder(Path(out_dir))  # before any run opens
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
@@ -214,11 +216,7 @@ def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_d
     run_rows = [[c.label, c.seed, c.status, c.run_id or "-", number(c.metrics.get(metric)), f"{c.seconds:.1f}",
                  c.failure or ""] for c in children]
 
-    out = Path(out_dir) if out_dir else Path("compare") / tracker.run_id
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OptiflowError(f"cannot create the output folder {out}: {exc.strerror}") from None
+    out = _output_folder(Path(out_dir) if out_dir else Path("compare") / tracker.run_id)
     files = [out / name for name in ("loss_curves.png", "final_metric.png", "summary.csv", "summary.md", "runs.csv")]
     curves = overlay_curves({label: [c.history for c in runs if c.history] for label, runs in by_label.items()},
                             title="loss per variant")
@@ -243,3 +241,12 @@ def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_d
 def _mean(values: list[float]) -> float | None:
     finite = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.fmean(finite) if finite else None
+
+
+def _output_folder(out: Path) -> Path:
+    """``out``, created if missing; one clear line when it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptiflowError(f"cannot create the output folder {out}: {exc.strerror}") from None
+    return out

@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from optiflow.commands.stored import placed
 from optiflow.config import RunConfig, load_yaml
 from optiflow.errors import OptiflowError
 from optiflow.metrics import TIMING_METRICS
@@ -35,8 +36,9 @@ class Reproduction:
         return all(match for *_, match in self.rows)
 
 
-def original_config(run_id: str, tracking_uri: str | None) -> tuple[RunConfig, Any]:
-    """The logged ``config.yaml`` of ``run_id`` (pointed at the store it came from) and the run itself."""
+def original_config(run_id: str, tracking_uri: str | None, *, data_dir: str | None = None,
+                    allow_download: bool = False) -> tuple[RunConfig, Any]:
+    """The logged ``config.yaml`` of ``run_id`` (placed by the user's flags: see ``stored``) and the run itself."""
     from mlflow.exceptions import MlflowException
 
     from optiflow.tracking import client, resolve_tracking_uri
@@ -58,16 +60,21 @@ def original_config(run_id: str, tracking_uri: str | None) -> tuple[RunConfig, A
             raise OptiflowError(f"run '{run_id}' has no config.yaml artifact: it was not logged by optiflow train") from None
         values = load_yaml(path)
     experiment = mlflow_client.get_experiment(run.info.experiment_id).name
-    values.update(tracking_uri=uri, experiment=experiment, run_name=f"reproduce {run.info.run_name or run_id[:8]}")
+    values.update(experiment=experiment, run_name=f"reproduce {run.info.run_name or run_id[:8]}")
+    values = placed(values, run_id, tracking_uri=uri, data_dir=data_dir, allow_download=allow_download)
     return RunConfig.from_dict(values), run
 
 
 def reproduce(run_id: str, tracking_uri: str | None = None, *, device: str | None = None, rtol: float = 1e-5,
-              atol: float = 1e-8, reporter: Any = None, tags: dict[str, str] | None = None) -> Reproduction:
+              atol: float = 1e-8, reporter: Any = None, tags: dict[str, str] | None = None,
+              data_dir: str | None = None, allow_download: bool = False) -> Reproduction:
     """Train again with the original configuration and seed; compare every non-timing metric."""
     from optiflow.commands.train import train
 
-    config, original = original_config(run_id, tracking_uri)
+    for name, tolerance in (("rtol", rtol), ("atol", atol)):
+        if not (math.isfinite(tolerance) and tolerance >= 0):
+            raise OptiflowError(f"--{name} must be >= 0 and finite, got {tolerance}")
+    config, original = original_config(run_id, tracking_uri, data_dir=data_dir, allow_download=allow_download)
     if device is not None:
         config = config.replace(device=device)
     result = train(config, reporter=reporter, log_model=False,

@@ -81,9 +81,9 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
     return SearchSettings(
         space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=values.get("sampler_seed"),
         pruner=pruner, pruner_options=pruner_options, metric=metric,
-        direction=str(values.get("direction") or default_direction(metric)), n_trials=int(n_trials or 20),
+        direction=str(values.get("direction") or default_direction(metric)), n_trials=20 if n_trials is None else int(n_trials),
         timeout=values.get("timeout"), cv=cv, storage=values.get("storage"), study_name=values.get("study_name"),
-        n_jobs=int(values.get("n_jobs") or 1), log_models=bool(values.get("log_models")),
+        n_jobs=1 if values.get("n_jobs") is None else int(values["n_jobs"]), log_models=bool(values.get("log_models")),
         child_artifacts=bool(values.get("child_artifacts")),
         refit=values.get("refit") is not False, register=str(values.get("register") or "") or None,
     )
@@ -102,6 +102,8 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
         raise OptiflowError(f"--n-trials must be >= 1, got {settings.n_trials}")
     if settings.n_jobs < 1:
         raise OptiflowError(f"--n-jobs must be >= 1, got {settings.n_jobs}")
+    if settings.timeout is not None and not (math.isfinite(float(settings.timeout)) and float(settings.timeout) > 0):
+        raise OptiflowError(f"--timeout must be a number of seconds > 0, got {settings.timeout}")
     if settings.cv == 1 or settings.cv < 0:
         raise OptiflowError(f"--cv needs at least 2 folds, got {settings.cv}")
     if settings.direction not in ("minimize", "maximize"):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import optiflow
-from optiflow import checkpoints, distributed, export, host
+from optiflow import checkpoints, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, first_line
 from optiflow.hooktrace import culprit
@@ -75,6 +75,8 @@ def train(
         tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
         tracker.start(run_name=config.run_name or default_run_name(run), tags=tags, parent_run_id=parent_run_id,
                       run_id=resume)
+        if cluster.main:
+            heartbeat.beat(tracker)
         run.tracker = tracker
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome:
@@ -106,15 +108,19 @@ def train(
                      resumed_from)
 
 
-def resume_config(run_id: str, tracking_uri: str | None = None, **overrides: Any) -> RunConfig:
+def resume_config(run_id: str, tracking_uri: str | None = None, *, data_dir: str | None = None,
+                  allow_download: bool = False, **overrides: Any) -> RunConfig:
     """The logged configuration of KILLED or FAILED run ``run_id``, for ``train(config, resume=run_id)``.
 
-    ``overrides`` may only change where and how the run is computed
-    (``device``, ``tracking_uri``), never what is trained.
+    ``overrides`` may only change how the run is computed (``device``), never what is trained;
+    where it reads and writes is the user's (``stored.placed``).
     """
+    from optiflow.commands.stored import placed
+
     uri = resolve_tracking_uri(tracking_uri)
     values = checkpoints.resumable_config(client(uri), uri, run_id)
-    return RunConfig.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}, "tracking_uri": uri})
+    values = placed(values, run_id, tracking_uri=uri, data_dir=data_dir, allow_download=allow_download)
+    return RunConfig.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def default_run_name(run: Run) -> str:

@@ -10,6 +10,7 @@ for it.
 from __future__ import annotations
 
 import difflib
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 
 import optuna
 
-from optiflow.config import ComponentSpec, RunConfig
+from optiflow.config import ComponentSpec, RunConfig, brief
 from optiflow.errors import OptiflowError, first_line
 from optiflow.search.space import Dimension, scalar
 
@@ -183,6 +184,7 @@ def redact(url: str) -> str:
 
 
 def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    _check_types(what, name, factory, options)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -193,3 +195,26 @@ def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **
         raise OptiflowError(f"{what} '{name}': {first_line(exc)}") from None
     except ImportError as exc:
         raise OptiflowError(f"{what} '{name}' needs the package '{exc.name}': pip install {exc.name}") from None
+
+
+def _check_types(what: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Options whose constructor default is a bool, int or float must be one (Optuna checks them only mid-study)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in options.items():
+        default = parameters[key].default if key in parameters else None
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "bool"
+        elif isinstance(default, int):
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "int"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            expected = "a finite float"
+        else:
+            continue
+        if not ok:
+            raise OptiflowError(f"{what} '{name}': option '{key}' expects {expected}, got {brief(value)}")
