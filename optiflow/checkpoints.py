@@ -89,15 +89,21 @@ def restore_rng(run: Run, state: dict[str, Any]) -> None:
 
 
 def save_periodically(run: Run) -> None:
-    """After an epoch: beat the run's heartbeat, and save its checkpoint when the last is old enough."""
+    """After an epoch, when the last save is old enough: beat the run's heartbeat and save its
+    checkpoint.  Child runs of a search or comparison (``run.artifacts`` off) only beat: nobody
+    resumes them by hand, and a failed one still saves its checkpoint as it ends."""
     tracker = run.tracker
     if not isinstance(tracker.run_id, str) or run.checkpoint is None:
         return
-    heartbeat.beat(tracker)
     every = float(os.environ.get(EVERY_ENV) or EVERY_S)
     last = getattr(tracker, "checkpoint_saved_at", None)
-    if last is None or time.monotonic() - last >= every:
+    if last is not None and time.monotonic() - last < every:
+        return
+    heartbeat.beat(tracker)
+    if run.artifacts:
         save(tracker, run.checkpoint)
+    else:
+        tracker.checkpoint_saved_at = time.monotonic()
 
 
 def save(tracker: Tracker, state: dict[str, Any]) -> None:

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
+
+_KEEP_DECAY_GROUPS: contextvars.ContextVar[bool] = contextvars.ContextVar("keep_decay_groups", default=False)
+
+
+@contextlib.contextmanager
+def keep_decay_groups(keep: bool = True) -> Iterator[None]:
+    """While open, :func:`decay_params` keeps weights and biases in separate groups even without
+    weight decay: a regularizer that sets the decay later (``--reg weight-decay``) needs them apart."""
+    token = _KEEP_DECAY_GROUPS.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP_DECAY_GROUPS.reset(token)
 
 
 def decay_params(model: Any, include_bias_and_norm: bool = False,
@@ -14,7 +30,7 @@ def decay_params(model: Any, include_bias_and_norm: bool = False,
     """
     from torch import nn
 
-    if include_bias_and_norm or weight_decay == 0:
+    if include_bias_and_norm or (weight_decay == 0 and not _KEEP_DECAY_GROUPS.get()):
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
     decay, no_decay = [], []
     norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)

@@ -19,6 +19,7 @@ from optiflow import distributed
 from optiflow.config import RunConfig
 from optiflow.data import DataContext, DataSource, Splits, normalize, split
 from optiflow.errors import OptiflowError, first_line
+from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
 from optiflow.schedule import WARMUP_OPTION, Schedule, TrainingLength, warm_up
@@ -228,7 +229,9 @@ def build_loss(resolved: Plan, registry: Registry, task: str) -> nn.Module:
 def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) -> tuple[torch.optim.Optimizer, Schedule]:
     """The planned optimizer on ``model`` and its learning-rate schedule."""
     opt_component, opt_options = resolved.opt
-    optimizer = build(opt_component, model, **opt_options)
+    sets_decay = any(getattr(component.factory, "sets_weight_decay", False) for component, _ in resolved.reg)
+    with keep_decay_groups(sets_decay):
+        optimizer = build(opt_component, model, **opt_options)
     use_fused_kernels(optimizer)
     sched_component, sched_options = resolved.sched
     if WARMUP_OPTION in inspect.signature(sched_component.factory).parameters:

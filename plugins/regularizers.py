@@ -86,6 +86,9 @@ class L2Penalty(_NormPenalty):
 class WeightDecay:
     """Sets the optimizer's weight decay on the weight groups (biases/norm too with decay_bias); logs the weight norm."""
 
+    #: the core keeps weights and biases in separate optimizer groups for a run with this regularizer
+    sets_weight_decay = True
+
     def __init__(self, *, strength: float = 5e-4, decay_bias: bool = False) -> None:
         _check_range("weight-decay", "strength", strength, 0.0)
         self.strength, self.decay_bias = strength, decay_bias

@@ -87,10 +87,20 @@ def test_weight_decay_leaves_biases_and_norm_parameters_alone_by_default(opt):
     assert torch.allclose(model[0].bias, before["0.bias"] * 0.95)
 
 
+def test_a_run_with_the_weight_decay_regularizer_keeps_weights_and_biases_in_separate_groups(tmp_path):
+    with_decay = prepare(config(tmp_path, reg=["weight-decay"], opt="sgd"), get_registry())
+    without = prepare(config(tmp_path, opt="sgd"), get_registry())
+    assert len(with_decay.optimizer.param_groups) == 2
+    assert len(without.optimizer.param_groups) == 1
+
+
 def test_weight_decay_regularizer_sets_decay_on_weight_groups_only():
+    from optiflow.optim import keep_decay_groups
+
     model = small_mlp()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    optimizer = build("optimizer", "sgd", model, lr=0.1)
+    with keep_decay_groups():  # as the core builds the optimizer of a run with this regularizer
+        optimizer = build("optimizer", "sgd", model, lr=0.1)
     regularizer = build("regularizer", "weight-decay", strength=0.5)
     run = fake_run(model, optimizer=optimizer, plan=SimpleNamespace(opt=(SimpleNamespace(name="sgd"), {})))
     regularizer.optiflow_run_start(run=run)

@@ -181,12 +181,27 @@ def test_signal_ends_the_run_killed_with_a_checkpoint(tracking_uri, experiment, 
     assert state["epoch"] == logged >= 2, "the checkpoint is the last epoch whose metrics were logged"
 
 
+SLOW_TRAIN = "\n".join([
+    "import sys, time",
+    "from optiflow import hookimpl",
+    "from optiflow.cli import main",
+    "from optiflow.plugins import registered_plugin",
+    "class OneSecondEpochs:",
+    "    @hookimpl",
+    "    def optiflow_epoch_end(self, run, epoch, metrics):",
+    "        time.sleep(1.0)",
+    "sys.argv = ['optiflow', *sys.argv[1:]]",
+    "with registered_plugin(OneSecondEpochs(), name='one-second-epochs'):",
+    "    main()",
+])  # optiflow train with epochs a second long, so the checks below happen while the run still trains
+
+
 @pytest.mark.slow
 def test_a_sigkilled_run_is_stale_and_resumes_to_the_end(tracking_uri, experiment, mlflow_client, tmp_path, invoke):
     """SIGKILL leaves the run RUNNING; its per-epoch checkpoint and heartbeat let --resume finish the same run."""
     env = {**os.environ, "OPTIFLOW_CHECKPOINT_SECONDS": "0"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "optiflow", "train", "--epochs", "12", "--model", "mlp:hidden=[16]", "--batch-size", "16",
+        [sys.executable, "-c", SLOW_TRAIN, "train", "--epochs", "12", "--model", "mlp:hidden=[16]", "--batch-size", "16",
          "-q", "--tracking-uri", tracking_uri, "--experiment", experiment],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
