@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import time
 import traceback
@@ -48,3 +49,8 @@ def trace_line(hook_name: str, plugins: list[str], kwargs: dict[str, Any], secon
     status = "  RAISED" if failed else ""
     print(f"[optiflow trace] {hook_name}({args}) <- {', '.join(plugins) or '-'}  "
           f"{seconds * 1e3:.2f} ms{status}", file=sys.stderr, flush=True)
+
+
+def tracing() -> bool:
+    """Whether ``OPTIFLOW_TRACE_HOOKS`` asks for every hook call to be printed."""
+    return os.environ.get("OPTIFLOW_TRACE_HOOKS", "").strip().lower() in {"1", "true", "yes", "on"}

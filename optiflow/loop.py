@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from optiflow import checkpoints, distributed
 from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
 from optiflow.errors import TrainingError
-from optiflow.hooktrace import trace_line
+from optiflow.hooktrace import trace_line, tracing
 from optiflow.run import Reporter, Run
 from optiflow.signals import deferred
 
@@ -197,7 +196,7 @@ def batch_transform(pm: Any) -> Callable[[Run, Tensor, Tensor], tuple[Tensor, Te
     if not impls:
         return None
     calls = [(impl.function, impl.argnames, impl.plugin_name) for impl in impls]
-    traced = os.environ.get("OPTIFLOW_TRACE_HOOKS", "").strip().lower() in {"1", "true", "yes", "on"}
+    traced = tracing()
 
     def transform(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         for function, argnames, plugin in calls:

@@ -30,7 +30,7 @@ import pluggy
 
 from optiflow import hookspecs
 from optiflow.errors import OptiflowError, first_line
-from optiflow.hooktrace import hook_tracer, trace_line
+from optiflow.hooktrace import hook_tracer, trace_line, tracing
 from optiflow.registry import Registry
 from optiflow.slots import FAMILIES
 
@@ -107,7 +107,7 @@ class PluginManager(pluggy.PluginManager):
         self._registry: Registry | None = None
         self._commands: dict[str, click.Command] | None = None
         self.command_owners: dict[str, str] = {}
-        if _truthy("OPTIFLOW_TRACE_HOOKS"):
+        if tracing():
             self.add_hookcall_monitoring(*hook_tracer())
 
     @property
@@ -333,7 +333,7 @@ def _call(impl: pluggy.HookImpl, hook_name: str, **kwargs: Any) -> Any:
     try:
         return impl.function(*(kwargs[arg] for arg in impl.argnames))
     finally:
-        if _truthy("OPTIFLOW_TRACE_HOOKS"):
+        if tracing():
             trace_line(hook_name, [impl.plugin_name], kwargs, time.perf_counter() - started)
 
 
