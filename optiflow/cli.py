@@ -205,7 +205,7 @@ def compare(**params: Any) -> None:
 SEARCH_DEFAULTS: dict[str, Any] = {
     "space": (), "sampler": "tpe", "sampler_seed": None, "pruner": "none", "metric": "val_loss", "direction": None,
     "n_trials": None, "timeout": None, "cv": 0, "storage": None, "study_name": None, "n_jobs": 1, "log_models": False,
-    "child_artifacts": False,
+    "child_artifacts": False, "heartbeat": None,
 }
 
 
@@ -222,13 +222,16 @@ SEARCH_DEFAULTS: dict[str, Any] = {
 @click.option("--metric", help="Objective: a metric of the runs, e.g. val_accuracy [val_loss].")
 @click.option("--direction", type=click.Choice(["minimize", "maximize"]),
               help="Whether to minimize or maximize the metric [maximize for accuracy/r2, else minimize].")
-@click.option("--n-trials", type=int, help="Trials this process runs [20; the whole grid for grid].")
+@click.option("--n-trials", type=int, help="Finished trials the study should hold, across every process sharing "
+                                         "--storage [20; the whole grid for grid].")
 @click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
 @click.option("--cv", type=int, help="Score each trial by K-fold cross-validation on the training split.")
 @click.option("--storage", help="Optuna storage shared by processes: sqlite:///study.db, postgresql://..., "
                                 "journal:study.log [in memory].")
 @click.option("--study-name", help="Study to create or join in --storage [a new name].")
 @click.option("--n-jobs", type=int, help="Processes running trials in parallel [1].")
+@click.option("--heartbeat", type=int, help="Seconds between trial heartbeats on an RDB --storage; a trial silent "
+                                            "for twice that is failed, its run ended KILLED, and retried once [15].")
 @flags.model_options(register="the refit model", log_models="each trial's", refit=True)
 @click.option("--child-artifacts", is_flag=True, default=None,
               help="Trial and fold runs log figures and config files too [no: params and metrics; the parent "

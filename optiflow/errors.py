@@ -3,9 +3,21 @@
 The CLI prints an :class:`OptiflowError` as one line and exits with its ``exit_code``.
 """
 
+import re
 import signal
 
 MAX_LINE = 300
+# ``scheme://user:password@host``: the password part of any URL in a text
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it masked as ``***``.
+
+    Everything optiflow logs (params, tags, configuration files) and every error line it prints goes
+    through this, so a password typed into ``--storage`` or ``--tracking-uri`` is never stored or shown.
+    """
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def first_line(error: "BaseException | str") -> str:
@@ -16,10 +28,10 @@ def first_line(error: "BaseException | str") -> str:
     """
     if isinstance(error, OSError) and error.strerror:
         text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-        return text[:MAX_LINE]
+        return redact(text)[:MAX_LINE]
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if lines:
-        return lines[0][:MAX_LINE]
+        return redact(lines[0])[:MAX_LINE]
     return type(error).__name__ if isinstance(error, BaseException) else ""
 
 
@@ -27,6 +39,16 @@ class OptiflowError(Exception):
     """A mistake in the user's input or environment, explained in one sentence."""
 
     exit_code = 2
+
+
+class ServiceLost(OptiflowError):
+    """A service the command depends on (the study's database, the tracking server) stopped answering."""
+
+    exit_code = 1
+
+
+class TrackingServerLost(ServiceLost):
+    """The MLflow tracking server stopped answering: nothing more can be logged to the run."""
 
 
 class TrainingError(OptiflowError):

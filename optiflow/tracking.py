@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from optiflow.errors import OptiflowError, RunKilled, first_line
+from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.signals import deferred
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -20,6 +20,11 @@ PARAM_BATCH = 100
 METRIC_BATCH = 1000
 _RETRIES = 8
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# A tracking server that stops answering stops the command in about a minute, not MLflow's default
+# 7 retries with exponential backoff (minutes); the user's own settings of these variables win.
+SERVER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_LOST_SERVER = re.compile(r"API request to (https?://[^/\s]+)\S* failed with exception")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -93,16 +98,18 @@ def retry(fn, *args: Any, **kwargs: Any) -> Any:
     """Call an MLflow client method, retrying while a shared SQLite store is locked."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(_RETRIES - 1):
+    for attempt in range(_RETRIES):
         try:
             with deferred():
                 return fn(*args, **kwargs)
         except MlflowException as exc:
-            if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
+            lost = _LOST_SERVER.search(str(exc))
+            if lost:
+                raise TrackingServerLost(f"lost the tracking server {redact(lost.group(1))}: {_reason(exc)}") from None
+            if attempt == _RETRIES - 1 or ("locked" not in str(exc).lower() and "busy" not in str(exc).lower()):
                 raise
         time.sleep(0.05 * 2**attempt)
-    with deferred():
-        return fn(*args, **kwargs)
+    raise AssertionError("unreachable")
 
 
 def client(uri: str):
@@ -110,6 +117,9 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     path = sqlite_path(uri)
+    if is_server(uri):
+        for name, value in SERVER_ENV.items():
+            os.environ.setdefault(name, value)
     with _store_lock(path):
         mlflow_client = MlflowClient(tracking_uri=uri)
         try:
@@ -208,7 +218,7 @@ class Tracker:
             retry(self.client.update_run, run_id, status="RUNNING")
             self.run_id = run_id
             return run_id
-        tags = dict(tags or {})
+        tags = {key: redact(str(value)) for key, value in (tags or {}).items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
@@ -250,7 +260,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        retry(self.client.log_batch, self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def delete_tag(self, key: str) -> None:
         """Remove tag ``key`` from the run if it is there."""
@@ -258,7 +268,7 @@ class Tracker:
             retry(self.client.delete_tag, self.run_id, key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        retry(self.client.log_text, self.run_id, text, artifact_file)
+        retry(self.client.log_text, self.run_id, redact(text), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         retry(self.client.log_figure, self.run_id, figure, artifact_file)
@@ -314,6 +324,9 @@ def run_status(tracker: Any) -> Iterator[Outcome]:
     except RunKilled:
         outcome.status = "KILLED"
         raise
+    except TrackingServerLost:
+        outcome.status = None  # nothing can end the run now: `optiflow runs --stale --close` will
+        raise
     except BaseException as exc:
         outcome.status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         with contextlib.suppress(Exception):
@@ -342,6 +355,6 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 
 
 def _param_value(value: Any) -> str:
-    text = str(value)
+    text = redact(str(value))
     return text if len(text) <= 6000 else text[:5997] + "..."
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
@@ -15,7 +17,7 @@ from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError
 from optiflow.metrics import higher_is_better
 from optiflow.run import shared_data
-from optiflow.search.objective import run_study
+from optiflow.search.objective import run_study, run_trials
 from optiflow.search.refit import refit
 from optiflow.search.space import Dimension, describe_dimension, parse_space, trial_config
 from optiflow.search.study import (
@@ -30,6 +32,7 @@ from optiflow.search.study import (
     shared_parent_run,
 )
 from optiflow.search.summary import SearchResult, summarize
+from optiflow.search.workers import HEARTBEAT_SECONDS, settle, storage_lost
 
 
 def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
@@ -39,8 +42,6 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
     The parent run stays open when this process finishes while others still run trials: the last one ends it,
     and refits the best configuration first (``settings.refit``; see :mod:`optiflow.search.refit`).
     """
-    from optiflow.tracking import Tracker, run_status
-
     validate(base, settings)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     temporary = None
@@ -48,24 +49,58 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
         temporary = tempfile.TemporaryDirectory(prefix="optiflow-study-")
         settings = dataclasses.replace(settings, storage=f"journal:{temporary.name}/study.log")
     try:
-        study = open_study(base, settings)
-        tracker = Tracker(base.tracking_uri, base.experiment)
-        parent_id = shared_parent_run(study, settings.storage is not None,
-                                      lambda: _create_parent(tracker, base, settings, study.study_name, tags))
-        tracker.start(run_id=parent_id)
-        with run_status(tracker) as outcome, shared_data():
-            try:
-                run_study(base, settings, study, parent_id, tags=tags, progress=progress)
-            finally:
-                result = summarize(tracker, study, settings)
-            if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
-                outcome.status = None
-            elif settings.refit:
-                result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
-        return result
+        with quiet_heartbeat_threads():
+            return _search(base, settings, tags, progress)
+    except Exception as exc:
+        lost = storage_lost(exc, settings.storage)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if temporary is not None:
             temporary.cleanup()
+
+
+def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | None,
+            progress: Callable[[str], Any] | None) -> SearchResult:
+    from optiflow.tracking import Tracker, run_status
+
+    study = open_study(base, settings)
+    tracker = Tracker(base.tracking_uri, base.experiment)
+    parent_id = shared_parent_run(study, settings.storage is not None,
+                                  lambda: _create_parent(tracker, base, settings, study.study_name, tags))
+    tracker.start(run_id=parent_id)
+    with run_status(tracker) as outcome, shared_data():
+        try:
+            run_study(base, settings, study, parent_id, tags=tags, progress=progress)
+            settle(study, lambda queued: run_trials(base, settings, study, parent_id, queued, tags=tags,
+                                                    progress=progress), progress)
+        finally:
+            result = summarize(tracker, study, settings)
+        if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+            outcome.status = None  # another worker holds a trial: the last one refits and ends the parent
+        elif settings.refit:
+            result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
+    return result
+
+
+@contextlib.contextmanager
+def quiet_heartbeat_threads() -> Iterator[None]:
+    """A trial's heartbeat thread that loses the database ends without a traceback: the search's own next
+    call to the database fails too and says so in one line."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if args.thread is not None and args.thread is not threading.main_thread() and \
+                storage_lost(args.exc_value, None) is not None:
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
@@ -85,6 +120,7 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         timeout=values.get("timeout"), cv=cv, storage=values.get("storage"), study_name=values.get("study_name"),
         n_jobs=1 if values.get("n_jobs") is None else int(values["n_jobs"]), log_models=bool(values.get("log_models")),
         child_artifacts=bool(values.get("child_artifacts")),
+        heartbeat=HEARTBEAT_SECONDS if values.get("heartbeat") is None else int(values["heartbeat"]),
         refit=values.get("refit") is not False, register=str(values.get("register") or "") or None,
     )
 
@@ -100,6 +136,8 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
 
     if settings.n_trials is not None and settings.n_trials < 1:
         raise OptiflowError(f"--n-trials must be >= 1, got {settings.n_trials}")
+    if settings.heartbeat < 0:
+        raise OptiflowError(f"--heartbeat must be >= 0 seconds (0 turns heartbeats off), got {settings.heartbeat}")
     if settings.n_jobs < 1:
         raise OptiflowError(f"--n-jobs must be >= 1, got {settings.n_jobs}")
     if settings.timeout is not None and not (math.isfinite(float(settings.timeout)) and float(settings.timeout) > 0):

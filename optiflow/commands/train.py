@@ -18,7 +18,7 @@ from typing import Any
 import optiflow
 from optiflow import checkpoints, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
-from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, first_line
+from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
@@ -41,6 +41,7 @@ def train(
     extra_params: dict[str, Any] | None = None,
     resume: str | None = None,
     artifacts: bool = True,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
 
@@ -49,7 +50,8 @@ def train(
     KILLED).  ``extra_params`` are logged beside the resolved ones.  ``resume`` is the id of a KILLED or
     FAILED run to continue from its checkpoint, in that same run (``config``
     must be its logged configuration: see ``resume_config``).  ``artifacts=False`` logs params and metrics
-    only, no figures or files (search's child runs; a failed run still gets its config.yaml).  Raises
+    only, no figures or files (search's child runs; a failed run still gets its config.yaml).  ``on_start``
+    gets the run's id as soon as the run is open (search records it on the trial).  Raises
     OptiflowError for bad input before the run starts, TrainingError when
     training diverges, PluginError when a plugin raises, RunInterrupted (a
     KeyboardInterrupt) on SIGINT/SIGTERM; the run then ends FAILED or KILLED
@@ -81,6 +83,8 @@ def train(
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome:
             try:
+                if on_start is not None and cluster.main:
+                    on_start(tracker.run_id)
                 if state is None:
                     _log_setup(run, extra_params or {})
                 else:
@@ -192,6 +196,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
         run.status = run.status or "KILLED"
         tracker.set_tags({"killed": str(exc)})
         return exc
+    if isinstance(exc, ServiceLost):
+        return exc  # the run cannot be written to (tracking server) or its study is gone: say so, nothing more
     interrupted = isinstance(exc, KeyboardInterrupt)
     status = "KILLED" if interrupted else "FAILED"
     where = culprit(pm, exc) if not interrupted else None

@@ -13,11 +13,12 @@ from typing import Any
 import optuna
 
 from optiflow.config import RunConfig
-from optiflow.errors import OptiflowError, RunKilled, TrainingError
+from optiflow.errors import OptiflowError, RunKilled, ServiceLost, TrainingError
 from optiflow.metrics import final_metrics
 from optiflow.run import shared_data
 from optiflow.search.space import short, trial_config
 from optiflow.search.study import SearchSettings, open_study
+from optiflow.search.workers import RUN_ATTR, finished, total_callback
 
 
 class TrialPruned(RunKilled, optuna.TrialPruned):
@@ -30,12 +31,19 @@ class UnknownMetric(OptiflowError):
 
 def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, *,
               tags: dict[str, str] | None = None, progress: Callable[[str], Any] | None = None) -> None:
-    """This process's share of ``settings.n_trials``, with ``n_jobs - 1`` workers running the rest."""
+    """Run the study up to ``settings.n_trials`` finished trials in all (counting those already in it, from
+    this command run earlier or other workers), with ``n_jobs - 1`` worker processes beside this one."""
     workers: list[Any] = []
+    remaining = settings.n_trials - finished(study)
+    if remaining <= 0:
+        if progress is not None:
+            progress(f"study '{study.study_name}' already has {finished(study)} finished trials "
+                     f"(--n-trials {settings.n_trials} is the study's total): no new trial")
+        return
     try:
-        workers = _spawn_workers(base, settings, study.study_name, parent_id, tags)
-        share = _share(settings.n_trials, settings.n_jobs, 0)
-        run_trials(base, settings, study, parent_id, share, tags=tags, progress=progress)
+        workers = _spawn_workers(base, settings, study.study_name, parent_id, tags, remaining)
+        share = _share(remaining, settings.n_jobs, 0)
+        run_trials(base, settings, study, parent_id, share, tags=tags, progress=progress, total=settings.n_trials)
         for worker in workers:
             worker.join()
         if any(worker.exitcode != 0 for worker in workers):
@@ -47,8 +55,10 @@ def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, pa
 
 
 def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, n_trials: int,
-               *, tags: dict[str, str] | None = None, progress: Callable[[str], Any] | None = None) -> None:
-    """Optimize ``n_trials`` trials of ``study`` in this process, each a child run of ``parent_id``."""
+               *, tags: dict[str, str] | None = None, progress: Callable[[str], Any] | None = None,
+               total: int | None = None) -> None:
+    """Optimize at most ``n_trials`` trials of ``study`` in this process, each a child run of ``parent_id``,
+    stopping early once the study holds ``total`` finished trials (None: no such stop)."""
 
     def objective(trial: optuna.Trial) -> float:
         config, sampled = trial_config(base, settings.space, lambda dim: dim.suggest(trial))
@@ -61,13 +71,12 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
                 value = _cross_validate(trial, config, settings, parent_id, name, trial_tags, params)
             else:
                 result = _train_trial(trial, config.replace(run_name=name), settings, parent_id, trial_tags,
-                                      params, offset=0)
-                trial.set_user_attr("mlflow_run_id", result.run_id)
+                                      params, offset=0, on_start=lambda run_id: trial.set_user_attr(RUN_ATTR, run_id))
                 value = _objective_value(final_metrics(result.metrics, result.history), settings.metric)
         except TrialPruned:
             trial.set_user_attr("mlflow_run_id", _child_run(base, parent_id, name, trial_tags, params, None))
             raise
-        except UnknownMetric:
+        except (UnknownMetric, ServiceLost):
             raise
         except OptiflowError as exc:
             trial.set_user_attr("failure", str(exc)[:1000])
@@ -88,12 +97,14 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
 
     with warnings.catch_warnings(), shared_data():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        callbacks = [report] if total is None else [report, total_callback(total)]
         study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=(TrainingError,),
-                       callbacks=[report], gc_after_trial=False)
+                       callbacks=callbacks, gc_after_trial=False)
 
 
 def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str | None,
-                 tags: dict[str, str], params: dict[str, Any], offset: int) -> Any:
+                 tags: dict[str, str], params: dict[str, Any], offset: int,
+                 on_start: Callable[[str], None] | None = None) -> Any:
     """One training reporting its per-epoch metric to the pruner (step ``offset + epoch``)."""
     from optiflow.commands.train import train
 
@@ -107,7 +118,7 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSetting
                               f"{settings.metric}={value:.4g}")
 
     return train(config, parent_run_id=parent_id, extra_tags=tags, extra_params=params, on_epoch=on_epoch,
-                 log_model=settings.log_models, artifacts=settings.child_artifacts)
+                 log_model=settings.log_models, artifacts=settings.child_artifacts, on_start=on_start)
 
 
 def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str, name: str,
@@ -120,7 +131,7 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
     scores: list[float] = []
     histories: list[dict[str, list[float]]] = []
     with run_status(tracker):
-        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        trial.set_user_attr(RUN_ATTR, tracker.run_id)
         tracker.log_params({**params, "cv_folds": settings.cv})
         if settings.child_artifacts:
             tracker.log_text(config.to_yaml(), "config.yaml")
@@ -170,12 +181,12 @@ def _share(n_trials: int, n_jobs: int, index: int) -> int:
 
 
 def _spawn_workers(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str,
-                   tags: dict[str, str] | None) -> list[Any]:
+                   tags: dict[str, str] | None, remaining: int) -> list[Any]:
     """``n_jobs - 1`` extra processes (separate processes, so per-run plugins never cross runs)."""
     context = multiprocessing.get_context("spawn")
     workers = []
     for index in range(1, settings.n_jobs):
-        share = _share(settings.n_trials, settings.n_jobs, index)
+        share = _share(remaining, settings.n_jobs, index)
         if share:
             worker = context.Process(target=_worker, args=(base, settings, study_name, parent_id, share, tags),
                                      daemon=True)
@@ -188,4 +199,4 @@ def _worker(base: RunConfig, settings: SearchSettings, study_name: str, parent_i
             tags: dict[str, str] | None) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(base, dataclasses.replace(settings, study_name=study_name))
-    run_trials(base, settings, study, parent_id, n_trials, tags=tags)
+    run_trials(base, settings, study, parent_id, n_trials, tags=tags, total=settings.n_trials)

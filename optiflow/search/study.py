@@ -21,8 +21,9 @@ from typing import Any
 import optuna
 
 from optiflow.config import ComponentSpec, RunConfig, brief
-from optiflow.errors import OptiflowError, first_line
+from optiflow.errors import OptiflowError, first_line, redact
 from optiflow.search.space import Dimension, scalar
+from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
@@ -55,6 +56,8 @@ class SearchSettings:
     child_artifacts: bool = False
     refit: bool = True
     register: str | None = None
+    #: seconds between trial heartbeats on RDB storages (0: none); a trial silent for twice that is retried
+    heartbeat: int = HEARTBEAT_SECONDS
 
 
 def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
@@ -96,9 +99,14 @@ def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str,
     return spec.name, {k.replace("-", "_"): scalar(v) for k, v in spec.options.items()}
 
 
-def open_storage(url: str | None) -> Any:
+def open_storage(url: str | None, heartbeat: int = 0, tracking_uri: str | None = None) -> Any:
     """An Optuna storage from ``--storage``: ``sqlite:///x.db``, ``postgresql://...``, a journal file
-    (``journal:PATH`` or a path ending in .log/.journal), or in-memory when ``None``."""
+    (``journal:PATH`` or a path ending in .log/.journal), or in-memory when ``None``.
+
+    RDB storages beat trial heartbeats every ``heartbeat`` seconds (see :mod:`optiflow.search.workers`;
+    ``tracking_uri`` is where a dead trial's MLflow run is ended).  A PostgreSQL or MySQL server gets
+    10 s to answer a connection, so a worker that loses it stops in bounded time.
+    """
     if url is None:
         return None
     path = url[len("journal:"):] if url.startswith("journal:") else url
@@ -113,10 +121,21 @@ def open_storage(url: str | None) -> Any:
     if "://" not in url:
         raise OptiflowError(f"--storage '{url}' is not a storage URL: use sqlite:///study.db, "
                             "postgresql://..., or journal:study.log")
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if url.startswith("sqlite"):
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    elif url.startswith(("postgresql", "mysql")):
+        kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    else:
+        kwargs = {}
     for attempt in range(STORAGE_ATTEMPTS):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
+                                                  **heartbeat_options(heartbeat, tracking_uri))
+        except ImportError as exc:
+            raise OptiflowError(f"the study storage {redact(url)} needs the package '{exc.name}': "
+                                'pip install "optiflow[cluster]"') from None
         except Exception as exc:  # SQLAlchemy raises many kinds; a process creating the schema beside us is one
             failure = first_line(exc)
             time.sleep(0.5 * (attempt + 1))
@@ -125,7 +144,7 @@ def open_storage(url: str | None) -> Any:
 
 def open_study(base: RunConfig, settings: SearchSettings) -> optuna.Study:
     """Create the study, or load it from the storage with the same direction."""
-    storage = open_storage(settings.storage)
+    storage = open_storage(settings.storage, settings.heartbeat, base.tracking_uri)
     steps = base.epochs * max(settings.cv, 1)
     try:
         study = optuna.create_study(storage=storage, study_name=settings.study_name, load_if_exists=True,
@@ -172,15 +191,6 @@ def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], st
         raise
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
-
-
-def redact(url: str) -> str:
-    """A storage URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}"
 
 
 def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:

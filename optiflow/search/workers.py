@@ -1,0 +1,146 @@
+"""Search workers that survive each other, on Optuna's own machinery.
+
+On an RDB storage (PostgreSQL, MySQL, SQLite) every running trial beats a heartbeat
+(``--heartbeat`` seconds, Optuna's ``heartbeat_interval``).  A trial whose heartbeat is older
+than twice that (Optuna's ``grace_period``) belonged to a worker that died: the next worker to
+ask for a trial fails it, :class:`CloseAndRetry` ends its MLflow run (and its fold runs) KILLED
+and queues the same parameters once more as a new trial.  ``--n-trials`` is the study's total of
+finished (complete + pruned) trials across all workers (Optuna's ``MaxTrialsCallback``): a worker
+stops asking once the total is reached, so a study overshoots by at most workers - 1 trials, and
+running the same command on the same storage again continues toward the total.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from optiflow.errors import ServiceLost, first_line, redact
+
+HEARTBEAT_SECONDS = 15
+RUN_ATTR = "mlflow_run_id"
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+MAX_RETRY = 1
+
+
+def heartbeat_options(seconds: int, tracking_uri: str | None) -> dict[str, Any]:
+    """``RDBStorage`` keyword arguments for heartbeats every ``seconds`` (none when 0).
+
+    Optuna 4.9 renamed ``failed_trial_callback`` to ``heartbeat_stale_trial_callback``; this passes
+    whichever the installed Optuna has.
+    """
+    if not seconds:
+        return {}
+    parameters = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters else "failed_trial_callback"
+    return {"heartbeat_interval": int(seconds), "grace_period": 2 * int(seconds),
+            key: CloseAndRetry(tracking_uri, 2 * int(seconds))}
+
+
+class CloseAndRetry:
+    """Optuna's stale-trial callback: end the dead trial's MLflow runs KILLED, then retry it once."""
+
+    def __init__(self, tracking_uri: str | None, grace: int) -> None:
+        self.tracking_uri = tracking_uri
+        self.grace = grace
+        factory = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        factory = factory or optuna.storages.RetryFailedTrialCallback
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = factory(max_retry=MAX_RETRY)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if run_id:
+            close_runs(self.tracking_uri, run_id,
+                       f"the worker running trial {trial.number} stopped: no heartbeat for {self.grace} s "
+                       f"(its trial is retried once with the same parameters)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry(study, trial)
+
+
+def close_runs(tracking_uri: str | None, run_id: str, reason: str) -> None:
+    """End run ``run_id`` and its still-running child runs KILLED with a ``failure`` tag saying ``reason``."""
+    from mlflow.entities import RunTag
+
+    from optiflow.tracking import client, resolve_tracking_uri, retry
+
+    store = client(resolve_tracking_uri(tracking_uri))
+    run = retry(store.get_run, run_id)
+    children = retry(store.search_runs, [run.info.experiment_id],
+                     f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+    for dead in [*children, run]:
+        if dead.info.status == "RUNNING":
+            retry(store.log_batch, dead.info.run_id, tags=[RunTag("failure", reason)])
+            retry(store.set_terminated, dead.info.run_id, status="KILLED")
+
+
+def finished(study: optuna.Study) -> int:
+    """Trials that count toward ``--n-trials``: complete and pruned, by every worker."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def total_callback(n_trials: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    """Stops this worker's ``optimize`` once the study holds ``n_trials`` finished trials."""
+    return optuna.study.MaxTrialsCallback(n_trials, states=FINISHED_STATES)
+
+
+def heartbeat_interval(study: optuna.Study) -> int | None:
+    """The study storage's heartbeat interval in seconds (None: the storage beats none, e.g. a journal file)."""
+    interval = getattr(study._storage, "get_heartbeat_interval", None)
+    return interval() if callable(interval) else None
+
+
+def settle(study: optuna.Study, run_queued: Callable[[int], None], progress: Callable[[str], Any] | None) -> None:
+    """After this worker's trials: fail the trials of dead workers, run their retries, and wait (at most
+    a grace period and a beat) for the trials other workers hold, so that the worker that returns with no
+    trial RUNNING is the one that finishes the study (refit, parent run ended)."""
+    interval = heartbeat_interval(study)
+    if interval is None:
+        return
+    deadline: float | None = None
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+        if queued:
+            run_queued(queued)
+            deadline = None
+            continue
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return
+        if deadline is None:
+            wait = 3 * interval
+            deadline = time.monotonic() + wait
+            if progress is not None:
+                held = ", ".join(str(t.number) for t in running)
+                progress(f"waiting up to {wait} s for trial {held} held by another worker (heartbeat {interval} s)")
+        if time.monotonic() > deadline:
+            return  # their workers are alive and beating: the last of them finishes the study
+        time.sleep(min(1.0, interval / 2))
+
+
+def storage_lost(exc: BaseException, url: str | None) -> ServiceLost | None:
+    """The one-line error for a study database that stopped answering mid-search (None for other errors)."""
+    reason = None
+    seen: BaseException | None = exc
+    while seen is not None:
+        module = type(seen).__module__
+        if module.startswith("mlflow"):
+            return None  # the tracking store's own database: not the study's
+        if module.startswith(("sqlalchemy", "psycopg", "sqlite3", "pymysql")) or isinstance(
+                seen, optuna.exceptions.StorageInternalError):
+            reason = seen
+        seen = seen.__cause__ or seen.__context__
+    if reason is None:
+        return None
+    text = first_line(getattr(reason, "orig", None) or reason)
+    return ServiceLost(f"lost the study storage {redact(url or 'in memory')}: {text}")
