@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from optiflow.data import LoaderBatches, TensorBatches
-from optiflow.distributed import without_nproc
+from optiflow.distributed import current, is_loopback, without_nproc
 
 from helpers import run_cli, runs_of
 
@@ -47,6 +47,65 @@ def test_loader_batches_apply_the_transform_and_shard():
     values = sorted(int(v) for shard in shards for xb, _ in shard for v in xb.flatten())
     assert values == [v + 100 for v in range(12)]
     assert [len(shard) for shard in shards] == [2, 2]
+
+
+@pytest.mark.parametrize(("address", "loopback"), [("127.0.0.1", True), ("127.0.1.1", True), ("::1", True),
+                                                   ("localhost", True), ("10.0.0.7", False), ("node0", False)])
+def test_only_loopback_master_addresses_pin_the_process_group_to_lo(address, loopback):
+    """No name lookup: a host name may resolve to 127.0.1.1 on the machine itself and elsewhere to its real address."""
+    assert is_loopback(address) is loopback
+
+
+def test_the_cluster_counts_processes_and_machines(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("GROUP_WORLD_SIZE", raising=False)
+    assert current().params() == {"world_size": 4, "nnodes": 2}
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "3")
+    assert current().params() == {"world_size": 4, "nnodes": 3}
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    assert current().params() == {"world_size": 1, "nnodes": 1}
+
+
+AGREE = """
+import sys
+from optiflow import distributed
+from optiflow.errors import OptiflowError
+try:
+    distributed.agree(OptiflowError(sys.argv[1]) if sys.argv[1] else None)
+except OptiflowError as exc:
+    print(exc.exit_code, exc)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("verdicts", "said"), [
+    (["", ""], ["", ""]),
+    (["", "table.csv not found"], ["2 rank 1 (on {host}) stopped: table.csv not found", ""]),
+    (["bad option", "bad option"], ["", ""]),  # each says its own error (the CLI prints rank 0's)
+])
+def test_processes_agree_on_their_input_checks_through_the_launchers_store(verdicts, said):
+    """Every rank sets its verdict in the store torchrun (here a TCPStore on 127.0.0.1) serves and reads all of
+    them: a sound rank learns which rank failed and why, with its exit code; a failed rank leaves raising to its
+    caller."""
+    import socket
+
+    import torch.distributed as dist
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=listener.detach(),
+                          wait_for_workers=False)
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    ranks = [subprocess.Popen([sys.executable, "-c", AGREE, verdict], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, text=True) for rank, verdict in enumerate(verdicts)]
+    out = [process.communicate(timeout=120)[0].strip() for process in ranks]
+    del store
+    assert out == [line.format(host=socket.gethostname()) for line in said]
 
 
 def test_nproc_is_removed_from_the_relaunched_command():
@@ -112,3 +171,4 @@ def test_nproc_listens_on_loopback_only(tracking_uri, experiment, tmp_path):
     assert process.returncode == 0, process.stderr.read()
     assert seen, "no listening socket was seen"
     assert seen <= {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}, seen
+
