@@ -151,6 +151,10 @@ def agree(error: BaseException | None, *, if_expected: bool = False) -> None:
         keys = [f"{prefix}{rank}" for rank in range(cluster.world_size)]
         store.wait(keys, CHECK_TIMEOUT)
         verdicts = [store.get(key).decode() for key in keys]
+        if cluster.main:
+            store.set(f"{prefix}read", "")
+        elif any(verdicts):  # stay until rank 0, the one that speaks, has read them (torchrun may stop it then)
+            store.wait([f"{prefix}read"], timedelta(seconds=60))
     except Exception as exc:
         if error is not None:
             return

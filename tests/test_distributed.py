@@ -85,6 +85,7 @@ except OptiflowError as exc:
 @pytest.mark.parametrize(("verdicts", "said"), [
     (["", ""], ["", ""]),
     (["", "table.csv not found"], ["2 rank 1 (on {host}) stopped: table.csv not found", ""]),
+    (["tracking store unreachable", ""], ["", "2 rank 0 (on {host}) stopped: tracking store unreachable"]),
     (["bad option", "bad option"], ["", ""]),  # each says its own error (the CLI prints rank 0's)
 ])
 def test_processes_agree_on_their_input_checks_through_the_launchers_store(verdicts, said):
