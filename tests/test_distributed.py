@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -186,6 +187,20 @@ def torchrun_node(port: int, cwd, *args: str) -> subprocess.Popen:
         text=True, start_new_session=True)
 
 
+@contextlib.contextmanager
+def two_nodes(node0, node1, *args: str):
+    """Both "machines" started at once (a random free rendezvous port); whatever is left is killed at the end."""
+    port = free_port()
+    nodes = [torchrun_node(port, node0, *args), torchrun_node(port, node1, *args)]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+
+
 def children(pid: int) -> set[int]:
     try:
         return {int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()}
@@ -203,19 +218,19 @@ def test_two_torchrun_nodes_train_one_run_logged_once_by_rank_0(tracking_uri, ex
     """Two torchrun agents on 127.0.0.1 (--nnodes 2, c10d rendezvous), one process each: one FINISHED run with
     world_size=2 and nnodes=2, each metric once per epoch, one model; the second machine logs and writes nothing;
     the training processes listen on loopback only (torchrun's own agents listen where torchrun decides)."""
-    port = free_port()
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     node0.mkdir(), node1.mkdir()
     common = ["--data", "digits", "--batch-size", "64", "--tracking-uri", tracking_uri, "--experiment", experiment]
-    nodes = [torchrun_node(port, node0, *common), torchrun_node(port, node1, *common)]
     workers: set[int] = set()
     seen: set[str] = set()
-    while any(node.poll() is None for node in nodes):
-        current = set().union(*(children(node.pid) for node in nodes))
-        workers |= current
-        seen |= listening_addresses(current)
-        time.sleep(0.2)
-    outputs = [node.communicate() for node in nodes]
+    with two_nodes(node0, node1, *common) as nodes:
+        deadline = time.monotonic() + 300
+        while any(node.poll() is None for node in nodes) and time.monotonic() < deadline:
+            current = set().union(*(children(node.pid) for node in nodes))
+            workers |= current
+            seen |= listening_addresses(current)
+            time.sleep(0.2)
+        outputs = [node.communicate(timeout=10) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert error_lines(*(out + err for out, err in outputs)) == []
     [run] = runs_of(mlflow_client, experiment)
@@ -236,13 +251,12 @@ def test_two_torchrun_nodes_train_one_run_logged_once_by_rank_0(tracking_uri, ex
 def test_an_input_error_on_one_node_stops_both_before_any_run(tracking_uri, experiment, tmp_path, mlflow_client):
     """The data file exists on the first machine only: both processes stop before a run opens, and rank 0 says
     in one line which rank failed and why."""
-    port = free_port()
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     node0.mkdir(), node1.mkdir()
     write_csv(node0 / "table.csv")
     common = ["--data", "csv:path=table.csv,target=label", "--tracking-uri", tracking_uri, "--experiment", experiment]
-    nodes = [torchrun_node(port, node0, *common), torchrun_node(port, node1, *common)]
-    outputs = [node.communicate(timeout=240) for node in nodes]
+    with two_nodes(node0, node1, *common) as nodes:
+        outputs = [node.communicate(timeout=240) for node in nodes]
     assert all(node.returncode != 0 for node in nodes), outputs
     [line] = error_lines(*(out + err for out, err in outputs))
     assert line.startswith("Error: rank 1 ") and "table.csv not found" in line, line
@@ -255,12 +269,10 @@ def test_an_input_error_on_one_node_stops_both_before_any_run(tracking_uri, expe
 def test_a_node_lost_during_training_ends_the_run_failed(tracking_uri, experiment, tmp_path, mlflow_client):
     """The second machine's training process dies (SIGKILL) mid-run: rank 0 stops and its run ends, never left
     RUNNING."""
-    port = free_port()
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     node0.mkdir(), node1.mkdir()
-    common = ["--data", "digits", "--epochs", "400", "--tracking-uri", tracking_uri, "--experiment", experiment]
-    nodes = [torchrun_node(port, node0, *common), torchrun_node(port, node1, *common)]
-    try:
+    common = ["--data", "digits", "--epochs", "5000", "--tracking-uri", tracking_uri, "--experiment", experiment]
+    with two_nodes(node0, node1, *common) as nodes:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             runs = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()
@@ -274,10 +286,6 @@ def test_a_node_lost_during_training_ends_the_run_failed(tracking_uri, experimen
         [worker] = children(nodes[1].pid)
         os.kill(worker, signal.SIGKILL)
         outputs = [node.communicate(timeout=120) for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
     assert all(node.returncode != 0 for node in nodes), outputs
     [run] = runs_of(mlflow_client, experiment)
     # FAILED on the lost connection, or KILLED when torchrun's agent on the first machine, losing its peer,
