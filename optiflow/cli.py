@@ -59,10 +59,13 @@ class OptiflowGroup(click.Group):
 
 def _fail(message: str, code: int) -> None:
     """Print ``Error: <first line>`` on stderr and exit with ``code`` (set OPTIFLOW_TRACEBACK=1 to see tracebacks)."""
-    from optiflow.distributed import is_main_process
+    from optiflow.distributed import agree, is_main_process
 
     first = first_line(message) or "failed"
-    if is_main_process():  # data-parallel workers all hit the same error: say it once
+    error = OptiflowError(first)
+    error.exit_code = code
+    agree(error, if_expected=True)  # `train` under torchrun, before training: the other processes stop too
+    if is_main_process():  # data-parallel workers all hit the same error (or rank 0 names the rank): say it once
         click.echo(f"Error: {first}", err=True)
     sys.exit(code)
 
@@ -103,8 +106,9 @@ def train(**params: Any) -> None:
     Ctrl-C or SIGTERM ends the run KILLED with a checkpoint of the last completed
     epoch; `optiflow train --resume RUN_ID` continues it.
     """
-    from optiflow.distributed import is_main_process
+    from optiflow.distributed import expect_agreement, is_main_process
 
+    expect_agreement()
     config = _resume_config(params) if params["resume"] else build_config(params)
     if params["print_config"]:
         click.echo(config.to_yaml(), nl=False)

@@ -60,20 +60,24 @@ def train(
     registry = registry or get_registry()
     pm = pm or get_plugin_manager()
     reporter = reporter or SilentReporter()
-    run = prepare(config, registry)
+    with _agreeing():
+        run = prepare(config, registry)
     run.artifacts = artifacts
     if run.device.type == "cpu":
         host.keep_freed_memory()
     with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
-        _check_run(run, pm, names)
+        with _agreeing():
+            _check_run(run, pm, names)
+            tracker = Tracker(config.tracking_uri, config.experiment) if distributed.is_main_process() \
+                else NullTracker()
+            state = None
+            if resume is not None:
+                uri = resolve_tracking_uri(config.tracking_uri)
+                store = client(uri)
+                checkpoints.check_resumable(store, uri, resume)
+                state = checkpoints.load(store, resume)
+        distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
         cluster = distributed.join(run.device)
-        tracker = Tracker(config.tracking_uri, config.experiment) if cluster.main else NullTracker()
-        state = None
-        if resume is not None:
-            uri = resolve_tracking_uri(config.tracking_uri)
-            store = client(uri)
-            checkpoints.check_resumable(store, uri, resume)
-            state = checkpoints.load(store, resume)
         tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
         tracker.start(run_name=config.run_name or default_run_name(run), tags=tags, parent_run_id=parent_run_id,
                       run_id=resume)
@@ -157,6 +161,16 @@ def register_model(run_id: str, name: str, tracking_uri: str | None = None) -> s
     except MlflowException as exc:
         raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
     return str(version.version)
+
+
+@contextlib.contextmanager
+def _agreeing() -> Iterator[None]:
+    """An error in the block is this process's verdict for :func:`distributed.agree` (then raised)."""
+    try:
+        yield
+    except Exception as exc:
+        distributed.agree(exc)
+        raise
 
 
 @contextlib.contextmanager
@@ -249,6 +263,7 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     params["device_type"] = run.device.type
     params["channels_last"] = run.setup.channels_last
     params["cpu_threads"] = run.setup.threads or "default"
+    params.update(distributed.current().params())  # world_size, nnodes: --batch-size is per process
     tracker.log_params({**params, **extra_params})
     if not run.artifacts:
         return
