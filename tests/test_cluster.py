@@ -15,7 +15,6 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-
 from tests.services import (
     SECRETS,
     start_mlflow_server,

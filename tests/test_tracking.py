@@ -157,3 +157,31 @@ def test_short_epochs_share_one_metric_write_and_end_writes_the_rest(tracking_ur
     tracker.log_metrics({"loss": 0.1}, step=4, flush=False)
     tracker.end()
     assert [s for s, _ in metric_history(mlflow_client, tracker.run_id, "loss")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("postgresql+psycopg://optiflow:s3cret@db:5432/optuna", "postgresql+psycopg://optiflow:***@db:5432/optuna"),
+    ("see http://alice:pw@mlflow:5000/x and sqlite:///m.db", "see http://alice:***@mlflow:5000/x and sqlite:///m.db"),
+    ("postgresql://optiflow@db/optuna", "postgresql://optiflow@db/optuna"),
+    ("https://mlflow.example:5000", "https://mlflow.example:5000"),
+])
+def test_redact_masks_the_password_of_every_url(text, shown):
+    from optiflow.errors import redact
+
+    assert redact(text) == shown
+    assert first_line(RuntimeError(text)) == shown
+
+
+def test_a_tracker_never_stores_a_password_in_params_tags_or_files(tracking_uri, experiment, mlflow_client, tmp_path):
+    secret = "postgresql://optiflow:s3cret@db/optuna"
+    tracker = Tracker(tracking_uri, experiment)
+    run_id = tracker.start(run_name="r", tags={"optiflow.command": f"optiflow search --storage {secret}"})
+    tracker.log_params({"storage": secret})
+    tracker.set_tags({"note": secret})
+    tracker.log_text(f"storage: {secret}\n", "config.yaml")
+    tracker.end()
+    run = mlflow_client.get_run(run_id)
+    stored = [*run.data.params.values(), *run.data.tags.values()]
+    stored.append(open(mlflow_client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read())
+    assert not [text for text in stored if "s3cret" in text]
+    assert run.data.params["storage"] == "postgresql://optiflow:***@db/optuna"

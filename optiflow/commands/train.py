@@ -88,7 +88,7 @@ def train(
         with InterruptGuard(), run_status(tracker) as outcome:
             try:
                 if on_start is not None and cluster.main:
-                    on_start(tracker.run_id)
+                    on_start(str(tracker.run_id))
                 if state is None:
                     _log_setup(run, extra_params or {})
                 else:
