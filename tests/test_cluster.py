@@ -138,6 +138,32 @@ def test_rerunning_the_command_continues_toward_the_total(services, tmp_path, mo
     assert len([r for r in runs if r.data.tags.get("optiflow.kind") == "search"]) == 1
 
 
+def test_a_training_logs_everything_to_the_tracking_server(services, tmp_path, monkeypatch):
+    """Params, metrics, figures, files, the model and the checkpoint, over http with basic auth."""
+    _, server = services
+    process = optiflow("train", "--epochs", "2", "--experiment", "over-http",
+                       env={**server.client_env(), "MLFLOW_TRACKING_URI": server.url}, cwd=tmp_path)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert server.url in out  # the summary's "open the UI" is the server's own URL
+    for name, value in server.client_env().items():
+        monkeypatch.setenv(name, value)
+    store = MlflowClient(server.url)
+    [run] = store.search_runs([store.get_experiment_by_name("over-http").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["opt"] and "test_accuracy" in run.data.metrics
+    assert [m.step for m in store.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+    logged = {a.path for a in store.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "normalization.json", "learning_curves.png"} <= logged
+    assert {a.path for a in store.list_artifacts(run.info.run_id, "checkpoint")} == {"checkpoint/last.pt"}
+    import mlflow.pyfunc
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    from sklearn.datasets import load_digits
+
+    assert model.predict(load_digits().data[:4].reshape(-1, 1, 8, 8).astype("float32")).shape[0] == 4
+
+
 def test_a_worker_that_loses_its_database_says_so_in_one_line(tmp_path):
     root = Path(tempfile.mkdtemp(prefix="optiflow-lost-db-"))
     postgres = start_postgres(root, databases=("optuna",))
