@@ -12,19 +12,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from optiflow.errors import OptiflowError, RunKilled, first_line
+from optiflow.errors import OptiflowError, RunKilled, first_line, no_space
 from optiflow.signals import deferred
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 _RETRIES = 8
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the project-local SQLite store."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    _check_scheme(uri)
     path = sqlite_path(uri)
     if path is not None and str(path) != ":memory:":
         try:
@@ -33,6 +35,24 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
             raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
         _check_database_file(path)
     return uri
+
+
+def _check_scheme(uri: str) -> None:
+    """Refuse a URI MLflow has no store for, and a plain path (MLflow's file store, off by default since MLflow 3)."""
+    from urllib.parse import urlsplit
+
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError as exc:
+        raise OptiflowError(f"the tracking URI {uri} is not a valid URI ({exc})") from None
+    if scheme in ("", "file") or re.match(r"^[a-z]$", scheme):  # a path, or a Windows drive letter
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return
+        raise OptiflowError(f"the tracking URI {uri} is a folder (MLflow's file store, which MLflow no longer "
+                            f"supports by default); give a database, e.g. sqlite:///{uri.removeprefix('file://')}/mlflow.db")
+    if scheme.split("+")[0] not in STORE_SCHEMES:
+        raise OptiflowError(f"the tracking URI {uri} has an unknown scheme '{scheme}'; use sqlite:///FILE, "
+                            "http(s)://HOST:PORT or a database URL (postgresql://, mysql://, mssql://)")
 
 
 def _check_database_file(path: Path) -> None:
@@ -90,19 +110,28 @@ def ui_server_command(uri: str, host: str, port: int, workers: int) -> list[str]
 
 
 def retry(fn, *args: Any, **kwargs: Any) -> Any:
-    """Call an MLflow client method, retrying while a shared SQLite store is locked."""
+    """Call an MLflow client method, retrying while a shared SQLite store is locked; a full disk is one
+    :class:`optiflow.errors.DiskFull` naming where the write went."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(_RETRIES - 1):
-        try:
-            with deferred():
-                return fn(*args, **kwargs)
-        except MlflowException as exc:
-            if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
-                raise
-        time.sleep(0.05 * 2**attempt)
-    with deferred():
-        return fn(*args, **kwargs)
+    try:
+        for attempt in range(_RETRIES - 1):
+            try:
+                with deferred():
+                    return fn(*args, **kwargs)
+            except MlflowException as exc:
+                if "locked" not in str(exc).lower() and "busy" not in str(exc).lower():
+                    raise
+            time.sleep(0.05 * 2**attempt)
+        with deferred():
+            return fn(*args, **kwargs)
+    except (OSError, MlflowException) as exc:
+        store = getattr(getattr(fn, "__self__", None), "tracking_uri", "the tracking store")
+        where = getattr(exc, "filename", None) or sqlite_path(str(store)) or store
+        full = no_space(exc, where)
+        if full is None:
+            raise
+        raise full from None
 
 
 def client(uri: str):
@@ -111,8 +140,8 @@ def client(uri: str):
 
     path = sqlite_path(uri)
     with _store_lock(path):
-        mlflow_client = MlflowClient(tracking_uri=uri)
         try:
+            mlflow_client = MlflowClient(tracking_uri=uri)
             with _fail_fast_http():
                 mlflow_client.search_experiments(max_results=1)
         except Exception as exc:
@@ -152,7 +181,7 @@ def _reason(exc: BaseException) -> str:
     """The root cause of a failed store probe, e.g. ``Connection refused``."""
     text = str(exc)
     cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
-    return cause.group(1).strip() if cause else first_line(exc)
+    return cause.group(1).strip() if cause else re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))
 
 
 @contextlib.contextmanager
@@ -172,6 +201,8 @@ def experiment_id(mlflow_client, uri: str, name: str) -> str:
     """The id of experiment ``name``, created if missing (safe when processes race to create it)."""
     from mlflow.exceptions import MlflowException
 
+    if not name.strip() or len(name) > 500:
+        raise OptiflowError(f"an experiment name must be 1 to 500 characters and not blank, got {name[:40]!r}")
     experiment = retry(mlflow_client.get_experiment_by_name, name)
     if experiment is not None:
         return experiment.experiment_id
