@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -484,3 +485,13 @@ def test_dataset_file_that_would_run_code_is_refused(invoke, tmp_path, mlflow_cl
     assert result.exit_code == 2
     assert not marker.exists()
     assert_no_run(mlflow_client, experiment)
+
+
+def test_the_catalogue_holds_at_least_150_cases():
+    """Counted from the parametrizations, so that a filtered run (-k) counts the same."""
+    count = 0
+    for name, test in globals().items():
+        if name.startswith("test_") and name != "test_the_catalogue_holds_at_least_150_cases" and callable(test):
+            sizes = [len(mark.args[1]) for mark in getattr(test, "pytestmark", []) if mark.name == "parametrize"]
+            count += math.prod(sizes) if sizes else 1
+    assert count >= 150, count
