@@ -126,12 +126,26 @@ def retry(fn, *args: Any, **kwargs: Any) -> Any:
         with deferred():
             return fn(*args, **kwargs)
     except (OSError, MlflowException) as exc:
-        store = getattr(getattr(fn, "__self__", None), "tracking_uri", "the tracking store")
-        where = getattr(exc, "filename", None) or sqlite_path(str(store)) or store
-        full = no_space(exc, where)
+        full = no_space(exc, _written(fn, args, exc))
         if full is None:
             raise
         raise full from None
+
+
+def _written(fn: Any, args: tuple[Any, ...], exc: BaseException) -> Any:
+    """Where a failed client call wrote: the file, else the run's artifact folder (an OSError), else the store."""
+    from urllib.parse import unquote, urlparse
+
+    mlflow_client = getattr(fn, "__self__", None)
+    if isinstance(exc, OSError) and exc.filename:
+        return exc.filename
+    if isinstance(exc, OSError) and mlflow_client is not None and args and isinstance(args[0], str):
+        with contextlib.suppress(Exception):
+            artifacts = urlparse(mlflow_client.get_run(args[0]).info.artifact_uri)
+            if artifacts.scheme in ("", "file"):
+                return unquote(artifacts.path)
+    store = str(getattr(mlflow_client, "tracking_uri", "the tracking store"))
+    return sqlite_path(store) or store
 
 
 def client(uri: str):
@@ -304,9 +318,15 @@ class Tracker:
         from mlflow.models import Model
 
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
-            Model.log(None, flavor, name="model", run_id=self.run_id, metadata=metadata,
-                      validate_serving_input=False, **kwargs)
+        try:
+            with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
+                Model.log(None, flavor, name="model", run_id=self.run_id, metadata=metadata,
+                          validate_serving_input=False, **kwargs)
+        except OSError as exc:
+            full = no_space(exc, _written(self.client.get_run, (self.run_id,), OSError()))
+            if full is None:
+                raise
+            raise full from None
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED)."""
