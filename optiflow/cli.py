@@ -317,6 +317,8 @@ def lr_preview(**params: Any) -> None:
         figure.savefig(out, dpi=110)
     except OSError as exc:
         raise OptiflowError(f"cannot write {out}: {exc.strerror}") from None
+    except ValueError as exc:  # a suffix matplotlib cannot write (.txt)
+        raise OptiflowError(f"cannot write {out}: {first_line(exc)}") from None
     print_lr_preview(result, out)
 
 

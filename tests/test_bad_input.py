@@ -424,6 +424,33 @@ def test_unparseable_search_space(invoke, files, mlflow_client, experiment, spac
     assert_no_run(mlflow_client, experiment)
 
 
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["lr-preview", "--steps-per-epoch", "99999999999999999999"], "20 epochs x 99999999999999999999 steps is more"),
+        (["lr-preview", "--epochs", "1000", "--steps-per-epoch", "100000"], "is more than 10000000"),
+        (["lr-preview", "--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1, got 0"),
+        (["lr-preview", "--out", "schedule.txt"], "cannot write schedule.txt: Format 'txt' is not supported"),
+        (["lr-preview", "--out", "/proc/x.png"], "cannot write /proc/x.png"),
+        (["lr-preview", "--sched", "step:gamma=-1"], "option 'gamma' must be > 0, got -1.0"),
+        (["lr-preview", "--data", "csv:path=ragged.csv,target=label"], "values for 3 columns"),
+        (["lr-preview", "--data", "csv:path=long-field.csv,target=label"], "field larger than field limit"),
+        (["runs", "--stale", "--tracking-uri", "foo://x"], "the tracking URI foo://x has an unknown scheme 'foo'"),
+        (["runs", "--stale", "--tracking-uri", "not-a-database.db"], "is a folder (MLflow's file store"),
+        (["ui", "--port", "0"], "Invalid value for '--port': 0 is not in the range 1<=x<=65535"),
+    ],
+    ids=["preview-steps-overflow", "preview-too-many-steps", "preview-zero-steps", "preview-unknown-format",
+         "preview-out-in-proc", "preview-negative-gamma", "preview-ragged-csv", "preview-long-csv-field",
+         "runs-unknown-store-scheme", "runs-plain-path-store", "ui-port-zero"],
+)
+def test_preview_runs_and_ui_refuse_bad_input_in_one_line(invoke, files, monkeypatch, args, expect):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    result = invoke(*args)
+    assert_one_clear_line(result, expect)
+    assert result.exit_code == 2
+    assert not (files / "schedule.txt").exists() and not (files / "lr-schedule.png").exists()
+
+
 def test_list_refuses_an_unknown_kind(invoke):
     result = invoke("list", "optimizr")
     assert_one_clear_line(result, "unknown kind 'optimizr'")
