@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -493,10 +494,18 @@ def test_unknown_component_in_a_real_process_has_no_traceback(tmp_path):
         ("{run}", "missing.csv", "input not found: missing.csv"),
         ("{run}", "ragged.csv", "has no logged model at 'model'"),
         ("models:/no-such-model/1", "ragged.csv", "cannot load models:/no-such-model/1"),
+        ("{run}", "zero.csv", "zero.csv is not a regular file (a device, pipe or socket cannot be read)"),
+        ("{run}", "zero.npy", "zero.npy is not a regular file"),
+        ("{run}", "fifo.csv", "fifo.csv is not a regular file"),
+        ("{run}", "/dev/null", "/dev/null is not a regular file"),
     ],
-    ids=["predict-unknown-run", "predict-missing-input", "predict-run-without-model", "predict-unknown-registered-model"],
+    ids=["predict-unknown-run", "predict-missing-input", "predict-run-without-model", "predict-unknown-registered-model",
+         "predict-csv-link-to-a-device", "predict-npy-link-to-a-device", "predict-fifo", "predict-device"],
 )
 def test_predict_refuses_bad_input_in_one_line(invoke, files, mlflow_client, experiment, model, path, expect):
+    (files / "zero.csv").symlink_to("/dev/zero")  # reading either would never end
+    (files / "zero.npy").symlink_to("/dev/zero")
+    os.mkfifo(files / "fifo.csv")
     run_id = mlflow_client.create_run(mlflow_client.create_experiment(experiment)).info.run_id
     result = invoke("predict", model.format(run=run_id), "--input", path, "--tracking-uri", mlflow_client.tracking_uri)
     assert_one_clear_line(result, expect)
