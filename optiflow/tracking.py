@@ -12,72 +12,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from optiflow.errors import OptiflowError, RunKilled, first_line, no_space
+from optiflow.errors import OptiflowError, RunKilled, first_line
 from optiflow.signals import deferred
+from optiflow.stores import check_database_file, check_scheme, disk_full
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 _RETRIES = 8
-STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the project-local SQLite store."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    _check_scheme(uri)
+    check_scheme(uri)
     path = sqlite_path(uri)
     if path is not None and str(path) != ":memory:":
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
-        _check_database_file(path)
+        check_database_file(path)
     return uri
-
-
-def _check_scheme(uri: str) -> None:
-    """Refuse a URI MLflow has no store for, and a plain path (MLflow's file store, off by default since MLflow 3)."""
-    from urllib.parse import urlsplit
-
-    try:
-        scheme = urlsplit(uri).scheme.lower()
-    except ValueError as exc:
-        raise OptiflowError(f"the tracking URI {uri} is not a valid URI ({exc})") from None
-    if scheme in ("", "file") or re.match(r"^[a-z]$", scheme):  # a path, or a Windows drive letter
-        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
-            return
-        raise OptiflowError(f"the tracking URI {uri} is a folder (MLflow's file store, which MLflow no longer "
-                            f"supports by default); give a database, e.g. sqlite:///{uri.removeprefix('file://')}/mlflow.db")
-    if scheme.split("+")[0] not in STORE_SCHEMES:
-        raise OptiflowError(f"the tracking URI {uri} has an unknown scheme '{scheme}'; use sqlite:///FILE, "
-                            "http(s)://HOST:PORT or a database URL (postgresql://, mysql://, mssql://)")
-
-
-def _check_database_file(path: Path) -> None:
-    """Refuse a store path that holds something other than a SQLite database (it would be clobbered or misread).
-
-    Read through sqlite3 itself: closing a plain file handle on the database would drop the
-    POSIX locks this process's open connections hold on it.
-    """
-    import sqlite3
-    from urllib.parse import quote
-
-    if not path.exists():
-        return
-    if not path.is_file():
-        raise OptiflowError(f"the tracking store {path} is not a file")
-    try:
-        connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=60)
-        try:
-            connection.execute("PRAGMA schema_version").fetchone()
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc):
-            raise OptiflowError(f"the tracking store {path} exists and is not a SQLite database; "
-                                "give --tracking-uri a new file or an optiflow store") from None
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -126,32 +83,20 @@ def retry(fn, *args: Any, **kwargs: Any) -> Any:
         with deferred():
             return fn(*args, **kwargs)
     except (OSError, MlflowException) as exc:
-        full = no_space(exc, _written(fn, args, exc))
+        full = disk_full(exc, fn, args)
         if full is None:
             raise
         raise full from None
 
 
-def _written(fn: Any, args: tuple[Any, ...], exc: BaseException) -> Any:
-    """Where a failed client call wrote: the file, else the run's artifact folder (an OSError), else the store."""
-    from urllib.parse import unquote, urlparse
-
-    mlflow_client = getattr(fn, "__self__", None)
-    if isinstance(exc, OSError) and exc.filename:
-        return exc.filename
-    if isinstance(exc, OSError) and mlflow_client is not None and args and isinstance(args[0], str):
-        with contextlib.suppress(Exception):
-            artifacts = urlparse(mlflow_client.get_run(args[0]).info.artifact_uri)
-            if artifacts.scheme in ("", "file"):
-                return unquote(artifacts.path)
-    store = str(getattr(mlflow_client, "tracking_uri", "the tracking store"))
-    return sqlite_path(store) or store
-
-
 def client(uri: str):
     """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock."""
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    # MLflow logs each SQLAlchemy error with its traceback before raising it; optiflow says it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     path = sqlite_path(uri)
     with _store_lock(path):
         try:
@@ -159,6 +104,9 @@ def client(uri: str):
             with _fail_fast_http():
                 mlflow_client.search_experiments(max_results=1)
         except Exception as exc:
+            full = disk_full(exc, None, (), store=uri)
+            if full is not None:
+                raise full from None
             raise OptiflowError(f"cannot reach the tracking store {uri}: {_reason(exc)}") from None
         if path is not None:
             _use_write_ahead_log(path)
@@ -323,7 +271,7 @@ class Tracker:
                 Model.log(None, flavor, name="model", run_id=self.run_id, metadata=metadata,
                           validate_serving_input=False, **kwargs)
         except OSError as exc:
-            full = no_space(exc, _written(self.client.get_run, (self.run_id,), OSError()))
+            full = disk_full(exc, self.client.get_run, (self.run_id,), staged=True)
             if full is None:
                 raise
             raise full from None

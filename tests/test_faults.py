@@ -80,6 +80,22 @@ def test_full_artifact_disk_fails_the_run_in_one_line_naming_the_path(small_disk
     assert integrity(db) == "ok"
 
 
+def test_full_disk_under_the_store_is_one_line_without_sqlalchemy_tracebacks(small_disk, tmp_path):
+    """The SQLite store itself on a full tmpfs (MLflow logged 40+ lines of SQLAlchemy traceback)."""
+    from mlflow.tracking import MlflowClient
+
+    db = small_disk / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").create_experiment("full")
+    fill(small_disk, leave=16_000)
+    result = run_cli("train", "--epochs", "1", *SMALL, "--tracking-uri", f"sqlite:///{db}", "--experiment", "full",
+                     cwd=tmp_path, timeout=300)
+    line = one_line(result)
+    assert result.returncode == 1
+    assert f"no space left on the device holding {db}" in line, line
+    (small_disk / "filler").unlink()
+    assert integrity(db) == "ok"
+
+
 def test_full_checkpoint_folder_keeps_the_last_checkpoint_whole(small_disk, monkeypatch):
     """A periodic checkpoint that finds no room: DiskFull naming the folder, the previous last.pt untouched."""
     import torch
