@@ -80,6 +80,7 @@ def test_full_artifact_disk_fails_the_run_in_one_line_naming_the_path(small_disk
     assert integrity(db) == "ok"
 
 
+@pytest.mark.slow
 def test_full_disk_under_the_store_is_one_line_without_sqlalchemy_tracebacks(small_disk, tmp_path):
     """The SQLite store itself on a full tmpfs (MLflow logged 40+ lines of SQLAlchemy traceback)."""
     from mlflow.tracking import MlflowClient
@@ -116,6 +117,7 @@ def test_full_checkpoint_folder_keeps_the_last_checkpoint_whole(small_disk, monk
     assert sorted(p.name for p in folder.iterdir()) == [checkpoints.CHECKPOINT_FILE]
 
 
+@pytest.mark.slow
 def test_truncated_store_is_one_line_and_exit_2(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -165,6 +167,7 @@ def _checkpoint_file(client, run_id: str) -> Path:
     return Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["other-model", "truncated", "not-a-checkpoint"])
 def test_resume_refuses_a_checkpoint_that_does_not_match_the_run(tracking_uri, experiment, mlflow_client, invoke,
                                                                  damage):
