@@ -7,6 +7,7 @@ run, even after a SIGKILL.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optiflow import heartbeat
-from optiflow.errors import OptiflowError, first_line
+from optiflow.errors import OptiflowError, first_line, no_space
 from optiflow.tracking import retry
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
         for regularizer, saved in zip(run.regularizers, state["regularizers"]):
             if saved is not None and hasattr(regularizer, "load_state_dict"):
                 regularizer.load_state_dict(saved)
-    except (KeyError, RuntimeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, RuntimeError, ValueError) as exc:
         raise OptiflowError(f"the checkpoint does not fit this run's model or optimizer: {first_line(exc)}") from None
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
     run.history = {k: list(v) for k, v in state["history"].items()}
@@ -113,14 +114,26 @@ def save(tracker: Tracker, state: dict[str, Any]) -> None:
 
     folder = _local_checkpoint_folder(tracker)
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # whole in memory first: a failing write is an OSError, not torch's
         partial = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.partial"
-        torch.save(state, partial)
-        os.replace(partial, folder / CHECKPOINT_FILE)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as handle:
+                handle.write(buffer.getbuffer())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, folder / CHECKPOINT_FILE)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)  # the last whole checkpoint stays as it was
+            raise no_space(exc, folder, needed=len(buffer.getbuffer())) or exc from None
     else:
         with tempfile.TemporaryDirectory(prefix="optiflow-checkpoint-") as scratch:
             path = Path(scratch) / CHECKPOINT_FILE
-            torch.save(state, path)
+            try:
+                torch.save(state, path)
+            except (OSError, RuntimeError) as exc:
+                raise no_space(exc, scratch) or exc from None
             tracker.log_artifact(path, CHECKPOINT_DIR)
     tracker.checkpoint_saved_at = time.monotonic()  # type: ignore[attr-defined]
 
@@ -142,6 +155,7 @@ def load(client: Any, run_id: str) -> dict[str, Any]:
     """The checkpoint of run ``run_id``, loaded with ``weights_only=True`` (no code runs from the file)."""
     import torch
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line on stderr, even when refused
     with tempfile.TemporaryDirectory(prefix="optiflow-checkpoint-") as folder:
         try:
             path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}", folder)
@@ -182,6 +196,7 @@ def resumable_config(client: Any, uri: str, run_id: str) -> dict[str, Any]:
     import yaml
 
     info = check_resumable(client, uri, run_id)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="optiflow-config-") as folder:
         try:
             path = client.download_artifacts(run_id, "config.yaml", folder)

@@ -96,8 +96,8 @@ def _disable_plugins(names: tuple[str, ...]) -> None:
 @train_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
-@click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
-@click.option("--resume", metavar="RUN_ID", help="Continue a KILLED or FAILED run from its checkpoint, in the same run.")
+@click.option("--nproc", type=click.IntRange(1, 1024), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
+@click.option("--resume", metavar="RUN_ID", callback=flags.not_empty, help="Continue a KILLED or FAILED run from its checkpoint, in the same run.")
 @flags.stored_config_options(data_dir=False)
 @flags.model_options(register="the run's model")
 def train(**params: Any) -> None:
@@ -168,7 +168,7 @@ COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "o
 @click.option("--vary", multiple=True, metavar="KEY=V1,V2,...",
               help="A setting and the values to compare (repeatable: the grid product); component values keep "
                    "their options, e.g. opt=sgd:momentum=0.9,nesterov=true,adam (or separate with '|').")
-@click.option("--repeats", type=int, help="Seeds per variant: seed, seed+1, ... [1].")
+@click.option("--repeats", type=click.IntRange(max=10_000), help="Seeds per variant: seed, seed+1, ... [1].")
 @click.option("--metric", help="Final metric to rank and chart [test_accuracy, or test_loss for regression].")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>].")
 @flags.model_options(register="the best variant's model (every child's model is then logged)", log_models="each child's")
@@ -226,14 +226,14 @@ SEARCH_DEFAULTS: dict[str, Any] = {
 @click.option("--metric", help="Objective: a metric of the runs, e.g. val_accuracy [val_loss].")
 @click.option("--direction", type=click.Choice(["minimize", "maximize"]),
               help="Whether to minimize or maximize the metric [maximize for accuracy/r2, else minimize].")
-@click.option("--n-trials", type=int, help="Finished trials the study should hold, across every process sharing "
-                                         "--storage [20; the whole grid for grid].")
+@click.option("--n-trials", type=click.IntRange(max=10**9), help="Finished trials the study should hold, across "
+                                                              "every process sharing --storage [20; the whole grid for grid].")
 @click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
-@click.option("--cv", type=int, help="Score each trial by K-fold cross-validation on the training split.")
+@click.option("--cv", type=click.IntRange(max=1000), help="Score each trial by K-fold cross-validation on the training split.")
 @click.option("--storage", help="Optuna storage shared by processes: sqlite:///study.db, postgresql://..., "
                                 "journal:study.log [in memory].")
 @click.option("--study-name", help="Study to create or join in --storage [a new name].")
-@click.option("--n-jobs", type=int, help="Processes running trials in parallel [1].")
+@click.option("--n-jobs", type=click.IntRange(max=1024), help="Processes running trials in parallel [1].")
 @click.option("--heartbeat", type=int, help="Seconds between trial heartbeats on an RDB --storage; a trial silent "
                                             "for twice that is failed, its run ended KILLED, and retried once [15].")
 @flags.model_options(register="the refit model", log_models="each trial's", refit=True)
@@ -324,6 +324,8 @@ def lr_preview(**params: Any) -> None:
         figure.savefig(out, dpi=110)
     except OSError as exc:
         raise OptiflowError(f"cannot write {out}: {exc.strerror}") from None
+    except ValueError as exc:  # a suffix matplotlib cannot write (.txt)
+        raise OptiflowError(f"cannot write {out}: {first_line(exc)}") from None
     print_lr_preview(result, out)
 
 

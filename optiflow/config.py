@@ -23,7 +23,7 @@ MAX_SEED = 2**32 - 1
 #: bounds on what a config file may hold
 MAX_CONFIG_BYTES = 1_000_000
 MAX_CONFIG_NODES = 100_000
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,4})?)$")
 AMP_MODES = ("off", "auto", "bf16", "fp16")
 
 
@@ -263,9 +263,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     one clear error when missing or malformed."""
     path = Path(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        if path.exists() and not path.is_file():
+            raise OptiflowError(f"config file {path} is not a regular file (a device, pipe or socket cannot be read)")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
             raise OptiflowError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1000} kB; is it a config file?")
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise OptiflowError(f"config file not found: {path}") from None
     except UnicodeDecodeError:

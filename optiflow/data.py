@@ -150,6 +150,10 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
     def cut(x: Tensor, y: Tensor, fraction: float, salt: int) -> tuple[Tensor, ...]:
         if fraction <= 0:
             return x, y, x[:0], y[:0]
+        if len(x) - math.ceil(fraction * len(x)) < 1:
+            part = "test" if salt == 0 else "validation"
+            raise OptiflowError(f"{len(x)} samples are too few to hold out a {part} split of {fraction:g} "
+                                "and keep any for training; give more data")
         stratify = y.numpy() if source.task == "classification" else None
         try:
             index_a, index_b = train_test_split(

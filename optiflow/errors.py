@@ -3,8 +3,11 @@
 The CLI prints an :class:`OptiflowError` as one line and exits with its ``exit_code``.
 """
 
+import errno
 import re
+import shutil
 import signal
+from pathlib import Path
 
 MAX_LINE = 300
 # ``scheme://user:password@host``: the password part of any URL in a text
@@ -55,6 +58,41 @@ class TrainingError(OptiflowError):
     """Training stopped because of what happened during it (e.g. a non-finite loss)."""
 
     exit_code = 1
+
+
+class DiskFull(OptiflowError):
+    """A write found no space left (ENOSPC, a quota, SQLite's "database or disk is full"): the machine's
+    trouble, not the input's, so exit code 1."""
+
+    exit_code = 1
+
+
+def no_space(error: "BaseException | None", path: "str | Path", needed: "int | None" = None) -> "DiskFull | None":
+    """A :class:`DiskFull` naming ``path``, its free space and the ``needed`` bytes (when known) if ``error``
+    (or what caused it) is a write that found the device full, else None."""
+    for _ in range(10):
+        if error is None:
+            return None
+        text = str(error)
+        if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or "disk is full" in text \
+                or "No space left" in text:
+            more = f", {needed // 1000 + 1} kB needed" if needed else ", more needed"
+            return DiskFull(f"no space left on the device holding {path} ({_free(path)}{more}); "
+                            "free some space and run again")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _free(path: "str | Path") -> str:
+    """``12 kB free`` for the nearest existing folder of ``path``, or ``no space`` when it cannot be told."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "no space"
+    return f"{free // 1000} kB free" if free < 10**7 else f"{free // 10**6} MB free"
 
 
 class RunKilled(Exception):

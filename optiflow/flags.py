@@ -69,10 +69,17 @@ REFIT_HELP = ("Train the best configuration again on the whole training split (t
               "[refit].")
 
 
+def not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A name or id the user gave must say something: ``--register ''`` is refused, not taken as absent."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("must not be empty", ctx=ctx, param=param)
+    return value
+
+
 def model_options(register: str, log_models: str | None = None, refit: bool = False) -> Callable[[Any], Any]:
     """What becomes of the models a command trains: ``--log-models`` (``log_models``: whose), ``--refit`` (search)
     and ``--register NAME`` (``register``: which model)."""
-    options = [click.option("--register", metavar="NAME",
+    options = [click.option("--register", metavar="NAME", callback=not_empty,
                             help=f"Register {register} in MLflow's model registry as the next version of NAME "
                                  "(load it as models:/NAME/VERSION).")]
     if log_models:

@@ -50,11 +50,19 @@ class Inputs:
     labels: list[Any] | None = None
 
 
-def read_inputs(path: str, spec: ModelSpec) -> Inputs:
-    """The rows of ``path`` for a model that takes ``spec``: a ``.csv``, a ``.npy``, an image or a folder of images."""
+def input_file(path: str) -> Path:
+    """``path`` when it is a file or folder there is something to read from, else one clear error."""
     file = Path(path).expanduser()
     if not file.exists():
         raise OptiflowError(f"input not found: {path}")
+    if not file.is_dir() and not file.is_file():  # /dev/zero or a FIFO, even behind a .csv link, would hang
+        raise OptiflowError(f"{path} is not a regular file (a device, pipe or socket cannot be read)")
+    return file
+
+
+def read_inputs(path: str, spec: ModelSpec) -> Inputs:
+    """The rows of ``path`` for a model that takes ``spec``: a ``.csv``, a ``.npy``, an image or a folder of images."""
+    file = input_file(path)
     suffix = file.suffix.lower()
     if file.is_dir() or suffix in image_suffixes():
         if not spec.image:

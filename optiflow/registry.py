@@ -19,6 +19,7 @@ from optiflow.slots import FAMILY_KINDS, KINDS, SLOTS, family_of
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f"}
+MAX_INT = 2**63 - 1  # what torch and numpy sizes and seeds can hold
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class Option:
         except (TypeError, ValueError):
             raise OptiflowError(
                 f"{owner}: option '{self.name}' expects {self.type_name}, got {reprlib.repr(value)}"
+            ) from None
+        except OverflowError:
+            raise OptiflowError(
+                f"{owner}: option '{self.name}' holds a number beyond +-{MAX_INT}, got {reprlib.repr(value)}"
             ) from None
         if self.choices and result not in self.choices:
             raise OptiflowError(
@@ -325,7 +330,10 @@ def _coerce(tp: Any, value: Any) -> Any:
             raise TypeError(value)
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
-        return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        whole = int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if not -MAX_INT <= whole <= MAX_INT:
+            raise OverflowError(value)
+        return whole
     if tp is float:
         if isinstance(value, bool):
             raise TypeError(value)

@@ -199,6 +199,11 @@ def build(component: Component, *context: Any, **options: Any) -> Any:
         raise
     except (ValueError, OSError) as exc:
         raise OptiflowError(f"{component.kind} '{component.name}': {first_line(exc)}") from None
+    except (RuntimeError, MemoryError) as exc:  # sizes the user chose that do not fit in memory
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise OptiflowError(f"{component.kind} '{component.name}': not enough memory for the sizes given "
+                            f"({first_line(exc)[:120]})") from None
 
 
 def initialize(model: nn.Module, resolved: Plan, x_train: Tensor) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.signals import deferred
+from optiflow.stores import check_database_file, check_scheme, disk_full
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
@@ -30,39 +31,15 @@ _LOST_SERVER = re.compile(r"API request to (https?://[^/\s]+)\S* failed with exc
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the project-local SQLite store."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    check_scheme(uri)
     path = sqlite_path(uri)
     if path is not None and str(path) != ":memory:":
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
-        _check_database_file(path)
+        check_database_file(path)
     return uri
-
-
-def _check_database_file(path: Path) -> None:
-    """Refuse a store path that holds something other than a SQLite database (it would be clobbered or misread).
-
-    Read through sqlite3 itself: closing a plain file handle on the database would drop the
-    POSIX locks this process's open connections hold on it.
-    """
-    import sqlite3
-    from urllib.parse import quote
-
-    if not path.exists():
-        return
-    if not path.is_file():
-        raise OptiflowError(f"the tracking store {path} is not a file")
-    try:
-        connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=60)
-        try:
-            connection.execute("PRAGMA schema_version").fetchone()
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc):
-            raise OptiflowError(f"the tracking store {path} exists and is not a SQLite database; "
-                                "give --tracking-uri a new file or an optiflow store") from None
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -95,37 +72,52 @@ def ui_server_command(uri: str, host: str, port: int, workers: int) -> list[str]
 
 
 def retry(fn, *args: Any, **kwargs: Any) -> Any:
-    """Call an MLflow client method, retrying while a shared SQLite store is locked."""
+    """Call an MLflow client method, retrying while a shared SQLite store is locked; a full disk is one
+    :class:`optiflow.errors.DiskFull` naming where the write went."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(_RETRIES):
-        try:
-            with deferred():
-                return fn(*args, **kwargs)
-        except MlflowException as exc:
-            lost = _LOST_SERVER.search(str(exc))
-            if lost:
-                raise TrackingServerLost(f"lost the tracking server {redact(lost.group(1))}: {_reason(exc)}") from None
-            if attempt == _RETRIES - 1 or ("locked" not in str(exc).lower() and "busy" not in str(exc).lower()):
-                raise
-        time.sleep(0.05 * 2**attempt)
-    raise AssertionError("unreachable")
+    try:
+        for attempt in range(_RETRIES):
+            try:
+                with deferred():
+                    return fn(*args, **kwargs)
+            except MlflowException as exc:
+                lost = _LOST_SERVER.search(str(exc))
+                if lost:
+                    raise TrackingServerLost(f"lost the tracking server {redact(lost.group(1))}: "
+                                             f"{_reason(exc)}") from None
+                if attempt == _RETRIES - 1 or ("locked" not in str(exc).lower() and "busy" not in str(exc).lower()):
+                    raise
+            time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+    except (OSError, MlflowException) as exc:
+        full = disk_full(exc, fn, args)
+        if full is None:
+            raise
+        raise full from None
 
 
 def client(uri: str):
     """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock."""
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    # MLflow logs each SQLAlchemy error with its traceback before raising it; optiflow says it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     path = sqlite_path(uri)
     if is_server(uri):
         for name, value in SERVER_ENV.items():
             os.environ.setdefault(name, value)
     with _store_lock(path):
-        mlflow_client = MlflowClient(tracking_uri=uri)
         try:
+            mlflow_client = MlflowClient(tracking_uri=uri)
             with _fail_fast_http():
                 mlflow_client.search_experiments(max_results=1)
         except Exception as exc:
+            full = disk_full(exc, None, (), store=uri)
+            if full is not None:
+                raise full from None
             raise OptiflowError(f"cannot reach the tracking store {uri}: {_reason(exc)}") from None
         if path is not None:
             _use_write_ahead_log(path)
@@ -162,7 +154,7 @@ def _reason(exc: BaseException) -> str:
     """The root cause of a failed store probe, e.g. ``Connection refused``."""
     text = str(exc)
     cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
-    return cause.group(1).strip() if cause else first_line(exc)
+    return cause.group(1).strip() if cause else re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))
 
 
 @contextlib.contextmanager
@@ -182,6 +174,8 @@ def experiment_id(mlflow_client, uri: str, name: str) -> str:
     """The id of experiment ``name``, created if missing (safe when processes race to create it)."""
     from mlflow.exceptions import MlflowException
 
+    if not name.strip() or len(name) > 500:
+        raise OptiflowError(f"an experiment name must be 1 to 500 characters and not blank, got {name[:40]!r}")
     experiment = retry(mlflow_client.get_experiment_by_name, name)
     if experiment is not None:
         return experiment.experiment_id
@@ -283,9 +277,15 @@ class Tracker:
         from mlflow.models import Model
 
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
-            Model.log(None, flavor, name="model", run_id=self.run_id, metadata=metadata,
-                      validate_serving_input=False, **kwargs)
+        try:
+            with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
+                Model.log(None, flavor, name="model", run_id=self.run_id, metadata=metadata,
+                          validate_serving_input=False, **kwargs)
+        except OSError as exc:
+            full = disk_full(exc, self.client.get_run, (self.run_id,), staged=True)
+            if full is None:
+                raise
+            raise full from None
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED)."""

@@ -105,8 +105,8 @@ def _synthetic(ctx: DataContext, n: int, noise: float, interval: tuple[float, fl
     """``n`` points of ``function`` on ``interval`` plus seeded Gaussian noise: x shaped (n, 1), y shaped (n,)."""
     import torch
 
-    if n < 10:
-        raise OptiflowError(f"synthetic datasets need n >= 10 samples, got {n}")
+    if not 10 <= n <= 10**8:
+        raise OptiflowError(f"synthetic datasets need n in [10, 100000000] samples, got {n}")
     if noise < 0:
         raise OptiflowError(f"noise must be >= 0, got {noise}")
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -245,13 +245,20 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
     file = _user_path(ctx, "csv", path)
     if file.exists() and not file.is_file() and not file.is_dir():
         raise OptiflowError(f"dataset 'csv': {file} is not a regular file (a device, pipe or socket cannot be read)")
-    with open(file, newline="") as handle:
-        rows = [row for row in csv_module.reader(handle, delimiter=delimiter) if row]
+    if len(delimiter) != 1 or delimiter in "\"\r\n":
+        raise OptiflowError(f"dataset 'csv': delimiter must be one character other than a quote or newline, "
+                            f"got {delimiter!r}")
+    rows = _csv_rows(file, delimiter)
     if len(rows) < 2:
         raise OptiflowError(f"csv file {file} needs a header row and at least one data row")
     header, body = [h.strip() for h in rows[0]], rows[1:]
     if target not in header:
         raise OptiflowError(f"csv file {file} has no column '{target}'; its columns are: {', '.join(header)}")
+    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if twice is not None:
+        raise OptiflowError(f"csv file {file}: column '{twice}' appears twice in the header")
+    if len(header) < 2:
+        raise OptiflowError(f"csv file {file} has no feature columns besides the target '{target}'")
     column = header.index(target)
     features, labels = [], []
     for line, row in enumerate(body, start=2):
@@ -281,6 +288,19 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
     y = torch.tensor([index[v] for v in labels], dtype=torch.long)
     return DataSource(x, y, "classification", num_classes=len(classes), classes=classes, meta={"path": str(file)},
                       feature_names=names, target=target)
+
+
+def _csv_rows(file: Path, delimiter: str) -> list[list[str]]:
+    """The non-empty rows of a CSV file; malformed CSV (an unclosed quote, a field over the csv
+    module's limit) is one line naming the line, not the csv module's bare ``Error``."""
+    with open(file, newline="") as handle:
+        reader = csv_module.reader(handle, delimiter=delimiter, strict=True)
+        try:
+            return [row for row in reader if row]
+        except csv_module.Error as exc:
+            raise OptiflowError(f"csv file {file}, line {reader.line_num}: {first_line(exc)}") from None
+        except UnicodeDecodeError:
+            raise OptiflowError(f"csv file {file} is not UTF-8 text (line {reader.line_num + 1})") from None
 
 
 def image_folder(ctx: DataContext, *, path: str = "", size: int = 32, grayscale: bool = False) -> DataSource:

@@ -8,6 +8,8 @@ from typing import Literal
 from optiflow import hookimpl
 from optiflow.errors import OptiflowError
 
+MAX_UNITS = 1_000_000  # units or channels in one layer
+
 
 @hookimpl
 def optiflow_register_models(register):
@@ -34,6 +36,7 @@ def mlp(input_shape: tuple, num_outputs: int, *, hidden: tuple[int, ...] = (256,
     from torch import nn
 
     _check_dropout(dropout)
+    _check_sizes("mlp", "hidden", hidden)
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for size in hidden:
@@ -59,6 +62,8 @@ def cnn(input_shape: tuple, num_outputs: int, *, channels: tuple[int, ...] = (32
     from torch import nn
 
     _check_dropout(dropout)
+    _check_sizes("cnn", "channels", channels)
+    _check_sizes("cnn", "hidden", hidden)
     in_channels, height, width = _image_shape("cnn", input_shape)
     if len(channels) != 2:
         raise OptiflowError(f"cnn: channels takes two sizes (first and second conv), got {list(channels)}")
@@ -124,6 +129,13 @@ def _image_shape(name: str, input_shape: tuple) -> tuple[int, int, int]:
             "use an image dataset (digits, mnist, cifar10, image-folder) and a normalizer that keeps the image shape"
         )
     return tuple(int(v) for v in input_shape)  # type: ignore[return-value]
+
+
+def _check_sizes(name: str, option: str, sizes: tuple[int, ...]) -> None:
+    """Layer sizes are whole numbers of units in [1, MAX_UNITS] (a negative size is no typo to fix by abs())."""
+    for size in sizes:
+        if not 1 <= size <= MAX_UNITS:
+            raise OptiflowError(f"{name}: every size in '{option}' must be in [1, {MAX_UNITS}], got {size}")
 
 
 def _check_dropout(rate: float) -> None:

@@ -33,6 +33,7 @@ def step(optimizer, length, *, step_size: int = 10, gamma: float = 0.1, warmup_e
     from torch.optim import lr_scheduler
 
     _positive(step_size=step_size)
+    _rates(gamma=gamma)
     return _schedule(optimizer, length, warmup_epochs, "epoch",
                      lambda rest: lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma))
 
@@ -42,6 +43,7 @@ def multistep(optimizer, length, *, milestones: tuple[int, ...] = (30, 60, 90), 
     """Multiply the learning rate by gamma at each milestone epoch (counted after warm-up); per epoch."""
     from torch.optim import lr_scheduler
 
+    _rates(gamma=gamma)
     return _schedule(optimizer, length, warmup_epochs, "epoch",
                      lambda rest: lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma))
 
@@ -50,6 +52,7 @@ def exponential(optimizer, length, *, gamma: float = 0.95, warmup_epochs: int = 
     """Multiply the learning rate by gamma every epoch; per epoch."""
     from torch.optim import lr_scheduler
 
+    _rates(gamma=gamma)
     return _schedule(optimizer, length, warmup_epochs, "epoch", lambda rest: lr_scheduler.ExponentialLR(optimizer, gamma))
 
 
@@ -59,6 +62,7 @@ def plateau(optimizer, length, *, monitor: str = "val_loss", mode: Literal["auto
     """Multiply the learning rate by factor when the monitored metric stops improving for patience epochs; per epoch."""
     from torch.optim import lr_scheduler
 
+    _rates(factor=factor, min_lr=min_lr, minimum=0.0)
     if mode == "auto":
         mode = "max" if higher_is_better(monitor) else "min"
     return _schedule(optimizer, length, warmup_epochs, "epoch", lambda rest: lr_scheduler.ReduceLROnPlateau(
@@ -69,6 +73,7 @@ def cosine(optimizer, length, *, min_lr: float = 0.0, warmup_epochs: int = 0):
     """Cosine annealing from the initial rate to min_lr over the remaining epochs; per epoch."""
     from torch.optim import lr_scheduler
 
+    _rates(min_lr=min_lr, minimum=0.0)
     return _schedule(optimizer, length, warmup_epochs, "epoch",
                      lambda rest: lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, rest.epochs), eta_min=min_lr))
 
@@ -79,6 +84,7 @@ def cosine_restarts(optimizer, length, *, first_cycle: int = 10, cycle_mult: int
     from torch.optim import lr_scheduler
 
     _positive(first_cycle=first_cycle, cycle_mult=cycle_mult)
+    _rates(min_lr=min_lr, minimum=0.0)
     return _schedule(optimizer, length, warmup_epochs, "epoch", lambda rest: lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=first_cycle, T_mult=cycle_mult, eta_min=min_lr))
 
@@ -132,6 +138,15 @@ SCHEDULERS = {
 def _has_momentum(optimizer) -> bool:
     defaults = optimizer.defaults
     return "betas" in defaults or defaults.get("momentum", 0) > 0
+
+
+def _rates(minimum: float | None = None, **values: float) -> None:
+    """Factors of the learning rate are > 0 (a negative one makes the rate negative); with ``minimum``, >= it."""
+    for name, value in values.items():
+        if minimum is not None and name.endswith("lr") and value < minimum:
+            raise OptiflowError(f"option '{name}' must be >= {minimum:g}, got {value}")
+        if not name.endswith("lr") and value <= 0:
+            raise OptiflowError(f"option '{name}' must be > 0, got {value}")
 
 
 def _positive(**values: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
 
 import pytest
@@ -31,8 +33,16 @@ FILES = {
     "nan.csv": CSV_OK.replace("3,4", "3,nan"),
     "one-class.csv": CSV_OK.replace(",y", ",x"),
     "not-a-database.db": "my notes\n",
+    "long-field.csv": "a,b,label\n1," + "7" * 200_000 + ",x\n",
+    "long-header.csv": "a" * 200_000 + ",b,label\n1,2,x\n",
+    "unclosed-quote.csv": CSV_OK + '9,10,"y\n',
+    "twice.csv": CSV_OK.replace("a,b", "a,a"),
+    "target-only.csv": "label\nx\ny\nx\ny\n",
+    "two-rows.csv": "a,b,label\n1,2,x\n3,4,y\n",
+    "huge.yaml": "run_name: " + "x" * 1_000_001 + "\n",
 }
-BINARY_FILES = {"latin1.yaml": "epochs: 3 # caf\xe9\n".encode("latin-1")}
+BINARY_FILES = {"latin1.yaml": "epochs: 3 # caf\xe9\n".encode("latin-1"),
+                "latin1.csv": CSV_OK.replace(",x\n", ",caf\xe9\n").encode("latin-1")}
 
 
 def case(*args: str, expect: str, marks=(), id: str):
@@ -141,17 +151,130 @@ CASES = [
          id="early-stopping-without-validation"),
     case("--data", "diabetes", "--reg", "label-smoothing", expect="label-smoothing needs a classification run",
          id="label-smoothing-on-regression"),
+    case("--data", "diabetes", "--loss", "cross-entropy", expect="the cross-entropy loss needs a classification dataset",
+         id="cross-entropy-on-regression"),
+    # sizes: whole units in range, never abs()'d, never overflowing into torch or numpy
+    case("--model", "mlp:hidden=[-5]", expect="mlp: every size in 'hidden' must be in [1, 1000000], got -5",
+         id="negative-hidden-size"),
+    case("--model", "mlp:hidden=[0]", expect="mlp: every size in 'hidden' must be in [1, 1000000], got 0",
+         id="zero-hidden-size"),
+    case("--model", "mlp:hidden=[64,0]", expect="every size in 'hidden' must be in [1, 1000000], got 0",
+         id="zero-second-hidden-size"),
+    case("--model", "mlp:hidden=[2000000]", expect="every size in 'hidden' must be in [1, 1000000], got 2000000",
+         id="hidden-size-too-large"),
+    case("--model", "mlp:hidden=[99999999999999999999]",
+         expect="model 'mlp': option 'hidden' holds a number beyond +-9223372036854775807", id="hidden-size-overflow"),
+    case("--model", "cnn:channels=[0,4]", expect="cnn: every size in 'channels' must be in [1, 1000000], got 0",
+         id="zero-cnn-channels"),
+    case("--model", "cnn:hidden=[-1]", expect="cnn: every size in 'hidden' must be in [1, 1000000], got -1",
+         id="negative-cnn-hidden"),
+    case("--model", "mlp:activation=maxout:pieces=0", expect="maxout needs at least 2 pieces, got 0",
+         id="maxout-zero-pieces"),
+    case("--sched", "step:step_size=99999999999999999999",
+         expect="scheduler 'step': option 'step_size' holds a number beyond", id="step-size-overflow"),
+    case("--data", "linear:n=99999999999999999999", expect="dataset 'linear': option 'n' holds a number beyond",
+         id="dataset-size-overflow"),
+    case("--data", "linear:n=1000000000", expect="synthetic datasets need n in [10, 100000000] samples",
+         id="dataset-size-too-large"),
+    case("--data", "linear:n=3", expect="synthetic datasets need n in [10, 100000000] samples, got 3",
+         id="dataset-size-too-small"),
+    case("--data", "linear:noise=-1", expect="noise must be >= 0, got -1.0", id="negative-noise"),
+    case("--batch-size", "-5", expect="batch size must be an integer >= 1 or 'full', got -5", id="negative-batch-size"),
+    case("--batch-size", "99999999999999999999", expect="batch size must be an integer >= 1 or 'full'",
+         id="huge-batch-size"),
+    case("--batch-size", "1e30", expect="'batch_size' expects int, got '1e30'", id="batch-size-float-overflow"),
+    case("--batch-size", "0x10", expect="'batch_size' expects int, got '0x10'", id="batch-size-hex"),
+    case("--workers", "-1", expect="workers must be in [0, 1024], got -1", id="negative-workers"),
+    case("--workers", "99999999999999999999", expect="workers must be in [0, 1024]", id="huge-workers"),
+    case("--nproc", "0", expect="Invalid value for '--nproc': 0 is not in the range 1<=x<=1024", id="zero-nproc"),
+    case("--nproc", "99999999999999999999", expect="is not in the range 1<=x<=1024", id="huge-nproc"),
+    case("--epochs", "1e3", expect="'1e3' is not a valid integer", id="epochs-in-float-notation"),
+    case("--seed", "1.5", expect="'1.5' is not a valid integer", id="fractional-seed"),
+    case("--seed", "4294967296", expect="seed must be an integer in [0, 4294967295], got 4294967296", id="seed-above-32-bits"),
+    case("--lr", "1e400", expect="learning rate must be > 0 and finite, got inf", id="lr-overflowing-to-inf"),
+    case("--lr", "1e-400", expect="learning rate must be > 0 and finite, got 0.0", id="lr-underflowing-to-zero"),
+    case("--test-split", "1", expect="test split must be in (0, 1), got 1.0", id="test-split-one"),
+    case("--test-split", "nan", expect="test split must be in (0, 1), got nan", id="nan-test-split"),
+    case("--test-split", "inf", expect="test split must be in (0, 1), got inf", id="infinite-test-split"),
+    case("--device", "cuda:99999999999999999999", expect="device must be auto, cpu, cuda or cuda:N",
+         id="device-index-overflow"),
+    case("--device", "cuda:-1", expect="device must be auto, cpu, cuda or cuda:N, got 'cuda:-1'", id="negative-device-index"),
+    case("--device", "cpu:0", expect="device must be auto, cpu, cuda or cuda:N, got 'cpu:0'", id="indexed-cpu"),
+    case("--amp", "bogus", expect="Invalid value for '--amp': 'bogus' is not one of", id="unknown-amp"),
+    case("--amp", "fp16", "--device", "cpu", expect="--amp fp16 is not supported on cpu", id="fp16-on-cpu"),
+    # optimizer and schedule values that would give a negative, zero or undefined learning rate
+    case("--opt", "sgd:lr=1e400", expect="option 'lr' expects float, got '1e400'", id="optimizer-lr-overflow"),
+    case("--opt", "sgd:momentum=-1", expect="optimizer 'sgd': Invalid momentum value: -1.0", id="negative-momentum"),
+    case("--opt", "sgd:weight_decay=-1", expect="optimizer 'sgd': Invalid weight_decay value: -1.0",
+         id="negative-weight-decay"),
+    case("--opt", "adam:betas=[2,3]", expect="optimizer 'adam': Invalid beta parameter at index 0: 2.0",
+         id="beta-above-one"),
+    case("--opt", "adam:eps=-1", expect="optimizer 'adam': Invalid epsilon value: -1.0", id="negative-epsilon"),
+    case("--sched", "step:gamma=-1", expect="option 'gamma' must be > 0, got -1.0", id="negative-step-gamma"),
+    case("--sched", "step:gamma=0", expect="option 'gamma' must be > 0, got 0.0", id="zero-step-gamma"),
+    case("--sched", "multistep:gamma=-1", expect="option 'gamma' must be > 0, got -1.0", id="negative-multistep-gamma"),
+    case("--sched", "exponential:gamma=-0.5", expect="option 'gamma' must be > 0, got -0.5",
+         id="negative-exponential-gamma"),
+    case("--sched", "cosine:min_lr=-1", expect="option 'min_lr' must be >= 0, got -1.0", id="negative-cosine-min-lr"),
+    case("--sched", "cosine-restarts:min_lr=-1", expect="option 'min_lr' must be >= 0, got -1.0",
+         id="negative-restarts-min-lr"),
+    case("--sched", "plateau:factor=0", expect="option 'factor' must be > 0, got 0.0", id="zero-plateau-factor"),
+    case("--sched", "plateau:factor=2", expect="scheduler 'plateau': Factor should be < 1.0", id="plateau-factor-above-one"),
+    case("--sched", "step:step_size=0", expect="option 'step_size' must be >= 1, got 0", id="zero-step-size"),
+    case("--sched", "step:warmup_epochs=-1", expect="warmup_epochs must be between 0 and epochs - 1", id="negative-warmup"),
+    case("--sched", "cosine:T_max=0", expect="scheduler 'cosine' has no option 'T_max'", id="torch-option-name"),
+    case("--reg", "l2:strength=inf", expect="option 'strength' expects float, got 'inf'", id="infinite-l2"),
+    case("--reg", "early-stopping:patience=0", expect="early-stopping': patience must be >= 1, got 0",
+         id="zero-patience"),
+    case("--init", "kaiming-normal:a=nan", expect="option 'a' expects float, got 'nan'", id="nan-init-option"),
+    case("--data", "iris:foo=1", expect="dataset 'iris' has no option 'foo'", id="dataset-option-unknown"),
+    case("--norm", "minmax:foo=1", expect="normalizer 'minmax' has no option 'foo'", id="normalizer-option-unknown"),
+    # names and ids that must say something
+    case("--register", "", expect="Invalid value for '--register': must not be empty", id="empty-register-name"),
+    case("--register", " ", expect="Invalid value for '--register': must not be empty", id="blank-register-name"),
+    case("--config", "/dev/zero", expect="config file /dev/zero is not a regular file", id="config-device-file"),
+    case("--config", "huge.yaml", expect="config file huge.yaml is larger than 1000 kB", id="config-too-large"),
+    # the user's CSV files
+    case("--data", "csv", expect="dataset 'csv' needs a path", id="csv-without-path"),
+    case("--data", "csv:path=long-field.csv,target=label",
+         expect="csv file long-field.csv, line 2: field larger than field limit (131072)", id="csv-field-too-large"),
+    case("--data", "csv:path=long-header.csv,target=label",
+         expect="csv file long-header.csv, line 1: field larger than field limit", id="csv-header-too-large"),
+    case("--data", "csv:path=latin1.csv,target=label", expect="csv file latin1.csv is not UTF-8 text",
+         id="csv-not-utf8"),
+    case("--data", "csv:path=unclosed-quote.csv,target=label", expect="csv file unclosed-quote.csv, line 6: unexpected end",
+         id="csv-unclosed-quote"),
+    case("--data", "csv:path=twice.csv,target=label", expect="column 'a' appears twice in the header",
+         id="csv-duplicate-column"),
+    case("--data", "csv:path=target-only.csv,target=label", expect="has no feature columns besides the target 'label'",
+         id="csv-without-features"),
+    case("--data", "csv:path=two-rows.csv,target=label",
+         expect="1 samples are too few to hold out a validation split of 0.1", id="csv-too-few-rows"),
+    case("--data", "csv:path=no-target.csv,target=label,delimiter=ab",
+         expect="delimiter must be one character other than a quote or newline, got 'ab'", id="csv-long-delimiter"),
+    case("--data", "csv:path=no-target.csv,target=label,delimiter=",
+         expect="delimiter must be one character other than a quote or newline, got ''", id="csv-empty-delimiter"),
+    case("--data", "csv:path=text-cell.csv,target=label,task=regression",
+         expect="'six', not a number", id="csv-regression-text-cell"),
+    case("--data", "image-folder:path=no-target.csv", expect="Not a directory", id="image-folder-on-a-file"),
+    case("--data", "image-folder:path=folder.csv,size=0", expect="image-folder: size must be >= 1, got 0",
+         id="image-folder-zero-size"),
+    case("--data", "mnist:download=false", "--data-dir", "folder.csv", expect="MNIST files not found in folder.csv",
+         id="mnist-missing-without-download"),
 ]
 
 
 @pytest.fixture
-def files(tmp_path):
-    for name, text in FILES.items():
+def files(tmp_path, request):
+    """The catalogue's files in the test's folder: those a parametrized case names, else all of them."""
+    params = getattr(getattr(request.node, "callspec", None), "params", None)
+    named = " ".join(map(str, params.get("args", []))) + " " + str(params) if params else None
+    for name, content in {**FILES, **BINARY_FILES}.items():
+        if named is not None and name.split("/")[0] not in named:
+            continue
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    for name, data in BINARY_FILES.items():
-        (tmp_path / name).write_bytes(data)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return tmp_path
 
 
@@ -205,6 +328,34 @@ def test_tracking_store_that_is_not_a_database_is_refused_untouched(invoke, file
     assert (files / "not-a-database.db").read_text() == "my notes\n"
 
 
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--tracking-uri", "mlruns"], "the tracking URI mlruns is a folder (MLflow's file store"),
+        (["--tracking-uri", "{tmp}/store"], "give a database, e.g. sqlite:///{tmp}/store/mlflow.db"),
+        (["--tracking-uri", "file://{tmp}/store"], "the tracking URI file://{tmp}/store is a folder"),
+        (["--tracking-uri", "foo://bar"], "the tracking URI foo://bar has an unknown scheme 'foo'"),
+        (["--tracking-uri", "http://[::1"], "the tracking URI http://[::1 is not a valid URI"),
+        (["--tracking-uri", "sqlite:///"], "the tracking store . is not a file"),
+        (["--tracking-uri", "sqlite:///{db}", "--experiment", ""], "an experiment name must be 1 to 500 characters"),
+        (["--tracking-uri", "sqlite:///{db}", "--experiment", "   "], "and not blank, got '   '"),
+        (["--tracking-uri", "sqlite:///{db}", "--experiment", "x" * 501], "an experiment name must be 1 to 500"),
+        (["--tracking-uri", "sqlite:///{db}", "--resume", ""], "Invalid value for '--resume': must not be empty"),
+    ],
+    ids=["relative-folder-store", "absolute-folder-store", "file-uri-store", "unknown-store-scheme",
+         "malformed-store-uri", "store-uri-of-a-folder", "empty-experiment", "blank-experiment",
+         "experiment-name-too-long", "empty-resume-id"],
+)
+def test_store_and_experiment_refused_in_one_line(invoke, files, tracking_uri, monkeypatch, args, expect):
+    """Where runs go is checked before anything is written: a folder store is not created, nothing lands in the store."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    places = {"tmp": str(files), "db": tracking_uri.removeprefix("sqlite:///")}
+    result = invoke("train", "--epochs", "1", *[a.format(**places) for a in args], store=False)
+    assert_one_clear_line(result, expect.format(**places))
+    assert result.exit_code == 2
+    assert not (files / "mlruns").exists() and not (files / "store").exists()
+
+
 SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
 
 
@@ -213,15 +364,50 @@ SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
     [
         (["search", *SPACE, "--n-trials", "0"], "--n-trials must be >= 1, got 0"),
         (["search", *SPACE, "--timeout", "-1"], "--timeout must be a number of seconds > 0, got -1.0"),
-        (["search", *SPACE, "--n-jobs", "0"], "--n-jobs must be >= 1, got 0"),
+        (["search", *SPACE, "--n-jobs", "0"], "--n-jobs must be in [1, 1024], got 0"),
         (["search", *SPACE, "--sampler", "tpe:n_startup_trials=abc"],
          "sampler 'tpe': option 'n_startup_trials' expects int, got 'abc'"),
         (["search", "--space", "lr=loguniform:1e-4:inf", "--epochs", "1"], "learning rate must be > 0 and finite"),
         (["compare", "--vary", "lr=0.1", "--out", "/proc/x", "--epochs", "1"], "cannot create the output folder /proc/x"),
         (["reproduce", "0123", "--rtol", "-1"], "--rtol must be >= 0 and finite, got -1.0"),
+        (["search", *SPACE, "--n-jobs", "99999999999999999999"], "'--n-jobs': 99999999999999999999 is not in the range"),
+        (["search", *SPACE, "--n-jobs", "2000"], "'--n-jobs': 2000 is not in the range x<=1024"),
+        (["search", *SPACE, "--n-trials", "99999999999999999999"], "'--n-trials': 99999999999999999999 is not in"),
+        (["search", *SPACE, "--cv", "99999999999999999999"], "'--cv': 99999999999999999999 is not in the range"),
+        (["search", *SPACE, "--cv", "1"], "--cv needs at least 2 folds, got 1"),
+        (["search", *SPACE, "--timeout", "inf"], "--timeout must be a number of seconds > 0, got inf"),
+        (["search", *SPACE, "--timeout", "nan"], "--timeout must be a number of seconds > 0, got nan"),
+        (["search", *SPACE, "--sampler-seed", "-1"], "sampler 'tpe': Seed must be between 0 and 2**32 - 1"),
+        (["search", *SPACE, "--storage", "plain-study"], "--storage 'plain-study' is not a storage URL"),
+        (["search", *SPACE, "--storage", "foo://x"], "cannot open the study storage foo://x"),
+        (["search", *SPACE, "--storage", "sqlite:///not-a-database.db"],
+         "cannot open the study storage sqlite:///not-a-database.db: file is not a database"),
+        (["search", *SPACE, "--pruner", "median:n_startup_trials=-1"], "pruner 'median': Number of startup trials"),
+        (["search", *SPACE, "--register", ""], "Invalid value for '--register': must not be empty"),
+        (["search", "--space", "lr=loguniform:1:0.1", "--epochs", "1"], "--space lr: LOW must be below HIGH"),
+        (["search", "--space", "lr=uniform:nan:1", "--epochs", "1"], "--space lr: LOW must be below HIGH"),
+        (["search", "--space", "lr=choice:", "--epochs", "1"], "empty value in ''"),
+        (["compare", "--vary", "lr=0.1", "--repeats", "99999999999999999999", "--epochs", "1"],
+         "'--repeats': 99999999999999999999 is not in the range x<=10000"),
+        (["compare", "--vary", "lr=0.1", "--register", "", "--epochs", "1"], "'--register': must not be empty"),
+        (["compare", "--vary", "lr=", "--epochs", "1"], "--vary expects KEY=VALUE,VALUE,..."),
+        (["compare", "--vary", "=1,2", "--epochs", "1"], "--vary expects KEY=VALUE,VALUE,..."),
+        (["compare", "--vary", "nosuch=1,2", "--epochs", "1"], "cannot vary 'nosuch'"),
+        (["compare", "--vary", "lr=abc,0.1", "--epochs", "1"], "variant lr=abc: configuration key 'lr' expects float"),
+        (["compare", "--vary", "lr=0.1", "--out", "/dev/null", "--epochs", "1"],
+         "cannot create the output folder /dev/null"),
+        (["reproduce", "0123", "--atol", "nan"], "--atol must be >= 0 and finite, got nan"),
+        (["reproduce", "0123", "--rtol", "inf"], "--rtol must be >= 0 and finite, got inf"),
     ],
     ids=["search-zero-trials", "search-negative-timeout", "search-zero-jobs", "search-sampler-option-not-int",
-         "search-infinite-bound", "compare-out-in-proc", "reproduce-negative-rtol"],
+         "search-infinite-bound", "compare-out-in-proc", "reproduce-negative-rtol", "search-jobs-overflow",
+         "search-too-many-jobs", "search-trials-overflow", "search-folds-overflow", "search-one-fold",
+         "search-infinite-timeout", "search-nan-timeout", "search-negative-sampler-seed", "search-storage-path",
+         "search-storage-unknown-scheme", "search-storage-not-a-database", "search-negative-pruner-option",
+         "search-empty-register", "search-inverted-bounds", "search-nan-bound", "search-empty-choice",
+         "compare-repeats-overflow", "compare-empty-register", "compare-vary-without-values",
+         "compare-vary-without-key", "compare-vary-unknown-key", "compare-vary-bad-value", "compare-out-a-device",
+         "reproduce-nan-atol", "reproduce-infinite-rtol"],
 )
 def test_other_commands_refuse_bad_input_in_one_line_without_a_run(invoke, files, mlflow_client, experiment, args,
                                                                    expect):
@@ -237,6 +423,33 @@ def test_unparseable_search_space(invoke, files, mlflow_client, experiment, spac
     assert_one_clear_line(result, "lr")
     assert result.exit_code == 2
     assert_no_run(mlflow_client, experiment)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["lr-preview", "--steps-per-epoch", "99999999999999999999"], "20 epochs x 99999999999999999999 steps is more"),
+        (["lr-preview", "--epochs", "1000", "--steps-per-epoch", "100000"], "is more than 10000000"),
+        (["lr-preview", "--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1, got 0"),
+        (["lr-preview", "--out", "schedule.txt"], "cannot write schedule.txt: Format 'txt' is not supported"),
+        (["lr-preview", "--out", "/proc/x.png"], "cannot write /proc/x.png"),
+        (["lr-preview", "--sched", "step:gamma=-1"], "option 'gamma' must be > 0, got -1.0"),
+        (["lr-preview", "--data", "csv:path=ragged.csv,target=label"], "values for 3 columns"),
+        (["lr-preview", "--data", "csv:path=long-field.csv,target=label"], "field larger than field limit"),
+        (["runs", "--stale", "--tracking-uri", "foo://x"], "the tracking URI foo://x has an unknown scheme 'foo'"),
+        (["runs", "--stale", "--tracking-uri", "not-a-database.db"], "is a folder (MLflow's file store"),
+        (["ui", "--port", "0"], "Invalid value for '--port': 0 is not in the range 1<=x<=65535"),
+    ],
+    ids=["preview-steps-overflow", "preview-too-many-steps", "preview-zero-steps", "preview-unknown-format",
+         "preview-out-in-proc", "preview-negative-gamma", "preview-ragged-csv", "preview-long-csv-field",
+         "runs-unknown-store-scheme", "runs-plain-path-store", "ui-port-zero"],
+)
+def test_preview_runs_and_ui_refuse_bad_input_in_one_line(invoke, files, monkeypatch, args, expect):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    result = invoke(*args)
+    assert_one_clear_line(result, expect)
+    assert result.exit_code == 2
+    assert not (files / "schedule.txt").exists() and not (files / "lr-schedule.png").exists()
 
 
 def test_list_refuses_an_unknown_kind(invoke):
@@ -281,10 +494,18 @@ def test_unknown_component_in_a_real_process_has_no_traceback(tmp_path):
         ("{run}", "missing.csv", "input not found: missing.csv"),
         ("{run}", "ragged.csv", "has no logged model at 'model'"),
         ("models:/no-such-model/1", "ragged.csv", "cannot load models:/no-such-model/1"),
+        ("{run}", "zero.csv", "zero.csv is not a regular file (a device, pipe or socket cannot be read)"),
+        ("{run}", "zero.npy", "zero.npy is not a regular file"),
+        ("{run}", "fifo.csv", "fifo.csv is not a regular file"),
+        ("{run}", "/dev/null", "/dev/null is not a regular file"),
     ],
-    ids=["predict-unknown-run", "predict-missing-input", "predict-run-without-model", "predict-unknown-registered-model"],
+    ids=["predict-unknown-run", "predict-missing-input", "predict-run-without-model", "predict-unknown-registered-model",
+         "predict-csv-link-to-a-device", "predict-npy-link-to-a-device", "predict-fifo", "predict-device"],
 )
 def test_predict_refuses_bad_input_in_one_line(invoke, files, mlflow_client, experiment, model, path, expect):
+    (files / "zero.csv").symlink_to("/dev/zero")  # reading either would never end
+    (files / "zero.npy").symlink_to("/dev/zero")
+    os.mkfifo(files / "fifo.csv")
     run_id = mlflow_client.create_run(mlflow_client.create_experiment(experiment)).info.run_id
     result = invoke("predict", model.format(run=run_id), "--input", path, "--tracking-uri", mlflow_client.tracking_uri)
     assert_one_clear_line(result, expect)
@@ -300,3 +521,13 @@ def test_dataset_file_that_would_run_code_is_refused(invoke, tmp_path, mlflow_cl
     assert result.exit_code == 2
     assert not marker.exists()
     assert_no_run(mlflow_client, experiment)
+
+
+def test_the_catalogue_holds_at_least_150_cases():
+    """Counted from the parametrizations, so that a filtered run (-k) counts the same."""
+    count = 0
+    for name, test in globals().items():
+        if name.startswith("test_") and name != "test_the_catalogue_holds_at_least_150_cases" and callable(test):
+            sizes = [len(mark.args[1]) for mark in getattr(test, "pytestmark", []) if mark.name == "parametrize"]
+            count += math.prod(sizes) if sizes else 1
+    assert count >= 150, count

@@ -83,7 +83,7 @@ def test_config_file_holds_the_grid_and_flags_override(invoke, tmp_path):
         (["--vary", "opt"], "--vary expects KEY=VALUE,VALUE"),
         (["--vary", "opt=sgd,adamm"], "unknown optimizer 'adamm'"),
         (["--vary", "opt=momentum=0.9,adam"], "is an option without a component"),
-        (["--vary", "lr=0.1", "--repeats", "0"], "--repeats must be >= 1"),
+        (["--vary", "lr=0.1", "--repeats", "0"], "--repeats must be in [1, 10000]"),
         ([], "nothing to compare"),
     ],
 )

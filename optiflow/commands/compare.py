@@ -103,8 +103,8 @@ def plan_runs(base: RunConfig, vary: dict[str, list[str]], repeats: int) -> list
     from optiflow.plan import plan
     from optiflow.plugins import get_registry
 
-    if repeats < 1:
-        raise OptiflowError(f"--repeats must be >= 1, got {repeats}")
+    if not 1 <= repeats <= 10_000:
+        raise OptiflowError(f"--repeats must be in [1, 10000], got {repeats}")
     registry = get_registry()
     runs = []
     for values in variants(vary):

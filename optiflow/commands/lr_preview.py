@@ -10,6 +10,7 @@ from optiflow.errors import OptiflowError
 from optiflow.schedule import TrainingLength
 
 MONITORED_VALUE = 1.0
+MAX_STEPS = 10_000_000  # the preview steps a real optimizer through each one
 
 
 @dataclass
@@ -45,19 +46,22 @@ def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePr
     from optiflow.data import DataContext, split
     from optiflow.plan import plan
     from optiflow.plugins import get_registry
-    from optiflow.run import build_optimizer
+    from optiflow.run import build, build_optimizer
 
     if steps_per_epoch is not None and steps_per_epoch < 1:
         raise OptiflowError(f"--steps-per-epoch must be >= 1, got {steps_per_epoch}")
     resolved = plan(config, get_registry())
     if steps_per_epoch is None:
         dataset, options = resolved.data
-        source = dataset.factory(DataContext(Path(config.data_dir), config.seed), **options)
+        source = build(dataset, DataContext(Path(config.data_dir), config.seed), **options)
         n_train = len(split(source, config.val_split, config.test_split, config.seed,
                             cv_folds=config.cv_folds, cv_fold=config.cv_fold).x_train)
         length = TrainingLength.of(config.epochs, n_train, config.batch_size, config.drop_last)
     else:
         length = TrainingLength(config.epochs, steps_per_epoch)
+    if length.epochs * length.steps_per_epoch > MAX_STEPS:
+        raise OptiflowError(f"lr-preview steps through every optimizer step: {length.epochs} epochs x "
+                            f"{length.steps_per_epoch} steps is more than {MAX_STEPS}")
     optimizer, schedule = build_optimizer(resolved, torch.nn.Linear(1, 1), length)
     positions, rates = [], []
     no_loss = torch.zeros(())

@@ -12,11 +12,10 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from optiflow.errors import OptiflowError, first_line
-from optiflow.predict_inputs import ID_COLUMN, ModelSpec, read_inputs
+from optiflow.predict_inputs import ID_COLUMN, ModelSpec, input_file, read_inputs
 
 RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
 DEFAULT_MODEL_PATH = "model"
@@ -46,8 +45,7 @@ class Predictions:
 
 def predict(model: str, input_path: str, tracking_uri: str | None = None) -> Predictions:
     """Predict the rows of ``input_path`` with ``model`` (a run id, ``runs:/ID/path`` or ``models:/NAME/VERSION``)."""
-    if not Path(input_path).expanduser().exists():
-        raise OptiflowError(f"input not found: {input_path}")
+    input_file(input_path)  # missing or unreadable input: refused before the model is loaded
     uri, label = resolve_model(model, tracking_uri)
     spec = model_spec(uri, label)
     inputs = read_inputs(input_path, spec)

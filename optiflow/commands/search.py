@@ -138,8 +138,8 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
         raise OptiflowError(f"--n-trials must be >= 1, got {settings.n_trials}")
     if settings.heartbeat < 0:
         raise OptiflowError(f"--heartbeat must be >= 0 seconds (0 turns heartbeats off), got {settings.heartbeat}")
-    if settings.n_jobs < 1:
-        raise OptiflowError(f"--n-jobs must be >= 1, got {settings.n_jobs}")
+    if not 1 <= settings.n_jobs <= 1024:
+        raise OptiflowError(f"--n-jobs must be in [1, 1024], got {settings.n_jobs}")
     if settings.timeout is not None and not (math.isfinite(float(settings.timeout)) and float(settings.timeout) > 0):
         raise OptiflowError(f"--timeout must be a number of seconds > 0, got {settings.timeout}")
     if settings.cv == 1 or settings.cv < 0:

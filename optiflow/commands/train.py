@@ -18,7 +18,7 @@ from typing import Any
 import optiflow
 from optiflow import checkpoints, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
-from optiflow.errors import OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
+from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
@@ -76,6 +76,7 @@ def train(
                 store = client(uri)
                 checkpoints.check_resumable(store, uri, resume)
                 state = checkpoints.load(store, resume)
+                checkpoints.restore(run, state)  # a checkpoint that does not fit is refused before the run reopens
         distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
         cluster = distributed.join(run.device)
         tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
@@ -92,7 +93,6 @@ def train(
                 if state is None:
                     _log_setup(run, extra_params or {})
                 else:
-                    checkpoints.restore(run, state)
                     run.checkpoint = state
                     tracker.delete_tag("failure")
                     tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
@@ -230,13 +230,18 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
         run.status = status
         with contextlib.suppress(Exception):
             pm.hook.optiflow_run_end(run=run, status=status)
-    if not isinstance(exc, OptiflowError):
-        tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
-    if run.checkpoint is not None:
-        if not run.artifacts:
-            tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
-        checkpoints.save(tracker, run.checkpoint)
-        saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
+    try:
+        if not isinstance(exc, OptiflowError):
+            tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
+        if run.checkpoint is not None and not isinstance(exc, DiskFull):  # no room for it: the last one stays whole
+            if not run.artifacts:
+                tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
+            checkpoints.save(tracker, run.checkpoint)
+            saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
+    except DiskFull as full:
+        if not isinstance(exc, OptiflowError):
+            raise full from exc  # the disk filled up while saying why: the full disk is what the user must fix
+        saved = "; no checkpoint saved: the disk is full"
     message = f"{reason} (run {tracker.run_id} ended {status}{saved})"
     if interrupted:
         return RunInterrupted(getattr(exc, "signum", signal.SIGINT), message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -137,7 +138,7 @@ def open_storage(url: str | None, heartbeat: int = 0, tracking_uri: str | None =
             raise OptiflowError(f"the study storage {redact(url)} needs the package '{exc.name}': "
                                 'pip install "optiflow[cluster]"') from None
         except Exception as exc:  # SQLAlchemy raises many kinds; a process creating the schema beside us is one
-            failure = first_line(exc)
+            failure = re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))  # no "(sqlite3.DatabaseError)" prefix
             time.sleep(0.5 * (attempt + 1))
     raise OptiflowError(f"cannot open the study storage {redact(url)}: {failure}")
 

@@ -1,0 +1,99 @@
+"""Checks on the tracking store a user names, and telling a full disk from other store failures.
+
+Kept apart from :mod:`optiflow.tracking` (which uses them) so that each stays a readable size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from optiflow.errors import DiskFull, OptiflowError, no_space
+
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+
+
+def check_scheme(uri: str) -> None:
+    """Refuse a URI MLflow has no store for, and a plain path (MLflow's file store, off by default since MLflow 3)."""
+    from urllib.parse import urlsplit
+
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError as exc:
+        raise OptiflowError(f"the tracking URI {uri} is not a valid URI ({exc})") from None
+    if scheme in ("", "file") or re.match(r"^[a-z]$", scheme):  # a path, or a Windows drive letter
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return
+        raise OptiflowError(f"the tracking URI {uri} is a folder (MLflow's file store, which MLflow no longer "
+                            f"supports by default); give a database, e.g. sqlite:///{uri.removeprefix('file://')}/mlflow.db")
+    if scheme.split("+")[0] not in STORE_SCHEMES:
+        raise OptiflowError(f"the tracking URI {uri} has an unknown scheme '{scheme}'; use sqlite:///FILE, "
+                            "http(s)://HOST:PORT or a database URL (postgresql://, mysql://, mssql://)")
+
+
+def check_database_file(path: Path) -> None:
+    """Refuse a store path that holds something other than a SQLite database (it would be clobbered or misread).
+
+    Read through sqlite3 itself: closing a plain file handle on the database would drop the
+    POSIX locks this process's open connections hold on it.
+    """
+    import sqlite3
+    from urllib.parse import quote
+
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise OptiflowError(f"the tracking store {path} is not a file")
+    try:
+        connection = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=60)
+        try:
+            connection.execute("PRAGMA schema_version").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise OptiflowError(f"the tracking store {path} exists and is not a SQLite database; "
+                                "give --tracking-uri a new file or an optiflow store") from None
+
+
+def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "the tracking store",
+              staged: bool = False) -> DiskFull | None:
+    """A :class:`DiskFull` when MLflow client call ``fn(*args)`` failed for want of space, else None.
+    ``staged``: the call copied files staged elsewhere (a logged model), so the error's file name is
+    the source, not where the copy went: name the run's artifact folder.
+
+    SQLite in write-ahead-log mode says "disk I/O error" when it cannot grow its log: on a
+    device with under 1 MB free that is a full disk too.
+    """
+    where = _written(fn, args, OSError() if staged else exc, store)
+    full = no_space(exc, where)
+    if full is None and "disk I/O error" in str(exc):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(Path(where).parent).free < 10**6:
+                full = no_space(OSError(errno.ENOSPC, "No space left"), where)
+    return full
+
+
+def _written(fn: Any, args: tuple[Any, ...], exc: BaseException, store: str) -> Any:
+    """Where a failed client call wrote: the file, else the run's artifact folder (an OSError), else the store."""
+    from urllib.parse import unquote, urlparse
+
+    mlflow_client = getattr(fn, "__self__", None)
+    if isinstance(exc, OSError) and exc.filename:
+        return exc.filename
+    if isinstance(exc, OSError) and mlflow_client is not None and args and isinstance(args[0], str):
+        with contextlib.suppress(Exception):
+            artifacts = urlparse(mlflow_client.get_run(args[0]).info.artifact_uri)
+            if artifacts.scheme in ("", "file"):
+                return unquote(artifacts.path)
+    store = str(getattr(mlflow_client, "tracking_uri", None) or store)
+    return _sqlite_file(store) or store
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
