@@ -105,8 +105,20 @@ def retry(fn, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
+_CLIENTS: dict[tuple[str, int], Any] = {}
+
+
 def client(uri: str):
-    """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock."""
+    """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock.
+
+    One client per store and process, probed once: a search opens a run per trial and fold."""
+    key = (uri, os.getpid())
+    if key not in _CLIENTS:
+        _CLIENTS[key] = _new_client(uri)
+    return _CLIENTS[key]
+
+
+def _new_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     path = sqlite_path(uri)
@@ -213,6 +225,23 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_finished(self, run_name: str, tags: dict[str, str], parent_run_id: str, params: dict[str, Any],
+                     metrics: list[Any], started_ms: int, ended_ms: int) -> str:
+        """Log a whole finished child run at once (its metrics recorded while it trained): one insert, one
+        batch, one status update; returns its id."""
+        from mlflow.entities import Param
+
+        run = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
+                    tags={**tags, "mlflow.parentRunId": parent_run_id})
+        self.run_id = run.info.run_id
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        while items or metrics:
+            batch_params, items = items[:PARAM_BATCH], items[PARAM_BATCH:]
+            batch_metrics, metrics = metrics[:METRIC_BATCH - len(batch_params)], metrics[METRIC_BATCH - len(batch_params):]
+            retry(self.client.log_batch, self.run_id, metrics=batch_metrics, params=batch_params)
+        retry(self.client.set_terminated, self.run_id, status="FINISHED", end_time=ended_ms)
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:

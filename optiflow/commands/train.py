@@ -72,7 +72,7 @@ def train(
             store = client(uri)
             checkpoints.check_resumable(store, uri, resume)
             state = checkpoints.load(store, resume)
-        tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
+        tags = run_tags(extra_tags)
         tracker.start(run_name=config.run_name or default_run_name(run), tags=tags, parent_run_id=parent_run_id,
                       run_id=resume)
         if cluster.main:
@@ -236,6 +236,17 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     """Parameters (the plan, data sizes, resolved computing decisions, ``extra_params``), the config and the
     normalizer."""
     tracker = run.tracker
+    tracker.log_params(setup_params(run, extra_params))
+    if not run.artifacts:
+        return
+    tracker.log_text(run.config.to_yaml(), "config.yaml")
+    state = run.normalizer.state() if hasattr(run.normalizer, "state") else {}
+    if state:
+        tracker.log_text(json.dumps(_jsonable(state), indent=2), "normalization.json")
+
+
+def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a run logs: its plan, data sizes, resolved computing decisions and ``extra_params``."""
     params = run.plan.params()
     params.update({f"data.n_{k}": v for k, v in run.splits.sizes().items()})
     params["data.input_shape"] = list(run.splits.x_train.shape[1:])
@@ -243,13 +254,12 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     params["device_type"] = run.device.type
     params["channels_last"] = run.setup.channels_last
     params["cpu_threads"] = run.setup.threads or "default"
-    tracker.log_params({**params, **extra_params})
-    if not run.artifacts:
-        return
-    tracker.log_text(run.config.to_yaml(), "config.yaml")
-    state = run.normalizer.state() if hasattr(run.normalizer, "state") else {}
-    if state:
-        tracker.log_text(json.dumps(_jsonable(state), indent=2), "normalization.json")
+    return {**params, **extra_params}
+
+
+def run_tags(extra_tags: dict[str, str] | None) -> dict[str, str]:
+    """The tags a run starts with: optiflow's version, the command line, ``extra_tags``."""
+    return {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
 
 
 def _finish(run: Run, log_model: bool) -> dict[str, float]:
