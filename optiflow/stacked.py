@@ -96,6 +96,8 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
     classification = first.task == "classification"
     checks = [LossCheck(run) for run in runs]
     hook = pm.hook
+    loss = _stacked_loss(runs)
+    step = first.step
     for epoch in range(1, first.config.epochs + 1):
         lrs = {run.lr for run in runs}
         if len(lrs) > 1:
@@ -116,20 +118,18 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
         y_all = torch.stack(ys) if uniform else None
         loss_sums = torch.zeros(k, device=first.device)
         correct = torch.zeros(k, device=first.device, dtype=torch.long)
-        seen = [0] * k
         for i in range(steps):
             start, end = i * batch_size, (i + 1) * batch_size
-            counts = [max(0, min(end, n) - start) for n in sizes]
+            counts = [max(0, min(end, n) - start) for n in sizes] if x_all is None else None
             optimizer.zero_grad(set_to_none=True)
-            if x_all is not None or len(set(counts)) == 1:
+            if counts is None or len(set(counts)) == 1:
                 xb = x_all[:, start:end] if x_all is not None else torch.stack([x[start:end] for x in xs])
                 yb = y_all[:, start:end] if y_all is not None else torch.stack([y[start:end] for y in ys])
                 outputs = _forward(layers, params, xb)
-                losses = torch.stack([run.loss_fn(outputs[j], yb[j]) for j, run in enumerate(runs)])
+                losses = loss(outputs, yb)
                 losses.sum().backward()
                 optimizer.step()
-                losses = losses.detach()
-                loss_sums.add_(losses, alpha=counts[0])
+                loss_sums.add_(losses.detach(), alpha=len(xb[0]))
                 if classification:
                     correct.add_((outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))).sum(1))
             else:  # the last batch of runs whose training splits differ in size: one graph per run
@@ -141,19 +141,22 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
                 losses = torch.stack(loss_list)
                 losses.sum().backward()
                 optimizer.step()
-                losses = losses.detach()
                 for j in range(k):
-                    loss_sums[j].add_(losses[j], alpha=counts[j])
+                    loss_sums[j].add_(losses[j].detach(), alpha=counts[j])
                     if classification:
                         target = ys[j][start:end]
                         correct[j] += (outs[j].detach().argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
-            for j, run in enumerate(runs):
-                run.step += 1
-                seen[j] += counts[j]
-                if checks[j].baseline is None:
-                    checks[j].baseline = max(abs(float(losses[j])), 1e-12)
-                if run.step % FINITE_CHECK_STEPS == 0:
-                    checks[j](loss_sums[j], seen[j])
+            step += 1
+            if checks[0].baseline is None:
+                for check, value in zip(checks, losses.tolist()):
+                    check.baseline = max(abs(value), 1e-12)
+            if step % FINITE_CHECK_STEPS == 0:
+                for j, (run, check) in enumerate(zip(runs, checks)):
+                    run.step = step
+                    check(loss_sums[j], min(sizes[j], end))
+        seen = [min(n, steps * batch_size) for n in sizes]
+        for run in runs:
+            run.step = step
         seconds = time.perf_counter() - started
         _copy_back(params, per_run)
         for j, (run, check) in enumerate(zip(runs, checks)):
@@ -176,6 +179,27 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
             for run in runs:
                 run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
             break
+
+
+def _stacked_loss(runs: list[Run]) -> Any:
+    """The K runs' losses on outputs ``[K, B, C]`` and targets ``[K, B, ...]``: one cross-entropy over all K
+    batches when every run's loss is PyTorch's plain one (per-sample losses, averaged per run), else each
+    run's own loss function on its slice."""
+    functions: list[Any] = [run.loss_fn for run in runs]
+    plain = all(type(f) is nn.CrossEntropyLoss and f.weight is None and f.reduction == "mean" and f.ignore_index == -100
+                and f.label_smoothing == functions[0].label_smoothing for f in functions)
+    if plain:
+        smoothing = float(functions[0].label_smoothing)
+
+        def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+            if targets.ndim != 2:
+                return torch.stack([f(outputs[j], targets[j]) for j, f in enumerate(functions)])
+            per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten(),
+                                                           reduction="none", label_smoothing=smoothing)
+            return per_sample.view(targets.shape).mean(1)
+
+        return cross_entropy
+    return lambda outputs, targets: torch.stack([f(outputs[j], targets[j]) for j, f in enumerate(functions)])
 
 
 def _forward(layers: list[nn.Module], params: list[Tensor], x: Tensor) -> Tensor:
