@@ -142,8 +142,11 @@ def main() -> None:
             if score is not None:
                 accuracy[side].append(score)
         ratio = times["optiflow"][-1] / times["sklearn"][-1]
+        scores = "  ".join(f"{side} {accuracy[side][-1]:.4f}" for side in ("sklearn", "optiflow")
+                           if len(accuracy[side]) == round_index + 1)
         print(f"  round {round_index + 1} (seed {seed}): sklearn {times['sklearn'][-1]:6.1f} s  "
-              f"optiflow {times['optiflow'][-1]:6.1f} s  optiflow/sklearn time {ratio:.2f}", flush=True)
+              f"optiflow {times['optiflow'][-1]:6.1f} s  optiflow/sklearn time {ratio:.2f}  "
+              f"test accuracy: {scores}", flush=True)
     ratios = [o / s for o, s in zip(times["optiflow"], times["sklearn"])]
     print(f"median optiflow/sklearn time: {statistics.median(ratios):.2f} "
           f"(sklearn {statistics.median(times['sklearn']):.1f} s, optiflow {statistics.median(times['optiflow']):.1f} s)")

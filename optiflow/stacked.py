@@ -96,7 +96,8 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
     classification = first.task == "classification"
     checks = [LossCheck(run) for run in runs]
     hook = pm.hook
-    loss = _stacked_loss(runs)
+    loss, masked = _stacked_loss(runs)
+    validate = _stacked_validation(runs, layers) if masked is not None and classification else None
     step = first.step
     for epoch in range(1, first.config.epochs + 1):
         lrs = {run.lr for run in runs}
@@ -113,25 +114,29 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
         xs = [run.splits.x_train[order] for run, order in zip(runs, orders)]
         ys = [run.splits.y_train[order] for run, order in zip(runs, orders)]
         sizes = [len(x) for x in xs]
-        uniform = len(set(sizes)) == 1
-        x_all = torch.stack(xs) if uniform else None
-        y_all = torch.stack(ys) if uniform else None
+        x_all, y_all = (_padded(xs), _padded(ys)) if masked is not None or len(set(sizes)) == 1 else (None, None)
         loss_sums = torch.zeros(k, device=first.device)
         correct = torch.zeros(k, device=first.device, dtype=torch.long)
         for i in range(steps):
             start, end = i * batch_size, (i + 1) * batch_size
-            counts = [max(0, min(end, n) - start) for n in sizes] if x_all is None else None
+            counts = [max(0, min(end, n) - start) for n in sizes]
             optimizer.zero_grad(set_to_none=True)
-            if counts is None or len(set(counts)) == 1:
-                xb = x_all[:, start:end] if x_all is not None else torch.stack([x[start:end] for x in xs])
-                yb = y_all[:, start:end] if y_all is not None else torch.stack([y[start:end] for y in ys])
+            if x_all is not None and y_all is not None and (masked is not None or len(set(counts)) == 1):
+                xb, yb = x_all[:, start:end], y_all[:, start:end]
                 outputs = _forward(layers, params, xb)
-                losses = loss(outputs, yb)
+                if len(set(counts)) == 1:
+                    losses = loss(outputs, yb)
+                    loss_sums.add_(losses.detach(), alpha=counts[0])
+                else:  # the last batches of training splits that differ in size, padded: padding weighs 0
+                    assert masked is not None
+                    valid = torch.arange(len(xb[0]), device=xb.device) < torch.tensor(counts, device=xb.device)[:, None]
+                    losses = masked(outputs, yb, valid)
+                    loss_sums.add_(losses.detach() * torch.tensor(counts, device=xb.device, dtype=losses.dtype))
                 losses.sum().backward()
                 optimizer.step()
-                loss_sums.add_(losses.detach(), alpha=len(xb[0]))
                 if classification:
-                    correct.add_((outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))).sum(1))
+                    hits = outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))
+                    correct.add_((hits if len(set(counts)) == 1 else hits & valid).sum(1))
             else:  # the last batch of runs whose training splits differ in size: one graph per run
                 outs, loss_list = [], []
                 for j, run in enumerate(runs):
@@ -159,13 +164,16 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
             run.step = step
         seconds = time.perf_counter() - started
         _copy_back(params, per_run)
+        validation = validate(params) if validate is not None else None
         for j, (run, check) in enumerate(zip(runs, checks)):
             check(loss_sums[j], seen[j])
             metrics: dict[str, Any] = {"train_loss": float(loss_sums[j]) / max(seen[j], 1), "lr": run.lr,
                                        "epoch_time": seconds, "samples_per_sec": seen[j] / seconds}
             if classification:
                 metrics["train_accuracy"] = float(correct[j]) / max(seen[j], 1)
-            if len(run.splits.x_val):
+            if validation is not None:
+                metrics.update(validation[j])
+            elif len(run.splits.x_val):
                 metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
             hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
             hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
@@ -181,10 +189,44 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
             break
 
 
-def _stacked_loss(runs: list[Run]) -> Any:
+def _stacked_validation(runs: list[Run], layers: list[nn.Module]) -> Any:
+    """For the plain cross-entropy on classes: ``validate(params)``, every run's ``val_loss`` and
+    ``val_accuracy`` from one forward pass over the K validation splits (padded to one length), as
+    ``loop.evaluate`` computes them run by run; None when a run has no validation split."""
+    if any(not len(run.splits.x_val) or run.splits.y_val.ndim != 1 for run in runs):
+        return None
+    x_val, y_val = _padded([run.splits.x_val for run in runs]), _padded([run.splits.y_val for run in runs])
+    sizes = torch.tensor([len(run.splits.x_val) for run in runs], device=x_val.device)
+    valid = torch.arange(x_val.shape[1], device=x_val.device) < sizes[:, None]
+    loss_fn: Any = runs[0].loss_fn
+    smoothing = float(loss_fn.label_smoothing)
+
+    def validate(params: list[Tensor]) -> list[dict[str, float]]:
+        with torch.no_grad():
+            outputs = _forward(layers, params, x_val)
+            per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), y_val.flatten(), reduction="none",
+                                                           label_smoothing=smoothing).view(y_val.shape)
+            losses = ((per_sample * valid).sum(1) / sizes).tolist()
+            correct = ((outputs.argmax(2) == y_val) & valid).sum(1).tolist()
+        return [{"val_loss": loss, "val_accuracy": hits / int(n)} for loss, hits, n in zip(losses, correct, sizes)]
+
+    return validate
+
+
+def _padded(tensors: list[Tensor]) -> Tensor:
+    """``[K, max length, ...]``: the tensors stacked, the shorter ones padded with zeros at the end."""
+    longest = max(len(t) for t in tensors)
+    out = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
+    for index, tensor in enumerate(tensors):
+        out[index, : len(tensor)] = tensor
+    return out
+
+
+def _stacked_loss(runs: list[Run]) -> tuple[Any, Any]:
     """The K runs' losses on outputs ``[K, B, C]`` and targets ``[K, B, ...]``: one cross-entropy over all K
     batches when every run's loss is PyTorch's plain one (per-sample losses, averaged per run), else each
-    run's own loss function on its slice."""
+    run's own loss function on its slice.  Second, for the plain one only, the same on batches padded to
+    one length (``valid`` ``[K, B]`` marks the real samples; padding gets no weight and no gradient)."""
     functions: list[Any] = [run.loss_fn for run in runs]
     plain = all(type(f) is nn.CrossEntropyLoss and f.weight is None and f.reduction == "mean" and f.ignore_index == -100
                 and f.label_smoothing == functions[0].label_smoothing for f in functions)
@@ -198,8 +240,14 @@ def _stacked_loss(runs: list[Run]) -> Any:
                                                            reduction="none", label_smoothing=smoothing)
             return per_sample.view(targets.shape).mean(1)
 
-        return cross_entropy
-    return lambda outputs, targets: torch.stack([f(outputs[j], targets[j]) for j, f in enumerate(functions)])
+        def masked(outputs: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+            per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten(),
+                                                           reduction="none", label_smoothing=smoothing)
+            return (per_sample.view(targets.shape) * valid).sum(1) / valid.sum(1)
+
+        return cross_entropy, masked
+    return (lambda outputs, targets: torch.stack([f(outputs[j], targets[j]) for j, f in enumerate(functions)]),
+            None)
 
 
 def _forward(layers: list[nn.Module], params: list[Tensor], x: Tensor) -> Tensor:

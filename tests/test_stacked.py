@@ -31,6 +31,8 @@ def parent(mlflow_client, experiment: str) -> str:
     {},  # digits' 5 training parts differ in size by one: the last batch is ragged (1149 vs 1150 samples)
     {"model": "mlp:hidden=[20,12],activation=tanh", "opt": "sgd:lr=0.05,momentum=0.9", "batch_size": 50},
     {"opt": "adamw:lr=0.003,weight_decay=0.01", "norm": "minmax", "batch_size": 128},
+    {"loss": "cross-entropy:label_smoothing=0.1", "batch_size": 100},
+    {"loss": "mse", "batch_size": 100},  # not the plain cross-entropy: each fold's own loss on its slice
 ])
 def test_stacked_folds_give_the_numbers_of_folds_trained_one_by_one(tracking_uri, experiment, mlflow_client, values):
     configs = fold_configs(tracking_uri, experiment, **values)
