@@ -83,3 +83,40 @@ def test_what_cannot_be_stacked_exactly_trains_one_by_one(tracking_uri, experime
     configs = fold_configs(tracking_uri, experiment, epochs=1, **values)
     assert train_folds(configs, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 5, params={}) is None
     assert len(mlflow_client.search_runs([mlflow_client.get_experiment_by_name(experiment).experiment_id])) == 1
+
+
+def test_folds_that_fail_stacked_log_nothing_and_train_one_by_one(tracking_uri, experiment, mlflow_client, plugin):
+    """A diverging fold or a raising epoch hook: train_folds logs no fold run and says so (None), and the trial
+    then trains fold by fold, which fails as it always did."""
+    diverging = fold_configs(tracking_uri, experiment, epochs=2, opt="sgd:lr=1e12")
+    assert train_folds(diverging, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 5, params={}) is None
+
+    class Raising:
+        from optiflow import hookimpl
+
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            raise RuntimeError("boom")
+
+    plugin(Raising(), "raising-epoch-end")
+    configs = fold_configs(tracking_uri, experiment, epochs=1)
+    assert train_folds(configs, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 5, params={}) is None
+    experiment_id = mlflow_client.get_experiment_by_name(experiment).experiment_id
+    assert len(mlflow_client.search_runs([experiment_id])) == 2  # the two parents only
+
+
+def test_a_search_with_stacked_folds_scores_the_folds_it_logs(invoke, mlflow_client, experiment):
+    result = invoke("search", "--space", "lr=choice:0.01,0.001", "--sampler", "random", "--sampler-seed", "1",
+                    "--n-trials", "2", "--cv", "3", "--epochs", "2", "--metric", "val_accuracy",
+                    "--model", "mlp:hidden=[16]", "--batch-size", "64", "--no-refit", "-q")
+    assert result.exit_code == 0, result.stderr
+    experiment_id = mlflow_client.get_experiment_by_name(experiment).experiment_id
+    runs = mlflow_client.search_runs([experiment_id])
+    trials = [r for r in runs if r.data.tags.get("optiflow.kind") == "cross-validation"]
+    assert len(trials) == 2
+    for trial in trials:
+        folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
+        assert len(folds) == 3 and all(f.data.tags[STACKED_TAG] == "3" for f in folds)
+        assert all(f.info.status == "FINISHED" for f in folds)
+        mean = sum(f.data.metrics["val_accuracy"] for f in folds) / 3
+        assert trial.data.metrics["cv_val_accuracy_mean"] == pytest.approx(mean)
