@@ -154,16 +154,20 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
             part = "test" if salt == 0 else "validation"
             raise OptiflowError(f"{len(x)} samples are too few to hold out a {part} split of {fraction:g} "
                                 "and keep any for training; give more data")
-        stratify = y.numpy() if source.task == "classification" else None
-        try:
-            index_a, index_b = train_test_split(
-                torch.arange(len(x)).numpy(), test_size=fraction, random_state=seed + salt, stratify=stratify
-            )
-        except ValueError:  # too few samples of some class to stratify
-            index_a, index_b = train_test_split(
-                torch.arange(len(x)).numpy(), test_size=fraction, random_state=seed + salt
-            )
-        a, b = torch.as_tensor(index_a), torch.as_tensor(index_b)
+
+        def indices() -> tuple[Tensor, Tensor]:
+            stratify = y.numpy() if source.task == "classification" else None
+            try:
+                index_a, index_b = train_test_split(
+                    torch.arange(len(x)).numpy(), test_size=fraction, random_state=seed + salt, stratify=stratify
+                )
+            except ValueError:  # too few samples of some class to stratify
+                index_a, index_b = train_test_split(
+                    torch.arange(len(x)).numpy(), test_size=fraction, random_state=seed + salt
+                )
+            return torch.as_tensor(index_a), torch.as_tensor(index_b)
+
+        a, b = _remembered(source, ("cut", test_split, fraction, seed, salt), indices)
         return x[a], y[a], x[b], y[b]
 
     if source.x_test is not None and source.y_test is not None:
@@ -171,18 +175,39 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
     else:
         x_rest, y_rest, x_test, y_test = cut(source.x, source.y, test_split, salt=0)
     if cv_folds:
-        folds = StratifiedKFold if source.task == "classification" else KFold
-        try:
-            parts = list(folds(cv_folds, shuffle=True, random_state=seed + 1).split(x_rest.numpy(), y_rest.numpy()))
-        except ValueError as exc:
-            raise OptiflowError(f"cannot make {cv_folds} cross-validation folds: {exc}") from None
-        train_index, val_index = (torch.as_tensor(i) for i in parts[cv_fold])
+        def partition() -> list[tuple[Tensor, Tensor]]:
+            folds = StratifiedKFold if source.task == "classification" else KFold
+            try:
+                parts = folds(cv_folds, shuffle=True, random_state=seed + 1).split(x_rest.numpy(), y_rest.numpy())
+                return [(torch.as_tensor(a), torch.as_tensor(b)) for a, b in parts]
+            except ValueError as exc:
+                raise OptiflowError(f"cannot make {cv_folds} cross-validation folds: {exc}") from None
+
+        train_index, val_index = _remembered(source, ("folds", test_split, seed, cv_folds), partition)[cv_fold]
         x_train, y_train, x_val, y_val = x_rest[train_index], y_rest[train_index], x_rest[val_index], y_rest[val_index]
     else:
         x_train, y_train, x_val, y_val = cut(x_rest, y_rest, val_split, salt=1)
     if len(x_train) == 0:
         raise OptiflowError("the training split is empty: use a smaller --val-split or more data")
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test)
+
+
+_SPLITS: dict[int, tuple[Any, dict[tuple[Any, ...], Any]]] = {}
+
+
+def _remembered(source: DataSource, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per loaded source and key: the folds and trials of a search share one source
+    (``run.shared_data``) and split it alike, every fold by the same seeded partition."""
+    import weakref
+
+    entry = _SPLITS.get(id(source))
+    if entry is None or entry[0]() is not source:
+        for stale in [k for k, (ref, _) in _SPLITS.items() if ref() is None]:
+            del _SPLITS[stale]
+        entry = _SPLITS[id(source)] = (weakref.ref(source), {})
+    if key not in entry[1]:
+        entry[1][key] = compute()
+    return entry[1][key]
 
 
 def normalize(splits: Splits, normalizer: Normalizer) -> Splits:

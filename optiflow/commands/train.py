@@ -79,7 +79,7 @@ def train(
                 checkpoints.restore(run, state)  # a checkpoint that does not fit is refused before the run reopens
         distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
         cluster = distributed.join(run.device)
-        tags = {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
+        tags = run_tags(extra_tags)
         tracker.start(run_name=config.run_name or default_run_name(run), tags=tags, parent_run_id=parent_run_id,
                       run_id=resume)
         if cluster.main:
@@ -261,6 +261,17 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     """Parameters (the plan, data sizes, resolved computing decisions, ``extra_params``), the config and the
     normalizer."""
     tracker = run.tracker
+    tracker.log_params(setup_params(run, extra_params))
+    if not run.artifacts:
+        return
+    tracker.log_text(run.config.to_yaml(), "config.yaml")
+    state = run.normalizer.state() if hasattr(run.normalizer, "state") else {}
+    if state:
+        tracker.log_text(json.dumps(_jsonable(state), indent=2), "normalization.json")
+
+
+def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a run logs: its plan, data sizes, resolved computing decisions and ``extra_params``."""
     params = run.plan.params()
     params.update({f"data.n_{k}": v for k, v in run.splits.sizes().items()})
     params["data.input_shape"] = list(run.splits.x_train.shape[1:])
@@ -269,13 +280,12 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     params["channels_last"] = run.setup.channels_last
     params["cpu_threads"] = run.setup.threads or "default"
     params.update(distributed.current().params())  # world_size, nnodes: --batch-size is per process
-    tracker.log_params({**params, **extra_params})
-    if not run.artifacts:
-        return
-    tracker.log_text(run.config.to_yaml(), "config.yaml")
-    state = run.normalizer.state() if hasattr(run.normalizer, "state") else {}
-    if state:
-        tracker.log_text(json.dumps(_jsonable(state), indent=2), "normalization.json")
+    return {**params, **extra_params}
+
+
+def run_tags(extra_tags: dict[str, str] | None) -> dict[str, str]:
+    """The tags a run starts with: optiflow's version, the command line, ``extra_tags``."""
+    return {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
 
 
 def _finish(run: Run, log_model: bool) -> dict[str, float]:

@@ -16,6 +16,7 @@ from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, RunKilled, ServiceLost, TrainingError
 from optiflow.metrics import final_metrics
 from optiflow.run import shared_data
+from optiflow.search.folds import train_folds
 from optiflow.search.space import short, trial_config
 from optiflow.search.study import SearchSettings, open_study
 from optiflow.search.workers import RUN_ATTR, finished, total_callback
@@ -135,13 +136,20 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
         tracker.log_params({**params, "cv_folds": settings.cv})
         if settings.child_artifacts:
             tracker.log_text(config.to_yaml(), "config.yaml")
+        configs = [config.replace(cv_folds=settings.cv, cv_fold=fold, run_name=f"{name} fold {fold}")
+                   for fold in range(settings.cv)]
+        fold_tags = [{**tags, "optiflow.cv_fold": str(fold)} for fold in range(settings.cv)]
+        fold_params = {"optuna.trial_number": trial.number}
+        stacked = None
+        if settings.pruner == "none" and not settings.child_artifacts and not settings.log_models:
+            stacked = train_folds(configs, parent_run_id=str(tracker.run_id), tags=fold_tags, params=fold_params)
         for fold in range(settings.cv):
-            fold_config = config.replace(cv_folds=settings.cv, cv_fold=fold, run_name=f"{name} fold {fold}")
-            result = _train_trial(trial, fold_config, settings, tracker.run_id, {**tags, "optiflow.cv_fold": str(fold)},
-                                  {"optuna.trial_number": trial.number}, offset=fold * config.epochs)
+            result = stacked[fold] if stacked else _train_trial(
+                trial, configs[fold], settings, tracker.run_id, fold_tags[fold], fold_params,
+                offset=fold * config.epochs)
             scores.append(_objective_value(final_metrics(result.metrics, result.history), settings.metric))
             histories.append(result.history)
-            tracker.log_metrics({f"cv_{settings.metric}": scores[-1]}, step=fold + 1)
+            tracker.log_metrics({f"cv_{settings.metric}": scores[-1]}, step=fold + 1, flush=False)
         for epoch in range(min(len(h.get("train_loss", [])) for h in histories)):
             keys = set.intersection(*(set(h) for h in histories))
             tracker.log_metrics({k: statistics.fmean(h[k][epoch] for h in histories) for k in keys}, step=epoch + 1,
