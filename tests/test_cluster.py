@@ -157,8 +157,12 @@ def test_a_training_logs_everything_to_the_tracking_server(services, tmp_path, m
     assert {a.path for a in store.list_artifacts(run.info.run_id, "checkpoint")} == {"checkpoint/last.pt"}
     import mlflow.pyfunc
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    previous = mlflow.get_tracking_uri()  # an earlier test in this process may have set the global one
+    mlflow.set_tracking_uri(server.url)
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
     from sklearn.datasets import load_digits
 
     assert model.predict(load_digits().data[:4].reshape(-1, 1, 8, 8).astype("float32")).shape[0] == 4
