@@ -175,13 +175,7 @@ def test_a_worker_that_loses_its_database_says_so_in_one_line(tmp_path):
         storage = postgres.url("optuna")
         process = optiflow(*SEARCH, "--storage", storage, "--n-trials", "50", "--epochs", "50",
                            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", env={}, cwd=tmp_path)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not _has_running_trial(storage):
-            time.sleep(0.3)
-        postgres.stop()
-        stopped = time.monotonic()
-        _, err = process.communicate(timeout=120)
-        assert time.monotonic() - stopped < 90
+        err = stop_midway(process, lambda: _has_running_trial(storage), postgres.stop, bound=90)
     finally:
         postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -196,18 +190,26 @@ def test_a_worker_that_loses_its_tracking_server_says_so_in_one_line(tmp_path):
     try:
         process = optiflow("train", "--epochs", "500", "--tracking-uri", server.url, "-q", env={}, cwd=tmp_path)
         store = MlflowClient(server.url)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not store.search_runs(["0", *_experiments(store)]):
-            time.sleep(0.3)
-        server.stop()
-        stopped = time.monotonic()
-        _, err = process.communicate(timeout=180)
-        assert time.monotonic() - stopped < 120
+        err = stop_midway(process, lambda: bool(store.search_runs(["0", *_experiments(store)])), server.stop,
+                          bound=120)
     finally:
         server.stop()
     assert process.returncode == 1
     line = assert_one_line(err)
     assert line.startswith(f"Error: lost the tracking server {server.url}"), line
+
+
+def stop_midway(process: subprocess.Popen, ready, stop, bound: float) -> str:
+    """Once ``ready()`` (the process is mid-work), ``stop()`` the service it uses; the process must end within
+    ``bound`` seconds. Returns its stderr."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not ready():
+        time.sleep(0.3)
+    stop()
+    stopped = time.monotonic()
+    _, err = process.communicate(timeout=bound + 60)
+    assert time.monotonic() - stopped < bound, err
+    return err
 
 
 def assert_one_line(stderr: str) -> str:
