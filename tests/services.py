@@ -10,7 +10,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
+
 PG_USER, PG_PASSWORD = "optiflow", "pg-secret-4711"
 ADMIN, ADMIN_PASSWORD = "admin", "admin-secret-0815-xyz"
 SECRETS = (PG_PASSWORD, ADMIN_PASSWORD)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def postgres_binary(name: str) -> str | None:

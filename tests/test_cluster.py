@@ -15,7 +15,8 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from tests.services import (
+
+from services import (
     SECRETS,
     start_mlflow_server,
     start_postgres,
@@ -225,6 +226,6 @@ def _experiments(store: MlflowClient) -> list[str]:
 def _has_running_trial(storage: str) -> bool:
     try:
         study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
-    except (IndexError, Exception):
+    except Exception:  # no study yet, or the database not ready
         return False
     return any(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False))

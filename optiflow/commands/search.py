@@ -14,7 +14,7 @@ import optuna
 import yaml
 
 from optiflow.config import RunConfig
-from optiflow.errors import OptiflowError
+from optiflow.errors import OptiflowError, redact
 from optiflow.metrics import higher_is_better
 from optiflow.run import shared_data
 from optiflow.search.objective import run_study, run_trials
@@ -28,7 +28,6 @@ from optiflow.search.study import (
     make_sampler,
     open_study,
     parse_component,
-    redact,
     shared_parent_run,
 )
 from optiflow.search.summary import SearchResult, summarize

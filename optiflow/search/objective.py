@@ -35,10 +35,11 @@ def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, pa
     """Run the study up to ``settings.n_trials`` finished trials in all (counting those already in it, from
     this command run earlier or other workers), with ``n_jobs - 1`` worker processes beside this one."""
     workers: list[Any] = []
-    remaining = settings.n_trials - finished(study)
+    done = finished(study)
+    remaining = settings.n_trials - done
     if remaining <= 0:
         if progress is not None:
-            progress(f"study '{study.study_name}' already has {finished(study)} finished trials "
+            progress(f"study '{study.study_name}' already has {done} finished trials "
                      f"(--n-trials {settings.n_trials} is the study's total): no new trial")
         return
     try:

@@ -38,8 +38,8 @@ def heartbeat_options(seconds: int, tracking_uri: str | None) -> dict[str, Any]:
         return {}
     parameters = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
     key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters else "failed_trial_callback"
-    return {"heartbeat_interval": int(seconds), "grace_period": 2 * int(seconds),
-            key: CloseAndRetry(tracking_uri, 2 * int(seconds))}
+    grace = 2 * int(seconds)
+    return {"heartbeat_interval": int(seconds), "grace_period": grace, key: CloseAndRetry(tracking_uri, grace)}
 
 
 class CloseAndRetry:
