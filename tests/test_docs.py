@@ -7,6 +7,7 @@ import difflib
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,76 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_anchor(tmp_path):
                     "`[code](not-checked.md)`\n```text\n[fenced](not-checked.md)\n```\n")
     assert broken_links(page) == ["missing.md (no such file)", "other.md#not-a-heading (no such anchor)",
                                   "#nowhere (no such anchor)"]
+
+
+# --- the commands the pages show --------------------------------------------------------------------------
+
+SHELL_BREAKS = {"|", ">", ">>", "2>", "&&", "||", ";"}
+
+
+def optiflow_commands(page: Path) -> list[list[str]]:
+    """The arguments of every optiflow command line in the page's bash blocks (`optiflow ...`,
+    `.venv/bin/optiflow ...`, `torchrun ... -m optiflow ...`), continuation lines joined."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            segment: list[str] = []
+            for word in [*shlex.split(line, comments=True), ";"]:
+                if word not in SHELL_BREAKS:
+                    segment.append(word)
+                    continue
+                starts = [i for i, w in enumerate(segment)
+                          if w == "optiflow" and i and segment[i - 1] == "-m" or w.endswith("bin/optiflow")
+                          or (w == "optiflow" and i == 0)]
+                if starts:
+                    found.append(segment[starts[0] + 1:])
+                segment = []
+    return found
+
+
+def unparsable(args: list[str]) -> str | None:
+    """Why click's parser refuses these arguments of ``optiflow`` (an unknown command or option, a stray
+    argument), or None. Only the words are parsed: no value is converted and no callback runs, so a page may
+    show placeholders such as ``3f2a...`` or files it does not ship."""
+    import click
+
+    from optiflow.cli import cli
+
+    ctx = click.Context(cli, info_name="optiflow")
+    try:
+        _, rest, _ = cli.make_parser(ctx).parse_args(list(args))
+        if not rest:
+            return None
+        command = cli.get_command(ctx, rest[0])
+        if command is None:
+            return f"no command {rest[0]!r}"
+        _, extra, _ = command.make_parser(click.Context(command, info_name=rest[0], parent=ctx)).parse_args(rest[1:])
+    except click.UsageError as exc:
+        return exc.format_message()
+    return f"unexpected arguments {extra}" if extra else None
+
+
+COMMAND_PAGES = [page for page in LINKED_PAGES if page.name != "cli.md"]
+
+
+@pytest.mark.parametrize("page", COMMAND_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_a_page_shows_parses(page):
+    wrong = {" ".join(args): why for args in optiflow_commands(page) if (why := unparsable(args))}
+    assert wrong == {}, f"{page.relative_to(ROOT)} shows commands optiflow refuses"
+
+
+def test_the_command_check_finds_a_renamed_flag_and_a_missing_command(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```bash\noptiflow train --opt adam --epochs 2   # fine\n"
+                    "optiflow train --optimizer adam > out.txt\n.venv/bin/optiflow trian\n"
+                    "torchrun --nnodes 2 \\\n    -m optiflow search --space lr=loguniform:1e-4:1e-1 --n-trails 3\n"
+                    "pip install x && optiflow --disable-plugin example list optimizer extra\n```\n")
+    commands = optiflow_commands(page)
+    assert commands[0] == ["train", "--opt", "adam", "--epochs", "2"]
+    verdicts = [unparsable(args) for args in commands]
+    assert verdicts[0] is None and verdicts[2:3] == ["no command 'trian'"], verdicts
+    assert "'--optimizer'" in verdicts[1] and "'--n-trails'" in verdicts[3], verdicts
+    assert verdicts[4] == "unexpected arguments ['extra']"
 
 
 # --- the README and CONTRIBUTING ---------------------------------------------------------------------------
