@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def test_digits_are_1x8x8_images_and_image_true_stays_valid(tmp_path):
     registry = get_registry()
     digits = registry.get("dataset", "digits")
     default = build(digits, DataContext(tmp_path, 0))
-    assert default.x.shape == (1797, 1, 8, 8) and default.image and default.feature_names is None
+    assert default.x.shape == (1797, 1, 8, 8) and default.image and default.feature_names[:2] == ["pixel_0_0", "pixel_0_1"]
+    assert default.target == "target" and default.raw_scale == 16.0
     assert torch.equal(build(digits, DataContext(tmp_path, 0), image=True).x, default.x)
     flat = build(digits, DataContext(tmp_path, 0), image=False)
     assert flat.x.shape == (1797, 64) and not flat.image and flat.feature_names[:2] == ["pixel_0_0", "pixel_0_1"]
@@ -107,15 +109,96 @@ def test_every_builtin_normalizer_becomes_part_of_the_exported_model(norm, tmp_p
     run = prepare(config, get_registry())
     module, card, example = inference_module(run)
     assert card.raw_input and card.input_shape == [1, 8, 8] and card.image
+    assert card.raw_scale == 16.0 and card.input_range == {"low": [0.0], "high": [16.0]} and example.max() > 1
     buffers = dict(module.normalizer.named_buffers())
     assert norm == "none" or buffers, "the fitted statistics are buffers of the logged module"
-    raw = split(run.source, config.val_split, config.test_split, config.seed).x_test
+    raw = split(run.source, config.val_split, config.test_split, config.seed).x_test * 16  # digits' own 0..16
     run.model.eval()
     with torch.no_grad():
         expected = run.model(run.splits.x_test).softmax(1)
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
         assert torch.allclose(exported(raw), expected, atol=1e-6)
         assert torch.equal(module(raw).argmax(1), expected.argmax(1))
+
+
+# --- raw means the source's own values -------------------------------------------------------------
+
+
+def test_the_core_scales_raw_values_and_remembers_by_how_much():
+    from optiflow.data import DataSource, value_range
+
+    pixels = torch.tensor([[[[0, 128], [255, 7]]], [[[1, 2], [3, 4]]]], dtype=torch.uint8)
+    images = DataSource(pixels, torch.tensor([0, 1]), "classification")
+    assert images.raw_scale == 255.0 and torch.equal(images.x, pixels.float().div_(255.0))
+    assert value_range(images, images.x) == ([0.0], [255.0]), "pixels share one range, in raw units"
+    rows = torch.tensor([[0.0, 16.0], [3.0, 5.0]])
+    digits = DataSource(rows, torch.tensor([0, 1]), "classification", raw_scale=16.0)
+    assert torch.equal(digits.x, rows / 16) and value_range(digits, digits.x) == ([0.0], [16.0])
+    table = DataSource(torch.tensor([[1.5, -2.0], [0.25, 7.0]]), torch.tensor([0.0, 1.0]), "regression")
+    assert table.raw_scale == 1.0 and value_range(table, table.x) == ([0.25, -2.0], [1.5, 7.0]), "one per feature"
+    with pytest.raises(Exception, match="raw_scale must be a finite number > 0"):
+        DataSource(rows, torch.tensor([0, 1]), "classification", raw_scale=0.0)
+
+
+DIGITS_CARD = {"task": "classification", "classes": ["a", "b"], "image": True, "input_shape": [1, 2, 2],
+               "feature_names": ["p00", "p01", "p10", "p11"], "input_range": {"low": [0.0], "high": [16.0]}}
+
+
+def weighted(x):
+    """A stand-in model: the sample's values weighted 1, 2, 3, 4, as two "probabilities"."""
+    score = (x.reshape(len(x), -1) * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum(1, keepdim=True)
+    return torch.cat([score, -score], 1)
+
+
+@pytest.mark.parametrize("form", ["frame", "reordered-frame-with-extras", "unnamed-frame", "flat-array", "images",
+                                  "images-without-channel", "nested-lists", "dict"])
+def test_the_served_model_takes_every_form_the_dataset_comes_in(form):
+    from optiflow.serving import Predictor
+
+    rows = np.array([[1, 2, 3, 4], [0, 16, 0, 5]], dtype=np.int64)
+    names = DIGITS_CARD["feature_names"]
+    given = {
+        "frame": pd.DataFrame(rows, columns=names),
+        "reordered-frame-with-extras": pd.DataFrame(rows, columns=names)[names[::-1]].assign(target=3),
+        "unnamed-frame": pd.DataFrame(rows),
+        "flat-array": rows,
+        "images": rows.reshape(2, 1, 2, 2),
+        "images-without-channel": rows.reshape(2, 2, 2).astype(np.float64),
+        "nested-lists": rows.reshape(2, 1, 2, 2).tolist(),
+        "dict": {name: rows[:, i].tolist() for i, name in enumerate(names)},
+    }[form]
+    result = Predictor(weighted, DIGITS_CARD).predict(given)
+    assert list(result.columns) == ["a", "b"] and result["a"].tolist() == [30.0, 52.0]
+    assert result.attrs["out_of_range"] == 0
+
+
+@pytest.mark.parametrize("given, message", [
+    (pd.DataFrame(np.ones((2, 3)), columns=["p00", "p01", "p11"]), "inputs lack the column 'p10'"),
+    (np.ones((2, 5)), "inputs of shape [2, 5]; the model takes (N, 1, 2, 2) or (N, 4)"),
+    (np.array([[1, np.nan, 0, 0]]), "row 0 holds NaN or infinite values"),
+    (np.array([["a", "b", "c", "d"]]), "inputs must be numbers"),
+], ids=["missing-column", "shape", "nan", "text"])
+def test_the_served_model_refuses_what_it_cannot_take_by_name(given, message):
+    from optiflow.serving import Predictor
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Predictor(weighted, DIGITS_CARD).predict(given)
+
+
+def test_values_outside_the_training_range_are_predicted_counted_and_logged(caplog):
+    from optiflow.serving import Predictor
+
+    rows = np.array([[0, 16, 0, 0], [255, 255, 0, 0], [-1, 0, 0, 0]], dtype=np.float32)
+    with caplog.at_level("WARNING", logger="optiflow_serving"):
+        result = Predictor(weighted, DIGITS_CARD).predict(rows)
+    assert result["a"].tolist() == [32.0, 765.0, -1.0] and result.attrs["out_of_range"] == 3
+    [record] = caplog.records
+    assert record.getMessage().startswith("3 input values in 2 of 3 rows lie outside the range seen in training "
+                                          "(e.g. row 1: 255 where training saw 0..16)")
+    per_feature = {**DIGITS_CARD, "input_range": {"low": [0, 0, 0, 0], "high": [1, 1, 1, 9]}}
+    outside = Predictor(weighted, per_feature).out_of_range(rows)
+    assert outside.values == 4 and "'p01' 16 where training saw 0..1" in outside.message()
+    assert Predictor(weighted, per_feature).out_of_range(np.float32([[1, 1, 1, 9.00001]])) is None, "float rounding"
 
 
 # --- the logged model, end to end ----------------------------------------------------------------

@@ -24,8 +24,10 @@ from dataset_files import write_image_folder
 
 IRIS = ModelSpec("classification", ["setosa", "versicolor", "virginica"], ["sl", "sw", "pl", "pw"], (4,), False,
                  "species")
-DIGITS = ModelSpec("classification", [str(i) for i in range(10)], None, (1, 8, 8), True)
-RGB = ModelSpec("classification", ["blue", "red"], None, (3, 12, 12), True)
+PIXELS = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+DIGITS = ModelSpec("classification", [str(i) for i in range(10)], PIXELS, (1, 8, 8), True, "target", raw_scale=16.0,
+                   input_range={"low": [0.0], "high": [16.0]})
+RGB = ModelSpec("classification", ["blue", "red"], None, (3, 12, 12), True, raw_scale=255.0)
 UNNAMED = ModelSpec("regression", None, None, (2,), False, "y")
 
 
@@ -102,9 +104,40 @@ def test_npy_images_in_the_shapes_that_say_the_same(tmp_path, shape):
     assert inputs.x.shape[1:] == (1, 8, 8) and inputs.ids == list(range(len(inputs.x)))
 
 
-def test_npy_uint8_images_are_scaled_to_unit_range(tmp_path):
-    np.save(tmp_path / "x.npy", np.full((2, 1, 8, 8), 255, dtype=np.uint8))
-    assert read_inputs(str(tmp_path / "x.npy"), DIGITS).x.max() == 1.0
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.float64])
+def test_npy_values_are_raw_whatever_their_type(tmp_path, dtype):
+    """Raw is the source's own units: a uint8 array is not divided by 255, out-of-range values are not refused."""
+    np.save(tmp_path / "x.npy", np.array([[0] * 63 + [16], [0] * 63 + [255]], dtype=dtype))
+    x = read_inputs(str(tmp_path / "x.npy"), DIGITS).x
+    assert x.dtype == np.float32 and x.reshape(2, -1)[:, -1].tolist() == [16.0, 255.0]
+
+
+def test_a_labelled_digits_csv_is_read_by_column_name_with_its_target(tmp_path):
+    from sklearn.datasets import load_digits
+
+    frame = load_digits(as_frame=True).frame.iloc[:6]
+    frame[["target", *PIXELS[::-1]]].to_csv(tmp_path / "digits.csv", index=False)  # any column order
+    inputs = read_inputs(str(tmp_path / "digits.csv"), DIGITS)
+    assert list(inputs.x.columns) == PIXELS and np.array_equal(inputs.x.to_numpy(), frame[PIXELS].to_numpy())
+    assert inputs.labels == [str(v) for v in frame["target"]]
+
+
+def test_a_target_column_of_another_name_is_named_by_target(tmp_path):
+    path = write(tmp_path / "x.csv", "sl,sw,pl,pw,label\n1,2,3,4,setosa\n")
+    with pytest.raises(OptiflowError, match=re.escape("column 'label' is not a feature of the model; the model takes "
+                                                      "the columns sl, sw, pl, pw (and optionally 'species'); if it "
+                                                      "holds the labels, name it with --target label")):
+        read_inputs(path, IRIS)
+    assert read_inputs(path, IRIS, target="label").labels == ["setosa"]
+    with pytest.raises(OptiflowError, match=re.escape("has no target column 'lbl'; its columns besides the model's "
+                                                      "features: label")):
+        read_inputs(path, IRIS, target="lbl")
+
+
+def test_flat_rows_of_an_image_model_without_names_are_taken_in_order(tmp_path):
+    unnamed = ModelSpec("classification", ["a", "b"], None, (1, 2, 2), True, raw_scale=255.0)
+    inputs = read_inputs(write(tmp_path / "x.csv", "p0,p1,p2,p3,label\n1,2,3,4,b\n"), unnamed, target="label")
+    assert inputs.x.tolist() == [[1, 2, 3, 4]] and inputs.labels == ["b"]
 
 
 def test_npy_features_get_the_feature_names(tmp_path):
@@ -118,11 +151,10 @@ def test_npy_features_get_the_feature_names(tmp_path):
         (np.zeros((2, 3, 8, 8), np.float32), "3-channel images, but the model takes 1-channel ones"),
         (np.zeros((2, 1, 10, 10), np.float32), "10x10 images, but the model takes 8x8 ones"),
         (np.full((2, 1, 8, 8), np.nan, np.float32), "sample 0: holds NaN or infinite values"),
-        (np.full((2, 1, 8, 8), 255.0, np.float32), "image values must be in [0, 1]"),
         (np.array(["a", "b"]), "holds <U1 values; the model takes numbers"),
         (np.zeros((2, 5)), "the model takes (N, 1, 8, 8)"),
     ],
-    ids=["channels", "size", "nan", "range", "strings", "shape"],
+    ids=["channels", "size", "nan", "strings", "shape"],
 )
 def test_npy_mistakes_are_refused(tmp_path, array, expect):
     np.save(tmp_path / "x.npy", array)
@@ -130,11 +162,11 @@ def test_npy_mistakes_are_refused(tmp_path, array, expect):
         read_inputs(str(tmp_path / "x.npy"), DIGITS)
 
 
-def test_image_files_are_converted_to_the_channels_and_resized(tmp_path):
+def test_image_files_are_converted_to_the_channels_resized_and_given_in_the_models_raw_units(tmp_path):
     rgb = read_inputs(str(png(tmp_path / "big.png", 20)), DIGITS)
-    assert rgb.x.shape == (1, 1, 8, 8) and np.allclose(rgb.x, 200 / 255, atol=1 / 255)
+    assert rgb.x.shape == (1, 1, 8, 8) and np.allclose(rgb.x, 200 * 16 / 255, atol=16 / 255), "digits' 0..16"
     gray = read_inputs(str(png(tmp_path / "gray.png", 5, mode="L")), RGB)
-    assert gray.x.shape == (1, 3, 12, 12) and gray.ids == ["gray.png"]
+    assert gray.x.shape == (1, 3, 12, 12) and gray.ids == ["gray.png"] and np.allclose(gray.x, 200), "0..255 pixels"
 
 
 def test_a_folder_of_class_folders_gives_labels_and_relative_ids(tmp_path):
@@ -155,13 +187,13 @@ def test_a_flat_folder_has_no_labels(tmp_path):
     [
         ("missing.csv", IRIS, "input not found: "),
         ("img.png", IRIS, "holds images, but the model takes 4 features; give a .csv or .npy"),
-        ("x.csv", DIGITS, "the model takes 1x8x8 images"),
+        ("x.csv", DIGITS, "has no column 'pixel_0_0'"),
         ("bad.png", DIGITS, "is not a readable image"),
         ("empty", DIGITS, "no image files in"),
         ("x.json", IRIS, "give a .csv file, a .npy array, an image file or a folder of images"),
         ("img.png", ModelSpec("classification", ["a"], None, (4, 8, 8), True), "give a .npy array"),
     ],
-    ids=["missing", "image-to-tabular", "csv-to-images", "unreadable-image", "empty-folder", "unknown-type",
+    ids=["missing", "image-to-tabular", "csv-without-the-pixel-columns", "unreadable-image", "empty-folder", "unknown-type",
          "four-channels"],
 )
 def test_inputs_the_model_cannot_take_are_refused(tmp_path, name, spec, expect):
