@@ -58,6 +58,8 @@ class RawScale(nn.Module):
     """Raw values, as the dataset's source holds them (digits' 0..16, 0..255 pixels), divided by
     ``divisor`` as the core divided them before training (:class:`~optiflow.data.DataSource`)."""
 
+    divisor: Tensor
+
     def __init__(self, divisor: float) -> None:
         super().__init__()
         self.register_buffer("divisor", torch.tensor(float(divisor)))

@@ -206,8 +206,8 @@ def _feature_columns(file: Path, columns: list[str], spec: ModelSpec) -> list[st
         hint = f" (is '{close[0]}' it?)" if close else ""
         raise OptiflowError(f"{file} has no column '{missing[0]}'{hint}; {_columns_hint(names, spec)}")
     if unknown:
-        raise OptiflowError(f"{file}: column '{unknown[0]}' is not a feature of the model; {_columns_hint(names, spec)}"
-                            f"; if it holds the labels, name it with --target {unknown[0]}")
+        raise OptiflowError(f"{file}: column '{unknown[0]}' is not a feature of the model (if it holds the labels, "
+                            f"name it with --target {unknown[0]}); {_columns_hint(names, spec)}")
     return names
 
 

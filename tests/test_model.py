@@ -25,7 +25,7 @@ from optiflow.data import DataContext, split
 from optiflow.plugins import get_registry, registered_plugin
 from optiflow.run import build, prepare
 
-from helpers import assert_no_run, free_port, runs_of
+from helpers import assert_no_run, free_port, runs_of, sklearn_digits_test_split
 
 
 def raw_test_split(run, tmp_path):
@@ -38,6 +38,19 @@ def raw_test_split(run, tmp_path):
     source = build(component, DataContext(tmp_path, int(params["seed"])), **component.resolve_options(options))
     splits = split(source, float(params["val_split"]), float(params["test_split"]), int(params["seed"]))
     return source, splits.x_test, splits.y_test
+
+
+def assert_scores_the_logged_accuracy(run, model, test):
+    """The pyfunc on raw digits as (N, 64) rows, as a 64-column DataFrame and as (N, 1, 8, 8) images
+    scores exactly the run's test_accuracy, with the same probabilities in every form."""
+    rows = test.drop(columns="target")
+    assert rows.to_numpy().max() == 16, "raw: scikit-learn's own 0..16"
+    answers = [model.predict(rows.to_numpy()), model.predict(rows), model.predict(rows.to_numpy().reshape(-1, 1, 8, 8))]
+    for answer in answers:
+        assert np.array_equal(answer.to_numpy(), answers[0].to_numpy())
+        assert answer.attrs["out_of_range"] == 0
+    assert same_accuracy(run, (answers[0].to_numpy().argmax(1) == test["target"].to_numpy()).mean())
+    return answers[0]
 
 
 def same_accuracy(run, accuracy):
@@ -206,8 +219,8 @@ def test_values_outside_the_training_range_are_predicted_counted_and_logged(capl
 
 @pytest.mark.slow
 def test_cnn_default_command_reaches_095_and_its_model_takes_raw_images(invoke, mlflow_client, experiment,
-                                                                         tracking_uri, tmp_path):
-    """The README's first command; the pyfunc on raw images scores exactly the logged test_accuracy."""
+                                                                         tracking_uri):
+    """The README's first command; the pyfunc on scikit-learn's raw digits scores exactly the logged test_accuracy."""
     import mlflow.pytorch
 
     from optiflow.export import load_module
@@ -217,13 +230,15 @@ def test_cnn_default_command_reaches_095_and_its_model_takes_raw_images(invoke, 
     assert accuracy >= 0.95
     assert run.data.params["data.input_shape"] == "[1, 8, 8]"
     uri, model, meta = load(tracking_uri, run.info.run_id)
-    assert meta == {"task": "classification", "classes": [str(i) for i in range(10)], "feature_names": None,
-                    "input_shape": [1, 8, 8], "image": True, "target": None, "dataset": "digits", "raw_input": True}
-    _, x, y = raw_test_split(run, tmp_path)
-    probabilities = model.predict(x.numpy())
+    assert meta == {"task": "classification", "classes": [str(i) for i in range(10)],
+                    "feature_names": [f"pixel_{r}_{c}" for r in range(8) for c in range(8)],
+                    "input_shape": [1, 8, 8], "image": True, "target": "target", "dataset": "digits",
+                    "raw_input": True, "raw_scale": 16.0, "input_range": {"low": [0.0], "high": [16.0]}}
+    test = sklearn_digits_test_split(run)
+    probabilities = assert_scores_the_logged_accuracy(run, model, test)
     assert list(probabilities.columns) == meta["classes"]
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    assert same_accuracy(run, (probabilities.to_numpy().argmax(1) == y.numpy()).mean())
+    x = torch.tensor(test.drop(columns="target").to_numpy(), dtype=torch.float32).reshape(-1, 1, 8, 8)
 
     graph = mlflow.pytorch.load_model(uri)  # torch.export's inference graph: call it, no .eval()
     with torch.no_grad():
@@ -237,15 +252,54 @@ def test_cnn_default_command_reaches_095_and_its_model_takes_raw_images(invoke, 
 
 
 @pytest.mark.slow
-def test_mlp_pyfunc_accuracy_on_raw_inputs_equals_the_logged_one(invoke, mlflow_client, experiment, tracking_uri,
-                                                                  tmp_path):
-    run = trained(invoke, mlflow_client, experiment, "--epochs", "5", "--norm", "minmax")
-    _, model, meta = load(tracking_uri, run.info.run_id)
-    _, x, y = raw_test_split(run, tmp_path)
-    predicted = model.predict(x.numpy()).to_numpy().argmax(1)
-    assert same_accuracy(run, (predicted == y.numpy()).mean())
-    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
-    assert "normalization.json" in artifacts, "still logged for reading, no longer needed to predict"
+def test_default_mlp_takes_raw_digits_and_the_readmes_serve_command_answers_each_form(tmp_path):
+    """In a project folder with optiflow's default store: pyfunc on scikit-learn's raw digits scores
+    the logged test_accuracy; the README's serve command, pasted, answers JSON in every documented form,
+    names a missing column, warns of out-of-range values and leaves no stray mlflow.db."""
+    from mlflow.tracking import MlflowClient
+
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    environment["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environment.get("PATH", "")  # this venv's mlflow
+    trained = subprocess.run([sys.executable, "-m", "optiflow", "train", "--epochs", "5", "-q"], cwd=tmp_path,
+                             env=environment, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(store)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    _, model, meta = load(store, run.info.run_id)
+    test = sklearn_digits_test_split(run)
+    expected = assert_scores_the_logged_accuracy(run, model, test)
+    assert "normalization.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [command] = re.findall(r"^MLFLOW_TRACKING_URI=\S+ mlflow models serve .*$", readme, flags=re.M)
+    port = free_port()
+    command = command.replace("<run_id>", run.info.run_id).replace("--port 5001", f"--port {port}")
+    assert str(port) in command
+    rows = test.drop(columns="target")
+    forms = {
+        "dataframe_split": {"dataframe_split": rows.to_dict(orient="split")},
+        "dataframe_records": {"dataframe_records": rows.to_dict(orient="records")},
+        "flat rows": {"inputs": rows.to_numpy().tolist()},
+        "images": {"inputs": rows.to_numpy().reshape(-1, 1, 8, 8).tolist()},
+    }
+    server = subprocess.Popen(["bash", "-c", command], env=environment, cwd=tmp_path, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/invocations"
+    try:
+        answers = {name: _post_until_served(url, json.dumps(body).encode(), server) for name, body in forms.items()}
+        missing = _post_until_served(url, json.dumps({"dataframe_split": rows.drop(columns="pixel_3_3").to_dict(
+            orient="split")}).encode(), server, refused=True)
+        _post_until_served(url, json.dumps({"inputs": (rows.to_numpy() * 16).tolist()}).encode(), server)
+    finally:
+        log = _stop(server)
+    for name, answer in answers.items():
+        served = pd.DataFrame(answer["predictions"])
+        assert list(served.columns) == meta["classes"], name
+        assert np.allclose(served.to_numpy(), expected.to_numpy(), atol=1e-6), name
+    assert "inputs lack the column 'pixel_3_3'" in missing
+    assert "lie outside the range seen in training" in log
+    assert not (tmp_path / "mlflow.db").exists(), "the serve command left a stray mlflow.db"
 
 
 @pytest.mark.slow
@@ -279,8 +333,9 @@ def test_served_model_answers_raw_rows_over_http(invoke, mlflow_client, experime
         cwd=tmp_path, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    shuffled = rows[meta["feature_names"][::-1]].assign(notes=7.0)  # the training columns in any order, and another
     try:
-        body = json.dumps({"dataframe_split": rows.to_dict(orient="split")}).encode()
+        body = json.dumps({"dataframe_split": shuffled.to_dict(orient="split")}).encode()
         answer = _post_until_served(f"http://127.0.0.1:{port}/invocations", body, server)
     finally:
         _stop(server)
@@ -290,26 +345,33 @@ def test_served_model_answers_raw_rows_over_http(invoke, mlflow_client, experime
 
 
 def _stop(server):
-    """End the server's whole process group (mlflow runs uvicorn under it)."""
+    """End the server's whole process group (mlflow runs uvicorn under it); what it wrote on stderr."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, sig)
         try:
             server.wait(timeout=20)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    return server.stderr.read().decode(errors="replace") if server.stderr else ""
 
 
-def _post_until_served(url, body, server, timeout=180.0):
+def _post_until_served(url, body, server, timeout=180.0, refused=False):
+    """The server's JSON answer to ``body`` (or, ``refused``, its error message), waiting for it to start."""
     deadline = time.monotonic() + timeout
     while True:
         request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                return json.loads(response.read())
+                answer = json.loads(response.read())
+            assert not refused, f"the server answered what it should refuse: {str(answer)[:500]}"
+            return answer
         except urllib.error.HTTPError as exc:
-            raise AssertionError(f"the server refused the rows: {exc.read().decode()[:2000]}") from None
+            message = exc.read().decode()
+            if refused:
+                return message
+            raise AssertionError(f"the server refused the rows: {message[:2000]}") from None
         except (urllib.error.URLError, ConnectionError):
             if server.poll() is not None:
                 raise AssertionError(f"the server exited: {server.stderr.read().decode()[-2000:]}") from None

@@ -21,6 +21,7 @@ from optiflow.errors import OptiflowError
 from optiflow.predict_inputs import ModelSpec, read_inputs
 
 from dataset_files import write_image_folder
+from helpers import sklearn_digits_test_split
 
 IRIS = ModelSpec("classification", ["setosa", "versicolor", "virginica"], ["sl", "sw", "pl", "pw"], (4,), False,
                  "species")
@@ -124,9 +125,9 @@ def test_a_labelled_digits_csv_is_read_by_column_name_with_its_target(tmp_path):
 
 def test_a_target_column_of_another_name_is_named_by_target(tmp_path):
     path = write(tmp_path / "x.csv", "sl,sw,pl,pw,label\n1,2,3,4,setosa\n")
-    with pytest.raises(OptiflowError, match=re.escape("column 'label' is not a feature of the model; the model takes "
-                                                      "the columns sl, sw, pl, pw (and optionally 'species'); if it "
-                                                      "holds the labels, name it with --target label")):
+    with pytest.raises(OptiflowError, match=re.escape("column 'label' is not a feature of the model (if it holds the "
+                                                      "labels, name it with --target label); the model takes the "
+                                                      "columns sl, sw, pl, pw (and optionally 'species')")):
         read_inputs(path, IRIS)
     assert read_inputs(path, IRIS, target="label").labels == ["setosa"]
     with pytest.raises(OptiflowError, match=re.escape("has no target column 'lbl'; its columns besides the model's "
@@ -343,7 +344,7 @@ def test_npy_and_image_files_on_a_digits_model(store, digits_run, tmp_path):
     meta = card(store, digits_run)
     assert meta["image"] and meta["input_shape"] == [1, 8, 8]
     bunch = load_digits()
-    images = (bunch.images[:20] / 16).astype(np.float32)
+    images = bunch.images[:20].astype(np.float32)  # raw: 0..16
     np.save(tmp_path / "digits.npy", images[:, None])
     result = predict(store, digits_run, tmp_path / "digits.npy", "--output", str(tmp_path / "a.csv"))
     assert result.exit_code == 0, result.stderr
@@ -353,7 +354,7 @@ def test_npy_and_image_files_on_a_digits_model(store, digits_run, tmp_path):
     for i, image in enumerate(images):
         file = tmp_path / "imgs" / str(bunch.target[i]) / f"{i:02d}.png"
         file.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(file)
+        Image.fromarray(np.round(image / 16 * 255).astype(np.uint8)).save(file)  # 0..255 pixels
     result = predict(store, digits_run, tmp_path / "imgs", "--output", str(tmp_path / "b.csv"))
     assert result.exit_code == 0, result.stderr
     from_files = {r["id"]: r for r in read_csv(tmp_path / "b.csv")}
@@ -361,6 +362,41 @@ def test_npy_and_image_files_on_a_digits_model(store, digits_run, tmp_path):
     for i, row in enumerate(from_array):
         again = from_files[f"{bunch.target[i]}/{i:02d}.png"]
         assert float(again["prob_0"]) == pytest.approx(float(row["prob_0"]), abs=0.02)
+
+
+@pytest.mark.slow
+def test_a_labelled_raw_digits_csv_scores_the_runs_test_accuracy(store, digits_run, tmp_path):
+    """scikit-learn's digits as its CSV holds them (0..16, a ``target`` column, or labels named by --target)."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(store).get_run(digits_run)
+    assert card(store, digits_run)["target"] == "target", "the model records its target's name"
+    test = sklearn_digits_test_split(run)
+    test.to_csv(tmp_path / "digits.csv", index=False)
+    test.rename(columns={"target": "label"})[["label", *test.columns[:-1][::-1]]].to_csv(tmp_path / "label.csv",
+                                                                                         index=False)
+    logged = run.data.metrics["test_accuracy"]
+    for path, args in ((tmp_path / "digits.csv", ()), (tmp_path / "label.csv", ("--target", "label"))):
+        result = predict(store, digits_run, path, "--output", str(tmp_path / "p.csv"), *args)
+        assert result.exit_code == 0, result.stderr
+        assert shown_score(result.stdout, "accuracy") == pytest.approx(logged, abs=5e-5)
+        assert f"on {len(test)} labelled rows" in result.stdout and "warning" not in result.stderr
+    refused = predict(store, digits_run, tmp_path / "label.csv")
+    assert refused.exit_code == 2 and "if it holds the labels, name it with --target label" in refused.stderr
+
+
+@pytest.mark.slow
+def test_values_outside_the_training_range_are_predicted_with_a_warning_line(store, digits_run, tmp_path):
+    from sklearn.datasets import load_digits
+
+    pixels = np.round(load_digits().images[:5] / 16 * 255).astype(np.uint8)  # 0..255, not digits' 0..16
+    np.save(tmp_path / "pixels.npy", pixels)
+    result = predict(store, digits_run, tmp_path / "pixels.npy", "--output", str(tmp_path / "p.csv"))
+    assert result.exit_code == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    outside = int((pixels > 16).sum())
+    assert line.startswith(f"warning: {outside} input values in 5 of 5 rows lie outside the range seen in training")
+    assert "training saw 0..16" in line and len(read_csv(tmp_path / "p.csv")) == 5
 
 
 @pytest.mark.slow
