@@ -70,6 +70,9 @@ def read_inputs(path: str, spec: ModelSpec, target: str | None = None) -> Inputs
     A CSV's labels are in its column ``target`` (which it must then have), else in the model's target column if there."""
     file = input_file(path)
     suffix = file.suffix.lower()
+    if target is not None and (file.is_dir() or suffix not in (".csv", ".txt")):
+        raise OptiflowError(f"--target names a CSV column; {path} is not a CSV (a folder of class folders gives its "
+                            "labels by the folder names)")
     if file.is_dir() or suffix in image_suffixes():
         if not spec.image:
             raise OptiflowError(f"{path} holds images, but the model takes {spec.describe_input()}; give a .csv or .npy")

@@ -133,6 +133,9 @@ def test_a_target_column_of_another_name_is_named_by_target(tmp_path):
     with pytest.raises(OptiflowError, match=re.escape("has no target column 'lbl'; its columns besides the model's "
                                                       "features: label")):
         read_inputs(path, IRIS, target="lbl")
+    np.save(tmp_path / "x.npy", np.ones((1, 4)))
+    with pytest.raises(OptiflowError, match=re.escape("--target names a CSV column; ")):
+        read_inputs(str(tmp_path / "x.npy"), IRIS, target="label")
 
 
 def test_flat_rows_of_an_image_model_without_names_are_taken_in_order(tmp_path):
