@@ -223,6 +223,11 @@ def normalize(splits: Splits, normalizer: Normalizer) -> Splits:
     )
 
 
+def samples_per_batch(batch_size: int | str, n_train: int) -> int:
+    """What ``--batch-size`` means in samples: ``full`` is the whole training split."""
+    return n_train if batch_size == "full" else int(batch_size)
+
+
 class TensorBatches:
     """Mini-batches from tensors already on the training device, by index permutation.
 
@@ -256,6 +261,13 @@ class TensorBatches:
         return max(1, math.floor(n)) if self.drop_last else math.ceil(n)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.order()
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.x[index], self.y[index]
+
+    def order(self) -> Tensor:
+        """The next epoch's sample order (drawn from the generator when shuffling), this rank's share of it."""
         import torch
 
         n = len(self.x)
@@ -266,9 +278,7 @@ class TensorBatches:
         if self.world_size > 1:
             padded = self.shard_size * self.world_size
             order = torch.cat([order, order[: padded - n]])[self.rank :: self.world_size]
-        for i in range(len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.x[index], self.y[index]
+        return order
 
 
 class LoaderBatches:

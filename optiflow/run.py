@@ -6,7 +6,6 @@ Everything a user can get wrong fails in :func:`prepare`, before an MLflow run e
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from optiflow.errors import OptiflowError, first_line
 from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
-from optiflow.schedule import WARMUP_OPTION, Schedule, TrainingLength, warm_up
+from optiflow.schedule import Schedule, TrainingLength, scheduled
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
 
@@ -239,20 +238,14 @@ def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) ->
         optimizer = build(opt_component, model, **opt_options)
     use_fused_kernels(optimizer)
     sched_component, sched_options = resolved.sched
-    if WARMUP_OPTION in inspect.signature(sched_component.factory).parameters:
-        schedule = build(sched_component, optimizer, length, **sched_options)
-        return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
-    options = dict(sched_options)
-    warmup_epochs = int(options.pop(WARMUP_OPTION, 0))
-
-    def build_schedule(rest: TrainingLength) -> Schedule:
-        schedule = build(sched_component, optimizer, rest, **options)
-        return schedule if isinstance(schedule, Schedule) else Schedule(schedule)
-
     try:
-        return optimizer, warm_up(optimizer, length, warmup_epochs, build_schedule)
+        schedule = scheduled(sched_component.factory, lambda *args, **options: build(sched_component, *args, **options),
+                             optimizer, length, sched_options)
     except OptiflowError as exc:
+        if str(exc).startswith(f"{sched_component.kind} '{sched_component.name}'"):
+            raise
         raise OptiflowError(f"scheduler '{sched_component.name}': {exc}") from None
+    return optimizer, schedule
 
 
 def _check_images(model: Component, source: DataSource, input_shape: tuple[int, ...], dataset: str,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from optiflow.config import RunConfig
+from optiflow.data import samples_per_batch
 from optiflow.errors import OptiflowError
 
 
@@ -61,7 +62,7 @@ def cpu_threads(config: RunConfig, device: torch.device, model: nn.Module, x_tra
     2 loaded cores).  None (PyTorch's default) for bigger steps, other devices or a set ``OMP_NUM_THREADS``."""
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
-    batch = len(x_train) if config.batch_size == "full" else int(config.batch_size)
+    batch = samples_per_batch(config.batch_size, len(x_train))
     work = sum(p.numel() for p in model.parameters()) * batch
     return 1 if work < SMALL_STEP else None
 

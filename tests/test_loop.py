@@ -174,7 +174,7 @@ def test_stepping_without_a_closure_trains_exactly_as_with_one(opt, monkeypatch)
     from optiflow.run import prepare
 
     def weights(closure_free: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(optiflow.loop, "_steps_without_closure", lambda optimizer: closure_free)
+        monkeypatch.setattr(optiflow.loop, "first_order", lambda optimizer: closure_free)
         run = prepare(RunConfig.from_dict({"model": "mlp:hidden=[16]", "opt": opt, "device": "cpu"}), get_registry())
         step = optiflow.loop.training_step(run, get_plugin_manager(), distributed.current())
         for start in range(0, 256, 32):
@@ -183,5 +183,12 @@ def test_stepping_without_a_closure_trains_exactly_as_with_one(opt, monkeypatch)
 
     assert all(torch.equal(a, b) for a, b in zip(weights(True), weights(False)))
     monkeypatch.undo()
-    assert optiflow.loop._steps_without_closure(torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
-    assert not optiflow.loop._steps_without_closure(torch.optim.LBFGS([nn.Parameter(torch.zeros(1))]))
+    from optiflow.optim import first_order
+
+    assert first_order(torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
+    assert not first_order(torch.optim.LBFGS([nn.Parameter(torch.zeros(1))]))
+
+    class Custom(torch.optim.Adam):
+        pass
+
+    assert not first_order(Custom([nn.Parameter(torch.zeros(1))])), "a subclass may evaluate the closure otherwise"

@@ -140,8 +140,8 @@ def compare(
     Ctrl-C ends the parent KILLED, any other error ends it FAILED.  ``register`` logs every child's
     model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
     """
-    from optiflow.commands.train import register_model, train
     from optiflow.tracking import Tracker, run_status
+    from optiflow.training import register_model, train
 
     runs = plan_runs(base, vary, repeats)
     if out_dir:

@@ -69,7 +69,7 @@ def reproduce(run_id: str, tracking_uri: str | None = None, *, device: str | Non
               atol: float = 1e-8, reporter: Any = None, tags: dict[str, str] | None = None,
               data_dir: str | None = None, allow_download: bool = False) -> Reproduction:
     """Train again with the original configuration and seed; compare every non-timing metric."""
-    from optiflow.commands.train import train
+    from optiflow.training import train
 
     for name, tolerance in (("rtol", rtol), ("atol", atol)):
         if not (math.isfinite(tolerance) and tolerance >= 0):

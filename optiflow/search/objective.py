@@ -108,7 +108,7 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSetting
                  tags: dict[str, str], params: dict[str, Any], offset: int,
                  on_start: Callable[[str], None] | None = None) -> Any:
     """One training reporting its per-epoch metric to the pruner (step ``offset + epoch``)."""
-    from optiflow.commands.train import train
+    from optiflow.training import train
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         value = metrics.get(settings.metric)

@@ -34,7 +34,7 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
     A failure (of the training or of the registration) is returned in ``Refit.failure`` and tagged on the
     parent run, never raised, so that the study's summary survives it.
     """
-    from optiflow.commands.train import register_model, train
+    from optiflow.training import register_model, train
 
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return None
