@@ -91,7 +91,7 @@ def fit_stacked(runs: list[Run], pm: PluginManager) -> None:
     stack = _Stack(runs)
     checks = [LossCheck(run) for run in runs]
     hook = pm.hook
-    validate = stack.validation()
+    validate = _stacked_validation(runs, stack.layers) if stack.masked is not None and stack.classification else None
     for epoch in range(1, runs[0].config.epochs + 1):
         if len({run.lr for run in runs}) > 1:
             _go_on_apart(stack, checks, pm)
@@ -227,10 +227,6 @@ class _Stack:
             if self.classification:
                 correct[j] += (out.detach().argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
         return losses
-
-    def validation(self) -> Callable[[list[Tensor]], list[dict[str, float]]] | None:
-        """Every run's validation metrics in one pass, when the loss is the plain cross-entropy on classes."""
-        return _stacked_validation(self.runs, self.layers) if self.masked is not None and self.classification else None
 
     def sync_lr(self) -> None:
         for target, group in zip(self.optimizer.param_groups, self.runs[0].optimizer.param_groups):

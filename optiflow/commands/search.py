@@ -24,6 +24,7 @@ from optiflow.search.study import (
     PRUNERS,
     SAMPLERS,
     SearchSettings,
+    given_defaults,
     make_pruner,
     make_sampler,
     open_study,
@@ -31,7 +32,7 @@ from optiflow.search.study import (
     shared_parent_run,
 )
 from optiflow.search.summary import SearchResult, summarize
-from optiflow.search.workers import HEARTBEAT_SECONDS, settle, storage_lost
+from optiflow.search.workers import settle, storage_lost
 
 
 def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
@@ -103,24 +104,25 @@ def quiet_heartbeat_threads() -> Iterator[None]:
 
 
 def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
-    """Search settings from flags and ``--config`` values, validated and with defaults filled in."""
-    space = parse_space(values.get("space") or (), base)
-    sampler, sampler_options = parse_component(str(values.get("sampler") or "tpe"), SAMPLERS, "sampler")
-    pruner, pruner_options = parse_component(str(values.get("pruner") or "none"), PRUNERS, "pruner")
-    metric = str(values.get("metric") or "val_loss")
-    n_trials = values.get("n_trials")
-    if n_trials is None and sampler == "grid":
-        n_trials = math.prod(len(dim.grid()) for dim in space)
-    cv = int(values.get("cv") or 0)
+    """Search settings from flags and ``--config`` values, validated and with the defaults of
+    :func:`~optiflow.search.study.given_defaults` filled in."""
+    given = {**given_defaults(), "refit": True, "register": None,
+             **{key: value for key, value in values.items() if value is not None and value != ""}}
+    space = parse_space(given["space"] or (), base)
+    sampler, sampler_options = parse_component(str(given["sampler"]), SAMPLERS, "sampler")
+    pruner, pruner_options = parse_component(str(given["pruner"]), PRUNERS, "pruner")
+    metric = str(given["metric"])
+    n_trials = given["n_trials"]
+    if n_trials is None:
+        n_trials = math.prod(len(dim.grid()) for dim in space) if sampler == "grid" else SearchSettings.n_trials
     return SearchSettings(
-        space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=values.get("sampler_seed"),
+        space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=given["sampler_seed"],
         pruner=pruner, pruner_options=pruner_options, metric=metric,
-        direction=str(values.get("direction") or default_direction(metric)), n_trials=20 if n_trials is None else int(n_trials),
-        timeout=values.get("timeout"), cv=cv, storage=values.get("storage"), study_name=values.get("study_name"),
-        n_jobs=1 if values.get("n_jobs") is None else int(values["n_jobs"]), log_models=bool(values.get("log_models")),
-        child_artifacts=bool(values.get("child_artifacts")),
-        heartbeat=HEARTBEAT_SECONDS if values.get("heartbeat") is None else int(values["heartbeat"]),
-        refit=values.get("refit") is not False, register=str(values.get("register") or "") or None,
+        direction=str(given["direction"] or default_direction(metric)), n_trials=int(n_trials),
+        timeout=given["timeout"], cv=int(given["cv"]), storage=given["storage"], study_name=given["study_name"],
+        n_jobs=int(given["n_jobs"]), log_models=bool(given["log_models"]),
+        child_artifacts=bool(given["child_artifacts"]), heartbeat=int(given["heartbeat"]),
+        refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
     )
 
 

@@ -15,7 +15,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,21 @@ class SearchSettings:
     register: str | None = None
     #: seconds between trial heartbeats on RDB storages (0: none); a trial silent for twice that is retried
     heartbeat: int = HEARTBEAT_SECONDS
+
+
+#: the settings a user gives by flag or in ``--config`` (the sampler's and pruner's options come with their names;
+#: ``refit`` and ``register`` are flags of their own)
+GIVEN = ("space", "sampler", "sampler_seed", "pruner", "metric", "direction", "n_trials", "timeout", "cv", "storage",
+         "study_name", "n_jobs", "log_models", "child_artifacts", "heartbeat")
+#: settings whose default follows from others: the direction from the metric, the trials from a grid's size
+DERIVED = ("direction", "n_trials")
+
+
+def given_defaults() -> dict[str, Any]:
+    """The default of every setting in :data:`GIVEN`, from :class:`SearchSettings`: None for the derived
+    ones (:data:`DERIVED`), an empty space."""
+    defaults = {f.name: f.default for f in fields(SearchSettings) if f.name in GIVEN}
+    return {**defaults, "space": (), **dict.fromkeys(DERIVED)}
 
 
 def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
