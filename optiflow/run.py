@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from optiflow import distributed
 from optiflow.config import RunConfig
-from optiflow.data import DataContext, DataSource, Splits, normalize, split
+from optiflow.data import DataContext, DataSource, Normalizer, Splits, normalize, split
 from optiflow.errors import OptiflowError, first_line
 from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
@@ -63,7 +63,7 @@ class Run:
     length: TrainingLength
     #: draws the order of training batches; its state is checkpointed
     batch_generator: torch.Generator
-    normalizer: Any = None
+    normalizer: Normalizer | None = None
     augmentation: Callable[[Tensor], Tensor] | None = None
     regularizers: list[Any] = field(default_factory=list)
     #: the MLflow run's tracker, None until the run is open (``optiflow_check_run`` sees None)

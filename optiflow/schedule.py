@@ -6,7 +6,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from optiflow.data import samples_per_batch
 from optiflow.errors import OptiflowError
@@ -34,11 +34,21 @@ class TrainingLength:
         return cls(epochs, steps)
 
 
+class Scheduler(Protocol):
+    """What the core steps: a PyTorch LR scheduler (``ReduceLROnPlateau`` takes the monitored value)."""
+
+    def step(self, *args: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class Schedule:
     """A learning-rate scheduler and when the core steps it."""
 
-    scheduler: Any = None
+    scheduler: Scheduler | None = None
     interval: str = "epoch"
     monitor: str | None = None
 
@@ -90,9 +100,9 @@ def warm_up(optimizer: Optimizer, length: TrainingLength, warmup_epochs: int,
     return Schedule(LinearWarmup(optimizer, iterations, schedule.scheduler), schedule.interval, schedule.monitor)
 
 
-def as_schedule(made: Any) -> Schedule:
+def as_schedule(made: object) -> Schedule:
     """What a scheduler factory returned as a :class:`Schedule` (a bare scheduler is stepped per epoch)."""
-    return made if isinstance(made, Schedule) else Schedule(made)
+    return made if isinstance(made, Schedule) else Schedule(cast("Scheduler | None", made))
 
 
 class LinearWarmup:
@@ -102,13 +112,13 @@ class LinearWarmup:
     own first learning rate as if warm-up had not happened.
     """
 
-    def __init__(self, optimizer: Optimizer, iterations: int, then: Any = None) -> None:
+    def __init__(self, optimizer: Optimizer, iterations: int, then: Scheduler | None = None) -> None:
         self.optimizer, self.iterations, self.then = optimizer, iterations, then
         self.targets = [group["lr"] for group in optimizer.param_groups]
         self.count = 0
         self._apply()
 
-    def step(self, *args: Any) -> None:
+    def step(self, *args: float) -> None:
         self.count += 1
         if self.count <= self.iterations:
             self._apply()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -132,5 +131,4 @@ def use_fused_kernels(optimizer: torch.optim.Optimizer) -> None:
         return
     for group in [defaults, *optimizer.param_groups]:
         group["fused"] = True
-    flagged: Any = optimizer  # a private flag, set as the constructor sets it for fused=True
-    flagged._step_supports_amp_scaling = True
+    optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]  # a private flag, as fused=True sets it

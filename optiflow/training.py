@@ -65,13 +65,7 @@ def train(
     if run.device.type == "cpu":
         host.keep_freed_memory()
     with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
-        tracker, state = _checked_tracker(run, pm, names, resume)
-        cluster = distributed.join(run.device)
-        tracker.start(run_name=config.run_name or default_run_name(run), tags=run_tags(extra_tags),
-                      parent_run_id=parent_run_id, run_id=resume)
-        if cluster.main:
-            heartbeat.beat(tracker)
-        run.tracker = tracker
+        tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome:
             try:
@@ -93,10 +87,11 @@ def train(
                      resumed_from)
 
 
-def _checked_tracker(run: Run, pm: PluginManager, names: dict[str, str],
-                     resume: str | None) -> tuple[Tracker | NullTracker, dict[str, Any] | None]:
-    """The run's tracker (rank 0 only) and the checkpoint to resume from, once the plugins and the checkpoint
-    accept the run: a refusal on any process stops every process before a run opens."""
+def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,
+          extra_tags: dict[str, str] | None) -> tuple[Tracker | NullTracker, dict[str, Any] | None, distributed.Cluster]:
+    """Open the run's MLflow run (rank 0 only; ``resume`` reopens it) once the plugins and the checkpoint to
+    resume from accept it: a refusal on any process stops every process before a run opens.  Returns the
+    tracker, the checkpoint and the process group."""
     config = run.config
     with _agreeing():
         _check_run(run, pm, names)
@@ -109,7 +104,13 @@ def _checked_tracker(run: Run, pm: PluginManager, names: dict[str, str],
             state = checkpoints.load(store, resume)
             checkpoints.restore(run, state)  # a checkpoint that does not fit is refused before the run reopens
     distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
-    return tracker, state
+    cluster = distributed.join(run.device)
+    tracker.start(run_name=config.run_name or default_run_name(run), tags=run_tags(extra_tags),
+                  parent_run_id=parent_run_id, run_id=resume)
+    if cluster.main:
+        heartbeat.beat(tracker)
+    run.tracker = tracker
+    return tracker, state, cluster
 
 
 def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any]) -> int | None:
@@ -283,7 +284,8 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     if not run.artifacts:
         return
     tracker.log_text(run.config.to_yaml(), "config.yaml")
-    state = run.normalizer.state() if hasattr(run.normalizer, "state") else {}
+    fitted = getattr(run.normalizer, "state", None)
+    state = fitted() if fitted is not None else {}
     if state:
         tracker.log_text(json.dumps(_jsonable(state), indent=2), "normalization.json")
 
@@ -323,7 +325,7 @@ def _log_curves(run: Run) -> None:
     pyplot().close(figure)
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: object) -> object:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

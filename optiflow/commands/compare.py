@@ -60,7 +60,7 @@ class Comparison:
         return better(runs, key=lambda c: c.metrics[self.metric]) if runs else None
 
 
-def parse_vary(items: Any) -> dict[str, list[str]]:
+def parse_vary(items: object) -> dict[str, list[str]]:
     """``["opt=sgd,adam", "lr=0.1,0.01"]`` as ``{"opt": [...], "lr": [...]}``; a later key wins.
 
     Items may also be YAML mappings ``{opt: [sgd, adam]}`` (from a ``--config`` file).

@@ -8,7 +8,7 @@ import math
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import yaml
@@ -19,7 +19,7 @@ from optiflow.metrics import higher_is_better
 from optiflow.run import shared_data
 from optiflow.search.objective import run_study, run_trials
 from optiflow.search.refit import refit
-from optiflow.search.space import Dimension, describe_dimension, parse_space, trial_config
+from optiflow.search.space import Dimension, Scalar, describe_dimension, parse_space, trial_config
 from optiflow.search.study import (
     PRUNERS,
     SAMPLERS,
@@ -33,6 +33,9 @@ from optiflow.search.study import (
 )
 from optiflow.search.summary import SearchResult, summarize
 from optiflow.search.workers import settle, storage_lost
+
+if TYPE_CHECKING:
+    from optiflow.tracking import Tracker
 
 
 def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
@@ -90,9 +93,9 @@ def quiet_heartbeat_threads() -> Iterator[None]:
     call to the database fails too and says so in one line."""
     previous = threading.excepthook
 
-    def hook(args: Any) -> None:
-        if args.thread is not None and args.thread is not threading.main_thread() and \
-                storage_lost(args.exc_value, None) is not None:
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread is not threading.main_thread() and args.exc_value is not None \
+                and storage_lost(args.exc_value, None) is not None:
             return
         previous(args)
 
@@ -157,7 +160,7 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
     registry = get_registry()
     for dim in settings.space:
         for value in (dim.choices if dim.kind == "choice" else (dim.low, dim.high)):
-            def pick(d: Dimension, dim: Dimension = dim, value: Any = value) -> Any:
+            def pick(d: Dimension, dim: Dimension = dim, value: Any = value) -> Scalar:
                 if d is dim:
                     return int(value) if d.kind == "int" else value
                 return d.choices[0] if d.kind == "choice" else (int(d.low) if d.kind == "int" else d.low)
@@ -168,7 +171,7 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
                 raise OptiflowError(f"--space {dim.name}={value}: {exc}") from None
 
 
-def _create_parent(tracker: Any, base: RunConfig, settings: SearchSettings, study_name: str,
+def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, study_name: str,
                    tags: dict[str, str] | None) -> str:
     """Open the study's parent run (left open for :func:`search`; FAILED if logging its settings fails)."""
     from optiflow.tracking import run_status

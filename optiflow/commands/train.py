@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from optiflow import checkpoints
 from optiflow.config import RunConfig
 from optiflow.tracking import client, resolve_tracking_uri
@@ -17,7 +15,7 @@ __all__ = ["register_model", "resume_config", "train"]
 
 
 def resume_config(run_id: str, tracking_uri: str | None = None, *, data_dir: str | None = None,
-                  allow_download: bool = False, **overrides: Any) -> RunConfig:
+                  allow_download: bool = False, **overrides: object) -> RunConfig:
     """The logged configuration of KILLED or FAILED run ``run_id``, for ``train(config, resume=run_id)``.
 
     ``overrides`` may only change how the run is computed (``device``), never what is trained;

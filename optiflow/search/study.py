@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 
@@ -28,6 +28,8 @@ from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
+#: what a sampler or pruner constructor makes
+Made = TypeVar("Made")
 PARENT_ATTR = "optiflow.mlflow_parent_run_id"
 LOCK_SUFFIX = ".optiflow-parent-lock"
 PARENT_WAIT_SECONDS = 120.0
@@ -115,7 +117,8 @@ def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str,
     return spec.name, {k.replace("-", "_"): scalar(v) for k, v in spec.options.items()}
 
 
-def open_storage(url: str | None, heartbeat: int = 0, tracking_uri: str | None = None) -> Any:
+def open_storage(url: str | None, heartbeat: int = 0,
+                 tracking_uri: str | None = None) -> optuna.storages.BaseStorage | None:
     """An Optuna storage from ``--storage``: ``sqlite:///x.db``, ``postgresql://...``, a journal file
     (``journal:PATH`` or a path ending in .log/.journal), or in-memory when ``None``.
 
@@ -209,7 +212,7 @@ def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], st
     return run_id
 
 
-def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:
+def _construct(what: str, name: str, factory: Callable[..., Made], *args: object, **options: object) -> Made:
     _check_types(what, name, factory, options)
     try:
         with warnings.catch_warnings():
