@@ -96,7 +96,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("one training run", {"optiflow.data", "optiflow.plan", "optiflow.setup", "optiflow.schedule", "optiflow.run",
                           "optiflow.checkpoints", "optiflow.loop", "optiflow.stacked"}),
     ("built-in plugins", {"optiflow_plugins", "optiflow_plugins.*"}),
-    ("the logged model", {"optiflow.export", "optiflow.predict_inputs"}),
+    ("the logged model", {"optiflow.model_file", "optiflow.export", "optiflow.predict_inputs"}),
     ("one tracked training", {"optiflow.training"}),
     ("search", {"optiflow.search", "optiflow.search.*"}),
     ("commands", {"optiflow.commands", "optiflow.commands.*"}),
