@@ -210,8 +210,7 @@ def batch_transform(pm: PluginManager) -> Callable[[Run, Tensor, Tensor], tuple[
     impls = list(reversed(pm.hook.optiflow_train_batch.get_hookimpls()))
     if not impls:
         return None
-    plugins = pm.get_plugins()
-    callers = [pm.subset_hook_caller("optiflow_train_batch", [p for p in plugins if p is not impl.plugin])
+    callers = [pm.subset_hook_caller("optiflow_train_batch", [other.plugin for other in impls if other is not impl])
                for impl in impls]
 
     def transform(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
