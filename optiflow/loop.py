@@ -185,7 +185,7 @@ class _LossClosure:
     def __call__(self) -> Tensor:
         run, (xb, yb) = self.run, self.batch
         run.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(run.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext():
+        with torch.autocast(run.device.type, dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext():
             outputs = self.model(xb)
             run.last_outputs, run.last_targets = outputs, yb
             loss = run.loss_fn(outputs, yb)

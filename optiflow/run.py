@@ -190,7 +190,7 @@ def load_source(resolved: Plan, config: RunConfig) -> DataSource:
     return source
 
 
-def build(component: Component, *context: Any, **options: Any) -> Any:
+def build(component: Component, *context: object, **options: object) -> Any:
     """Call a component's factory; a ValueError or OSError it raises is about the user's input: one line."""
     try:
         return component.factory(*context, **options)
