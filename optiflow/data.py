@@ -236,11 +236,6 @@ def normalize(splits: Splits, normalizer: Normalizer) -> Splits:
     )
 
 
-def samples_per_batch(batch_size: int | str, n_train: int) -> int:
-    """What ``--batch-size`` means in samples: ``full`` is the whole training split."""
-    return n_train if batch_size == "full" else int(batch_size)
-
-
 class TensorBatches:
     """Mini-batches from tensors already on the training device, by index permutation.
 
@@ -284,13 +279,10 @@ class TensorBatches:
         import torch
 
         n = len(self.x)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.x.device)
-        else:
-            order = torch.arange(n, device=self.x.device)
+        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle \
+            else torch.arange(n, device=self.x.device)
         if self.world_size > 1:
-            padded = self.shard_size * self.world_size
-            order = torch.cat([order, order[: padded - n]])[self.rank :: self.world_size]
+            order = torch.cat([order, order[: self.shard_size * self.world_size - n]])[self.rank :: self.world_size]
         return order
 
 

@@ -27,11 +27,12 @@ import torch
 from torch import Tensor
 
 from optiflow import checkpoints, distributed
-from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches, samples_per_batch
+from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
 from optiflow.errors import TrainingError
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
 from optiflow.run import Reporter, Run
+from optiflow.schedule import samples_per_batch
 from optiflow.signals import deferred
 
 #: steps between checks that the running training loss is finite and not diverging (each is one host sync)

@@ -8,11 +8,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from optiflow.data import samples_per_batch
 from optiflow.errors import OptiflowError
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
+
+
+def samples_per_batch(batch_size: int | str, n_train: int) -> int:
+    """What ``--batch-size`` means in samples: ``full`` is the whole training split."""
+    return n_train if batch_size == "full" else int(batch_size)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from optiflow.config import RunConfig
-from optiflow.data import samples_per_batch
 from optiflow.errors import OptiflowError
+from optiflow.schedule import samples_per_batch
 
 
 @dataclass(frozen=True)

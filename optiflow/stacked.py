@@ -24,11 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from optiflow import distributed
-from optiflow.data import TensorBatches, samples_per_batch
+from optiflow.data import TensorBatches
 from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, evaluate, fit, train_metrics
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
 from optiflow.run import Run, SilentReporter
+from optiflow.schedule import samples_per_batch
 
 #: element-wise activations: applied to ``[K, B, H]`` they act on each run's batch alone
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
