@@ -269,19 +269,21 @@ class TensorBatches:
         return max(1, math.floor(n)) if self.drop_last else math.ceil(n)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        import torch
-
-        n = len(self.x)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.x.device)
-        else:
-            order = torch.arange(n, device=self.x.device)
-        if self.world_size > 1:
-            padded = self.shard_size * self.world_size
-            order = torch.cat([order, order[: padded - n]])[self.rank :: self.world_size]
+        order = self.order()
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.x[index], self.y[index]
+
+    def order(self) -> Tensor:
+        """The next epoch's sample order (drawn from the generator when shuffling), this rank's share of it."""
+        import torch
+
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle \
+            else torch.arange(n, device=self.x.device)
+        if self.world_size > 1:
+            order = torch.cat([order, order[: self.shard_size * self.world_size - n]])[self.rank :: self.world_size]
+        return order
 
 
 class LoaderBatches:
