@@ -10,7 +10,6 @@ for it.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import time
 import warnings
@@ -23,8 +22,9 @@ import optuna
 
 from optiflow.config import ComponentSpec, RunConfig, brief
 from optiflow.errors import OptiflowError, first_line, redact
-from optiflow.search.space import Dimension, scalar
+from optiflow.search.space import Dimension
 from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
+from optiflow.values import coerce, literal, type_name
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
@@ -97,7 +97,7 @@ def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str,
         close = difflib.get_close_matches(spec.name, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise OptiflowError(f"unknown {what} '{spec.name}'{hint}; choose from {', '.join(names)}")
-    return spec.name, {k.replace("-", "_"): scalar(v) for k, v in spec.options.items()}
+    return spec.name, {k.replace("-", "_"): literal(v) for k, v in spec.options.items()}
 
 
 def open_storage(url: str | None, heartbeat: int = 0, tracking_uri: str | None = None) -> Any:
@@ -195,7 +195,7 @@ def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], st
 
 
 def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:
-    _check_types(what, name, factory, options)
+    options = _typed(what, name, factory, options)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -208,24 +208,22 @@ def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **
         raise OptiflowError(f"{what} '{name}' needs the package '{exc.name}': pip install {exc.name}") from None
 
 
-def _check_types(what: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Options whose constructor default is a bool, int or float must be one (Optuna checks them only mid-study)."""
+def _typed(what: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Options whose constructor default is a bool, int or float read as one (Optuna checks them only mid-study)."""
     import inspect
 
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        return
+        return options
+    typed = dict(options)
     for key, value in options.items():
         default = parameters[key].default if key in parameters else None
-        if isinstance(default, bool):
-            ok, expected = isinstance(value, bool), "bool"
-        elif isinstance(default, int):
-            ok, expected = isinstance(value, int) and not isinstance(value, bool), "int"
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            expected = "a finite float"
-        else:
+        if not isinstance(default, (bool, int, float)):
             continue
-        if not ok:
-            raise OptiflowError(f"{what} '{name}': option '{key}' expects {expected}, got {brief(value)}")
+        try:
+            typed[key] = coerce(type(default), value)
+        except (TypeError, ValueError, OverflowError):
+            raise OptiflowError(f"{what} '{name}': option '{key}' expects {type_name(type(default))}, "
+                                f"got {brief(value)}") from None
+    return typed
