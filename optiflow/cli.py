@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from optiflow import flags
+from optiflow import flags, tracking
 from optiflow.cli_predict import predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
-from optiflow.flags import COMPONENT_HELP, build_config, command_tag, print_settings, resolve_layers, train_options
+from optiflow.flags import COMPONENT_HELP, build_config, print_settings, resolve_layers, train_options
+from optiflow.values import env_flag
 
 
 class OptiflowGroup(click.Group):
     """A click group that turns user errors into one line and a non-zero exit, never a traceback."""
 
-    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
-        flags.ARGV[:] = sys.argv[1:] if args is None else args
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        tracking.CLI_ARGS = list(sys.argv[1:] if args is None else args)  # every run's optiflow.command tag
         kwargs["standalone_mode"] = False
         try:
             return super().main(args, *rest, **kwargs)
@@ -37,10 +39,12 @@ class OptiflowGroup(click.Group):
             interrupt = exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else exc
             _fail(str(interrupt) or "interrupted", getattr(interrupt, "exit_code", 130))
         except Exception as exc:
-            if os.environ.get("OPTIFLOW_TRACEBACK"):
+            if env_flag("OPTIFLOW_TRACEBACK"):
                 raise
             notes = " ".join(getattr(exc, "__notes__", []))
             _fail(f"{type(exc).__name__}: {first_line(str(exc)) or 'failed'}" + (f" ({notes})" if notes else ""), 1)
+        finally:
+            tracking.CLI_ARGS = None  # a Python caller in this process later is not this command
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         """A built-in command, else one a plugin added through ``optiflow_register_commands``."""
@@ -121,7 +125,7 @@ def train(**params: Any) -> None:
     main_process = is_main_process()
     quiet = params["quiet"] or not sys.stdout.isatty() or not main_process
     reporter = None if quiet else RichReporter()
-    result = run_training(config, reporter=reporter, extra_tags=command_tag(), resume=params["resume"])
+    result = run_training(config, reporter=reporter, resume=params["resume"])
     print_summary(result, config, quiet=params["quiet"] or not main_process)
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
@@ -148,7 +152,7 @@ def _launch_data_parallel(config: Any, nproc: int) -> None:
     from optiflow.plugins import get_registry
 
     plan(config, get_registry())
-    sys.exit(launch(nproc, without_nproc(flags.ARGV)))
+    sys.exit(launch(nproc, without_nproc(tracking.CLI_ARGS or [])))
 
 
 def _reporter_factory(quiet: bool):
@@ -198,7 +202,7 @@ def compare(**params: Any) -> None:
             console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
 
     result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
-                            out_dir=settings["out"], log_models=bool(settings["log_models"]), tags=command_tag(),
+                            out_dir=settings["out"], log_models=bool(settings["log_models"]),
                             announce=announce, reporter_factory=_reporter_factory(quiet), register=params["register"])
     if not quiet:
         print_comparison(result, config)
@@ -262,7 +266,7 @@ def search(**params: Any) -> None:
     from optiflow.console import console, print_search
 
     quiet = params["quiet"]
-    result = command.search(config, settings, tags=command_tag(), progress=None if quiet else console.print)
+    result = command.search(config, settings, progress=None if quiet else console.print)
     if not quiet:
         print_search(result, config)
     if result.failure:
@@ -289,7 +293,7 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
 
     reporter = _reporter_factory(quiet)
     result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
-                              reporter=reporter() if reporter else None, tags=command_tag(), **places)
+                              reporter=reporter() if reporter else None, **places)
     if not quiet:
         print_reproduction(result)
     differing = [row[0] for row in result.rows if not row[3]]

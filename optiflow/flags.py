@@ -10,8 +10,6 @@ import click
 from optiflow.slots import SLOTS
 
 COMPONENT_HELP = "NAME[:key=value,...]"
-#: the command line as the user typed it (set by the CLI group before a command runs)
-ARGV: list[str] = []
 
 
 def train_options(func: Any) -> Any:
@@ -106,13 +104,6 @@ def register(name: str | None, run_id: str | None, tracking_uri: str | None, qui
     version = register_model(run_id, name, tracking_uri)
     if not quiet:
         print_registered(name, version, run_id)
-
-
-def command_tag() -> dict[str, str]:
-    """The ``optiflow.command`` tag: the command line as the user typed it."""
-    import shlex
-
-    return {"optiflow.command": shlex.join(["optiflow", *ARGV])}
 
 
 def build_config(params: dict[str, Any], **extra: Any):

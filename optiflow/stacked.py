@@ -79,7 +79,7 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
     """Train ``runs`` (checked by :func:`why_not_stacked`) to their last epoch as one stacked model.
 
     Each run's history, epoch, step, metrics and epoch hooks are as if it had trained alone; its metrics go
-    to ``run.tracker`` (a recorder: the caller logs them).  Raises :class:`NotStacked` when the runs stop
+    to ``run.tracker`` (a tracker whose run opens once they finish).  Raises :class:`NotStacked` when the runs stop
     training alike (a hook stops one early, a learning rate differs), TrainingError when one diverges.
     """
     k = len(runs)
@@ -179,13 +179,13 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
             hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
             for key, value in metrics.items():
                 run.history.setdefault(key, []).append(value)
-            run.tracker.log_metrics(metrics, step=epoch, flush=False)
+            run.tracking.log_metrics(metrics, step=epoch, flush=False)
         stopped = {run.stop_reason for run in runs}
         if len(stopped) > 1:
             raise NotStacked("a hook stopped some of the runs early")
         if stopped != {None}:
             for run in runs:
-                run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
+                run.tracking.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
             break
 
 

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import signal
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import optiflow
 from optiflow import checkpoints, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
 from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
@@ -24,8 +21,9 @@ from optiflow.loop import evaluate, fit
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
+from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
-from optiflow.tracking import NullTracker, Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
+from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
 
 
 def train(
@@ -79,8 +77,7 @@ def train(
                 checkpoints.restore(run, state)  # a checkpoint that does not fit is refused before the run reopens
         distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
         cluster = distributed.join(run.device)
-        tags = run_tags(extra_tags)
-        tracker.start(run_name=config.run_name or default_run_name(run), tags=tags, parent_run_id=parent_run_id,
+        tracker.start(run_name=config.run_name or default_run_name(run), tags=extra_tags, parent_run_id=parent_run_id,
                       run_id=resume)
         if cluster.main:
             heartbeat.beat(tracker)
@@ -204,7 +201,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
                     outcome: Outcome) -> BaseException:
     """Say why the run did not finish (failure tag, traceback, checkpoint) before ``run_status`` ends it
     FAILED or KILLED; returns the error to raise, its message naming the run and how to resume it."""
-    tracker = run.tracker
+    tracker = run.tracking
     reporter.stop()
     if isinstance(exc, RunKilled):
         run.status = run.status or "KILLED"
@@ -233,7 +230,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     try:
         if not isinstance(exc, OptiflowError):
             tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
-        if run.checkpoint is not None and not isinstance(exc, DiskFull):  # no room for it: the last one stays whole
+        # a full disk keeps the last checkpoint whole; only the process that logs (a Tracker) saves one
+        if run.checkpoint is not None and isinstance(tracker, Tracker) and not isinstance(exc, DiskFull):
             if not run.artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
@@ -260,7 +258,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
 def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     """Parameters (the plan, data sizes, resolved computing decisions, ``extra_params``), the config and the
     normalizer."""
-    tracker = run.tracker
+    tracker = run.tracking
     tracker.log_params(setup_params(run, extra_params))
     if not run.artifacts:
         return
@@ -283,14 +281,9 @@ def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
     return {**params, **extra_params}
 
 
-def run_tags(extra_tags: dict[str, str] | None) -> dict[str, str]:
-    """The tags a run starts with: optiflow's version, the command line, ``extra_tags``."""
-    return {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
-
-
 def _finish(run: Run, log_model: bool) -> dict[str, float]:
     """Test metrics, the learning curves (``run.artifacts``) and (``log_model``) the model, on the finished run."""
-    tracker = run.tracker
+    tracker = run.tracking
     test = evaluate(run, run.splits.x_test, run.splits.y_test, "test")
     tracker.log_metrics(test, step=run.epoch, flush=False)
     if run.artifacts:
@@ -304,7 +297,7 @@ def _log_curves(run: Run) -> None:
     from optiflow.plots import learning_curves, pyplot
 
     figure = learning_curves(run.history, title=f"{run.plan.model[0].name} / {run.plan.opt[0].name}")
-    run.tracker.log_figure(figure, "learning_curves.png")
+    run.tracking.log_figure(figure, "learning_curves.png")
     pyplot().close(figure)
 
 
@@ -316,7 +309,3 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.detach().cpu().tolist() if hasattr(value, "detach") else value.tolist()
     return value
-
-
-def _command_line() -> str:
-    return shlex.join(["optiflow", *sys.argv[1:]]) if sys.argv and "optiflow" in sys.argv[0] else shlex.join(sys.argv)

@@ -19,37 +19,12 @@ from optiflow.run import RunResult
 STACKED_TAG = "optiflow.stacked_folds"
 
 
-class Recorder:
-    """Stands in for a run's tracker while it trains stacked: keeps metrics and tags for the real run."""
-
-    run_id = None
-    uri = None
-
-    def __init__(self) -> None:
-        self.metrics: list[Any] = []
-        self.tags: dict[str, str] = {}
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None, flush: bool = True) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.metrics.extend(Metric(key, float(value), now, step or 0) for key, value in metrics.items()
-                            if isinstance(value, (int, float)) and not isinstance(value, bool))
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self.tags.update({key: str(value) for key, value in tags.items()})
-
-    def flush(self) -> None: ...
-
-    def flush_due(self, seconds: float) -> None: ...
-
-
 def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict[str, str]],
                 params: dict[str, Any]) -> list[RunResult] | None:
     """Train the folds ``configs`` stacked and log each as a child run of ``parent_run_id`` with its
     ``tags`` and ``params``; None (nothing logged) when they cannot be trained stacked."""
     from optiflow import host
-    from optiflow.commands.train import default_run_name, run_tags, setup_params
+    from optiflow.commands.train import default_run_name, setup_params
     from optiflow.errors import OptiflowError
     from optiflow.loop import evaluate
     from optiflow.plugins import get_plugin_manager, get_registry
@@ -64,16 +39,16 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
         return None
     if why_not_stacked(runs, pm) is not None:
         return None
-    recorders = [Recorder() for _ in runs]
+    trackers = [Tracker(run.config.tracking_uri, run.config.experiment) for run in runs]  # opened once trained
     started_ms = int(time.time() * 1000)
     started = time.perf_counter()
     tests = []
     try:
         with host.threads(runs[0].setup.threads):
-            for run, recorder in zip(runs, recorders):
+            for run, tracker in zip(runs, trackers):
                 run.artifacts = False
                 pm.hook.optiflow_check_run(run=run)
-                run.tracker = recorder
+                run.tracker = tracker
                 pm.hook.optiflow_run_start(run=run)
             fit_stacked(runs, pm)
             for run in runs:
@@ -85,13 +60,11 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
     seconds = time.perf_counter() - started
     ended_ms = int(time.time() * 1000)
     results = []
-    for run, recorder, test, fold_tags in zip(runs, recorders, tests, tags):
-        recorder.log_metrics(test, step=run.epoch)
-        recorder.log_metrics({"train_seconds": seconds}, step=run.epoch)
-        tracker = Tracker(run.config.tracking_uri, run.config.experiment)
-        run_id = tracker.log_finished(
-            run.config.run_name or default_run_name(run),
-            {**run_tags(fold_tags), **recorder.tags, STACKED_TAG: str(len(runs))}, parent_run_id,
-            setup_params(run, params), recorder.metrics, started_ms, ended_ms)
+    for run, tracker, test, fold_tags in zip(runs, trackers, tests, tags):
+        tracker.log_metrics({**test, "train_seconds": seconds}, step=run.epoch, flush=False)
+        tracker.log_params(setup_params(run, params), flush=False)
+        run_id = tracker.start(run.config.run_name or default_run_name(run),
+                               {**fold_tags, STACKED_TAG: str(len(runs))}, parent_run_id, started_ms=started_ms)
+        tracker.end("FINISHED", ended_ms=ended_ms)  # one insert, one batch, one status update
         results.append(RunResult(run_id, test, run.history, run.epoch, seconds, tracker.uri, run.stop_reason))
     return results
