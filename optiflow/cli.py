@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,8 +17,11 @@ from optiflow import flags, tracking
 from optiflow.cli_predict import predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
-from optiflow.flags import COMPONENT_HELP, build_config, print_settings, resolve_layers, train_options
+from optiflow.flags import build_config, print_settings, resolve_layers, train_options
 from optiflow.values import env_flag
+
+if TYPE_CHECKING:
+    from optiflow.config import RunConfig
 
 
 class OptiflowGroup(click.Group):
@@ -134,7 +137,7 @@ RESUME_PLACES = {"device", "data_dir", "allow_download"}
 RESUME_FLAGS = {"resume", "tracking_uri", "quiet", "print_config", "register", *RESUME_PLACES}
 
 
-def _resume_config(params: dict[str, Any]):
+def _resume_config(params: dict[str, Any]) -> RunConfig:
     """The logged configuration of the run to resume; flags that would change what is trained are refused."""
     from optiflow.commands.train import resume_config
 
@@ -145,7 +148,7 @@ def _resume_config(params: dict[str, Any]):
     return resume_config(params["resume"], params["tracking_uri"], **{k: params[k] for k in RESUME_PLACES})
 
 
-def _launch_data_parallel(config: Any, nproc: int) -> None:
+def _launch_data_parallel(config: RunConfig, nproc: int) -> None:
     """Check the configuration once, then rerun this command in ``nproc`` torchrun processes and exit with their code."""
     from optiflow.distributed import launch, without_nproc
     from optiflow.plan import plan
@@ -197,7 +200,7 @@ def compare(**params: Any) -> None:
 
     quiet = params["quiet"]
 
-    def announce(index: int, total: int, name: str, _config: Any) -> None:
+    def announce(index: int, total: int, name: str, _config: RunConfig) -> None:
         if not quiet:
             console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
 
@@ -303,13 +306,7 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
 
 
 @cli.command("lr-preview")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with train keys (flags win).")
-@click.option("--sched", metavar=COMPONENT_HELP, help="Learning-rate schedule [none]; e.g. step:step_size=10,gamma=0.1.")
-@click.option("--opt", metavar=COMPONENT_HELP, help="Optimizer [adam].")
-@click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default).")
-@click.option("--epochs", type=int, help="Training epochs [20].")
-@click.option("--batch-size", help="Mini-batch size, or 'full' [32]; with the data it sets the steps per epoch.")
-@click.option("--data", metavar=COMPONENT_HELP, help="Dataset whose training split is counted [digits].")
+@flags.train_flags("config_file", "sched", "opt", "lr", "epochs", "batch_size", "data")
 @click.option("--steps-per-epoch", type=int, help="Steps per epoch, instead of counting the data's batches.")
 @click.option("--out", type=click.Path(dir_okay=False), default="lr-schedule.png", show_default=True,
               help="Where to save the plot.")

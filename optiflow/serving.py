@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
 
 
-def _load_pyfunc(path: str, model_config: Any = None) -> Predictor:
+def _load_pyfunc(path: str, model_config: object = None) -> Predictor:
     """MLflow's loader hook: ``path`` is the model's ``data`` folder (the exported program)."""
     import mlflow.pytorch
     from mlflow.models import Model
@@ -27,11 +32,11 @@ class Predictor:
     """Raw rows in, a DataFrame out: one probability column per class (named by the class) for
     classification, ``prediction`` (``prediction_0..k-1``) in the target's units for regression."""
 
-    def __init__(self, module: Any, card: dict[str, Any]) -> None:
+    def __init__(self, module: torch.nn.Module, card: dict[str, Any]) -> None:
         self.module = module
         self.card = card
 
-    def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, data: object, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import numpy as np
         import pandas as pd
         import torch
@@ -41,7 +46,7 @@ class Predictor:
             outputs = self.module(torch.from_numpy(x)).numpy().astype(np.float64).reshape(len(x), -1)
         return pd.DataFrame(outputs, columns=self.columns(outputs.shape[1]), index=index)
 
-    def inputs(self, data: Any) -> tuple[Any, Any]:
+    def inputs(self, data: object) -> tuple[np.ndarray, pd.Index | None]:
         """``data`` as a contiguous float32 array shaped ``(N, *input_shape)``, and the row index to keep."""
         import numpy as np
         import pandas as pd
@@ -51,9 +56,8 @@ class Predictor:
         if isinstance(data, pd.DataFrame):
             index = data.index
             names = self.card.get("feature_names")
-            if names and set(names) <= set(data.columns):
-                data = data[names]
-            data = data.to_numpy(dtype=np.float32)
+            frame = data[names] if names and set(names) <= set(data.columns) else data
+            data = frame.to_numpy(dtype=np.float32)
         x = np.ascontiguousarray(data, dtype=np.float32)
         if x.shape[1:] != shape and x.ndim == 2 and x.shape[1] == math.prod(shape):
             x = x.reshape(len(x), *shape)

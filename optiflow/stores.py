@@ -10,8 +10,8 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from optiflow.errors import DiskFull, OptiflowError, no_space
 
@@ -61,7 +61,8 @@ def check_database_file(path: Path) -> None:
                                 "give --tracking-uri a new file or an optiflow store") from None
 
 
-def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "the tracking store",
+def disk_full(exc: BaseException, fn: Callable[..., object] | None, args: tuple[object, ...],
+              store: str = "the tracking store",
               staged: bool = False) -> DiskFull | None:
     """A :class:`DiskFull` when MLflow client call ``fn(*args)`` failed for want of space, else None.
     ``staged``: the call copied files staged elsewhere (a logged model), so the error's file name is
@@ -79,13 +80,13 @@ def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "
     return full
 
 
-def _written(fn: Any, args: tuple[Any, ...], exc: BaseException, store: str) -> Any:
+def _written(fn: Callable[..., object] | None, args: tuple[object, ...], exc: BaseException, store: str) -> str | Path:
     """Where a failed client call wrote: the file, else the run's artifact folder (an OSError), else the store."""
     from urllib.parse import unquote, urlparse
 
     mlflow_client = getattr(fn, "__self__", None)
     if isinstance(exc, OSError) and exc.filename:
-        return exc.filename
+        return str(exc.filename)
     if isinstance(exc, OSError) and mlflow_client is not None and args and isinstance(args[0], str):
         with contextlib.suppress(Exception):
             artifacts = urlparse(mlflow_client.get_run(args[0]).info.artifact_uri)

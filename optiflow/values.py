@@ -18,6 +18,7 @@ from typing import Any
 TRUE_WORDS = frozenset({"1", "true", "yes", "on", "y", "t"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", "n", "f"})
 MAX_INT = 2**63 - 1  # what torch and numpy sizes and seeds can hold
+EXACT_FLOAT_INT = 2**53  # the largest whole number 1e15-style notation gives exactly
 _NONE_WORDS = frozenset({"none", "null", ""})
 
 
@@ -80,10 +81,10 @@ def literal(value: object) -> object:
     if isinstance(value, (bool, int, float)) or value is None:
         return value
     text = str(value).strip()
-    for number_type in (int, float):
+    for number_type in (int, float):  # Python's literals: 1e30 stays a float
         try:
-            return coerce(number_type, text, ranged=False)
-        except (TypeError, ValueError, OverflowError):
+            return number_type(text)
+        except ValueError:
             pass
     return {"true": True, "false": False}.get(text.lower(), text)
 
@@ -132,8 +133,10 @@ def _items(value: object) -> list[object]:
 def _coerce_int(value: object, ranged: bool) -> int:
     if isinstance(value, (bool, dict, list, tuple)) or value is None:
         raise TypeError(value)
-    if isinstance(value, str) and "e" in value.lower():
-        value = float(value)  # 1e3; a fraction (2.5e0) is refused below
+    if isinstance(value, str) and "e" in value.lower():  # 1e3: exact as a float up to 2**53, not 2.5e0 nor 1e30
+        value = float(value)
+        if abs(value) > EXACT_FLOAT_INT:
+            raise ValueError(value)
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(value)  # inf and nan included
     whole = int(value)  # type: ignore[call-overload]  # str, int, float; anything else raises
