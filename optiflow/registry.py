@@ -7,6 +7,7 @@ import fnmatch
 import inspect
 import re
 import reprlib
+import sys
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -221,7 +222,9 @@ def options_of(factory: Callable[..., Any], owner: str = "") -> tuple[Option, ..
                 )
             continue
         default = None if param.default is inspect.Parameter.empty else param.default
-        annotation = _annotation(factory, param, default)
+        annotation = annotation_of(factory, param)
+        if annotation is inspect.Parameter.empty:
+            annotation = type(default) if default is not None else str
         choices = None
         if typing.get_origin(annotation) is Literal:
             choices = typing.get_args(annotation)
@@ -230,17 +233,17 @@ def options_of(factory: Callable[..., Any], owner: str = "") -> tuple[Option, ..
     return tuple(options)
 
 
-def _annotation(factory: Callable[..., Any], param: inspect.Parameter, default: object) -> object:
-    """A parameter's annotation, evaluated lazily so plugins need not import torch to register."""
+def annotation_of(function: Callable[..., Any], param: inspect.Parameter) -> object:
+    """A parameter's annotation, evaluated lazily so plugins need not import torch to register;
+    ``inspect.Parameter.empty`` when it has none or it names what ``function``'s module does not hold."""
     annotation = param.annotation
     if isinstance(annotation, str):
-        namespace = {**vars(typing), **getattr(inspect.unwrap(factory), "__globals__", {})}
+        module = sys.modules.get(getattr(function, "__module__", None) or "")  # a class has no __globals__
+        namespace = {**vars(typing), **getattr(inspect.unwrap(function), "__globals__", vars(module or typing))}
         try:
-            annotation = eval(annotation, namespace)  # noqa: S307 - plugin's own annotation text
+            annotation = eval(annotation, namespace)  # noqa: S307 - the plugin's own annotation text
         except Exception:
             annotation = inspect.Parameter.empty
-    if annotation is inspect.Parameter.empty:
-        return type(default) if default is not None else str
     return annotation
 
 

@@ -40,8 +40,9 @@ def env_flag(variable: str) -> bool:
 
 
 def coerce(tp: object, value: object, *, ranged: bool = True) -> Any:
-    """``value`` converted to type ``tp``: bool, int, float, str, a union of them, ``tuple[T, ...]``
-    (``64,32``, ``64x32``, ``[64,32]``, ``1-2``) or ``Any``.
+    """``value`` converted to type ``tp``: bool, int, float, str, a union of them (``none``, ``null`` or
+    empty is None where it allows None; str is tried last), ``tuple[T, ...]`` (``64,32``, ``64x32``,
+    ``[64,32]``, ``1-2``) or ``Any``.
 
     Raises TypeError or ValueError for a value that is not one, OverflowError for an integer beyond
     +-:data:`MAX_INT`.  ``ranged=False`` leaves ranges to the caller, which names them (a configuration
@@ -102,7 +103,7 @@ def type_name(tp: object) -> str:
 def _coerce_union(args: tuple[object, ...], value: object, ranged: bool) -> object:
     if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
         return None
-    for arg in (a for a in args if a is not type(None)):
+    for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):  # text takes anything: last
         try:
             return coerce(arg, value, ranged=ranged)
         except (TypeError, ValueError):

@@ -22,6 +22,7 @@ import optuna
 
 from optiflow.config import ComponentSpec, RunConfig, brief
 from optiflow.errors import OptiflowError, first_line, redact
+from optiflow.registry import annotation_of
 from optiflow.search.space import Dimension
 from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
 from optiflow.values import coerce, literal, type_name
@@ -209,21 +210,35 @@ def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **
 
 
 def _typed(what: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
-    """Options whose constructor default is a bool, int or float read as one (Optuna checks them only mid-study)."""
+    """Options read as the type the constructor declares (or its default has): Optuna checks them only mid-study."""
+    types = _option_types(factory)
+    typed = dict(options)
+    for key, value in options.items():
+        if key not in types:
+            continue
+        try:
+            typed[key] = coerce(types[key], value)
+        except (TypeError, ValueError, OverflowError):
+            raise OptiflowError(f"{what} '{name}': option '{key}' expects {type_name(types[key])}, "
+                                f"got {brief(value)}") from None
+    return typed
+
+
+def _option_types(factory: Callable[..., Any]) -> dict[str, object]:
+    """The parameters of ``factory`` declared (or defaulting to) bool, int, float or str, optionally None."""
     import inspect
+    import typing
 
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        return options
-    typed = dict(options)
-    for key, value in options.items():
-        default = parameters[key].default if key in parameters else None
-        if not isinstance(default, (bool, int, float)):
-            continue
-        try:
-            typed[key] = coerce(type(default), value)
-        except (TypeError, ValueError, OverflowError):
-            raise OptiflowError(f"{what} '{name}': option '{key}' expects {type_name(type(default))}, "
-                                f"got {brief(value)}") from None
-    return typed
+        return {}
+    scalars = {bool, int, float, str, type(None)}
+    types: dict[str, object] = {}
+    for key, parameter in parameters.items():
+        hint = annotation_of(factory, parameter)
+        if hint is inspect.Parameter.empty and parameter.default not in (None, inspect.Parameter.empty):
+            hint = type(parameter.default)
+        if hint is not type(None) and set(typing.get_args(hint) or (hint,)) <= scalars:
+            types[key] = hint
+    return types
