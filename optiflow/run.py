@@ -111,7 +111,7 @@ class Run:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=self.epoch if step is None else step, flush=False)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
+    def set_tags(self, tags: dict[str, object]) -> None:
         if self.tracker is not None:
             self.tracker.set_tags(tags)
 

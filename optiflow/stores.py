@@ -1,4 +1,5 @@
-"""Checks on the tracking store a user names, and telling a full disk from other store failures.
+"""Checks on the tracking store a user names, the SQLite store's lock and journal mode, and telling a full
+disk from other store failures.
 
 Kept apart from :mod:`optiflow.tracking` (which uses them) so that each stays a readable size.
 """
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from optiflow.errors import DiskFull, OptiflowError, no_space
@@ -98,3 +100,28 @@ def _written(fn: Callable[..., object] | None, args: tuple[object, ...], exc: Ba
 
 def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def use_write_ahead_log(path: Path) -> None:
+    """Switch a SQLite store to WAL (persistent in the file): writers then never block readers."""
+    import sqlite3
+
+    if str(path) == ":memory:":
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            connection.execute("PRAGMA journal_mode=WAL")
+
+
+@contextlib.contextmanager
+def store_lock(path: Path | None) -> Iterator[None]:
+    """Hold the store's ``.lock`` file while the block runs: one process at a time creates a SQLite store."""
+    if path is None or str(path) == ":memory:":
+        yield
+        return
+    with open(str(path) + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

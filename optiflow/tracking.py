@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shlex
@@ -18,7 +17,7 @@ from optiflow import __version__
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.runlog import RunTracker
 from optiflow.signals import deferred
-from optiflow.stores import check_database_file, check_scheme, disk_full
+from optiflow.stores import check_database_file, check_scheme, disk_full, store_lock, use_write_ahead_log
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -132,7 +131,7 @@ def _new_client(uri: str):
     if is_server(uri):
         for name, value in SERVER_ENV.items():
             os.environ.setdefault(name, value)
-    with _store_lock(path):
+    with store_lock(path):
         try:
             mlflow_client = MlflowClient(tracking_uri=uri)
             with _fail_fast_http():
@@ -143,7 +142,7 @@ def _new_client(uri: str):
                 raise full from None
             raise OptiflowError(f"cannot reach the tracking store {redact(uri)}: {_reason(exc)}") from None
         if path is not None:
-            _use_write_ahead_log(path)
+            use_write_ahead_log(path)
     return mlflow_client
 
 
@@ -162,35 +161,11 @@ def _fail_fast_http() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _use_write_ahead_log(path: Path) -> None:
-    """Switch a SQLite store to WAL (persistent in the file): writers then never block readers."""
-    import sqlite3
-
-    if str(path) == ":memory:":
-        return
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
-        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            connection.execute("PRAGMA journal_mode=WAL")
-
-
 def _reason(exc: BaseException) -> str:
     """The root cause of a failed store probe, e.g. ``Connection refused``."""
     text = str(exc)
     cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     return cause.group(1).strip() if cause else re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))
-
-
-@contextlib.contextmanager
-def _store_lock(path: Path | None) -> Iterator[None]:
-    if path is None or str(path) == ":memory:":
-        yield
-        return
-    with open(str(path) + ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def experiment_id(mlflow_client, uri: str, name: str) -> str:
@@ -310,13 +285,13 @@ class Tracker:
             retry(self.client.delete_tag, self.run_id, key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        retry(self.client.log_text, self._open_run(), redact(text), artifact_file)
+        retry(self.client.log_text, self.open_run_id, redact(text), artifact_file)
 
     def log_figure(self, figure: Figure, artifact_file: str) -> None:
-        retry(self.client.log_figure, self._open_run(), figure, artifact_file)
+        retry(self.client.log_figure, self.open_run_id, figure, artifact_file)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        retry(self.client.log_artifact, self._open_run(), str(local_path), artifact_path)
+        retry(self.client.log_artifact, self.open_run_id, str(local_path), artifact_path)
 
     def log_model(self, flavor: ModuleType, metadata: dict[str, object], **kwargs: object) -> None:
         """Log a model under ``model`` on this run (``runs:/<id>/model``), saved by the flavor module's
@@ -324,7 +299,7 @@ class Tracker:
         import mlflow
         from mlflow.models import Model
 
-        run_id = self._open_run()
+        run_id = self.open_run_id
         mlflow.set_tracking_uri(self.uri)
         try:
             with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
@@ -342,9 +317,11 @@ class Tracker:
         try:
             self.flush()
         finally:
-            retry(self.client.set_terminated, self._open_run(), status=status, end_time=ended_ms)
+            retry(self.client.set_terminated, self.open_run_id, status=status, end_time=ended_ms)
 
-    def _open_run(self) -> str:
+    @property
+    def open_run_id(self) -> str:
+        """``run_id`` once the run is open; an error before."""
         if self.run_id is None:
             raise OptiflowError("no MLflow run is open yet: files are logged once it is")
         return self.run_id

@@ -8,7 +8,7 @@ import math
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import yaml
@@ -32,6 +32,9 @@ from optiflow.search.study import (
 )
 from optiflow.search.summary import SearchResult, summarize
 from optiflow.search.workers import HEARTBEAT_SECONDS, settle, storage_lost
+
+if TYPE_CHECKING:
+    from optiflow.tracking import Tracker
 
 
 def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
@@ -166,7 +169,7 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
                 raise OptiflowError(f"--space {dim.name}={value}: {exc}") from None
 
 
-def _create_parent(tracker: Any, base: RunConfig, settings: SearchSettings, study_name: str,
+def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, study_name: str,
                    tags: dict[str, str] | None) -> str:
     """Open the study's parent run (left open for :func:`search`; FAILED if logging its settings fails)."""
     from optiflow.tracking import run_status
