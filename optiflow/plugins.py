@@ -211,7 +211,7 @@ def build_registry(pm: PluginManager) -> Registry:
         for family in FAMILIES:
             hook_name = family.hook
             try:
-                _only(pm, hook_name, plugin)(register=registry.registrar(family.name, name))
+                _call_one(pm, hook_name, plugin, register=registry.registrar(family.name, name))
             except Exception as exc:
                 registry.remove_plugin(name)
                 pm.reject(name, _failure_text(exc, hook_name), plugin)
@@ -231,7 +231,7 @@ def build_commands(pm: PluginManager, reserved: Iterable[str] = ()) -> dict[str,
     for name, plugin in list(pm.list_name_plugin()):
         staging = click.Group()
         try:
-            _only(pm, COMMANDS_HOOK, plugin)(cli=staging)
+            _call_one(pm, COMMANDS_HOOK, plugin, cli=staging)
             for command_name in staging.commands:
                 if command_name in owners:
                     raise OptiflowError(f"command '{command_name}' is already provided by '{owners[command_name]}'")
@@ -322,11 +322,13 @@ def _entry_points() -> list[EntryPoint]:
     return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
-def _only(pm: PluginManager, hook_name: str, plugin: object) -> pluggy.HookCaller:
-    """Hook ``hook_name`` calling ``plugin``'s implementations only, so a failure stays that plugin's
-    (a pluggy caller: traced and argument-matched as every hook call is)."""
+def _call_one(pm: PluginManager, hook_name: str, plugin: object, **kwargs: object) -> None:
+    """Call ``plugin``'s implementations of ``hook_name`` (if any) and no other plugin's, so a failure stays that
+    plugin's; through pluggy, so the call is traced and its arguments matched as every hook call is."""
+    if hook_name not in {caller.name for caller in pm.get_hookcallers(plugin) or []}:
+        return
     others = [other for _, other in pm.list_name_plugin() if other is not None and other is not plugin]
-    return pm.subset_hook_caller(hook_name, remove_plugins=others)
+    pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
 
 
 def _row(name: str, distribution: str, version: str, status: str, *, error: str | None = None,

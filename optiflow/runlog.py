@@ -17,32 +17,45 @@ class RunTracker(Protocol):
     its MLflow run is open."""
 
     @property
-    def run_id(self) -> str | None: ...
+    def run_id(self) -> str | None:
+        """The MLflow run's id; None before it opens, and on processes that log nothing."""
 
     @property
-    def uri(self) -> str | None: ...
+    def uri(self) -> str | None:
+        """The tracking store's URI (None where nothing is logged)."""
 
-    def log_params(self, params: Mapping[str, object], flush: bool = True) -> None: ...
+    def log_params(self, params: Mapping[str, object], flush: bool = True) -> None:
+        """Log params (values as text, passwords in URLs masked); ``flush=False`` batches them with the next write."""
 
-    def log_metrics(self, metrics: Mapping[str, object], step: int | None = None, flush: bool = True) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, object], step: int | None = None, flush: bool = True) -> None:
+        """Log the numeric ``metrics`` at ``step`` (others are dropped); ``flush=False`` batches them."""
 
-    def flush_due(self, seconds: float) -> None: ...
+    def flush_due(self, seconds: float) -> None:
+        """Write what is batched if the last write is ``seconds`` old."""
 
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Write what is batched now."""
 
-    def set_tags(self, tags: Mapping[str, object]) -> None: ...
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        """Set tags on the run (values as text)."""
 
-    def delete_tag(self, key: str) -> None: ...
+    def delete_tag(self, key: str) -> None:
+        """Remove tag ``key`` if the run has it."""
 
-    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Save ``text`` as the artifact ``artifact_file``."""
 
-    def log_figure(self, figure: Figure, artifact_file: str) -> None: ...
+    def log_figure(self, figure: Figure, artifact_file: str) -> None:
+        """Save a matplotlib figure as the artifact ``artifact_file`` (``.png``)."""
 
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a local file into the run's artifacts (under ``artifact_path``)."""
 
-    def log_model(self, flavor: ModuleType, metadata: dict[str, object], **kwargs: object) -> None: ...
+    def log_model(self, flavor: ModuleType, metadata: dict[str, object], **kwargs: object) -> None:
+        """Log the run's model (see :func:`optiflow.export.log_model`)."""
 
-    def end(self, status: str = "FINISHED", ended_ms: int | None = None) -> None: ...
+    def end(self, status: str = "FINISHED", ended_ms: int | None = None) -> None:
+        """Write what is batched and end the run with ``status`` (FINISHED, FAILED or KILLED)."""
 
 
 class NullTracker:

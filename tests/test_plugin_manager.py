@@ -265,6 +265,8 @@ def test_trace_hooks_prints_every_hook_call(site, invoke, monkeypatch):
     trace = [line for line in result.stderr.splitlines() if line.startswith("[optiflow trace]")]
     assert any(line.startswith("[optiflow trace] optiflow_register_optimizers(register) <- optimizers")
                for line in trace), trace
+    registering = [line for line in trace if "optiflow_register_" in line]
+    assert not [line for line in registering if " <- -  " in line], "a plugin is asked only for the hooks it has"
 
 
 def test_the_tutorial_plugin_works_as_written(site, invoke, mlflow_client, experiment):
