@@ -311,7 +311,10 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
 @click.option("--out", type=click.Path(dir_okay=False), default="lr-schedule.png", show_default=True,
               help="Where to save the plot.")
 def lr_preview(**params: Any) -> None:
-    """Plot the learning-rate schedule (warmup shaded) and print it per epoch, without training."""
+    """Plot the learning-rate schedule (warmup shaded) and print it per epoch, without training.
+
+    The steps per epoch are the batches of the data's training split (or --steps-per-epoch).
+    """
     from optiflow.commands.lr_preview import preview
     from optiflow.console import print_lr_preview
     from optiflow.plots import lr_schedule

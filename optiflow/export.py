@@ -6,9 +6,13 @@ The logged MLflow model (``runs:/<id>/model``) holds this pipeline as one export
 
 - ``pytorch``: ``mlflow.pytorch.load_model(uri)`` gives torch's inference graph, callable on a
   raw batch and already in inference mode (torch refuses ``.eval()``/``.train()`` on it);
-  :func:`load_module` gives the same program as a plain ``nn.Module``.
+  :func:`load_module` gives the same program as a plain ``nn.Module``, read as data
+  (:mod:`optiflow.model_file`): unlike ``mlflow.pytorch.load_model`` and ``torch.export.load``,
+  it runs nothing found in the store.
 - ``python_function``: ``optiflow_serving`` (a copy of ``optiflow/serving.py`` inside the model)
   turns raw rows into a DataFrame named by the classes, also under ``mlflow models serve``.
+  MLflow imports that module from the model's folder: serve and ``pyfunc``-load only models you trust.
+  ``optiflow predict`` never does; it uses optiflow's own copy with :func:`load_program`.
 
 The MLmodel metadata's ``optiflow`` entry (:class:`ModelCard`) says what it takes and gives.
 """
@@ -142,14 +146,23 @@ def save_model(path: str, mlflow_model: Any, *, module: InferenceModule, card: M
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
 
-def load_module(model_uri: str) -> nn.Module:
-    """A logged model as a plain ``nn.Module`` (``torch.export.unflatten`` of its program):
-    ``.eval()`` works, parameters keep their training names (``model.0.weight``), and it always
-    computes in inference mode, as it was exported."""
+def load_program(model_uri: str) -> torch.export.ExportedProgram:
+    """A logged model's exported program, read as data (:mod:`optiflow.model_file`): no code from the
+    store runs, neither the model's own modules nor pickles planted in its archive."""
     import mlflow.artifacts
 
-    local = mlflow.artifacts.download_artifacts(model_uri)
-    return torch.export.unflatten(torch.export.load(os.path.join(local, "data", "model.pt2")))
+    from optiflow.model_file import load_program as read_program
+
+    with tempfile.TemporaryDirectory(prefix="optiflow-model-") as folder:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=folder)
+        return read_program(os.path.join(local, "data", "model.pt2"), label=model_uri)
+
+
+def load_module(model_uri: str) -> nn.Module:
+    """A logged model as a plain ``nn.Module`` (``torch.export.unflatten`` of its program, read as
+    data): ``.eval()`` works, parameters keep their training names (``model.0.weight``), and it
+    always computes in inference mode, as it was exported."""
+    return torch.export.unflatten(load_program(model_uri))
 
 
 def log_model(run: Run) -> ModelCard | None:

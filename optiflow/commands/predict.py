@@ -119,19 +119,24 @@ def model_spec(uri: str, label: str) -> ModelSpec:
 
 
 def run_model(uri: str, x: Any, spec: ModelSpec) -> Any:
-    """The pyfunc model's output for ``x``, checked against the contract: a DataFrame with the promised columns."""
-    import mlflow.pyfunc
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
+    """The model's output for ``x``, checked against the contract: a DataFrame with the promised columns.
 
-    model = mlflow.pyfunc.load_model(uri, suppress_warnings=True)
+    The model is read as data (:func:`optiflow.export.load_program`) and run by optiflow's own
+    :class:`~optiflow.serving.Predictor`: no module, loader or pickle found in the store runs."""
+    import pandas as pd
+
+    from optiflow.export import load_program
+    from optiflow.serving import Predictor
+
+    card = {"task": spec.task, "classes": spec.classes, "feature_names": spec.feature_names,
+            "input_shape": list(spec.input_shape)}
+    model = Predictor(load_program(uri).module(), card)
     try:
         output = model.predict(x)
-    except MlflowException as exc:
+    except (ValueError, RuntimeError) as exc:
         raise OptiflowError(f"the model refused the input: {first_line(exc)}") from None
     if not isinstance(output, pd.DataFrame):
-        raise OptiflowError(f"the model at {uri} returns {type(output).__name__}, not a table of named columns: "
-                            "it was logged by an older optiflow; retrain it with optiflow train")
+        raise OptiflowError(f"the model at {uri} returns {type(output).__name__}, not a table of named columns")
     output.columns = [str(c) for c in output.columns]
     expected = expected_columns(spec, output)
     if list(output.columns) != expected or len(output) != len(x):
