@@ -215,18 +215,20 @@ class Tracker:
               parent_run_id: str | None = None, run_id: str | None = None, started_ms: int | None = None) -> str:
         """Open a new run (``started_ms``: when it began, default now) or reopen ``run_id`` to resume it; what was
         logged before is written to it; returns its id."""
+        pending, self._pending_tags = self._pending_tags, {}
         if run_id is not None:
             retry(self.client.update_run, run_id, status="RUNNING")
             self.run_id = run_id
+            if pending:
+                self.set_tags(pending)
         else:
             given = {"optiflow.version": __version__, "optiflow.command": command_line(), **(tags or {})}
-            opening = {**{key: redact(str(value)) for key, value in given.items()}, **self._pending_tags}
+            opening = {**{key: redact(str(value)) for key, value in given.items()}, **pending}
             if parent_run_id:
                 opening["mlflow.parentRunId"] = parent_run_id
             run = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
                         tags=opening)
             self.run_id = run.info.run_id
-        self._pending_tags = {}
         self.flush()
         return self.run_id
 

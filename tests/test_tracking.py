@@ -259,3 +259,14 @@ def test_both_trackers_implement_every_member_of_the_run_tracker_protocol(tracke
     assert not hasattr(cls, "__getattr__")
     with pytest.raises(AttributeError):
         runlog.NullTracker().log_metric({"x": 1})  # a typo is an error, not silently ignored
+
+
+def test_tags_set_before_a_run_is_reopened_land_on_it(tracking_uri, experiment, mlflow_client):
+    first = Tracker(tracking_uri, experiment)
+    run_id = first.start("to resume")
+    first.end("KILLED")
+    again = Tracker(tracking_uri, experiment)
+    again.set_tags({"optiflow.resumed_from_epoch": 3})
+    assert again.start(run_id=run_id) == run_id
+    run = mlflow_client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["optiflow.resumed_from_epoch"] == "3"
