@@ -101,7 +101,8 @@ def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str,
     return spec.name, {k.replace("-", "_"): literal(v) for k, v in spec.options.items()}
 
 
-def open_storage(url: str | None, heartbeat: int = 0, tracking_uri: str | None = None) -> Any:
+def open_storage(url: str | None, heartbeat: int = 0,
+                 tracking_uri: str | None = None) -> optuna.storages.BaseStorage | None:
     """An Optuna storage from ``--storage``: ``sqlite:///x.db``, ``postgresql://...``, a journal file
     (``journal:PATH`` or a path ending in .log/.journal), or in-memory when ``None``.
 
