@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow import heartbeat
 from optiflow.errors import OptiflowError, first_line, no_space
-from optiflow.tracking import retry
+from optiflow.tracking import Tracker, retry
 
 if TYPE_CHECKING:
     from optiflow.run import Run
-    from optiflow.tracking import Tracker
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "last.pt"
@@ -94,10 +93,10 @@ def save_periodically(run: Run) -> None:
     checkpoint.  Child runs of a search or comparison (``run.artifacts`` off) only beat: nobody
     resumes them by hand, and a failed one still saves its checkpoint as it ends."""
     tracker = run.tracker
-    if not isinstance(tracker.run_id, str) or run.checkpoint is None:
-        return
+    if not isinstance(tracker, Tracker) or tracker.run_id is None or run.checkpoint is None:
+        return  # the process that logs, once its run is open
     every = float(os.environ.get(EVERY_ENV) or EVERY_S)
-    last = getattr(tracker, "checkpoint_saved_at", None)
+    last = tracker.checkpoint_saved_at
     if last is not None and time.monotonic() - last < every:
         return
     heartbeat.beat(tracker)
@@ -135,7 +134,7 @@ def save(tracker: Tracker, state: dict[str, Any]) -> None:
             except (OSError, RuntimeError) as exc:
                 raise no_space(exc, scratch) or exc from None
             tracker.log_artifact(path, CHECKPOINT_DIR)
-    tracker.checkpoint_saved_at = time.monotonic()  # type: ignore[attr-defined]
+    tracker.checkpoint_saved_at = time.monotonic()
 
 
 def _local_checkpoint_folder(tracker: Tracker) -> Path | None:

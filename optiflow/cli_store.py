@@ -42,13 +42,13 @@ def runs(stale: bool, close: bool, tracking_uri: str | None) -> None:
 @click.option("--tracking-uri", help="Store to browse [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
 def ui(host: str, port: int, workers: int, tracking_uri: str | None) -> None:
     """Open the MLflow UI on this project's runs (Ctrl-C stops it); a tracking server's UI is at its own URL."""
-    from optiflow.tracking import is_server, resolve_tracking_uri, ui_server_command
+    from optiflow.tracking import is_server, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if is_server(uri):
         click.echo(f"MLflow UI: {uri}  (served by the tracking server)", err=True)
         return
-    command = ui_server_command(uri, host, port, workers)
+    command = _server_command(uri, host, port, workers)
     if host not in LOOPBACK_HOSTS:
         click.echo(f"Warning: --host {host} makes the UI reachable from other machines, without authentication.",
                    err=True)
@@ -58,3 +58,15 @@ def ui(host: str, port: int, workers: int, tracking_uri: str | None) -> None:
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
+    """The ``mlflow ui`` command line serving the store at ``uri`` (a SQLite store's artifacts beside it)."""
+    from optiflow.tracking import sqlite_path
+
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+               "--workers", str(workers)]
+    path = sqlite_path(uri)
+    if path is not None:
+        command += ["--default-artifact-root", (path.resolve().parent / "artifacts").as_uri()]
+    return command

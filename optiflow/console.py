@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from optiflow.commands.compare import Comparison
+    from optiflow.commands.lr_preview import SchedulePreview
+    from optiflow.commands.predict import Predictions
+    from optiflow.commands.reproduce import Reproduction
+    from optiflow.config import RunConfig
+    from optiflow.registry import Component
+    from optiflow.run import RunResult
+    from optiflow.search.summary import SearchResult
 
 console = Console()
 
@@ -39,7 +50,7 @@ class RichReporter:
         self.progress.stop()
 
 
-def print_summary(result: Any, config: Any, quiet: bool = False) -> None:
+def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> None:
     """The final table: test metrics, epochs, time, the MLflow run and how to open the UI."""
     from optiflow.tracking import ui_command
 
@@ -54,11 +65,12 @@ def print_summary(result: Any, config: Any, quiet: bool = False) -> None:
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("mlflow run", str(result.run_id))
     table.add_row("experiment", config.experiment)
-    table.add_row("open the UI", ui_command(result.tracking_uri))
+    if result.tracking_uri is not None:  # None: a data-parallel process that logs nothing
+        table.add_row("open the UI", ui_command(result.tracking_uri))
     console.print(table)
 
 
-def component_table(components: list[Any]) -> None:
+def component_table(components: list[Component]) -> None:
     """One row per component; names never wrap.  Not on a terminal: one line per component (for grep)."""
     columns = ["kind", "name", "options", "description", "plugin"]
     rows = [[c.kind, c.name + (f" ({', '.join(c.aliases)})" if c.aliases else ""),
@@ -114,7 +126,7 @@ def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     console.print(table)
 
 
-def print_comparison(result: Any, config: Any) -> None:
+def print_comparison(result: Comparison, config: RunConfig) -> None:
     """The summary of ``compare``: one row per variant, then where the plots went."""
     from optiflow.commands.compare import BRIEF_COLUMNS
     from optiflow.tracking import resolve_tracking_uri, ui_command
@@ -126,7 +138,7 @@ def print_comparison(result: Any, config: Any) -> None:
         print_registered(*result.registered)
 
 
-def print_search(result: Any, config: Any, top: int = 10) -> None:
+def print_search(result: SearchResult, config: RunConfig, top: int = 10) -> None:
     """The best trials of the study, the best parameters and the parent run."""
     from optiflow.tracking import resolve_tracking_uri, ui_command
 
@@ -155,7 +167,7 @@ def print_registered(name: str, version: str, run_id: str | None) -> None:
                   markup=False, soft_wrap=True)
 
 
-def print_reproduction(result: Any) -> None:
+def print_reproduction(result: Reproduction) -> None:
     """Metric by metric: the original value, the reproduced one and whether they match."""
     rows = [[key, "-" if a is None else f"{a:.6g}", "-" if b is None else f"{b:.6g}",
              "-" if a is None or b is None else f"{abs(a - b):.2g}", "yes" if same else "[red]NO[/red]"]
@@ -167,7 +179,7 @@ def print_reproduction(result: Any) -> None:
     console.print(f"{verdict}  ·  new run {result.run_id}")
 
 
-def print_lr_preview(result: Any, out: Any) -> None:
+def print_lr_preview(result: SchedulePreview, out: str | Path) -> None:
     """The learning rate per epoch (start, lowest, highest) and where the plot went."""
     rows = [[str(epoch), f"{start:.4g}", f"{low:.4g}", f"{high:.4g}"] for epoch, start, low, high in result.per_epoch()]
     length = result.length
@@ -180,7 +192,7 @@ def print_lr_preview(result: Any, out: Any) -> None:
     console.print(f"plot saved to {out}")
 
 
-def print_predictions(result: Any, out: Any, rows: int = 10, max_probabilities: int = 5) -> None:
+def print_predictions(result: Predictions, out: str | Path | None, rows: int = 10, max_probabilities: int = 5) -> None:
     """The first predictions (with the true label when the input had one), the score and where the CSV went."""
     table = result.table
     probabilities = [c for c in table.columns if c.startswith("prob_")]
@@ -209,7 +221,7 @@ def print_predictions(result: Any, out: Any, rows: int = 10, max_probabilities: 
         console.print(f"{total} predictions of {model}")
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     """A value as table text: a non-integer number to 4 significant decimals, a missing label as '-'."""
     import numbers
 

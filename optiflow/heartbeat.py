@@ -13,14 +13,17 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optiflow.runlog import RunTracker
 
 TAG = "optiflow.heartbeat"
 STALE_AFTER_ENV = "OPTIFLOW_STALE_AFTER"
 STALE_AFTER_S = 3600.0
 
 
-def beat(tracker: Any) -> None:
+def beat(tracker: RunTracker) -> None:
     """Record on the tracker's run that this process is alive now."""
     tracker.set_tags({TAG: f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"})
 

@@ -101,7 +101,7 @@ def fit(run: Run, pm: PluginManager, reporter: Reporter, on_epoch: Callable[[int
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if run.stop_reason:
-            run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
+            run.tracking.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
             break
 
 
@@ -280,8 +280,8 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
     with deferred():
         for key, value in metrics.items():
             run.history.setdefault(key, []).append(value)
-        run.tracker.log_metrics(metrics, step=run.epoch, flush=False)
-        run.tracker.flush_due(METRIC_FLUSH_SECONDS)
+        run.tracking.log_metrics(metrics, step=run.epoch, flush=False)
+        run.tracking.flush_due(METRIC_FLUSH_SECONDS)
         run.checkpoint = checkpoints.capture(run)
         checkpoints.save_periodically(run)
 

@@ -11,10 +11,14 @@ import difflib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow.data import image_transform
 from optiflow.errors import OptiflowError, first_line
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 ID_COLUMN = "id"
 SHOWN_NAMES = 8
@@ -50,7 +54,7 @@ class Inputs:
     shaped ``(N, *input_shape)``) and the true labels when the input had them (None where missing)."""
 
     ids: list[Any]
-    x: Any
+    x: pd.DataFrame | np.ndarray
     labels: list[Any] | None = None
 
 
@@ -223,7 +227,7 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:SHOWN_NAMES]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_NAMES else "")
 
 
-def _numbers(file: Path, frame: Any, features: list[str]) -> Any:
+def _numbers(file: Path, frame: pd.DataFrame, features: list[str]) -> np.ndarray:
     """The feature cells as a float32 array; an empty, NaN, infinite or non-numeric cell refused with its line."""
     import numpy as np
     import pandas as pd

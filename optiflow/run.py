@@ -21,6 +21,7 @@ from optiflow.errors import OptiflowError, first_line
 from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
+from optiflow.runlog import RunTracker
 from optiflow.schedule import Schedule, TrainingLength, scheduled
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
@@ -69,7 +70,7 @@ class Run:
     augmentation: Callable[[Tensor], Tensor] | None = None
     regularizers: list[Any] = field(default_factory=list)
     #: the MLflow run's tracker, None until the run is open (``optiflow_check_run`` sees None)
-    tracker: Any = None
+    tracker: RunTracker | None = None
     epoch: int = 0
     step: int = 0
     stop_reason: str | None = None
@@ -95,6 +96,13 @@ class Run:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @property
+    def tracking(self) -> RunTracker:
+        """``tracker`` once the MLflow run is open (the loop, the end of the run); an error before."""
+        if self.tracker is None:
+            raise OptiflowError("the run is not open yet: it has no tracker before optiflow_run_start")
+        return self.tracker
+
     def request_stop(self, reason: str) -> None:
         """Ask the loop to end training after the current epoch."""
         self.stop_reason = self.stop_reason or reason
@@ -104,7 +112,7 @@ class Run:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=self.epoch if step is None else step, flush=False)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
+    def set_tags(self, tags: dict[str, object]) -> None:
         if self.tracker is not None:
             self.tracker.set_tags(tags)
 

@@ -85,7 +85,7 @@ def fit_stacked(runs: list[Run], pm: PluginManager) -> None:
     """Train ``runs`` (checked by :func:`why_not_stacked`) to their last epoch as one stacked model.
 
     Each run's history, epoch, step, metrics and epoch hooks are as if it had trained alone; its metrics go
-    to ``run.tracker`` (a recorder: the caller logs them).  Runs that stop training alike (a hook stops some
+    to ``run.tracker`` (a tracker whose run opens once they finish).  Runs that stop training alike (a hook stops some
     early, a learning rate differs) go on one by one from where they are.  Raises what training raises
     (TrainingError when one diverges, what a hook raises).
     """
@@ -110,7 +110,7 @@ def fit_stacked(runs: list[Run], pm: PluginManager) -> None:
         _end_epoch(runs, checks, pm, epoch, sums, seconds, validate(stack.params) if validate else None)
         stopped = [run for run in runs if run.stop_reason]
         for run in stopped:
-            run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
+            run.tracking.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
         if len(stopped) == len(runs):
             return
         if stopped:
@@ -135,7 +135,7 @@ def _end_epoch(runs: list[Run], checks: list[LossCheck], pm: PluginManager, epoc
         pm.hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
         for key, value in metrics.items():
             run.history.setdefault(key, []).append(value)
-        run.tracker.log_metrics(metrics, step=epoch, flush=False)
+        run.tracking.log_metrics(metrics, step=epoch, flush=False)
 
 
 def _go_on_apart(stack: _Stack, checks: list[LossCheck], pm: PluginManager) -> None:

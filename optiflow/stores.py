@@ -1,4 +1,5 @@
-"""Checks on the tracking store a user names, and telling a full disk from other store failures.
+"""Checks on the tracking store a user names, the SQLite store's lock and journal mode, and telling a full
+disk from other store failures.
 
 Kept apart from :mod:`optiflow.tracking` (which uses them) so that each stays a readable size.
 """
@@ -7,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from optiflow.errors import DiskFull, OptiflowError, no_space
 
@@ -61,7 +63,8 @@ def check_database_file(path: Path) -> None:
                                 "give --tracking-uri a new file or an optiflow store") from None
 
 
-def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "the tracking store",
+def disk_full(exc: BaseException, fn: Callable[..., object] | None, args: tuple[object, ...],
+              store: str = "the tracking store",
               staged: bool = False) -> DiskFull | None:
     """A :class:`DiskFull` when MLflow client call ``fn(*args)`` failed for want of space, else None.
     ``staged``: the call copied files staged elsewhere (a logged model), so the error's file name is
@@ -79,13 +82,13 @@ def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "
     return full
 
 
-def _written(fn: Any, args: tuple[Any, ...], exc: BaseException, store: str) -> Any:
+def _written(fn: Callable[..., object] | None, args: tuple[object, ...], exc: BaseException, store: str) -> str | Path:
     """Where a failed client call wrote: the file, else the run's artifact folder (an OSError), else the store."""
     from urllib.parse import unquote, urlparse
 
     mlflow_client = getattr(fn, "__self__", None)
     if isinstance(exc, OSError) and exc.filename:
-        return exc.filename
+        return str(exc.filename)
     if isinstance(exc, OSError) and mlflow_client is not None and args and isinstance(args[0], str):
         with contextlib.suppress(Exception):
             artifacts = urlparse(mlflow_client.get_run(args[0]).info.artifact_uri)
@@ -97,3 +100,28 @@ def _written(fn: Any, args: tuple[Any, ...], exc: BaseException, store: str) -> 
 
 def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def use_write_ahead_log(path: Path) -> None:
+    """Switch a SQLite store to WAL (persistent in the file): writers then never block readers."""
+    import sqlite3
+
+    if str(path) == ":memory:":
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            connection.execute("PRAGMA journal_mode=WAL")
+
+
+@contextlib.contextmanager
+def store_lock(path: Path | None) -> Iterator[None]:
+    """Hold the store's ``.lock`` file while the block runs: one process at a time creates a SQLite store."""
+    if path is None or str(path) == ":memory:":
+        yield
+        return
+    with open(str(path) + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

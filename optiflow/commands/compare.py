@@ -10,11 +10,14 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow.config import RunConfig, split_variants
 from optiflow.errors import OptiflowError, TrainingError
 from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
+
+if TYPE_CHECKING:
+    from optiflow.tracking import Tracker
 
 NOT_VARIABLE = frozenset({"experiment", "tracking_uri", "run_name"})
 VARIABLE_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in NOT_VARIABLE)
@@ -182,7 +185,7 @@ def compare(
     return comparison
 
 
-def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_dir: str | Path | None) -> Comparison:
+def _summarize(tracker: Tracker, children: list[ChildRun], metric: str | None, out_dir: str | Path | None) -> Comparison:
     from optiflow.plots import metric_bars, overlay_curves
 
     finished = [c for c in children if c.status == "FINISHED"]
@@ -216,7 +219,7 @@ def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_d
     run_rows = [[c.label, c.seed, c.status, c.run_id or "-", number(c.metrics.get(metric)), f"{c.seconds:.1f}",
                  c.failure or ""] for c in children]
 
-    out = _output_folder(Path(out_dir) if out_dir else Path("compare") / tracker.run_id)
+    out = _output_folder(Path(out_dir) if out_dir else Path("compare") / tracker.open_run_id)
     files = [out / name for name in ("loss_curves.png", "final_metric.png", "summary.csv", "summary.md", "runs.csv")]
     curves = overlay_curves({label: [c.history for c in runs if c.history] for label, runs in by_label.items()},
                             title="loss per variant")
@@ -235,7 +238,7 @@ def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_d
     if best is not None:
         tracker.log_metrics({f"best_{metric}": _mean(scores[best])})
         tracker.set_tags({"best_variant": best, "metric": metric})
-    return Comparison(tracker.run_id, metric, children, columns, rows, brief, out, files, best)
+    return Comparison(tracker.open_run_id, metric, children, columns, rows, brief, out, files, best)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow.config import ComponentSpec, RunConfig, load_yaml, split_variants
 from optiflow.errors import OptiflowError
+from optiflow.registry import Component
 from optiflow.slots import SLOT_BY_KEY, SLOT_KINDS
+from optiflow.values import literal
 
 if TYPE_CHECKING:
     import optuna
@@ -131,33 +133,20 @@ def short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def scalar(value: object) -> Scalar:
-    """A choice or option as Optuna stores it: numbers and booleans typed, everything else a string."""
-    if isinstance(value, (bool, int, float)) or value is None:
-        return value
-    text = str(value).strip()
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def _parse_range(name: str, spec: object) -> Dimension:
     if isinstance(spec, list):
-        return Dimension(name, name, kind="choice", choices=tuple(scalar(v) for v in spec))
+        return Dimension(name, name, kind="choice", choices=tuple(literal(v) for v in spec))
     if isinstance(spec, dict):
         spec = dict(spec)
         kind = str(spec.pop("type", "choice" if "choices" in spec else "float"))
         if kind == "choice":
-            return Dimension(name, name, kind="choice", choices=tuple(scalar(v) for v in spec.get("choices", [])))
+            return Dimension(name, name, kind="choice", choices=tuple(literal(v) for v in spec.get("choices", [])))
         spec = ":".join([kind, str(spec.get("low")), str(spec.get("high"))]
                         + (["log"] if spec.get("log") else []) + ([str(spec["step"])] if spec.get("step") else []))
     kind, _, rest = str(spec).partition(":")
     kind = kind.strip().lower()
     if kind == "choice":
-        choices = tuple(scalar(v) for v in split_variants(rest))
+        choices = tuple(literal(v) for v in split_variants(rest))
         if len(set(choices)) < len(choices):
             raise OptiflowError(f"--space {name}: a choice is listed twice in '{spec}'")
         return Dimension(name, name, kind="choice", choices=choices)
@@ -200,7 +189,7 @@ def _target(name: str, base: RunConfig, chosen: dict[str, tuple]) -> dict[str, A
     if key in fields:
         return {"key": key}
 
-    def candidates(slot: str) -> list[tuple[str | None, Any]]:
+    def candidates(slot: str) -> list[tuple[str | None, Component]]:
         if SLOT_BY_KEY[slot].repeatable:
             return [(spec.name, registry.get(SLOT_KINDS[slot], spec.name)) for spec in getattr(base, slot)]
         names = chosen.get(slot) or [getattr(base, slot) or None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import yaml
@@ -13,6 +13,10 @@ import yaml
 from optiflow.metrics import csv_text, markdown_table, number
 from optiflow.search.space import short
 from optiflow.search.study import SearchSettings
+
+if TYPE_CHECKING:
+    from optiflow.runlog import RunTracker
+    from optiflow.tracking import Tracker
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Refit:
     failure: str | None = None
 
 
-def summarize(tracker: Any, study: optuna.Study, settings: SearchSettings) -> SearchResult:
+def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -> SearchResult:
     """Best value and parameters, trial counts, the trials table and Optuna's plots on the parent run."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
@@ -71,11 +75,11 @@ def summarize(tracker: Any, study: optuna.Study, settings: SearchSettings) -> Se
         tracker.log_text(yaml.safe_dump({"value": best.value, "metric": settings.metric, "trial": best.number,
                                          "params": best.params}, sort_keys=False), "best_params.yaml")
         _log_plots(tracker, study, settings, several=len(complete) > 1 and bool(names))
-    return SearchResult(study.study_name, tracker.run_id, best.value if best else None,
+    return SearchResult(study.study_name, tracker.open_run_id, best.value if best else None,
                         dict(best.params) if best else {}, columns, rows, counts)
 
 
-def _log_plots(tracker: Any, study: optuna.Study, settings: SearchSettings, several: bool) -> None:
+def _log_plots(tracker: RunTracker, study: optuna.Study, settings: SearchSettings, several: bool) -> None:
     """Optuna's optimization history, and parameter importances (``several`` trials) and intermediate values (pruning)."""
     from optiflow.plots import pyplot
 
