@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from optiflow import checkpoints, distributed
 from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
 from optiflow.errors import TrainingError
 from optiflow.hooktrace import trace_line, tracing
-from optiflow.run import Reporter, Run
+from optiflow.run import Reporter, Run, is_task_loss, task_loss
 from optiflow.signals import deferred
 
 #: steps between checks that the running training loss is finite and not diverging (each is one host sync)
@@ -61,15 +61,18 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
         started = time.perf_counter()
         lr = run.lr
         loss_sum = torch.zeros((), device=run.device)
+        objective_sum = torch.zeros((), device=run.device)
         correct = torch.zeros((), device=run.device, dtype=torch.long)
         seen = 0
         check.start_epoch(lr)
         for xb, yb in batches:
             run.step += 1
-            loss, outputs, xb, yb = step(xb, yb)
+            objective, loss, outputs, xb, yb = step(xb, yb)
             loss_sum.add_(loss, alpha=len(xb))
+            if objective is not loss:
+                objective_sum.add_(objective, alpha=len(xb))
             if check.baseline is None:
-                check.baseline = max(abs(float(loss)), 1e-12)
+                check.baseline = max(abs(float(objective)), 1e-12)
             if log_step_loss:
                 run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
             if classification:
@@ -79,12 +82,15 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
                 run.schedule.step()
             reporter.batch()
             if run.step % FINITE_CHECK_STEPS == 0:
-                check(loss_sum, seen)
-        check(loss_sum, seen)
-        loss_total, correct_total, seen_total = cluster.sum_floats([loss_sum, correct, seen], run.device)
-        train_loss = loss_total / max(seen_total, 1)
+                check(objective_sum if step.separate_objective else loss_sum, seen)
+        if not step.separate_objective:
+            objective_sum = loss_sum
+        check(objective_sum, seen)
+        loss_total, objective_total, correct_total, seen_total = cluster.sum_floats(
+            [loss_sum, objective_sum, correct, seen], run.device)
         seconds = time.perf_counter() - started
-        metrics = {"train_loss": train_loss, "lr": lr, "epoch_time": seconds, "samples_per_sec": seen_total / seconds}
+        metrics = {"train_loss": loss_total / max(seen_total, 1), "train_objective": objective_total / max(seen_total, 1),
+                   "lr": lr, "epoch_time": seconds, "samples_per_sec": seen_total / seconds}
         if classification:
             metrics["train_accuracy"] = correct_total / max(seen_total, 1)
         if len(run.splits.x_val):
@@ -118,12 +124,19 @@ def training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches | 
                          rank=cluster.rank, world_size=cluster.world_size)
 
 
-Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+class Step(Protocol):
+    """One optimization step: ``step(x, y)`` is ``(objective, loss, outputs, x, y)``."""
+
+    #: whether the objective minimized differs from the task's plain loss (else the same tensor is returned twice)
+    separate_objective: bool
+
+    def __call__(self, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: ...
 
 
 def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
-    """One optimization step on a batch, returning its loss and outputs (detached, from the first
-    evaluation of the loss) and the batch as trained on (after ``optiflow_train_batch``).
+    """One optimization step on a batch, returning the objective it minimized (the run's loss function plus
+    penalties), the task's plain loss (:func:`~optiflow.run.task_loss`) and the outputs (all detached, from
+    the first evaluation of the loss) and the batch as trained on (after ``optiflow_train_batch``).
 
     Built once per run so that the per-step path does no hook look-ups, no
     option checks and no host synchronisation: hooks nobody implements are not
@@ -141,6 +154,8 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
     scaler = torch.amp.GradScaler(device_type) if run.setup.grad_scaler else None
     channels_last = run.setup.channels_last
     closure_free = _steps_without_closure(optimizer)
+    plain = None if is_task_loss(loss_fn, run.task) else task_loss(run.task)
+    separate_objective = plain is not None or penalties is not None
 
     def forward_backward(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         optimizer.zero_grad(set_to_none=True)
@@ -157,19 +172,22 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
             scaler.unscale_(optimizer)
         if after_backward is not None:
             after_backward(run=run, step=run.step)
+        if plain is not None:
+            with torch.no_grad():
+                loss = plain(outputs.detach().float(), yb)
         return total, loss, outputs
 
-    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         if transform_batch is not None:
             xb, yb = transform_batch(run, xb, yb)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         if scaler is not None:
-            _, loss, outputs = forward_backward(xb, yb)
+            objective, loss, outputs = forward_backward(xb, yb)
             scaler.step(optimizer)
             scaler.update()
         elif closure_free:
-            _, loss, outputs = forward_backward(xb, yb)
+            objective, loss, outputs = forward_backward(xb, yb)
             optimizer.step()
         else:
             last: list[Tensor] = []
@@ -177,16 +195,18 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
             def closure() -> Any:
                 total, loss, outputs = forward_backward(xb, yb)
                 if not last:
-                    last[:] = loss.detach(), outputs.detach()
+                    last[:] = total.detach(), loss.detach(), outputs.detach()
                 return total
 
             optimizer.step(closure)
-            loss, outputs = last
+            objective, loss, outputs = last
         if after_step is not None:
             after_step(run=run, step=run.step)
-        return loss.detach(), outputs.detach(), xb, yb
+        loss = loss.detach()
+        return (objective.detach() if separate_objective else loss), loss, outputs.detach(), xb, yb
 
-    return step
+    step.separate_objective = separate_objective  # type: ignore[attr-defined]
+    return step  # type: ignore[return-value]
 
 
 def batch_transform(pm: Any) -> Callable[[Run, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
@@ -278,8 +298,10 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
 
 
 def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
-    """Loss (and accuracy, or RMSE/R² for regression) of the model on ``x``, ``y`` in eval mode."""
+    """The task's plain loss (:func:`~optiflow.run.task_loss`, whatever the run trains with) and accuracy, or
+    RMSE/R² for regression, of the model on ``x``, ``y`` in eval mode."""
     model = run.model
+    loss_fn = task_loss(run.task)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=run.device)
@@ -288,7 +310,7 @@ def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
     with torch.no_grad():
         for xb, yb in evaluation_batches(x, y):
             outputs = model(xb)
-            loss_sum += run.loss_fn(outputs, yb) * len(xb)
+            loss_sum += loss_fn(outputs.float(), yb) * len(xb)
             if run.task == "classification":
                 correct += (outputs.argmax(1) == yb).sum()
             else:

@@ -10,7 +10,7 @@ trainings up to floating-point rounding (batched products may sum in another ord
 
 Only what is provably the same computation is stacked (:func:`why_not_stacked`): a ``Sequential`` of
 ``Flatten``, ``Linear`` and element-wise activations, an element-wise first-order optimizer, no scheduler,
-no regularizer, augmentation, batch-level hook, mixed precision or data parallelism, the same number of
+the task's plain loss, no regularizer, augmentation, batch-level hook, mixed precision or data parallelism, the same number of
 batches per epoch.  Anything else is trained run by run, as before.
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from optiflow import distributed
 from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, evaluate
-from optiflow.run import Run
+from optiflow.run import Run, is_task_loss
 
 #: element-wise activations: applied to ``[K, B, H]`` they act on each run's batch alone
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
@@ -57,6 +57,8 @@ def why_not_stacked(runs: list[Run], pm: Any) -> str | None:
             return "streamed batches, mixed precision or channels-last"
         if run.schedule.scheduler is not None:
             return "a learning-rate scheduler"
+        if not is_task_loss(run.loss_fn, run.task):
+            return "a loss other than the task's plain one (train_loss and train_objective differ)"
         if _layers(run.model) is None or _signature(run.model) != _signature(first.model):
             return "not a plain MLP (Flatten, Linear, element-wise activations) or not the same one"
         optimizer = run.optimizer
@@ -167,7 +169,8 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
         validation = validate(params) if validate is not None else None
         for j, (run, check) in enumerate(zip(runs, checks)):
             check(loss_sums[j], seen[j])
-            metrics: dict[str, Any] = {"train_loss": float(loss_sums[j]) / max(seen[j], 1), "lr": run.lr,
+            train_loss = float(loss_sums[j]) / max(seen[j], 1)
+            metrics: dict[str, Any] = {"train_loss": train_loss, "train_objective": train_loss, "lr": run.lr,
                                        "epoch_time": seconds, "samples_per_sec": seen[j] / seconds}
             if classification:
                 metrics["train_accuracy"] = float(correct[j]) / max(seen[j], 1)
