@@ -279,9 +279,12 @@ def search(**params: Any) -> None:
 @flags.stored_config_options(data_dir=True)
 def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: float, atol: float,
               quiet: bool, **places: Any) -> None:
-    """Re-run RUN_ID from its logged config.yaml (same seed) and check that every metric matches.
+    """Re-run RUN_ID from its logged config.yaml (same seed) and check its metrics and final weights.
 
-    Exits 1 when a metric differs beyond the tolerance (timing metrics are not compared).
+    Reports whether the final weights are identical bit for bit (their SHA-256), else the largest weight
+    and metric differences.  Exits 1 when a metric differs beyond the tolerance (timing metrics are not
+    compared), when the data differ, or when a --deterministic run on the same kind of device does not
+    give the same weights bit for bit.
     """
     from optiflow.commands.reproduce import MetricsDiffer
     from optiflow.commands.reproduce import reproduce as run_reproduction
@@ -296,6 +299,12 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
     if differing:
         raise MetricsDiffer(f"{len(differing)} of {len(result.rows)} metrics differ from run {run_id}: "
                             + ", ".join(differing))
+    weights = result.weights
+    if weights is not None and weights.same_data is False:
+        raise MetricsDiffer(f"the re-run trained on other data than run {run_id} (its data hash differs)")
+    if weights is not None and not weights.acceptable:
+        raise MetricsDiffer(f"the final weights differ from run {run_id}'s, although both ran --deterministic on "
+                            "the same kind of device")
 
 
 @cli.command("lr-preview")

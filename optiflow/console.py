@@ -163,8 +163,31 @@ def print_reproduction(result: Any) -> None:
     note = "" if result.original_status == "FINISHED" else f" (the original ended {result.original_status})"
     result_table(f"reproduce {result.original_run_id}{note}", ["metric", "original", "reproduced", "|diff|", "match"],
                  rows)
-    verdict = "[green]all metrics match[/green]" if result.matches else "[red]metrics differ[/red]"
+    metric, difference = result.largest_metric_difference()
+    verdict = "[green]all metrics match[/green]" if result.metrics_match else "[red]metrics differ[/red]"
+    if metric is not None:
+        verdict += f" (largest difference: {metric} by {difference:.3g})" if difference else " (all identical)"
     console.print(f"{verdict}  ·  new run {result.run_id}")
+    if result.weights is not None:
+        console.print(weights_verdict(result.weights))
+
+
+def weights_verdict(check: Any) -> str:
+    """One line on the final weights: identical bit for bit, or how far apart and whether that was promised."""
+    data = "" if check.same_data is not False else "; [red]the data differ (another data hash)[/red]"
+    if check.identical is None:
+        return f"weights: the original logged no weights hash (an older run){data}"
+    if check.identical:
+        return f"[green]weights identical bit for bit[/green] (sha256 {check.original[:12]}){data}"
+    largest = ""
+    if check.largest is not None:
+        largest = f", largest difference {check.largest[1]:.3g} in {check.largest[0]}"
+    else:
+        largest = " (the original logged no model to compare them with)"
+    if check.bit_for_bit:
+        return f"[red]weights differ[/red]{largest}, although both ran --deterministic on the same device{data}"
+    return (f"weights differ{largest}; bit-for-bit identity is promised only with --deterministic on the same "
+            f"kind of device{data}")
 
 
 def print_lr_preview(result: Any, out: Any) -> None:

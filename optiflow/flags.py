@@ -37,6 +37,7 @@ def train_options(func: Any) -> Any:
         click.option("--compile/--no-compile", default=None, help="Compile the model with torch.compile (first epoch pays the compile time) [no-compile]."),
         click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [auto: on for conv nets on images on the CPU]."),
         click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), is_flag=False, flag_value="auto", help="Mixed precision autocast; bare --amp picks bf16 (fp16 with a GradScaler on CUDA without bf16); CPU supports bf16 only [off]."),
+        click.option("--deterministic/--no-deterministic", default=None, help="Deterministic algorithms only (torch.use_deterministic_algorithms) and one CPU thread: the same device gives the same weights bit for bit (optiflow reproduce checks) [no-deterministic]."),
         click.option("--experiment", help="MLflow experiment name [optiflow]."),
         click.option("--run-name", help="MLflow run name."),
         click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),

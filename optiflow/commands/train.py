@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import optiflow
-from optiflow import checkpoints, distributed, export, heartbeat, host
+from optiflow import checkpoints, digest, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
 from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
 from optiflow.hooktrace import culprit
@@ -65,7 +65,7 @@ def train(
     run.artifacts = artifacts
     if run.device.type == "cpu":
         host.keep_freed_memory()
-    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
+    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
         with _agreeing():
             _check_run(run, pm, names)
             tracker = Tracker(config.tracking_uri, config.experiment) if distributed.is_main_process() \
@@ -262,6 +262,7 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     normalizer."""
     tracker = run.tracker
     tracker.log_params(setup_params(run, extra_params))
+    tracker.set_tags({digest.DATA_TAG: data_digest(run)})
     if not run.artifacts:
         return
     tracker.log_text(run.config.to_yaml(), "config.yaml")
@@ -293,11 +294,18 @@ def _finish(run: Run, log_model: bool) -> dict[str, float]:
     tracker = run.tracker
     test = evaluate(run, run.splits.x_test, run.splits.y_test, "test")
     tracker.log_metrics(test, step=run.epoch, flush=False)
+    tracker.set_tags({digest.WEIGHTS_TAG: digest.weights_digest(run.model)})
     if run.artifacts:
         _log_curves(run)
     if log_model:
         export.log_model(run)
     return test
+
+
+def data_digest(run: Run) -> str:
+    """SHA-256 of the run's splits as trained and scored on (after the split and the normalizer)."""
+    return digest.tensors_digest(zip(("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"),
+                                     run.splits.tensors()))
 
 
 def _log_curves(run: Run) -> None:

@@ -48,8 +48,8 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
                 params: dict[str, Any]) -> list[RunResult] | None:
     """Train the folds ``configs`` stacked and log each as a child run of ``parent_run_id`` with its
     ``tags`` and ``params``; None (nothing logged) when they cannot be trained stacked."""
-    from optiflow import host
-    from optiflow.commands.train import default_run_name, run_tags, setup_params
+    from optiflow import digest, host
+    from optiflow.commands.train import data_digest, default_run_name, run_tags, setup_params
     from optiflow.errors import OptiflowError
     from optiflow.loop import evaluate
     from optiflow.plugins import get_plugin_manager, get_registry
@@ -69,7 +69,7 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
     started = time.perf_counter()
     tests = []
     try:
-        with host.threads(runs[0].setup.threads):
+        with host.threads(runs[0].setup.threads), host.deterministic(configs[0].deterministic):
             for run, recorder in zip(runs, recorders):
                 run.artifacts = False
                 pm.hook.optiflow_check_run(run=run)
@@ -91,7 +91,8 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
         tracker = Tracker(run.config.tracking_uri, run.config.experiment)
         run_id = tracker.log_finished(
             run.config.run_name or default_run_name(run),
-            {**run_tags(fold_tags), **recorder.tags, STACKED_TAG: str(len(runs))}, parent_run_id,
+            {**run_tags(fold_tags), **recorder.tags, STACKED_TAG: str(len(runs)),
+             digest.WEIGHTS_TAG: digest.weights_digest(run.model), digest.DATA_TAG: data_digest(run)}, parent_run_id,
             setup_params(run, params), recorder.metrics, started_ms, ended_ms)
         results.append(RunResult(run_id, test, run.history, run.epoch, seconds, tracker.uri, run.stop_reason))
     return results
