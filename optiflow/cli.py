@@ -160,7 +160,8 @@ def _reporter_factory(quiet: bool):
     return RichReporter
 
 
-COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "out": None, "log_models": False}
+COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "baseline": None, "out": None,
+                                     "log_models": False}
 
 
 @cli.command()
@@ -170,6 +171,8 @@ COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "o
                    "their options, e.g. opt=sgd:momentum=0.9,nesterov=true,adam (or separate with '|').")
 @click.option("--repeats", type=click.IntRange(max=10_000), help="Seeds per variant: seed, seed+1, ... [1].")
 @click.option("--metric", help="Final metric to rank and chart [test_accuracy, or test_loss for regression].")
+@click.option("--baseline", help="Variant the others are tested against (paired t-test over the same seeds), by its "
+                                 "label (opt=sgd) or, with one --vary, its value (sgd) [the first variant].")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>].")
 @flags.model_options(register="the best variant's model (every child's model is then logged)", log_models="each child's")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables, only errors.")
@@ -180,6 +183,10 @@ def compare(**params: Any) -> None:
     \b
     optiflow compare --vary opt=sgd,sgd:momentum=0.9,rmsprop,adam --epochs 10
     optiflow compare --vary opt=sgd,adam --vary lr=0.1,0.01 --repeats 3
+    optiflow compare --vary opt=sgd,adam,rmsprop --repeats 5 --baseline sgd
+
+    With --repeats N > 1 each variant's metric gets its mean and 95% t-interval over the N seeds, and
+    every other variant a paired t-test against the baseline on the same seeds (* significant at 5%).
     """
     from optiflow.commands.compare import parse_vary
 
@@ -198,7 +205,8 @@ def compare(**params: Any) -> None:
             console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
 
     result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
-                            out_dir=settings["out"], log_models=bool(settings["log_models"]), tags=command_tag(),
+                            baseline=settings["baseline"], out_dir=settings["out"],
+                            log_models=bool(settings["log_models"]), tags=command_tag(),
                             announce=announce, reporter_factory=_reporter_factory(quiet), register=params["register"])
     if not quiet:
         print_comparison(result, config)

@@ -8,7 +8,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+
+
+class PipeFriendlyConsole(Console):
+    """Word-wraps for a terminal; into a pipe or file never wraps a line, so a name or id stays whole on it."""
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        if not self.is_terminal:
+            options.setdefault("soft_wrap", True)
+        super().print(*objects, **options)
+
+
+console = PipeFriendlyConsole()
 
 
 class RichReporter:
@@ -106,12 +117,22 @@ def _print_rows(columns: list[str], rows: list[list[str]], no_wrap: tuple[str, .
 
 def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     """A table of results (compare summary, search trials, reproduction check)."""
+    from rich.measure import Measurement
+
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for index, column in enumerate(columns):
+        table.add_column(column, overflow="fold", no_wrap=index == 0)
     for row in rows:
         table.add_row(*map(str, row))
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+        return
+    before = console.width  # piped: as wide as the table needs, no cell folded
+    console.width = max(before, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = before
 
 
 def print_comparison(result: Any, config: Any) -> None:
@@ -120,6 +141,8 @@ def print_comparison(result: Any, config: Any) -> None:
     from optiflow.tracking import resolve_tracking_uri, ui_command
 
     result_table(f"compare: final {result.metric}", list(BRIEF_COLUMNS), result.brief)
+    if result.note:
+        console.print(result.note)
     console.print(f"parent run {result.parent_run_id}  ·  files in {result.out_dir}  ·  "
                   f"open the UI: {ui_command(resolve_tracking_uri(config.tracking_uri))}")
     if result.registered is not None:
