@@ -9,7 +9,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 
-
 class PipeFriendlyConsole(Console):
     """Word-wraps for a terminal; into a pipe or file never wraps a line, so a name or id stays whole on it."""
 

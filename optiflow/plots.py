@@ -98,8 +98,8 @@ def metric_intervals(labels: list[str], values: list[list[float]], intervals: li
                      label="one seed" if position == 0 else None)
     axis.set_xticks(positions, [label.replace(" ", "\n") for label in labels], fontsize="small",
                     rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
-    seeds = max((len(v) for v in values), default=0)
-    what = (f"mean and 95% t-interval over {seeds} seeds" if several
+    most = max((len(v) for v in values), default=0)
+    what = (f"mean and 95% t-interval over {most} seeds" if several
             else "one seed per variant: no interval can be given")
     axis.set(ylabel=metric, title=f"final {metric} ({what})")
     axis.set_ylim(bottom=min([0.0, *(v for seeds in values for v in seeds if np.isfinite(v))]))
