@@ -173,7 +173,8 @@ COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "b
 @click.option("--metric", help="Final metric to rank and chart [test_accuracy, or test_loss for regression].")
 @click.option("--baseline", help="Variant the others are tested against (paired t-test over the same seeds), by its "
                                  "label (opt=sgd) or, with one --vary, its value (sgd) [the first variant].")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>].")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>]; "
+                                                                 "a folder it creates is git-ignored (a .gitignore of *).")
 @flags.model_options(register="the best variant's model (every child's model is then logged)", log_models="each child's")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")

@@ -51,6 +51,7 @@ class RichReporter:
 
 def print_summary(result: Any, config: Any, quiet: bool = False) -> None:
     """The final table: test metrics, epochs, time, the MLflow run and how to open the UI."""
+    from optiflow.errors import redact
     from optiflow.tracking import ui_command
 
     if quiet:
@@ -64,8 +65,9 @@ def print_summary(result: Any, config: Any, quiet: bool = False) -> None:
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("mlflow run", str(result.run_id))
     table.add_row("experiment", config.experiment)
+    table.add_row("tracking store", redact(result.tracking_uri))
     table.add_row("open the UI", ui_command(result.tracking_uri))
-    console.print(table)
+    print_table(table)
 
 
 def component_table(components: list[Any]) -> None:
@@ -116,13 +118,18 @@ def _print_rows(columns: list[str], rows: list[list[str]], no_wrap: tuple[str, .
 
 def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     """A table of results (compare summary, search trials, reproduction check)."""
-    from rich.measure import Measurement
-
     table = Table(title=title, title_justify="left")
     for index, column in enumerate(columns):
         table.add_column(column, overflow="fold", no_wrap=index == 0)
     for row in rows:
         table.add_row(*map(str, row))
+    print_table(table)
+
+
+def print_table(table: Table) -> None:
+    """``table`` as wide as the terminal; into a pipe as wide as it needs, so that no cell is folded."""
+    from rich.measure import Measurement
+
     if console.is_terminal:
         console.print(table)
         return

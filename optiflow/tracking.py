@@ -14,7 +14,7 @@ from typing import Any
 
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.signals import deferred
-from optiflow.stores import check_database_file, check_scheme, disk_full
+from optiflow.stores import check_database_file, check_scheme, created_folder, disk_full
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
@@ -35,7 +35,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     path = sqlite_path(uri)
     if path is not None and str(path) != ":memory:":
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            created_folder(path.parent)
         except OSError as exc:
             raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
         check_database_file(path)

@@ -200,3 +200,17 @@ def test_piped_tables_and_lines_never_wrap_a_name(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert any(label in line for line in lines), "the variant's name stays on one line"
     assert any("/a/rather/long/folder/" + "x" * 40 in line and "open the UI" in line for line in lines)
+
+
+def test_folders_optiflow_creates_are_git_ignored_and_existing_ones_left_alone(invoke, tmp_path, monkeypatch):
+    from optiflow.tracking import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    resolve_tracking_uri("sqlite:///mlruns/mlflow.db")
+    assert (tmp_path / "mlruns" / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert invoke("compare", "--vary", "opt=sgd", "--out", "results/cmp", *TINY).exit_code == 0
+    assert (tmp_path / "results" / ".gitignore").exists() and not (tmp_path / "results" / "cmp" / ".gitignore").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert invoke("compare", "--vary", "opt=sgd", "--out", str(mine), *TINY).exit_code == 0
+    assert (mine / "summary.csv").exists() and not (mine / ".gitignore").exists()

@@ -299,9 +299,12 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _output_folder(out: Path) -> Path:
-    """``out``, created if missing; one clear line when it cannot be."""
+    """``out``, created if missing (git-ignored: :func:`~optiflow.stores.created_folder`); one clear line when
+    it cannot be."""
+    from optiflow.stores import created_folder
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        created_folder(out)
     except OSError as exc:
         raise OptiflowError(f"cannot create the output folder {out}: {exc.strerror}") from None
     return out

@@ -308,10 +308,24 @@ def data_digest(run: Run) -> str:
                                      run.splits.tensors()))
 
 
+def components_title(run: Run) -> str:
+    """What a run's pictures are of: its dataset, model and optimizer, and every other component set to other
+    than its slot's default (scheduler, regularizers, augmentations, loss, normalizer, initializer), as given."""
+    from optiflow.slots import SLOTS
+
+    parts = []
+    for slot in SLOTS:
+        value = getattr(run.config, slot.key)
+        for spec in value if slot.repeatable else [value]:
+            if spec is not None and (slot.key in ("data", "model", "opt") or spec.name != slot.default):
+                parts.append(str(spec))
+    return " / ".join(parts) + f"  (lr {run.lr:g})"
+
+
 def _log_curves(run: Run) -> None:
     from optiflow.plots import learning_curves, pyplot
 
-    figure = learning_curves(run.history, title=f"{run.plan.model[0].name} / {run.plan.opt[0].name}")
+    figure = learning_curves(run.history, title=components_title(run))
     run.tracker.log_figure(figure, "learning_curves.png")
     pyplot().close(figure)
 
