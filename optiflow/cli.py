@@ -295,7 +295,6 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
     compared), when the data differ, or when a --deterministic run on the same kind of device does not
     give the same weights bit for bit.
     """
-    from optiflow.commands.reproduce import MetricsDiffer
     from optiflow.commands.reproduce import reproduce as run_reproduction
     from optiflow.console import print_reproduction
 
@@ -304,16 +303,7 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
                               reporter=reporter() if reporter else None, tags=command_tag(), **places)
     if not quiet:
         print_reproduction(result)
-    differing = [row[0] for row in result.rows if not row[3]]
-    if differing:
-        raise MetricsDiffer(f"{len(differing)} of {len(result.rows)} metrics differ from run {run_id}: "
-                            + ", ".join(differing))
-    weights = result.weights
-    if weights is not None and weights.same_data is False:
-        raise MetricsDiffer(f"the re-run trained on other data than run {run_id} (its data hash differs)")
-    if weights is not None and not weights.acceptable:
-        raise MetricsDiffer(f"the final weights differ from run {run_id}'s, although both ran --deterministic on "
-                            "the same kind of device")
+    result.check()
 
 
 @cli.command("lr-preview")

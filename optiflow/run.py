@@ -245,7 +245,10 @@ def task_loss(task: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def is_task_loss(loss_fn: nn.Module, task: str) -> bool:
-    """Whether ``loss_fn`` computes exactly :func:`task_loss` (PyTorch's cross-entropy with its defaults)."""
+    """Whether ``loss_fn`` computes exactly :func:`task_loss`: PyTorch's cross-entropy with its defaults, or a
+    loss whose ``task_loss`` attribute says so for ``task`` (the built-in MSE on regression)."""
+    if getattr(loss_fn, "task_loss", None) == task:
+        return True
     return (task == "classification" and type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None
             and loss_fn.label_smoothing == 0 and loss_fn.reduction == "mean" and loss_fn.ignore_index == -100)
 

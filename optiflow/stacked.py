@@ -10,7 +10,7 @@ trainings up to floating-point rounding (batched products may sum in another ord
 
 Only what is provably the same computation is stacked (:func:`why_not_stacked`): a ``Sequential`` of
 ``Flatten``, ``Linear`` and element-wise activations, an element-wise first-order optimizer, no scheduler,
-the task's plain loss, no regularizer, augmentation, batch-level hook, mixed precision or data parallelism, the same number of
+no regularizer, augmentation, batch-level hook, mixed precision or data parallelism, the same number of
 batches per epoch.  Anything else is trained run by run, as before.
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from optiflow import distributed
 from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, evaluate
-from optiflow.run import Run, is_task_loss
+from optiflow.run import Run, is_task_loss, task_loss
 
 #: element-wise activations: applied to ``[K, B, H]`` they act on each run's batch alone
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
@@ -57,8 +57,6 @@ def why_not_stacked(runs: list[Run], pm: Any) -> str | None:
             return "streamed batches, mixed precision or channels-last"
         if run.schedule.scheduler is not None:
             return "a learning-rate scheduler"
-        if not is_task_loss(run.loss_fn, run.task):
-            return "a loss other than the task's plain one (train_loss and train_objective differ)"
         if _layers(run.model) is None or _signature(run.model) != _signature(first.model):
             return "not a plain MLP (Flatten, Linear, element-wise activations) or not the same one"
         optimizer = run.optimizer
@@ -99,6 +97,7 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
     checks = [LossCheck(run) for run in runs]
     hook = pm.hook
     loss, masked = _stacked_loss(runs)
+    plain = None if all(is_task_loss(run.loss_fn, run.task) for run in runs) else task_loss(first.task)
     validate = _stacked_validation(runs, layers) if masked is not None and classification else None
     step = first.step
     for epoch in range(1, first.config.epochs + 1):
@@ -118,6 +117,7 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
         sizes = [len(x) for x in xs]
         x_all, y_all = (_padded(xs), _padded(ys)) if masked is not None or len(set(sizes)) == 1 else (None, None)
         loss_sums = torch.zeros(k, device=first.device)
+        plain_sums = torch.zeros(k, device=first.device)
         correct = torch.zeros(k, device=first.device, dtype=torch.long)
         for i in range(steps):
             start, end = i * batch_size, (i + 1) * batch_size
@@ -136,6 +136,8 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
                     loss_sums.add_(losses.detach() * torch.tensor(counts, device=xb.device, dtype=losses.dtype))
                 losses.sum().backward()
                 optimizer.step()
+                if plain is not None:
+                    _add_plain(plain_sums, plain, list(outputs.detach()), list(yb), counts)
                 if classification:
                     hits = outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))
                     correct.add_((hits if len(set(counts)) == 1 else hits & valid).sum(1))
@@ -148,6 +150,8 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
                 losses = torch.stack(loss_list)
                 losses.sum().backward()
                 optimizer.step()
+                if plain is not None:
+                    _add_plain(plain_sums, plain, [out.detach() for out in outs], [y[start:end] for y in ys], counts)
                 for j in range(k):
                     loss_sums[j].add_(losses[j].detach(), alpha=counts[j])
                     if classification:
@@ -169,8 +173,9 @@ def fit_stacked(runs: list[Run], pm: Any) -> None:
         validation = validate(params) if validate is not None else None
         for j, (run, check) in enumerate(zip(runs, checks)):
             check(loss_sums[j], seen[j])
-            train_loss = float(loss_sums[j]) / max(seen[j], 1)
-            metrics: dict[str, Any] = {"train_loss": train_loss, "train_objective": train_loss, "lr": run.lr,
+            objective = float(loss_sums[j]) / max(seen[j], 1)
+            train_loss = objective if plain is None else float(plain_sums[j]) / max(seen[j], 1)
+            metrics: dict[str, Any] = {"train_loss": train_loss, "train_objective": objective, "lr": run.lr,
                                        "epoch_time": seconds, "samples_per_sec": seen[j] / seconds}
             if classification:
                 metrics["train_accuracy"] = float(correct[j]) / max(seen[j], 1)
@@ -201,19 +206,24 @@ def _stacked_validation(runs: list[Run], layers: list[nn.Module]) -> Any:
     x_val, y_val = _padded([run.splits.x_val for run in runs]), _padded([run.splits.y_val for run in runs])
     sizes = torch.tensor([len(run.splits.x_val) for run in runs], device=x_val.device)
     valid = torch.arange(x_val.shape[1], device=x_val.device) < sizes[:, None]
-    loss_fn: Any = runs[0].loss_fn
-    smoothing = float(loss_fn.label_smoothing)
-
     def validate(params: list[Tensor]) -> list[dict[str, float]]:
         with torch.no_grad():
             outputs = _forward(layers, params, x_val)
-            per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), y_val.flatten(), reduction="none",
-                                                           label_smoothing=smoothing).view(y_val.shape)
+            per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), y_val.flatten(),
+                                                           reduction="none").view(y_val.shape)
             losses = ((per_sample * valid).sum(1) / sizes).tolist()
             correct = ((outputs.argmax(2) == y_val) & valid).sum(1).tolist()
         return [{"val_loss": loss, "val_accuracy": hits / int(n)} for loss, hits, n in zip(losses, correct, sizes)]
 
     return validate
+
+
+def _add_plain(sums: Tensor, plain: Any, outputs: list[Tensor], targets: list[Tensor], counts: list[int]) -> None:
+    """Add each run's plain task loss on its real samples of this batch (``counts[j]`` of them) to ``sums[j]``."""
+    with torch.no_grad():
+        for j, count in enumerate(counts):
+            if count:
+                sums[j] += plain(outputs[j][:count].float(), targets[j][:count]) * count
 
 
 def _padded(tensors: list[Tensor]) -> Tensor:

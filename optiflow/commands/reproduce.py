@@ -45,6 +45,20 @@ class Reproduction:
         """Every metric within tolerance, the same data, and the same weights bit for bit where promised."""
         return self.metrics_match and (self.weights is None or self.weights.acceptable)
 
+    def check(self) -> None:
+        """Raise :class:`MetricsDiffer` saying what differs (metrics, data, promised weights), if anything does."""
+        differing = [row[0] for row in self.rows if not row[3]]
+        if differing:
+            raise MetricsDiffer(f"{len(differing)} of {len(self.rows)} metrics differ from run {self.original_run_id}: "
+                                + ", ".join(differing))
+        weights = self.weights
+        if weights is not None and weights.same_data is False:
+            raise MetricsDiffer(f"the re-run trained on other data than run {self.original_run_id} (its data hash "
+                                "differs)")
+        if weights is not None and not weights.acceptable:
+            raise MetricsDiffer(f"the final weights differ from run {self.original_run_id}'s, although both ran "
+                                "--deterministic on the same kind of device")
+
     def largest_metric_difference(self) -> tuple[str | None, float]:
         """The metric that moved most (absolute difference), ``inf`` for one the re-run lacks."""
         worst: tuple[str | None, float] = (None, 0.0)
