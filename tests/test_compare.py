@@ -127,6 +127,7 @@ def test_register_registers_the_best_variants_model(invoke, mlflow_client, exper
         assert mlflow_client.search_logged_models([child.info.experiment_id], f"source_run_id = '{child.info.run_id}'")
 
 
+@pytest.mark.slow
 def test_repeats_give_intervals_and_paired_tests_recomputable_from_the_children(invoke, mlflow_client, experiment,
                                                                                tmp_path):
     from scipy import stats

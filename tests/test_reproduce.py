@@ -102,6 +102,7 @@ DETERMINISTIC = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DETERMINISTIC)
 def test_a_deterministic_run_reproduces_bit_for_bit(invoke, mlflow_client, experiment, kind):
     assert invoke(*DETERMINISTIC[kind]).exit_code == 0
