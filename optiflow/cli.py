@@ -167,7 +167,8 @@ def _reporter_factory(quiet: bool):
     return RichReporter
 
 
-COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "out": None, "log_models": False}
+COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "baseline": None, "out": None,
+                                     "log_models": False}
 
 
 @cli.command()
@@ -177,7 +178,10 @@ COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "o
                    "their options, e.g. opt=sgd:momentum=0.9,nesterov=true,adam (or separate with '|').")
 @click.option("--repeats", type=click.IntRange(max=10_000), help="Seeds per variant: seed, seed+1, ... [1].")
 @click.option("--metric", help="Final metric to rank and chart [test_accuracy, or test_loss for regression].")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>].")
+@click.option("--baseline", help="Variant the others are tested against (paired t-test over the same seeds), by its "
+                                 "label (opt=sgd) or, with one --vary, its value (sgd) [the first variant].")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>]; "
+                                                                 "a folder it creates is git-ignored (a .gitignore of *).")
 @flags.model_options(register="the best variant's model (every child's model is then logged)", log_models="each child's")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
@@ -187,6 +191,10 @@ def compare(**params: Any) -> None:
     \b
     optiflow compare --vary opt=sgd,sgd:momentum=0.9,rmsprop,adam --epochs 10
     optiflow compare --vary opt=sgd,adam --vary lr=0.1,0.01 --repeats 3
+    optiflow compare --vary opt=sgd,adam,rmsprop --repeats 5 --baseline sgd
+
+    With --repeats N > 1 each variant's metric gets its mean and 95% t-interval over the N seeds, and
+    every other variant a paired t-test against the baseline on the same seeds (* significant at 5%).
     """
     from optiflow.commands.compare import parse_vary
 
@@ -205,7 +213,8 @@ def compare(**params: Any) -> None:
             console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
 
     result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
-                            out_dir=settings["out"], log_models=bool(settings["log_models"]),
+                            baseline=settings["baseline"], out_dir=settings["out"],
+                            log_models=bool(settings["log_models"]),
                             announce=announce, reporter_factory=_reporter_factory(quiet), register=params["register"])
     if not quiet:
         print_comparison(result, config)
@@ -279,11 +288,13 @@ def search(**params: Any) -> None:
 @flags.stored_config_options(data_dir=True)
 def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: float, atol: float,
               quiet: bool, **places: Any) -> None:
-    """Re-run RUN_ID from its logged config.yaml (same seed) and check that every metric matches.
+    """Re-run RUN_ID from its logged config.yaml (same seed) and check its metrics and final weights.
 
-    Exits 1 when a metric differs beyond the tolerance (timing metrics are not compared).
+    Reports whether the final weights are identical bit for bit (their SHA-256), else the largest weight
+    and metric differences.  Exits 1 when a metric differs beyond the tolerance (timing metrics are not
+    compared), when the data differ, or when a --deterministic run on the same kind of device does not
+    give the same weights bit for bit.
     """
-    from optiflow.commands.reproduce import MetricsDiffer
     from optiflow.commands.reproduce import reproduce as run_reproduction
     from optiflow.console import print_reproduction
 
@@ -292,10 +303,7 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
                               reporter=reporter() if reporter else None, **places)
     if not quiet:
         print_reproduction(result)
-    differing = [row[0] for row in result.rows if not row[3]]
-    if differing:
-        raise MetricsDiffer(f"{len(differing)} of {len(result.rows)} metrics differ from run {run_id}: "
-                            + ", ".join(differing))
+    result.check()
 
 
 @cli.command("lr-preview")

@@ -10,17 +10,29 @@ import click
 
 
 @click.command()
-@click.option("--stale", is_flag=True, required=True,
-              help="RUNNING runs whose process is gone (SIGKILL, out of memory, a lost machine).")
+@click.option("--experiment", help="Only the runs of this experiment [every experiment].")
+@click.option("--status", type=click.Choice(["RUNNING", "FINISHED", "FAILED", "KILLED", "SCHEDULED"],
+                                            case_sensitive=False), help="Only the runs with this status.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1), help="The newest runs shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON, every final metric included (for scripts).")
+@click.option("--stale", is_flag=True,
+              help="Instead: the RUNNING runs whose process is gone (SIGKILL, out of memory, a lost machine).")
 @click.option("--close", is_flag=True, help="End each stale run KILLED (its checkpoint stays; --resume still works).")
 @click.option("--tracking-uri", help="Store holding the runs [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
-def runs(stale: bool, close: bool, tracking_uri: str | None) -> None:
-    """List the runs of the store that say RUNNING though no process trains them any more.
+def runs(experiment: str | None, status: str | None, limit: int, as_json: bool, stale: bool, close: bool,
+         tracking_uri: str | None) -> None:
+    """List the store's runs, newest first: id, name, status and key metrics.
 
-    A run's process is gone when its heartbeat (tag optiflow.heartbeat) names a pid on this
-    host that no longer lives, or, from another host, is older than $OPTIFLOW_STALE_AFTER
-    seconds [3600]. Continue one with `optiflow train --resume RUN_ID`.
+    With --stale, the runs that say RUNNING though no process trains them any more: a run's
+    process is gone when its heartbeat (tag optiflow.heartbeat) names a pid on this host that
+    no longer lives, or, from another host, is older than $OPTIFLOW_STALE_AFTER seconds [3600].
+    Continue one with `optiflow train --resume RUN_ID`.
     """
+    if not stale:
+        if close:
+            raise click.UsageError("--close closes stale runs: give it with --stale")
+        _list(tracking_uri, experiment, status.upper() if status else None, limit, as_json)
+        return
     from optiflow.commands.runs import close_run, stale_runs
 
     found = stale_runs(tracking_uri)
@@ -32,6 +44,29 @@ def runs(stale: bool, close: bool, tracking_uri: str | None) -> None:
         click.echo("no stale runs", err=True)
     elif close:
         click.echo(f"closed {len(found)} run(s) as KILLED", err=True)
+
+
+def _list(tracking_uri: str | None, experiment: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    import json
+
+    from optiflow.commands.runs import KEY_METRICS, list_runs
+    from optiflow.console import result_table
+    from optiflow.metrics import number
+    from optiflow.tracking import resolve_tracking_uri
+
+    records = list_runs(tracking_uri, experiment=experiment, status=status, limit=limit)
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    if not records:
+        click.echo(f"no runs in {resolve_tracking_uri(tracking_uri)}", err=True)
+        return
+    shown = [k for k in KEY_METRICS if any(k in r["metrics"] for r in records)]
+    rows = [[r["run_id"], r["experiment"], r["name"] or "", r["status"], r["start_time"].replace("T", " ")[:16],
+             r["kind"] + (" (child)" if r["parent_run_id"] else ""), *(number(r["metrics"].get(k)) for k in shown)]
+            for r in records]
+    result_table(f"runs in {resolve_tracking_uri(tracking_uri)} (newest first)",
+                 ["run id", "experiment", "name", "status", "started (UTC)", "kind", *shown], rows)
 
 
 @click.command()

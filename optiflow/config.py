@@ -148,6 +148,7 @@ class RunConfig:
     compile: bool = False
     channels_last: bool | None = None  # None: auto (on for conv nets on images on the CPU)
     amp: str = "off"
+    deterministic: bool = False
     data_dir: str = "data"
     experiment: str = "optiflow"
     run_name: str | None = None

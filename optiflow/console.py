@@ -13,13 +13,23 @@ if TYPE_CHECKING:
     from optiflow.commands.compare import Comparison
     from optiflow.commands.lr_preview import SchedulePreview
     from optiflow.commands.predict import Predictions
-    from optiflow.commands.reproduce import Reproduction
+    from optiflow.commands.reproduce import Reproduction, WeightsCheck
     from optiflow.config import RunConfig
     from optiflow.registry import Component
     from optiflow.run import RunResult
     from optiflow.search.summary import SearchResult
 
-console = Console()
+
+class PipeFriendlyConsole(Console):
+    """Word-wraps for a terminal; into a pipe or file never wraps a line, so a name or id stays whole on it."""
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        if not self.is_terminal:
+            options.setdefault("soft_wrap", True)
+        super().print(*objects, **options)
+
+
+console = PipeFriendlyConsole()
 
 
 class RichReporter:
@@ -52,6 +62,7 @@ class RichReporter:
 
 def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> None:
     """The final table: test metrics, epochs, time, the MLflow run and how to open the UI."""
+    from optiflow.errors import redact
     from optiflow.tracking import ui_command
 
     if quiet:
@@ -66,8 +77,9 @@ def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> 
     table.add_row("mlflow run", str(result.run_id))
     table.add_row("experiment", config.experiment)
     if result.tracking_uri is not None:  # None: a data-parallel process that logs nothing
+        table.add_row("tracking store", redact(result.tracking_uri))
         table.add_row("open the UI", ui_command(result.tracking_uri))
-    console.print(table)
+    print_table(table)
 
 
 def component_table(components: list[Component]) -> None:
@@ -119,11 +131,26 @@ def _print_rows(columns: list[str], rows: list[list[str]], no_wrap: tuple[str, .
 def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     """A table of results (compare summary, search trials, reproduction check)."""
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for index, column in enumerate(columns):
+        table.add_column(column, overflow="fold", no_wrap=index == 0)
     for row in rows:
         table.add_row(*map(str, row))
-    console.print(table)
+    print_table(table)
+
+
+def print_table(table: Table) -> None:
+    """``table`` as wide as the terminal; into a pipe as wide as it needs, so that no cell is folded."""
+    from rich.measure import Measurement
+
+    if console.is_terminal:
+        console.print(table)
+        return
+    before = console.width  # piped: as wide as the table needs, no cell folded
+    console.width = max(before, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = before
 
 
 def print_comparison(result: Comparison, config: RunConfig) -> None:
@@ -132,6 +159,8 @@ def print_comparison(result: Comparison, config: RunConfig) -> None:
     from optiflow.tracking import resolve_tracking_uri, ui_command
 
     result_table(f"compare: final {result.metric}", list(BRIEF_COLUMNS), result.brief)
+    if result.note:
+        console.print(result.note)
     console.print(f"parent run {result.parent_run_id}  ·  files in {result.out_dir}  ·  "
                   f"open the UI: {ui_command(resolve_tracking_uri(config.tracking_uri))}")
     if result.registered is not None:
@@ -175,8 +204,31 @@ def print_reproduction(result: Reproduction) -> None:
     note = "" if result.original_status == "FINISHED" else f" (the original ended {result.original_status})"
     result_table(f"reproduce {result.original_run_id}{note}", ["metric", "original", "reproduced", "|diff|", "match"],
                  rows)
-    verdict = "[green]all metrics match[/green]" if result.matches else "[red]metrics differ[/red]"
+    metric, difference = result.largest_metric_difference()
+    verdict = "[green]all metrics match[/green]" if result.metrics_match else "[red]metrics differ[/red]"
+    if metric is not None:
+        verdict += f" (largest difference: {metric} by {difference:.3g})" if difference else " (all identical)"
     console.print(f"{verdict}  ·  new run {result.run_id}")
+    if result.weights is not None:
+        console.print(weights_verdict(result.weights))
+
+
+def weights_verdict(check: WeightsCheck) -> str:
+    """One line on the final weights: identical bit for bit, or how far apart and whether that was promised."""
+    data = "" if check.same_data is not False else "; [red]the data differ (another data hash)[/red]"
+    if check.original is None:
+        return f"weights: the original logged no weights hash (an older run){data}"
+    if check.identical:
+        return f"[green]weights identical bit for bit[/green] (sha256 {check.original[:12]}){data}"
+    largest = ""
+    if check.largest is not None:
+        largest = f", largest difference {check.largest[1]:.3g} in {check.largest[0]}"
+    else:
+        largest = " (the original logged no model to compare them with)"
+    if check.bit_for_bit:
+        return f"[red]weights differ[/red]{largest}, although both ran --deterministic on the same device{data}"
+    return (f"weights differ{largest}; bit-for-bit identity is promised only with --deterministic on the same "
+            f"kind of device{data}")
 
 
 def print_lr_preview(result: SchedulePreview, out: str | Path) -> None:

@@ -38,6 +38,7 @@ TRAIN_FLAGS: dict[str, Callable[[Command], Command]] = {
     "compile": click.option("--compile/--no-compile", default=None, help="Compile the model with torch.compile (first epoch pays the compile time) [no-compile]."),
     "channels_last": click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [auto: on for conv nets on images on the CPU]."),
     "amp": click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), is_flag=False, flag_value="auto", help="Mixed precision autocast; bare --amp picks bf16 (fp16 with a GradScaler on CUDA without bf16); CPU supports bf16 only [off]."),
+    "deterministic": click.option("--deterministic/--no-deterministic", default=None, help="Deterministic algorithms only (torch.use_deterministic_algorithms) and one CPU thread: the same device gives the same weights bit for bit (optiflow reproduce checks) [no-deterministic]."),
     "experiment": click.option("--experiment", help="MLflow experiment name [optiflow]."),
     "run_name": click.option("--run-name", help="MLflow run name."),
     "tracking_uri": click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),

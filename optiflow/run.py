@@ -241,6 +241,28 @@ def build_loss(resolved: Plan, registry: Registry, task: str) -> nn.Module:
     return build(component, task, **options)
 
 
+def task_loss(task: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The task's plain loss, what every run's ``train_loss``, ``val_loss`` and ``test_loss`` are whatever it
+    trains with: cross-entropy on the class targets (class probabilities under batch mixing) for
+    classification, mean squared error for regression."""
+    if task == "classification":
+        return nn.functional.cross_entropy
+
+    def mse(outputs: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.mse_loss(outputs.reshape(targets.shape), targets)
+
+    return mse
+
+
+def is_task_loss(loss_fn: nn.Module, task: str) -> bool:
+    """Whether ``loss_fn`` computes exactly :func:`task_loss`: PyTorch's cross-entropy with its defaults, or a
+    loss whose ``task_loss`` attribute says so for ``task`` (the built-in MSE on regression)."""
+    if getattr(loss_fn, "task_loss", None) == task:
+        return True
+    return (task == "classification" and type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None
+            and loss_fn.label_smoothing == 0 and loss_fn.reduction == "mean" and loss_fn.ignore_index == -100)
+
+
 def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) -> tuple[torch.optim.Optimizer, Schedule]:
     """The planned optimizer on ``model`` and its learning-rate schedule."""
     opt_component, opt_options = resolved.opt

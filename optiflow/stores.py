@@ -125,3 +125,19 @@ def store_lock(path: Path | None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: what a folder optiflow creates holds as its .gitignore, as pytest's and mypy's caches do
+GITIGNORE = "# Created by optiflow: runs and their outputs, not source. Delete this file to commit them.\n*\n"
+
+
+def created_folder(path: Path) -> Path:
+    """``path``, created with its parents when missing; the topmost folder this creates gets a ``.gitignore``
+    of ``*`` (``mlruns/``, ``compare/``), so runs and outputs stay out of git unless the user says otherwise.
+    A folder that exists is left as it is.  Raises OSError when it cannot be created."""
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    if missing:
+        with contextlib.suppress(OSError):
+            (missing[-1] / ".gitignore").write_text(GITIGNORE)
+    return path

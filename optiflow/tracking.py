@@ -17,7 +17,14 @@ from optiflow import __version__
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.runlog import RunTracker
 from optiflow.signals import deferred
-from optiflow.stores import check_database_file, check_scheme, disk_full, store_lock, use_write_ahead_log
+from optiflow.stores import (
+    check_database_file,
+    check_scheme,
+    created_folder,
+    disk_full,
+    store_lock,
+    use_write_ahead_log,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +62,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     path = sqlite_path(uri)
     if path is not None and str(path) != ":memory:":
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            created_folder(path.parent)
         except OSError as exc:
             raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
         check_database_file(path)

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from optiflow import checkpoints, distributed, export, heartbeat, host
+from optiflow import checkpoints, digest, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
 from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
 from optiflow.hooktrace import culprit
@@ -62,7 +62,7 @@ def train(
     run.artifacts = artifacts
     if run.device.type == "cpu":
         host.keep_freed_memory()
-    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
+    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
         tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome:
@@ -280,6 +280,7 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     normalizer."""
     tracker = run.tracking
     tracker.log_params(setup_params(run, extra_params))
+    tracker.set_tags({digest.DATA_TAG: data_digest(run)})
     if not run.artifacts:
         return
     tracker.log_text(run.config.to_yaml(), "config.yaml")
@@ -305,16 +306,37 @@ def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
 def _finish(run: Run, test: dict[str, float], log_model: bool) -> None:
     """Test metrics, the learning curves (``run.artifacts``) and (``log_model``) the model, on the finished run."""
     run.tracking.log_metrics(test, step=run.epoch, flush=False)
+    run.tracking.set_tags({digest.WEIGHTS_TAG: digest.weights_digest(run.model)})
     if run.artifacts:
         _log_curves(run)
     if log_model:
         export.log_model(run)
 
 
+def data_digest(run: Run) -> str:
+    """SHA-256 of the run's splits as trained and scored on (after the split and the normalizer)."""
+    return digest.tensors_digest(zip(("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"),
+                                     run.splits.tensors()))
+
+
+def components_title(run: Run) -> str:
+    """What a run's pictures are of: its dataset, model and optimizer, and every other component set to other
+    than its slot's default (scheduler, regularizers, augmentations, loss, normalizer, initializer), as given."""
+    from optiflow.slots import SLOTS
+
+    parts = []
+    for slot in SLOTS:
+        value = getattr(run.config, slot.key)
+        for spec in value if slot.repeatable else [value]:
+            if spec is not None and (slot.key in ("data", "model", "opt") or spec.name != slot.default):
+                parts.append(str(spec))
+    return " / ".join(parts) + f"  (lr {run.lr:g})"
+
+
 def _log_curves(run: Run) -> None:
     from optiflow.plots import learning_curves, pyplot
 
-    figure = learning_curves(run.history, title=f"{run.plan.model[0].name} / {run.plan.opt[0].name}")
+    figure = learning_curves(run.history, title=components_title(run))
     run.tracking.log_figure(figure, "learning_curves.png")
     pyplot().close(figure)
 

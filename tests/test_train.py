@@ -133,3 +133,14 @@ def test_register_needs_a_model_name_mlflow_accepts(invoke, mlflow_client, exper
     assert result.exit_code == 2 and "Error: cannot register the model as 'a/b'" in result.stderr
     [run] = runs_of(mlflow_client, experiment)
     assert run.info.status == "FINISHED"
+
+
+def test_the_summary_says_where_the_store_is_and_the_run_logs_its_hashes(invoke, mlflow_client, experiment,
+                                                                        tracking_uri):
+    result = invoke("train", "--epochs", "1", "--model", "mlp:hidden=[8]", "--sched", "cosine")
+    assert result.exit_code == 0, result.stderr
+    [line] = [line for line in result.output.splitlines() if "tracking store" in line]
+    assert tracking_uri in line
+    [run] = runs_of(mlflow_client, experiment)
+    assert len(run.data.tags["optiflow.weights_sha256"]) == len(run.data.tags["optiflow.data_sha256"]) == 64
+    assert run.data.params["deterministic"] == "False"

@@ -44,7 +44,7 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
     started_ms = int(time.time() * 1000)
     started = time.perf_counter()
     try:
-        with host.threads(runs[0].setup.threads):
+        with host.threads(runs[0].setup.threads), host.deterministic(configs[0].deterministic):
             for run, tracker in zip(runs, trackers):
                 run.artifacts = False
                 pm.hook.optiflow_check_run(run=run)
@@ -76,15 +76,18 @@ def _log_folds(runs: list[Run], trackers: list[Tracker], tests: list[dict[str, f
                params: dict[str, Any], parent_run_id: str, started_ms: int, seconds: float) -> list[RunResult]:
     """Each fold as a finished child run of ``parent_run_id``: its tracker opens it with what it kept while the
     folds trained, writes it in one batch and ends it."""
-    from optiflow.training import default_run_name, setup_params
+    from optiflow import digest
+    from optiflow.training import data_digest, default_run_name, setup_params
 
     ended_ms = int(time.time() * 1000)
     results = []
     for run, tracker, test, fold_tags in zip(runs, trackers, tests, tags):
         tracker.log_metrics({**test, "train_seconds": seconds}, step=run.epoch, flush=False)
         tracker.log_params(setup_params(run, params), flush=False)
-        run_id = tracker.start(run.config.run_name or default_run_name(run),
-                               {**fold_tags, STACKED_TAG: str(len(runs))}, parent_run_id, started_ms=started_ms)
+        fold_tags = {**fold_tags, STACKED_TAG: str(len(runs)), digest.WEIGHTS_TAG: digest.weights_digest(run.model),
+                     digest.DATA_TAG: data_digest(run)}
+        run_id = tracker.start(run.config.run_name or default_run_name(run), fold_tags, parent_run_id,
+                               started_ms=started_ms)
         tracker.end("FINISHED", ended_ms=ended_ms)  # one insert, one batch, one status update
         results.append(RunResult(run_id, test, run.history, run.epoch, seconds, tracker.uri, run.stop_reason))
     return results
