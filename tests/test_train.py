@@ -118,8 +118,14 @@ def test_register_makes_a_model_version_that_loads_and_predicts(invoke, mlflow_c
 
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{experiment}/1")
-    shape = model.metadata.get_input_schema().inputs[0].shape
-    assert model.predict(torch.randn(3, *shape[1:]).numpy()).shape == (3, 10)
+    signature, card = model.metadata.signature, model.metadata.metadata["optiflow"]
+    assert signature.inputs is None, "outputs only: optiflow_serving checks the inputs, naming what is wrong"
+    assert signature.outputs.input_names() == card["classes"] == [str(c) for c in range(10)]
+    assert card["input_shape"] == [1, 8, 8] and card["raw_input"] and card["image"] and card["dataset"] == "digits"
+    raw = np.random.default_rng(0).uniform(0, 16, (3, *card["input_shape"])).astype(np.float32)  # digits' 0..16
+    predicted = model.predict(raw)
+    assert predicted.shape == (3, 10) and list(predicted.columns) == card["classes"]
+    assert np.allclose(model.predict(raw.reshape(3, -1)).to_numpy(), predicted.to_numpy()), "rows of 64 pixels too"
     if "predict" in cli.commands:
         np.save(tmp_path / "x.npy", np.full((4, 1, 8, 8), 0.5, dtype=np.float32))
         predicted = invoke("predict", f"models:/{experiment}/1", "--input", str(tmp_path / "x.npy"),
