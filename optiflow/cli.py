@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from optiflow import flags, tracking
-from optiflow.cli_predict import predict
+from optiflow.cli_predict import export, predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import build_config, print_settings, resolve_layers, train_options
@@ -379,6 +379,7 @@ def plugins(as_json: bool) -> None:
 
 
 cli.add_command(predict)
+cli.add_command(export)
 cli.add_command(runs)
 cli.add_command(ui)
 
