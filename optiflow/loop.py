@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from optiflow import checkpoints, distributed
-from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
+from optiflow.data import LoaderBatches, TensorBatches, evaluation_batch_size, evaluation_batches
 from optiflow.errors import TrainingError
 from optiflow.hooktrace import trace_line, tracing
 from optiflow.run import Reporter, Run
@@ -286,7 +286,7 @@ def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
     correct = torch.zeros((), device=run.device, dtype=torch.long)
     outputs_all = []
     with torch.no_grad():
-        for xb, yb in evaluation_batches(x, y):
+        for xb, yb in evaluation_batches(x, y, evaluation_batch_size(model, x)):
             outputs = model(xb)
             loss_sum += run.loss_fn(outputs, yb) * len(xb)
             if run.task == "classification":
