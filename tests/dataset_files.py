@@ -20,17 +20,13 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_mnist(root: Path, folder: str, *, gz: bool, seed: int = 0,
-                sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """MNIST-style ``<root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; returns the arrays.
-
-    ``sizes`` gives the images per split (``{"train": 60000, "t10k": 10000}`` is the real set's; the
-    benchmarks write those)."""
+def write_mnist(root: Path, folder: str, *, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """MNIST-style ``<root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; returns the arrays."""
     rng = np.random.default_rng(seed)
     raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for split, n in (sizes or MNIST_SIZES).items():
+    for split, n in MNIST_SIZES.items():
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         labels = np.arange(n, dtype=np.uint8) % 10
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
