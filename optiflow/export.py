@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from optiflow.run import Run
+from optiflow.run import EXAMPLE_SAMPLES, Run
 
 SERVING_MODULE = "optiflow_serving"
 NORMALIZED_INPUT_TAG = "optiflow.model_input"
@@ -87,7 +87,7 @@ def inference_module(run: Run) -> tuple[InferenceModule, ModelCard, Tensor]:
     model = copy.deepcopy(run.model).cpu().to(memory_format=torch.contiguous_format)
     classification = source.task == "classification"
     module = InferenceModule(fitted or nn.Identity(), model, classification, float(source.target_scale)).eval()
-    example = (source.x if raw_input else run.splits.x_train).detach()[:5].cpu().contiguous()
+    example = (source.x if raw_input else run.splits.x_train).detach()[:EXAMPLE_SAMPLES].cpu().contiguous()
     classes = None
     if classification:
         classes = [str(c) for c in (source.classes or range(int(source.num_classes or 0)))]

@@ -156,10 +156,26 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     loss_fn = build_loss(resolved, registry, source.task).to(device)
     length = TrainingLength.of(config.epochs, len(splits.x_train), config.batch_size, config.drop_last)
     optimizer, schedule = build_optimizer(resolved, model, length)
+    if _SOURCES is None:  # loaded for this run alone: its splits are the one copy of the data it keeps
+        keep_examples(source)
     return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
                normalizer=normalizer,
                augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg])
+
+
+#: raw samples a split dataset keeps: the logged model's input example
+EXAMPLE_SAMPLES = 5
+
+
+def keep_examples(source: DataSource) -> None:
+    """Cut a dataset loaded for one run down to its first ``EXAMPLE_SAMPLES`` raw samples (``x``, ``x_test``;
+    the targets and everything else stay) once the run's splits are made: the run trains and tests on
+    its splits, and the raw tensors beside them were a second copy of the data (issue 24: 60,000 images
+    held twice).  A source shared by a search's trials and folds (:func:`shared_data`) stays whole."""
+    source.x = source.x[:EXAMPLE_SAMPLES].clone()
+    if source.x_test is not None:
+        source.x_test = source.x_test[:EXAMPLE_SAMPLES].clone()
 
 
 _SOURCES: dict[tuple[Any, ...], DataSource] | None = None

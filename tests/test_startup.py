@@ -165,3 +165,58 @@ def test_evaluation_in_memory_sized_batches_gives_the_metrics_of_one_batch(monke
     batched = loop.evaluate(run, x, y, "test")
     assert batched["test_accuracy"] == whole["test_accuracy"]
     assert batched["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+
+
+@pytest.fixture
+def weighed_images():
+    """A registered dataset of 400 8x8 images (with its own test set) that remembers its tensors weakly."""
+    import weakref
+
+    from optiflow.data import DataSource
+
+    made: dict[str, weakref.ref] = {}
+
+    def weighed(ctx):
+        """400 random 1x8x8 images in 4 classes."""
+        generator = torch.Generator().manual_seed(0)
+        x, x_test = torch.rand(400, 1, 8, 8, generator=generator), torch.rand(40, 1, 8, 8, generator=generator)
+        made.update(x=weakref.ref(x), x_test=weakref.ref(x_test))
+        return DataSource(x, torch.arange(400) % 4, "classification", x_test=x_test, y_test=torch.arange(40) % 4)
+
+    registry = get_registry()
+    registry.registrar("data", "test-weighed")("weighed", weighed)
+    yield made
+    registry.remove_plugin("test-weighed")
+
+
+def test_a_run_keeps_one_copy_of_its_data(weighed_images):
+    from optiflow.run import EXAMPLE_SAMPLES, prepare
+
+    run = prepare(RunConfig.from_dict({"data": "weighed", "device": "cpu"}), get_registry())
+    assert weighed_images["x"]() is None and weighed_images["x_test"]() is None  # the raw tensors are gone
+    assert run.source.x.shape == (EXAMPLE_SAMPLES, 1, 8, 8) and run.source.x_test.shape == (EXAMPLE_SAMPLES, 1, 8, 8)
+    assert run.source.input_shape == (1, 8, 8) and len(run.source.y) == 400 and run.source.num_classes == 4
+    assert run.splits.sizes() == {"train": 360, "val": 40, "test": 40}
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(run.source.x, torch.rand(400, 1, 8, 8, generator=generator)[:EXAMPLE_SAMPLES])
+
+
+def test_a_source_shared_by_a_search_stays_whole(weighed_images):
+    from optiflow.run import prepare, shared_data
+
+    with shared_data():
+        first = prepare(RunConfig.from_dict({"data": "weighed", "device": "cpu", "cv_folds": 2}), get_registry())
+        second = prepare(RunConfig.from_dict({"data": "weighed", "device": "cpu", "cv_folds": 2, "cv_fold": 1}),
+                         get_registry())
+        assert first.source is second.source and len(first.source.x) == 400
+        assert weighed_images["x"]() is first.source.x
+
+
+def test_the_logged_model_takes_the_first_raw_samples_as_its_example(weighed_images):
+    from optiflow.export import inference_module
+    from optiflow.run import prepare
+
+    run = prepare(RunConfig.from_dict({"data": "weighed", "device": "cpu"}), get_registry())
+    _, card, example = inference_module(run)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(example, torch.rand(400, 1, 8, 8, generator=generator)[:5]) and card.input_shape == [1, 8, 8]
