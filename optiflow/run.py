@@ -6,6 +6,7 @@ Everything a user can get wrong fails in :func:`prepare`, before an MLflow run e
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     length = TrainingLength.of(config.epochs, len(splits.x_train), config.batch_size, config.drop_last)
     optimizer, schedule = build_optimizer(resolved, model, length)
     if _SOURCES is None:  # loaded for this run alone: its splits are the one copy of the data it keeps
-        keep_examples(source)
+        source = keep_examples(source)
     return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
                normalizer=normalizer,
@@ -168,14 +169,17 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
 EXAMPLE_SAMPLES = 5
 
 
-def keep_examples(source: DataSource) -> None:
-    """Cut a dataset loaded for one run down to its first ``EXAMPLE_SAMPLES`` raw samples (``x``, ``x_test``;
-    the targets and everything else stay) once the run's splits are made: the run trains and tests on
-    its splits, and the raw tensors beside them were a second copy of the data (issue 24: 60,000 images
-    held twice).  A source shared by a search's trials and folds (:func:`shared_data`) stays whole."""
-    source.x = source.x[:EXAMPLE_SAMPLES].clone()
+def keep_examples(source: DataSource) -> DataSource:
+    """``source`` with only its first ``EXAMPLE_SAMPLES`` raw samples of ``x`` and ``x_test`` (the targets
+    and everything else as they are): what a run keeps of a dataset loaded for it alone once its splits
+    are made.  The run trains and tests on its splits; the raw tensors beside them were a second copy of
+    the data (issue 24: 60,000 images held twice).  A source shared by a search's trials and folds
+    (:func:`shared_data`) stays whole.  ``source`` itself is left as it is."""
+    kept = copy.copy(source)
+    kept.x = source.x[:EXAMPLE_SAMPLES].clone()
     if source.x_test is not None:
-        source.x_test = source.x_test[:EXAMPLE_SAMPLES].clone()
+        kept.x_test = source.x_test[:EXAMPLE_SAMPLES].clone()
+    return kept
 
 
 _SOURCES: dict[tuple[Any, ...], DataSource] | None = None

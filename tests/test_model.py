@@ -109,7 +109,8 @@ def test_every_builtin_normalizer_becomes_part_of_the_exported_model(norm, tmp_p
     assert card.raw_input and card.input_shape == [1, 8, 8] and card.image
     buffers = dict(module.normalizer.named_buffers())
     assert norm == "none" or buffers, "the fitted statistics are buffers of the logged module"
-    raw = split(run.source, config.val_split, config.test_split, config.seed).x_test
+    source = get_registry().get("dataset", "digits").build(DataContext(tmp_path, config.seed))
+    raw = split(source, config.val_split, config.test_split, config.seed).x_test  # run.source keeps 5 samples
     run.model.eval()
     with torch.no_grad():
         expected = run.model(run.splits.x_test).softmax(1)
