@@ -34,8 +34,8 @@ def test_digits_are_load_digits_arrays_read_without_scikit_learn(tmp_path):
     expected = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     assert torch.equal(vectors.x, expected) and torch.equal(images.x, expected.reshape(-1, 1, 8, 8))
     assert torch.equal(images.y, torch.tensor(bunch.target, dtype=torch.long))
-    assert vectors.feature_names == list(bunch.feature_names) and images.feature_names is None
-    assert images.classes == [str(c) for c in bunch.target_names]
+    assert vectors.feature_names == images.feature_names == list(bunch.feature_names)
+    assert images.classes == [str(c) for c in bunch.target_names] and images.raw_scale == 16.0
 
 
 def test_preparing_the_default_run_imports_no_scikit_learn(tmp_path):
