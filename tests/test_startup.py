@@ -220,3 +220,28 @@ def test_the_logged_model_takes_the_first_raw_samples_as_its_example(weighed_ima
     _, card, example = inference_module(run)
     generator = torch.Generator().manual_seed(0)
     assert torch.equal(example, torch.rand(400, 1, 8, 8, generator=generator)[:5]) and card.input_shape == [1, 8, 8]
+
+
+def test_a_non_finite_value_is_found_in_any_chunk_of_a_large_set(monkeypatch):
+    from optiflow.data import DataSource
+    from optiflow.errors import OptiflowError
+
+    monkeypatch.setattr(data, "FINITE_CHECK_VALUES", 64)  # 2 samples of 32 values a check
+    x = torch.zeros(50, 4, 8)
+    x[37, 1, 5] = float("nan")
+    with pytest.raises(OptiflowError, match="the training data holds nan in sample 37;"):
+        DataSource(x, torch.arange(50) % 2, "classification")
+    x[37, 1, 5], x[49, 3, 7] = 0.0, float("inf")
+    with pytest.raises(OptiflowError, match="holds inf in sample 49"):
+        DataSource(x, torch.arange(50) % 2, "classification")
+
+
+def test_scaling_never_changes_the_tensor_a_dataset_gave():
+    from optiflow.data import DataSource
+
+    given = torch.full((4, 3), 16.0)
+    source = DataSource(given, torch.arange(4) % 2, "classification", raw_scale=16.0)
+    assert torch.equal(given, torch.full((4, 3), 16.0)) and torch.equal(source.x, torch.ones(4, 3))
+    images = torch.full((4, 1, 2, 2), 255, dtype=torch.uint8)
+    assert torch.equal(DataSource(images, torch.arange(4) % 2, "classification").x, torch.ones(4, 1, 2, 2))
+    assert int(images.max()) == 255
