@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from optiflow.errors import OptiflowError
+from optiflow.holdout import shuffle_split
+from optiflow.sizing import EVALUATION_BATCH, first_non_finite
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +85,7 @@ class DataSource:
         for name, tensor in (("training", self.x), ("test", self.x_test), ("target of the training", self.y)):
             if tensor is None or not tensor.is_floating_point():
                 continue
-            bad = _first_non_finite(tensor.reshape(len(tensor), -1))
+            bad = first_non_finite(tensor.reshape(len(tensor), -1))
             if bad is not None:
                 sample, column = bad
                 names = self.feature_names if name != "target of the training" else [self.target or "target"]
@@ -202,63 +203,14 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test)
 
 
-def shuffle_split(n: int, fraction: float, seed: int, stratify: Any = None) -> tuple[Any, Any]:
-    """(train, test) index arrays of ``n`` samples, ``ceil(fraction * n)`` of them held out: exactly the
-    indices of scikit-learn's ``train_test_split(arange(n), test_size=fraction, random_state=seed,
-    stratify=stratify)`` (``StratifiedShuffleSplit`` when ``stratify`` gives the classes, else
-    ``ShuffleSplit``), without importing scikit-learn (and SciPy and pandas with it), which costs a
-    short run more than its training.  Raises ValueError where scikit-learn does."""
-    import numpy as np
-
-    n_test = math.ceil(fraction * n)
-    n_train = n - n_test
-    if not 0 < fraction < 1 or n_train == 0:
-        raise ValueError(f"cannot hold out {fraction} of {n} samples and keep any for training")
-    if stratify is None:
-        permutation = np.random.RandomState(seed).permutation(n)
-        return permutation[n_test:], permutation[:n_test]
-    classes, y_indices, class_counts = np.unique(np.asarray(stratify), return_inverse=True, return_counts=True)
-    if class_counts.min() < 2 or n_train < len(classes) or n_test < len(classes):
-        raise ValueError("too few samples of some class to stratify")
-    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
-    rng = np.random.RandomState(seed)
-    n_i = _approximate_mode(class_counts, n_train, rng)
-    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
-    train: list[Any] = []
-    test: list[Any] = []
-    for i in range(len(classes)):
-        members = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
-        train.extend(members[: n_i[i]])
-        test.extend(members[n_i[i] : n_i[i] + t_i[i]])
-    return rng.permutation(train), rng.permutation(test)
-
-
-def _approximate_mode(class_counts: Any, n_draws: int, rng: Any) -> Any:
-    """How many of ``n_draws`` each class gets: its floored share, the rest to the largest remainders, ties
-    drawn from ``rng`` (scikit-learn's ``utils.extmath._approximate_mode``, step for step)."""
-    import numpy as np
-
-    continuous = class_counts / class_counts.sum() * n_draws
-    floored = np.floor(continuous)
-    need_to_add = int(n_draws - floored.sum())
-    if need_to_add > 0:
-        remainder = continuous - floored
-        for value in np.sort(np.unique(remainder))[::-1]:
-            (inds,) = np.where(remainder == value)
-            add_now = min(len(inds), need_to_add)
-            floored[rng.choice(inds, size=add_now, replace=False)] += 1
-            need_to_add -= add_now
-            if need_to_add == 0:
-                break
-    return floored.astype(int)
-
-
 _SPLITS: dict[int, tuple[Any, dict[tuple[Any, ...], Any]]] = {}
 
 
 def _remembered(source: DataSource, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
     """``compute()`` once per loaded source and key: the folds and trials of a search share one source
     (``run.shared_data``) and split it alike, every fold by the same seeded partition."""
+    import weakref
+
     entry = _SPLITS.get(id(source))
     if entry is None or entry[0]() is not source:
         for stale in [k for k, (ref, _) in _SPLITS.items() if ref() is None]:
@@ -403,61 +355,10 @@ class _SampleDataset:
         return (sample if self.transform is None else self.transform(sample)), self.y[index]
 
 
-#: the most samples in one evaluation batch
-EVALUATION_BATCH = 4096
-#: what one evaluation batch may take in activations: the largest layer's input and output together
-EVALUATION_BYTES = 64 << 20
-
-
 def evaluation_batches(x: Tensor, y: Tensor, batch_size: int = EVALUATION_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
     """Fixed-order batches for evaluation (no shuffling, no augmentation)."""
     for i in range(0, len(x), batch_size):
         yield x[i : i + batch_size], y[i : i + batch_size]
-
-
-def evaluation_batch_size(model: torch.nn.Module, x: Tensor, budget: int = EVALUATION_BYTES) -> int:
-    """Samples per evaluation batch of ``x`` through ``model``: as many as keep the largest layer's input
-    plus output within ``budget`` bytes, at most ``EVALUATION_BATCH`` (a small model's whole split in one
-    batch, as before).  A conv net on 60,000 28x28 images evaluated in 4,096-image batches held ~400 MB in
-    its first activation alone; sized by memory, a batch's activations stay under ``budget``.
-
-    Measured once per model and sample shape by a no-grad forward pass of two samples, in eval mode."""
-    import torch
-
-    if len(x) == 0:
-        return EVALUATION_BATCH
-    key = (tuple(x.shape[1:]), x.dtype, x.device, budget)
-    sizes = _EVALUATION_SIZES.setdefault(model, {})
-    if key not in sizes:
-        probe = x[:2]
-        largest = [probe.nbytes]
-
-        def measure(module: Any, inputs: Any, output: Any) -> None:
-            largest.append(_nbytes(inputs) + _nbytes(output))
-
-        leaves = [module for module in model.modules() if not any(True for _ in module.children())]
-        hooks = [module.register_forward_hook(measure) for module in leaves]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(probe)
-        finally:
-            model.train(was_training)
-            for hook in hooks:
-                hook.remove()
-        sizes[key] = max(1, min(EVALUATION_BATCH, budget * len(probe) // max(largest)))
-    return sizes[key]
-
-
-_EVALUATION_SIZES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
-
-
-def _nbytes(value: Any) -> int:
-    """Bytes of the tensors in ``value`` (a tensor, or tuples and lists of them)."""
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(item) for item in value)
-    return int(value.nbytes) if hasattr(value, "nbytes") and hasattr(value, "element_size") else 0
 
 
 def value_range(source: DataSource, x_train: Tensor) -> tuple[list[float], list[float]]:
@@ -483,23 +384,6 @@ def _as_float(x: Tensor, scale: float = 1.0) -> Tensor:
     if scale == 1.0:
         return x
     return x.div_(scale) if x is not given else x / scale
-
-
-#: values checked for finiteness at a time (a whole-set mask of 60,000 images took hundreds of MB)
-FINITE_CHECK_VALUES = 1 << 22
-
-
-def _first_non_finite(flat: Tensor) -> tuple[int, int] | None:
-    """(sample, column) of the first NaN or infinity in ``flat`` (samples x columns), or None; checked a few
-    MB at a time."""
-    import torch
-
-    step = max(1, FINITE_CHECK_VALUES // max(1, flat.shape[1]))
-    for start in range(0, len(flat), step):
-        bad = (~torch.isfinite(flat[start : start + step])).nonzero()
-        if len(bad):
-            return start + int(bad[0][0]), int(bad[0][1])
-    return None
 
 
 def image_transform(height: int, width: int, *, grayscale: bool) -> Any:

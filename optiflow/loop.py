@@ -27,11 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from optiflow import checkpoints, distributed
-from optiflow.data import LoaderBatches, TensorBatches, evaluation_batch_size, evaluation_batches
+from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
 from optiflow.errors import TrainingError
 from optiflow.hooktrace import trace_line, tracing
 from optiflow.run import Reporter, Run
 from optiflow.signals import deferred
+from optiflow.sizing import evaluation_batch_size
 
 #: steps between checks that the running training loss is finite and not diverging (each is one host sync)
 FINITE_CHECK_STEPS = 16

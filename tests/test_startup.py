@@ -16,10 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from optiflow import data, loop
+from optiflow import data, loop, sizing
 from optiflow.config import RunConfig
-from optiflow.data import EVALUATION_BATCH, DataContext, evaluation_batch_size, shuffle_split
+from optiflow.data import DataContext
+from optiflow.holdout import shuffle_split
 from optiflow.plugins import get_registry
+from optiflow.sizing import EVALUATION_BATCH, evaluation_batch_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,9 +141,9 @@ def test_evaluation_batches_shrink_as_samples_grow():
         images = torch.zeros(10, 1, side, side)
         sizes[side] = evaluation_batch_size(model, images)
         activation = 32 * side * side * 4  # bytes of one sample's first conv output
-        assert sizes[side] * 2 * activation <= data.EVALUATION_BYTES, side  # a layer's input and output fit
+        assert sizes[side] * 2 * activation <= sizing.EVALUATION_BYTES, side  # a layer's input and output fit
     assert EVALUATION_BATCH > sizes[28] > sizes[56] > sizes[112] >= 1
-    assert sizes[28] == data.EVALUATION_BYTES // (2 * 32 * 28 * 28 * 4)  # sized by the largest layer, ReLU's
+    assert sizes[28] == sizing.EVALUATION_BYTES // (2 * 32 * 28 * 28 * 4)  # sized by the largest layer, ReLU's
     assert evaluation_batch_size(conv_net(), torch.zeros(0, 1, 28, 28)) == EVALUATION_BATCH
 
 
@@ -226,7 +228,7 @@ def test_a_non_finite_value_is_found_in_any_chunk_of_a_large_set(monkeypatch):
     from optiflow.data import DataSource
     from optiflow.errors import OptiflowError
 
-    monkeypatch.setattr(data, "FINITE_CHECK_VALUES", 64)  # 2 samples of 32 values a check
+    monkeypatch.setattr(sizing, "FINITE_CHECK_VALUES", 64)  # 2 samples of 32 values a check
     x = torch.zeros(50, 4, 8)
     x[37, 1, 5] = float("nan")
     with pytest.raises(OptiflowError, match="the training data holds nan in sample 37;"):
