@@ -206,13 +206,6 @@ def compare(**params: Any) -> None:
         raise TrainingError(result.failure)
 
 
-SEARCH_DEFAULTS: dict[str, Any] = {
-    "space": (), "sampler": "tpe", "sampler_seed": None, "pruner": "none", "metric": "val_loss", "direction": None,
-    "n_trials": None, "timeout": None, "cv": 0, "storage": None, "study_name": None, "n_jobs": 1, "log_models": False,
-    "child_artifacts": False, "heartbeat": None,
-}
-
-
 @cli.command()
 @train_options
 @click.option("--space", multiple=True, metavar="NAME=SPEC",
@@ -252,7 +245,7 @@ def search(**params: Any) -> None:
     """
     from optiflow.commands import search as command
 
-    config, values = resolve_layers(params, SEARCH_DEFAULTS)
+    config, values = resolve_layers(params, command.given_defaults())
     settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"]}, config)
     if params["print_config"]:
         from optiflow.search.space import describe_dimension

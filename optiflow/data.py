@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from optiflow.errors import OptiflowError
 from optiflow.holdout import shuffle_split
-from optiflow.sizing import EVALUATION_BATCH, first_non_finite
+from optiflow.sizing import first_non_finite
 
 if TYPE_CHECKING:
     import torch
@@ -267,19 +267,21 @@ class TensorBatches:
         return max(1, math.floor(n)) if self.drop_last else math.ceil(n)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        import torch
-
-        n = len(self.x)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.x.device)
-        else:
-            order = torch.arange(n, device=self.x.device)
-        if self.world_size > 1:
-            padded = self.shard_size * self.world_size
-            order = torch.cat([order, order[: padded - n]])[self.rank :: self.world_size]
+        order = self.order()
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.x[index], self.y[index]
+
+    def order(self) -> Tensor:
+        """The next epoch's sample order (drawn from the generator when shuffling), this rank's share of it."""
+        import torch
+
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle \
+            else torch.arange(n, device=self.x.device)
+        if self.world_size > 1:
+            order = torch.cat([order, order[: self.shard_size * self.world_size - n]])[self.rank :: self.world_size]
+        return order
 
 
 class LoaderBatches:
@@ -353,12 +355,6 @@ class _SampleDataset:
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         sample = self.x[index]
         return (sample if self.transform is None else self.transform(sample)), self.y[index]
-
-
-def evaluation_batches(x: Tensor, y: Tensor, batch_size: int = EVALUATION_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
-    """Fixed-order batches for evaluation (no shuffling, no augmentation)."""
-    for i in range(0, len(x), batch_size):
-        yield x[i : i + batch_size], y[i : i + batch_size]
 
 
 def value_range(source: DataSource, x_train: Tensor) -> tuple[list[float], list[float]]:

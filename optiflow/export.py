@@ -180,16 +180,31 @@ def save_model(path: str, mlflow_model: Any, *, module: InferenceModule, card: M
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
 
+PROGRAM_FILE = "data/model.pt2"
+PROGRAM_BYTES = 8 * 2**30
+
+
 def load_program(model_uri: str) -> torch.export.ExportedProgram:
     """A logged model's exported program, read as data (:mod:`optiflow.model_file`): no code from the
-    store runs, neither the model's own modules nor pickles planted in its archive."""
-    import mlflow.artifacts
+    store runs, neither the model's own modules nor pickles planted in its archive. Only the program
+    file is fetched from the store, and only when its size is believable."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    from optiflow.model_file import UnsafeModel
     from optiflow.model_file import load_program as read_program
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    repository = get_artifact_repository(model_uri)
+    listed = [f for f in repository.list_artifacts("data") if f.path.endswith(PROGRAM_FILE)]
+    if not listed or listed[0].is_dir:
+        raise UnsafeModel(f"{model_uri} holds no {PROGRAM_FILE}: it was not logged by optiflow")
+    if (listed[0].file_size or 0) > PROGRAM_BYTES:
+        raise UnsafeModel(f"refused {model_uri}: its {PROGRAM_FILE} is {listed[0].file_size} bytes")
     with tempfile.TemporaryDirectory(prefix="optiflow-model-") as folder:
-        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=folder)
-        return read_program(os.path.join(local, "data", "model.pt2"), label=model_uri)
+        local = repository.download_artifacts(PROGRAM_FILE, dst_path=folder)
+        if not os.path.isfile(local) or os.path.getsize(local) > PROGRAM_BYTES:
+            raise UnsafeModel(f"refused {model_uri}: its {PROGRAM_FILE} is not a regular file of a believable size")
+        return read_program(local, label=model_uri)
 
 
 def load_module(model_uri: str) -> nn.Module:

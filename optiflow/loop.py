@@ -7,12 +7,13 @@ optimization step on a batch, the part a reader would write by hand::
     optimizer.zero_grad(); outputs = model(x); loss = loss_fn(outputs, y) + penalties
     loss.backward(); optiflow_after_backward(...); optimizer.step(); optiflow_after_step(...)
 
-Optimizers are stepped with a closure doing the second line and the backward pass (the closure
-zeroes the gradients first, every time it is called), so optimizers that re-evaluate the loss
-(LBFGS, SAM) work unchanged; the loss and outputs reported are those of the closure's *first*
-call, at the weights the step started from.  PyTorch's first-order optimizers, which call it
-once, are stepped directly without a closure (the same computation); under fp16 autocast the
-GradScaler steps instead.
+The closure does the second line and the backward pass (it zeroes the gradients first, every time
+it is called), so optimizers that re-evaluate the loss (LBFGS, SAM) are stepped with it and work
+unchanged; the loss and outputs reported are those of its *first* call, at the weights the step
+started from.  PyTorch's first-order optimizers (:func:`optiflow.optim.first_order`), which would
+call it once, get it called just before their step instead (the same computation), and so does any
+optimizer under fp16 autocast, whose GradScaler steps without a closure.  The GradScaler is always
+there, a no-op unless fp16: one step path.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from optiflow import checkpoints, distributed
-from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
+from optiflow.data import LoaderBatches, TensorBatches
 from optiflow.errors import TrainingError
-from optiflow.hooktrace import trace_line, tracing
+from optiflow.optim import first_order
+from optiflow.plugins import PluginManager
 from optiflow.run import Reporter, Run
+from optiflow.schedule import samples_per_batch
 from optiflow.signals import deferred
-from optiflow.sizing import evaluation_batch_size
+from optiflow.sizing import evaluation_batch_size, evaluation_batches
 
 #: steps between checks that the running training loss is finite and not diverging (each is one host sync)
 FINITE_CHECK_STEPS = 16
@@ -43,8 +45,10 @@ DIVERGED_CHECKS = 3
 METRIC_FLUSH_SECONDS = 2.0
 
 
-def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str, float]], None] | None) -> None:
-    """Train from the epoch after ``run.epoch`` to ``config.epochs`` (or an early stop), logging every epoch."""
+def fit(run: Run, pm: PluginManager, reporter: Reporter, on_epoch: Callable[[int, dict[str, float]], None] | None,
+        check: LossCheck | None = None) -> None:
+    """Train from the epoch after ``run.epoch`` to ``config.epochs`` (or an early stop), logging every epoch;
+    ``check`` carries on the loss check of epochs trained before (by :mod:`optiflow.stacked`)."""
     config = run.config
     cluster = distributed.current()
     batches = training_batches(run, cluster)
@@ -53,7 +57,7 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
     classification = run.task == "classification"
     step_schedule = run.schedule.interval == "step"
     log_step_loss = config.log_step_loss
-    check = LossCheck(run)
+    check = check or LossCheck(run)
     reporter.start(config.epochs, len(batches))
     for epoch in range(run.epoch + 1, config.epochs + 1):
         run.epoch = epoch
@@ -69,8 +73,8 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
             run.step += 1
             loss, outputs, xb, yb = step(xb, yb)
             loss_sum.add_(loss, alpha=len(xb))
-            if check.baseline is None:
-                check.baseline = max(abs(float(loss)), 1e-12)
+            if not check.armed:
+                check.arm(loss)
             if log_step_loss:
                 run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
             if classification:
@@ -83,11 +87,8 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
                 check(loss_sum, seen)
         check(loss_sum, seen)
         loss_total, correct_total, seen_total = cluster.sum_floats([loss_sum, correct, seen], run.device)
-        train_loss = loss_total / max(seen_total, 1)
         seconds = time.perf_counter() - started
-        metrics = {"train_loss": train_loss, "lr": lr, "epoch_time": seconds, "samples_per_sec": seen_total / seconds}
-        if classification:
-            metrics["train_accuracy"] = correct_total / max(seen_total, 1)
+        metrics = train_metrics(loss_total, seen_total, lr, seconds, correct_total if classification else None)
         if len(run.splits.x_val):
             metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
         hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
@@ -105,10 +106,19 @@ def fit(run: Run, pm: Any, reporter: Reporter, on_epoch: Callable[[int, dict[str
             break
 
 
+def train_metrics(loss_sum: float, seen: float, lr: float, seconds: float, correct: float | None) -> dict[str, float]:
+    """An epoch's training metrics from its sums: ``train_accuracy`` when ``correct`` is counted (classification)."""
+    metrics = {"train_loss": loss_sum / max(seen, 1), "lr": lr, "epoch_time": seconds,
+               "samples_per_sec": seen / seconds}
+    if correct is not None:
+        metrics["train_accuracy"] = correct / max(seen, 1)
+    return metrics
+
+
 def training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches | LoaderBatches:
     """In-memory batches when the training split lives on the device, else a DataLoader."""
     config = run.config
-    batch_size = len(run.splits.x_train) if config.batch_size == "full" else int(config.batch_size)
+    batch_size = samples_per_batch(config.batch_size, len(run.splits.x_train))
     if not run.setup.streamed:
         return TensorBatches(run.splits.x_train, run.splits.y_train, batch_size, shuffle=config.shuffle,
                              drop_last=config.drop_last, generator=run.batch_generator, rank=cluster.rank,
@@ -122,7 +132,7 @@ def training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches | 
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
-def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
+def training_step(run: Run, pm: PluginManager, cluster: distributed.Cluster) -> Step:
     """One optimization step on a batch, returning its loss and outputs (detached, from the first
     evaluation of the loss) and the batch as trained on (after ``optiflow_train_batch``).
 
@@ -132,98 +142,91 @@ def training_step(run: Run, pm: Any, cluster: distributed.Cluster) -> Step:
     """
     hook = pm.hook
     transform_batch = batch_transform(pm)
-    penalties = hook.optiflow_penalty if hook.optiflow_penalty.get_hookimpls() else None
-    after_backward = hook.optiflow_after_backward if hook.optiflow_after_backward.get_hookimpls() else None
     after_step = hook.optiflow_after_step if hook.optiflow_after_step.get_hookimpls() else None
-    optimizer, loss_fn = run.optimizer, run.loss_fn
-    model = _training_model(run, cluster)
-    dtype = run.setup.amp_dtype
-    device_type = run.device.type
-    scaler = torch.amp.GradScaler(device_type) if run.setup.grad_scaler else None
+    optimizer = run.optimizer
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.setup.grad_scaler)
+    closure = _LossClosure(run, pm, _training_model(run, cluster), scaler)
+    steps_itself = not (first_order(optimizer) or run.setup.grad_scaler)  # calls the closure itself
     channels_last = run.setup.channels_last
-    closure_free = _steps_without_closure(optimizer)
-
-    def forward_backward(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            outputs = model(xb)
-            run.last_outputs, run.last_targets = outputs, yb
-            loss = loss_fn(outputs, yb)
-        total = loss
-        if penalties is not None:
-            for penalty in penalties(run=run):
-                total = total + penalty
-        (total if scaler is None else scaler.scale(total)).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if after_backward is not None:
-            after_backward(run=run, step=run.step)
-        return total, loss, outputs
 
     def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if transform_batch is not None:
             xb, yb = transform_batch(run, xb, yb)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        if scaler is not None:
-            _, loss, outputs = forward_backward(xb, yb)
-            scaler.step(optimizer)
-            scaler.update()
-        elif closure_free:
-            _, loss, outputs = forward_backward(xb, yb)
-            optimizer.step()
+        closure.batch, closure.first = (xb, yb), None
+        if steps_itself:
+            scaler.step(optimizer, closure)
         else:
-            last: list[Tensor] = []
-
-            def closure() -> Any:
-                total, loss, outputs = forward_backward(xb, yb)
-                if not last:
-                    last[:] = loss.detach(), outputs.detach()
-                return total
-
-            optimizer.step(closure)
-            loss, outputs = last
+            closure()
+            scaler.step(optimizer)
+        scaler.update()
         if after_step is not None:
             after_step(run=run, step=run.step)
-        return loss.detach(), outputs.detach(), xb, yb
+        assert closure.first is not None, "the optimizer evaluated the loss"
+        loss, outputs = closure.first
+        return loss, outputs, xb, yb
 
     return step
 
 
-def batch_transform(pm: Any) -> Callable[[Run, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
-    """The ``optiflow_train_batch`` implementations chained in hook-call order (each receives the
-    batch the previous one returned; None keeps it), or None when nobody implements the hook."""
+class _LossClosure:
+    """The closure an optimizer steps with: zero the gradients, forward, loss + penalties, (scaled) backward,
+    ``optiflow_after_backward``; it keeps its first call's loss and outputs (detached) for the loop."""
+
+    def __init__(self, run: Run, pm: PluginManager, model: Callable[[Tensor], Tensor],
+                 scaler: torch.amp.GradScaler) -> None:
+        hook = pm.hook
+        self.run, self.model, self.scaler = run, model, scaler
+        self.penalties = hook.optiflow_penalty if hook.optiflow_penalty.get_hookimpls() else None
+        self.after_backward = hook.optiflow_after_backward if hook.optiflow_after_backward.get_hookimpls() else None
+        self.autocast = run.setup.amp_dtype
+        self.batch: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
+        self.first: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self) -> Tensor:
+        run, (xb, yb) = self.run, self.batch
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(run.device.type, dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext():
+            outputs = self.model(xb)
+            run.last_outputs, run.last_targets = outputs, yb
+            loss = run.loss_fn(outputs, yb)
+        total = loss
+        if self.penalties is not None:
+            for penalty in self.penalties(run=run):
+                total = total + penalty
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(run.optimizer)
+        if self.after_backward is not None:
+            self.after_backward(run=run, step=run.step)
+        if self.first is None:
+            self.first = loss.detach(), outputs.detach()
+        return total
+
+
+def batch_transform(pm: PluginManager) -> Callable[[Run, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """The ``optiflow_train_batch`` implementations chained in hook-call order, each called through pluggy
+    (traced, its arguments picked) on the batch the previous one returned (None keeps it); None when
+    nobody implements the hook.  Pluggy calls every implementation with the same arguments, so the chain
+    is a sequence of one-plugin hook callers."""
     impls = list(reversed(pm.hook.optiflow_train_batch.get_hookimpls()))
     if not impls:
         return None
-    calls = [(impl.function, impl.argnames, impl.plugin_name) for impl in impls]
-    traced = tracing()
+    callers = [pm.subset_hook_caller("optiflow_train_batch", [other.plugin for other in impls if other is not impl])
+               for impl in impls]
 
     def transform(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        for function, argnames, plugin in calls:
-            values = {"run": run, "x": x, "y": y}
-            started = time.perf_counter()
-            result = function(*[values[name] for name in argnames])
-            if traced:
-                trace_line("optiflow_train_batch", [plugin], values, time.perf_counter() - started)
-            if result is not None:
+        for call in callers:
+            for result in call(run=run, x=x, y=y):
                 x, y = result
         return x, y
 
     return transform
 
 
-def _steps_without_closure(optimizer: torch.optim.Optimizer) -> bool:
-    """PyTorch's first-order optimizers (exactly those classes, not subclasses) evaluate a closure once,
-    before updating: calling the step directly is the same computation without a closure per step."""
-    optim = torch.optim
-    return type(optimizer) in (optim.SGD, optim.Adam, optim.AdamW, optim.Adamax, optim.Adagrad, optim.Adadelta,
-                               optim.RMSprop, optim.NAdam, optim.RAdam)
-
-
-def _training_model(run: Run, cluster: distributed.Cluster) -> nn.Module:
+def _training_model(run: Run, cluster: distributed.Cluster) -> Callable[[Tensor], Tensor]:
     """``run.model`` as the training step calls it: DDP-wrapped across processes, compiled on ``--compile``."""
-    model: Any = run.model
+    model: Callable[[Tensor], Tensor] = run.model
     if cluster.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -240,10 +243,16 @@ class LossCheck:
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.baseline: float | None = None
+        self.baseline = math.nan
+        #: whether the first step's loss is known (:meth:`arm`)
+        self.armed = False
         self.strikes = 0
         self.lr = run.lr
         self.last_sum, self.last_seen = 0.0, 0
+
+    def arm(self, first_loss: Tensor | float) -> None:
+        """Take the loss of the run's first step as the baseline a diverging loss is measured against."""
+        self.baseline, self.armed = max(abs(float(first_loss)), 1e-12), True
 
     def start_epoch(self, lr: float) -> None:
         self.lr, self.last_sum, self.last_seen = lr, 0.0, 0
@@ -259,7 +268,7 @@ class LossCheck:
             return
         window = (total - self.last_sum) / (seen - self.last_seen)
         self.last_sum, self.last_seen = total, seen
-        if self.baseline is None or not math.isfinite(self.baseline):
+        if not math.isfinite(self.baseline):
             return
         self.strikes = self.strikes + 1 if window > DIVERGED_FACTOR * max(self.baseline, 1.0) else 0
         if self.strikes >= DIVERGED_CHECKS:

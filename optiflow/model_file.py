@@ -18,7 +18,7 @@ import re
 import zipfile
 from typing import TYPE_CHECKING
 
-from optiflow.errors import OptiflowError
+from optiflow.errors import OptiflowError, first_line
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,15 +30,33 @@ CALL_TARGET = re.compile(r"^(torch\.ops(\.[A-Za-z][A-Za-z0-9_]*){2,3}|_operator\
 # Names, dotted paths and plain values: no quotes, brackets, newlines or '#', so nothing can leave a string or
 # a comment in the Python that torch.fx generates from the graph.
 PLAIN = re.compile(r"^[A-Za-z0-9_.,;:+\-*/ ]*$")
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DOTTED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*)?$")
+NAME_KEYS = {"name", "as_name", "user_input_name", "forward_arg_names"}
+DOTTED_KEYS = {"parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn"}
 # The symbolic-shape expressions torch writes: Symbol('s77', positive=True, integer=True), s0 + 1, FloorDiv(s0, 2) ...
-EXPRESSION_TOKEN = re.compile(r"\s*(?:'[A-Za-z0-9_]+'|\d+(?:\.\d+)?(?:e[+-]?\d+)?|[A-Za-z_][A-Za-z0-9_]*|\*\*|//|[<>=!]=|[-+*/%(),<>=])")
+# No powers or shifts (9**9**9**9 would never finish), short numbers, short expressions.
+EXPRESSION_TOKEN = re.compile(r"\s*(?:'[A-Za-z0-9_]+'|\d{1,12}|[A-Za-z_][A-Za-z0-9_]*|//|[<>=!]=|[-+*/%(),<>=])")
 EXPRESSION_NAMES = {
-    "Symbol", "Integer", "Rational", "Float", "oo", "True", "False", "Max", "Min", "Abs", "floor", "ceiling",
-    "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero", "commutative",
+    "Symbol", "Integer", "oo", "True", "False", "Max", "Min", "FloorDiv", "CeilDiv", "CleanDiv", "Mod", "PythonMod",
+    "ModularIndexing", "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero",
 }
+EXPRESSION_LENGTH = 400
 SYMBOL_NAME = re.compile(r"^[a-z]+\d+$")
-# Keys whose strings are not plain names: checked by their own rule (or dropped: stack traces become FX comments).
-DROPPED_KEYS = {"stack_trace"}
+# Keys dropped before torch reads the program: stack traces become comments in generated code, and
+# guards_code is Python source torch would exec (the Predictor checks input shapes itself).
+DROPPED_KEYS: dict[str, object] = {"stack_trace": None, "guards_code": []}
+# Operators that compute: aten/prims overloads that mutate nothing; a string argument only where it names
+# a mode (a file name, a message to print or a path is refused).
+OPERATOR_NAMESPACES = {"aten", "prims"}
+MODE_ARGUMENTS = {"approximate", "rounding_mode", "reduce", "reduction", "padding_mode", "mode", "padding", "indexing"}
+# The archive's layout as torch.export.save writes it for one program; anything else is refused.
+LAYOUT = re.compile(r"^(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                    r"|models/model\.json|data/sample_inputs/model\.pt"
+                    r"|data/weights/(model_weights_config\.json|weight_\d+)"
+                    r"|data/constants/(model_constants_config\.json|tensor_\d+))$")
+JSON_BYTES = 64 * 2**20
+DEFLATE_RATIO = 100
 
 
 class UnsafeModel(OptiflowError):
@@ -69,8 +87,14 @@ def load_program(path: str, label: str | None = None) -> ExportedProgram:
     try:
         program = ExportedProgramDeserializer(None).deserialize(serialized, state_dict, constants, sample_inputs)
     except Exception as exc:  # a malformed program: torch's own checks, worded as torch words them
-        raise UnsafeModel(f"{name}: the exported program cannot be rebuilt ({type(exc).__name__}: {exc})") from None
+        raise UnsafeModel(f"refused {name}: its exported program cannot be rebuilt ({type(exc).__name__}: "
+                          f"{first_line(exc)[:160]})") from None
     check_calls(program, name)
+    try:
+        program.module()  # torch.fx generates the forward's Python here: a name it cannot write is refused now
+    except Exception as exc:
+        raise UnsafeModel(f"refused {name}: its exported program cannot be rebuilt ({type(exc).__name__}: "
+                          f"{first_line(exc)[:160]})") from None
     return program
 
 
@@ -85,7 +109,19 @@ class Entries:
         if len(roots) != 1:
             raise UnsafeModel(f"{path} is not a torch.export archive (expected one top folder)")
         self.root = roots.pop()
-        self.names = {name.split("/", 1)[1] for name in names if "/" in name}
+        self.names = {name.split("/", 1)[1] for name in names if "/" in name and not name.endswith("/")}
+        for info in archive.infolist():
+            inner = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
+            if info.is_dir():
+                continue
+            if not LAYOUT.match(inner):
+                raise UnsafeModel(f"refused {path}: its archive holds '{inner[:80]}', which is not part of an "
+                                  "exported program")
+            if info.file_size > DEFLATE_RATIO * max(info.compress_size, 2**20):
+                raise UnsafeModel(f"refused {path}: '{inner}' inflates {info.file_size // max(info.compress_size, 1)}"
+                                  " times (a zip bomb)")
+            if inner.endswith(".json") and info.file_size > JSON_BYTES:
+                raise UnsafeModel(f"refused {path}: '{inner}' is {info.file_size} bytes of JSON")
 
     def read(self, name: str) -> bytes:
         if name not in self.names:
@@ -142,7 +178,10 @@ class Entries:
 
 
 def raw_tensor(data: bytes, meta: dict, scalar_type: object) -> Tensor:
-    """A tensor from its raw bytes and the sizes, strides and dtype its config gives."""
+    """A tensor from its raw bytes and the sizes, strides and dtype its config gives: no larger than
+    the record (no zero or overlapping strides that would multiply it), every index inside it."""
+    import math
+
     import torch
 
     tensor_meta = meta.get("tensor_meta") or {}
@@ -150,23 +189,29 @@ def raw_tensor(data: bytes, meta: dict, scalar_type: object) -> Tensor:
         dtype = scalar_type(tensor_meta["dtype"])  # type: ignore[operator]
         sizes = [int(s["as_int"]) for s in tensor_meta["sizes"]]
         strides = [int(s["as_int"]) for s in tensor_meta["strides"]]
-        offset = int(tensor_meta.get("storage_offset", {}).get("as_int", 0))
-    except (KeyError, TypeError, ValueError):
-        raise UnsafeModel(f"a tensor record has malformed metadata: {tensor_meta!r:.200}") from None
+        offset = int((tensor_meta.get("storage_offset") or {}).get("as_int", 0))
+        element = torch.empty(0, dtype=dtype).element_size()
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+        raise UnsafeModel(f"a tensor record has malformed metadata: {str(tensor_meta)[:200]}") from None
+    if len(data) % element or len(sizes) != len(strides) or min([offset, *sizes, *strides], default=0) < 0:
+        raise UnsafeModel(f"a tensor record of {len(data)} bytes does not fit its metadata: {str(tensor_meta)[:200]}")
+    count = len(data) // element
+    numel = math.prod(sizes)
+    needed = offset + sum((size - 1) * stride for size, stride in zip(sizes, strides)) + 1 if numel else 0
+    if needed > count or numel > count:
+        raise UnsafeModel(f"a tensor record holds {count} values where its shape {sizes} needs {max(needed, numel)}")
     flat = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.zeros(0, dtype=dtype)
-    needed = offset + sum((size - 1) * stride for size, stride in zip(sizes, strides)) + 1 if all(sizes) else 0
-    if needed > flat.numel():
-        raise UnsafeModel(f"a tensor record holds {flat.numel()} values where its shape {sizes} needs {needed}")
     return torch.as_strided(flat, sizes, strides, offset).clone()
 
 
 def check_program(program: dict, path: str) -> None:
     """Every string in the program's JSON is a plain name, a torch operator or a shape expression;
-    stack traces (comments only) are dropped."""
+    stack traces (comments only) and guard code are dropped."""
     def walk(value: object, key: str | None) -> None:
         if isinstance(value, dict):
-            for name in [k for k in value if k in DROPPED_KEYS]:
-                value[name] = None
+            for name, empty in DROPPED_KEYS.items():
+                if name in value:
+                    value[name] = empty
             for name, item in value.items():
                 if not isinstance(name, str) or not PLAIN.match(name):
                     raise refused(name)
@@ -185,29 +230,32 @@ def check_program(program: dict, path: str) -> None:
 
 
 def plain_string(value: str, key: str | None) -> bool:
-    if key == "target":
+    if key in ("target", "as_operator"):
         return bool(CALL_TARGET.match(value)) and "__" not in value
     if key == "expr_str":
         return shape_expression(value)
     if key in ("in_spec", "out_spec"):
         return tree_spec(value)
+    if key in NAME_KEYS:
+        return bool(IDENTIFIER.match(value))
+    if key in DOTTED_KEYS:
+        return bool(DOTTED.match(value))
     return bool(PLAIN.match(value))
 
 
 def shape_expression(text: str) -> bool:
-    """A sympy expression made of numbers, symbols (``s0``), torch's shape functions and operators only:
-    no attribute access, no other names, so ``sympify`` can only build an expression."""
-    from torch.utils._sympy import functions as shape_functions
-
-    functions = set(getattr(shape_functions, "__all__", ()))
+    """A sympy expression made of short numbers, symbols (``s0``), torch's division and min/max shape
+    functions and arithmetic only: no attribute access, no other names, no powers, so ``sympify``
+    can only build a small expression."""
+    if len(text) > EXPRESSION_LENGTH:
+        return False
     position = 0
     while position < len(text.rstrip()):
         match = EXPRESSION_TOKEN.match(text, position)
         if not match:
             return False
         token = match.group().strip()
-        if (token[0].isalpha() or token[0] == "_") and not (
-                token in EXPRESSION_NAMES or token in functions or SYMBOL_NAME.match(token)):
+        if (token[0].isalpha() or token[0] == "_") and not (token in EXPRESSION_NAMES or SYMBOL_NAME.match(token)):
             return False
         position = match.end()
     return True
@@ -245,14 +293,26 @@ def context_data(context: str) -> bool:
 
 
 def check_calls(program: ExportedProgram, path: str) -> None:
-    """Each call in the rebuilt graph is a torch operator (or ``operator.getitem``)."""
-    import torch
-
-    allowed = (torch._ops.OpOverload, torch._ops.HigherOrderOperator, torch._ops.OpOverloadPacket)
+    """Each call in the rebuilt graph computes: an aten/prims operator that mutates nothing and takes no
+    file name or message (``from_file``, ``copy_``, ``_print`` and other namespaces' operators are
+    refused), or ``operator.getitem``."""
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
         for node in graph.nodes if graph is not None else ():
-            if node.op == "call_function" and not (isinstance(node.target, allowed) or node.target is operator.getitem):
-                raise UnsafeModel(f"refused {path}: its program calls {node.target!r:.80}, not a torch operator")
+            if node.op == "call_function" and not (node.target is operator.getitem or computes(node.target)):
+                raise UnsafeModel(f"refused {path}: its program calls {str(node.target)[:80]}, which is not an "
+                                  "operator that only computes")
             if node.op in ("call_method", "call_module"):
                 raise UnsafeModel(f"refused {path}: its program holds a '{node.op}' node")
+            if node.op == "get_attr" and not (isinstance(node.target, str) and DOTTED.match(node.target)):
+                raise UnsafeModel(f"refused {path}: its program reads the attribute {str(node.target)[:80]!r}")
+
+
+def computes(target: object) -> bool:
+    import torch
+
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in OPERATOR_NAMESPACES:
+        return False
+    schema = target._schema
+    return not schema.is_mutable and all(
+        "str" not in str(argument.type).lower() or argument.name in MODE_ARGUMENTS for argument in schema.arguments)

@@ -46,3 +46,16 @@ def decay_params(model: Any, include_bias_and_norm: bool = False,
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+#: PyTorch's first-order optimizers whose update is element-wise per parameter entry
+FIRST_ORDER = ("SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam")
+
+
+def first_order(optimizer: object) -> bool:
+    """Whether ``optimizer`` is exactly one of torch.optim's :data:`FIRST_ORDER` classes (not a subclass): it
+    evaluates a closure once, before updating, so stepping it without one is the same computation; and
+    stepping parameters stacked ``[K, ...]`` steps each of the K as if alone."""
+    import torch
+
+    return type(optimizer) in tuple(getattr(torch.optim, name) for name in FIRST_ORDER)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,12 @@ from torch import Tensor, nn
 
 from optiflow import distributed
 from optiflow.config import RunConfig
-from optiflow.data import DataContext, DataSource, Splits, normalize, split, value_range
+from optiflow.data import DataContext, DataSource, Normalizer, Splits, normalize, split, value_range
 from optiflow.errors import OptiflowError, first_line
 from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
-from optiflow.schedule import WARMUP_OPTION, Schedule, TrainingLength, warm_up
+from optiflow.schedule import Schedule, TrainingLength, scheduled
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
 
@@ -65,7 +64,7 @@ class Run:
     length: TrainingLength
     #: draws the order of training batches; its state is checkpointed
     batch_generator: torch.Generator
-    normalizer: Any = None
+    normalizer: Normalizer | None = None
     #: the raw values seen in training, (lows, highs): one pair, or one per feature (:func:`~optiflow.data.value_range`)
     input_range: tuple[list[float], list[float]] | None = None
     augmentation: Callable[[Tensor], Tensor] | None = None
@@ -214,7 +213,7 @@ def load_source(resolved: Plan, config: RunConfig) -> DataSource:
     return source
 
 
-def build(component: Component, *context: Any, **options: Any) -> Any:
+def build(component: Component, *context: object, **options: object) -> Any:
     """Call a component's factory; a ValueError or OSError it raises is about the user's input: one line."""
     try:
         return component.factory(*context, **options)
@@ -262,20 +261,14 @@ def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) ->
         optimizer = build(opt_component, model, **opt_options)
     use_fused_kernels(optimizer)
     sched_component, sched_options = resolved.sched
-    if WARMUP_OPTION in inspect.signature(sched_component.factory).parameters:
-        schedule = build(sched_component, optimizer, length, **sched_options)
-        return optimizer, schedule if isinstance(schedule, Schedule) else Schedule(schedule)
-    options = dict(sched_options)
-    warmup_epochs = int(options.pop(WARMUP_OPTION, 0))
-
-    def build_schedule(rest: TrainingLength) -> Schedule:
-        schedule = build(sched_component, optimizer, rest, **options)
-        return schedule if isinstance(schedule, Schedule) else Schedule(schedule)
-
     try:
-        return optimizer, warm_up(optimizer, length, warmup_epochs, build_schedule)
+        schedule = scheduled(sched_component.factory, lambda *args, **options: build(sched_component, *args, **options),
+                             optimizer, length, sched_options)
     except OptiflowError as exc:
+        if str(exc).startswith(f"{sched_component.kind} '{sched_component.name}'"):
+            raise
         raise OptiflowError(f"scheduler '{sched_component.name}': {exc}") from None
+    return optimizer, schedule
 
 
 def _check_images(model: Component, source: DataSource, input_shape: tuple[int, ...], dataset: str,

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from optiflow.errors import OptiflowError
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+
+def samples_per_batch(batch_size: int | str, n_train: int) -> int:
+    """What ``--batch-size`` means in samples: ``full`` is the whole training split."""
+    return n_train if batch_size == "full" else int(batch_size)
 
 
 @dataclass(frozen=True)
@@ -24,16 +33,26 @@ class TrainingLength:
     @classmethod
     def of(cls, epochs: int, n_train: int, batch_size: int | str, drop_last: bool = False) -> TrainingLength:
         """The length of training on ``n_train`` samples in batches as the runner makes them."""
-        size = n_train if batch_size == "full" else int(batch_size)
+        size = samples_per_batch(batch_size, n_train)
         steps = max(1, n_train // size) if drop_last else math.ceil(n_train / size)
         return cls(epochs, steps)
+
+
+class Scheduler(Protocol):
+    """What the core steps: a PyTorch LR scheduler (``ReduceLROnPlateau`` takes the monitored value)."""
+
+    def step(self, *args: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
 class Schedule:
     """A learning-rate scheduler and when the core steps it."""
 
-    scheduler: Any = None
+    scheduler: Scheduler | None = None
     interval: str = "epoch"
     monitor: str | None = None
 
@@ -53,18 +72,29 @@ class Schedule:
 WARMUP_OPTION = "warmup_epochs"
 
 
-def with_warmup(optimizer: Any, length: TrainingLength, warmup_epochs: int, interval: str,
+def scheduled(factory: Callable[..., Any], call: Callable[..., Any], optimizer: Optimizer, length: TrainingLength,
+              options: dict[str, Any]) -> Schedule:
+    """The schedule a scheduler plugin's ``factory`` makes (``call(optimizer, length, **options)`` calls it), with
+    the warm-up applied by the core when the factory does not declare ``warmup_epochs`` itself."""
+    if WARMUP_OPTION in inspect.signature(factory).parameters:
+        return as_schedule(call(optimizer, length, **options))
+    rest = dict(options)
+    warmup_epochs = int(rest.pop(WARMUP_OPTION, 0))
+    return warm_up(optimizer, length, warmup_epochs, lambda left: as_schedule(call(optimizer, left, **rest)))
+
+
+def with_warmup(optimizer: Optimizer, length: TrainingLength, warmup_epochs: int, interval: str,
                 build: Callable[[TrainingLength], Any] | None, monitor: str | None = None) -> Schedule:
-    """The scheduler ``build`` makes for the training left after warm-up, with a linear warm-up over
-    ``warmup_epochs`` chained before it, all stepped at ``interval`` (``"epoch"`` or ``"step"``)."""
+    """For scheduler plugins: the scheduler ``build`` makes for the training left after warm-up, with a linear
+    warm-up over ``warmup_epochs`` chained before it, all stepped at ``interval`` (``"epoch"`` or ``"step"``)."""
     return warm_up(optimizer, length, warmup_epochs,
                    lambda rest: Schedule(build(rest) if build is not None else None, interval, monitor))
 
 
-def warm_up(optimizer: Any, length: TrainingLength, warmup_epochs: int,
+def warm_up(optimizer: Optimizer, length: TrainingLength, warmup_epochs: int,
             build_schedule: Callable[[TrainingLength], Schedule]) -> Schedule:
-    """The ``Schedule`` that ``build_schedule`` makes for the training left after ``warmup_epochs``
-    epochs, preceded by a linear warm-up to its starting rate, stepped at the schedule's interval."""
+    """The one warm-up: the ``Schedule`` that ``build_schedule`` makes for the training left after
+    ``warmup_epochs`` epochs, preceded by a linear warm-up to its starting rate, stepped at its interval."""
     if warmup_epochs < 0 or (warmup_epochs and warmup_epochs >= length.epochs):
         raise OptiflowError(f"warmup_epochs must be between 0 and epochs - 1 ({length.epochs - 1}), got {warmup_epochs}")
     schedule = build_schedule(TrainingLength(length.epochs - warmup_epochs, length.steps_per_epoch))
@@ -74,6 +104,11 @@ def warm_up(optimizer: Any, length: TrainingLength, warmup_epochs: int,
     return Schedule(LinearWarmup(optimizer, iterations, schedule.scheduler), schedule.interval, schedule.monitor)
 
 
+def as_schedule(made: object) -> Schedule:
+    """What a scheduler factory returned as a :class:`Schedule` (a bare scheduler is stepped per epoch)."""
+    return made if isinstance(made, Schedule) else Schedule(cast("Scheduler | None", made))
+
+
 class LinearWarmup:
     """Raise the learning rate linearly to where ``then`` starts over ``iterations`` steps, then step ``then``.
 
@@ -81,13 +116,13 @@ class LinearWarmup:
     own first learning rate as if warm-up had not happened.
     """
 
-    def __init__(self, optimizer, iterations: int, then: Any = None) -> None:
+    def __init__(self, optimizer: Optimizer, iterations: int, then: Scheduler | None = None) -> None:
         self.optimizer, self.iterations, self.then = optimizer, iterations, then
         self.targets = [group["lr"] for group in optimizer.param_groups]
         self.count = 0
         self._apply()
 
-    def step(self, *args: Any) -> None:
+    def step(self, *args: float) -> None:
         self.count += 1
         if self.count <= self.iterations:
             self._apply()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError
+from optiflow.schedule import samples_per_batch
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def cpu_threads(config: RunConfig, device: torch.device, model: nn.Module, x_tra
     2 loaded cores).  None (PyTorch's default) for bigger steps, other devices or a set ``OMP_NUM_THREADS``."""
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
-    batch = len(x_train) if config.batch_size == "full" else int(config.batch_size)
+    batch = samples_per_batch(config.batch_size, len(x_train))
     work = sum(p.numel() for p in model.parameters()) * batch
     return 1 if work < SMALL_STEP else None
 
@@ -131,5 +131,4 @@ def use_fused_kernels(optimizer: torch.optim.Optimizer) -> None:
         return
     for group in [defaults, *optimizer.param_groups]:
         group["fused"] = True
-    flagged: Any = optimizer  # a private flag, set as the constructor sets it for fused=True
-    flagged._step_supports_amp_scaling = True
+    optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]  # a private flag, as fused=True sets it

@@ -5,6 +5,7 @@ were hundreds of MB each)."""
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -15,6 +16,12 @@ if TYPE_CHECKING:
 EVALUATION_BATCH = 4096
 #: what one evaluation batch may take in activations: the largest layer's input and output together
 EVALUATION_BYTES = 64 << 20
+
+
+def evaluation_batches(x: Tensor, y: Tensor, batch_size: int = EVALUATION_BATCH) -> Iterator[tuple[Tensor, Tensor]]:
+    """Fixed-order batches for evaluation (no shuffling, no augmentation)."""
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
 
 
 def evaluation_batch_size(model: torch.nn.Module, x: Tensor, budget: int = EVALUATION_BYTES) -> int:

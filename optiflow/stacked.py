@@ -10,43 +10,51 @@ trainings up to floating-point rounding (batched products may sum in another ord
 
 Only what is provably the same computation is stacked (:func:`why_not_stacked`): a ``Sequential`` of
 ``Flatten``, ``Linear`` and element-wise activations, an element-wise first-order optimizer, no scheduler,
-no regularizer, augmentation, batch-level hook, mixed precision or data parallelism, the same number of
-batches per epoch.  Anything else is trained run by run, as before.
+no regularizer, augmentation, per-step or epoch-start hook, mixed precision or data parallelism, the same number of
+batches per epoch.  Runs that stop training alike on the way (an epoch hook stops some early or changes a
+learning rate) get their weights and optimizer state back and go on one by one in :func:`optiflow.loop.fit`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from optiflow import distributed
-from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, evaluate
-from optiflow.run import Run
+from optiflow.data import TensorBatches
+from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, evaluate, fit, train_metrics
+from optiflow.optim import first_order
+from optiflow.plugins import PluginManager
+from optiflow.run import Run, SilentReporter
+from optiflow.schedule import samples_per_batch
 
 #: element-wise activations: applied to ``[K, B, H]`` they act on each run's batch alone
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
                nn.Identity)
-#: optimizers whose update is element-wise per parameter: stepping ``[K, ...]`` steps each run alone
-ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "NAdam", "RAdam")
-#: hooks called per step: a plugin implementing one sees a run's batches, so its runs are not stacked
-STEP_HOOKS = ("optiflow_train_batch", "optiflow_penalty", "optiflow_after_backward", "optiflow_after_step")
+#: hooks called per step (a plugin implementing one sees a run's batches) or as an epoch starts (where it may
+#: change one run's learning rate for that epoch): their runs are not stacked
+UNSTACKABLE_HOOKS = ("optiflow_train_batch", "optiflow_penalty", "optiflow_after_backward", "optiflow_after_step",
+                     "optiflow_epoch_start")
+
+#: the K runs' losses on stacked outputs and targets
+StackedLoss = Callable[[Tensor, Tensor], Tensor]
+#: the same on batches padded to one length, ``valid`` ``[K, B]`` marking the real samples
+MaskedLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: an epoch's training sums: loss ``[K]``, correct predictions ``[K]``, samples seen per run
+EpochSums = tuple[Tensor, Tensor, list[int]]
 
 
-class NotStacked(Exception):
-    """The runs cannot be (or stop being) trained as one: train them one by one instead."""
-
-
-def why_not_stacked(runs: list[Run], pm: Any) -> str | None:
+def why_not_stacked(runs: list[Run], pm: PluginManager) -> str | None:
     """None when ``runs`` can train as one stacked model, else why not."""
     first = runs[0]
     if len(runs) < 2:
         return "one run"
     if distributed.current().enabled:
         return "data parallel"
-    for name in STEP_HOOKS:
+    for name in UNSTACKABLE_HOOKS:
         if getattr(pm.hook, name).get_hookimpls():
             return f"a plugin implements {name}"
     for run in runs:
@@ -59,11 +67,9 @@ def why_not_stacked(runs: list[Run], pm: Any) -> str | None:
             return "a learning-rate scheduler"
         if _layers(run.model) is None or _signature(run.model) != _signature(first.model):
             return "not a plain MLP (Flatten, Linear, element-wise activations) or not the same one"
-        optimizer = run.optimizer
-        if type(optimizer).__name__ not in ELEMENTWISE_OPTIMIZERS or type(optimizer).__module__.split(".")[:2] != [
-                "torch", "optim"] or optimizer.state:
+        if not first_order(run.optimizer) or run.optimizer.state:
             return "not an element-wise first-order optimizer"
-        if _groups(optimizer, run.model) != _groups(first.optimizer, first.model):
+        if _groups(run.optimizer, run.model) != _groups(first.optimizer, first.model):
             return "different optimizer settings"
         if (config.batch_size, config.epochs, config.shuffle, config.drop_last) != (
                 first.config.batch_size, first.config.epochs, first.config.shuffle, first.config.drop_last):
@@ -75,121 +81,181 @@ def why_not_stacked(runs: list[Run], pm: Any) -> str | None:
     return None
 
 
-def fit_stacked(runs: list[Run], pm: Any) -> None:
+def fit_stacked(runs: list[Run], pm: PluginManager) -> None:
     """Train ``runs`` (checked by :func:`why_not_stacked`) to their last epoch as one stacked model.
 
     Each run's history, epoch, step, metrics and epoch hooks are as if it had trained alone; its metrics go
-    to ``run.tracker`` (a recorder: the caller logs them).  Raises :class:`NotStacked` when the runs stop
-    training alike (a hook stops one early, a learning rate differs), TrainingError when one diverges.
+    to ``run.tracker`` (a recorder: the caller logs them).  Runs that stop training alike (a hook stops some
+    early, a learning rate differs) go on one by one from where they are.  Raises what training raises
+    (TrainingError when one diverges, what a hook raises).
     """
-    k = len(runs)
-    first = runs[0]
-    per_run = [_layer_params(run.model) for run in runs]
-    params = [torch.stack([ps[i].detach() for ps in per_run]).clone().requires_grad_(True)
-              for i in range(len(per_run[0]))]
-    optimizer = _stacked_optimizer(first, params)
-    layers = _layers(first.model)
-    assert layers is not None
-    batches = [_batches(run) for run in runs]
-    batch_size = batches[0].batch_size
-    steps = len(batches[0])
-    classification = first.task == "classification"
+    stack = _Stack(runs)
     checks = [LossCheck(run) for run in runs]
     hook = pm.hook
-    loss, masked = _stacked_loss(runs)
-    validate = _stacked_validation(runs, layers) if masked is not None and classification else None
-    step = first.step
-    for epoch in range(1, first.config.epochs + 1):
-        lrs = {run.lr for run in runs}
-        if len(lrs) > 1:
-            raise NotStacked("the runs' learning rates differ")
+    validate = _stacked_validation(runs, stack.layers) if stack.masked is not None and stack.classification else None
+    for epoch in range(1, runs[0].config.epochs + 1):
+        if len({run.lr for run in runs}) > 1:
+            _go_on_apart(stack, checks, pm)
+            return
         for run, check in zip(runs, checks):
             run.epoch = epoch
             run.model.train()
             hook.optiflow_epoch_start(run=run, epoch=epoch)
             check.start_epoch(run.lr)
-        _sync_lr(optimizer, first.optimizer)
+        stack.sync_lr()
         started = time.perf_counter()
-        orders = [_order(run, b) for run, b in zip(runs, batches)]
+        sums = stack.train_epoch(checks)
+        seconds = time.perf_counter() - started
+        stack.copy_back()
+        _end_epoch(runs, checks, pm, epoch, sums, seconds, validate(stack.params) if validate else None)
+        stopped = [run for run in runs if run.stop_reason]
+        for run in stopped:
+            run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
+        if len(stopped) == len(runs):
+            return
+        if stopped:
+            _go_on_apart(stack, checks, pm)
+            return
+
+
+def _end_epoch(runs: list[Run], checks: list[LossCheck], pm: PluginManager, epoch: int, sums: EpochSums,
+               seconds: float, validation: list[dict[str, float]] | None) -> None:
+    """Each run's epoch metrics (its validation from ``validation`` or its own pass), epoch-end hooks, history."""
+    loss_sums, correct, seen = sums
+    classification = runs[0].task == "classification"
+    for j, (run, check) in enumerate(zip(runs, checks)):
+        check(loss_sums[j], seen[j])
+        metrics = train_metrics(float(loss_sums[j]), seen[j], run.lr, seconds,
+                                float(correct[j]) if classification else None)
+        if validation is not None:
+            metrics.update(validation[j])
+        elif len(run.splits.x_val):
+            metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
+        pm.hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
+        pm.hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
+        for key, value in metrics.items():
+            run.history.setdefault(key, []).append(value)
+        run.tracker.log_metrics(metrics, step=epoch, flush=False)
+
+
+def _go_on_apart(stack: _Stack, checks: list[LossCheck], pm: PluginManager) -> None:
+    """The runs not stopped train their remaining epochs one by one in the one loop, from their weights and
+    optimizer state as the stacked training left them."""
+    stack.hand_back()
+    for run, check in zip(stack.runs, checks):
+        if not run.stop_reason:
+            fit(run, pm, SilentReporter(), None, check=check)
+
+
+class _Stack:
+    """The K runs' Linear weights stacked ``[K, ...]``, the run's optimizer over them, their batches and losses."""
+
+    def __init__(self, runs: list[Run]) -> None:
+        first = runs[0]
+        layers = _layers(first.model)
+        assert layers is not None, "why_not_stacked refuses a model that is not a plain MLP"
+        self.runs, self.layers = runs, layers
+        self.per_run = [_layer_params(run.model) for run in runs]
+        self.params = [torch.stack([ps[i].detach() for ps in self.per_run]).clone().requires_grad_(True)
+                       for i in range(len(self.per_run[0]))]
+        self.optimizer = _stacked_optimizer(first, self.params)
+        self.batches = [_batches(run) for run in runs]
+        self.batch_size, self.steps = self.batches[0].batch_size, len(self.batches[0])
+        self.loss, self.masked = _stacked_loss(runs)
+        self.classification = first.task == "classification"
+
+    def train_epoch(self, checks: list[LossCheck]) -> EpochSums:
+        """One epoch of every run, step by step, each on its own batches; checks the losses as the loop does."""
+        runs, size = self.runs, self.batch_size
+        orders = [batches.order()[: self.steps * size] for batches in self.batches]
         xs = [run.splits.x_train[order] for run, order in zip(runs, orders)]
         ys = [run.splits.y_train[order] for run, order in zip(runs, orders)]
         sizes = [len(x) for x in xs]
-        x_all, y_all = (_padded(xs), _padded(ys)) if masked is not None or len(set(sizes)) == 1 else (None, None)
-        loss_sums = torch.zeros(k, device=first.device)
-        correct = torch.zeros(k, device=first.device, dtype=torch.long)
-        for i in range(steps):
-            start, end = i * batch_size, (i + 1) * batch_size
+        padded = (_padded(xs), _padded(ys)) if self.masked is not None or len(set(sizes)) == 1 else None
+        loss_sums = torch.zeros(len(runs), device=runs[0].device)
+        correct = torch.zeros(len(runs), device=runs[0].device, dtype=torch.long)
+        step = runs[0].step
+        for i in range(self.steps):
+            start, end = i * size, (i + 1) * size
             counts = [max(0, min(end, n) - start) for n in sizes]
-            optimizer.zero_grad(set_to_none=True)
-            if x_all is not None and y_all is not None and (masked is not None or len(set(counts)) == 1):
-                xb, yb = x_all[:, start:end], y_all[:, start:end]
-                outputs = _forward(layers, params, xb)
-                if len(set(counts)) == 1:
-                    losses = loss(outputs, yb)
-                    loss_sums.add_(losses.detach(), alpha=counts[0])
-                else:  # the last batches of training splits that differ in size, padded: padding weighs 0
-                    assert masked is not None
-                    valid = torch.arange(len(xb[0]), device=xb.device) < torch.tensor(counts, device=xb.device)[:, None]
-                    losses = masked(outputs, yb, valid)
-                    loss_sums.add_(losses.detach() * torch.tensor(counts, device=xb.device, dtype=losses.dtype))
-                losses.sum().backward()
-                optimizer.step()
-                if classification:
-                    hits = outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))
-                    correct.add_((hits if len(set(counts)) == 1 else hits & valid).sum(1))
+            self.optimizer.zero_grad(set_to_none=True)
+            if padded is not None and (self.masked is not None or len(set(counts)) == 1):
+                losses = self._padded_step(padded[0][:, start:end], padded[1][:, start:end], counts, loss_sums, correct)
             else:  # the last batch of runs whose training splits differ in size: one graph per run
-                outs, loss_list = [], []
-                for j, run in enumerate(runs):
-                    out = _forward(layers, [p[j:j + 1] for p in params], xs[j][start:end].unsqueeze(0))[0]
-                    outs.append(out)
-                    loss_list.append(run.loss_fn(out, ys[j][start:end]))
-                losses = torch.stack(loss_list)
-                losses.sum().backward()
-                optimizer.step()
-                for j in range(k):
-                    loss_sums[j].add_(losses[j].detach(), alpha=counts[j])
-                    if classification:
-                        target = ys[j][start:end]
-                        correct[j] += (outs[j].detach().argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
+                losses = self._ragged_step([x[start:end] for x in xs], [y[start:end] for y in ys], counts,
+                                           loss_sums, correct)
             step += 1
-            if checks[0].baseline is None:
+            if not checks[0].armed:
                 for check, value in zip(checks, losses.tolist()):
-                    check.baseline = max(abs(value), 1e-12)
+                    check.arm(value)
             if step % FINITE_CHECK_STEPS == 0:
                 for j, (run, check) in enumerate(zip(runs, checks)):
                     run.step = step
                     check(loss_sums[j], min(sizes[j], end))
-        seen = [min(n, steps * batch_size) for n in sizes]
         for run in runs:
             run.step = step
-        seconds = time.perf_counter() - started
-        _copy_back(params, per_run)
-        validation = validate(params) if validate is not None else None
-        for j, (run, check) in enumerate(zip(runs, checks)):
-            check(loss_sums[j], seen[j])
-            metrics: dict[str, Any] = {"train_loss": float(loss_sums[j]) / max(seen[j], 1), "lr": run.lr,
-                                       "epoch_time": seconds, "samples_per_sec": seen[j] / seconds}
-            if classification:
-                metrics["train_accuracy"] = float(correct[j]) / max(seen[j], 1)
-            if validation is not None:
-                metrics.update(validation[j])
-            elif len(run.splits.x_val):
-                metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
-            hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
-            hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
-            for key, value in metrics.items():
-                run.history.setdefault(key, []).append(value)
-            run.tracker.log_metrics(metrics, step=epoch, flush=False)
-        stopped = {run.stop_reason for run in runs}
-        if len(stopped) > 1:
-            raise NotStacked("a hook stopped some of the runs early")
-        if stopped != {None}:
-            for run in runs:
-                run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
-            break
+        return loss_sums, correct, [min(n, self.steps * size) for n in sizes]
+
+    def _padded_step(self, xb: Tensor, yb: Tensor, counts: list[int], loss_sums: Tensor, correct: Tensor) -> Tensor:
+        """One step of all K on batches ``[K, B, ...]``; the last batches of splits that differ in size are
+        padded, and padding weighs 0."""
+        outputs = _forward(self.layers, self.params, xb)
+        valid = None
+        if len(set(counts)) == 1:
+            losses = self.loss(outputs, yb)
+            loss_sums.add_(losses.detach(), alpha=counts[0])
+        else:
+            assert self.masked is not None
+            valid = torch.arange(len(xb[0]), device=xb.device) < torch.tensor(counts, device=xb.device)[:, None]
+            losses = self.masked(outputs, yb, valid)
+            loss_sums.add_(losses.detach() * torch.tensor(counts, device=xb.device, dtype=losses.dtype))
+        losses.sum().backward()
+        self.optimizer.step()
+        if self.classification:
+            hits = outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))
+            correct.add_((hits if valid is None else hits & valid).sum(1))
+        return losses
+
+    def _ragged_step(self, xs: list[Tensor], ys: list[Tensor], counts: list[int], loss_sums: Tensor,
+                     correct: Tensor) -> Tensor:
+        """One step of all K whose batches differ in size and cannot be padded: one graph per run."""
+        outs = [_forward(self.layers, [p[j:j + 1] for p in self.params], x.unsqueeze(0))[0] for j, x in enumerate(xs)]
+        losses = torch.stack([run.loss_fn(out, y) for run, out, y in zip(self.runs, outs, ys)])
+        losses.sum().backward()
+        self.optimizer.step()
+        for j, (out, target) in enumerate(zip(outs, ys)):
+            loss_sums[j].add_(losses[j].detach(), alpha=counts[j])
+            if self.classification:
+                correct[j] += (out.detach().argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
+        return losses
+
+    def sync_lr(self) -> None:
+        for target, group in zip(self.optimizer.param_groups, self.runs[0].optimizer.param_groups):
+            target["lr"] = group["lr"]
+
+    def copy_back(self) -> None:
+        """Each run's model gets its slice of the stacked weights, and of their last gradients (epoch hooks read
+        both: the diagnostics plugin measures the gradient flow)."""
+        with torch.no_grad():
+            for i, stacked in enumerate(self.params):
+                for j, own in enumerate(self.per_run):
+                    own[i].copy_(stacked[j])
+                    own[i].grad = None if stacked.grad is None else stacked.grad[j].clone()
+
+    def hand_back(self) -> None:
+        """Each run's model and optimizer as if it had trained alone: its weights, and its slice of the
+        optimizer's state (moments, momentum; the step count is every run's)."""
+        self.copy_back()
+        for j, run in enumerate(self.runs):
+            for stacked, own in zip(self.params, self.per_run[j]):
+                state = self.optimizer.state.get(stacked)
+                if state:
+                    run.optimizer.state[own] = {
+                        key: (value[j].clone() if value.shape == stacked.shape else value.clone())
+                        if isinstance(value, Tensor) else value for key, value in state.items()}
 
 
-def _stacked_validation(runs: list[Run], layers: list[nn.Module]) -> Any:
+def _stacked_validation(runs: list[Run], layers: list[nn.Module]) -> Callable[[list[Tensor]], list[dict[str, float]]] | None:
     """For the plain cross-entropy on classes: ``validate(params)``, every run's ``val_loss`` and
     ``val_accuracy`` from one forward pass over the K validation splits (padded to one length), as
     ``loop.evaluate`` computes them run by run; None when a run has no validation split."""
@@ -198,7 +264,8 @@ def _stacked_validation(runs: list[Run], layers: list[nn.Module]) -> Any:
     x_val, y_val = _padded([run.splits.x_val for run in runs]), _padded([run.splits.y_val for run in runs])
     sizes = torch.tensor([len(run.splits.x_val) for run in runs], device=x_val.device)
     valid = torch.arange(x_val.shape[1], device=x_val.device) < sizes[:, None]
-    loss_fn: Any = runs[0].loss_fn
+    loss_fn = _cross_entropy(runs[0])
+    assert loss_fn is not None, "only for the plain cross-entropy"
     smoothing = float(loss_fn.label_smoothing)
 
     def validate(params: list[Tensor]) -> list[dict[str, float]]:
@@ -222,32 +289,41 @@ def _padded(tensors: list[Tensor]) -> Tensor:
     return out
 
 
-def _stacked_loss(runs: list[Run]) -> tuple[Any, Any]:
+def _cross_entropy(run: Run) -> nn.CrossEntropyLoss | None:
+    """The run's loss when it is PyTorch's plain cross-entropy (no class weights, mean, default ignore index)."""
+    f = run.loss_fn
+    if type(f) is nn.CrossEntropyLoss and f.weight is None and f.reduction == "mean" and f.ignore_index == -100:
+        return f
+    return None
+
+
+def _stacked_loss(runs: list[Run]) -> tuple[StackedLoss, MaskedLoss | None]:
     """The K runs' losses on outputs ``[K, B, C]`` and targets ``[K, B, ...]``: one cross-entropy over all K
     batches when every run's loss is PyTorch's plain one (per-sample losses, averaged per run), else each
     run's own loss function on its slice.  Second, for the plain one only, the same on batches padded to
     one length (``valid`` ``[K, B]`` marks the real samples; padding gets no weight and no gradient)."""
-    functions: list[Any] = [run.loss_fn for run in runs]
-    plain = all(type(f) is nn.CrossEntropyLoss and f.weight is None and f.reduction == "mean" and f.ignore_index == -100
-                and f.label_smoothing == functions[0].label_smoothing for f in functions)
-    if plain:
-        smoothing = float(functions[0].label_smoothing)
+    functions = [run.loss_fn for run in runs]
 
-        def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-            if targets.ndim != 2:
-                return torch.stack([f(outputs[j], targets[j]) for j, f in enumerate(functions)])
-            per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten(),
-                                                           reduction="none", label_smoothing=smoothing)
-            return per_sample.view(targets.shape).mean(1)
+    def each(outputs: Tensor, targets: Tensor) -> Tensor:
+        return torch.stack([f(outputs[j], targets[j]) for j, f in enumerate(functions)])
 
-        def masked(outputs: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-            per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten(),
-                                                           reduction="none", label_smoothing=smoothing)
-            return (per_sample.view(targets.shape) * valid).sum(1) / valid.sum(1)
+    plain = [_cross_entropy(run) for run in runs]
+    smoothings = {f.label_smoothing if f is not None else None for f in plain}
+    if len(smoothings) != 1 or None in smoothings:
+        return each, None
+    smoothing = float(smoothings.pop() or 0.0)
 
-        return cross_entropy, masked
-    return (lambda outputs, targets: torch.stack([f(outputs[j], targets[j]) for j, f in enumerate(functions)]),
-            None)
+    def per_sample(outputs: Tensor, targets: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none",
+                                                 label_smoothing=smoothing).view(targets.shape)
+
+    def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+        return each(outputs, targets) if targets.ndim != 2 else per_sample(outputs, targets).mean(1)
+
+    def masked(outputs: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+        return (per_sample(outputs, targets) * valid).sum(1) / valid.sum(1)
+
+    return cross_entropy, masked
 
 
 def _forward(layers: list[nn.Module], params: list[Tensor], x: Tensor) -> Tensor:
@@ -289,15 +365,15 @@ def _layers(model: nn.Module) -> list[nn.Module] | None:
 
 
 def _layer_params(model: nn.Module) -> list[Tensor]:
-    layers: Any = model
-    return [p for layer in layers if isinstance(layer, nn.Linear) for p in (layer.weight, layer.bias) if p is not None]
+    return [p for layer in model.children() if isinstance(layer, nn.Linear)
+            for p in (layer.weight, layer.bias) if p is not None]
 
 
-def _signature(model: nn.Module) -> list[Any]:
+def _signature(model: nn.Module) -> list[tuple[str, str]]:
     return [(type(layer).__name__, repr(layer)) for layer in model] if isinstance(model, nn.Sequential) else []
 
 
-def _groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[Any, ...]]:
+def _groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[tuple[int, ...], tuple[tuple[str, str], ...]]]:
     """The optimizer's groups as (parameter positions in the model, hyper-parameters)."""
     position = {id(p): i for i, p in enumerate(_layer_params(model))}
     return [(tuple(position.get(id(p), -1) for p in group["params"]),
@@ -311,44 +387,14 @@ def _stacked_optimizer(run: Run, params: list[Tensor]) -> torch.optim.Optimizer:
     groups = [{**{key: value for key, value in group.items() if key != "params"},
                "params": [params[position[id(p)]] for p in group["params"]]}
               for group in run.optimizer.param_groups]
-    kind: Any = type(run.optimizer)
-    optimizer = kind(groups)
+    optimizer: torch.optim.Optimizer = type(run.optimizer)(groups)  # type: ignore[call-arg]
     if any(group.get("fused") for group in groups):
-        flagged: Any = optimizer
-        flagged._step_supports_amp_scaling = True
+        optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
     return optimizer
 
 
-def _sync_lr(stacked: torch.optim.Optimizer, source: torch.optim.Optimizer) -> None:
-    for target, group in zip(stacked.param_groups, source.param_groups):
-        target["lr"] = group["lr"]
-
-
-def _batches(run: Run) -> Any:
-    from optiflow.data import TensorBatches
-
+def _batches(run: Run) -> TensorBatches:
     config = run.config
-    size = len(run.splits.x_train) if config.batch_size == "full" else int(config.batch_size)
-    return TensorBatches(run.splits.x_train, run.splits.y_train, size, shuffle=config.shuffle,
+    return TensorBatches(run.splits.x_train, run.splits.y_train,
+                         samples_per_batch(config.batch_size, len(run.splits.x_train)), shuffle=config.shuffle,
                          drop_last=config.drop_last, generator=run.batch_generator)
-
-
-def _order(run: Run, batches: Any) -> Tensor:
-    """The epoch's sample order, drawn from the run's generator exactly as ``TensorBatches`` draws it,
-    cut to the samples its batches cover."""
-    n = len(run.splits.x_train)
-    if batches.shuffle:
-        order = torch.randperm(n, generator=run.batch_generator).to(run.splits.x_train.device)
-    else:
-        order = torch.arange(n, device=run.splits.x_train.device)
-    return order[: min(n, len(batches) * batches.batch_size)]
-
-
-def _copy_back(params: list[Tensor], per_run: list[list[Tensor]]) -> None:
-    """Each run's model gets its slice of the stacked weights, and of their last gradients (epoch hooks read
-    both: the diagnostics plugin measures the gradient flow)."""
-    with torch.no_grad():
-        for i, stacked in enumerate(params):
-            for j, own in enumerate(per_run):
-                own[i].copy_(stacked[j])
-                own[i].grad = None if stacked.grad is None else stacked.grad[j].clone()

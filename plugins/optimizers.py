@@ -1,7 +1,9 @@
 """Every optimizer in torch.optim, with weight decay kept off biases and normalization parameters by default.
 
-``decay_bias=true`` puts every parameter in the decayed group.  The runner
-always calls ``optimizer.step(closure)``, so LBFGS's repeated evaluations work.
+``decay_bias=true`` puts every parameter in the decayed group.  The loop steps an optimizer that may
+re-evaluate the loss (LBFGS, any subclass or third-party optimizer) with ``optimizer.step(closure)``,
+so its repeated evaluations work; PyTorch's first-order ones (SGD, Adam ...: ``optiflow.optim.first_order``)
+and any optimizer under fp16's GradScaler are stepped after one evaluation, without a closure.
 """
 
 from __future__ import annotations

@@ -27,13 +27,15 @@ def modules() -> dict[str, Path]:
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The project modules ``name`` imports anywhere in its body, inside functions included."""
+    """The project modules ``name`` imports anywhere in its body, inside functions and ``TYPE_CHECKING``
+    blocks included (``from optiflow import heartbeat`` imports the module, not the package)."""
     targets = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            targets |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+            named = {f"{node.module}.{alias.name}" for alias in node.names}
+            targets |= named if named <= known else named | {node.module}
     resolved = set()
     for target in targets:
         while target and target not in known:
@@ -83,8 +85,77 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
+#: The core's layers, bottom first: a module imports only modules of its own layer or below (CHANGELOG,
+#: "imports one way"); a new module must be placed here.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("facts", {"optiflow", "optiflow.errors", "optiflow.slots", "optiflow.signals", "optiflow.metrics", "optiflow.host",
+               "optiflow.hooktrace", "optiflow.hookspecs", "optiflow.optim", "optiflow.plots", "optiflow.distributed",
+               "optiflow.heartbeat", "optiflow.stores", "optiflow.serving"}),
+    ("tracking", {"optiflow.tracking"}),
+    ("configuration and plugins", {"optiflow.config", "optiflow.registry", "optiflow.plugins"}),
+    ("one training run", {"optiflow.data", "optiflow.plan", "optiflow.setup", "optiflow.schedule", "optiflow.run",
+                          "optiflow.checkpoints", "optiflow.loop", "optiflow.stacked"}),
+    ("built-in plugins", {"optiflow_plugins", "optiflow_plugins.*"}),
+    ("the logged model", {"optiflow.model_file", "optiflow.export", "optiflow.predict_inputs"}),
+    ("one tracked training", {"optiflow.training"}),
+    ("search", {"optiflow.search", "optiflow.search.*"}),
+    ("commands", {"optiflow.commands", "optiflow.commands.*"}),
+    ("command line", {"optiflow.cli", "optiflow.cli_predict", "optiflow.cli_store", "optiflow.flags", "optiflow.console",
+                      "optiflow.listing", "optiflow.__main__"}),
+]
+
+
+def layer_of(name: str) -> int:
+    """The index in :data:`LAYERS` of module ``name``."""
+    for index, (_, members) in enumerate(LAYERS):
+        if name in members or f"{name.rpartition('.')[0]}.*" in members:
+            return index
+    raise KeyError(f"{name} is in no layer of tests/test_architecture.py LAYERS: place it")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported`` for every import of a module from a higher layer."""
+    return sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                  if layer_of(target) > layer_of(name))
+
+
+def packages(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The import graph between sub-packages (``optiflow.search``, ``optiflow.commands``) and top-level modules."""
+
+    def unit(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] == "optiflow" and len(parts) > 2 else name
+
+    merged: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        merged.setdefault(unit(name), set()).update(unit(t) for t in targets)
+    return {name: targets - {name} for name, targets in merged.items()}
+
+
 def test_no_import_cycles_counting_imports_inside_functions():
     assert cycles(import_graph()) == []
+
+
+def test_no_import_cycle_between_sub_packages():
+    graph = packages(import_graph())
+    assert {"optiflow.search", "optiflow.commands"} <= set(graph)
+    assert cycles(graph) == []
+
+
+def test_every_module_imports_only_its_layer_and_below():
+    graph = import_graph()
+    for name in graph:
+        layer_of(name)  # every module is placed
+    assert upward_imports(graph) == []
+
+
+def test_layer_checker_finds_an_upward_import():
+    """search reaching back into commands (what search/objective.py did before optiflow.training existed)."""
+    graph = {"optiflow.search.objective": {"optiflow.commands.train", "optiflow.run"}, "optiflow.run": set(),
+             "optiflow.commands.train": {"optiflow.training"}, "optiflow.training": {"optiflow.run"}}
+    assert upward_imports(graph) == ["optiflow.search.objective -> optiflow.commands.train"]
+    assert cycles(packages({"optiflow.search.a": {"optiflow.commands.b"}, "optiflow.commands.b": {"optiflow.search.c"},
+                            "optiflow.search.c": set()})) == [["optiflow.commands", "optiflow.search"]]
 
 
 def test_cycle_finder_finds_a_cycle():

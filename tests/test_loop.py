@@ -167,21 +167,58 @@ def test_per_batch_schedulers_step_every_batch(tracking_uri, experiment):
     assert schedule_interval("cosine") == "epoch"
 
 
-@pytest.mark.parametrize("opt", ["adam", "sgd:momentum=0.9", "rmsprop"])
-def test_stepping_without_a_closure_trains_exactly_as_with_one(opt, monkeypatch):
+def trained_weights(opt: str) -> list[torch.Tensor]:
+    """The weights of a small MLP after 8 steps of ``training_step`` with ``opt``."""
     import optiflow.loop
     from optiflow import distributed
     from optiflow.run import prepare
 
+    run = prepare(RunConfig.from_dict({"model": "mlp:hidden=[16]", "opt": opt, "device": "cpu"}), get_registry())
+    step = optiflow.loop.training_step(run, get_plugin_manager(), distributed.current())
+    for start in range(0, 256, 32):
+        step(run.splits.x_train[start:start + 32], run.splits.y_train[start:start + 32])
+    return [p.detach().clone() for p in run.model.parameters()]
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd:momentum=0.9", "rmsprop"])
+def test_stepping_without_a_closure_trains_exactly_as_with_one(opt, monkeypatch):
+    import optiflow.loop
+    from optiflow.optim import first_order
+
     def weights(closure_free: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(optiflow.loop, "_steps_without_closure", lambda optimizer: closure_free)
-        run = prepare(RunConfig.from_dict({"model": "mlp:hidden=[16]", "opt": opt, "device": "cpu"}), get_registry())
-        step = optiflow.loop.training_step(run, get_plugin_manager(), distributed.current())
-        for start in range(0, 256, 32):
-            step(run.splits.x_train[start:start + 32], run.splits.y_train[start:start + 32])
-        return [p.detach().clone() for p in run.model.parameters()]
+        monkeypatch.setattr(optiflow.loop, "first_order", lambda optimizer: closure_free)
+        return trained_weights(opt)
 
     assert all(torch.equal(a, b) for a, b in zip(weights(True), weights(False)))
     monkeypatch.undo()
-    assert optiflow.loop._steps_without_closure(torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
-    assert not optiflow.loop._steps_without_closure(torch.optim.LBFGS([nn.Parameter(torch.zeros(1))]))
+    assert first_order(torch.optim.Adam([nn.Parameter(torch.zeros(1))]))
+    assert not first_order(torch.optim.LBFGS([nn.Parameter(torch.zeros(1))]))
+
+    class Custom(torch.optim.Adam):
+        pass
+
+    assert not first_order(Custom([nn.Parameter(torch.zeros(1))])), "a subclass may evaluate the closure otherwise"
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd:momentum=0.9"])
+def test_the_one_step_path_under_a_grad_scaler_trains_as_without(opt, monkeypatch):
+    """The GradScaler fp16 needs is always in the step, a no-op when disabled: enabled (scale by 2**16, unscale
+    before the step: exact in fp32) it gives the same weights, and its scale is what it stepped with."""
+    from optiflow.setup import Setup
+
+    scalers: list[torch.amp.GradScaler] = []
+    real = torch.amp.GradScaler
+
+    def recording(*args, **kwargs):
+        scalers.append(real(*args, **kwargs))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", recording)
+
+    def weights(scaled: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(Setup, "grad_scaler", property(lambda self: scaled))
+        return trained_weights(opt)
+
+    assert all(torch.equal(a, b) for a, b in zip(weights(True), weights(False)))
+    assert [s.is_enabled() for s in scalers] == [True, False]
+    assert scalers[0].get_scale() == 2.0 ** 16

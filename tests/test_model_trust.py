@@ -282,3 +282,118 @@ def test_untampered_models_of_every_kind_load_as_data_and_match_torch(tmp_path):
         x = torch.from_numpy(np.random.default_rng(0).uniform(0, 16, (5, *shape)).astype(np.float32))
         with torch.no_grad():
             assert torch.equal(program(x), reference(x)), archive
+
+
+# --- what a security review found past the first design (operators with side effects, code in other
+#     fields, memory and time bombs) -------------------------------------------------------------------
+
+def operator_node(target: str, inputs: list[dict], output: str) -> dict:
+    return {"target": target, "inputs": inputs, "outputs": [{"as_tensor": {"name": output}}],
+            "metadata": {}, "is_hop_single_tensor_return": None, "name": output}
+
+
+def test_an_operator_that_writes_a_file_is_refused(model, marker, tmp_path):
+    """``aten::from_file(shared=True)`` creates the file it maps, and ``copy_`` would fill it: a file
+    written from a graph is code execution one step later (a .pth file in a site-packages)."""
+    store, run_id, folder = model
+
+    def plant(program):
+        graph = program["graph_module"]["graph"]
+        some_tensor = next(iter(graph["tensor_values"]))
+        graph["tensor_values"]["planted"] = dict(graph["tensor_values"][some_tensor])
+        graph["nodes"].insert(0, operator_node("torch.ops.aten.from_file.default", [
+            {"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
+            {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+            {"name": "size", "arg": {"as_int": 4}, "kind": 1}], "planted"))
+
+    rewrite_archive(folder, lambda e: edit_program(e, plant))
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+@pytest.mark.parametrize("target", ["torch.ops.aten.copy_.default", "torch.ops.aten._print.default",
+                                    "torch.ops.image.write_file.default"])
+def test_operators_that_mutate_print_or_come_from_other_libraries_are_refused(model, marker, tmp_path, target):
+    store, run_id, folder = model
+
+    def plant(program):
+        call = next(n for n in nodes(program) if n["target"].startswith("torch.ops.aten.relu"))
+        call["target"] = target
+
+    rewrite_archive(folder, lambda e: edit_program(e, plant))
+    result = predict(store, run_id, iris_rows(tmp_path / "x.csv", folder))
+    assert_refused(result, marker)
+    assert target.split(".")[-2] in result.stderr or "cannot be rebuilt" in result.stderr
+
+
+def test_guard_code_is_never_executed(model, tmp_path, marker):
+    store, run_id, folder = model
+    rewrite_archive(folder, lambda e: edit_program(e, lambda p: p.__setitem__(
+        "guards_code", [f"exec({planted(marker)!r})", "1/0"])))
+    assert_predicted(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+@pytest.mark.parametrize("expression", ["9**9**9**9", "PowByNatural(99999999, 99999999)", "s77 << 99999999999",
+                                        "99999999999999999999999 * s77"])
+def test_shape_expressions_that_would_never_finish_are_refused(model, marker, tmp_path, expression):
+    store, run_id, folder = model
+
+    def plant(program):
+        text = json.dumps(program)
+        program.clear()
+        program.update(json.loads(text.replace(json.dumps("Symbol('s77', positive=True, integer=True)"),
+                                               json.dumps(expression), 1)))
+
+    rewrite_archive(folder, lambda e: edit_program(e, plant))
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder), ), marker)
+
+
+def test_a_zip_bomb_is_refused_before_it_is_inflated(model, marker, tmp_path):
+    store, run_id, folder = model
+    archive = folder / "data" / "model.pt2"
+    with zipfile.ZipFile(archive) as zf:
+        root = zf.namelist()[0].split("/", 1)[0]
+        entries = {info.filename: zf.read(info) for info in zf.infolist()}
+    padded = entries[f"{root}/models/model.json"].rstrip()[:-1] + b" " * (256 * 2**20) + b"}"
+    entries[f"{root}/models/model.json"] = padded
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    assert archive.stat().st_size < 2 * 2**20
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+def test_a_tensor_record_larger_than_its_bytes_is_refused(model, marker, tmp_path):
+    """Stride 0 would make a 1 GB tensor of four bytes."""
+    store, run_id, folder = model
+
+    def plant(entries):
+        config = json.loads(entries["data/weights/model_weights_config.json"])
+        first = next(iter(config["config"].values()))
+        first["tensor_meta"]["sizes"] = [{"as_int": 2**26}, {"as_int": 4}]
+        first["tensor_meta"]["strides"] = [{"as_int": 0}, {"as_int": 1}]
+        entries["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+
+    rewrite_archive(folder, plant)
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+@pytest.mark.parametrize("name", ["data/weights/model.pt", "evil.pkl", "extra/module_info.json"])
+def test_entries_outside_an_exported_programs_layout_are_refused(model, marker, tmp_path, name):
+    store, run_id, folder = model
+    rewrite_archive(folder, lambda e: e.__setitem__(name, pickled(Payload(marker))))
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+@pytest.mark.parametrize("change", [
+    {"input_shape": [3, 8000, 8000]}, {"input_shape": [-4]}, {"input_shape": [0]}, {"input_shape": "4"},
+    {"classes": [["a"] * 10] * 10}, {"feature_names": [1, 2, 3, 4]}])
+def test_a_card_that_is_not_what_optiflow_writes_is_one_line(model, tmp_path, change):
+    store, run_id, folder = model
+    rows = iris_rows(tmp_path / "x.csv", folder)
+    meta = yaml.safe_load((folder / "MLmodel").read_text())
+    meta["metadata"]["optiflow"].update(change)
+    (folder / "MLmodel").write_text(yaml.safe_dump(meta))
+    result = predict(store, run_id, rows)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "metadata" in lines[0] and "Traceback" not in result.stderr, result.stderr

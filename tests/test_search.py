@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -402,3 +404,25 @@ def test_a_stale_trial_is_failed_its_run_killed_and_retried_once(tmp_path, track
     assert study.trials[1].system_attrs["failed_trial"] == 0
     killed = mlflow_client.get_run(run_id)
     assert killed.info.status == "KILLED" and "no heartbeat for 2 s" in killed.data.tags["failure"]
+
+
+def test_search_defaults_come_from_search_settings_alone(invoke, monkeypatch):
+    """The flags, ``--config`` and ``settings_from`` all read SearchSettings' defaults: changing one there
+    changes what a search without that flag runs with."""
+    from optiflow.commands.search import settings_from
+    from optiflow.config import RunConfig
+    from optiflow.search.study import GIVEN, SearchSettings, given_defaults
+
+    space = {"space": ["lr=loguniform:1e-4:1e-1"]}
+    settings = settings_from(space, RunConfig())
+    assert dataclasses.replace(settings, space=[]) == SearchSettings(space=[])
+    assert settings_from({**space, "metric": "val_accuracy"}, RunConfig()).direction == "maximize"
+    assert set(given_defaults()) == set(GIVEN)
+    sampler = copy.copy(SearchSettings.__dataclass_fields__["sampler"])
+    sampler.default = "random"
+    monkeypatch.setitem(SearchSettings.__dataclass_fields__, "sampler", sampler)
+    monkeypatch.setattr(SearchSettings, "n_trials", 3)
+    assert settings_from(space, RunConfig()).n_trials == 3
+    result = invoke("search", "--space", "lr=loguniform:1e-4:1e-1", "--print-config", store=False)
+    assert result.exit_code == 0, result.stderr
+    assert yaml.safe_load(result.output)["sampler"] == "random"

@@ -71,38 +71,128 @@ def test_stacked_folds_are_child_runs_with_their_params_and_metrics(tracking_uri
         assert run.data.metrics["test_accuracy"] == result.metrics["test_accuracy"]
 
 
-@pytest.mark.parametrize("values", [
-    {"reg": ["l2:strength=1e-4"]},  # a penalty hook: per step
-    {"model": "mlp:hidden=[24],batch_norm=before"},  # not element-wise across the batch
-    {"model": "mlp:hidden=[24],dropout=0.2"},  # draws random numbers per step
-    {"sched": "step:step_size=1"},
-    {"opt": "lbfgs"},
-    {"batch_size": 383},  # 1149 samples make 3 batches of 383, 1150 make 4: not the same steps
+class HookCalls:
+    """Records the lifecycle hooks each fold sees."""
+
+    from optiflow import hookimpl
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, str | None]] = []
+
+    @hookimpl
+    def optiflow_check_run(self, run):
+        self.calls.append(("check_run", run.config.cv_fold, None))
+
+    @hookimpl
+    def optiflow_run_end(self, run, status):
+        self.calls.append(("run_end", run.config.cv_fold, status))
+
+
+@pytest.mark.parametrize("values, reason", [
+    ({"reg": ["l2:strength=1e-4"]}, "regularizers"),
+    ({"model": "mlp:hidden=[24],batch_norm=before"}, "not a plain MLP"),  # not element-wise across the batch
+    ({"model": "mlp:hidden=[24],dropout=0.2"}, "not a plain MLP"),  # draws random numbers per step
+    ({"sched": "step:step_size=1"}, "a learning-rate scheduler"),
+    ({"opt": "lbfgs"}, "not an element-wise first-order optimizer"),
+    ({"batch_size": 383}, "not the same number of batches per epoch"),  # 1149 samples: 3 batches of 383, 1150: 4
 ])
-def test_what_cannot_be_stacked_exactly_trains_one_by_one(tracking_uri, experiment, mlflow_client, values):
+def test_what_cannot_be_stacked_exactly_trains_one_by_one(tracking_uri, experiment, mlflow_client, plugin, values,
+                                                           reason):
+    """Each guard of why_not_stacked says no for its own reason (deleting one makes its case fail here), and
+    train_folds then returns None before any hook is called or run logged."""
+    from optiflow.plugins import get_plugin_manager, get_registry
+    from optiflow.run import prepare
+    from optiflow.stacked import why_not_stacked
+
     configs = fold_configs(tracking_uri, experiment, epochs=1, **values)
+    runs = [prepare(config, get_registry()) for config in configs]
+    assert reason in (why_not_stacked(runs, get_plugin_manager()) or "stacked")
+    calls = HookCalls()
+    plugin(calls, "hook-calls")
     assert train_folds(configs, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 5, params={}) is None
+    assert calls.calls == []
     assert len(mlflow_client.search_runs([mlflow_client.get_experiment_by_name(experiment).experiment_id])) == 1
 
 
-def test_folds_that_fail_stacked_log_nothing_and_train_one_by_one(tracking_uri, experiment, mlflow_client, plugin):
-    """A diverging fold or a raising epoch hook: train_folds logs no fold run and says so (None), and the trial
-    then trains fold by fold, which fails as it always did."""
-    diverging = fold_configs(tracking_uri, experiment, epochs=2, opt="sgd:lr=1e12")
-    assert train_folds(diverging, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 5, params={}) is None
+def test_a_plugin_starting_epochs_is_not_stacked(tracking_uri, experiment, plugin):
+    """An epoch-start hook may change one fold's learning rate for that epoch: its folds train one by one."""
+    from optiflow import hookimpl
+    from optiflow.plugins import get_plugin_manager, get_registry
+    from optiflow.run import prepare
+    from optiflow.stacked import why_not_stacked
+
+    class Starting:
+        @hookimpl
+        def optiflow_epoch_start(self, run, epoch):
+            pass
+
+    runs = [prepare(config, get_registry()) for config in fold_configs(tracking_uri, experiment, folds=2)]
+    assert why_not_stacked(runs, get_plugin_manager()) is None
+    plugin(Starting(), "starting")
+    assert why_not_stacked(runs, get_plugin_manager()) == "a plugin implements optiflow_epoch_start"
+
+
+def test_a_crash_while_training_stacked_surfaces(tracking_uri, experiment, mlflow_client, plugin):
+    """Once the folds train stacked, what stops them is raised as training them one by one raises it (a
+    diverging loss as a TrainingError, a raising hook as a PluginError naming it), every started fold sees
+    optiflow_run_end FAILED, and no fold run is logged."""
+    from optiflow import hookimpl
+    from optiflow.errors import PluginError, TrainingError
+
+    calls = HookCalls()
+    plugin(calls, "hook-calls")
+    diverging = fold_configs(tracking_uri, experiment, epochs=2, folds=3, opt="sgd:lr=1e12")
+    with pytest.raises(TrainingError, match=r"the training loss became nan .*the 3 folds trained stacked"):
+        train_folds(diverging, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 3, params={})
+    assert calls.calls == [("check_run", k, None) for k in range(3)] + [("run_end", k, "FAILED") for k in range(3)]
 
     class Raising:
-        from optiflow import hookimpl
-
         @hookimpl
         def optiflow_epoch_end(self, run, epoch, metrics):
             raise RuntimeError("boom")
 
     plugin(Raising(), "raising-epoch-end")
-    configs = fold_configs(tracking_uri, experiment, epochs=1)
-    assert train_folds(configs, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 5, params={}) is None
+    configs = fold_configs(tracking_uri, experiment, epochs=1, folds=3)
+    with pytest.raises(PluginError, match="plugin 'raising-epoch-end' failed in optiflow_epoch_end: RuntimeError: "
+                                          "boom") as raised:
+        train_folds(configs, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 3, params={})
+    assert raised.value.plugin == "raising-epoch-end"
     experiment_id = mlflow_client.get_experiment_by_name(experiment).experiment_id
     assert len(mlflow_client.search_runs([experiment_id])) == 2  # the two parents only
+
+
+def test_folds_that_stop_training_alike_go_on_one_by_one_with_the_same_numbers(tracking_uri, experiment,
+                                                                                 mlflow_client, plugin):
+    """A hook stops fold 0 after its first epoch and halves fold 1's learning rate: the stacked training hands
+    each fold its weights and optimizer state and the folds go on in the one loop, to the numbers of folds
+    trained one by one from the start."""
+    from optiflow import hookimpl
+
+    class Diverging:
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            if epoch == 1 and run.config.cv_fold == 0:
+                run.request_stop("enough")
+            if epoch == 1 and run.config.cv_fold == 1:
+                for group in run.optimizer.param_groups:
+                    group["lr"] *= 0.5
+
+    plugin(Diverging(), "diverging")
+    configs = fold_configs(tracking_uri, experiment, folds=3)
+    parent_id = parent(mlflow_client, experiment)
+    alone = [train(config, parent_run_id=parent_id, log_model=False, artifacts=False) for config in configs]
+    stacked = train_folds(configs, parent_run_id=parent_id, tags=[{}] * 3, params={})
+    assert stacked is not None, "the folds started stacked"
+    assert [len(result.history["train_loss"]) for result in stacked] == [1, 3, 3]
+    assert stacked[1].history["lr"] == pytest.approx([0.01, 0.005, 0.005])
+    for one, many in zip(alone, stacked):
+        assert (many.stop_reason, many.epochs) == (one.stop_reason, one.epochs)
+        for key, values_alone in one.history.items():
+            if key not in TIMINGS:
+                assert many.history[key] == pytest.approx(values_alone, rel=1e-4, abs=1e-6), key
+        assert many.metrics == pytest.approx(one.metrics, rel=1e-4, abs=1e-6)
+    fold = mlflow_client.get_run(stacked[0].run_id)
+    assert fold.data.tags["stopped_early"] == "enough" and fold.data.tags["stopped_epoch"] == "1"
 
 
 def test_a_search_with_stacked_folds_scores_the_folds_it_logs(invoke, mlflow_client, experiment):

@@ -60,7 +60,7 @@ class Comparison:
         return better(runs, key=lambda c: c.metrics[self.metric]) if runs else None
 
 
-def parse_vary(items: Any) -> dict[str, list[str]]:
+def parse_vary(items: object) -> dict[str, list[str]]:
     """``["opt=sgd,adam", "lr=0.1,0.01"]`` as ``{"opt": [...], "lr": [...]}``; a later key wins.
 
     Items may also be YAML mappings ``{opt: [sgd, adam]}`` (from a ``--config`` file).
@@ -140,8 +140,8 @@ def compare(
     Ctrl-C ends the parent KILLED, any other error ends it FAILED.  ``register`` logs every child's
     model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
     """
-    from optiflow.commands.train import register_model, train
     from optiflow.tracking import Tracker, run_status
+    from optiflow.training import register_model, train
 
     runs = plan_runs(base, vary, repeats)
     if out_dir:

@@ -112,18 +112,50 @@ def model_spec(uri: str, label: str) -> ModelSpec:
         raise OptiflowError(f"the model of {label} has no optiflow metadata: it was logged by an older optiflow "
                             "or by another tool; retrain it with optiflow train")
     try:
-        classes = meta.get("classes")
-        names = meta.get("feature_names")
-        bounds = meta.get("input_range")
-        return ModelSpec(task=str(meta["task"]), classes=None if classes is None else [str(c) for c in classes],
-                         feature_names=None if names is None else [str(n) for n in names],
-                         input_shape=tuple(int(d) for d in meta["input_shape"]), image=bool(meta.get("image")),
-                         target=meta.get("target"), raw_input=bool(meta.get("raw_input", True)),
-                         raw_scale=float(meta.get("raw_scale", 1.0)),
-                         input_range=None if not bounds else {"low": [float(v) for v in bounds["low"]],
-                                                              "high": [float(v) for v in bounds["high"]]})
+        return card_spec(meta)
     except (KeyError, TypeError, ValueError) as exc:
-        raise OptiflowError(f"the optiflow metadata of the model of {label} is incomplete ({first_line(exc)})") from None
+        raise OptiflowError(f"the optiflow metadata of the model of {label} is incomplete or malformed "
+                            f"({first_line(exc)})") from None
+
+
+CARD_ITEMS = 1_000_000
+SAMPLE_VALUES = 2**24
+
+
+def card_spec(meta: dict[str, Any]) -> ModelSpec:
+    """The card's entries, checked to be what optiflow writes before anything is built from them: scalar
+    class names, string feature names, a shape of 1 to 4 positive sizes with at most 2**24 values."""
+    def listed(key: str, kinds: tuple[type, ...]) -> list[Any] | None:
+        value = meta.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > CARD_ITEMS or not all(isinstance(v, kinds) for v in value):
+            raise ValueError(f"'{key}' is not a list of at most {CARD_ITEMS} {'/'.join(k.__name__ for k in kinds)}")
+        return value
+
+    classes = listed("classes", (str, int, float))
+    names = listed("feature_names", (str,))
+    shape = listed("input_shape", (int,)) or []
+    if not 1 <= len(shape) <= 4 or min(shape) < 1 or math.prod(shape) > SAMPLE_VALUES:
+        raise ValueError(f"'input_shape' {shape[:8]} is not 1 to 4 positive sizes of at most {SAMPLE_VALUES} values")
+    bounds = meta.get("input_range")
+    if bounds is not None and not isinstance(bounds, dict):
+        raise ValueError("'input_range' is not a mapping")
+    low, high = (listed_range(bounds, key) for key in ("low", "high")) if bounds else (None, None)
+    target = meta.get("target")
+    return ModelSpec(task=str(meta["task"]), classes=None if classes is None else [str(c) for c in classes],
+                     feature_names=names, input_shape=tuple(shape), image=bool(meta.get("image")),
+                     target=target if isinstance(target, str) else None, raw_input=bool(meta.get("raw_input", True)),
+                     raw_scale=float(meta.get("raw_scale", 1.0)),
+                     input_range=None if low is None or high is None else {"low": low, "high": high})
+
+
+def listed_range(bounds: dict[str, Any], key: str) -> list[float]:
+    values = bounds.get(key)
+    if not isinstance(values, list) or len(values) > SAMPLE_VALUES or not all(
+            isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"'input_range.{key}' is not a list of numbers")
+    return [float(v) for v in values]
 
 
 def run_model(uri: str, x: Any, spec: ModelSpec) -> tuple[Any, OutOfRange | None]:

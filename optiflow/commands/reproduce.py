@@ -6,12 +6,15 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow.commands.stored import placed
 from optiflow.config import RunConfig, load_yaml
 from optiflow.errors import OptiflowError
 from optiflow.metrics import TIMING_METRICS
+
+if TYPE_CHECKING:
+    from optiflow.run import Reporter
 
 NOT_REPRODUCIBLE = {"compare": "a compare parent run; reproduce one of its child runs",
                     "search": "a search parent run; reproduce one of its trial runs",
@@ -66,10 +69,10 @@ def original_config(run_id: str, tracking_uri: str | None, *, data_dir: str | No
 
 
 def reproduce(run_id: str, tracking_uri: str | None = None, *, device: str | None = None, rtol: float = 1e-5,
-              atol: float = 1e-8, reporter: Any = None, tags: dict[str, str] | None = None,
+              atol: float = 1e-8, reporter: Reporter | None = None, tags: dict[str, str] | None = None,
               data_dir: str | None = None, allow_download: bool = False) -> Reproduction:
     """Train again with the original configuration and seed; compare every non-timing metric."""
-    from optiflow.commands.train import train
+    from optiflow.training import train
 
     for name, tolerance in (("rtol", rtol), ("atol", atol)):
         if not (math.isfinite(tolerance) and tolerance >= 0):

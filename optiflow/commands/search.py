@@ -8,7 +8,7 @@ import math
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import yaml
@@ -19,11 +19,12 @@ from optiflow.metrics import higher_is_better
 from optiflow.run import shared_data
 from optiflow.search.objective import run_study, run_trials
 from optiflow.search.refit import refit
-from optiflow.search.space import Dimension, describe_dimension, parse_space, trial_config
+from optiflow.search.space import Dimension, Scalar, describe_dimension, parse_space, trial_config
 from optiflow.search.study import (
     PRUNERS,
     SAMPLERS,
     SearchSettings,
+    given_defaults,
     make_pruner,
     make_sampler,
     open_study,
@@ -31,7 +32,10 @@ from optiflow.search.study import (
     shared_parent_run,
 )
 from optiflow.search.summary import SearchResult, summarize
-from optiflow.search.workers import HEARTBEAT_SECONDS, settle, storage_lost
+from optiflow.search.workers import settle, storage_lost
+
+if TYPE_CHECKING:
+    from optiflow.tracking import Tracker
 
 
 def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
@@ -89,9 +93,9 @@ def quiet_heartbeat_threads() -> Iterator[None]:
     call to the database fails too and says so in one line."""
     previous = threading.excepthook
 
-    def hook(args: Any) -> None:
-        if args.thread is not None and args.thread is not threading.main_thread() and \
-                storage_lost(args.exc_value, None) is not None:
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread is not threading.main_thread() and args.exc_value is not None \
+                and storage_lost(args.exc_value, None) is not None:
             return
         previous(args)
 
@@ -103,24 +107,25 @@ def quiet_heartbeat_threads() -> Iterator[None]:
 
 
 def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
-    """Search settings from flags and ``--config`` values, validated and with defaults filled in."""
-    space = parse_space(values.get("space") or (), base)
-    sampler, sampler_options = parse_component(str(values.get("sampler") or "tpe"), SAMPLERS, "sampler")
-    pruner, pruner_options = parse_component(str(values.get("pruner") or "none"), PRUNERS, "pruner")
-    metric = str(values.get("metric") or "val_loss")
-    n_trials = values.get("n_trials")
-    if n_trials is None and sampler == "grid":
-        n_trials = math.prod(len(dim.grid()) for dim in space)
-    cv = int(values.get("cv") or 0)
+    """Search settings from flags and ``--config`` values, validated and with the defaults of
+    :func:`~optiflow.search.study.given_defaults` filled in."""
+    given = {**given_defaults(), "refit": True, "register": None,
+             **{key: value for key, value in values.items() if value is not None and value != ""}}
+    space = parse_space(given["space"] or (), base)
+    sampler, sampler_options = parse_component(str(given["sampler"]), SAMPLERS, "sampler")
+    pruner, pruner_options = parse_component(str(given["pruner"]), PRUNERS, "pruner")
+    metric = str(given["metric"])
+    n_trials = given["n_trials"]
+    if n_trials is None:
+        n_trials = math.prod(len(dim.grid()) for dim in space) if sampler == "grid" else SearchSettings.n_trials
     return SearchSettings(
-        space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=values.get("sampler_seed"),
+        space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=given["sampler_seed"],
         pruner=pruner, pruner_options=pruner_options, metric=metric,
-        direction=str(values.get("direction") or default_direction(metric)), n_trials=20 if n_trials is None else int(n_trials),
-        timeout=values.get("timeout"), cv=cv, storage=values.get("storage"), study_name=values.get("study_name"),
-        n_jobs=1 if values.get("n_jobs") is None else int(values["n_jobs"]), log_models=bool(values.get("log_models")),
-        child_artifacts=bool(values.get("child_artifacts")),
-        heartbeat=HEARTBEAT_SECONDS if values.get("heartbeat") is None else int(values["heartbeat"]),
-        refit=values.get("refit") is not False, register=str(values.get("register") or "") or None,
+        direction=str(given["direction"] or default_direction(metric)), n_trials=int(n_trials),
+        timeout=given["timeout"], cv=int(given["cv"]), storage=given["storage"], study_name=given["study_name"],
+        n_jobs=int(given["n_jobs"]), log_models=bool(given["log_models"]),
+        child_artifacts=bool(given["child_artifacts"]), heartbeat=int(given["heartbeat"]),
+        refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
     )
 
 
@@ -155,7 +160,7 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
     registry = get_registry()
     for dim in settings.space:
         for value in (dim.choices if dim.kind == "choice" else (dim.low, dim.high)):
-            def pick(d: Dimension, dim: Dimension = dim, value: Any = value) -> Any:
+            def pick(d: Dimension, dim: Dimension = dim, value: Any = value) -> Scalar:
                 if d is dim:
                     return int(value) if d.kind == "int" else value
                 return d.choices[0] if d.kind == "choice" else (int(d.low) if d.kind == "int" else d.low)
@@ -166,7 +171,7 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
                 raise OptiflowError(f"--space {dim.name}={value}: {exc}") from None
 
 
-def _create_parent(tracker: Any, base: RunConfig, settings: SearchSettings, study_name: str,
+def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, study_name: str,
                    tags: dict[str, str] | None) -> str:
     """Open the study's parent run (left open for :func:`search`; FAILED if logging its settings fails)."""
     from optiflow.tracking import run_status

@@ -2,18 +2,23 @@
 logged as the K child runs the run-by-run path makes: same parameters, per-epoch and test metrics.
 
 Used when nothing watches the folds while they train (no pruner, no ``--child-artifacts``, no
-``--log-models``); :func:`train_folds` returns None when the folds cannot be stacked or anything goes wrong
-while training them (a diverging fold, a plugin raising, a hook stopping one fold early), and the trial then
-trains its folds one by one, which fails, stops or logs exactly as before.
+``--log-models``).  :func:`train_folds` is the one way in: it returns None, before any hook is called, when
+:func:`optiflow.stacked.why_not_stacked` says the folds cannot be stacked (the trial then trains them one by
+one); once they train stacked, whatever stops them (a diverging fold, a plugin raising, Ctrl-C) is raised as
+the run-by-run path would raise it, and no fold run is logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow.config import RunConfig
-from optiflow.run import RunResult
+from optiflow.run import Run, RunResult
+
+if TYPE_CHECKING:
+    from optiflow.plugins import PluginManager
 
 #: the tag saying a fold run was trained stacked with its trial's other folds (the value is how many)
 STACKED_TAG = "optiflow.stacked_folds"
@@ -47,27 +52,20 @@ class Recorder:
 def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict[str, str]],
                 params: dict[str, Any]) -> list[RunResult] | None:
     """Train the folds ``configs`` stacked and log each as a child run of ``parent_run_id`` with its
-    ``tags`` and ``params``; None (nothing logged) when they cannot be trained stacked."""
+    ``tags`` and ``params``; None (nothing run, nothing logged) when they cannot be trained stacked."""
     from optiflow import host
-    from optiflow.commands.train import default_run_name, run_tags, setup_params
-    from optiflow.errors import OptiflowError
-    from optiflow.loop import evaluate
     from optiflow.plugins import get_plugin_manager, get_registry
     from optiflow.run import prepare
     from optiflow.stacked import fit_stacked, why_not_stacked
-    from optiflow.tracking import Tracker
+    from optiflow.training import end_run, training_error
 
     registry, pm = get_registry(), get_plugin_manager()
-    try:
-        runs = [prepare(config, registry) for config in configs]
-    except OptiflowError:
-        return None
+    runs = [prepare(config, registry) for config in configs]
     if why_not_stacked(runs, pm) is not None:
         return None
     recorders = [Recorder() for _ in runs]
     started_ms = int(time.time() * 1000)
     started = time.perf_counter()
-    tests = []
     try:
         with host.threads(runs[0].setup.threads):
             for run, recorder in zip(runs, recorders):
@@ -76,13 +74,33 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
                 run.tracker = recorder
                 pm.hook.optiflow_run_start(run=run)
             fit_stacked(runs, pm)
-            for run in runs:
-                run.status = "FINISHED"
-                pm.hook.optiflow_run_end(run=run, status="FINISHED")
-                tests.append(evaluate(run, run.splits.x_test, run.splits.y_test, "test"))
-    except Exception:  # any failure: the folds train one by one, which reports it as it always did
-        return None
-    seconds = time.perf_counter() - started
+            tests = [end_run(run, pm) for run in runs]
+    except BaseException as exc:
+        _end_unfinished(runs, pm, exc)
+        error = training_error(pm, exc, f"the {len(runs)} folds trained stacked; no fold run was logged") \
+            if isinstance(exc, Exception) else exc
+        if error is exc:
+            raise
+        raise error from exc
+    return _log_folds(runs, recorders, tests, tags, params, parent_run_id, started_ms, time.perf_counter() - started)
+
+
+def _end_unfinished(runs: list[Run], pm: PluginManager, exc: BaseException) -> None:
+    """``optiflow_run_end`` for every started run that did not finish, as a failed training calls it."""
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    for run in runs:
+        if run.tracker is not None and run.status is None:
+            run.status = status
+            with contextlib.suppress(Exception):
+                pm.hook.optiflow_run_end(run=run, status=status)
+
+
+def _log_folds(runs: list[Run], recorders: list[Recorder], tests: list[dict[str, float]], tags: list[dict[str, str]],
+               params: dict[str, Any], parent_run_id: str, started_ms: int, seconds: float) -> list[RunResult]:
+    """Each fold as a finished child run of ``parent_run_id``, with what its recorder kept."""
+    from optiflow.tracking import Tracker
+    from optiflow.training import default_run_name, run_tags, setup_params
+
     ended_ms = int(time.time() * 1000)
     results = []
     for run, recorder, test, fold_tags in zip(runs, recorders, tests, tags):

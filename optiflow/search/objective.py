@@ -15,7 +15,7 @@ import optuna
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, RunKilled, ServiceLost, TrainingError
 from optiflow.metrics import final_metrics
-from optiflow.run import shared_data
+from optiflow.run import RunResult, shared_data
 from optiflow.search.folds import train_folds
 from optiflow.search.space import short, trial_config
 from optiflow.search.study import SearchSettings, open_study
@@ -106,9 +106,9 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
 
 def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str | None,
                  tags: dict[str, str], params: dict[str, Any], offset: int,
-                 on_start: Callable[[str], None] | None = None) -> Any:
+                 on_start: Callable[[str], None] | None = None) -> RunResult:
     """One training reporting its per-epoch metric to the pruner (step ``offset + epoch``)."""
-    from optiflow.commands.train import train
+    from optiflow.training import train
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         value = metrics.get(settings.metric)

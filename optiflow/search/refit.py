@@ -10,7 +10,7 @@ without a validation set, so its refit keeps the base run's validation split (0.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -20,12 +20,15 @@ from optiflow.search.space import trial_config
 from optiflow.search.study import SearchSettings
 from optiflow.search.summary import Refit
 
+if TYPE_CHECKING:
+    from optiflow.tracking import Tracker
+
 ROLE_TAG = "optiflow.role"
 CLAIM_SUFFIX = ".optiflow-refit-of-trial-"
 FALLBACK_VAL_SPLIT = 0.1
 
 
-def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent: Any, *,
+def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent: Tracker, *,
           tags: dict[str, str] | None = None, progress: Callable[[str], Any] | None = None) -> Refit | None:
     """Train the best trial's configuration again as a child of ``parent`` (the parent run's tracker) and
     register its model when ``settings.register`` names one.
@@ -34,7 +37,7 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
     A failure (of the training or of the registration) is returned in ``Refit.failure`` and tagged on the
     parent run, never raised, so that the study's summary survives it.
     """
-    from optiflow.commands.train import register_model, train
+    from optiflow.training import register_model, train
 
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return None

@@ -17,6 +17,11 @@ from optiflow.slots import SLOT_BY_KEY, SLOT_KINDS
 if TYPE_CHECKING:
     import optuna
 
+    from optiflow.registry import Component
+
+#: a sampled value or a choice as Optuna stores it
+Scalar = bool | int | float | str | None
+
 NOT_SEARCHABLE = frozenset({"experiment", "tracking_uri", "run_name", "cv_folds", "cv_fold"})
 RANGE_KINDS = {"loguniform": ("float", True), "uniform": ("float", False), "float": ("float", False),
                "int": ("int", False), "logint": ("int", True)}
@@ -40,7 +45,7 @@ class Dimension:
     step: float | None = None
     choices: tuple = ()
 
-    def suggest(self, trial: optuna.Trial) -> Any:
+    def suggest(self, trial: optuna.Trial) -> Scalar:
         if self.kind == "choice":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.kind == "int":
@@ -60,7 +65,7 @@ class Dimension:
                             f"(float:LOW:HIGH:STEP) or list them (choice:A,B,...)")
 
 
-def parse_space(items: Any, base: RunConfig) -> list[Dimension]:
+def parse_space(items: object, base: RunConfig) -> list[Dimension]:
     """``lr=loguniform:1e-4:1e-1``, ``opt=choice:sgd,adam``, ``hidden=int:32:256`` (or a YAML file of
     such entries, or a mapping) as dimensions resolved against the base configuration."""
     entries: dict[str, Any] = {}
@@ -121,12 +126,12 @@ def describe_dimension(dim: Dimension) -> str:
     return f"{kind[(dim.kind, dim.log)]}:{low}:{high}" + (f":{dim.step:g}" if dim.step else "")
 
 
-def short(value: Any) -> str:
+def short(value: object) -> str:
     """A sampled value as the progress lines and the trials table show it."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def scalar(value: Any) -> Any:
+def scalar(value: object) -> Scalar:
     """A choice or option as Optuna stores it: numbers and booleans typed, everything else a string."""
     if isinstance(value, (bool, int, float)) or value is None:
         return value
@@ -139,7 +144,7 @@ def scalar(value: Any) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _parse_range(name: str, spec: Any) -> Dimension:
+def _parse_range(name: str, spec: object) -> Dimension:
     if isinstance(spec, list):
         return Dimension(name, name, kind="choice", choices=tuple(scalar(v) for v in spec))
     if isinstance(spec, dict):
@@ -202,7 +207,7 @@ def _target(name: str, base: RunConfig, chosen: dict[str, tuple]) -> dict[str, A
         specs = [ComponentSpec.parse(str(n)) for n in names if n is not None and str(n) != "None"]
         return [(None, registry.get(SLOT_KINDS[slot], spec.name)) for spec in specs]
 
-    def offers(component: Any, option: str) -> bool:
+    def offers(component: Component, option: str) -> bool:
         return option in {o.name for o in component.options}
 
     head, _, option = key.partition(".")

@@ -15,9 +15,9 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 
@@ -28,6 +28,8 @@ from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
+#: what a sampler or pruner constructor makes
+Made = TypeVar("Made")
 PARENT_ATTR = "optiflow.mlflow_parent_run_id"
 LOCK_SUFFIX = ".optiflow-parent-lock"
 PARENT_WAIT_SECONDS = 120.0
@@ -59,6 +61,21 @@ class SearchSettings:
     register: str | None = None
     #: seconds between trial heartbeats on RDB storages (0: none); a trial silent for twice that is retried
     heartbeat: int = HEARTBEAT_SECONDS
+
+
+#: the settings a user gives by flag or in ``--config`` (the sampler's and pruner's options come with their names;
+#: ``refit`` and ``register`` are flags of their own)
+GIVEN = ("space", "sampler", "sampler_seed", "pruner", "metric", "direction", "n_trials", "timeout", "cv", "storage",
+         "study_name", "n_jobs", "log_models", "child_artifacts", "heartbeat")
+#: settings whose default follows from others: the direction from the metric, the trials from a grid's size
+DERIVED = ("direction", "n_trials")
+
+
+def given_defaults() -> dict[str, Any]:
+    """The default of every setting in :data:`GIVEN`, from :class:`SearchSettings`: None for the derived
+    ones (:data:`DERIVED`), an empty space."""
+    defaults = {f.name: f.default for f in fields(SearchSettings) if f.name in GIVEN}
+    return {**defaults, "space": (), **dict.fromkeys(DERIVED)}
 
 
 def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
@@ -100,7 +117,8 @@ def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str,
     return spec.name, {k.replace("-", "_"): scalar(v) for k, v in spec.options.items()}
 
 
-def open_storage(url: str | None, heartbeat: int = 0, tracking_uri: str | None = None) -> Any:
+def open_storage(url: str | None, heartbeat: int = 0,
+                 tracking_uri: str | None = None) -> optuna.storages.BaseStorage | None:
     """An Optuna storage from ``--storage``: ``sqlite:///x.db``, ``postgresql://...``, a journal file
     (``journal:PATH`` or a path ending in .log/.journal), or in-memory when ``None``.
 
@@ -194,7 +212,7 @@ def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], st
     return run_id
 
 
-def _construct(what: str, name: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:
+def _construct(what: str, name: str, factory: Callable[..., Made], *args: object, **options: object) -> Made:
     _check_types(what, name, factory, options)
     try:
         with warnings.catch_warnings():

@@ -1,0 +1,339 @@
+"""One training, tracked as one MLflow run from setup to model: what ``optiflow train`` runs, and what
+compare, search, refit and reproduce run for each of their runs (below them all, so none imports another).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import optiflow
+from optiflow import checkpoints, distributed, export, heartbeat, host
+from optiflow.config import RunConfig
+from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
+from optiflow.hooktrace import culprit
+from optiflow.loop import evaluate, fit
+from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
+from optiflow.registry import Registry
+from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
+from optiflow.signals import InterruptGuard
+from optiflow.tracking import NullTracker, Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
+
+
+def train(
+    config: RunConfig,
+    *,
+    registry: Registry | None = None,
+    pm: PluginManager | None = None,
+    reporter: Reporter | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    log_model: bool = True,
+    extra_params: dict[str, Any] | None = None,
+    resume: str | None = None,
+    artifacts: bool = True,
+    on_start: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train one model as ``config`` says and track it as one MLflow run.
+
+    ``on_epoch`` is called after every epoch's metrics are logged (search uses
+    it to report to Optuna and to prune; raising RunKilled there ends the run
+    KILLED).  ``extra_params`` are logged beside the resolved ones.  ``resume`` is the id of a KILLED or
+    FAILED run to continue from its checkpoint, in that same run (``config``
+    must be its logged configuration: see ``resume_config``).  ``artifacts=False`` logs params and metrics
+    only, no figures or files (search's child runs; a failed run still gets its config.yaml).  ``on_start``
+    gets the run's id as soon as the run is open (search records it on the trial).  Raises
+    OptiflowError for bad input before the run starts, TrainingError when
+    training diverges, PluginError when a plugin raises, RunInterrupted (a
+    KeyboardInterrupt) on SIGINT/SIGTERM; the run then ends FAILED or KILLED
+    with a ``failure`` tag, what was logged kept and a checkpoint saved.
+    """
+    registry = registry or get_registry()
+    pm = pm or get_plugin_manager()
+    reporter = reporter or SilentReporter()
+    with _agreeing():
+        run = prepare(config, registry)
+    run.artifacts = artifacts
+    if run.device.type == "cpu":
+        host.keep_freed_memory()
+    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
+        tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
+        started = time.perf_counter()
+        with InterruptGuard(), run_status(tracker) as outcome:
+            try:
+                if on_start is not None and cluster.main:
+                    on_start(str(tracker.run_id))
+                resumed_from = _begin(run, pm, state, extra_params or {})
+                fit(run, pm, reporter, on_epoch)
+                reporter.stop()
+                metrics = end_run(run, pm)
+                _finish(run, metrics, log_model=log_model)
+                seconds = time.perf_counter() - started
+                tracker.log_metrics({"train_seconds": seconds}, step=run.epoch)
+            except BaseException as exc:
+                error = _record_failure(run, pm, reporter, exc, names, outcome)
+                if error is exc:
+                    raise
+                raise error from exc
+    return RunResult(tracker.run_id, metrics, run.history, run.epoch, seconds, tracker.uri, run.stop_reason,
+                     resumed_from)
+
+
+def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,
+          extra_tags: dict[str, str] | None) -> tuple[Tracker | NullTracker, dict[str, Any] | None, distributed.Cluster]:
+    """Open the run's MLflow run (rank 0 only; ``resume`` reopens it) once the plugins and the checkpoint to
+    resume from accept it: a refusal on any process stops every process before a run opens.  Returns the
+    tracker, the checkpoint and the process group."""
+    config = run.config
+    with _agreeing():
+        _check_run(run, pm, names)
+        tracker = Tracker(config.tracking_uri, config.experiment) if distributed.is_main_process() else NullTracker()
+        state = None
+        if resume is not None:
+            uri = resolve_tracking_uri(config.tracking_uri)
+            store = client(uri)
+            checkpoints.check_resumable(store, uri, resume)
+            state = checkpoints.load(store, resume)
+            checkpoints.restore(run, state)  # a checkpoint that does not fit is refused before the run reopens
+    distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
+    cluster = distributed.join(run.device)
+    tracker.start(run_name=config.run_name or default_run_name(run), tags=run_tags(extra_tags),
+                  parent_run_id=parent_run_id, run_id=resume)
+    if cluster.main:
+        heartbeat.beat(tracker)
+    run.tracker = tracker
+    return tracker, state, cluster
+
+
+def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any]) -> int | None:
+    """Log the run's setup (or mark it resumed) and start it; returns the epoch it resumes from."""
+    if state is None:
+        _log_setup(run, extra_params)
+    else:
+        run.checkpoint = state
+        run.tracker.delete_tag("failure")
+        run.tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
+    resumed_from = run.epoch if state is not None else None
+    pm.hook.optiflow_run_start(run=run)
+    if state is not None:
+        checkpoints.restore_rng(run, state)
+    return resumed_from
+
+
+def end_run(run: Run, pm: PluginManager) -> dict[str, float]:
+    """A run that trained to its end: FINISHED for ``optiflow_run_end``, then its test metrics."""
+    run.status = "FINISHED"
+    pm.hook.optiflow_run_end(run=run, status="FINISHED")
+    return evaluate(run, run.splits.x_test, run.splits.y_test, "test")
+
+
+def default_run_name(run: Run) -> str:
+    """``<model>-<opt>-<sched>-<data>`` (``cnn-adam-plateau-digits``), leaving out a ``none`` scheduler."""
+    plan = run.plan
+    names = [plan.model[0].name, plan.opt[0].name, plan.sched[0].name, plan.data[0].name]
+    return "-".join(name for name in names if name != "none")
+
+
+def register_model(run_id: str, name: str, tracking_uri: str | None = None) -> str:
+    """Register the model that run ``run_id`` logged as a new version of ``name`` in MLflow's model registry
+    (created if missing); returns the version, so that ``models:/NAME/VERSION`` loads it."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    store = client(uri)
+    run = retry(store.get_run, run_id)
+    found = retry(store.search_logged_models, [run.info.experiment_id],
+                  f"source_run_id = '{run_id}' AND name = 'model'", max_results=1)
+    if not found:
+        raise OptiflowError(f"cannot register '{name}': run {run_id} logged no model")
+    model_id = found[0].model_id
+    try:
+        retry(store.create_registered_model, name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
+    try:
+        version = retry(store.create_model_version, name, f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    except MlflowException as exc:
+        raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
+    return str(version.version)
+
+
+@contextlib.contextmanager
+def _agreeing() -> Iterator[None]:
+    """An error in the block is this process's verdict for :func:`distributed.agree` (then raised)."""
+    try:
+        yield
+    except Exception as exc:
+        distributed.agree(exc)
+        raise
+
+
+@contextlib.contextmanager
+def _per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
+    """Register the run's ``--reg`` objects as plugins for as long as the run lasts; yields
+    ``{plugin name: "regularizer 'x'"}`` for naming them in errors."""
+    names = {f"{c.name}@{id(run):x}#{i}": f"regularizer '{c.name}'" for i, (c, _) in enumerate(run.plan.reg)}
+    try:
+        for name, regularizer in zip(names, run.regularizers):
+            pm.register(regularizer, name=name)
+        yield names
+    finally:
+        for name in names:
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+
+
+def _check_run(run: Run, pm: PluginManager, names: dict[str, str]) -> None:
+    """``optiflow_check_run``: plugins refuse combinations they cannot work with before any run is logged."""
+    try:
+        pm.hook.optiflow_check_run(run=run)
+    except OptiflowError:
+        raise
+    except Exception as exc:
+        plugin, hook = culprit(pm, exc) or ("?", "optiflow_check_run")
+        raise PluginError(f"plugin {names.get(plugin, repr(plugin))} failed in {hook}: {type(exc).__name__}: "
+                          f"{first_line(exc)}", plugin) from exc
+
+
+def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseException, names: dict[str, str],
+                    outcome: Outcome) -> BaseException:
+    """Say why the run did not finish (failure tag, traceback, checkpoint) before ``run_status`` ends it
+    FAILED or KILLED; returns the error to raise, its message naming the run and how to resume it."""
+    tracker = run.tracker
+    reporter.stop()
+    if isinstance(exc, RunKilled):
+        run.status = run.status or "KILLED"
+        tracker.set_tags({"killed": str(exc)})
+        return exc
+    if isinstance(exc, ServiceLost):
+        return exc  # the run cannot be written to (tracking server) or its study is gone: say so, nothing more
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    status = "KILLED" if interrupted else "FAILED"
+    reason, where = failure_reason(pm, exc, names)
+    outcome.failure = reason  # run_status tags the run with it as it ends the run
+    saved = ""
+    if run.status is None:
+        run.status = status
+        with contextlib.suppress(Exception):
+            pm.hook.optiflow_run_end(run=run, status=status)
+    try:
+        if not isinstance(exc, OptiflowError):
+            tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
+        if run.checkpoint is not None and not isinstance(exc, DiskFull):  # no room for it: the last one stays whole
+            if not run.artifacts:
+                tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
+            checkpoints.save(tracker, run.checkpoint)
+            saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
+    except DiskFull as full:
+        if not isinstance(exc, OptiflowError):
+            raise full from exc  # the disk filled up while saying why: the full disk is what the user must fix
+        saved = "; no checkpoint saved: the disk is full"
+    message = f"{reason} (run {tracker.run_id} ended {status}{saved})"
+    if interrupted:
+        return RunInterrupted(getattr(exc, "signum", signal.SIGINT), message)
+    if where is not None:
+        return PluginError(message, where[0])
+    if isinstance(exc, OptiflowError):
+        error = type(exc)(message)
+        error.exit_code = exc.exit_code
+        return error
+    note = f"run {tracker.run_id} ended FAILED; its traceback is the failure.txt artifact"
+    noted: Any = exc  # BaseException.add_note() is Python 3.11+
+    noted.__notes__ = [*getattr(exc, "__notes__", []), note]
+    return exc
+
+
+def failure_reason(pm: PluginManager, exc: BaseException,
+                   names: dict[str, str] | None = None) -> tuple[str, tuple[str, str] | None]:
+    """Why a training did not finish, in one line, and the ``(plugin, hook)`` that raised, if a plugin did
+    (``names`` names per-run plugins)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return (str(exc) if isinstance(exc, RunInterrupted) else "interrupted by SIGINT"), None
+    reason = str(exc) if isinstance(exc, OptiflowError) else f"{type(exc).__name__}: {first_line(exc)}"
+    where = culprit(pm, exc)
+    if where is not None:
+        reason = f"plugin {(names or {}).get(where[0], repr(where[0]))} failed in {where[1]}: {reason}"
+    return reason, where
+
+
+def training_error(pm: PluginManager, exc: Exception, context: str) -> Exception:
+    """The error a training that has no MLflow run of its own raises for ``exc``: an OptiflowError as it is,
+    a plugin's failure as a PluginError naming the plugin and hook, a bug unchanged; ``context`` says where."""
+    reason, where = failure_reason(pm, exc)
+    if where is not None:
+        return PluginError(f"{reason} ({context})", where[0])
+    if isinstance(exc, OptiflowError):
+        exc.args = (f"{exc} ({context})",)
+    return exc
+
+
+def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
+    """Parameters (the plan, data sizes, resolved computing decisions, ``extra_params``), the config and the
+    normalizer."""
+    tracker = run.tracker
+    tracker.log_params(setup_params(run, extra_params))
+    if not run.artifacts:
+        return
+    tracker.log_text(run.config.to_yaml(), "config.yaml")
+    fitted = getattr(run.normalizer, "state", None)
+    state = fitted() if fitted is not None else {}
+    if state:
+        tracker.log_text(json.dumps(_jsonable(state), indent=2), "normalization.json")
+
+
+def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a run logs: its plan, data sizes, resolved computing decisions and ``extra_params``."""
+    params = run.plan.params()
+    params.update({f"data.n_{k}": v for k, v in run.splits.sizes().items()})
+    params["data.input_shape"] = list(run.splits.x_train.shape[1:])
+    params["model.parameters"] = sum(p.numel() for p in run.model.parameters())
+    params["device_type"] = run.device.type
+    params["channels_last"] = run.setup.channels_last
+    params["cpu_threads"] = run.setup.threads or "default"
+    params.update(distributed.current().params())  # world_size, nnodes: --batch-size is per process
+    return {**params, **extra_params}
+
+
+def run_tags(extra_tags: dict[str, str] | None) -> dict[str, str]:
+    """The tags a run starts with: optiflow's version, the command line, ``extra_tags``."""
+    return {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
+
+
+def _finish(run: Run, test: dict[str, float], log_model: bool) -> None:
+    """Test metrics, the learning curves (``run.artifacts``) and (``log_model``) the model, on the finished run."""
+    run.tracker.log_metrics(test, step=run.epoch, flush=False)
+    if run.artifacts:
+        _log_curves(run)
+    if log_model:
+        export.log_model(run)
+
+
+def _log_curves(run: Run) -> None:
+    from optiflow.plots import learning_curves, pyplot
+
+    figure = learning_curves(run.history, title=f"{run.plan.model[0].name} / {run.plan.opt[0].name}")
+    run.tracker.log_figure(figure, "learning_curves.png")
+    pyplot().close(figure)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.detach().cpu().tolist() if hasattr(value, "detach") else value.tolist()
+    return value
+
+
+def _command_line() -> str:
+    return shlex.join(["optiflow", *sys.argv[1:]]) if sys.argv and "optiflow" in sys.argv[0] else shlex.join(sys.argv)
