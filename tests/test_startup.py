@@ -52,6 +52,20 @@ def test_preparing_the_default_run_imports_no_scikit_learn(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
 
 
+@pytest.mark.slow
+def test_the_default_train_command_end_to_end_imports_no_scikit_learn(tmp_path):
+    code = ("import runpy, sys\n"
+            "sys.argv = ['optiflow', 'train', '--epochs', '1', '-q']\n"
+            "try:\n    runpy.run_module('optiflow', run_name='__main__')\nexcept SystemExit as exc:\n"
+            "    assert not exc.code, exc.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'optuna'}), 'scipy.stats' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[] False", done.stdout
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the run was logged, model and all
+
+
 def _sklearn_split(n, fraction, seed, stratify=None):
     from sklearn.model_selection import train_test_split
 
