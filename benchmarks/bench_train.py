@@ -253,8 +253,9 @@ def register_components(bench: Bench) -> None:
     register("bench-fashion", bench_fashion)
     if not _builtin_cnn_matches(registry):
         MODEL_NAME = "bench-cnn"
-        register("bench-cnn", lambda input_shape, num_outputs: fashion_cnn(input_shape, num_outputs),
-                 "The benchmark's two-conv FashionMNIST CNN.", kind="model")
+        registry.registrar("model", "benchmark")(
+            "bench-cnn", lambda input_shape, num_outputs: fashion_cnn(input_shape, num_outputs),
+            "The benchmark's two-conv FashionMNIST CNN.")
 
     flush = Tracker.flush
 
