@@ -489,3 +489,13 @@ def test_a_graph_that_would_grow_a_tensor_past_the_bound_is_refused_without_allo
     torch.export.save(program, str(path))
     with pytest.raises(UnsafeModel, match="4,294,967,296 values"):
         load_program(str(path))
+
+
+def test_an_mlmodel_file_too_large_to_be_optiflows_is_refused_before_parsing(model, tmp_path):
+    store, run_id, folder = model
+    rows = iris_rows(tmp_path / "x.csv", folder)
+    with open(folder / "MLmodel", "a") as f:
+        f.write("# " + "x" * (17 * 2**20) + "\n")
+    result = predict(store, run_id, rows)
+    assert result.returncode != 0 and "MLmodel file is" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
