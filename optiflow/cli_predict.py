@@ -68,7 +68,8 @@ def predict(model: str, input_path: str, output: str | None, tracking_uri: str |
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the model as ONNX here (raw input (N, *input_shape) float32, the same outputs).")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-5, show_default=True,
-              help="Largest difference allowed between onnxruntime's answers and the torch program's.")
+              help="Largest difference allowed between onnxruntime's answers and the torch program's "
+                   "(absolute for outputs up to 1, relative above).")
 @click.option("--tracking-uri", help="Store holding the run [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
 @click.option("--quiet", "-q", is_flag=True, help="No summary line, only errors.")
 def export(model: str, onnx_path: str, tolerance: float, tracking_uri: str | None, quiet: bool) -> None:

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 MODEL_NAME = "model"
 # A graph call: a torch operator overload (namespace.op[.overload]) or a Python operator/math function.
-CALL_TARGET = re.compile(r"^(torch\.ops(\.[A-Za-z][A-Za-z0-9_]*){2,3}|_operator\.[a-z_]+|math\.[a-z_0-9]+)$")
+CALL_TARGET = re.compile(r"^(torch\.ops(\.[A-Za-z][A-Za-z0-9_]*){2,3}|torch\.ops\.aten\._assert_tensor_metadata\.default"
+                         r"|_operator\.[a-z_]+|math\.[a-z_0-9]+)$")
 # Names, dotted paths and plain values: no quotes, brackets, newlines or '#', so nothing can leave a string or
 # a comment in the Python that torch.fx generates from the graph.
 PLAIN = re.compile(r"^[A-Za-z0-9_.,;:+\-*/ ]*$")
@@ -60,7 +61,8 @@ ALLOWED_OPERATORS = frozenset("""
     minimum maximum where sign erf sin cos floor ceil round trunc remainder fmod
     eq ne gt ge lt le logical_and logical_or logical_not
     sum mean amax amin max min var std var_mean std_mean prod argmax argmin norm linalg_vector_norm
-    zeros_like ones_like full_like scalar_tensor to type_as sym_size sym_numel sym_stride
+    zeros_like ones_like full_like scalar_tensor to type_as sym_size sym_numel sym_stride _assert_tensor_metadata
+    numpy_T mT
 """.split())
 MODE_ARGUMENTS = {"approximate", "rounding_mode", "padding"}
 # Python names a node may not take: torch.fx's generated forward uses them.

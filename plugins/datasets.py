@@ -89,7 +89,7 @@ def diabetes(ctx: DataContext, *, target_scale: float = 100.0) -> DataSource:
     x = torch.tensor(bunch.data, dtype=torch.float32)
     y = torch.tensor(bunch.target, dtype=torch.float32) / target_scale
     return DataSource(x, y, "regression", meta={"target_scale": target_scale}, feature_names=list(bunch.feature_names),
-                      target="progression", target_scale=target_scale)
+                      target="target", target_scale=target_scale)
 
 
 def _sklearn_classification(loader: str) -> DataSource:

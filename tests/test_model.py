@@ -307,7 +307,7 @@ def test_default_mlp_takes_raw_digits_and_the_readmes_serve_command_answers_each
 def test_regression_model_predicts_in_original_units(invoke, mlflow_client, experiment, tracking_uri, tmp_path):
     run = trained(invoke, mlflow_client, experiment, "--data", "diabetes:target_scale=50", "--epochs", "20")
     _, model, meta = load(tracking_uri, run.info.run_id)
-    assert meta["task"] == "regression" and meta["target"] == "progression" and meta["classes"] is None
+    assert meta["task"] == "regression" and meta["target"] == "target" and meta["classes"] is None
     source, x, y = raw_test_split(run, tmp_path)
     rows = pd.DataFrame(x.numpy(), columns=meta["feature_names"])[meta["feature_names"][::-1]]  # any column order
     predicted = model.predict(rows)

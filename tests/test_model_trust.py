@@ -268,7 +268,8 @@ def test_untampered_models_of_every_kind_load_as_data_and_match_torch(tmp_path):
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cases = [("--data", "digits", "--model", "cnn"), ("--data", "diabetes"),
-             ("--data", "wine", "--model", "mlp:hidden=[16,8],batch_norm=before,dropout=0.2")]
+             ("--data", "wine", "--model", "mlp:hidden=[16,8],batch_norm=before,dropout=0.2"),
+             ("--data", "iris", "--norm", "pca"), ("--data", "iris", "--norm", "whiten")]
     for args in cases:
         result = run_cli("train", "--epochs", "1", "-q", "--tracking-uri", store, *args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr

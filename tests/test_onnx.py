@@ -64,3 +64,21 @@ def test_export_mistakes_are_one_line(digits_run, tmp_path):
         assert result.returncode != 0 and expect in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+
+
+@pytest.mark.slow
+def test_a_regression_model_in_its_units_exports_at_the_default_tolerance(tmp_path):
+    """Diabetes answers in the target's units (25..350): float32 rounding alone is ~1e-5 there, so the
+    tolerance is relative above 1."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("train", "--data", "diabetes", "--epochs", "2", "-q", "--tracking-uri", store,
+                     "--experiment", "reg", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("reg").experiment_id])
+    out = tmp_path / "diabetes.onnx"
+    result = run_cli("export", run.info.run_id, "--onnx", str(out), "--tracking-uri", store, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 0
