@@ -1,28 +1,60 @@
 """Whether the process training a RUNNING run is still there.
 
-Each run carries the tag ``optiflow.heartbeat`` = ``HOST PID UNIX_TIME``, set when it starts
-and after every epoch. A SIGKILL or the OOM killer leaves the run RUNNING; it is *stale* when
-its process is gone: on the same host the pid no longer lives, elsewhere the heartbeat is
-older than ``OPTIFLOW_STALE_AFTER`` seconds (default one hour). ``train --resume`` continues
-a stale run and ``optiflow runs --stale`` lists (``--close``: ends KILLED) them; a run whose
-process may still live is never taken over, so no two processes train one run.
+Each run carries the tag ``optiflow.heartbeat`` = ``HOST PID UNIX_TIME``, written in the call that
+creates (or reopens) the run and renewed every ``OPTIFLOW_HEARTBEAT_SECONDS`` (default 60) by a
+background thread of each process working for it: a training, and a search's or comparison's parent
+run (every search worker beats the parent). A SIGKILL or the OOM killer leaves the run RUNNING; it
+is *stale* when its process is gone: on the same host the pid no longer lives, elsewhere the
+heartbeat is older than ``OPTIFLOW_STALE_AFTER`` seconds (default one hour). ``train --resume``
+continues a stale run and ``optiflow runs --stale`` lists (``--close``: ends KILLED) them; a run
+whose process may still live is never taken over, so no two processes train one run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 TAG = "optiflow.heartbeat"
 STALE_AFTER_ENV = "OPTIFLOW_STALE_AFTER"
 STALE_AFTER_S = 3600.0
+EVERY_ENV = "OPTIFLOW_HEARTBEAT_SECONDS"
+EVERY_S = 60.0
+
+
+def stamp() -> str:
+    """The heartbeat of this process now: ``HOST PID UNIX_TIME``."""
+    return f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"
 
 
 def beat(tracker: Any) -> None:
     """Record on the tracker's run that this process is alive now."""
-    tracker.set_tags({TAG: f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"})
+    tracker.set_tags({TAG: stamp()})
+
+
+@contextlib.contextmanager
+def beating(tracker: Any) -> Iterator[None]:
+    """Beat ``tracker``'s run every ``OPTIFLOW_HEARTBEAT_SECONDS`` from a daemon thread while the block runs
+    (a beat that fails is skipped: the block's own next write to the store says what is wrong)."""
+    stop = threading.Event()
+    every = max(float(os.environ.get(EVERY_ENV) or EVERY_S), 0.05)
+
+    def keep_beating() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):
+                beat(tracker)
+
+    thread = threading.Thread(target=keep_beating, name="optiflow-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def gone(tags: dict[str, str], now: float | None = None) -> str | None:

@@ -62,6 +62,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
 
 def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | None,
             progress: Callable[[str], Any] | None) -> SearchResult:
+    from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
 
     study = open_study(base, settings)
@@ -69,7 +70,7 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
     parent_id = shared_parent_run(study, settings.storage is not None,
                                   lambda: _create_parent(tracker, base, settings, study.study_name, tags))
     tracker.start(run_id=parent_id)
-    with run_status(tracker) as outcome, shared_data():
+    with run_status(tracker) as outcome, shared_data(), heartbeat.beating(tracker):
         try:
             run_study(base, settings, study, parent_id, tags=tags, progress=progress)
             settle(study, lambda queued: run_trials(base, settings, study, parent_id, queued, tags=tags,

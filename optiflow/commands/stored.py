@@ -8,14 +8,31 @@ data folder and the tracking store are the user's flags (or their defaults), a d
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import PurePath
 from typing import Any
 
-from optiflow.config import brief
+from optiflow.config import brief, load_yaml
 from optiflow.errors import OptiflowError
 
 #: dataset options that name a file or folder to read
 PATH_OPTIONS = ("path",)
+
+
+def stored_config(mlflow_client: Any, run_id: str) -> dict[str, Any]:
+    """Run ``run_id``'s ``config.yaml`` artifact, read with the checks of a ``--config`` file (a mapping, no
+    duplicate keys, bounded size)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory(prefix="optiflow-config-") as folder:
+        try:
+            path = mlflow_client.download_artifacts(run_id, "config.yaml", folder)
+        except Exception:
+            raise OptiflowError(f"run '{run_id}' has no config.yaml artifact: it was not logged by optiflow train") from None
+        try:
+            return load_yaml(path)
+        except OptiflowError as exc:
+            raise OptiflowError(f"run '{run_id}': its stored {str(exc).replace(str(path), 'config.yaml')}") from None
 
 
 def placed(values: dict[str, Any], run_id: str, *, tracking_uri: str, data_dir: str | None,

@@ -18,7 +18,16 @@ from typing import Any
 import optiflow
 from optiflow import checkpoints, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
-from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
+from optiflow.errors import (
+    DiskFull,
+    OptiflowError,
+    PluginError,
+    RunInterrupted,
+    RunKilled,
+    ServiceLost,
+    TrackingServerLost,
+    first_line,
+)
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
@@ -82,11 +91,9 @@ def train(
         tags = run_tags(extra_tags)
         tracker.start(run_name=config.run_name or default_run_name(run), tags=tags, parent_run_id=parent_run_id,
                       run_id=resume)
-        if cluster.main:
-            heartbeat.beat(tracker)
         run.tracker = tracker
         started = time.perf_counter()
-        with InterruptGuard(), run_status(tracker) as outcome:
+        with InterruptGuard(), run_status(tracker) as outcome, heartbeat.beating(tracker):
             try:
                 if on_start is not None and cluster.main:
                     on_start(str(tracker.run_id))
@@ -94,6 +101,8 @@ def train(
                     _log_setup(run, extra_params or {})
                 else:
                     run.checkpoint = state
+                    if cluster.main:
+                        checkpoints.relog(tracker, state)
                     tracker.delete_tag("failure")
                     tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
                 resumed_from = run.epoch if state is not None else None
@@ -123,10 +132,13 @@ def resume_config(run_id: str, tracking_uri: str | None = None, *, data_dir: str
     ``overrides`` may only change how the run is computed (``device``), never what is trained;
     where it reads and writes is the user's (``stored.placed``).
     """
-    from optiflow.commands.stored import placed
+    from optiflow.commands.stored import placed, stored_config
 
     uri = resolve_tracking_uri(tracking_uri)
-    values = checkpoints.resumable_config(client(uri), uri, run_id)
+    store = client(uri)
+    info = checkpoints.check_resumable(store, uri, run_id)
+    values = {**stored_config(store, run_id), "experiment": retry(store.get_experiment, info.experiment_id).name,
+              "run_name": info.run_name}
     values = placed(values, run_id, tracking_uri=uri, data_dir=data_dir, allow_download=allow_download)
     return RunConfig.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -210,8 +222,13 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
         run.status = run.status or "KILLED"
         tracker.set_tags({"killed": str(exc)})
         return exc
+    if isinstance(exc, TrackingServerLost) and run.checkpoint is not None:  # the run cannot be written to
+        folder = checkpoints.keep_locally(str(tracker.run_id), run.checkpoint, run.config.to_yaml())
+        lost = type(exc)(f"{exc}; the checkpoint of epoch {run.checkpoint['epoch']} and config.yaml are kept in "
+                         f"{folder}")
+        return lost
     if isinstance(exc, ServiceLost):
-        return exc  # the run cannot be written to (tracking server) or its study is gone: say so, nothing more
+        return exc  # its study is gone, or the run cannot be written to: say so, nothing more
     interrupted = isinstance(exc, KeyboardInterrupt)
     status = "KILLED" if interrupted else "FAILED"
     where = culprit(pm, exc) if not interrupted else None
