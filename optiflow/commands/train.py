@@ -216,6 +216,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
                     outcome: Outcome) -> BaseException:
     """Say why the run did not finish (failure tag, traceback, checkpoint) before ``run_status`` ends it
     FAILED or KILLED; returns the error to raise, its message naming the run and how to resume it."""
+    from optiflow.commands.stored import resume_command
+
     tracker = run.tracker
     reporter.stop()
     if isinstance(exc, RunKilled):
@@ -254,7 +256,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
             if not run.artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
-            saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
+            saved = (f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: "
+                     f"{resume_command(run.config, str(tracker.run_id))}")
     except DiskFull as full:
         if not isinstance(exc, OptiflowError):
             raise full from exc  # the disk filled up while saying why: the full disk is what the user must fix
