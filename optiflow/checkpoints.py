@@ -117,7 +117,10 @@ def check(run: Run, state: dict[str, Any]) -> None:
     expected = run.model.state_dict()
     weights = state.get("model")
     if not isinstance(weights, dict) or set(weights) != set(expected):
-        raise refuse("its model has other layers")
+        extra = sorted(set(weights) - set(expected)) if isinstance(weights, dict) else []
+        missing = sorted(set(expected) - set(weights)) if isinstance(weights, dict) else sorted(expected)
+        raise refuse(f"its model has other layers (only in the checkpoint: {', '.join(extra[:3]) or '-'}; "
+                     f"only in the model: {', '.join(missing[:3]) or '-'})")
     for name, tensor in expected.items():
         saved = weights[name]
         if not isinstance(saved, torch.Tensor) or saved.shape != tensor.shape or saved.dtype != tensor.dtype:

@@ -167,10 +167,45 @@ def _checkpoint_file(client, run_id: str) -> Path:
     return Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
+class Planted:
+    """An object only an unsafe (pickle) load would build."""
+
+
+def _edit(path: Path, change) -> None:
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+CHECKPOINT_EDITS = {
+    "rng-3-bytes": (lambda s: s["rng"].__setitem__("torch", s["rng"]["torch"][:3]),
+                    "the checkpoint does not fit this run: its random generator states cannot be restored"),
+    "batch-rng-not-bytes": (lambda s: s["rng"].__setitem__("batches", s["rng"]["batches"].float()),
+                            "its random generator states cannot be restored (the batches state is not a byte tensor)"),
+    "epoch-not-an-integer": (lambda s: s.__setitem__("epoch", "abc"),
+                             "the checkpoint does not fit this run: its epoch must be an integer in [0, 4], got 'abc'"),
+    "epoch-beyond-the-run": (lambda s: s.__setitem__("epoch", 99), "its epoch must be an integer in [0, 4], got '99'"),
+    "weights-of-another-dtype": (lambda s: s["model"].__setitem__(next(iter(s["model"])),
+                                                                  next(iter(s["model"].values())).double()),
+                                 "the model's is (16, 4) torch.float32"),
+    "adam-moment-of-another-shape": (lambda s: s["optimizer"]["state"][0].__setitem__("exp_avg", s["optimizer"]["state"][0]["exp_avg"][:1]),
+                                     "its optimizer's exp_avg of parameter 0 is (1, 4), the parameter is (16, 4)"),
+    "queued-metrics-not-tuples": (lambda s: s.__setitem__("metrics", ["x"]),
+                                  "its queued metrics are not (key, value, timestamp, step)"),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["other-model", "truncated", "not-a-checkpoint"])
+@pytest.mark.parametrize("damage", ["other-model", "truncated", "not-a-checkpoint", "pickled-object",
+                                    *CHECKPOINT_EDITS])
 def test_resume_refuses_a_checkpoint_that_does_not_match_the_run(tracking_uri, experiment, mlflow_client, invoke,
                                                                  damage):
+    """Everything is checked before the run reopens: the run keeps its status and failure tag, the checkpoint
+    stays, and the refusal never passes on torch's advice to load the file unsafely."""
+    import torch
+
     from optiflow.config import RunConfig
 
     def config(hidden: str):
@@ -183,10 +218,17 @@ def test_resume_refuses_a_checkpoint_that_does_not_match_the_run(tracking_uri, e
     target = _checkpoint_file(mlflow_client, first.info.run_id)
     if damage == "other-model":
         shutil.copy(_checkpoint_file(mlflow_client, second.info.run_id), target)
-        expect = "the checkpoint does not fit this run's model or optimizer"
+        expect = "the checkpoint does not fit this run: its model has other layers (only in the checkpoint: "
     elif damage == "truncated":
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
         expect = f"the checkpoint of run {first.info.run_id} cannot be read"
+    elif damage == "pickled-object":
+        torch.save({"format": 1, "planted": Planted()}, target)
+        expect = (f"the checkpoint of run {first.info.run_id} cannot be read: it holds Python objects "
+                  f"({Planted.__module__}.Planted) that only an unsafe load would build")
+    elif damage in CHECKPOINT_EDITS:
+        change, expect = CHECKPOINT_EDITS[damage]
+        _edit(target, change)
     else:
         target.write_bytes(b"not a checkpoint")
         expect = f"the checkpoint of run {first.info.run_id} cannot be read"
@@ -195,6 +237,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_match_the_run(tracking_uri, e
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], result.stderr
+    assert "weights_only" not in result.stderr
     assert target.read_bytes() == before, "the checkpoint was overwritten"
     run = mlflow_client.get_run(first.info.run_id)
     assert run.info.status == "FAILED" and run.data.tags["failure"] == first.data.tags["failure"]
