@@ -237,12 +237,13 @@ def save(tracker: Tracker, state: dict[str, Any]) -> None:
 
 def keep_locally(run_id: str, state: dict[str, Any], config_yaml: str) -> Path:
     """Write the checkpoint and configuration of a run whose store was lost to ``./optiflow-rescued/RUN_ID``
-    (under the temporary folder when the working folder cannot be written); returns that folder."""
+    (under the temporary folder when the working folder cannot be written); returns that folder (relative to
+    the working folder when under it)."""
     import torch
 
     failure: OSError | None = None
-    for base in (Path.cwd(), Path(tempfile.gettempdir())):
-        folder = (base / RESCUE_DIR / run_id).resolve()
+    for base in (Path("."), Path(tempfile.gettempdir())):
+        folder = base / RESCUE_DIR / run_id
         try:
             folder.mkdir(parents=True, exist_ok=True)
             torch.save(state, folder / CHECKPOINT_FILE)

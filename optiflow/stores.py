@@ -101,7 +101,7 @@ def check_same_file(uri: str, identity: tuple[int, int] | None) -> None:
     now = file_identity(uri)
     if now != identity:
         how = "deleted" if now is None else "replaced by another file"
-        raise StoreLost(f"the tracking store {uri} was {how} during the run: nothing more can be logged to it")
+        raise StoreLost(f"the tracking store {uri} was {how} during the run")
 
 
 def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "the tracking store",

@@ -262,3 +262,60 @@ def test_train_runs_leave_no_file_in_tmpdir(tmp_path, tracking_uri, experiment):
     # torch's inductor keeps its cache in TMPDIR/torchinductor_<user> by default; everything else must be gone
     left = [p for p in tmpdir.rglob("*") if not p.relative_to(tmpdir).parts[0].startswith("torchinductor_")]
     assert left == []
+
+
+class LoseStore:
+    """Deletes the SQLite store (or puts another database in its place) at the end of epoch 3."""
+
+    def __init__(self, db: Path, how: str) -> None:
+        self.db, self.how = db, how
+
+    @hookimpl
+    def optiflow_epoch_end(self, run, epoch, metrics):
+        if epoch != 3:
+            return
+        if self.how == "deleted":
+            for path in self.db.parent.glob(self.db.name + "*"):
+                path.unlink()
+        else:
+            other = self.db.with_name("other.db")
+            with sqlite3.connect(other) as connection:
+                connection.execute("create table notes (x)")
+            os.replace(other, self.db)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_that_vanishes_during_training_stops_it_with_the_checkpoint_kept(tmp_path, invoke, plugin, how,
+                                                                                  monkeypatch):
+    """MLflow would go on writing into the unlinked file and report success: the next write notices instead, one
+    line names the store, exit 1, and the checkpoint and configuration are kept in a local folder it prints."""
+    import torch
+
+    monkeypatch.setenv("OPTIFLOW_CHECKPOINT_SECONDS", "0")
+    db = tmp_path / "store" / "mlflow.db"
+    plugin(LoseStore(db, how), "lose-store")
+    result = invoke("train", "--epochs", "8", *SMALL, "--tracking-uri", f"sqlite:///{db}", store=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and f"Error: the tracking store sqlite:///{db} was {how}" in lines[0], result.stderr
+    folder = tmp_path / lines[0].rsplit(" kept in ", 1)[1]  # relative to the working folder
+    state = torch.load(folder / "last.pt", weights_only=True)
+    assert state["epoch"] >= 3 and "data: iris" in (folder / "config.yaml").read_text()
+    assert folder.parent.name == "optiflow-rescued"
+    if how == "deleted":
+        assert not db.exists(), "nothing wrote a new store in its place"
+
+
+@pytest.mark.slow
+def test_a_store_on_a_read_only_file_system_is_one_line(small_disk, tmp_path):
+    store = ["--tracking-uri", f"sqlite:///{small_disk}/mlflow.db"]
+    made = run_cli("train", "--epochs", "1", *SMALL, *store, cwd=tmp_path, timeout=300)
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot remount read-only here ({done.stderr.strip()})")
+    for args in (("train", "--epochs", "1", *SMALL), ("runs", "--stale")):
+        result = run_cli(*args, *store, cwd=tmp_path, timeout=120)
+        line = one_line(result)
+        assert result.returncode == 2, result.stderr
+        assert f"cannot write to the tracking store {small_disk}/mlflow.db: Read-only file system" in line

@@ -34,7 +34,8 @@ def stored_config(mlflow_client: Any, run_id: str) -> dict[str, Any]:
         try:
             path = mlflow_client.download_artifacts(run_id, "config.yaml", folder)
         except Exception:
-            raise OptiflowError(f"run '{run_id}' has no config.yaml artifact: it was not logged by optiflow train") from None
+            raise OptiflowError(f"run '{run_id}' has no config.yaml artifact: it was not logged by optiflow train, "
+                                "or it stopped as it started") from None
         try:
             return load_yaml(path)
         except OptiflowError as exc:

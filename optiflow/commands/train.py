@@ -226,9 +226,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
         return exc
     if isinstance(exc, TrackingServerLost) and run.checkpoint is not None:  # the run cannot be written to
         folder = checkpoints.keep_locally(str(tracker.run_id), run.checkpoint, run.config.to_yaml())
-        lost = type(exc)(f"{exc}; the checkpoint of epoch {run.checkpoint['epoch']} and config.yaml are kept in "
-                         f"{folder}")
-        return lost
+        return type(exc)(f"{exc}; checkpoint of epoch {run.checkpoint['epoch']} and config.yaml kept in {folder}")
     if isinstance(exc, ServiceLost):
         return exc  # its study is gone, or the run cannot be written to: say so, nothing more
     interrupted = isinstance(exc, KeyboardInterrupt)
