@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 
+from optiflow import hookimpl
+from optiflow.cli import cli
 from optiflow.config import RunConfig
-from optiflow.errors import OptiflowError
+from optiflow.errors import OptiflowError, RunInterrupted
+from optiflow.plugins import get_plugin_manager
 
 from helpers import runs_of
 
@@ -157,3 +161,41 @@ def test_the_data_dir_a_resume_needs_is_named(tmp_path, monkeypatch, where, data
     expected = needed.format(tmp=tmp_path) if needed else None
     assert data_dir_needed(config) == expected
     assert resume_command(config, "abc") == "optiflow train --resume abc" + (f" --data-dir {expected}" if expected else "")
+
+
+class InterruptAt:
+    """Ctrl-C at the end of epoch 2 (the checkpoint is epoch 1's)."""
+
+    @hookimpl
+    def optiflow_epoch_end(self, run, epoch, metrics):
+        if epoch == 2:
+            raise RunInterrupted()
+
+
+def test_the_printed_resume_command_works_for_data_outside_the_data_folder(invoke, mlflow_client, experiment,
+                                                                          tmp_path, plugin, monkeypatch):
+    """``--data csv:path=../wine.csv``: training warns which --data-dir its resume needs, the interrupted run prints a
+    resume command naming it, and that very command finishes the run."""
+    import shlex
+
+    rows = "".join(f"{i % 7},{(i * 3) % 5},{i % 2}\n" for i in range(60))
+    (tmp_path / "wine.csv").write_text("a,b,label\n" + rows)
+    work = tmp_path / "work"
+    work.mkdir()
+    plugin(InterruptAt(), "interrupt-at-2")
+    monkeypatch.chdir(work)
+    store = ["--tracking-uri", mlflow_client.tracking_uri, "--experiment", experiment]
+    result = CliRunner().invoke(cli, ["train", "--data", "csv:path=../wine.csv,target=label", "--epochs", "4", *store],
+                                catch_exceptions=False)
+    assert result.exit_code == 130, result.output
+    warning, error = [line for line in result.stderr.splitlines() if line.strip()]
+    assert warning.startswith("Warning: the data is read from outside the default data folder") and \
+        warning.endswith(f"with --data-dir {tmp_path}")
+    command = error.split("resume with: ", 1)[1].rstrip(")")
+    assert command.endswith(f"--data-dir {tmp_path}")
+    get_plugin_manager().unregister(name="interrupt-at-2")
+    resumed = CliRunner().invoke(cli, [*shlex.split(command)[1:], "--tracking-uri", mlflow_client.tracking_uri, "-q"],
+                                 catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.info.status == "FINISHED" and run.data.tags["optiflow.resumed_from_epoch"] == "1"
