@@ -138,7 +138,7 @@ def check(run: Run, state: dict[str, Any]) -> None:
                              f"the parameter is {tuple(params[index].shape)}")
     try:
         _check_rng(run, state["rng"])
-    except (KeyError, IndexError, TypeError, RuntimeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError) as exc:
         raise refuse(f"its random generator states cannot be restored ({first_line(exc)})") from None
 
 

@@ -184,6 +184,8 @@ CHECKPOINT_EDITS = {
                     "the checkpoint does not fit this run: its random generator states cannot be restored"),
     "batch-rng-not-bytes": (lambda s: s["rng"].__setitem__("batches", s["rng"]["batches"].float()),
                             "its random generator states cannot be restored (the batches state is not a byte tensor)"),
+    "numpy-rng-key-not-a-tensor": (lambda s: s["rng"].__setitem__("numpy", ("MT19937", [1, 2], 0, 0, 0.0)),
+                                   "its random generator states cannot be restored ("),
     "epoch-not-an-integer": (lambda s: s.__setitem__("epoch", "abc"),
                              "the checkpoint does not fit this run: its epoch must be an integer in [0, 4], got 'abc'"),
     "epoch-beyond-the-run": (lambda s: s.__setitem__("epoch", 99), "its epoch must be an integer in [0, 4], got '99'"),
