@@ -34,7 +34,7 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 1
 RESCUE_DIR = "optiflow-rescued"
-EVERY_ENV = "OPTIFLOW_CHECKPOINT_SECONDS"
+EVERY_ENV = heartbeat.CHECKPOINT_EVERY_ENV
 #: a checkpoint waits at least this many times as long as the last one took to save
 COST_SHARE = 20
 
@@ -179,8 +179,9 @@ def save_periodically(run: Run, flush_every: float) -> None:
     if not run.artifacts or not isinstance(tracker.run_id, str) or run.checkpoint is None:
         tracker.flush_due(flush_every)
         return
-    setting = os.environ.get(EVERY_ENV)
-    every = float(setting) if setting else max(flush_every, COST_SHARE * getattr(tracker, "checkpoint_cost", 0.0))
+    every = heartbeat.seconds(EVERY_ENV, None)
+    if every is None:
+        every = max(flush_every, COST_SHARE * getattr(tracker, "checkpoint_cost", 0.0))
     last = getattr(tracker, "checkpoint_saved_at", None)
     if last is not None and time.monotonic() - last < every:
         return

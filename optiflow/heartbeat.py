@@ -13,6 +13,7 @@ whose process may still live is never taken over, so no two processes train one 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import threading
@@ -20,11 +21,36 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from optiflow.errors import OptiflowError
+
 TAG = "optiflow.heartbeat"
 STALE_AFTER_ENV = "OPTIFLOW_STALE_AFTER"
 STALE_AFTER_S = 3600.0
 EVERY_ENV = "OPTIFLOW_HEARTBEAT_SECONDS"
 EVERY_S = 60.0
+#: how often a training saves its checkpoint (read by optiflow.checkpoints; checked here with the others)
+CHECKPOINT_EVERY_ENV = "OPTIFLOW_CHECKPOINT_SECONDS"
+
+
+def seconds(name: str, default: float | None) -> float | None:
+    """The number of seconds environment variable ``name`` sets (``default`` when unset or empty); a value that
+    is no finite number >= 0 is one line (OptiflowError)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise OptiflowError(f"${name} must be a number of seconds >= 0, got {text[:40]!r}")
+    return value
+
+
+def check_settings() -> None:
+    """Refuse a bad ``OPTIFLOW_*_SECONDS`` / ``OPTIFLOW_STALE_AFTER`` before any run opens."""
+    for name in (EVERY_ENV, STALE_AFTER_ENV, CHECKPOINT_EVERY_ENV):
+        seconds(name, None)
 
 
 def stamp() -> str:
@@ -42,7 +68,7 @@ def beating(tracker: Any) -> Iterator[None]:
     """Beat ``tracker``'s run every ``OPTIFLOW_HEARTBEAT_SECONDS`` from a daemon thread while the block runs
     (a beat that fails is skipped: the block's own next write to the store says what is wrong)."""
     stop = threading.Event()
-    every = max(float(os.environ.get(EVERY_ENV) or EVERY_S), 0.05)
+    every = max(seconds(EVERY_ENV, EVERY_S) or 0.0, 0.05)
 
     def keep_beating() -> None:
         while not stop.wait(every):
@@ -67,7 +93,7 @@ def gone(tags: dict[str, str], now: float | None = None) -> str | None:
     age = (now if now is not None else time.time()) - at
     if host == socket.gethostname():
         return None if _alive(pid) else f"its process {pid} on this host is gone"
-    limit = float(os.environ.get(STALE_AFTER_ENV) or STALE_AFTER_S)
+    limit = seconds(STALE_AFTER_ENV, STALE_AFTER_S) or 0.0
     return f"its heartbeat from {host} is {age:.0f} s old" if age > limit else None
 
 

@@ -275,3 +275,18 @@ def test_a_read_only_store_is_one_line(tmp_path, monkeypatch):
         with stores.store_lock(tmp_path / "mlflow.db"):
             pass
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("name", ["OPTIFLOW_HEARTBEAT_SECONDS", "OPTIFLOW_CHECKPOINT_SECONDS", "OPTIFLOW_STALE_AFTER"])
+@pytest.mark.parametrize("command", ["train", "compare", "search"])
+def test_a_bad_seconds_setting_is_one_line_before_any_run_opens(invoke, mlflow_client, experiment, monkeypatch,
+                                                                 name, command):
+    from helpers import assert_no_run
+
+    monkeypatch.setenv(name, "soon")
+    extra = {"train": [], "compare": ["--vary", "lr=0.1,0.01"], "search": ["--space", "lr=choice:0.1", "--n-trials", "1"]}
+    result = invoke(command, "--epochs", "1", "-q", *extra[command])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines == [f"Error: ${name} must be a number of seconds >= 0, got 'soon'"], \
+        result.stderr
+    assert_no_run(mlflow_client, experiment)

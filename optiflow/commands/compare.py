@@ -145,6 +145,7 @@ def compare(
     from optiflow.tracking import Tracker, run_status
 
     runs = plan_runs(base, vary, repeats)
+    heartbeat.check_settings()
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
     tracker = Tracker(base.tracking_uri, base.experiment)

@@ -131,9 +131,11 @@ def default_direction(metric: str) -> str:
 
 def validate(base: RunConfig, settings: SearchSettings) -> None:
     """Check the space, sampler and pruner, and that every choice builds a run, before anything runs."""
+    from optiflow import heartbeat
     from optiflow.plan import plan
     from optiflow.plugins import get_registry
 
+    heartbeat.check_settings()
     if settings.n_trials is not None and settings.n_trials < 1:
         raise OptiflowError(f"--n-trials must be >= 1, got {settings.n_trials}")
     if settings.heartbeat < 0:

@@ -77,6 +77,7 @@ def train(
     with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
         with _agreeing():
             _check_run(run, pm, names)
+            heartbeat.check_settings()
             tracker = Tracker(config.tracking_uri, config.experiment) if distributed.is_main_process() \
                 else NullTracker()
             state = None
