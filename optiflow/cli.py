@@ -121,7 +121,10 @@ def train(**params: Any) -> None:
     main_process = is_main_process()
     quiet = params["quiet"] or not sys.stdout.isatty() or not main_process
     reporter = None if quiet else RichReporter()
-    result = run_training(config, reporter=reporter, extra_tags=command_tag(), resume=params["resume"])
+    from optiflow.commands.stored import data_dir_warning
+
+    warn = None if params["quiet"] or params["resume"] else data_dir_warning(config)
+    result = run_training(config, reporter=reporter, extra_tags=command_tag(), resume=params["resume"], on_start=warn)
     print_summary(result, config, quiet=params["quiet"] or not main_process)
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 

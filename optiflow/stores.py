@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from optiflow.errors import DiskFull, OptiflowError, no_space
+from optiflow.errors import DiskFull, OptiflowError, StoreLost, no_space
 
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
@@ -59,6 +61,47 @@ def check_database_file(path: Path) -> None:
         if "not a database" in str(exc):
             raise OptiflowError(f"the tracking store {path} exists and is not a SQLite database; "
                                 "give --tracking-uri a new file or an optiflow store") from None
+
+
+@contextlib.contextmanager
+def store_lock(path: Path | None) -> Iterator[None]:
+    """Hold the SQLite store's ``.lock`` file (processes creating one store take turns); a store where that file
+    cannot be written (a read-only file system, no permission) is one line."""
+    if path is None or str(path) == ":memory:":
+        yield
+        return
+    try:
+        handle = open(str(path) + ".lock", "a")
+    except OSError as exc:
+        raise OptiflowError(f"cannot write to the tracking store {path}: {exc.strerror} (optiflow writes every run "
+                            "it opens; give --tracking-uri a store you can write)") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_identity(uri: str) -> tuple[int, int] | None:
+    """The device and inode of a SQLite store's database file (None: not a SQLite file, or not there)."""
+    path = _sqlite_file(uri)
+    try:
+        found = os.stat(path) if path is not None and str(path) != ":memory:" else None
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if found is not None else None
+
+
+def check_same_file(uri: str, identity: tuple[int, int] | None) -> None:
+    """Raise :class:`StoreLost` when the SQLite store a run writes to was deleted or replaced by another file
+    (MLflow's open connection would go on writing into the unlinked file, and the run would be lost)."""
+    if identity is None:
+        return
+    now = file_identity(uri)
+    if now != identity:
+        how = "deleted" if now is None else "replaced by another file"
+        raise StoreLost(f"the tracking store {uri} was {how} during the run")
 
 
 def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "the tracking store",

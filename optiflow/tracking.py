@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import sys
@@ -12,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from optiflow import heartbeat
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.signals import deferred
-from optiflow.stores import check_database_file, check_scheme, disk_full
+from optiflow.stores import check_database_file, check_same_file, check_scheme, disk_full, file_identity, store_lock
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
@@ -121,7 +121,7 @@ def _new_client(uri: str):
     if is_server(uri):
         for name, value in SERVER_ENV.items():
             os.environ.setdefault(name, value)
-    with _store_lock(path):
+    with store_lock(path):
         try:
             mlflow_client = MlflowClient(tracking_uri=uri)
             with _fail_fast_http():
@@ -169,19 +169,6 @@ def _reason(exc: BaseException) -> str:
     return cause.group(1).strip() if cause else re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))
 
 
-@contextlib.contextmanager
-def _store_lock(path: Path | None) -> Iterator[None]:
-    if path is None or str(path) == ":memory:":
-        yield
-        return
-    with open(str(path) + ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def experiment_id(mlflow_client, uri: str, name: str) -> str:
     """The id of experiment ``name``, created if missing (safe when processes race to create it)."""
     from mlflow.exceptions import MlflowException
@@ -213,18 +200,22 @@ class Tracker:
         self.experiment = experiment
         self.client = client(self.uri)
         self.experiment_id = experiment_id(self.client, self.uri, experiment)
+        self.store_file = file_identity(self.uri)  # every write first checks the store is still this file
         self.run_id: str | None = None
         self._pending: list[Any] = []
         self._flushed_at = time.monotonic()
 
     def start(self, run_name: str | None = None, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None, run_id: str | None = None) -> str:
-        """Open a new run (or reopen ``run_id`` to resume it); returns its id."""
+        """Open a new run (or reopen ``run_id``: it beats before it says RUNNING); returns its id. The heartbeat
+        goes in with the run: a process killed at once leaves a run that ``optiflow runs --stale`` finds."""
         if run_id is not None:
-            retry(self.client.update_run, run_id, status="RUNNING")
             self.run_id = run_id
+            heartbeat.beat(self)
+            retry(self.client.update_run, run_id, status="RUNNING")
             return run_id
         tags = {key: redact(str(value)) for key, value in (tags or {}).items()}
+        tags[heartbeat.TAG] = heartbeat.stamp()
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
@@ -238,7 +229,8 @@ class Tracker:
         from mlflow.entities import Param
 
         run = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
-                    tags={**{k: redact(str(v)) for k, v in tags.items()}, "mlflow.parentRunId": parent_run_id})
+                    tags={**{k: redact(str(v)) for k, v in tags.items()}, "mlflow.parentRunId": parent_run_id,
+                          heartbeat.TAG: heartbeat.stamp()})
         self.run_id = run.info.run_id
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         while items or metrics:
@@ -274,7 +266,12 @@ class Tracker:
         if self._pending and time.monotonic() - self._flushed_at >= seconds:
             self.flush()
 
+    def queued(self) -> list[tuple[str, float, int, int]]:
+        """The metrics not yet written, as ``(key, value, timestamp, step)``."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self._pending]
+
     def flush(self) -> None:
+        check_same_file(self.uri, self.store_file)
         while self._pending:
             batch, self._pending = self._pending[:METRIC_BATCH], self._pending[METRIC_BATCH:]
             retry(self.client.log_batch, self.run_id, metrics=batch)
@@ -283,6 +280,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
+        check_same_file(self.uri, self.store_file)
         retry(self.client.log_batch, self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def delete_tag(self, key: str) -> None:
@@ -380,7 +378,6 @@ class NullTracker:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
-
 
 
 def _param_value(value: Any) -> str:

@@ -17,7 +17,16 @@ from typing import Any
 import optiflow
 from optiflow import checkpoints, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
-from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
+from optiflow.errors import (
+    DiskFull,
+    OptiflowError,
+    PluginError,
+    RunInterrupted,
+    RunKilled,
+    ServiceLost,
+    TrackingServerLost,
+    first_line,
+)
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
@@ -67,11 +76,11 @@ def train(
     with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
         tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
         started = time.perf_counter()
-        with InterruptGuard(), run_status(tracker) as outcome:
+        with InterruptGuard(), run_status(tracker) as outcome, heartbeat.beating(tracker):
             try:
                 if on_start is not None and cluster.main:
                     on_start(str(tracker.run_id))
-                resumed_from = _begin(run, pm, state, extra_params or {})
+                resumed_from = _begin(run, pm, state, extra_params or {}, main=cluster.main)
                 fit(run, pm, reporter, on_epoch)
                 reporter.stop()
                 metrics = end_run(run, pm)
@@ -95,6 +104,7 @@ def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None
     config = run.config
     with _agreeing():
         _check_run(run, pm, names)
+        heartbeat.check_settings()
         tracker = Tracker(config.tracking_uri, config.experiment) if distributed.is_main_process() else NullTracker()
         state = None
         if resume is not None:
@@ -106,19 +116,21 @@ def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None
     distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
     cluster = distributed.join(run.device)
     tracker.start(run_name=config.run_name or default_run_name(run), tags=run_tags(extra_tags),
-                  parent_run_id=parent_run_id, run_id=resume)
-    if cluster.main:
-        heartbeat.beat(tracker)
+                  parent_run_id=parent_run_id, run_id=resume)  # the heartbeat is written with it
     run.tracker = tracker
     return tracker, state, cluster
 
 
-def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any]) -> int | None:
-    """Log the run's setup (or mark it resumed) and start it; returns the epoch it resumes from."""
+def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any], *,
+           main: bool) -> int | None:
+    """Log the run's setup (or mark it resumed, the metrics queued in its checkpoint written by the ``main``
+    process) and start it; returns the epoch it resumes from."""
     if state is None:
         _log_setup(run, extra_params)
     else:
         run.checkpoint = state
+        if main:
+            checkpoints.relog(run.tracker, state)
         run.tracker.delete_tag("failure")
         run.tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
     resumed_from = run.epoch if state is not None else None
@@ -208,14 +220,19 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
                     outcome: Outcome) -> BaseException:
     """Say why the run did not finish (failure tag, traceback, checkpoint) before ``run_status`` ends it
     FAILED or KILLED; returns the error to raise, its message naming the run and how to resume it."""
+    from optiflow.commands.stored import resume_command
+
     tracker = run.tracker
     reporter.stop()
     if isinstance(exc, RunKilled):
         run.status = run.status or "KILLED"
         tracker.set_tags({"killed": str(exc)})
         return exc
+    if isinstance(exc, TrackingServerLost) and run.checkpoint is not None:  # the run cannot be written to
+        folder = checkpoints.keep_locally(str(tracker.run_id), run.checkpoint, run.config.to_yaml())
+        return type(exc)(f"{exc}; checkpoint of epoch {run.checkpoint['epoch']} and config.yaml kept in {folder}")
     if isinstance(exc, ServiceLost):
-        return exc  # the run cannot be written to (tracking server) or its study is gone: say so, nothing more
+        return exc  # its study is gone, or the run cannot be written to: say so, nothing more
     interrupted = isinstance(exc, KeyboardInterrupt)
     status = "KILLED" if interrupted else "FAILED"
     reason, where = failure_reason(pm, exc, names)
@@ -232,7 +249,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
             if not run.artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
-            saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
+            saved = (f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: "
+                     f"{resume_command(run.config, str(tracker.run_id))}")
     except DiskFull as full:
         if not isinstance(exc, OptiflowError):
             raise full from exc  # the disk filled up while saying why: the full disk is what the user must fix

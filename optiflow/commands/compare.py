@@ -140,16 +140,18 @@ def compare(
     Ctrl-C ends the parent KILLED, any other error ends it FAILED.  ``register`` logs every child's
     model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
     """
+    from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
     from optiflow.training import register_model, train
 
     runs = plan_runs(base, vary, repeats)
+    heartbeat.check_settings()
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
-    with run_status(tracker) as outcome:
+    with run_status(tracker) as outcome, heartbeat.beating(tracker):
         tracker.log_params({**{f"vary.{k}": " | ".join(v) for k, v in vary.items()}, "repeats": repeats,
                             "variants": len(runs) // repeats, "runs": len(runs)})
         tracker.log_text(base.to_yaml(), "config.yaml")

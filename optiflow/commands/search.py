@@ -66,6 +66,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
 
 def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | None,
             progress: Callable[[str], Any] | None) -> SearchResult:
+    from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
 
     study = open_study(base, settings)
@@ -73,7 +74,7 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
     parent_id = shared_parent_run(study, settings.storage is not None,
                                   lambda: _create_parent(tracker, base, settings, study.study_name, tags))
     tracker.start(run_id=parent_id)
-    with run_status(tracker) as outcome, shared_data():
+    with run_status(tracker) as outcome, shared_data(), heartbeat.beating(tracker):
         try:
             run_study(base, settings, study, parent_id, tags=tags, progress=progress)
             settle(study, lambda queued: run_trials(base, settings, study, parent_id, queued, tags=tags,
@@ -135,9 +136,11 @@ def default_direction(metric: str) -> str:
 
 def validate(base: RunConfig, settings: SearchSettings) -> None:
     """Check the space, sampler and pruner, and that every choice builds a run, before anything runs."""
+    from optiflow import heartbeat
     from optiflow.plan import plan
     from optiflow.plugins import get_registry
 
+    heartbeat.check_settings()
     if settings.n_trials is not None and settings.n_trials < 1:
         raise OptiflowError(f"--n-trials must be >= 1, got {settings.n_trials}")
     if settings.heartbeat < 0:
