@@ -121,7 +121,7 @@ def train(**params: Any) -> None:
     main_process = is_main_process()
     quiet = params["quiet"] or not sys.stdout.isatty() or not main_process
     reporter = None if quiet else RichReporter()
-    from optiflow.commands.stored import data_dir_warning
+    from optiflow.stored import data_dir_warning
 
     warn = None if params["quiet"] or params["resume"] else data_dir_warning(config)
     result = run_training(config, reporter=reporter, extra_tags=command_tag(), resume=params["resume"], on_start=warn)

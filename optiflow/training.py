@@ -33,6 +33,7 @@ from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
 from optiflow.signals import InterruptGuard
+from optiflow.stored import resume_command
 from optiflow.tracking import NullTracker, Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
 
 
@@ -220,8 +221,6 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
                     outcome: Outcome) -> BaseException:
     """Say why the run did not finish (failure tag, traceback, checkpoint) before ``run_status`` ends it
     FAILED or KILLED; returns the error to raise, its message naming the run and how to resume it."""
-    from optiflow.commands.stored import resume_command
-
     tracker = run.tracker
     reporter.stop()
     if isinstance(exc, RunKilled):

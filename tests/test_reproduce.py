@@ -79,7 +79,7 @@ def test_a_stored_configuration_reads_only_under_the_data_folder(invoke, mlflow_
 
 
 def test_placed_keeps_what_is_trained_and_takes_the_users_places():
-    from optiflow.commands.stored import placed
+    from optiflow.stored import placed
 
     values = {"data": "csv:path=t.csv,target=y", "data_dir": "/theirs", "tracking_uri": "sqlite:////theirs.db",
               "epochs": 3}
@@ -121,7 +121,7 @@ def test_the_users_data_dir_grants_a_stored_path_outside_it(invoke, mlflow_clien
                                                             monkeypatch):
     """``../wine.csv`` (read from the working folder when trained) is granted by the user's own --data-dir holding
     it, never by the stored configuration; the refusal says which --data-dir would grant it."""
-    from optiflow.commands.stored import placed
+    from optiflow.stored import placed
 
     work = tmp_path / "work"
     work.mkdir()
@@ -147,7 +147,7 @@ def test_the_users_data_dir_grants_a_stored_path_outside_it(invoke, mlflow_clien
     ("wine.csv", "{tmp}", "{tmp}"),
 ], ids=["parent-folder", "working-folder", "under-data", "under-data-by-name", "own-data-dir"])
 def test_the_data_dir_a_resume_needs_is_named(tmp_path, monkeypatch, where, data_dir, needed):
-    from optiflow.commands.stored import data_dir_needed, resume_command
+    from optiflow.stored import data_dir_needed, resume_command
 
     work = tmp_path / "work"
     (work / "data").mkdir(parents=True)

@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from optiflow.commands.stored import placed, stored_config
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError
 from optiflow.metrics import TIMING_METRICS
+from optiflow.stored import placed, stored_config
 
 if TYPE_CHECKING:
     from optiflow.run import Reporter

@@ -21,7 +21,7 @@ def resume_config(run_id: str, tracking_uri: str | None = None, *, data_dir: str
     ``overrides`` may only change how the run is computed (``device``), never what is trained;
     where it reads and writes is the user's (``stored.placed``).
     """
-    from optiflow.commands.stored import placed, stored_config
+    from optiflow.stored import placed, stored_config
 
     uri = resolve_tracking_uri(tracking_uri)
     store = client(uri)
