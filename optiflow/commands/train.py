@@ -21,6 +21,7 @@ from optiflow.config import RunConfig
 from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit
+from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
@@ -189,8 +190,14 @@ def _per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
 
 
 def _check_run(run: Run, pm: PluginManager, names: dict[str, str]) -> None:
-    """``optiflow_check_run``: plugins refuse combinations they cannot work with before any run is logged."""
+    """Before any run is logged: the metrics the run will produce (``optiflow_metric_names``), the scheduler's
+    monitored metric among them, and ``optiflow_check_run``, where plugins refuse combinations they cannot work with."""
+    validation = len(run.splits.x_val) > 0
     try:
+        declared = pm.hook.optiflow_metric_names(run=run)
+        run.metric_names = frozenset(epoch_metric_names(run.task, validation)).union(*map(list, declared))
+        if run.schedule.monitor is not None:
+            check_monitor(f"scheduler '{run.plan.sched[0].name}'", run.schedule.monitor, run.metric_names, validation)
         pm.hook.optiflow_check_run(run=run)
     except OptiflowError:
         raise
