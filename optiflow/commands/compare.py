@@ -82,6 +82,8 @@ def parse_vary(items: Any) -> dict[str, list[str]]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise OptiflowError(f"cannot vary '{raw_key}'{hint}; choose from {', '.join(VARIABLE_KEYS)}")
         listed = values if isinstance(values, list) else split_variants(str(values))
+        if not listed:
+            raise OptiflowError(f"--vary {key}: no values to compare; list at least one (e.g. {key}: [a, b])")
         vary[key] = [str(v) for v in listed]
     if not vary:
         raise OptiflowError("nothing to compare: give at least one --vary KEY=VALUE,VALUE,...")
@@ -140,12 +142,21 @@ def compare(
     Ctrl-C ends the parent KILLED, any other error ends it FAILED.  ``register`` logs every child's
     model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
     """
-    from optiflow.commands.train import register_model, train
+    from optiflow.commands.train import preflight, register_model, train
     from optiflow.tracking import Tracker, run_status
 
     runs = plan_runs(base, vary, repeats)
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
+    checked: set[str] = set()
+    for label, config in runs:  # each variant once (its first seed), before the parent opens
+        if label in checked:
+            continue
+        checked.add(label)
+        try:
+            preflight(config)
+        except OptiflowError as exc:
+            raise OptiflowError(f"variant {label}: {exc}") from None
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})

@@ -117,6 +117,17 @@ def train(
                      resumed_from)
 
 
+def preflight(config: RunConfig, *, registry: Registry | None = None, pm: PluginManager | None = None) -> None:
+    """Everything :func:`train` checks before its run opens (data, model, optimizer, the schedule rehearsed,
+    augmentations tried, monitored metrics, ``optiflow_check_run``), without opening one: compare and search
+    call it before their parent run opens, so that bad input is one line and leaves no FAILED run behind."""
+    registry = registry or get_registry()
+    pm = pm or get_plugin_manager()
+    run = prepare(config, registry)
+    with _per_run_plugins(run, pm) as names:
+        _check_run(run, pm, names)
+
+
 def resume_config(run_id: str, tracking_uri: str | None = None, *, data_dir: str | None = None,
                   allow_download: bool = False, **overrides: Any) -> RunConfig:
     """The logged configuration of KILLED or FAILED run ``run_id``, for ``train(config, resume=run_id)``.
