@@ -54,7 +54,7 @@ class Predictor:
             if names and set(names) <= set(data.columns):
                 data = data[names]
             data = data.to_numpy(dtype=np.float32)
-        x = np.ascontiguousarray(data, dtype=np.float32)
+        x = np.require(data, np.float32, ["C", "W"])  # writable: pandas' copy-on-write views are read-only for torch
         if x.shape[1:] != shape and x.ndim == 2 and x.shape[1] == math.prod(shape):
             x = x.reshape(len(x), *shape)
         if x.shape[1:] != shape:

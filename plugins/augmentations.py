@@ -110,9 +110,9 @@ def random_erasing(*, p: float = 0.5, scale: tuple[float, ...] = (0.02, 0.33), r
 
     if len(scale) != 2 or len(ratio) != 2:
         raise OptiflowError("random-erasing: scale and ratio take two numbers each, e.g. scale=[0.02,0.33]")
-    if not 0 < scale[0] <= scale[1] <= 1:
+    if not 0 <= scale[0] <= scale[1] <= 1:
         raise OptiflowError(f"random-erasing: scale is the erased fraction [MIN,MAX] of the image, "
-                            f"0 < MIN <= MAX <= 1, got {list(scale)}")
+                            f"0 <= MIN <= MAX <= 1, got {list(scale)}")
     if not 0 < ratio[0] <= ratio[1]:
         raise OptiflowError(f"random-erasing: ratio is the erased rectangle's aspect ratio [MIN,MAX], "
                             f"0 < MIN <= MAX, got {list(ratio)}")

@@ -219,3 +219,24 @@ def test_train_runs_leave_no_file_in_tmpdir(tmp_path, tracking_uri, experiment):
     # torch's inductor keeps its cache in TMPDIR/torchinductor_<user> by default; everything else must be gone
     left = [p for p in tmpdir.rglob("*") if not p.relative_to(tmpdir).parts[0].startswith("torchinductor_")]
     assert left == []
+
+
+def test_full_disk_under_predict_output_exits_1_and_leaves_no_file(small_disk):
+    """``predict --output`` on a full device: DiskFull (exit code 1, as every full disk) naming the file, and
+    neither an empty file nor a partial one left (pandas wrote into the open target and left 0 bytes)."""
+    import pandas as pd
+
+    from optiflow.commands.predict import Predictions, write_predictions
+    from optiflow.errors import DiskFull
+
+    table = pd.DataFrame({"id": range(50_000), "prediction": ["setosa"] * 50_000, "prob_setosa": 0.5})
+    predictions = Predictions("runs:/x/model", None, table, None, None)
+    fill(small_disk, leave=20_000)
+    target = small_disk / "predictions.csv"
+    with pytest.raises(DiskFull, match=f"no space left on the device holding {target} .*kB needed") as raised:
+        write_predictions(predictions, str(target))
+    assert raised.value.exit_code == 1
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+    (small_disk / "filler").unlink()
+    write_predictions(predictions, str(target))
+    assert len(pd.read_csv(target)) == 50_000
