@@ -79,7 +79,7 @@ def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "
     return full
 
 
-def write_whole(path: str | Path, data: bytes) -> None:
+def write_whole(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all: into a hidden partial file beside it, then renamed
     over it, so that a full disk or a kill mid-write leaves no empty or half-written file.  Raises
     :class:`DiskFull` (exit code 1) when the device is full, else the ``OSError``.  A device or pipe

@@ -14,7 +14,7 @@ from typing import Literal
 from optiflow import hookimpl
 from optiflow.data import DataContext, DataSource, image_transform
 from optiflow.errors import OptiflowError, first_line
-from optiflow.files import csv_rows, open_image, repeated
+from optiflow.files import beyond_float32, csv_rows, open_image, repeated
 
 
 @hookimpl
@@ -273,8 +273,8 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
             ) from None
         labels.append(row[column].strip())
     _refuse_empty_targets(file, target, labels)
-    x = torch.tensor(features, dtype=torch.float32)
     names = [name for i, name in enumerate(header) if i != column]
+    x = _float32(file, features, names)
     numeric = all(_is_number(v) for v in labels)
     if task == "auto":
         integral = numeric and all(float(v).is_integer() for v in labels)
@@ -289,6 +289,20 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
     y = torch.tensor([index[v] for v in labels], dtype=torch.long)
     return DataSource(x, y, "classification", num_classes=len(classes), classes=classes, meta={"path": str(file)},
                       feature_names=names, target=target)
+
+
+def _float32(file: Path, features: list[list[float]], names: list[str]):
+    """The feature rows as a float32 tensor; a value too large for float32 (it would become inf) refused with its line."""
+    import numpy as np
+    import torch
+
+    values = np.array(features, dtype=np.float64).reshape(len(features), len(names))
+    over = beyond_float32(values)
+    if over.any():
+        row, col = (int(i) for i in np.argwhere(over)[0])
+        raise OptiflowError(f"csv file {file}, line {row + 2}: column '{names[col]}' holds {values[row, col]:g}, "
+                            "beyond the range of float32 numbers a model computes in (+-3.4e38)")
+    return torch.from_numpy(values.astype(np.float32))
 
 
 def _refuse_empty_targets(file: Path, target: str, labels: list[str]) -> None:
