@@ -12,12 +12,16 @@ import click
 @click.argument("model")
 @click.option("--input", "input_path", required=True, metavar="PATH",
               help="A CSV with a header (the training feature columns by name; a target column is used to score), "
-                   "a .npy array, an image file or a folder of images (resized as in training).")
+                   "a .npy array, an image file or a folder of images (resized as in training). Values are raw: "
+                   "as the dataset's source holds them (digits 0..16, pixels 0..255, the CSV's units).")
+@click.option("--target", metavar="COLUMN",
+              help="The CSV's column of labels (or values), to score the predictions [the model's target column].")
 @click.option("--output", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the predictions CSV here [stdout when it is not a terminal].")
 @click.option("--tracking-uri", help="Store holding the run [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
 @click.option("--quiet", "-q", is_flag=True, help="No table or score, only errors.")
-def predict(model: str, input_path: str, output: str | None, tracking_uri: str | None, quiet: bool) -> None:
+def predict(model: str, input_path: str, output: str | None, tracking_uri: str | None, target: str | None,
+            quiet: bool) -> None:
     """Predict with a logged model: MODEL is a run id, runs:/ID/model or models:/NAME/VERSION.
 
     The CSV has the input's row id (its `id` column, else the row number; the file name for
@@ -27,14 +31,17 @@ def predict(model: str, input_path: str, output: str | None, tracking_uri: str |
     \b
     optiflow predict 3f2a9c... --input flowers.csv --output predictions.csv
     optiflow predict runs:/3f2a9c.../model --input digits.npy > predictions.csv
+    optiflow predict 3f2a9c... --input digits.csv --target label   # prints the accuracy
     """
     from optiflow.commands.predict import predict as run_prediction
     from optiflow.commands.predict import write_predictions
 
-    result = run_prediction(model, input_path, tracking_uri)
+    result = run_prediction(model, input_path, tracking_uri, target)
     if not result.spec.raw_input:
         click.echo("warning: this model takes normalized inputs (its normalizer could not be part of it), "
                    "so raw values give wrong predictions", err=True)
+    if result.out_of_range is not None:
+        click.echo(f"warning: {result.out_of_range.message()}", err=True)
     terminal = sys.stdout.isatty()
     if output is None and not terminal:
         try:

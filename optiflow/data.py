@@ -30,13 +30,16 @@ class DataContext:
 class DataSource:
     """Features and targets from a dataset plugin, with its own test split if it has one.
 
-    ``x`` is float32 (or uint8 images, scaled to [0, 1] by the core) shaped
-    ``(N, *input_shape)``; ``y`` is int64 class indices for classification or
+    ``x`` holds the values as the dataset's own source gives them ("raw"), shaped
+    ``(N, *input_shape)``; the core divides them by ``raw_scale`` (uint8 images: 255 unless
+    given; digits' 0..16 pixels: 16) and trains on the result, and the logged model takes
+    raw values and divides them itself.  ``y`` is int64 class indices for classification or
     float32 ``(N,)``/``(N, k)`` for regression.  The samples are images
     (``image``: ``x`` shaped ``(N, C, H, W)``; the default when ``x`` has 4 dimensions)
     or feature vectors, named by ``feature_names`` when they have names; ``target``
     names what ``y`` holds, and regression targets are ``y * target_scale`` in their
-    original units.  The logged model takes ``x`` as given here (before normalization).
+    original units.  Values sharing one unit (images, and anything given a ``raw_scale``:
+    pixels) have one range; other features each have their own (see :func:`value_range`).
     """
 
     x: Tensor
@@ -51,14 +54,19 @@ class DataSource:
     feature_names: list[str] | None = None
     target: str | None = None
     target_scale: float = 1.0
+    raw_scale: float | None = None
 
     def __post_init__(self) -> None:
         import torch
 
         self.y = torch.as_tensor(self.y)
-        self.x = _as_float(self.x)
+        if self.raw_scale is None:
+            self.raw_scale = 255.0 if torch.as_tensor(self.x).dtype == torch.uint8 else 1.0
+        if not (math.isfinite(self.raw_scale) and self.raw_scale > 0):
+            raise OptiflowError(f"raw_scale must be a finite number > 0, got {self.raw_scale}")
+        self.x = _as_float(self.x, self.raw_scale)
         if self.x_test is not None:
-            self.x_test = _as_float(self.x_test)
+            self.x_test = _as_float(self.x_test, self.raw_scale)
         if self.task == "classification" and self.num_classes is None:
             self.num_classes = int(self.y.max().item()) + 1
         if self.image is None:
@@ -91,6 +99,11 @@ class DataSource:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+    @property
+    def shared_range(self) -> bool:
+        """Whether every value is in one unit (pixels), so one range covers them all."""
+        return bool(self.image) or self.raw_scale != 1.0
 
     @property
     def num_outputs(self) -> int:
@@ -350,13 +363,26 @@ def evaluation_batches(x: Tensor, y: Tensor, batch_size: int = 4096) -> Iterator
         yield x[i : i + batch_size], y[i : i + batch_size]
 
 
-def _as_float(x: Tensor) -> Tensor:
+def value_range(source: DataSource, x_train: Tensor) -> tuple[list[float], list[float]]:
+    """The raw values seen in training (``x_train``, as the core scaled it): one (low, high) pair
+    for values sharing one unit, else one per feature; in the source's own units."""
+    flat = x_train.detach().reshape(len(x_train), -1)
+    if source.shared_range:
+        flat = flat.reshape(-1, 1)
+    if not len(flat):
+        return [], []
+    scale = float(source.raw_scale or 1.0)
+    low, high = (flat.amin(0).double() * scale).tolist(), (flat.amax(0).double() * scale).tolist()
+    return [float(f"{v:.6g}") for v in low], [float(f"{v:.6g}") for v in high]
+
+
+def _as_float(x: Tensor, scale: float = 1.0) -> Tensor:
+    """``x`` as float32 on the scale the core trains on: raw values divided by ``scale``."""
     import torch
 
     x = torch.as_tensor(x)
-    if x.dtype == torch.uint8:
-        return x.float().div_(255.0)
-    return x.float() if not torch.is_floating_point(x) or x.dtype == torch.float64 else x
+    x = x.float() if not torch.is_floating_point(x) or x.dtype == torch.float64 else x
+    return x / scale if scale != 1.0 else x
 
 
 def image_transform(height: int, width: int, *, grayscale: bool) -> Any:

@@ -6,9 +6,13 @@ The logged MLflow model (``runs:/<id>/model``) holds this pipeline as one export
 
 - ``pytorch``: ``mlflow.pytorch.load_model(uri)`` gives torch's inference graph, callable on a
   raw batch and already in inference mode (torch refuses ``.eval()``/``.train()`` on it);
-  :func:`load_module` gives the same program as a plain ``nn.Module``.
+  :func:`load_module` gives the same program as a plain ``nn.Module``, read as data
+  (:mod:`optiflow.model_file`): unlike ``mlflow.pytorch.load_model`` and ``torch.export.load``,
+  it runs nothing found in the store.
 - ``python_function``: ``optiflow_serving`` (a copy of ``optiflow/serving.py`` inside the model)
   turns raw rows into a DataFrame named by the classes, also under ``mlflow models serve``.
+  MLflow imports that module from the model's folder: serve and ``pyfunc``-load only models you trust.
+  ``optiflow predict`` never does; it uses optiflow's own copy with :func:`load_program`.
 
 The MLmodel metadata's ``optiflow`` entry (:class:`ModelCard`) says what it takes and gives.
 """
@@ -33,27 +37,48 @@ NORMALIZED_INPUT_TAG = "optiflow.model_input"
 
 
 class InferenceModule(nn.Module):
-    """``normalizer`` then ``model``, then a softmax (classification) or ``* target_scale`` (regression)."""
+    """``scale`` (raw values to the training's scale) then ``normalizer`` then ``model``, then a softmax
+    (classification) or ``* target_scale`` (regression)."""
 
-    def __init__(self, normalizer: nn.Module, model: nn.Module, classification: bool, target_scale: float) -> None:
+    def __init__(self, normalizer: nn.Module, model: nn.Module, classification: bool, target_scale: float,
+                 raw_scale: float = 1.0) -> None:
         super().__init__()
+        self.scale = RawScale(raw_scale)
         self.normalizer = normalizer
         self.model = model
         self.classification = classification
         self.target_scale = target_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        outputs = self.model(self.normalizer(x))
+        outputs = self.model(self.normalizer(self.scale(x)))
         return outputs.softmax(dim=1) if self.classification else outputs * self.target_scale
+
+
+class RawScale(nn.Module):
+    """Raw values, as the dataset's source holds them (digits' 0..16, 0..255 pixels), divided by
+    ``divisor`` as the core divided them before training (:class:`~optiflow.data.DataSource`)."""
+
+    divisor: Tensor
+
+    def __init__(self, divisor: float) -> None:
+        super().__init__()
+        self.register_buffer("divisor", torch.tensor(float(divisor)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / self.divisor
 
 
 @dataclass
 class ModelCard:
     """What the logged model takes and gives (its MLmodel metadata under ``optiflow``).
 
-    ``input_shape`` is one raw sample's shape, ``feature_names`` the raw columns' names (None for
-    images and unnamed features); ``raw_input`` is False only when the run's normalizer could not
-    become part of the model (then the model takes normalized inputs).
+    ``input_shape`` is one raw sample's shape, ``feature_names`` the raw columns' names (of the
+    flattened sample for images; None for unnamed features); ``target`` names the column holding
+    the labels (or values) in the dataset; ``raw_input`` is False only when the run's normalizer could
+    not become part of the model (then the model takes normalized inputs).  ``raw_scale`` is what the
+    model divides raw values by; ``input_range`` the raw values seen in training (``low`` and ``high``:
+    one value each for data in one unit such as pixels, else one per feature), outside which
+    predictions extrapolate.
     """
 
     task: str
@@ -64,6 +89,8 @@ class ModelCard:
     target: str | None
     dataset: str
     raw_input: bool = True
+    raw_scale: float = 1.0
+    input_range: dict[str, list[float]] | None = None
 
     def metadata(self) -> dict[str, Any]:
         return {"optiflow": asdict(self)}
@@ -80,23 +107,30 @@ def inference_module(run: Run) -> tuple[InferenceModule, ModelCard, Tensor]:
     source = run.source
     fitted = normalizer_module(run.normalizer)
     raw_input = fitted is not None
+    raw_scale = float(source.raw_scale or 1.0) if raw_input else 1.0
     model = copy.deepcopy(run.model).cpu().to(memory_format=torch.contiguous_format)
     classification = source.task == "classification"
-    module = InferenceModule(fitted or nn.Identity(), model, classification, float(source.target_scale)).eval()
+    module = InferenceModule(fitted or nn.Identity(), model, classification, float(source.target_scale),
+                             raw_scale).eval()
     example = (source.x if raw_input else run.splits.x_train).detach()[:5].cpu().contiguous()
+    if raw_scale != 1.0:
+        example = (example * raw_scale).round(decimals=4)
     classes = None
     if classification:
         classes = [str(c) for c in (source.classes or range(int(source.num_classes or 0)))]
     shape = list(example.shape[1:])
+    low, high = run.input_range or ([], [])
     card = ModelCard(
         task=source.task,
         classes=classes,
-        feature_names=list(source.feature_names) if raw_input and source.feature_names and not source.image else None,
+        feature_names=list(source.feature_names) if raw_input and source.feature_names else None,
         input_shape=shape,
         image=bool(source.image) and len(shape) == 3,
         target=source.target,
         dataset=run.plan.data[0].name,
         raw_input=raw_input,
+        raw_scale=raw_scale,
+        input_range={"low": list(low), "high": list(high)} if raw_input and low else None,
     )
     return module, card, example
 
@@ -111,7 +145,12 @@ def normalizer_module(normalizer: Any) -> nn.Module | None:
 def save_model(path: str, mlflow_model: Any, *, module: InferenceModule, card: ModelCard, example: Tensor,
                **kwargs: Any) -> None:
     """The MLflow flavor hook ``Model.log(flavor=optiflow.export, ...)`` calls: ``module`` exported
-    under the ``pytorch`` flavor, served through ``optiflow_serving``, with a signature of the raw input."""
+    under the ``pytorch`` flavor, served through ``optiflow_serving``.
+
+    The logged signature gives the outputs only (MLflow's ``pt2`` export needs a tensor one, replaced
+    once exported): an input schema would make MLflow refuse, before the model sees them, forms the
+    model takes (``(N, 64)`` rows of a ``(N, 1, 8, 8)`` model, integer columns where it declares
+    doubles); ``optiflow_serving`` checks inputs itself, naming what is wrong."""
     import mlflow.pytorch
     import numpy as np
     import pandas as pd
@@ -123,33 +162,41 @@ def save_model(path: str, mlflow_model: Any, *, module: InferenceModule, card: M
     with torch.no_grad():
         width = int(module(example).reshape(len(example), -1).shape[1])
     array = example.numpy().astype(np.float32)
-    tensor_schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *card.input_shape))])
     outputs = Schema([ColSpec("double", name) for name in card.output_columns(width)])
+    traced = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, *card.input_shape))]), outputs)
     with tempfile.TemporaryDirectory() as staging:
         code = Path(staging) / f"{SERVING_MODULE}.py"
         shutil.copyfile(Path(__file__).with_name("serving.py"), code)
         mlflow.pytorch.save_model(
-            module, path, mlflow_model=mlflow_model, signature=ModelSignature(tensor_schema, outputs),
+            module, path, mlflow_model=mlflow_model, signature=traced,
             input_example=array, serialization_format="pt2", code_paths=[str(code)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                               f"pandas=={pd.__version__}"],
         )
     mlflow_model.flavors["python_function"]["loader_module"] = SERVING_MODULE
-    if card.feature_names:
-        inputs = Schema([ColSpec("double", name) for name in card.feature_names])
-        mlflow_model.signature = ModelSignature(inputs, outputs)
+    mlflow_model.signature = ModelSignature(outputs=outputs)
+    if card.feature_names and not card.image:
         _save_example(mlflow_model, pd.DataFrame(array.reshape(len(array), -1), columns=card.feature_names), path)
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
 
-def load_module(model_uri: str) -> nn.Module:
-    """A logged model as a plain ``nn.Module`` (``torch.export.unflatten`` of its program):
-    ``.eval()`` works, parameters keep their training names (``model.0.weight``), and it always
-    computes in inference mode, as it was exported."""
+def load_program(model_uri: str) -> torch.export.ExportedProgram:
+    """A logged model's exported program, read as data (:mod:`optiflow.model_file`): no code from the
+    store runs, neither the model's own modules nor pickles planted in its archive."""
     import mlflow.artifacts
 
-    local = mlflow.artifacts.download_artifacts(model_uri)
-    return torch.export.unflatten(torch.export.load(os.path.join(local, "data", "model.pt2")))
+    from optiflow.model_file import load_program as read_program
+
+    with tempfile.TemporaryDirectory(prefix="optiflow-model-") as folder:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=folder)
+        return read_program(os.path.join(local, "data", "model.pt2"), label=model_uri)
+
+
+def load_module(model_uri: str) -> nn.Module:
+    """A logged model as a plain ``nn.Module`` (``torch.export.unflatten`` of its program, read as
+    data): ``.eval()`` works, parameters keep their training names (``model.0.weight``), and it
+    always computes in inference mode, as it was exported."""
+    return torch.export.unflatten(load_program(model_uri))
 
 
 def log_model(run: Run) -> ModelCard | None:

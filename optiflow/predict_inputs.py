@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ MATCHED_COLUMNS = 1000
 @dataclass(frozen=True)
 class ModelSpec:
     """What a logged model takes and gives: its task, classes, raw feature names and raw sample shape
-    (``raw_input`` is False for a model whose normalizer could not be part of it: it takes normalized values)."""
+    (``raw_input`` is False for a model whose normalizer could not be part of it: it takes normalized values);
+    ``raw_scale`` is the raw value that training's 1.0 stands for (255 for pixels, 16 for digits),
+    ``input_range`` the raw values seen in training (see :class:`optiflow.export.ModelCard`)."""
 
     task: str
     classes: list[str] | None
@@ -35,6 +37,8 @@ class ModelSpec:
     image: bool
     target: str | None = None
     raw_input: bool = True
+    raw_scale: float = 1.0
+    input_range: dict[str, list[float]] | None = None
 
     def describe_input(self) -> str:
         """``1x8x8 images`` or ``4 features``: what the model takes, for messages."""
@@ -63,10 +67,15 @@ def input_file(path: str) -> Path:
     return file
 
 
-def read_inputs(path: str, spec: ModelSpec) -> Inputs:
-    """The rows of ``path`` for a model that takes ``spec``: a ``.csv``, a ``.npy``, an image or a folder of images."""
+def read_inputs(path: str, spec: ModelSpec, target: str | None = None) -> Inputs:
+    """The rows of ``path`` for a model that takes ``spec``: a ``.csv``, a ``.npy``, an image or a folder of images.
+
+    A CSV's labels are in its column ``target`` (which it must then have), else in the model's target column if there."""
     file = input_file(path)
     suffix = file.suffix.lower()
+    if target is not None and (file.is_dir() or suffix not in (".csv", ".txt")):
+        raise OptiflowError(f"--target names a CSV column; {path} is not a CSV (a folder of class folders gives its "
+                            "labels by the folder names)")
     if file.is_dir() or suffix in image_suffixes():
         if not spec.image:
             raise OptiflowError(f"{path} holds images, but the model takes {spec.describe_input()}; give a .csv or .npy")
@@ -75,15 +84,13 @@ def read_inputs(path: str, spec: ModelSpec) -> Inputs:
     if suffix == ".npy":
         return read_npy(file, spec)
     if suffix in (".csv", ".txt"):
-        if spec.image:
-            raise OptiflowError(f"the model takes {spec.describe_input()}; give an image file, a folder of images "
-                                f"or a .npy array, not {path}")
-        return read_csv(file, spec)
+        return read_csv(file, spec, target)
     raise OptiflowError(f"cannot read {path}: give a .csv file, a .npy array, an image file or a folder of images")
 
 
-def read_csv(file: Path, spec: ModelSpec) -> Inputs:
-    """A CSV with a header: the model's feature columns by name, optionally its target column and an ``id`` column."""
+def read_csv(file: Path, spec: ModelSpec, target: str | None = None) -> Inputs:
+    """A CSV with a header: the model's feature columns by name (for images, a flattened sample's values by
+    name or in order), optionally the target column (``target``, else the model's) and an ``id`` column."""
     import pandas as pd
 
     rows = csv_rows(file)
@@ -99,6 +106,12 @@ def read_csv(file: Path, spec: ModelSpec) -> Inputs:
         if len(row) != len(header):
             raise OptiflowError(f"{file}, line {line}: {len(row)} values for {len(header)} columns")
     position = {name: i for i, name in enumerate(header)}
+    if target is not None and target not in position:
+        known = set(spec.feature_names or ())
+        others = [c for c in header if c not in known]
+        raise OptiflowError(f"{file} has no target column '{target}'; its columns besides the model's features: "
+                            f"{_shown(others) or 'none'}")
+    spec = replace(spec, target=target or spec.target)
     features = _feature_columns(file, header, spec)
     values = _numbers(file, body, [position[name] for name in features], features)
 
@@ -138,17 +151,14 @@ def read_npy(file: Path, spec: ModelSpec) -> Inputs:
             what = "NaN or infinite values" if not np.isfinite(value) else \
                 f"{value:g}, beyond the range of float32 numbers the model computes in (+-3.4e38)"
             raise OptiflowError(f"{file}, sample {where[0]}: holds {what}")
-    scaled = array.dtype == np.uint8 and spec.image
-    array = array.astype(np.float32) / (255.0 if scaled else 1.0)
-    if spec.image and (array.min() < 0 or array.max() > 1):
-        raise OptiflowError(f"{file}: image values must be in [0, 1] (uint8 arrays are divided by 255), "
-                            f"found {array.min():.4g}..{array.max():.4g}")
+    array = array.astype(np.float32)
     x = pd.DataFrame(array, columns=spec.feature_names) if spec.feature_names and not spec.image else array
     return Inputs(list(range(len(array))), x)
 
 
 def read_images(root: Path, files: list[Path], spec: ModelSpec) -> Inputs:
-    """Image files converted to the model's channels (grayscale <-> RGB) and resized as the image-folder dataset does.
+    """Image files converted to the model's channels (grayscale <-> RGB) and resized as the image-folder dataset does,
+    their 0..255 pixels in the model's raw units (``raw_scale`` / 255 each: 0..16 for digits).
 
     In a folder with one sub-folder per class (as ``image-folder`` trains on), the sub-folder
     names are the labels.
@@ -159,7 +169,8 @@ def read_images(root: Path, files: list[Path], spec: ModelSpec) -> Inputs:
     channels, height, width = _image_shape(spec)
     transform = image_transform(height, width, grayscale=channels == 1)
     tensors = [transform(open_image(file)) for file in files]
-    x = torch.stack(tensors).float().div_(255.0).numpy().astype(np.float32)
+    pixels = torch.stack(tensors).float()
+    x = (pixels if spec.raw_scale == 255.0 else pixels * (spec.raw_scale / 255.0)).numpy().astype(np.float32)
     ids = [f.relative_to(root).as_posix() if f != root else f.name for f in files]
     folders = [f.parent.name for f in files]
     nested = root.is_dir() and all(f.parent.parent == root for f in files)
@@ -205,14 +216,18 @@ def _feature_columns(file: Path, columns: list[str], spec: ModelSpec) -> list[st
         hint = f" (is '{close[0]}' it?)" if close else ""
         raise OptiflowError(f"{file} has no column '{missing[0]}'{hint}; {_columns_hint(names, spec)}")
     if unknown:
-        raise OptiflowError(f"{file}: column '{unknown[0]}' is not a feature of the model; {_columns_hint(names, spec)}")
+        raise OptiflowError(f"{file}: column '{unknown[0]}' is not a feature of the model (if it holds the labels, "
+                            f"name it with --target {unknown[0]}); {_columns_hint(names, spec)}")
     return names
 
 
 def _columns_hint(names: list[str], spec: ModelSpec) -> str:
-    shown = ", ".join(names[:SHOWN_NAMES]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_NAMES else "")
     target = f" (and optionally '{spec.target}')" if spec.target else ""
-    return f"the model takes the columns {shown}{target}"
+    return f"the model takes the columns {_shown(names)}{target}"
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:SHOWN_NAMES]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_NAMES else "")
 
 
 def _numbers(file: Path, rows: list[list[str]], columns: list[int], names: list[str]) -> Any:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from optiflow import distributed
 from optiflow.config import RunConfig
-from optiflow.data import DataContext, DataSource, Splits, normalize, split
+from optiflow.data import DataContext, DataSource, Splits, normalize, split, value_range
 from optiflow.errors import OptiflowError, first_line
 from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
@@ -65,6 +65,8 @@ class Run:
     #: draws the order of training batches; its state is checkpointed
     batch_generator: torch.Generator
     normalizer: Any = None
+    #: the raw values seen in training, (lows, highs): one pair, or one per feature (:func:`~optiflow.data.value_range`)
+    input_range: tuple[list[float], list[float]] | None = None
     augmentation: Callable[[Tensor], Tensor] | None = None
     regularizers: list[Any] = field(default_factory=list)
     #: the MLflow run's tracker, None until the run is open (``optiflow_check_run`` sees None)
@@ -135,6 +137,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     source = load_source(resolved, config)
     splits = split(source, config.val_split, config.test_split, config.seed,
                    cv_folds=config.cv_folds, cv_fold=config.cv_fold)
+    input_range = value_range(source, splits.x_train)
     norm, norm_options = resolved.norm
     normalizer = build(norm, **norm_options)
     try:
@@ -162,7 +165,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     rehearse(optimizer, length, lambda stand_in: build_schedule(resolved, stand_in, length), resolved.sched[0].name)
     return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
-               normalizer=normalizer,
+               normalizer=normalizer, input_range=input_range,
                augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg])
 
 

@@ -8,9 +8,15 @@ where optiflow is not installed.  What ``predict`` takes and gives is described 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger("optiflow_serving")
+logger.setLevel(logging.WARNING)  # importing mlflow.pytorch sets the root logger to ERROR (basicConfig)
+SHOWN_NAMES = 8
 
 
 def _load_pyfunc(path: str, model_config: Any = None) -> Predictor:
@@ -23,20 +29,48 @@ def _load_pyfunc(path: str, model_config: Any = None) -> Predictor:
     return Predictor(mlflow.pytorch.load_model(folder), card)
 
 
+@dataclass
+class OutOfRange:
+    """How many raw input values lie outside the range seen in training, and where."""
+
+    values: int
+    rows: int
+    total_rows: int
+    first: str = ""
+
+    def message(self) -> str:
+        return (f"{self.values} input values in {self.rows} of {self.total_rows} rows lie outside the range seen "
+                f"in training ({self.first}): the model extrapolates there, so check their units")
+
+
 class Predictor:
     """Raw rows in, a DataFrame out: one probability column per class (named by the class) for
-    classification, ``prediction`` (``prediction_0..k-1``) in the target's units for regression."""
+    classification, ``prediction`` (``prediction_0..k-1``) in the target's units for regression.
+
+    It takes the forms the dataset comes in: a DataFrame with the training columns by name (any
+    order, others ignored), an array shaped ``(N, *input_shape)``, flat rows ``(N, values per sample)``,
+    and for one-channel images ``(N, H, W)``.  Values outside the range seen in training are
+    predicted, counted and logged as a warning (also ``result.attrs["out_of_range"]``)."""
 
     def __init__(self, module: Any, card: dict[str, Any]) -> None:
         self.module = module
         self.card = card
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        x, index = self.inputs(data)
+        outside = self.out_of_range(x)
+        if outside is not None:
+            logger.warning(outside.message())
+        result = self.outputs(x, index)
+        result.attrs["out_of_range"] = outside.values if outside is not None else 0
+        return result
+
+    def outputs(self, x: Any, index: Any = None) -> Any:
+        """The model's answer for ``x`` (as :meth:`inputs` gives it) as a DataFrame."""
         import numpy as np
         import pandas as pd
         import torch
 
-        x, index = self.inputs(data)
         with torch.no_grad():
             outputs = self.module(torch.from_numpy(x)).numpy().astype(np.float64).reshape(len(x), -1)
         return pd.DataFrame(outputs, columns=self.columns(outputs.shape[1]), index=index)
@@ -46,20 +80,72 @@ class Predictor:
         import numpy as np
         import pandas as pd
 
-        shape = tuple(self.card["input_shape"])
+        shape = tuple(int(d) for d in self.card["input_shape"])
+        size = math.prod(shape)
         index = None
+        if isinstance(data, dict):
+            data = pd.DataFrame(data)
         if isinstance(data, pd.DataFrame):
             index = data.index
-            names = self.card.get("feature_names")
-            if names and set(names) <= set(data.columns):
-                data = data[names]
-            data = data.to_numpy(dtype=np.float32)
-        x = np.require(data, np.float32, ["C", "W"])  # writable: pandas' copy-on-write views are read-only for torch
-        if x.shape[1:] != shape and x.ndim == 2 and x.shape[1] == math.prod(shape):
-            x = x.reshape(len(x), *shape)
+            data = self._columns(data, size)
+        try:
+            x = np.require(data, np.float32, ["C", "W"])  # writable: pandas' copy-on-write views are read-only
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"inputs must be numbers ({exc})") from None
+        if x.shape == shape or (x.ndim == 1 and x.shape[0] == size):
+            x = x.reshape(1, *shape)  # one sample
+        elif x.ndim == 2 and x.shape[1] == size:
+            x = x.reshape(len(x), *shape)  # flat rows
+        elif self.card.get("image") and shape[0] == 1 and x.shape[1:] == shape[1:]:
+            x = x.reshape(len(x), *shape)  # one-channel images without their channel axis
         if x.shape[1:] != shape:
-            raise ValueError(f"inputs of shape {list(x.shape)}; the model takes (N, {', '.join(map(str, shape))})")
-        return x, index
+            dims = ", ".join(map(str, shape))
+            flat = f" or (N, {size})" if len(shape) > 1 else ""
+            raise ValueError(f"inputs of shape {list(x.shape)}; the model takes (N, {dims}){flat}")
+        bad = ~np.isfinite(x.reshape(len(x), -1))
+        if bad.any():
+            raise ValueError(f"row {int(np.argwhere(bad)[0][0])} holds NaN or infinite values")
+        return np.ascontiguousarray(x), index
+
+    def _columns(self, frame: Any, size: int) -> Any:
+        """The training columns of ``frame`` in training order: by name, else (unnamed columns) by position."""
+        import pandas as pd
+
+        names = self.card.get("feature_names")
+        if names and set(names) <= set(frame.columns):
+            return frame[names]
+        positional = isinstance(frame.columns, pd.RangeIndex) or not names
+        if positional and len(frame.columns) == size:
+            return frame
+        if not names:
+            raise ValueError(f"inputs with {len(frame.columns)} columns; the model takes {size}")
+        missing = [n for n in names if n not in set(frame.columns)]
+        shown = ", ".join(repr(n) for n in missing[:SHOWN_NAMES])
+        more = f" and {len(missing) - SHOWN_NAMES} more" if len(missing) > SHOWN_NAMES else ""
+        raise ValueError(f"inputs lack the column{'s' if len(missing) > 1 else ''} {shown}{more} "
+                         f"(the model takes the {len(names)} columns it was trained on, by name, in any order)")
+
+    def out_of_range(self, x: Any) -> OutOfRange | None:
+        """The values of ``x`` (raw, as :meth:`inputs` gives it) outside the training range; None when all are inside."""
+        import numpy as np
+
+        bounds = self.card.get("input_range")
+        if not bounds or not bounds.get("low") or len(x) == 0:
+            return None
+        low, high = np.asarray(bounds["low"], np.float64), np.asarray(bounds["high"], np.float64)
+        flat = x.reshape(len(x), -1).astype(np.float64)
+        if len(low) not in (1, flat.shape[1]):
+            return None
+        slack = 1e-5 * np.maximum(np.maximum(np.abs(low), np.abs(high)), 1e-12)
+        outside = (flat < low - slack) | (flat > high + slack)
+        if not outside.any():
+            return None
+        row, column = (int(i) for i in np.argwhere(outside)[0])
+        where = 0 if len(low) == 1 else column
+        names = self.card.get("feature_names")
+        label = f"'{names[column]}' " if len(low) > 1 and names else ""
+        first = f"{label}{flat[row, column]:.6g} where training saw {low[where]:.6g}..{high[where]:.6g}"
+        return OutOfRange(int(outside.sum()), int(outside.any(axis=1).sum()), len(x), f"e.g. row {row}: {first}")
 
     def columns(self, width: int) -> list[str]:
         if self.card["task"] == "classification":

@@ -100,8 +100,8 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 def use_channels_last(model: nn.Module, x: Tensor, device: torch.device) -> bool:
     """What ``--channels-last`` left unset means: NHWC for a model with 2-D convolutions on
-    images (N, C, H, W) on the CPU, where oneDNN's NHWC convolutions are faster (README,
-    Performance).  Off on CUDA, where it was not measured."""
+    images (N, C, H, W) on the CPU, where oneDNN's NHWC convolutions are faster
+    (docs/performance.md).  Off on CUDA, where it was not measured."""
     return device.type == "cpu" and x.ndim == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 

@@ -27,17 +27,17 @@ def optiflow_register_data(register):
 
 
 def digits(ctx: DataContext, *, image: bool = True) -> DataSource:
-    """scikit-learn's bundled handwritten digits (1,797 samples, 10 classes): 1x8x8 images in [0, 1]; image=false: 64 features."""
+    """scikit-learn's bundled handwritten digits (1,797 samples, 10 classes): 1x8x8 images of 0..16 pixels; image=false: 64 features."""
     import torch
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
+    x = torch.tensor(bunch.data, dtype=torch.float32)
     if image:
         x = x.reshape(-1, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)
     return DataSource(x, y, "classification", num_classes=10, classes=[str(c) for c in bunch.target_names],
-                      image=image, feature_names=None if image else list(bunch.feature_names))
+                      image=image, feature_names=list(bunch.feature_names), target="target", raw_scale=16.0)
 
 
 def iris(ctx: DataContext) -> DataSource:

@@ -48,3 +48,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def sklearn_digits_test_split(run: Any) -> Any:
+    """The test split of ``run`` (an MLflow run of the digits dataset) as scikit-learn gives it:
+    ``load_digits(as_frame=True).frame``'s rows (64 ``pixel_*`` columns of 0..16 and ``target``),
+    picked by the run's logged split settings."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from optiflow.data import DataSource, split
+
+    frame = load_digits(as_frame=True).frame
+    row = torch.arange(len(frame), dtype=torch.float32)[:, None]  # the split depends on the labels and seed only
+    source = DataSource(row, torch.tensor(frame["target"].to_numpy()), "classification", num_classes=10)
+    params = run.data.params
+    picked = split(source, float(params["val_split"]), float(params["test_split"]), int(params["seed"])).x_test
+    return frame.iloc[picked[:, 0].long().numpy()]

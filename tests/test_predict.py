@@ -21,11 +21,14 @@ from optiflow.errors import OptiflowError
 from optiflow.predict_inputs import ModelSpec, read_inputs
 
 from dataset_files import write_image_folder
+from helpers import sklearn_digits_test_split
 
 IRIS = ModelSpec("classification", ["setosa", "versicolor", "virginica"], ["sl", "sw", "pl", "pw"], (4,), False,
                  "species")
-DIGITS = ModelSpec("classification", [str(i) for i in range(10)], None, (1, 8, 8), True)
-RGB = ModelSpec("classification", ["blue", "red"], None, (3, 12, 12), True)
+PIXELS = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
+DIGITS = ModelSpec("classification", [str(i) for i in range(10)], PIXELS, (1, 8, 8), True, "target", raw_scale=16.0,
+                   input_range={"low": [0.0], "high": [16.0]})
+RGB = ModelSpec("classification", ["blue", "red"], None, (3, 12, 12), True, raw_scale=255.0)
 UNNAMED = ModelSpec("regression", None, None, (2,), False, "y")
 
 
@@ -102,9 +105,43 @@ def test_npy_images_in_the_shapes_that_say_the_same(tmp_path, shape):
     assert inputs.x.shape[1:] == (1, 8, 8) and inputs.ids == list(range(len(inputs.x)))
 
 
-def test_npy_uint8_images_are_scaled_to_unit_range(tmp_path):
-    np.save(tmp_path / "x.npy", np.full((2, 1, 8, 8), 255, dtype=np.uint8))
-    assert read_inputs(str(tmp_path / "x.npy"), DIGITS).x.max() == 1.0
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.float64])
+def test_npy_values_are_raw_whatever_their_type(tmp_path, dtype):
+    """Raw is the source's own units: a uint8 array is not divided by 255, out-of-range values are not refused."""
+    np.save(tmp_path / "x.npy", np.array([[0] * 63 + [16], [0] * 63 + [255]], dtype=dtype))
+    x = read_inputs(str(tmp_path / "x.npy"), DIGITS).x
+    assert x.dtype == np.float32 and x.reshape(2, -1)[:, -1].tolist() == [16.0, 255.0]
+
+
+def test_a_labelled_digits_csv_is_read_by_column_name_with_its_target(tmp_path):
+    from sklearn.datasets import load_digits
+
+    frame = load_digits(as_frame=True).frame.iloc[:6]
+    frame[["target", *PIXELS[::-1]]].to_csv(tmp_path / "digits.csv", index=False)  # any column order
+    inputs = read_inputs(str(tmp_path / "digits.csv"), DIGITS)
+    assert list(inputs.x.columns) == PIXELS and np.array_equal(inputs.x.to_numpy(), frame[PIXELS].to_numpy())
+    assert inputs.labels == [str(v) for v in frame["target"]]
+
+
+def test_a_target_column_of_another_name_is_named_by_target(tmp_path):
+    path = write(tmp_path / "x.csv", "sl,sw,pl,pw,label\n1,2,3,4,setosa\n")
+    with pytest.raises(OptiflowError, match=re.escape("column 'label' is not a feature of the model (if it holds the "
+                                                      "labels, name it with --target label); the model takes the "
+                                                      "columns sl, sw, pl, pw (and optionally 'species')")):
+        read_inputs(path, IRIS)
+    assert read_inputs(path, IRIS, target="label").labels == ["setosa"]
+    with pytest.raises(OptiflowError, match=re.escape("has no target column 'lbl'; its columns besides the model's "
+                                                      "features: label")):
+        read_inputs(path, IRIS, target="lbl")
+    np.save(tmp_path / "x.npy", np.ones((1, 4)))
+    with pytest.raises(OptiflowError, match=re.escape("--target names a CSV column; ")):
+        read_inputs(str(tmp_path / "x.npy"), IRIS, target="label")
+
+
+def test_flat_rows_of_an_image_model_without_names_are_taken_in_order(tmp_path):
+    unnamed = ModelSpec("classification", ["a", "b"], None, (1, 2, 2), True, raw_scale=255.0)
+    inputs = read_inputs(write(tmp_path / "x.csv", "p0,p1,p2,p3,label\n1,2,3,4,b\n"), unnamed, target="label")
+    assert inputs.x.tolist() == [[1, 2, 3, 4]] and inputs.labels == ["b"]
 
 
 def test_npy_features_get_the_feature_names(tmp_path):
@@ -118,11 +155,10 @@ def test_npy_features_get_the_feature_names(tmp_path):
         (np.zeros((2, 3, 8, 8), np.float32), "3-channel images, but the model takes 1-channel ones"),
         (np.zeros((2, 1, 10, 10), np.float32), "10x10 images, but the model takes 8x8 ones"),
         (np.full((2, 1, 8, 8), np.nan, np.float32), "sample 0: holds NaN or infinite values"),
-        (np.full((2, 1, 8, 8), 255.0, np.float32), "image values must be in [0, 1]"),
         (np.array(["a", "b"]), "holds <U1 values; the model takes numbers"),
         (np.zeros((2, 5)), "the model takes (N, 1, 8, 8)"),
     ],
-    ids=["channels", "size", "nan", "range", "strings", "shape"],
+    ids=["channels", "size", "nan", "strings", "shape"],
 )
 def test_npy_mistakes_are_refused(tmp_path, array, expect):
     np.save(tmp_path / "x.npy", array)
@@ -130,11 +166,11 @@ def test_npy_mistakes_are_refused(tmp_path, array, expect):
         read_inputs(str(tmp_path / "x.npy"), DIGITS)
 
 
-def test_image_files_are_converted_to_the_channels_and_resized(tmp_path):
+def test_image_files_are_converted_to_the_channels_resized_and_given_in_the_models_raw_units(tmp_path):
     rgb = read_inputs(str(png(tmp_path / "big.png", 20)), DIGITS)
-    assert rgb.x.shape == (1, 1, 8, 8) and np.allclose(rgb.x, 200 / 255, atol=1 / 255)
+    assert rgb.x.shape == (1, 1, 8, 8) and np.allclose(rgb.x, 200 * 16 / 255, atol=16 / 255), "digits' 0..16"
     gray = read_inputs(str(png(tmp_path / "gray.png", 5, mode="L")), RGB)
-    assert gray.x.shape == (1, 3, 12, 12) and gray.ids == ["gray.png"]
+    assert gray.x.shape == (1, 3, 12, 12) and gray.ids == ["gray.png"] and np.allclose(gray.x, 200), "0..255 pixels"
 
 
 def test_a_folder_of_class_folders_gives_labels_and_relative_ids(tmp_path):
@@ -155,13 +191,13 @@ def test_a_flat_folder_has_no_labels(tmp_path):
     [
         ("missing.csv", IRIS, "input not found: "),
         ("img.png", IRIS, "holds images, but the model takes 4 features; give a .csv or .npy"),
-        ("x.csv", DIGITS, "the model takes 1x8x8 images"),
+        ("x.csv", DIGITS, "has no column 'pixel_0_0'"),
         ("bad.png", DIGITS, "is not a readable image"),
         ("empty", DIGITS, "no image files in"),
         ("x.json", IRIS, "give a .csv file, a .npy array, an image file or a folder of images"),
         ("img.png", ModelSpec("classification", ["a"], None, (4, 8, 8), True), "give a .npy array"),
     ],
-    ids=["missing", "image-to-tabular", "csv-to-images", "unreadable-image", "empty-folder", "unknown-type",
+    ids=["missing", "image-to-tabular", "csv-without-the-pixel-columns", "unreadable-image", "empty-folder", "unknown-type",
          "four-channels"],
 )
 def test_inputs_the_model_cannot_take_are_refused(tmp_path, name, spec, expect):
@@ -341,7 +377,7 @@ def test_npy_and_image_files_on_a_digits_model(store, digits_run, tmp_path):
     meta = card(store, digits_run)
     assert meta["image"] and meta["input_shape"] == [1, 8, 8]
     bunch = load_digits()
-    images = (bunch.images[:20] / 16).astype(np.float32)
+    images = bunch.images[:20].astype(np.float32)  # raw: 0..16
     np.save(tmp_path / "digits.npy", images[:, None])
     result = predict(store, digits_run, tmp_path / "digits.npy", "--output", str(tmp_path / "a.csv"))
     assert result.exit_code == 0, result.stderr
@@ -351,7 +387,7 @@ def test_npy_and_image_files_on_a_digits_model(store, digits_run, tmp_path):
     for i, image in enumerate(images):
         file = tmp_path / "imgs" / str(bunch.target[i]) / f"{i:02d}.png"
         file.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(file)
+        Image.fromarray(np.round(image / 16 * 255).astype(np.uint8)).save(file)  # 0..255 pixels
     result = predict(store, digits_run, tmp_path / "imgs", "--output", str(tmp_path / "b.csv"))
     assert result.exit_code == 0, result.stderr
     from_files = {r["id"]: r for r in read_csv(tmp_path / "b.csv")}
@@ -359,6 +395,41 @@ def test_npy_and_image_files_on_a_digits_model(store, digits_run, tmp_path):
     for i, row in enumerate(from_array):
         again = from_files[f"{bunch.target[i]}/{i:02d}.png"]
         assert float(again["prob_0"]) == pytest.approx(float(row["prob_0"]), abs=0.02)
+
+
+@pytest.mark.slow
+def test_a_labelled_raw_digits_csv_scores_the_runs_test_accuracy(store, digits_run, tmp_path):
+    """scikit-learn's digits as its CSV holds them (0..16, a ``target`` column, or labels named by --target)."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(store).get_run(digits_run)
+    assert card(store, digits_run)["target"] == "target", "the model records its target's name"
+    test = sklearn_digits_test_split(run)
+    test.to_csv(tmp_path / "digits.csv", index=False)
+    test.rename(columns={"target": "label"})[["label", *test.columns[:-1][::-1]]].to_csv(tmp_path / "label.csv",
+                                                                                         index=False)
+    logged = run.data.metrics["test_accuracy"]
+    for path, args in ((tmp_path / "digits.csv", ()), (tmp_path / "label.csv", ("--target", "label"))):
+        result = predict(store, digits_run, path, "--output", str(tmp_path / "p.csv"), *args)
+        assert result.exit_code == 0, result.stderr
+        assert shown_score(result.stdout, "accuracy") == pytest.approx(logged, abs=5e-5)
+        assert f"on {len(test)} labelled rows" in result.stdout and "warning" not in result.stderr
+    refused = predict(store, digits_run, tmp_path / "label.csv")
+    assert refused.exit_code == 2 and "if it holds the labels, name it with --target label" in refused.stderr
+
+
+@pytest.mark.slow
+def test_values_outside_the_training_range_are_predicted_with_a_warning_line(store, digits_run, tmp_path):
+    from sklearn.datasets import load_digits
+
+    pixels = np.round(load_digits().images[:5] / 16 * 255).astype(np.uint8)  # 0..255, not digits' 0..16
+    np.save(tmp_path / "pixels.npy", pixels)
+    result = predict(store, digits_run, tmp_path / "pixels.npy", "--output", str(tmp_path / "p.csv"))
+    assert result.exit_code == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    outside = int((pixels > 16).sum())
+    assert line.startswith(f"warning: {outside} input values in 5 of 5 rows lie outside the range seen in training")
+    assert "training saw 0..16" in line and len(read_csv(tmp_path / "p.csv")) == 5
 
 
 @pytest.mark.slow

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from optiflow.errors import DiskFull, OptiflowError, first_line, no_space
 from optiflow.predict_inputs import ID_COLUMN, ModelSpec, input_file, read_inputs
+from optiflow.serving import OutOfRange, Predictor
 
 RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
 DEFAULT_MODEL_PATH = "model"
@@ -41,17 +42,20 @@ class Predictions:
     table: Any
     labels: list[Any] | None
     score: Score | None
+    #: input values outside the range seen in training (predicted, but to be reported)
+    out_of_range: OutOfRange | None = None
 
 
-def predict(model: str, input_path: str, tracking_uri: str | None = None) -> Predictions:
-    """Predict the rows of ``input_path`` with ``model`` (a run id, ``runs:/ID/path`` or ``models:/NAME/VERSION``)."""
+def predict(model: str, input_path: str, tracking_uri: str | None = None, target: str | None = None) -> Predictions:
+    """Predict the rows of ``input_path`` with ``model`` (a run id, ``runs:/ID/path`` or ``models:/NAME/VERSION``);
+    a CSV's labels are in its column ``target``, else in the column named as the model's target."""
     input_file(input_path)  # missing or unreadable input: refused before the model is loaded
     uri, label = resolve_model(model, tracking_uri)
     spec = model_spec(uri, label)
-    inputs = read_inputs(input_path, spec)
-    output = run_model(uri, inputs.x, spec)
+    inputs = read_inputs(input_path, spec, target)
+    output, outside = run_model(uri, inputs.x, spec)
     table = prediction_table(inputs.ids, output, spec)
-    return Predictions(uri, spec, table, inputs.labels, score(table, inputs.labels, spec))
+    return Predictions(uri, spec, table, inputs.labels, score(table, inputs.labels, spec), outside)
 
 
 def write_predictions(predictions: Predictions, out: Any) -> None:
@@ -116,34 +120,43 @@ def model_spec(uri: str, label: str) -> ModelSpec:
     try:
         classes = meta.get("classes")
         names = meta.get("feature_names")
+        bounds = meta.get("input_range")
         return ModelSpec(task=str(meta["task"]), classes=None if classes is None else [str(c) for c in classes],
                          feature_names=None if names is None else [str(n) for n in names],
                          input_shape=tuple(int(d) for d in meta["input_shape"]), image=bool(meta.get("image")),
-                         target=meta.get("target"), raw_input=bool(meta.get("raw_input", True)))
+                         target=meta.get("target"), raw_input=bool(meta.get("raw_input", True)),
+                         raw_scale=float(meta.get("raw_scale", 1.0)),
+                         input_range=None if not bounds else {"low": [float(v) for v in bounds["low"]],
+                                                              "high": [float(v) for v in bounds["high"]]})
     except (KeyError, TypeError, ValueError) as exc:
         raise OptiflowError(f"the optiflow metadata of the model of {label} is incomplete ({first_line(exc)})") from None
 
 
-def run_model(uri: str, x: Any, spec: ModelSpec) -> Any:
-    """The pyfunc model's output for ``x``, checked against the contract: a DataFrame with the promised columns."""
-    import mlflow.pyfunc
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
+def run_model(uri: str, x: Any, spec: ModelSpec) -> tuple[Any, OutOfRange | None]:
+    """The model's output for ``x``, checked against the contract (a DataFrame with the promised columns),
+    and the input values outside the range seen in training.
 
-    model = mlflow.pyfunc.load_model(uri, suppress_warnings=True)
+    The model is read as data (:func:`optiflow.export.load_program`) and run by optiflow's own
+    :class:`~optiflow.serving.Predictor`: no module, loader or pickle found in the store runs."""
+    import pandas as pd
+
+    from optiflow.export import load_program
+
+    model = Predictor(load_program(uri).module(), asdict(spec))
     try:
-        output = model.predict(x)
-    except MlflowException as exc:
+        inputs, index = model.inputs(x)
+        outside = model.out_of_range(inputs)
+        output = model.outputs(inputs, index)
+    except (ValueError, RuntimeError) as exc:
         raise OptiflowError(f"the model refused the input: {first_line(exc)}") from None
     if not isinstance(output, pd.DataFrame):
-        raise OptiflowError(f"the model at {uri} returns {type(output).__name__}, not a table of named columns: "
-                            "it was logged by an older optiflow; retrain it with optiflow train")
+        raise OptiflowError(f"the model at {uri} returns {type(output).__name__}, not a table of named columns")
     output.columns = [str(c) for c in output.columns]
     expected = expected_columns(spec, output)
     if list(output.columns) != expected or len(output) != len(x):
         raise OptiflowError(f"the model at {uri} returned {len(output)} rows of columns "
                             f"{', '.join(output.columns)}; expected {len(x)} rows of {', '.join(expected)}")
-    return output
+    return output, outside
 
 
 def expected_columns(spec: ModelSpec, output: Any) -> list[str]:

@@ -1,0 +1,152 @@
+"""Write docs/cli.md (every command's --help) and docs/catalogue.md (the built-in components) from the code.
+
+    python docs/generate.py            # rewrite both files
+    python docs/generate.py --check    # exit 1 naming each file that differs from the code
+
+The text comes from the click app and the plugin registry themselves, rendered at a fixed width without
+colours and with the built-in plugins only (none installed or set aside by environment variables counts), so
+it is the same on every machine. tests/test_docs.py fails when a committed file drifts.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+COMMAND = "python docs/generate.py"
+WIDTH = 98  # the help width on any terminal of 100 columns or more (click: min(columns, max_content_width) - 2)
+
+
+def _builtins() -> Any:
+    """A plugin manager of the built-in plugins only, whatever is installed, blocked or registered elsewhere
+    in this process."""
+    from optiflow.plugins import PluginManager, PluginSelection, load_plugins
+
+    return load_plugins(PluginManager(PluginSelection(load=frozenset())))
+
+
+def _commands(command: Any, ctx: Any) -> Iterator[tuple[Any, Any]]:
+    """The command and, for a group, each subcommand in the order --help lists them, with its context."""
+    import click
+
+    yield command, ctx
+    if isinstance(command, click.Group):
+        for name in command.list_commands(ctx):
+            sub = command.commands[name]
+            if not sub.hidden:
+                sub_ctx = click.Context(sub, info_name=name, parent=ctx, terminal_width=WIDTH, **sub.context_settings)
+                yield from _commands(sub, sub_ctx)
+
+
+def cli_reference() -> str:
+    """Markdown: the --help of `optiflow` and of every command, as a user sees it on a wide terminal."""
+    import click
+
+    from optiflow.cli import cli
+
+    # the top group as a plain click.Group over the built-in commands and the built-in plugins' ones: its own
+    # list_commands would add the commands of whatever plugins this process loaded
+    top = copy.copy(cli)
+    top.__class__ = click.Group
+    top.commands = {**_builtins().commands(cli.commands), **cli.commands}
+    root = click.Context(top, info_name="optiflow", terminal_width=WIDTH, color=False, **cli.context_settings)
+    commands = list(_commands(top, root))
+    parts = [
+        "# Command-line reference\n",
+        f"Generated from the click app by `{COMMAND}`; do not edit by hand (`tests/test_docs.py` fails when "
+        "this file and the code differ). The same text is what `optiflow COMMAND --help` prints.\n",
+        "\n".join(f"- [`{ctx.command_path}`](#{anchor(ctx.command_path)})" for _, ctx in commands) + "\n",
+    ]
+    for command, ctx in commands:
+        with ctx:
+            text = command.get_help(ctx)
+        parts.append(f"## {ctx.command_path}\n\n```text\n{click.unstyle(text).rstrip()}\n```\n")
+    return "\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    """A value as a Markdown table cell: code-quoted, pipes escaped."""
+    text = str(value).replace("|", "\\|")
+    return f"`{text}`" if text else ""
+
+
+def _text(value: str) -> str:
+    """Prose as a Markdown table cell: one line, pipes escaped, angle brackets kept visible (not read as HTML)."""
+    return " ".join(value.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _default(value: Any) -> str:
+    """A default as it is written on the command line: true/false, [a,b], none, "" for an empty string."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_default(v) for v in value) + "]"
+    if value is None:
+        return "none"
+    return str(value) if value != "" else '""'
+
+
+def catalogue() -> str:
+    """Markdown: every built-in component by kind, with its typed options, defaults and plugin (`optiflow list`)."""
+    from optiflow.slots import FAMILIES, SLOTS
+
+    registry = _builtins().registry
+    flags = {slot.kind: slot for slot in SLOTS}
+    parts = [
+        "# Component catalogue\n",
+        f"Generated from the plugin registry by `{COMMAND}`; do not edit by hand (`tests/test_docs.py` fails when "
+        "this file and the code differ). `optiflow list [KIND]` prints the same, with any installed plugin's "
+        "components too.\n",
+        "A component is chosen by name and takes options after a colon: `--opt sgd:momentum=0.9,nesterov=true`. "
+        "Each option is typed as listed; `A|B` means one of those values.\n",
+    ]
+    for family in FAMILIES:
+        for kind in family.kinds:
+            components = registry.select(kind, "*")
+            slot = flags.get(kind)
+            where = (f"`--{slot.key}`" + (", repeatable" if slot.repeatable else "")) if slot else \
+                f"the `{kind}=` option of a model"
+            parts.append(f"## {kind}\n\n{len(components)} built-in, chosen by {where}; registered by "
+                         f"`{family.hook}`.\n")
+            rows = ["| name | options (type = default) | description | plugin |", "|---|---|---|---|"]
+            for c in components:
+                name = _cell(c.name) + "".join(f" ({_cell(alias)})" for alias in c.aliases)
+                options = "<br>".join(f"{_cell(o.name)}: {_cell(o.type_name)} = {_cell(_default(o.default))}"
+                                      for o in c.options)
+                rows.append(f"| {name} | {options} | {_text(c.description)} | {c.plugin} |")
+            parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+def anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    kept = "".join(ch for ch in heading.strip().lower() if ch.isalnum() or ch in " -_")
+    return kept.replace(" ", "-")
+
+
+def outputs() -> dict[Path, str]:
+    """Each generated file and the text the code gives it now."""
+    return {DOCS / "cli.md": cli_reference(), DOCS / "catalogue.md": catalogue()}
+
+
+def main(argv: list[str]) -> int:
+    generated = outputs()
+    if "--check" in argv:
+        stale = [path for path, text in generated.items() if not path.exists() or path.read_text() != text]
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} differs from the code; run `{COMMAND}`", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in generated.items():
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # this checkout's optiflow, not an installed copy
+    sys.exit(main(sys.argv[1:]))
