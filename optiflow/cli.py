@@ -24,6 +24,7 @@ class OptiflowGroup(click.Group):
 
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         flags.ARGV[:] = sys.argv[1:] if args is None else args
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr holds optiflow's lines only
         kwargs["standalone_mode"] = False
         try:
             return super().main(args, *rest, **kwargs)

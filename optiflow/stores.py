@@ -122,6 +122,28 @@ def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "
     return full
 
 
+def write_whole(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: into a hidden partial file beside it, then renamed
+    over it, so that a full disk or a kill mid-write leaves no empty or half-written file.  Raises
+    :class:`DiskFull` (exit code 1) when the device is full, else the ``OSError``.  A device or pipe
+    (``/dev/stdout``) is written straight."""
+    target = Path(path)
+    straight = target.exists() and not target.is_file()
+    partial = target if straight else target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if not straight:
+                os.fsync(handle.fileno())
+        if not straight:
+            os.replace(partial, target)
+    except OSError as exc:
+        if not straight:
+            partial.unlink(missing_ok=True)
+        raise no_space(exc, target, needed=len(data)) or exc from None
+
+
 def _written(fn: Any, args: tuple[Any, ...], exc: BaseException, store: str) -> Any:
     """Where a failed client call wrote: the file, else the run's artifact folder (an OSError), else the store."""
     from urllib.parse import unquote, urlparse
@@ -140,3 +162,4 @@ def _written(fn: Any, args: tuple[Any, ...], exc: BaseException, store: str) -> 
 
 def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+

@@ -29,6 +29,7 @@ from optiflow.errors import (
 )
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit
+from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
@@ -95,6 +96,17 @@ def train(
                 raise error from exc
     return RunResult(tracker.run_id, metrics, run.history, run.epoch, seconds, tracker.uri, run.stop_reason,
                      resumed_from)
+
+
+def preflight(config: RunConfig, *, registry: Registry | None = None, pm: PluginManager | None = None) -> None:
+    """Everything :func:`train` checks before its run opens (data, model, optimizer, the schedule rehearsed,
+    augmentations tried, monitored metrics, ``optiflow_check_run``), without opening one: compare and search
+    call it before their parent run opens, so that bad input is one line and leaves no FAILED run behind."""
+    registry = registry or get_registry()
+    pm = pm or get_plugin_manager()
+    run = prepare(config, registry)
+    with _per_run_plugins(run, pm) as names:
+        _check_run(run, pm, names)
 
 
 def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,
@@ -206,8 +218,14 @@ def _per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
 
 
 def _check_run(run: Run, pm: PluginManager, names: dict[str, str]) -> None:
-    """``optiflow_check_run``: plugins refuse combinations they cannot work with before any run is logged."""
+    """Before any run is logged: the metrics the run will produce (``optiflow_metric_names``), the scheduler's
+    monitored metric among them, and ``optiflow_check_run``, where plugins refuse combinations they cannot work with."""
+    validation = len(run.splits.x_val) > 0
     try:
+        declared = pm.hook.optiflow_metric_names(run=run)
+        run.metric_names = frozenset(epoch_metric_names(run.task, validation)).union(*map(list, declared))
+        if run.schedule.monitor is not None:
+            check_monitor(f"scheduler '{run.plan.sched[0].name}'", run.schedule.monitor, run.metric_names, validation)
         pm.hook.optiflow_check_run(run=run)
     except OptiflowError:
         raise

@@ -90,7 +90,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 LAYERS: list[tuple[str, set[str]]] = [
     ("facts", {"optiflow", "optiflow.errors", "optiflow.slots", "optiflow.signals", "optiflow.metrics", "optiflow.host",
                "optiflow.hooktrace", "optiflow.hookspecs", "optiflow.optim", "optiflow.plots", "optiflow.distributed",
-               "optiflow.heartbeat", "optiflow.stores", "optiflow.serving"}),
+               "optiflow.heartbeat", "optiflow.stores", "optiflow.serving", "optiflow.files"}),
     ("tracking", {"optiflow.tracking"}),
     ("configuration and plugins", {"optiflow.config", "optiflow.registry", "optiflow.plugins"}),
     ("one training run", {"optiflow.data", "optiflow.plan", "optiflow.setup", "optiflow.schedule", "optiflow.run",

@@ -321,3 +321,24 @@ def test_a_store_on_a_read_only_file_system_is_one_line(small_disk, tmp_path):
         line = one_line(result)
         assert result.returncode == 2, result.stderr
         assert f"cannot write to the tracking store {small_disk}/mlflow.db: Read-only file system" in line
+
+
+def test_full_disk_under_predict_output_exits_1_and_leaves_no_file(small_disk):
+    """``predict --output`` on a full device: DiskFull (exit code 1, as every full disk) naming the file, and
+    neither an empty file nor a partial one left (pandas wrote into the open target and left 0 bytes)."""
+    import pandas as pd
+
+    from optiflow.commands.predict import Predictions, write_predictions
+    from optiflow.errors import DiskFull
+
+    table = pd.DataFrame({"id": range(50_000), "prediction": ["setosa"] * 50_000, "prob_setosa": 0.5})
+    predictions = Predictions("runs:/x/model", None, table, None, None)
+    fill(small_disk, leave=20_000)
+    target = small_disk / "predictions.csv"
+    with pytest.raises(DiskFull, match=f"no space left on the device holding {target} .*kB needed") as raised:
+        write_predictions(predictions, str(target))
+    assert raised.value.exit_code == 1
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+    (small_disk / "filler").unlink()
+    write_predictions(predictions, str(target))
+    assert len(pd.read_csv(target)) == 50_000

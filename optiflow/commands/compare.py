@@ -82,6 +82,8 @@ def parse_vary(items: object) -> dict[str, list[str]]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise OptiflowError(f"cannot vary '{raw_key}'{hint}; choose from {', '.join(VARIABLE_KEYS)}")
         listed = values if isinstance(values, list) else split_variants(str(values))
+        if not listed:
+            raise OptiflowError(f"--vary {key}: no values to compare; list at least one (e.g. {key}: [a, b])")
         vary[key] = [str(v) for v in listed]
     if not vary:
         raise OptiflowError("nothing to compare: give at least one --vary KEY=VALUE,VALUE,...")
@@ -142,12 +144,13 @@ def compare(
     """
     from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
-    from optiflow.training import register_model, train
+    from optiflow.training import train
 
     runs = plan_runs(base, vary, repeats)
     heartbeat.check_settings()
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
+    _preflight_variants(runs)
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
@@ -173,15 +176,41 @@ def compare(
         if not any(c.status == "FINISHED" for c in children):
             outcome.status = "FAILED"
             comparison.failure = "every variant failed; see the 'failure' tag of each child run"
-    best = comparison.best_child() if register else None
-    if register and best is not None and best.run_id is not None:
-        try:
-            comparison.registered = (register, register_model(best.run_id, register, base.tracking_uri), best.run_id)
-            tracker.set_tags({"registered_model": f"models:/{register}/{comparison.registered[1]}",
-                              "registered_run_id": best.run_id})
-        except OptiflowError as exc:
-            comparison.failure = f"the comparison is logged, but its best model was not registered: {exc}"
+    if register:
+        _register_best(comparison, tracker, register, base.tracking_uri)
     return comparison
+
+
+def _preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
+    """Each variant (its first seed) passes all that a training checks before its run opens, before the
+    comparison's parent run opens: bad input is one line naming the variant, and no run is left FAILED."""
+    from optiflow.training import preflight
+
+    checked: set[str] = set()
+    for label, config in runs:
+        if label in checked:
+            continue
+        checked.add(label)
+        try:
+            preflight(config)
+        except OptiflowError as exc:
+            raise OptiflowError(f"variant {label}: {exc}") from None
+
+
+def _register_best(comparison: Comparison, tracker: Any, name: str, tracking_uri: str | None) -> None:
+    """Register the best variant's model as ``name`` and tag the parent run with it; a refusal is the
+    comparison's ``failure`` (what is logged stays)."""
+    from optiflow.training import register_model
+
+    best = comparison.best_child()
+    if best is None or best.run_id is None:
+        return
+    try:
+        comparison.registered = (name, register_model(best.run_id, name, tracking_uri), best.run_id)
+        tracker.set_tags({"registered_model": f"models:/{name}/{comparison.registered[1]}",
+                          "registered_run_id": best.run_id})
+    except OptiflowError as exc:
+        comparison.failure = f"the comparison is logged, but its best model was not registered: {exc}"
 
 
 def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_dir: str | Path | None) -> Comparison:
