@@ -521,7 +521,7 @@ SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
         (["compare", "--vary", "lr=0.1,0.01", "--sched", "plateau", "--val-split", "0", "--epochs", "1"],
          "variant lr=0.1: scheduler 'plateau' monitors 'val_loss', but --val-split is 0"),
         (["compare", "--vary", "sched=step,polynomial:power=-1", "--epochs", "1"],
-         "variant sched=polynomial:power=-1: option 'power' must be > 0"),
+         "variant sched=polynomial:power=-1: scheduler 'polynomial': option 'power' must be > 0, got -1.0"),
         (["compare", "--vary", "aug=hflip,random-crop:padding=100", "--model", "cnn", "--data", "digits:image=true",
           "--epochs", "1"], "variant aug=random-crop:padding=100: random-crop: padding must be at most"),
     ],
