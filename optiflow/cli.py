@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from optiflow import flags
-from optiflow.cli_predict import predict
+from optiflow.cli_predict import export, predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import COMPONENT_HELP, build_config, command_tag, print_settings, resolve_layers, train_options
@@ -371,6 +371,7 @@ def plugins(as_json: bool) -> None:
 
 
 cli.add_command(predict)
+cli.add_command(export)
 cli.add_command(runs)
 cli.add_command(ui)
 

@@ -1,4 +1,5 @@
-"""The ``optiflow predict`` click command (thin, like those in cli.py, which registers it on the group)."""
+"""The ``optiflow predict`` and ``optiflow export`` click commands (thin, like those in cli.py, which registers them
+on the group)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,29 @@ def predict(model: str, input_path: str, output: str | None, tracking_uri: str |
         from optiflow.console import print_predictions
 
         print_predictions(result, output)
+
+
+@click.command("export")
+@click.argument("model")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the model as ONNX here (raw input (N, *input_shape) float32, the same outputs).")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-5, show_default=True,
+              help="Largest difference allowed between onnxruntime's answers and the torch program's.")
+@click.option("--tracking-uri", help="Store holding the run [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
+@click.option("--quiet", "-q", is_flag=True, help="No summary line, only errors.")
+def export(model: str, onnx_path: str, tolerance: float, tracking_uri: str | None, quiet: bool) -> None:
+    """Convert a logged model to ONNX: MODEL is a run id, runs:/ID/model or models:/NAME/VERSION.
+
+    The model is read as data (no code from the store runs), converted with torch.onnx, and checked
+    with onnxruntime on inputs from its training range before the file is written.
+
+    \b
+    optiflow export 3f2a9c... --onnx digits.onnx
+    """
+    from optiflow.commands.onnx_export import export_onnx
+
+    result = export_onnx(model, onnx_path, tracking_uri, tolerance)
+    if not quiet:
+        check = ("onnxruntime not installed: checked with onnx.checker only" if result.max_difference is None
+                 else f"onnxruntime within {result.max_difference:.2g} of the torch program on {result.checked_rows} rows")
+        click.echo(f"wrote {result.path} ({result.size:,} bytes); {check}", err=True)

@@ -36,7 +36,7 @@ NAME_KEYS = {"name", "as_name", "user_input_name", "forward_arg_names"}
 DOTTED_KEYS = {"parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn"}
 # The symbolic-shape expressions torch writes: Symbol('s77', positive=True, integer=True), s0 + 1, FloorDiv(s0, 2) ...
 # No powers or shifts (9**9**9**9 would never finish), short numbers, short expressions.
-EXPRESSION_TOKEN = re.compile(r"\s*(?:'[A-Za-z0-9_]+'|\d{1,12}|[A-Za-z_][A-Za-z0-9_]*|//|[<>=!]=|[-+*/%(),<>=])")
+EXPRESSION_TOKEN = re.compile(r"\s*(?:'[A-Za-z0-9_]+'|\d{1,12}(?![\d.])|[A-Za-z_][A-Za-z0-9_]*|//|[<>=!]=|[-+*/%(),<>=])")
 EXPRESSION_NAMES = {
     "Symbol", "Integer", "oo", "True", "False", "Max", "Min", "FloorDiv", "CeilDiv", "CleanDiv", "Mod", "PythonMod",
     "ModularIndexing", "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero",
@@ -172,7 +172,10 @@ class Entries:
                     raise UnsafeModel(f"{self.path}: {kind} entry '{file}' is not a tensor")
                 value = loaded
             else:
-                value = raw_tensor(self.read(folder + file), meta, deserialize_scalar_type)
+                try:
+                    value = raw_tensor(self.read(folder + file), meta, deserialize_scalar_type)
+                except UnsafeModel as exc:
+                    raise UnsafeModel(f"refused {self.path}: {kind} entry '{file}': {exc}") from None
             values[fqn] = torch.nn.Parameter(value, requires_grad=False) if meta.get("is_param") else value
         return values
 
@@ -247,7 +250,7 @@ def shape_expression(text: str) -> bool:
     """A sympy expression made of short numbers, symbols (``s0``), torch's division and min/max shape
     functions and arithmetic only: no attribute access, no other names, no powers, so ``sympify``
     can only build a small expression."""
-    if len(text) > EXPRESSION_LENGTH:
+    if len(text) > EXPRESSION_LENGTH or any(power in text for power in ("**", "<<", ">>", "^")):
         return False
     position = 0
     while position < len(text.rstrip()):
