@@ -187,7 +187,9 @@ def accuracy(client, runs: list, spec: dict[str, Any]) -> tuple[Any, Numbers]:
     bars = right.bar(range(len(names)), scores, color=[f"C{i}" for i in range(len(names))])
     right.bar_label(bars, fmt="%.3f")
     right.set_xticks(range(len(names)), names, rotation=15 if len(names) > 2 else 0, fontsize=8)
-    right.set(ylabel="test accuracy", title="test accuracy", ylim=(max(0.0, np.nanmin(scores) - 0.1), 1.0))
+    low = max(0.0, float(np.nanmin(scores)) - 0.1)
+    right.set(ylabel="test accuracy" + (f" (axis from {low:.2f}, not 0)" if low > 0 else ""), title="test accuracy",
+              ylim=(low, 1.0))
     left.set(xlabel="epoch", ylabel=curve, title=curve.replace("_", " "))
     _finish_axis(left, spec.get("logy", False))
     return figure, {"rows": rows}

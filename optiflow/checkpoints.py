@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow import heartbeat
 from optiflow.errors import OptiflowError, first_line, no_space
-from optiflow.tracking import retry
+from optiflow.tracking import Tracker, retry
 
 if TYPE_CHECKING:
     from optiflow.run import Run
-    from optiflow.tracking import Tracker
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "last.pt"
@@ -63,7 +62,7 @@ def capture(run: Run) -> dict[str, Any]:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "regularizers": [_state_of(r) for r in run.regularizers],
             "history": {k: list(v) for k, v in run.history.items()},
-            "metrics": (run.tracker.queued() or []) if run.tracker is not None else [],
+            "metrics": run.tracker.queued() if isinstance(run.tracker, Tracker) else [],
             "rng": rng,
         }
     )
@@ -175,14 +174,14 @@ def save_periodically(run: Run, flush_every: float) -> None:
     it covers.  Child runs of a search or comparison (``run.artifacts`` off) write their metrics every
     ``flush_every`` seconds without a checkpoint: nobody resumes them by hand, and a failed one still saves
     its checkpoint as it ends."""
-    tracker = run.tracker
-    if not run.artifacts or not isinstance(tracker.run_id, str) or run.checkpoint is None:
+    tracker = run.tracking
+    if not run.artifacts or not isinstance(tracker, Tracker) or tracker.run_id is None or run.checkpoint is None:
         tracker.flush_due(flush_every)
         return
     every = heartbeat.seconds(EVERY_ENV, None)
     if every is None:
-        every = max(flush_every, COST_SHARE * getattr(tracker, "checkpoint_cost", 0.0))
-    last = getattr(tracker, "checkpoint_saved_at", None)
+        every = max(flush_every, COST_SHARE * tracker.checkpoint_cost)
+    last = tracker.checkpoint_saved_at
     if last is not None and time.monotonic() - last < every:
         return
     started = time.monotonic()
@@ -233,7 +232,7 @@ def save(tracker: Tracker, state: dict[str, Any]) -> None:
             except (OSError, RuntimeError) as exc:
                 raise no_space(exc, scratch) or exc from None
             tracker.log_artifact(path, CHECKPOINT_DIR)
-    tracker.checkpoint_saved_at = time.monotonic()  # type: ignore[attr-defined]
+    tracker.checkpoint_saved_at = time.monotonic()
 
 
 def keep_locally(run_id: str, state: dict[str, Any], config_yaml: str) -> Path:

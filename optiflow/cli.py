@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from optiflow import flags
+from optiflow import flags, tracking
 from optiflow.cli_predict import export, predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
-from optiflow.flags import COMPONENT_HELP, build_config, command_tag, print_settings, resolve_layers, train_options
+from optiflow.flags import build_config, print_settings, resolve_layers, train_options
+from optiflow.values import env_flag
+
+if TYPE_CHECKING:
+    from optiflow.config import RunConfig
 
 
 class OptiflowGroup(click.Group):
     """A click group that turns user errors into one line and a non-zero exit, never a traceback."""
 
-    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
-        flags.ARGV[:] = sys.argv[1:] if args is None else args
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        tracking.CLI_ARGS = list(sys.argv[1:] if args is None else args)  # every run's optiflow.command tag
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr holds optiflow's lines only
         kwargs["standalone_mode"] = False
         try:
@@ -38,10 +43,12 @@ class OptiflowGroup(click.Group):
             interrupt = exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else exc
             _fail(str(interrupt) or "interrupted", getattr(interrupt, "exit_code", 130))
         except Exception as exc:
-            if os.environ.get("OPTIFLOW_TRACEBACK"):
+            if env_flag("OPTIFLOW_TRACEBACK"):
                 raise
             notes = " ".join(getattr(exc, "__notes__", []))
             _fail(f"{type(exc).__name__}: {first_line(str(exc)) or 'failed'}" + (f" ({notes})" if notes else ""), 1)
+        finally:
+            tracking.CLI_ARGS = None  # a Python caller in this process later is not this command
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         """A built-in command, else one a plugin added through ``optiflow_register_commands``."""
@@ -125,7 +132,7 @@ def train(**params: Any) -> None:
     from optiflow.stored import data_dir_warning
 
     warn = None if params["quiet"] or params["resume"] else data_dir_warning(config)
-    result = run_training(config, reporter=reporter, extra_tags=command_tag(), resume=params["resume"], on_start=warn)
+    result = run_training(config, reporter=reporter, resume=params["resume"], on_start=warn)
     print_summary(result, config, quiet=params["quiet"] or not main_process)
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
@@ -134,7 +141,7 @@ RESUME_PLACES = {"device", "data_dir", "allow_download"}
 RESUME_FLAGS = {"resume", "tracking_uri", "quiet", "print_config", "register", *RESUME_PLACES}
 
 
-def _resume_config(params: dict[str, Any]):
+def _resume_config(params: dict[str, Any]) -> RunConfig:
     """The logged configuration of the run to resume; flags that would change what is trained are refused."""
     from optiflow.commands.train import resume_config
 
@@ -145,14 +152,14 @@ def _resume_config(params: dict[str, Any]):
     return resume_config(params["resume"], params["tracking_uri"], **{k: params[k] for k in RESUME_PLACES})
 
 
-def _launch_data_parallel(config: Any, nproc: int) -> None:
+def _launch_data_parallel(config: RunConfig, nproc: int) -> None:
     """Check the configuration once, then rerun this command in ``nproc`` torchrun processes and exit with their code."""
     from optiflow.distributed import launch, without_nproc
     from optiflow.plan import plan
     from optiflow.plugins import get_registry
 
     plan(config, get_registry())
-    sys.exit(launch(nproc, without_nproc(flags.ARGV)))
+    sys.exit(launch(nproc, without_nproc(tracking.CLI_ARGS or [])))
 
 
 def _reporter_factory(quiet: bool):
@@ -164,7 +171,8 @@ def _reporter_factory(quiet: bool):
     return RichReporter
 
 
-COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "out": None, "log_models": False}
+COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "baseline": None, "out": None,
+                                     "log_models": False}
 
 
 @cli.command()
@@ -174,7 +182,10 @@ COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "o
                    "their options, e.g. opt=sgd:momentum=0.9,nesterov=true,adam (or separate with '|').")
 @click.option("--repeats", type=click.IntRange(max=10_000), help="Seeds per variant: seed, seed+1, ... [1].")
 @click.option("--metric", help="Final metric to rank and chart [test_accuracy, or test_loss for regression].")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>].")
+@click.option("--baseline", help="Variant the others are tested against (paired t-test over the same seeds), by its "
+                                 "label (opt=sgd) or, with one --vary, its value (sgd) [the first variant].")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>]; "
+                                                                 "a folder it creates is git-ignored (a .gitignore of *).")
 @flags.model_options(register="the best variant's model (every child's model is then logged)", log_models="each child's")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables, only errors.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
@@ -184,6 +195,10 @@ def compare(**params: Any) -> None:
     \b
     optiflow compare --vary opt=sgd,sgd:momentum=0.9,rmsprop,adam --epochs 10
     optiflow compare --vary opt=sgd,adam --vary lr=0.1,0.01 --repeats 3
+    optiflow compare --vary opt=sgd,adam,rmsprop --repeats 5 --baseline sgd
+
+    With --repeats N > 1 each variant's metric gets its mean and 95% t-interval over the N seeds, and
+    every other variant a paired t-test against the baseline on the same seeds (* significant at 5%).
     """
     from optiflow.commands.compare import parse_vary
 
@@ -197,12 +212,13 @@ def compare(**params: Any) -> None:
 
     quiet = params["quiet"]
 
-    def announce(index: int, total: int, name: str, _config: Any) -> None:
+    def announce(index: int, total: int, name: str, _config: RunConfig) -> None:
         if not quiet:
             console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
 
     result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
-                            out_dir=settings["out"], log_models=bool(settings["log_models"]), tags=command_tag(),
+                            baseline=settings["baseline"], out_dir=settings["out"],
+                            log_models=bool(settings["log_models"]),
                             announce=announce, reporter_factory=_reporter_factory(quiet), register=params["register"])
     if not quiet:
         print_comparison(result, config)
@@ -259,7 +275,7 @@ def search(**params: Any) -> None:
     from optiflow.console import console, print_search
 
     quiet = params["quiet"]
-    result = command.search(config, settings, tags=command_tag(), progress=None if quiet else console.print)
+    result = command.search(config, settings, progress=None if quiet else console.print)
     if not quiet:
         print_search(result, config)
     if result.failure:
@@ -276,38 +292,34 @@ def search(**params: Any) -> None:
 @flags.stored_config_options(data_dir=True)
 def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: float, atol: float,
               quiet: bool, **places: Any) -> None:
-    """Re-run RUN_ID from its logged config.yaml (same seed) and check that every metric matches.
+    """Re-run RUN_ID from its logged config.yaml (same seed) and check its metrics and final weights.
 
-    Exits 1 when a metric differs beyond the tolerance (timing metrics are not compared).
+    Reports whether the final weights are identical bit for bit (their SHA-256), else the largest weight
+    and metric differences.  Exits 1 when a metric differs beyond the tolerance (timing metrics are not
+    compared), when the data differ, or when a --deterministic run on the same kind of device does not
+    give the same weights bit for bit.
     """
-    from optiflow.commands.reproduce import MetricsDiffer
     from optiflow.commands.reproduce import reproduce as run_reproduction
     from optiflow.console import print_reproduction
 
     reporter = _reporter_factory(quiet)
     result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
-                              reporter=reporter() if reporter else None, tags=command_tag(), **places)
+                              reporter=reporter() if reporter else None, **places)
     if not quiet:
         print_reproduction(result)
-    differing = [row[0] for row in result.rows if not row[3]]
-    if differing:
-        raise MetricsDiffer(f"{len(differing)} of {len(result.rows)} metrics differ from run {run_id}: "
-                            + ", ".join(differing))
+    result.check()
 
 
 @cli.command("lr-preview")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with train keys (flags win).")
-@click.option("--sched", metavar=COMPONENT_HELP, help="Learning-rate schedule [none]; e.g. step:step_size=10,gamma=0.1.")
-@click.option("--opt", metavar=COMPONENT_HELP, help="Optimizer [adam].")
-@click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default).")
-@click.option("--epochs", type=int, help="Training epochs [20].")
-@click.option("--batch-size", help="Mini-batch size, or 'full' [32]; with the data it sets the steps per epoch.")
-@click.option("--data", metavar=COMPONENT_HELP, help="Dataset whose training split is counted [digits].")
+@flags.train_flags("config_file", "sched", "opt", "lr", "epochs", "batch_size", "data")
 @click.option("--steps-per-epoch", type=int, help="Steps per epoch, instead of counting the data's batches.")
 @click.option("--out", type=click.Path(dir_okay=False), default="lr-schedule.png", show_default=True,
               help="Where to save the plot.")
 def lr_preview(**params: Any) -> None:
-    """Plot the learning-rate schedule (warmup shaded) and print it per epoch, without training."""
+    """Plot the learning-rate schedule (warmup shaded) and print it per epoch, without training.
+
+    The steps per epoch are the batches of the data's training split (or --steps-per-epoch).
+    """
     from optiflow.commands.lr_preview import preview
     from optiflow.console import print_lr_preview
     from optiflow.plots import lr_schedule

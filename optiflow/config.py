@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import reprlib
+import typing
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ import yaml
 
 from optiflow.errors import OptiflowError
 from optiflow.slots import SLOT_BY_KEY
+from optiflow.values import coerce, type_name
 
 #: the largest epoch count or batch size accepted (beyond it a typo, not a plan)
 MAX_COUNT = 10**9
@@ -36,7 +39,7 @@ class ComponentSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, value: str | dict | ComponentSpec) -> ComponentSpec:
+    def parse(cls, value: object) -> ComponentSpec:
         """Parse ``name[:key=value,...]`` or a YAML mapping ``{name: ..., key: value}``."""
         if isinstance(value, ComponentSpec):
             return value
@@ -110,7 +113,7 @@ def _split_top_level(text: str) -> list[str]:
     return [p for p in (p.strip() for p in parts) if p]
 
 
-def _format(value: Any) -> str:
+def _format(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(map(str, value)) + "]"
     return str(value).lower() if isinstance(value, bool) else str(value)
@@ -146,6 +149,7 @@ class RunConfig:
     compile: bool = False
     channels_last: bool | None = None  # None: auto (on for conv nets on images on the CPU)
     amp: str = "off"
+    deterministic: bool = False
     data_dir: str = "data"
     experiment: str = "optiflow"
     run_name: str | None = None
@@ -211,12 +215,11 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def replace(self, **changes: Any) -> RunConfig:
+    def replace(self, **changes: object) -> RunConfig:
         return RunConfig.from_dict({**self.to_dict(), **changes})
 
 
-def _convert(key: str, value: Any) -> Any:
-    field_type = {f.name: f.type for f in dataclasses.fields(RunConfig)}[key]
+def _convert(key: str, value: object) -> object:
     slot = SLOT_BY_KEY.get(key)
     if slot is not None and slot.repeatable:
         items = value if isinstance(value, (list, tuple)) else [value]
@@ -227,36 +230,20 @@ def _convert(key: str, value: Any) -> Any:
         return "auto" if value else "off"
     if key == "channels_last" and str(value).lower() == "auto":
         return None
+    if key == "batch_size" and str(value).lower() == "full":
+        return "full"
+    value_type = _value_type(key)
     try:
-        if key == "batch_size":
-            return "full" if str(value).lower() == "full" else _strict(int, value)
-        if field_type.startswith("int"):
-            return _strict(int, value)
-        if field_type.startswith("float"):
-            return _strict(float, value)
-        if field_type.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in {"true", "1", "yes", "on"}:
-                return True
-            if str(value).lower() in {"false", "0", "no", "off"}:
-                return False
-            raise ValueError(value)
-        if field_type.startswith("str"):
-            if isinstance(value, (dict, list)):
-                raise ValueError(value)
-            return str(value)
+        return coerce(value_type, value, ranged=False)  # validate() names each key's range
     except (TypeError, ValueError):
-        raise OptiflowError(f"configuration key '{key}' expects {field_type.split(' ')[0]}, got {brief(value)}") from None
-    return value
+        raise OptiflowError(f"configuration key '{key}' expects {type_name(value_type)}, got {brief(value)}") from None
 
 
-def _strict(tp: type, value: Any) -> Any:
-    if isinstance(value, bool) or isinstance(value, (dict, list)):
-        raise TypeError(value)
-    if tp is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(value)
-    return tp(value)
+@functools.cache
+def _value_type(key: str) -> type:
+    """The type a configuration key's value is read as: the first of its field's types (``int | str`` is int)."""
+    hint = typing.get_type_hints(RunConfig)[key]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -280,8 +267,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        marked: Any = exc  # MarkedYAMLError carries problem and problem_mark
-        mark, problem = getattr(marked, "problem_mark", None), getattr(marked, "problem", None)
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)  # MarkedYAMLError
         where = f" at line {mark.line + 1}" if mark else ""
         problem = f": {problem}" if problem else ""
         raise OptiflowError(f"config file {path} is not valid YAML{where}{problem}") from None
@@ -313,7 +299,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _size(value: Any, budget: int = MAX_CONFIG_NODES + 1) -> int:
+def _size(value: object, budget: int = MAX_CONFIG_NODES + 1) -> int:
     """How many values ``value`` holds once aliases are expanded, counting no further than ``budget``."""
     count, stack = 0, [value]
     while stack and count < budget:
@@ -326,6 +312,6 @@ def _size(value: Any, budget: int = MAX_CONFIG_NODES + 1) -> int:
     return count
 
 
-def brief(value: Any) -> str:
+def brief(value: object) -> str:
     """A value as an error message shows it: its repr, cut short."""
     return reprlib.repr(value)

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+if TYPE_CHECKING:
+    from optiflow.commands.compare import Comparison
+    from optiflow.commands.lr_preview import SchedulePreview
+    from optiflow.commands.predict import Predictions
+    from optiflow.commands.reproduce import Reproduction, WeightsCheck
+    from optiflow.config import RunConfig
+    from optiflow.registry import Component
+    from optiflow.run import RunResult
+    from optiflow.search.summary import SearchResult
+
+
+class PipeFriendlyConsole(Console):
+    """Word-wraps for a terminal; into a pipe or file never wraps a line, so a name or id stays whole on it."""
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        if not self.is_terminal:
+            options.setdefault("soft_wrap", True)
+        super().print(*objects, **options)
+
+
+console = PipeFriendlyConsole()
 
 
 class RichReporter:
@@ -39,8 +60,9 @@ class RichReporter:
         self.progress.stop()
 
 
-def print_summary(result: Any, config: Any, quiet: bool = False) -> None:
+def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> None:
     """The final table: test metrics, epochs, time, the MLflow run and how to open the UI."""
+    from optiflow.errors import redact
     from optiflow.tracking import ui_command
 
     if quiet:
@@ -54,11 +76,13 @@ def print_summary(result: Any, config: Any, quiet: bool = False) -> None:
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("mlflow run", str(result.run_id))
     table.add_row("experiment", config.experiment)
-    table.add_row("open the UI", ui_command(result.tracking_uri))
-    console.print(table)
+    if result.tracking_uri is not None:  # None: a data-parallel process that logs nothing
+        table.add_row("tracking store", redact(result.tracking_uri))
+        table.add_row("open the UI", ui_command(result.tracking_uri))
+    print_table(table)
 
 
-def component_table(components: list[Any]) -> None:
+def component_table(components: list[Component]) -> None:
     """One row per component; names never wrap.  Not on a terminal: one line per component (for grep)."""
     columns = ["kind", "name", "options", "description", "plugin"]
     rows = [[c.kind, c.name + (f" ({', '.join(c.aliases)})" if c.aliases else ""),
@@ -107,26 +131,43 @@ def _print_rows(columns: list[str], rows: list[list[str]], no_wrap: tuple[str, .
 def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     """A table of results (compare summary, search trials, reproduction check)."""
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for index, column in enumerate(columns):
+        table.add_column(column, overflow="fold", no_wrap=index == 0)
     for row in rows:
         table.add_row(*map(str, row))
-    console.print(table)
+    print_table(table)
 
 
-def print_comparison(result: Any, config: Any) -> None:
+def print_table(table: Table) -> None:
+    """``table`` as wide as the terminal; into a pipe as wide as it needs, so that no cell is folded."""
+    from rich.measure import Measurement
+
+    if console.is_terminal:
+        console.print(table)
+        return
+    before = console.width  # piped: as wide as the table needs, no cell folded
+    console.width = max(before, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = before
+
+
+def print_comparison(result: Comparison, config: RunConfig) -> None:
     """The summary of ``compare``: one row per variant, then where the plots went."""
     from optiflow.commands.compare import BRIEF_COLUMNS
     from optiflow.tracking import resolve_tracking_uri, ui_command
 
     result_table(f"compare: final {result.metric}", list(BRIEF_COLUMNS), result.brief)
+    if result.note:
+        console.print(result.note)
     console.print(f"parent run {result.parent_run_id}  ·  files in {result.out_dir}  ·  "
                   f"open the UI: {ui_command(resolve_tracking_uri(config.tracking_uri))}")
     if result.registered is not None:
         print_registered(*result.registered)
 
 
-def print_search(result: Any, config: Any, top: int = 10) -> None:
+def print_search(result: SearchResult, config: RunConfig, top: int = 10) -> None:
     """The best trials of the study, the best parameters and the parent run."""
     from optiflow.tracking import resolve_tracking_uri, ui_command
 
@@ -155,7 +196,7 @@ def print_registered(name: str, version: str, run_id: str | None) -> None:
                   markup=False, soft_wrap=True)
 
 
-def print_reproduction(result: Any) -> None:
+def print_reproduction(result: Reproduction) -> None:
     """Metric by metric: the original value, the reproduced one and whether they match."""
     rows = [[key, "-" if a is None else f"{a:.6g}", "-" if b is None else f"{b:.6g}",
              "-" if a is None or b is None else f"{abs(a - b):.2g}", "yes" if same else "[red]NO[/red]"]
@@ -163,11 +204,34 @@ def print_reproduction(result: Any) -> None:
     note = "" if result.original_status == "FINISHED" else f" (the original ended {result.original_status})"
     result_table(f"reproduce {result.original_run_id}{note}", ["metric", "original", "reproduced", "|diff|", "match"],
                  rows)
-    verdict = "[green]all metrics match[/green]" if result.matches else "[red]metrics differ[/red]"
+    metric, difference = result.largest_metric_difference()
+    verdict = "[green]all metrics match[/green]" if result.metrics_match else "[red]metrics differ[/red]"
+    if metric is not None:
+        verdict += f" (largest difference: {metric} by {difference:.3g})" if difference else " (all identical)"
     console.print(f"{verdict}  ·  new run {result.run_id}")
+    if result.weights is not None:
+        console.print(weights_verdict(result.weights))
 
 
-def print_lr_preview(result: Any, out: Any) -> None:
+def weights_verdict(check: WeightsCheck) -> str:
+    """One line on the final weights: identical bit for bit, or how far apart and whether that was promised."""
+    data = "" if check.same_data is not False else "; [red]the data differ (another data hash)[/red]"
+    if check.original is None:
+        return f"weights: the original logged no weights hash (an older run){data}"
+    if check.identical:
+        return f"[green]weights identical bit for bit[/green] (sha256 {check.original[:12]}){data}"
+    largest = ""
+    if check.largest is not None:
+        largest = f", largest difference {check.largest[1]:.3g} in {check.largest[0]}"
+    else:
+        largest = " (the original logged no model to compare them with)"
+    if check.bit_for_bit:
+        return f"[red]weights differ[/red]{largest}, although both ran --deterministic on the same device{data}"
+    return (f"weights differ{largest}; bit-for-bit identity is promised only with --deterministic on the same "
+            f"kind of device{data}")
+
+
+def print_lr_preview(result: SchedulePreview, out: str | Path) -> None:
     """The learning rate per epoch (start, lowest, highest) and where the plot went."""
     rows = [[str(epoch), f"{start:.4g}", f"{low:.4g}", f"{high:.4g}"] for epoch, start, low, high in result.per_epoch()]
     length = result.length
@@ -180,7 +244,7 @@ def print_lr_preview(result: Any, out: Any) -> None:
     console.print(f"plot saved to {out}")
 
 
-def print_predictions(result: Any, out: Any, rows: int = 10, max_probabilities: int = 5) -> None:
+def print_predictions(result: Predictions, out: str | Path | None, rows: int = 10, max_probabilities: int = 5) -> None:
     """The first predictions (with the true label when the input had one), the score and where the CSV went."""
     table = result.table
     probabilities = [c for c in table.columns if c.startswith("prob_")]
@@ -209,7 +273,7 @@ def print_predictions(result: Any, out: Any, rows: int = 10, max_probabilities: 
         console.print(f"{total} predictions of {model}")
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     """A value as table text: a non-integer number to 4 significant decimals, a missing label as '-'."""
     import numbers
 

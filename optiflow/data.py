@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from optiflow.errors import OptiflowError
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 Task = Literal["classification", "regression"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -205,14 +207,12 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test)
 
 
-_SPLITS: dict[int, tuple[Any, dict[tuple[Any, ...], Any]]] = {}
+_SPLITS: dict[int, tuple[weakref.ref[DataSource], dict[tuple[object, ...], Any]]] = {}
 
 
-def _remembered(source: DataSource, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+def _remembered(source: DataSource, key: tuple[object, ...], compute: Callable[[], T]) -> T:
     """``compute()`` once per loaded source and key: the folds and trials of a search share one source
     (``run.shared_data``) and split it alike, every fold by the same seeded partition."""
-    import weakref
-
     entry = _SPLITS.get(id(source))
     if entry is None or entry[0]() is not source:
         for stale in [k for k, (ref, _) in _SPLITS.items() if ref() is None]:
@@ -387,7 +387,7 @@ def _as_float(x: Tensor, scale: float = 1.0) -> Tensor:
     return x / scale if scale != 1.0 else x
 
 
-def image_transform(height: int, width: int, *, grayscale: bool) -> Any:
+def image_transform(height: int, width: int, *, grayscale: bool) -> Callable[[object], Tensor]:
     """How an RGB PIL image becomes a sample: a uint8 tensor, resized (antialiased), optionally grayscale.
 
     The ``image-folder`` dataset and ``optiflow predict`` both use it, so predicted images are

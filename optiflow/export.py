@@ -25,12 +25,15 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from optiflow.run import Run
+
+if TYPE_CHECKING:
+    from mlflow.models import Model
 
 SERVING_MODULE = "optiflow_serving"
 NORMALIZED_INPUT_TAG = "optiflow.model_input"
@@ -135,15 +138,15 @@ def inference_module(run: Run) -> tuple[InferenceModule, ModelCard, Tensor]:
     return module, card, example
 
 
-def normalizer_module(normalizer: Any) -> nn.Module | None:
+def normalizer_module(normalizer: object) -> nn.Module | None:
     """The fitted normalizer as a torch module (on the CPU), or None when it cannot give one."""
     give = getattr(normalizer, "module", None)
     fitted = give() if callable(give) else None
     return copy.deepcopy(fitted).cpu() if isinstance(fitted, nn.Module) else None
 
 
-def save_model(path: str, mlflow_model: Any, *, module: InferenceModule, card: ModelCard, example: Tensor,
-               **kwargs: Any) -> None:
+def save_model(path: str, mlflow_model: Model, *, module: InferenceModule, card: ModelCard, example: Tensor,
+               **kwargs: object) -> None:
     """The MLflow flavor hook ``Model.log(flavor=optiflow.export, ...)`` calls: ``module`` exported
     under the ``pytorch`` flavor, served through ``optiflow_serving``.
 

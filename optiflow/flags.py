@@ -2,51 +2,71 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from optiflow.slots import SLOTS
 
+if TYPE_CHECKING:
+    from optiflow.config import RunConfig
+
 COMPONENT_HELP = "NAME[:key=value,...]"
-#: the command line as the user typed it (set by the CLI group before a command runs)
-ARGV: list[str] = []
+Command = Callable[..., Any]
 
 
-def train_options(func: Any) -> Any:
+#: every flag of the commands that train, by parameter name (the component flags derive from the slot table)
+TRAIN_FLAGS: dict[str, Callable[[Command], Command]] = {
+    "config_file": click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with the keys of the training flags (flags win)."),
+    **{slot.key: click.option(f"--{slot.key}", multiple=slot.repeatable, metavar=COMPONENT_HELP, help=slot.help)
+       for slot in SLOTS},
+    "data_dir": click.option("--data-dir", type=click.Path(file_okay=False), help="Where file-based datasets live [data]."),
+    "epochs": click.option("--epochs", type=int, help="Training epochs [20]."),
+    "batch_size": click.option("--batch-size", help="Mini-batch size, or 'full' for whole-batch gradient descent [32]."),
+    "lr": click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default)."),
+    "seed": click.option("--seed", type=int, help="Random seed for splits, initialization and batching [0]."),
+    "device": click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
+    "val_split": click.option("--val-split", type=float, help="Fraction of the training data held out for validation [0.1]."),
+    "test_split": click.option("--test-split", type=float, help="Fraction held out for testing when the dataset has no test set [0.2]."),
+    "shuffle": click.option("--shuffle/--no-shuffle", default=None, help="Shuffle training batches every epoch [shuffle]."),
+    "drop_last": click.option("--drop-last/--keep-last", default=None, help="Drop the last incomplete batch [keep-last]."),
+    "log_step_loss": click.option("--log-step-loss", is_flag=True, default=None,
+                                  help="Also log every batch's training loss as train_loss_step (step = batch number)."),
+    "workers": click.option("--workers", type=int, help="DataLoader worker processes; > 0 streams batches through a DataLoader [0: in-memory batches, or the main process when augmenting]."),
+    "pin_memory": click.option("--pin-memory/--no-pin-memory", default=None, help="Page-locked host batches on the DataLoader path, copied to CUDA without blocking [no-pin-memory]."),
+    "compile": click.option("--compile/--no-compile", default=None, help="Compile the model with torch.compile (first epoch pays the compile time) [no-compile]."),
+    "channels_last": click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [auto: on for conv nets on images on the CPU]."),
+    "amp": click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), is_flag=False, flag_value="auto", help="Mixed precision autocast; bare --amp picks bf16 (fp16 with a GradScaler on CUDA without bf16); CPU supports bf16 only [off]."),
+    "deterministic": click.option("--deterministic/--no-deterministic", default=None, help="Deterministic algorithms only (torch.use_deterministic_algorithms) and one CPU thread: the same device gives the same weights bit for bit (optiflow reproduce checks) [no-deterministic]."),
+    "experiment": click.option("--experiment", help="MLflow experiment name [optiflow]."),
+    "run_name": click.option("--run-name", help="MLflow run name."),
+    "tracking_uri": click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),
+}
+
+
+def train_options(func: Command) -> Command:
     """The flags shared by every command that trains (train, compare, search)."""
-    options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file with the same keys as these flags (flags win)."),
-        *(click.option(f"--{slot.key}", multiple=slot.repeatable, metavar=COMPONENT_HELP, help=slot.help)
-          for slot in SLOTS),
-        click.option("--data-dir", type=click.Path(file_okay=False), help="Where file-based datasets live [data]."),
-        click.option("--epochs", type=int, help="Training epochs [20]."),
-        click.option("--batch-size", help="Mini-batch size, or 'full' for whole-batch gradient descent [32]."),
-        click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default)."),
-        click.option("--seed", type=int, help="Random seed for splits, initialization and batching [0]."),
-        click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
-        click.option("--val-split", type=float, help="Fraction of the training data held out for validation [0.1]."),
-        click.option("--test-split", type=float, help="Fraction held out for testing when the dataset has no test set [0.2]."),
-        click.option("--shuffle/--no-shuffle", default=None, help="Shuffle training batches every epoch [shuffle]."),
-        click.option("--drop-last/--keep-last", default=None, help="Drop the last incomplete batch [keep-last]."),
-        click.option("--log-step-loss", is_flag=True, default=None,
-                     help="Also log every batch's training loss as train_loss_step (step = batch number)."),
-        click.option("--workers", type=int, help="DataLoader worker processes; > 0 streams batches through a DataLoader [0: in-memory batches, or the main process when augmenting]."),
-        click.option("--pin-memory/--no-pin-memory", default=None, help="Page-locked host batches on the DataLoader path, copied to CUDA without blocking [no-pin-memory]."),
-        click.option("--compile/--no-compile", default=None, help="Compile the model with torch.compile (first epoch pays the compile time) [no-compile]."),
-        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory layout for conv nets on image data [auto: on for conv nets on images on the CPU]."),
-        click.option("--amp", type=click.Choice(["off", "auto", "bf16", "fp16"]), is_flag=False, flag_value="auto", help="Mixed precision autocast; bare --amp picks bf16 (fp16 with a GradScaler on CUDA without bf16); CPU supports bf16 only [off]."),
-        click.option("--experiment", help="MLflow experiment name [optiflow]."),
-        click.option("--run-name", help="MLflow run name."),
-        click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return train_flags(*TRAIN_FLAGS)(func)
 
 
-def stored_config_options(data_dir: bool) -> Callable[[Any], Any]:
+def train_flags(*names: str) -> Callable[[Command], Command]:
+    """Some of the training flags (``lr-preview`` takes the optimizer, schedule and data ones), in this order."""
+    return _in_order([TRAIN_FLAGS[name] for name in names])
+
+
+def _in_order(options: Sequence[Callable[[Command], Command]]) -> Callable[[Command], Command]:
+    """One decorator adding ``options`` so that ``--help`` lists them in this order."""
+
+    def decorate(func: Command) -> Command:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def stored_config_options(data_dir: bool) -> Callable[[Command], Command]:
     """``--allow-download`` (and ``--data-dir``) for commands that run a configuration read from a store
     (``reproduce``, ``train --resume``): where it reads and whether it downloads is the user's."""
     options = [click.option("--allow-download", is_flag=True,
@@ -54,13 +74,7 @@ def stored_config_options(data_dir: bool) -> Callable[[Any], Any]:
     if data_dir:
         options.insert(0, click.option("--data-dir", type=click.Path(file_okay=False),
                                        help="Where file-based datasets live (never the stored run's) [data]."))
-
-    def decorate(func: Any) -> Any:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
+    return _in_order(options)
 
 
 REFIT_HELP = ("Train the best configuration again on the whole training split (train + validation, every fold with "
@@ -93,7 +107,7 @@ def model_name(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
-def model_options(register: str, log_models: str | None = None, refit: bool = False) -> Callable[[Any], Any]:
+def model_options(register: str, log_models: str | None = None, refit: bool = False) -> Callable[[Command], Command]:
     """What becomes of the models a command trains: ``--log-models`` (``log_models``: whose), ``--refit`` (search)
     and ``--register NAME`` (``register``: which model)."""
     options = [click.option("--register", metavar="NAME", callback=model_name,
@@ -104,13 +118,7 @@ def model_options(register: str, log_models: str | None = None, refit: bool = Fa
                                     help=f"Log {log_models} model to MLflow [no]."))
     if refit:
         options.append(click.option("--refit/--no-refit", default=None, help=REFIT_HELP))
-
-    def decorate(func: Any) -> Any:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
+    return _in_order(options)
 
 
 def register(name: str | None, run_id: str | None, tracking_uri: str | None, quiet: bool) -> None:
@@ -125,19 +133,13 @@ def register(name: str | None, run_id: str | None, tracking_uri: str | None, qui
         print_registered(name, version, run_id)
 
 
-def command_tag() -> dict[str, str]:
-    """The ``optiflow.command`` tag: the command line as the user typed it."""
-    import shlex
-
-    return {"optiflow.command": shlex.join(["optiflow", *ARGV])}
-
-
-def build_config(params: dict[str, Any], **extra: Any):
+def build_config(params: dict[str, Any], **extra: object) -> RunConfig:
     """The run configuration: defaults < ``--config`` file < flags given on the command line."""
     return resolve_layers(params, {}, **extra)[0]
 
 
-def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any], **extra: Any):
+def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any],
+                   **extra: object) -> tuple[RunConfig, dict[str, Any]]:
     """``(RunConfig, settings)``: a command's own settings (``vary``, ``space`` ...) are read from
     the same ``--config`` file as the run configuration; flags win over the file, the file over
     ``command_defaults``."""
@@ -163,12 +165,12 @@ def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any], **e
     return RunConfig.from_dict({**values, **overrides}), settings
 
 
-def _as_list(value: Any) -> list[Any]:
+def _as_list(value: object) -> list[object]:
     """A repeatable setting from a config file: a list, or one mapping/string."""
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def print_settings(config: Any, settings: dict[str, Any]) -> None:
+def print_settings(config: RunConfig, settings: dict[str, Any]) -> None:
     """``--print-config`` for commands with their own settings: one YAML that ``--config`` reads back."""
     import yaml
 

@@ -19,7 +19,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optiflow.runlog import RunTracker
 
 from optiflow.errors import OptiflowError
 
@@ -58,13 +61,13 @@ def stamp() -> str:
     return f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"
 
 
-def beat(tracker: Any) -> None:
+def beat(tracker: RunTracker) -> None:
     """Record on the tracker's run that this process is alive now."""
     tracker.set_tags({TAG: stamp()})
 
 
 @contextlib.contextmanager
-def beating(tracker: Any) -> Iterator[None]:
+def beating(tracker: RunTracker) -> Iterator[None]:
     """Beat ``tracker``'s run every ``OPTIFLOW_HEARTBEAT_SECONDS`` from a daemon thread while the block runs
     (a beat that fails is skipped: the block's own next write to the store says what is wrong)."""
     stop = threading.Event()

@@ -149,7 +149,7 @@ def optiflow_penalty(run):
     optimizers) after the forward pass, before ``backward()``.  Return a scalar tensor to add to the loss being minimized
     (e.g. an L1/L2 penalty) or None.  ``run.last_outputs`` and
     ``run.last_targets`` hold this batch's outputs and targets.  The logged
-    ``train_loss`` excludes penalties."""
+    ``train_objective`` includes penalties; ``train_loss`` is the task's plain loss and excludes them."""
 
 
 @hookspec

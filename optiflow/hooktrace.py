@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
 import pluggy
 
+from optiflow.values import env_flag
 
-def culprit(pm: Any, exc: BaseException) -> tuple[str, str] | None:
+
+def culprit(pm: pluggy.PluginManager, exc: BaseException) -> tuple[str, str] | None:
     """``(plugin name, hook name)`` of the hook implementation ``exc`` was raised from, if any."""
-    codes: dict[Any, tuple[str, str]] = {}
+    codes: dict[types.CodeType, tuple[str, str]] = {}
     for hook_name, caller in vars(pm.hook).items():
         for impl in caller.get_hookimpls():
             function = inspect.unwrap(getattr(impl.function, "__func__", impl.function))
@@ -35,7 +37,7 @@ def hook_tracer() -> tuple[Callable[..., None], Callable[..., None]]:
     def before(hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
         started.append(time.perf_counter())
 
-    def after(outcome: Any, hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+    def after(outcome: pluggy.Result[object], hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started.pop()
         trace_line(hook_name, [impl.plugin_name for impl in impls], kwargs, seconds,
                     failed=outcome.exception is not None)
@@ -53,4 +55,4 @@ def trace_line(hook_name: str, plugins: list[str], kwargs: dict[str, Any], secon
 
 def tracing() -> bool:
     """Whether ``OPTIFLOW_TRACE_HOOKS`` asks for every hook call to be printed."""
-    return os.environ.get("OPTIFLOW_TRACE_HOOKS", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env_flag("OPTIFLOW_TRACE_HOOKS")

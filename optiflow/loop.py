@@ -9,8 +9,8 @@ optimization step on a batch, the part a reader would write by hand::
 
 The closure does the second line and the backward pass (it zeroes the gradients first, every time
 it is called), so optimizers that re-evaluate the loss (LBFGS, SAM) are stepped with it and work
-unchanged; the loss and outputs reported are those of its *first* call, at the weights the step
-started from.  PyTorch's first-order optimizers (:func:`optiflow.optim.first_order`), which would
+unchanged; the objective (loss + penalties), the task's plain loss (``train_loss``, whatever the run
+trains with) and outputs reported are those of its *first* call, at the weights the step started from.  PyTorch's first-order optimizers (:func:`optiflow.optim.first_order`), which would
 call it once, get it called just before their step instead (the same computation), and so does any
 optimizer under fp16 autocast, whose GradScaler steps without a closure.  The GradScaler is always
 there, a no-op unless fp16: one step path.
@@ -22,6 +22,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
 from optiflow.errors import TrainingError
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
-from optiflow.run import Reporter, Run
+from optiflow.run import Reporter, Run, is_task_loss, task_loss
 from optiflow.schedule import samples_per_batch
 from optiflow.signals import deferred
 
@@ -55,8 +56,6 @@ def fit(run: Run, pm: PluginManager, reporter: Reporter, on_epoch: Callable[[int
     step = training_step(run, pm, cluster)
     hook = pm.hook
     classification = run.task == "classification"
-    step_schedule = run.schedule.interval == "step"
-    log_step_loss = config.log_step_loss
     check = check or LossCheck(run)
     reporter.start(config.epochs, len(batches))
     for epoch in range(run.epoch + 1, config.epochs + 1):
@@ -65,30 +64,13 @@ def fit(run: Run, pm: PluginManager, reporter: Reporter, on_epoch: Callable[[int
         hook.optiflow_epoch_start(run=run, epoch=epoch)
         started = time.perf_counter()
         lr = run.lr
-        loss_sum = torch.zeros((), device=run.device)
-        correct = torch.zeros((), device=run.device, dtype=torch.long)
-        seen = 0
         check.start_epoch(lr)
-        for xb, yb in batches:
-            run.step += 1
-            loss, outputs, xb, yb = step(xb, yb)
-            loss_sum.add_(loss, alpha=len(xb))
-            if not check.armed:
-                check.arm(loss)
-            if log_step_loss:
-                run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
-            if classification:
-                correct.add_((outputs.argmax(1) == (yb if yb.ndim == 1 else yb.argmax(1))).sum())
-            seen += len(xb)
-            if step_schedule:
-                run.schedule.step()
-            reporter.batch()
-            if run.step % FINITE_CHECK_STEPS == 0:
-                check(loss_sum, seen)
-        check(loss_sum, seen)
-        loss_total, correct_total, seen_total = cluster.sum_floats([loss_sum, correct, seen], run.device)
-        seconds = time.perf_counter() - started
-        metrics = train_metrics(loss_total, seen_total, lr, seconds, correct_total if classification else None)
+        loss_sum, objective_sum, correct, seen = _train_epoch(run, batches, step, check, reporter)
+        check(objective_sum, seen)
+        loss_total, objective_total, correct_total, seen_total = cluster.sum_floats(
+            [loss_sum, objective_sum, correct, seen], run.device)
+        metrics = train_metrics(loss_total, objective_total, seen_total, lr, time.perf_counter() - started,
+                                correct_total if classification else None)
         if len(run.splits.x_val):
             metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
         hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
@@ -102,14 +84,48 @@ def fit(run: Run, pm: PluginManager, reporter: Reporter, on_epoch: Callable[[int
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if run.stop_reason:
-            run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
+            run.tracking.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
             break
 
 
-def train_metrics(loss_sum: float, seen: float, lr: float, seconds: float, correct: float | None) -> dict[str, float]:
-    """An epoch's training metrics from its sums: ``train_accuracy`` when ``correct`` is counted (classification)."""
-    metrics = {"train_loss": loss_sum / max(seen, 1), "lr": lr, "epoch_time": seconds,
-               "samples_per_sec": seen / seconds}
+def _train_epoch(run: Run, batches: TensorBatches | LoaderBatches, step: Step, check: LossCheck,
+                 reporter: Reporter) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One epoch of optimization steps; returns this process's sums of the plain loss and of the objective
+    (the same tensor when they are the same), the correct predictions and the samples seen."""
+    classification = run.task == "classification"
+    step_schedule = run.schedule.interval == "step"
+    log_step_loss = run.config.log_step_loss
+    loss_sum = torch.zeros((), device=run.device)
+    objective_sum = torch.zeros((), device=run.device) if step.separate_objective else loss_sum
+    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    seen = 0
+    for xb, yb in batches:
+        run.step += 1
+        objective, loss, outputs, xb, yb = step(xb, yb)
+        loss_sum.add_(loss, alpha=len(xb))
+        if objective_sum is not loss_sum:
+            objective_sum.add_(objective, alpha=len(xb))
+        if not check.armed:
+            check.arm(objective)
+        if log_step_loss:
+            run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
+        if classification:
+            correct.add_((outputs.argmax(1) == (yb if yb.ndim == 1 else yb.argmax(1))).sum())
+        seen += len(xb)
+        if step_schedule:
+            run.schedule.step()
+        reporter.batch()
+        if run.step % FINITE_CHECK_STEPS == 0:
+            check(objective_sum, seen)
+    return loss_sum, objective_sum, correct, seen
+
+
+def train_metrics(loss_sum: float, objective_sum: float, seen: float, lr: float, seconds: float,
+                  correct: float | None) -> dict[str, float]:
+    """An epoch's training metrics from its sums: ``train_loss`` the task's plain loss, ``train_objective`` what
+    the optimizer minimized, ``train_accuracy`` when ``correct`` is counted (classification)."""
+    metrics = {"train_loss": loss_sum / max(seen, 1), "train_objective": objective_sum / max(seen, 1), "lr": lr,
+               "epoch_time": seconds, "samples_per_sec": seen / seconds}
     if correct is not None:
         metrics["train_accuracy"] = correct / max(seen, 1)
     return metrics
@@ -129,12 +145,19 @@ def training_batches(run: Run, cluster: distributed.Cluster) -> TensorBatches | 
                          rank=cluster.rank, world_size=cluster.world_size)
 
 
-Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+class Step(Protocol):
+    """One optimization step: ``step(x, y)`` is ``(objective, loss, outputs, x, y)``."""
+
+    #: whether the objective minimized differs from the task's plain loss (else the same tensor is returned twice)
+    separate_objective: bool
+
+    def __call__(self, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: ...
 
 
 def training_step(run: Run, pm: PluginManager, cluster: distributed.Cluster) -> Step:
-    """One optimization step on a batch, returning its loss and outputs (detached, from the first
-    evaluation of the loss) and the batch as trained on (after ``optiflow_train_batch``).
+    """One optimization step on a batch, returning the objective it minimized (the run's loss function plus
+    penalties), the task's plain loss (:func:`~optiflow.run.task_loss`) and the outputs (all detached, from
+    the first evaluation of the loss) and the batch as trained on (after ``optiflow_train_batch``).
 
     Built once per run so that the per-step path does no hook look-ups, no
     option checks and no host synchronisation: hooks nobody implements are not
@@ -148,8 +171,9 @@ def training_step(run: Run, pm: PluginManager, cluster: distributed.Cluster) -> 
     closure = _LossClosure(run, pm, _training_model(run, cluster), scaler)
     steps_itself = not (first_order(optimizer) or run.setup.grad_scaler)  # calls the closure itself
     channels_last = run.setup.channels_last
+    separate_objective = closure.plain is not None or closure.penalties is not None
 
-    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         if transform_batch is not None:
             xb, yb = transform_batch(run, xb, yb)
         if channels_last:
@@ -164,15 +188,18 @@ def training_step(run: Run, pm: PluginManager, cluster: distributed.Cluster) -> 
         if after_step is not None:
             after_step(run=run, step=run.step)
         assert closure.first is not None, "the optimizer evaluated the loss"
-        loss, outputs = closure.first
-        return loss, outputs, xb, yb
+        objective, loss, outputs = closure.first
+        return (objective if separate_objective else loss), loss, outputs, xb, yb
 
-    return step
+    step.separate_objective = separate_objective  # type: ignore[attr-defined]
+    return step  # type: ignore[return-value]
 
 
 class _LossClosure:
     """The closure an optimizer steps with: zero the gradients, forward, loss + penalties, (scaled) backward,
-    ``optiflow_after_backward``; it keeps its first call's loss and outputs (detached) for the loop."""
+    ``optiflow_after_backward``; it keeps its first call's objective (loss + penalties), the task's plain loss
+    (:func:`~optiflow.run.task_loss`, the loss itself when the run trains with it) and outputs, detached, for the
+    loop."""
 
     def __init__(self, run: Run, pm: PluginManager, model: Callable[[Tensor], Tensor],
                  scaler: torch.amp.GradScaler) -> None:
@@ -181,8 +208,9 @@ class _LossClosure:
         self.penalties = hook.optiflow_penalty if hook.optiflow_penalty.get_hookimpls() else None
         self.after_backward = hook.optiflow_after_backward if hook.optiflow_after_backward.get_hookimpls() else None
         self.autocast = run.setup.amp_dtype
+        self.plain = None if is_task_loss(run.loss_fn, run.task) else task_loss(run.task)
         self.batch: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
-        self.first: tuple[Tensor, Tensor] | None = None
+        self.first: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __call__(self) -> Tensor:
         run, (xb, yb) = self.run, self.batch
@@ -200,7 +228,10 @@ class _LossClosure:
         if self.after_backward is not None:
             self.after_backward(run=run, step=run.step)
         if self.first is None:
-            self.first = loss.detach(), outputs.detach()
+            if self.plain is not None:
+                with torch.no_grad():
+                    loss = self.plain(outputs.detach().float(), yb)
+            self.first = total.detach(), loss.detach(), outputs.detach()
         return total
 
 
@@ -281,14 +312,16 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
     with deferred():
         for key, value in metrics.items():
             run.history.setdefault(key, []).append(value)
-        run.tracker.log_metrics(metrics, step=run.epoch, flush=False)
+        run.tracking.log_metrics(metrics, step=run.epoch, flush=False)
         run.checkpoint = checkpoints.capture(run)
         checkpoints.save_periodically(run, METRIC_FLUSH_SECONDS)
 
 
 def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
-    """Loss (and accuracy, or RMSE/R² for regression) of the model on ``x``, ``y`` in eval mode."""
+    """The task's plain loss (:func:`~optiflow.run.task_loss`, whatever the run trains with) and accuracy, or
+    RMSE/R² for regression, of the model on ``x``, ``y`` in eval mode."""
     model = run.model
+    loss_fn = task_loss(run.task)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=run.device)
@@ -297,7 +330,7 @@ def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
     with torch.no_grad():
         for xb, yb in evaluation_batches(x, y):
             outputs = model(xb)
-            loss_sum += run.loss_fn(outputs, yb) * len(xb)
+            loss_sum += loss_fn(outputs.float(), yb) * len(xb)
             if run.task == "classification":
                 correct += (outputs.argmax(1) == yb).sum()
             else:

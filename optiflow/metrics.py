@@ -6,7 +6,6 @@ import csv
 import difflib
 import io
 from collections.abc import Collection, Sequence
-from typing import Any
 
 from optiflow.errors import OptiflowError
 
@@ -58,7 +57,7 @@ def default_metric(available: Sequence[str]) -> str:
     return "test_accuracy" if "test_accuracy" in available else "test_loss"
 
 
-def csv_text(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def csv_text(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -66,8 +65,8 @@ def csv_text(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(value: Any) -> str:
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
         return str(value).replace("|", "\\|")
 
     lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]

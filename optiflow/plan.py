@@ -17,7 +17,7 @@ Resolved = tuple[Component, dict[str, Any]]
 
 #: Run settings logged as parameters beside the components.
 LOGGED_SETTINGS = ("epochs", "batch_size", "seed", "val_split", "test_split", "shuffle", "drop_last", "device",
-                   "workers", "pin_memory", "compile", "amp")
+                   "workers", "pin_memory", "compile", "amp", "deterministic")
 
 
 @dataclass

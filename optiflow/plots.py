@@ -78,25 +78,32 @@ def overlay_curves(histories: dict[str, list[dict[str, list[float]]]], title: st
     return figure
 
 
-def metric_bars(labels: list[str], values: list[list[float]], metric: str) -> Any:
-    """The final metric per variant: a bar at the mean, the standard deviation and each seed as a dot."""
+def metric_intervals(labels: list[str], values: list[list[float]], intervals: list[Any], metric: str) -> Any:
+    """The final metric per variant: each seed as a dot, the mean as a bar from zero and, with several seeds,
+    its 95% t-interval (``intervals``: :class:`~optiflow.confidence.Interval` or None) as error bars."""
     import numpy as np
 
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(labels) + 2), 5))
     means = [float(np.mean(v)) if v else float("nan") for v in values]
-    spreads = [float(np.std(v)) if len(v) > 1 else 0.0 for v in values]
     positions = np.arange(len(labels))
-    axis.bar(positions, means, yerr=spreads, capsize=6, color="tab:blue", alpha=0.7)
+    errors = np.array([[m - i.low, i.high - m] if i is not None else [0.0, 0.0] for m, i in zip(means, intervals)]).T
+    several = any(i is not None for i in intervals)
+    axis.bar(positions, means, color="tab:blue", alpha=0.5, label="mean")
+    if several:
+        axis.errorbar(positions, means, yerr=errors.reshape(2, -1), fmt="none", ecolor="black", capsize=6,
+                      label="95% t-interval of the mean")
     for position, seeds in zip(positions, values):
-        axis.scatter([position] * len(seeds), seeds, color="black", s=12, zorder=3)
+        axis.scatter([position] * len(seeds), seeds, color="black", s=12, zorder=3,
+                     label="one seed" if position == 0 else None)
     axis.set_xticks(positions, [label.replace(" ", "\n") for label in labels], fontsize="small",
                     rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
-    axis.set(ylabel=metric, title=f"final {metric} (mean ± std over seeds)")
-    finite = [v for seeds in values for v in seeds]
-    if finite and metric.endswith("accuracy"):
-        low = min(finite)
-        axis.set_ylim(max(0.0, low - (1 - low) * 0.5 - 0.02), 1.0)
+    most = max((len(v) for v in values), default=0)
+    what = (f"mean and 95% t-interval over {most} seeds" if several
+            else "one seed per variant: no interval can be given")
+    axis.set(ylabel=metric, title=f"final {metric} ({what})")
+    axis.set_ylim(bottom=min([0.0, *(v for seeds in values for v in seeds if np.isfinite(v))]))
+    axis.legend(fontsize="small", loc="lower right")
     figure.tight_layout()
     return figure
 

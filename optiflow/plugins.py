@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,11 +29,14 @@ import pluggy
 
 from optiflow import hookspecs
 from optiflow.errors import OptiflowError, first_line
-from optiflow.hooktrace import hook_tracer, trace_line, tracing
-from optiflow.registry import Registry
+from optiflow.hooktrace import hook_tracer, tracing
+from optiflow.registry import Registry, plugin_key
 from optiflow.slots import FAMILIES
+from optiflow.values import env_flag
 
 if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
     import click
 
 ENTRY_POINT_GROUP = "optiflow"
@@ -53,7 +55,6 @@ DEFAULT_PLUGINS = (
 COMMANDS_HOOK = "optiflow_register_commands"
 BUILTIN_DISTRIBUTION = "optiflow"
 REGISTERED_IN_CODE = ("(registered in code)", "")
-_TRUE = {"1", "true", "yes", "on"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class PluginSelection:
 
     def allows(self, *names: str) -> bool:
         """Whether an external plugin known by any of ``names`` (entry point, distribution) may load."""
-        keys = {_normalize(n) for n in names}
+        keys = {plugin_key(n) for n in names}
         if keys & self.disabled:
             return False
         return self.load is None or bool(keys & self.load)
@@ -134,7 +135,7 @@ class PluginManager(pluggy.PluginManager):
                distribution: tuple[str, str] | None = None) -> None:
         """Drop a broken plugin with all it registered; warn once, or raise under OPTIFLOW_STRICT_PLUGINS."""
         failure = PluginFailure(name, *(distribution or self.distribution(name)), first_line(error) or "failed")
-        if _truthy("OPTIFLOW_STRICT_PLUGINS"):
+        if env_flag("OPTIFLOW_STRICT_PLUGINS"):
             raise OptiflowError(f"{failure} is broken: {failure.error} (OPTIFLOW_STRICT_PLUGINS is set)")
         self.failures.append(failure)
         print(f"Warning: {failure} skipped: {failure.error}", file=sys.stderr, flush=True)
@@ -150,7 +151,7 @@ class PluginManager(pluggy.PluginManager):
     def warn(self, name: str, message: str) -> None:
         """One warning line about a plugin that stays loaded; an error under OPTIFLOW_STRICT_PLUGINS."""
         distribution, version = self.distribution(name)
-        if _truthy("OPTIFLOW_STRICT_PLUGINS"):
+        if env_flag("OPTIFLOW_STRICT_PLUGINS"):
             raise OptiflowError(f"plugin '{name}' ({distribution} {version}): {message} (OPTIFLOW_STRICT_PLUGINS is set)")
         print(f"Warning: plugin '{name}' ({distribution} {version}): {message}", file=sys.stderr, flush=True)
 
@@ -178,7 +179,7 @@ def get_registry() -> Registry:
 def disable_plugins(names: Iterable[str]) -> None:
     """Block plugins by name for this process on top of OPTIFLOW_DISABLE_PLUGINS (``--disable-plugin``)."""
     global _disabled_by_cli
-    _disabled_by_cli = frozenset(_normalize(n) for n in names)
+    _disabled_by_cli = frozenset(plugin_key(n) for n in names)
 
 
 def load_plugins(pm: PluginManager) -> PluginManager:
@@ -210,8 +211,7 @@ def build_registry(pm: PluginManager) -> Registry:
         for family in FAMILIES:
             hook_name = family.hook
             try:
-                for impl in _impls_of(pm, hook_name, plugin):
-                    _call(impl, hook_name, register=registry.registrar(family.name, name))
+                _call_one(pm, hook_name, plugin, register=registry.registrar(family.name, name))
             except Exception as exc:
                 registry.remove_plugin(name)
                 pm.reject(name, _failure_text(exc, hook_name), plugin)
@@ -231,8 +231,7 @@ def build_commands(pm: PluginManager, reserved: Iterable[str] = ()) -> dict[str,
     for name, plugin in list(pm.list_name_plugin()):
         staging = click.Group()
         try:
-            for impl in _impls_of(pm, COMMANDS_HOOK, plugin):
-                _call(impl, COMMANDS_HOOK, cli=staging)
+            _call_one(pm, COMMANDS_HOOK, plugin, cli=staging)
             for command_name in staging.commands:
                 if command_name in owners:
                     raise OptiflowError(f"command '{command_name}' is already provided by '{owners[command_name]}'")
@@ -307,34 +306,29 @@ def _add(pm: PluginManager, name: str, origin: tuple[str, str], load: Callable[[
         plugin = load()
         pm.register(plugin, name=name)
         pm.distributions[name] = origin
-        unknown = sorted(
-            caller.name for caller in pm.get_hookcallers(plugin) or []
-            if not caller.has_spec() and not all(i.optionalhook for i in _impls_of(pm, caller.name, plugin))
-        )
-        if unknown:
-            raise OptiflowError(f"implements unknown hook '{unknown[0]}' (see docs/plugins.md for the hooks)")
+        pm.check_pending()  # the plugins before this one passed: only this one can fail
+    except pluggy.PluginValidationError as exc:
+        unknown = re.search(r"unknown hook '([^']+)'", str(exc))
+        reason = f"implements unknown hook '{unknown[1]}' (see docs/plugins.md for the hooks)" if unknown \
+            else _failure_text(exc)
+        pm.reject(name, f"failed to load: {reason}", plugin, distribution=origin)
     except Exception as exc:
         pm.reject(name, f"failed to load: {_failure_text(exc)}", plugin, distribution=origin)
 
 
-def _entry_points() -> list[Any]:
+def _entry_points() -> list[EntryPoint]:
     from importlib.metadata import entry_points
 
     return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
-def _impls_of(pm: PluginManager, hook_name: str, plugin: object) -> list[pluggy.HookImpl]:
-    return [impl for impl in getattr(pm.hook, hook_name).get_hookimpls() if impl.plugin is plugin]
-
-
-def _call(impl: pluggy.HookImpl, hook_name: str, **kwargs: Any) -> Any:
-    """Call one implementation directly (only the arguments it asks for), traced like pluggy's calls."""
-    started = time.perf_counter()
-    try:
-        return impl.function(*(kwargs[arg] for arg in impl.argnames))
-    finally:
-        if tracing():
-            trace_line(hook_name, [impl.plugin_name], kwargs, time.perf_counter() - started)
+def _call_one(pm: PluginManager, hook_name: str, plugin: object, **kwargs: object) -> None:
+    """Call ``plugin``'s implementations of ``hook_name`` (if any) and no other plugin's, so a failure stays that
+    plugin's; through pluggy, so the call is traced and its arguments matched as every hook call is."""
+    if hook_name not in {caller.name for caller in pm.get_hookcallers(plugin) or []}:
+        return
+    others = [other for _, other in pm.list_name_plugin() if other is not None and other is not plugin]
+    pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
 
 
 def _row(name: str, distribution: str, version: str, status: str, *, error: str | None = None,
@@ -362,14 +356,4 @@ def _failure_text(exc: BaseException, hook_name: str | None = None) -> str:
 
 
 def _names(text: str) -> set[str]:
-    return {_normalize(n) for n in text.split(",") if n.strip()}
-
-
-def _normalize(name: str) -> str:
-    """Plugin and distribution names compare like package names: case and -_. do not matter."""
-    return re.sub(r"[-_.]+", "-", name.strip()).lower()
-
-
-
-def _truthy(variable: str) -> bool:
-    return os.environ.get(variable, "").strip().lower() in _TRUE
+    return {plugin_key(n) for n in text.split(",") if n.strip()}

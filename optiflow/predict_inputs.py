@@ -11,11 +11,15 @@ import difflib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow.data import image_transform
 from optiflow.errors import OptiflowError
 from optiflow.files import beyond_float32, csv_rows, load_npy, open_image, repeated
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 ID_COLUMN = "id"
 SHOWN_NAMES = 8
@@ -53,7 +57,7 @@ class Inputs:
     shaped ``(N, *input_shape)``) and the true labels when the input had them (None where missing)."""
 
     ids: list[Any]
-    x: Any
+    x: pd.DataFrame | np.ndarray
     labels: list[Any] | None = None
 
 
@@ -230,7 +234,7 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:SHOWN_NAMES]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_NAMES else "")
 
 
-def _numbers(file: Path, rows: list[list[str]], columns: list[int], names: list[str]) -> Any:
+def _numbers(file: Path, rows: list[list[str]], columns: list[int], names: list[str]) -> np.ndarray:
     """The feature cells as a float32 array; an empty, NaN, infinite, non-numeric cell or one beyond float32's
     range refused with its line and column."""
     import numpy as np

@@ -5,21 +5,17 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
-import math
 import re
 import reprlib
-import types
+import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from optiflow.errors import OptiflowError
 from optiflow.slots import FAMILY_KINDS, KINDS, SLOTS, family_of
-
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
-_FALSE = {"0", "false", "no", "off", "n", "f"}
-MAX_INT = 2**63 - 1  # what torch and numpy sizes and seeds can hold
+from optiflow.values import MAX_INT, coerce, type_name
 
 
 @dataclass(frozen=True)
@@ -27,20 +23,20 @@ class Option:
     """One keyword option a component accepts: its type, default and allowed choices."""
 
     name: str
-    type: Any
-    default: Any = None
-    choices: tuple | None = None
+    type: object
+    default: object = None
+    choices: tuple[object, ...] | None = None
 
     @property
     def type_name(self) -> str:
         if self.choices:
             return "|".join(map(str, self.choices))
-        return _type_name(self.type)
+        return type_name(self.type)
 
-    def coerce(self, value: Any, owner: str = "") -> Any:
+    def coerce(self, value: object, owner: str = "") -> object:
         """Convert a raw CLI string or YAML value to this option's type, or raise OptiflowError."""
         try:
-            result = _coerce(self.type, value)
+            result = coerce(self.type, value)
         except (TypeError, ValueError):
             raise OptiflowError(
                 f"{owner}: option '{self.name}' expects {self.type_name}, got {reprlib.repr(value)}"
@@ -87,7 +83,7 @@ class Component:
             resolved[key] = known[key].coerce(value, owner=f"{self.kind} '{self.name}'")
         return resolved
 
-    def build(self, *context: Any, **options: Any) -> Any:
+    def build(self, *context: object, **options: object) -> Any:
         """Call the factory with the context arguments and the resolved options."""
         return self.factory(*context, **self.resolve_options(options))
 
@@ -177,7 +173,7 @@ class Registry:
         """``plugin/name``: the component ``name`` (or alias) that ``plugin`` registered."""
         plugin, _, bare = name.partition("/")
         return next((c for c in self.components[kind].values()
-                     if _same(c.plugin, plugin) and bare in (c.name.rpartition("/")[2], *c.aliases)), None)
+                     if plugin_key(c.plugin) == plugin_key(plugin) and bare in (c.name.rpartition("/")[2], *c.aliases)), None)
 
     def get(self, kind: str, name: str) -> Component:
         """The component ``name`` (or ``plugin/name``) of ``kind``, or an OptiflowError naming close
@@ -226,7 +222,9 @@ def options_of(factory: Callable[..., Any], owner: str = "") -> tuple[Option, ..
                 )
             continue
         default = None if param.default is inspect.Parameter.empty else param.default
-        annotation = _annotation(factory, param, default)
+        annotation = annotation_of(factory, param)
+        if annotation is inspect.Parameter.empty:
+            annotation = type(default) if default is not None else str
         choices = None
         if typing.get_origin(annotation) is Literal:
             choices = typing.get_args(annotation)
@@ -235,17 +233,17 @@ def options_of(factory: Callable[..., Any], owner: str = "") -> tuple[Option, ..
     return tuple(options)
 
 
-def _annotation(factory: Callable[..., Any], param: inspect.Parameter, default: Any) -> Any:
-    """A parameter's annotation, evaluated lazily so plugins need not import torch to register."""
+def annotation_of(function: Callable[..., Any], param: inspect.Parameter) -> object:
+    """A parameter's annotation, evaluated lazily so plugins need not import torch to register;
+    ``inspect.Parameter.empty`` when it has none or it names what ``function``'s module does not hold."""
     annotation = param.annotation
     if isinstance(annotation, str):
-        namespace = {**vars(typing), **getattr(inspect.unwrap(factory), "__globals__", {})}
+        module = sys.modules.get(getattr(function, "__module__", None) or "")  # a class has no __globals__
+        namespace = {**vars(typing), **getattr(inspect.unwrap(function), "__globals__", vars(module or typing))}
         try:
-            annotation = eval(annotation, namespace)  # noqa: S307 - plugin's own annotation text
+            annotation = eval(annotation, namespace)  # noqa: S307 - the plugin's own annotation text
         except Exception:
             annotation = inspect.Parameter.empty
-    if annotation is inspect.Parameter.empty:
-        return type(default) if default is not None else str
     return annotation
 
 
@@ -265,86 +263,11 @@ def _clash_line(kind: str, name: str, owner: str, newcomer: Component) -> str:
             f"'{name}' stays plugin '{owner}'s; use {pick} for plugin '{newcomer.plugin}'s")
 
 
-def _same(plugin: str, wanted: str) -> bool:
-    """Plugin names compare like package names."""
-    return re.sub(r"[-_.]+", "-", plugin).lower() == re.sub(r"[-_.]+", "-", wanted).lower()
+def plugin_key(name: str) -> str:
+    """Plugin and distribution names compare like package names: case and ``-_.`` do not matter."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
-def _suggest(word: str, names: Any) -> str:
+def _suggest(word: str, names: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin is tuple:
-        return f"list of {_type_name(args[0])}" if args else "list"
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "none")
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
-            if type(None) in args:
-                return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(value)
-    if origin is tuple or tp is tuple:
-        item_type = args[0] if args else float
-        if isinstance(value, str):
-            text = value.strip()
-            if text[:1] in "[(" or text[-1:] in "])":
-                if text[:1] + text[-1:] not in ("[]", "()") or any(c in text[1:-1] for c in "[]()"):
-                    raise ValueError(value)
-                text = text[1:-1]
-            if "," in text:
-                items = text.split(",")
-            elif "x" in text:
-                items = text.split("x")
-            else:
-                items = re.split(r"(?<=\d)-(?=[\d.])", text)
-            items = [v for v in items if v.strip()]
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [value]
-        return tuple(_coerce(item_type, v) for v in items)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ValueError(value)
-    if tp is int:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        whole = int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if not -MAX_INT <= whole <= MAX_INT:
-            raise OverflowError(value)
-        return whole
-    if tp is float:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        number = float(value)
-        if not math.isfinite(number):
-            raise ValueError(value)
-        return number
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise TypeError(value)
-        return str(value)
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported option type {tp!r}")

@@ -21,6 +21,7 @@ from optiflow.errors import OptiflowError, first_line
 from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
+from optiflow.runlog import RunTracker
 from optiflow.schedule import Schedule, TrainingLength, rehearse, scheduled
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
@@ -69,7 +70,7 @@ class Run:
     augmentation: Callable[[Tensor], Tensor] | None = None
     regularizers: list[Any] = field(default_factory=list)
     #: the MLflow run's tracker, None until the run is open (``optiflow_check_run`` sees None)
-    tracker: Any = None
+    tracker: RunTracker | None = None
     #: the names every epoch's metrics will hold, the core's and those plugins declare
     #: (``optiflow_metric_names``); set before ``optiflow_check_run``, None before
     metric_names: frozenset[str] | None = None
@@ -98,6 +99,13 @@ class Run:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @property
+    def tracking(self) -> RunTracker:
+        """``tracker`` once the MLflow run is open (the loop, the end of the run); an error before."""
+        if self.tracker is None:
+            raise OptiflowError("the run is not open yet: it has no tracker before optiflow_run_start")
+        return self.tracker
+
     def request_stop(self, reason: str) -> None:
         """Ask the loop to end training after the current epoch."""
         self.stop_reason = self.stop_reason or reason
@@ -107,7 +115,7 @@ class Run:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=self.epoch if step is None else step, flush=False)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
+    def set_tags(self, tags: dict[str, object]) -> None:
         if self.tracker is not None:
             self.tracker.set_tags(tags)
 
@@ -235,6 +243,28 @@ def build_loss(resolved: Plan, registry: Registry, task: str) -> nn.Module:
         component = registry.get("loss", "cross-entropy" if task == "classification" else "mse")
         options = component.resolve_options({})
     return build(component, task, **options)
+
+
+def task_loss(task: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The task's plain loss, what every run's ``train_loss``, ``val_loss`` and ``test_loss`` are whatever it
+    trains with: cross-entropy on the class targets (class probabilities under batch mixing) for
+    classification, mean squared error for regression."""
+    if task == "classification":
+        return nn.functional.cross_entropy
+
+    def mse(outputs: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.mse_loss(outputs.reshape(targets.shape), targets)
+
+    return mse
+
+
+def is_task_loss(loss_fn: nn.Module, task: str) -> bool:
+    """Whether ``loss_fn`` computes exactly :func:`task_loss`: PyTorch's cross-entropy with its defaults, or a
+    loss whose ``task_loss`` attribute says so for ``task`` (the built-in MSE on regression)."""
+    if getattr(loss_fn, "task_loss", None) == task:
+        return True
+    return (task == "classification" and type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None
+            and loss_fn.label_smoothing == 0 and loss_fn.reduction == "mean" and loss_fn.ignore_index == -100)
 
 
 def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) -> tuple[torch.optim.Optimizer, Schedule]:

@@ -58,7 +58,11 @@ SMALL_STEP = 1 << 24
 def cpu_threads(config: RunConfig, device: torch.device, model: nn.Module, x_train: Tensor) -> int | None:
     """One thread for a small model on the CPU: its kernels are too short to split, and threads that wait
     on each other (worse on a busy machine) cost more than they bring (2.3 ms vs 14 ms a step measured on
-    2 loaded cores).  None (PyTorch's default) for bigger steps, other devices or a set ``OMP_NUM_THREADS``."""
+    2 loaded cores).  None (PyTorch's default) for bigger steps, other devices or a set ``OMP_NUM_THREADS``.
+    ``--deterministic`` fixes one thread on the CPU, whatever the machine: a reduction split over another
+    number of threads may round otherwise."""
+    if device.type == "cpu" and config.deterministic:
+        return 1
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
     batch = samples_per_batch(config.batch_size, len(x_train))

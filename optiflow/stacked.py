@@ -18,7 +18,6 @@ learning rate) get their weights and optimizer state back and go on one by one i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -28,23 +27,26 @@ from optiflow.data import TensorBatches
 from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, evaluate, fit, train_metrics
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
-from optiflow.run import Run, SilentReporter
+from optiflow.run import Run, SilentReporter, is_task_loss, task_loss
 from optiflow.schedule import samples_per_batch
+from optiflow.stacked_model import (
+    add_plain,
+    forward,
+    layer_params,
+    mlp_layers,
+    padded,
+    signature,
+    stacked_loss,
+    stacked_validation,
+)
 
-#: element-wise activations: applied to ``[K, B, H]`` they act on each run's batch alone
-ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus,
-               nn.Identity)
 #: hooks called per step (a plugin implementing one sees a run's batches) or as an epoch starts (where it may
 #: change one run's learning rate for that epoch): their runs are not stacked
 UNSTACKABLE_HOOKS = ("optiflow_train_batch", "optiflow_penalty", "optiflow_after_backward", "optiflow_after_step",
                      "optiflow_epoch_start")
 
-#: the K runs' losses on stacked outputs and targets
-StackedLoss = Callable[[Tensor, Tensor], Tensor]
-#: the same on batches padded to one length, ``valid`` ``[K, B]`` marking the real samples
-MaskedLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
 #: an epoch's training sums: loss ``[K]``, correct predictions ``[K]``, samples seen per run
-EpochSums = tuple[Tensor, Tensor, list[int]]
+EpochSums = tuple[Tensor, Tensor, Tensor, list[int]]
 
 
 def why_not_stacked(runs: list[Run], pm: PluginManager) -> str | None:
@@ -65,7 +67,7 @@ def why_not_stacked(runs: list[Run], pm: PluginManager) -> str | None:
             return "streamed batches, mixed precision or channels-last"
         if run.schedule.scheduler is not None:
             return "a learning-rate scheduler"
-        if _layers(run.model) is None or _signature(run.model) != _signature(first.model):
+        if mlp_layers(run.model) is None or signature(run.model) != signature(first.model):
             return "not a plain MLP (Flatten, Linear, element-wise activations) or not the same one"
         if not first_order(run.optimizer) or run.optimizer.state:
             return "not an element-wise first-order optimizer"
@@ -85,14 +87,14 @@ def fit_stacked(runs: list[Run], pm: PluginManager) -> None:
     """Train ``runs`` (checked by :func:`why_not_stacked`) to their last epoch as one stacked model.
 
     Each run's history, epoch, step, metrics and epoch hooks are as if it had trained alone; its metrics go
-    to ``run.tracker`` (a recorder: the caller logs them).  Runs that stop training alike (a hook stops some
+    to ``run.tracker`` (a tracker whose run opens once they finish).  Runs that stop training alike (a hook stops some
     early, a learning rate differs) go on one by one from where they are.  Raises what training raises
     (TrainingError when one diverges, what a hook raises).
     """
     stack = _Stack(runs)
     checks = [LossCheck(run) for run in runs]
     hook = pm.hook
-    validate = _stacked_validation(runs, stack.layers) if stack.masked is not None and stack.classification else None
+    validate = stacked_validation(runs, stack.layers) if stack.masked is not None and stack.classification else None
     for epoch in range(1, runs[0].config.epochs + 1):
         if len({run.lr for run in runs}) > 1:
             _go_on_apart(stack, checks, pm)
@@ -110,7 +112,7 @@ def fit_stacked(runs: list[Run], pm: PluginManager) -> None:
         _end_epoch(runs, checks, pm, epoch, sums, seconds, validate(stack.params) if validate else None)
         stopped = [run for run in runs if run.stop_reason]
         for run in stopped:
-            run.tracker.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
+            run.tracking.set_tags({"stopped_early": run.stop_reason, "stopped_epoch": epoch})
         if len(stopped) == len(runs):
             return
         if stopped:
@@ -121,11 +123,11 @@ def fit_stacked(runs: list[Run], pm: PluginManager) -> None:
 def _end_epoch(runs: list[Run], checks: list[LossCheck], pm: PluginManager, epoch: int, sums: EpochSums,
                seconds: float, validation: list[dict[str, float]] | None) -> None:
     """Each run's epoch metrics (its validation from ``validation`` or its own pass), epoch-end hooks, history."""
-    loss_sums, correct, seen = sums
+    objective_sums, loss_sums, correct, seen = sums
     classification = runs[0].task == "classification"
     for j, (run, check) in enumerate(zip(runs, checks)):
-        check(loss_sums[j], seen[j])
-        metrics = train_metrics(float(loss_sums[j]), seen[j], run.lr, seconds,
+        check(objective_sums[j], seen[j])
+        metrics = train_metrics(float(loss_sums[j]), float(objective_sums[j]), seen[j], run.lr, seconds,
                                 float(correct[j]) if classification else None)
         if validation is not None:
             metrics.update(validation[j])
@@ -135,7 +137,7 @@ def _end_epoch(runs: list[Run], checks: list[LossCheck], pm: PluginManager, epoc
         pm.hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
         for key, value in metrics.items():
             run.history.setdefault(key, []).append(value)
-        run.tracker.log_metrics(metrics, step=epoch, flush=False)
+        run.tracking.log_metrics(metrics, step=epoch, flush=False)
 
 
 def _go_on_apart(stack: _Stack, checks: list[LossCheck], pm: PluginManager) -> None:
@@ -152,16 +154,18 @@ class _Stack:
 
     def __init__(self, runs: list[Run]) -> None:
         first = runs[0]
-        layers = _layers(first.model)
+        layers = mlp_layers(first.model)
         assert layers is not None, "why_not_stacked refuses a model that is not a plain MLP"
         self.runs, self.layers = runs, layers
-        self.per_run = [_layer_params(run.model) for run in runs]
+        self.per_run = [layer_params(run.model) for run in runs]
         self.params = [torch.stack([ps[i].detach() for ps in self.per_run]).clone().requires_grad_(True)
                        for i in range(len(self.per_run[0]))]
         self.optimizer = _stacked_optimizer(first, self.params)
         self.batches = [_batches(run) for run in runs]
         self.batch_size, self.steps = self.batches[0].batch_size, len(self.batches[0])
-        self.loss, self.masked = _stacked_loss(runs)
+        self.loss, self.masked = stacked_loss(runs)
+        #: the task's plain loss, for ``train_loss``, when a run trains with another (smoothing, MSE on classes)
+        self.plain = None if all(is_task_loss(run.loss_fn, run.task) for run in runs) else task_loss(first.task)
         self.classification = first.task == "classification"
 
     def train_epoch(self, checks: list[LossCheck]) -> EpochSums:
@@ -171,19 +175,24 @@ class _Stack:
         xs = [run.splits.x_train[order] for run, order in zip(runs, orders)]
         ys = [run.splits.y_train[order] for run, order in zip(runs, orders)]
         sizes = [len(x) for x in xs]
-        padded = (_padded(xs), _padded(ys)) if self.masked is not None or len(set(sizes)) == 1 else None
+        together = (padded(xs), padded(ys)) if self.masked is not None or len(set(sizes)) == 1 else None
         loss_sums = torch.zeros(len(runs), device=runs[0].device)
+        plain_sums = loss_sums if self.plain is None else torch.zeros(len(runs), device=runs[0].device)
         correct = torch.zeros(len(runs), device=runs[0].device, dtype=torch.long)
         step = runs[0].step
         for i in range(self.steps):
             start, end = i * size, (i + 1) * size
             counts = [max(0, min(end, n) - start) for n in sizes]
             self.optimizer.zero_grad(set_to_none=True)
-            if padded is not None and (self.masked is not None or len(set(counts)) == 1):
-                losses = self._padded_step(padded[0][:, start:end], padded[1][:, start:end], counts, loss_sums, correct)
+            if together is not None and (self.masked is not None or len(set(counts)) == 1):
+                yb = together[1][:, start:end]
+                outputs, losses = self._padded_step(together[0][:, start:end], yb, counts, loss_sums, correct)
+                targets = list(yb)
             else:  # the last batch of runs whose training splits differ in size: one graph per run
-                losses = self._ragged_step([x[start:end] for x in xs], [y[start:end] for y in ys], counts,
-                                           loss_sums, correct)
+                targets = [y[start:end] for y in ys]
+                outputs, losses = self._ragged_step([x[start:end] for x in xs], targets, counts, loss_sums, correct)
+            if self.plain is not None:
+                add_plain(plain_sums, self.plain, outputs, targets, counts)
             step += 1
             if not checks[0].armed:
                 for check, value in zip(checks, losses.tolist()):
@@ -194,12 +203,13 @@ class _Stack:
                     check(loss_sums[j], min(sizes[j], end))
         for run in runs:
             run.step = step
-        return loss_sums, correct, [min(n, self.steps * size) for n in sizes]
+        return loss_sums, plain_sums, correct, [min(n, self.steps * size) for n in sizes]
 
-    def _padded_step(self, xb: Tensor, yb: Tensor, counts: list[int], loss_sums: Tensor, correct: Tensor) -> Tensor:
+    def _padded_step(self, xb: Tensor, yb: Tensor, counts: list[int], loss_sums: Tensor,
+                     correct: Tensor) -> tuple[list[Tensor], Tensor]:
         """One step of all K on batches ``[K, B, ...]``; the last batches of splits that differ in size are
-        padded, and padding weighs 0."""
-        outputs = _forward(self.layers, self.params, xb)
+        padded, and padding weighs 0.  Returns each run's outputs (detached) and the K losses."""
+        outputs = forward(self.layers, self.params, xb)
         valid = None
         if len(set(counts)) == 1:
             losses = self.loss(outputs, yb)
@@ -214,12 +224,13 @@ class _Stack:
         if self.classification:
             hits = outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))
             correct.add_((hits if valid is None else hits & valid).sum(1))
-        return losses
+        return list(outputs.detach()), losses
 
     def _ragged_step(self, xs: list[Tensor], ys: list[Tensor], counts: list[int], loss_sums: Tensor,
-                     correct: Tensor) -> Tensor:
-        """One step of all K whose batches differ in size and cannot be padded: one graph per run."""
-        outs = [_forward(self.layers, [p[j:j + 1] for p in self.params], x.unsqueeze(0))[0] for j, x in enumerate(xs)]
+                     correct: Tensor) -> tuple[list[Tensor], Tensor]:
+        """One step of all K whose batches differ in size and cannot be padded: one graph per run.  Returns each
+        run's outputs (detached) and the K losses."""
+        outs = [forward(self.layers, [p[j:j + 1] for p in self.params], x.unsqueeze(0))[0] for j, x in enumerate(xs)]
         losses = torch.stack([run.loss_fn(out, y) for run, out, y in zip(self.runs, outs, ys)])
         losses.sum().backward()
         self.optimizer.step()
@@ -227,7 +238,7 @@ class _Stack:
             loss_sums[j].add_(losses[j].detach(), alpha=counts[j])
             if self.classification:
                 correct[j] += (out.detach().argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
-        return losses
+        return [out.detach() for out in outs], losses
 
     def sync_lr(self) -> None:
         for target, group in zip(self.optimizer.param_groups, self.runs[0].optimizer.param_groups):
@@ -255,127 +266,9 @@ class _Stack:
                         if isinstance(value, Tensor) else value for key, value in state.items()}
 
 
-def _stacked_validation(runs: list[Run], layers: list[nn.Module]) -> Callable[[list[Tensor]], list[dict[str, float]]] | None:
-    """For the plain cross-entropy on classes: ``validate(params)``, every run's ``val_loss`` and
-    ``val_accuracy`` from one forward pass over the K validation splits (padded to one length), as
-    ``loop.evaluate`` computes them run by run; None when a run has no validation split."""
-    if any(not len(run.splits.x_val) or run.splits.y_val.ndim != 1 for run in runs):
-        return None
-    x_val, y_val = _padded([run.splits.x_val for run in runs]), _padded([run.splits.y_val for run in runs])
-    sizes = torch.tensor([len(run.splits.x_val) for run in runs], device=x_val.device)
-    valid = torch.arange(x_val.shape[1], device=x_val.device) < sizes[:, None]
-    loss_fn = _cross_entropy(runs[0])
-    assert loss_fn is not None, "only for the plain cross-entropy"
-    smoothing = float(loss_fn.label_smoothing)
-
-    def validate(params: list[Tensor]) -> list[dict[str, float]]:
-        with torch.no_grad():
-            outputs = _forward(layers, params, x_val)
-            per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), y_val.flatten(), reduction="none",
-                                                           label_smoothing=smoothing).view(y_val.shape)
-            losses = ((per_sample * valid).sum(1) / sizes).tolist()
-            correct = ((outputs.argmax(2) == y_val) & valid).sum(1).tolist()
-        return [{"val_loss": loss, "val_accuracy": hits / int(n)} for loss, hits, n in zip(losses, correct, sizes)]
-
-    return validate
-
-
-def _padded(tensors: list[Tensor]) -> Tensor:
-    """``[K, max length, ...]``: the tensors stacked, the shorter ones padded with zeros at the end."""
-    longest = max(len(t) for t in tensors)
-    out = tensors[0].new_zeros((len(tensors), longest, *tensors[0].shape[1:]))
-    for index, tensor in enumerate(tensors):
-        out[index, : len(tensor)] = tensor
-    return out
-
-
-def _cross_entropy(run: Run) -> nn.CrossEntropyLoss | None:
-    """The run's loss when it is PyTorch's plain cross-entropy (no class weights, mean, default ignore index)."""
-    f = run.loss_fn
-    if type(f) is nn.CrossEntropyLoss and f.weight is None and f.reduction == "mean" and f.ignore_index == -100:
-        return f
-    return None
-
-
-def _stacked_loss(runs: list[Run]) -> tuple[StackedLoss, MaskedLoss | None]:
-    """The K runs' losses on outputs ``[K, B, C]`` and targets ``[K, B, ...]``: one cross-entropy over all K
-    batches when every run's loss is PyTorch's plain one (per-sample losses, averaged per run), else each
-    run's own loss function on its slice.  Second, for the plain one only, the same on batches padded to
-    one length (``valid`` ``[K, B]`` marks the real samples; padding gets no weight and no gradient)."""
-    functions = [run.loss_fn for run in runs]
-
-    def each(outputs: Tensor, targets: Tensor) -> Tensor:
-        return torch.stack([f(outputs[j], targets[j]) for j, f in enumerate(functions)])
-
-    plain = [_cross_entropy(run) for run in runs]
-    smoothings = {f.label_smoothing if f is not None else None for f in plain}
-    if len(smoothings) != 1 or None in smoothings:
-        return each, None
-    smoothing = float(smoothings.pop() or 0.0)
-
-    def per_sample(outputs: Tensor, targets: Tensor) -> Tensor:
-        return torch.nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="none",
-                                                 label_smoothing=smoothing).view(targets.shape)
-
-    def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-        return each(outputs, targets) if targets.ndim != 2 else per_sample(outputs, targets).mean(1)
-
-    def masked(outputs: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-        return (per_sample(outputs, targets) * valid).sum(1) / valid.sum(1)
-
-    return cross_entropy, masked
-
-
-def _forward(layers: list[nn.Module], params: list[Tensor], x: Tensor) -> Tensor:
-    """The stacked model on ``x`` of shape ``[K, B, ...]``: each Linear layer's weight and bias (if any) come
-    next from ``params``."""
-    h = x.flatten(2) if x.ndim > 3 else x
-    index = 0
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            weight = params[index]
-            index += 1
-            if layer.bias is not None:
-                h = torch.baddbmm(params[index].unsqueeze(1), h, weight.transpose(1, 2))
-                index += 1
-            else:
-                h = torch.bmm(h, weight.transpose(1, 2))
-        elif isinstance(layer, nn.Flatten):
-            h = h.flatten(2)
-        else:
-            h = layer(h)
-    return h
-
-
-def _layers(model: nn.Module) -> list[nn.Module] | None:
-    """The model's layers when it is a plain MLP (a Sequential of Flatten first, Linear, element-wise
-    activations), else None."""
-    if not isinstance(model, nn.Sequential):
-        return None
-    layers = list(model)
-    for index, layer in enumerate(layers):
-        if isinstance(layer, nn.Flatten):
-            if index != 0 or layer.start_dim != 1 or layer.end_dim != -1:
-                return None
-        elif type(layer) is not nn.Linear and type(layer) not in ELEMENTWISE:
-            return None
-    if any(not p.requires_grad for p in model.parameters()) or any(True for _ in model.buffers()):
-        return None
-    return layers
-
-
-def _layer_params(model: nn.Module) -> list[Tensor]:
-    return [p for layer in model.children() if isinstance(layer, nn.Linear)
-            for p in (layer.weight, layer.bias) if p is not None]
-
-
-def _signature(model: nn.Module) -> list[tuple[str, str]]:
-    return [(type(layer).__name__, repr(layer)) for layer in model] if isinstance(model, nn.Sequential) else []
-
-
 def _groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[tuple[int, ...], tuple[tuple[str, str], ...]]]:
     """The optimizer's groups as (parameter positions in the model, hyper-parameters)."""
-    position = {id(p): i for i, p in enumerate(_layer_params(model))}
+    position = {id(p): i for i, p in enumerate(layer_params(model))}
     return [(tuple(position.get(id(p), -1) for p in group["params"]),
              tuple(sorted((key, repr(value)) for key, value in group.items() if key != "params")))
             for group in optimizer.param_groups]
@@ -383,7 +276,7 @@ def _groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[tu
 
 def _stacked_optimizer(run: Run, params: list[Tensor]) -> torch.optim.Optimizer:
     """The run's optimizer (class and every group's settings) over the stacked parameters."""
-    position = {id(p): i for i, p in enumerate(_layer_params(run.model))}
+    position = {id(p): i for i, p in enumerate(layer_params(run.model))}
     groups = [{**{key: value for key, value in group.items() if key != "params"},
                "params": [params[position[id(p)]] for p in group["params"]]}
               for group in run.optimizer.param_groups]

@@ -1,4 +1,5 @@
-"""Checks on the tracking store a user names, and telling a full disk from other store failures.
+"""Checks on the tracking store a user names, the SQLite store's lock and journal mode, and telling a full
+disk from other store failures.
 
 Kept apart from :mod:`optiflow.tracking` (which uses them) so that each stays a readable size.
 """
@@ -11,9 +12,8 @@ import fcntl
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from optiflow.errors import DiskFull, OptiflowError, StoreLost, no_space
 
@@ -104,7 +104,8 @@ def check_same_file(uri: str, identity: tuple[int, int] | None) -> None:
         raise StoreLost(f"the tracking store {uri} was {how} during the run")
 
 
-def disk_full(exc: BaseException, fn: Any, args: tuple[Any, ...], store: str = "the tracking store",
+def disk_full(exc: BaseException, fn: Callable[..., object] | None, args: tuple[object, ...],
+              store: str = "the tracking store",
               staged: bool = False) -> DiskFull | None:
     """A :class:`DiskFull` when MLflow client call ``fn(*args)`` failed for want of space, else None.
     ``staged``: the call copied files staged elsewhere (a logged model), so the error's file name is
@@ -144,13 +145,13 @@ def write_whole(path: str | os.PathLike[str], data: bytes) -> None:
         raise no_space(exc, target, needed=len(data)) or exc from None
 
 
-def _written(fn: Any, args: tuple[Any, ...], exc: BaseException, store: str) -> Any:
+def _written(fn: Callable[..., object] | None, args: tuple[object, ...], exc: BaseException, store: str) -> str | Path:
     """Where a failed client call wrote: the file, else the run's artifact folder (an OSError), else the store."""
     from urllib.parse import unquote, urlparse
 
     mlflow_client = getattr(fn, "__self__", None)
     if isinstance(exc, OSError) and exc.filename:
-        return exc.filename
+        return str(exc.filename)
     if isinstance(exc, OSError) and mlflow_client is not None and args and isinstance(args[0], str):
         with contextlib.suppress(Exception):
             artifacts = urlparse(mlflow_client.get_run(args[0]).info.artifact_uri)
@@ -163,3 +164,29 @@ def _written(fn: Any, args: tuple[Any, ...], exc: BaseException, store: str) -> 
 def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
+
+def use_write_ahead_log(path: Path) -> None:
+    """Switch a SQLite store to WAL (persistent in the file): writers then never block readers."""
+    import sqlite3
+
+    if str(path) == ":memory:":
+        return
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            connection.execute("PRAGMA journal_mode=WAL")
+
+
+#: what a folder optiflow creates holds as its .gitignore, as pytest's and mypy's caches do
+GITIGNORE = "# Created by optiflow: runs and their outputs, not source. Delete this file to commit them.\n*\n"
+
+
+def created_folder(path: Path) -> Path:
+    """``path``, created with its parents when missing; the topmost folder this creates gets a ``.gitignore``
+    of ``*`` (``mlruns/``, ``compare/``), so runs and outputs stay out of git unless the user says otherwise.
+    A folder that exists is left as it is.  Raises OSError when it cannot be created."""
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    if missing:
+        with contextlib.suppress(OSError):
+            (missing[-1] / ".gitignore").write_text(GITIGNORE)
+    return path

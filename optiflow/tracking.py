@@ -5,16 +5,34 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from optiflow import heartbeat
+from optiflow import __version__, heartbeat
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
+from optiflow.runlog import RunTracker
 from optiflow.signals import deferred
-from optiflow.stores import check_database_file, check_same_file, check_scheme, disk_full, file_identity, store_lock
+from optiflow.stores import (
+    check_database_file,
+    check_same_file,
+    check_scheme,
+    created_folder,
+    disk_full,
+    file_identity,
+    store_lock,
+    use_write_ahead_log,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.entities import Metric, Param
+
+T = TypeVar("T")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
@@ -26,6 +44,17 @@ PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOU
 SERVER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
               "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 _LOST_SERVER = re.compile(r"API request to (https?://[^/\s]+)\S* failed with exception")
+#: the ``optiflow`` arguments as the user typed them, while a CLI command runs (None: called from Python)
+CLI_ARGS: list[str] | None = None
+
+
+def command_line() -> str:
+    """What made a run, as its ``optiflow.command`` tag says: the ``optiflow`` command line while a CLI command
+    runs, else this process's own command line."""
+    if CLI_ARGS is not None:
+        return shlex.join(["optiflow", *CLI_ARGS])
+    argv = sys.argv
+    return shlex.join(["optiflow", *argv[1:]]) if argv and "optiflow" in argv[0] else shlex.join(argv)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -35,7 +64,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     path = sqlite_path(uri)
     if path is not None and str(path) != ":memory:":
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            created_folder(path.parent)
         except OSError as exc:
             raise OptiflowError(f"cannot create the tracking store folder {path.parent}: {exc.strerror}") from None
         check_database_file(path)
@@ -61,17 +90,7 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def ui_server_command(uri: str, host: str, port: int, workers: int) -> list[str]:
-    """The ``mlflow ui`` command line serving the store at ``uri`` (a SQLite store's artifacts beside it)."""
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-               "--workers", str(workers)]
-    path = sqlite_path(uri)
-    if path is not None:
-        command += ["--default-artifact-root", (path.resolve().parent / "artifacts").as_uri()]
-    return command
-
-
-def retry(fn, *args: Any, **kwargs: Any) -> Any:
+def retry(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     """Call an MLflow client method, retrying while a shared SQLite store is locked; a full disk is one
     :class:`optiflow.errors.DiskFull` naming where the write went."""
     from mlflow.exceptions import MlflowException
@@ -132,7 +151,7 @@ def _new_client(uri: str):
                 raise full from None
             raise OptiflowError(f"cannot reach the tracking store {redact(uri)}: {_reason(exc)}") from None
         if path is not None:
-            _use_write_ahead_log(path)
+            use_write_ahead_log(path)
     return mlflow_client
 
 
@@ -149,17 +168,6 @@ def _fail_fast_http() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def _use_write_ahead_log(path: Path) -> None:
-    """Switch a SQLite store to WAL (persistent in the file): writers then never block readers."""
-    import sqlite3
-
-    if str(path) == ":memory:":
-        return
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
-        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            connection.execute("PRAGMA journal_mode=WAL")
 
 
 def _reason(exc: BaseException) -> str:
@@ -193,7 +201,11 @@ def experiment_id(mlflow_client, uri: str, name: str) -> str:
 
 
 class Tracker:
-    """One MLflow run, driven through ``MlflowClient`` (thread- and process-safe, no global state)."""
+    """One MLflow run, driven through ``MlflowClient`` (thread- and process-safe, no global state).
+
+    :meth:`start` is the one place a run is created (tagged with optiflow's version and the command).  Params, metrics and tags logged before it are
+    kept and written with the run as it opens (folds trained stacked are logged once they finish).
+    """
 
     def __init__(self, uri: str | None, experiment: str) -> None:
         self.uri = resolve_tracking_uri(uri)
@@ -202,52 +214,48 @@ class Tracker:
         self.experiment_id = experiment_id(self.client, self.uri, experiment)
         self.store_file = file_identity(self.uri)  # every write first checks the store is still this file
         self.run_id: str | None = None
-        self._pending: list[Any] = []
+        #: when the last checkpoint was saved (time.monotonic), see :func:`optiflow.checkpoints.save_periodically`
+        self.checkpoint_saved_at: float | None = None
+        #: how long the last checkpoint took to save: checkpoints take at most 1/20 of the training time
+        self.checkpoint_cost = 0.0
+        self._pending: list[Metric] = []
+        self._pending_params: list[Param] = []
+        self._pending_tags: dict[str, str] = {}
         self._flushed_at = time.monotonic()
 
-    def start(self, run_name: str | None = None, tags: dict[str, str] | None = None,
-              parent_run_id: str | None = None, run_id: str | None = None) -> str:
-        """Open a new run (or reopen ``run_id``: it beats before it says RUNNING); returns its id. The heartbeat
-        goes in with the run: a process killed at once leaves a run that ``optiflow runs --stale`` finds."""
+    def start(self, run_name: str | None = None, tags: Mapping[str, object] | None = None,
+              parent_run_id: str | None = None, run_id: str | None = None, started_ms: int | None = None) -> str:
+        """Open a new run (``started_ms``: when it began, default now) or reopen ``run_id`` to resume it (it beats
+        before it says RUNNING); what was logged before is written to it; returns its id.  The heartbeat goes in
+        with the run: a process killed at once leaves a run that ``optiflow runs --stale`` finds."""
+        pending, self._pending_tags = self._pending_tags, {}
         if run_id is not None:
             self.run_id = run_id
             heartbeat.beat(self)
             retry(self.client.update_run, run_id, status="RUNNING")
-            return run_id
-        tags = {key: redact(str(value)) for key, value in (tags or {}).items()}
-        tags[heartbeat.TAG] = heartbeat.stamp()
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
+            if pending:
+                self.set_tags(pending)
+        else:
+            given = {"optiflow.version": __version__, "optiflow.command": command_line(), **(tags or {})}
+            opening = {**{key: redact(str(value)) for key, value in given.items()}, **pending,
+                       heartbeat.TAG: heartbeat.stamp()}
+            if parent_run_id:
+                opening["mlflow.parentRunId"] = parent_run_id
+            run = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
+                        tags=opening)
+            self.run_id = run.info.run_id
+        self.flush()
         return self.run_id
 
-    def log_finished(self, run_name: str, tags: dict[str, str], parent_run_id: str, params: dict[str, Any],
-                     metrics: list[Any], started_ms: int, ended_ms: int) -> str:
-        """Log a whole finished child run at once (its metrics recorded while it trained): one insert, one
-        batch, one status update; returns its id."""
+    def log_params(self, params: Mapping[str, object], flush: bool = True) -> None:
+        """Queue params (sent with the next flush, batched with metrics)."""
         from mlflow.entities import Param
 
-        run = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
-                    tags={**{k: redact(str(v)) for k, v in tags.items()}, "mlflow.parentRunId": parent_run_id,
-                          heartbeat.TAG: heartbeat.stamp()})
-        self.run_id = run.info.run_id
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        while items or metrics:
-            batch_params, items = items[:PARAM_BATCH], items[PARAM_BATCH:]
-            batch_metrics, metrics = metrics[:METRIC_BATCH - len(batch_params)], metrics[METRIC_BATCH - len(batch_params):]
-            retry(self.client.log_batch, self.run_id, metrics=batch_metrics, params=batch_params)
-        retry(self.client.set_terminated, self.run_id, status="FINISHED", end_time=ended_ms)
-        return self.run_id
+        self._pending_params.extend(Param(k, _param_value(v)) for k, v in params.items())
+        if flush:
+            self.flush()
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), PARAM_BATCH):
-            retry(self.client.log_batch, self.run_id, params=items[i : i + PARAM_BATCH])
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None, flush: bool = True) -> None:
+    def log_metrics(self, metrics: Mapping[str, object], step: int | None = None, flush: bool = True) -> None:
         """Queue metrics (non-numeric values dropped); sent in one batch at the next flush."""
         from mlflow.entities import Metric
 
@@ -271,55 +279,76 @@ class Tracker:
         return [(m.key, m.value, m.timestamp, m.step) for m in self._pending]
 
     def flush(self) -> None:
+        """Write what is queued, in batches of MLflow's limits; kept while no run is open.  Every write first
+        checks the store is still the file the run was opened in (StoreLost)."""
+        if self.run_id is None:
+            return
         check_same_file(self.uri, self.store_file)
-        while self._pending:
-            batch, self._pending = self._pending[:METRIC_BATCH], self._pending[METRIC_BATCH:]
-            retry(self.client.log_batch, self.run_id, metrics=batch)
+        while self._pending_params or self._pending:
+            params, self._pending_params = self._pending_params[:PARAM_BATCH], self._pending_params[PARAM_BATCH:]
+            room = METRIC_BATCH - len(params)
+            metrics, self._pending = self._pending[:room], self._pending[room:]
+            retry(self.client.log_batch, self.run_id, metrics=metrics, params=params)
         self._flushed_at = time.monotonic()
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
+    def set_tags(self, tags: Mapping[str, object]) -> None:
         from mlflow.entities import RunTag
 
+        redacted = {k: redact(str(v)) for k, v in tags.items()}
+        if self.run_id is None:
+            self._pending_tags.update(redacted)
+            return
         check_same_file(self.uri, self.store_file)
-        retry(self.client.log_batch, self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
+        retry(self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in redacted.items()])
 
     def delete_tag(self, key: str) -> None:
         """Remove tag ``key`` from the run if it is there."""
-        if key in retry(self.client.get_run, self.run_id).data.tags:
+        if self.run_id is None:
+            self._pending_tags.pop(key, None)
+        elif key in retry(self.client.get_run, self.run_id).data.tags:
             retry(self.client.delete_tag, self.run_id, key)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        retry(self.client.log_text, self.run_id, redact(text), artifact_file)
+        retry(self.client.log_text, self.open_run_id, redact(text), artifact_file)
 
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        retry(self.client.log_figure, self.run_id, figure, artifact_file)
+    def log_figure(self, figure: Figure, artifact_file: str) -> None:
+        retry(self.client.log_figure, self.open_run_id, figure, artifact_file)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        retry(self.client.log_artifact, self.run_id, str(local_path), artifact_path)
+        retry(self.client.log_artifact, self.open_run_id, str(local_path), artifact_path)
 
-    def log_model(self, flavor: Any, metadata: dict[str, Any], **kwargs: Any) -> None:
+    def log_model(self, flavor: ModuleType, metadata: dict[str, object], **kwargs: object) -> None:
         """Log a model under ``model`` on this run (``runs:/<id>/model``), saved by the flavor module's
         ``save_model(path, mlflow_model, **kwargs)`` (optiflow.export: the run's raw-input pipeline)."""
         import mlflow
         from mlflow.models import Model
 
+        run_id = self.open_run_id
         mlflow.set_tracking_uri(self.uri)
         try:
-            with mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None):
-                Model.log(None, flavor, name="model", run_id=self.run_id, metadata=metadata,
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+                Model.log(None, flavor, name="model", run_id=run_id, metadata=metadata,
                           validate_serving_input=False, **kwargs)
         except OSError as exc:
-            full = disk_full(exc, self.client.get_run, (self.run_id,), staged=True)
+            full = disk_full(exc, self.client.get_run, (run_id,), staged=True)
             if full is None:
                 raise
             raise full from None
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED)."""
+    def end(self, status: str = "FINISHED", ended_ms: int | None = None) -> None:
+        """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED) at ``ended_ms``
+        (default now)."""
         try:
             self.flush()
         finally:
-            retry(self.client.set_terminated, self.run_id, status=status)
+            retry(self.client.set_terminated, self.open_run_id, status=status, end_time=ended_ms)
+
+    @property
+    def open_run_id(self) -> str:
+        """``run_id`` once the run is open; an error before."""
+        if self.run_id is None:
+            raise OptiflowError("no MLflow run is open yet: files are logged once it is")
+        return self.run_id
 
 
 class Outcome:
@@ -336,7 +365,7 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def run_status(tracker: Any) -> Iterator[Outcome]:
+def run_status(tracker: RunTracker) -> Iterator[Outcome]:
     """End ``tracker``'s open run with the right status, whatever happens in the block.
 
     FINISHED (or the ``Outcome``'s status) when the block completes; KILLED on
@@ -364,23 +393,6 @@ def run_status(tracker: Any) -> Iterator[Outcome]:
             tracker.end(outcome.status)
 
 
-class NullTracker:
-    """Stands in for ``Tracker`` on every data-parallel process but rank 0: logs nothing."""
-
-    uri = None
-    run_id = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return _ignore
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _param_value(value: Any) -> str:
+def _param_value(value: object) -> str:
     text = redact(str(value))
     return text if len(text) <= 6000 else text[:5997] + "..."
-

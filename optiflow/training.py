@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
 import signal
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import optiflow
-from optiflow import checkpoints, distributed, export, heartbeat, host
+from optiflow import checkpoints, digest, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
 from optiflow.errors import (
     DiskFull,
@@ -33,9 +30,10 @@ from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
+from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
 from optiflow.stored import resume_command
-from optiflow.tracking import NullTracker, Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
+from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
 
 
 def train(
@@ -75,7 +73,7 @@ def train(
     run.artifacts = artifacts
     if run.device.type == "cpu":
         host.keep_freed_memory()
-    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads):
+    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
         tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome, heartbeat.beating(tracker):
@@ -128,7 +126,7 @@ def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None
             checkpoints.restore(run, state)  # a checkpoint that does not fit is refused before the run reopens
     distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
     cluster = distributed.join(run.device)
-    tracker.start(run_name=config.run_name or default_run_name(run), tags=run_tags(extra_tags),
+    tracker.start(run_name=config.run_name or default_run_name(run), tags=extra_tags,
                   parent_run_id=parent_run_id, run_id=resume)  # the heartbeat is written with it
     run.tracker = tracker
     return tracker, state, cluster
@@ -143,9 +141,9 @@ def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_para
     else:
         run.checkpoint = state
         if main:
-            checkpoints.relog(run.tracker, state)
-        run.tracker.delete_tag("failure")
-        run.tracker.set_tags({"optiflow.resumed_from_epoch": run.epoch})
+            checkpoints.relog(run.tracking, state)
+        run.tracking.delete_tag("failure")
+        run.tracking.set_tags({"optiflow.resumed_from_epoch": run.epoch})
     resumed_from = run.epoch if state is not None else None
     pm.hook.optiflow_run_start(run=run)
     if state is not None:
@@ -239,7 +237,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
                     outcome: Outcome) -> BaseException:
     """Say why the run did not finish (failure tag, traceback, checkpoint) before ``run_status`` ends it
     FAILED or KILLED; returns the error to raise, its message naming the run and how to resume it."""
-    tracker = run.tracker
+    tracker = run.tracking
     reporter.stop()
     if isinstance(exc, RunKilled):
         run.status = run.status or "KILLED"
@@ -262,7 +260,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     try:
         if not isinstance(exc, OptiflowError):
             tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
-        if run.checkpoint is not None and not isinstance(exc, DiskFull):  # no room for it: the last one stays whole
+        # a full disk keeps the last checkpoint whole; only the process that logs (a Tracker) saves one
+        if run.checkpoint is not None and isinstance(tracker, Tracker) and not isinstance(exc, DiskFull):
             if not run.artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
@@ -314,8 +313,9 @@ def training_error(pm: PluginManager, exc: Exception, context: str) -> Exception
 def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     """Parameters (the plan, data sizes, resolved computing decisions, ``extra_params``), the config and the
     normalizer."""
-    tracker = run.tracker
+    tracker = run.tracking
     tracker.log_params(setup_params(run, extra_params))
+    tracker.set_tags({digest.DATA_TAG: data_digest(run)})
     if not run.artifacts:
         return
     tracker.log_text(run.config.to_yaml(), "config.yaml")
@@ -338,25 +338,41 @@ def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
     return {**params, **extra_params}
 
 
-def run_tags(extra_tags: dict[str, str] | None) -> dict[str, str]:
-    """The tags a run starts with: optiflow's version, the command line, ``extra_tags``."""
-    return {"optiflow.version": optiflow.__version__, "optiflow.command": _command_line(), **(extra_tags or {})}
-
-
 def _finish(run: Run, test: dict[str, float], log_model: bool) -> None:
     """Test metrics, the learning curves (``run.artifacts``) and (``log_model``) the model, on the finished run."""
-    run.tracker.log_metrics(test, step=run.epoch, flush=False)
+    run.tracking.log_metrics(test, step=run.epoch, flush=False)
+    run.tracking.set_tags({digest.WEIGHTS_TAG: digest.weights_digest(run.model)})
     if run.artifacts:
         _log_curves(run)
     if log_model:
         export.log_model(run)
 
 
+def data_digest(run: Run) -> str:
+    """SHA-256 of the run's splits as trained and scored on (after the split and the normalizer)."""
+    return digest.tensors_digest(zip(("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"),
+                                     run.splits.tensors()))
+
+
+def components_title(run: Run) -> str:
+    """What a run's pictures are of: its dataset, model and optimizer, and every other component set to other
+    than its slot's default (scheduler, regularizers, augmentations, loss, normalizer, initializer), as given."""
+    from optiflow.slots import SLOTS
+
+    parts = []
+    for slot in SLOTS:
+        value = getattr(run.config, slot.key)
+        for spec in value if slot.repeatable else [value]:
+            if spec is not None and (slot.key in ("data", "model", "opt") or spec.name != slot.default):
+                parts.append(str(spec))
+    return " / ".join(parts) + f"  (lr {run.lr:g})"
+
+
 def _log_curves(run: Run) -> None:
     from optiflow.plots import learning_curves, pyplot
 
-    figure = learning_curves(run.history, title=f"{run.plan.model[0].name} / {run.plan.opt[0].name}")
-    run.tracker.log_figure(figure, "learning_curves.png")
+    figure = learning_curves(run.history, title=components_title(run))
+    run.tracking.log_figure(figure, "learning_curves.png")
     pyplot().close(figure)
 
 
@@ -369,6 +385,3 @@ def _jsonable(value: object) -> object:
         return value.detach().cpu().tolist() if hasattr(value, "detach") else value.tolist()
     return value
 
-
-def _command_line() -> str:
-    return shlex.join(["optiflow", *sys.argv[1:]]) if sys.argv and "optiflow" in sys.argv[0] else shlex.join(sys.argv)

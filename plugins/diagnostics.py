@@ -90,7 +90,10 @@ class GradientFlow:
         axis.set_yscale("log")
         axis.set(xlabel="layer (input → output)", ylabel="gradient L2 norm", title="gradient flow")
         if len(self.epochs) <= 12:
-            axis.legend(fontsize=7)
+            axis.legend(fontsize=7, title="one line per epoch", title_fontsize=7)
+        else:  # too many lines to name: the colour scale says which epoch each is
+            scale = plt.cm.ScalarMappable(cmap=colors, norm=plt.Normalize(self.epochs[0], self.epochs[-1]))
+            figure.colorbar(scale, ax=axis, label="epoch")
         figure.subplots_adjust(left=0.12, right=0.97, bottom=0.2, top=0.9)
         return figure
 

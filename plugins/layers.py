@@ -33,7 +33,10 @@ class SoftmaxMSE(nn.Module):
 
 
 class MSE(nn.MSELoss):
-    """Mean squared error with outputs reshaped to the targets' shape ((N, 1) against (N,))."""
+    """Mean squared error with outputs reshaped to the targets' shape ((N, 1) against (N,)): the plain loss
+    of regression (``optiflow.run.is_task_loss``), so a run trained on it logs it once as train_loss."""
+
+    task_loss = "regression"
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return super().forward(outputs.reshape(targets.shape), targets)

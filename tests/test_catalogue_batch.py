@@ -125,9 +125,9 @@ def test_a_sam_like_optimizer_reports_the_loss_at_the_current_weights(tmp_path):
     x, y = run.splits.x_train[:32], run.splits.y_train[:32]
     with torch.no_grad():
         at_weights = float(run.loss_fn(run.model(x), y))
-    loss, outputs, *_ = training_step(run, get_plugin_manager(), distributed.current())(x, y)
-    assert float(loss) == pytest.approx(at_weights, rel=1e-5)
-    assert outputs.requires_grad is False
+    objective, loss, outputs, *_ = training_step(run, get_plugin_manager(), distributed.current())(x, y)
+    assert float(loss) == pytest.approx(at_weights, rel=1e-5) and objective is loss, "no penalty: one loss"
+    assert outputs.shape == (32, 3) and outputs.requires_grad is False
 
 
 def layer_output_variances(model: nn.Module, x: torch.Tensor) -> list[float]:

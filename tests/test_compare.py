@@ -125,3 +125,93 @@ def test_register_registers_the_best_variants_model(invoke, mlflow_client, exper
     assert f"as '{experiment}' version 1" in result.output and best.info.run_id in result.output
     for child in children:  # every child logged its model, so any of them can be registered later
         assert mlflow_client.search_logged_models([child.info.experiment_id], f"source_run_id = '{child.info.run_id}'")
+
+
+@pytest.mark.slow
+def test_repeats_give_intervals_and_paired_tests_recomputable_from_the_children(invoke, mlflow_client, experiment,
+                                                                               tmp_path):
+    from scipy import stats
+
+    out = tmp_path / "out"
+    result = invoke("compare", "--vary", "opt=sgd,adam,rmsprop", "--repeats", "3", "--baseline", "adam",
+                    "--out", str(out), *TINY[:-1])
+    assert result.exit_code == 0, result.stderr
+    assert "95% t-interval over seeds" in " ".join(result.output.split())
+    [parent], children = children_of(mlflow_client, experiment)
+    assert parent.data.tags["baseline_variant"] == "opt=adam"
+    by_variant: dict[str, dict[str, float]] = {}
+    for child in children:
+        by_variant.setdefault(child.data.tags["optiflow.variant"], {})[child.data.params["seed"]] = \
+            child.data.metrics["test_accuracy"]
+    rows = {r["variant"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    metrics = parent.data.metrics
+    for index, label in enumerate(["opt=sgd", "opt=adam", "opt=rmsprop"], 1):
+        assert parent.data.tags[f"variant_{index}"] == label
+        values = [by_variant[label][seed] for seed in ("0", "1", "2")]
+        low, high = stats.t.interval(0.95, 2, loc=sum(values) / 3, scale=stats.sem(values))
+        assert metrics[f"variant_{index}.test_accuracy_ci_low"] == pytest.approx(low, abs=1e-9)
+        assert metrics[f"variant_{index}.test_accuracy_ci_high"] == pytest.approx(high, abs=1e-9)
+        assert float(rows[label]["test_accuracy 95% CI low"]) == pytest.approx(low, abs=1e-4)
+        if label == "opt=adam":
+            assert rows[label]["difference to opt=adam"] == "baseline"
+            assert f"variant_{index}.test_accuracy_p_value" not in metrics
+            continue
+        baseline = [by_variant["opt=adam"][seed] for seed in ("0", "1", "2")]
+        differences = [a - b for a, b in zip(values, baseline)]
+        p_value = stats.ttest_rel(values, baseline).pvalue if len(set(differences)) > 1 else float(differences[0] == 0)
+        assert metrics[f"variant_{index}.test_accuracy_p_value"] == pytest.approx(p_value, abs=1e-9)
+        assert metrics[f"variant_{index}.test_accuracy_difference"] == pytest.approx(sum(differences) / 3, abs=1e-12)
+        assert rows[label]["significant at 5%"] == ("yes" if p_value < 0.05 else "no")
+    assert "paired t-test" in (out / "summary.md").read_text()
+
+
+def test_one_repeat_says_no_interval_can_be_given(invoke, mlflow_client, experiment, tmp_path):
+    result = invoke("compare", "--vary", "opt=sgd,adam", "--out", str(tmp_path / "o"), *TINY[:-1])
+    assert result.exit_code == 0, result.stderr
+    assert "no confidence interval can be given from one seed per variant" in " ".join(result.output.split())
+    [parent], _ = children_of(mlflow_client, experiment)
+    assert not [k for k in parent.data.metrics if "_ci_" in k or "p_value" in k]
+    rows = list(csv.DictReader((tmp_path / "o" / "summary.csv").open()))
+    assert rows[1]["test_accuracy 95% CI low"] == "-" and rows[1]["p (paired t-test)"] == "-"
+
+
+def test_an_unknown_baseline_is_refused_before_anything_runs(invoke, mlflow_client, experiment, tmp_path):
+    result = invoke("compare", "--vary", "opt=sgd,adam", "--baseline", "adamw", "--out", str(tmp_path), *TINY)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "--baseline 'adamw' is not a variant (did you mean 'adam'?); choose from opt=sgd, opt=adam" in result.stderr
+    assert_no_run(mlflow_client, experiment)
+
+
+def test_paired_test_of_identical_and_constant_differences():
+    from optiflow.confidence import paired_test, t_interval
+
+    assert t_interval([0.5]) is None and paired_test({0: 1.0}, {0: 0.5}) is None
+    assert paired_test({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6}).p_value == 1.0
+    constant = paired_test({0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.6})
+    assert constant.significant and constant.difference == pytest.approx(0.1)
+    assert paired_test({0: 0.6, 1: 0.7}, {2: 0.5, 3: 0.6}) is None, "no common seeds, nothing to pair"
+
+
+def test_piped_tables_and_lines_never_wrap_a_name(capsys):
+    from optiflow.console import console, result_table
+
+    label = "opt=sgd:momentum=0.9,nesterov=true lr=0.001 sched=cosine:warmup_epochs=3,min_lr=0.0001"
+    result_table("compare: final test_accuracy", ["variant", "runs", "mean [95% CI]"], [[label, "3", "0.9 [0.8, 1]"]])
+    console.print(f"parent run {'f' * 32}  ·  files in /a/rather/long/folder/{'x' * 40}  ·  open the UI: mlflow ui")
+    lines = capsys.readouterr().out.splitlines()
+    assert any(label in line for line in lines), "the variant's name stays on one line"
+    assert any("/a/rather/long/folder/" + "x" * 40 in line and "open the UI" in line for line in lines)
+
+
+def test_folders_optiflow_creates_are_git_ignored_and_existing_ones_left_alone(invoke, tmp_path, monkeypatch):
+    from optiflow.tracking import resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    resolve_tracking_uri("sqlite:///mlruns/mlflow.db")
+    assert (tmp_path / "mlruns" / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert invoke("compare", "--vary", "opt=sgd", "--out", "results/cmp", *TINY).exit_code == 0
+    assert (tmp_path / "results" / ".gitignore").exists() and not (tmp_path / "results" / "cmp" / ".gitignore").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert invoke("compare", "--vary", "opt=sgd", "--out", str(mine), *TINY).exit_code == 0
+    assert (mine / "summary.csv").exists() and not (mine / ".gitignore").exists()

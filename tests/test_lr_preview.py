@@ -65,3 +65,19 @@ def test_lr_preview_bad_input_is_one_line(invoke):
     result = invoke("lr-preview", "--sched", "stepp")
     assert result.exit_code == 2 and "unknown scheduler 'stepp'" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_lr_preview_takes_the_training_flags_themselves():
+    """--opt, --sched, --data (and --lr, --epochs, --batch-size, --config) are the train command's flags,
+    derived from the slot table: a new slot help or metavar reaches both."""
+    from optiflow.cli import lr_preview, train
+    from optiflow.slots import SLOT_BY_KEY
+
+    shared = {"config_file", "opt", "sched", "data", "lr", "epochs", "batch_size"}
+    previewed = {p.name: p for p in lr_preview.params}
+    trained = {p.name: p for p in train.params}
+    assert shared <= set(previewed)
+    for name in shared:
+        assert previewed[name].to_info_dict() == trained[name].to_info_dict(), name
+    for key in ("opt", "sched", "data"):
+        assert previewed[key].help == SLOT_BY_KEY[key].help

@@ -265,6 +265,8 @@ def test_trace_hooks_prints_every_hook_call(site, invoke, monkeypatch):
     trace = [line for line in result.stderr.splitlines() if line.startswith("[optiflow trace]")]
     assert any(line.startswith("[optiflow trace] optiflow_register_optimizers(register) <- optimizers")
                for line in trace), trace
+    registering = [line for line in trace if "optiflow_register_" in line]
+    assert not [line for line in registering if " <- -  " in line], "a plugin is asked only for the hooks it has"
 
 
 def test_the_tutorial_plugin_works_as_written(site, invoke, mlflow_client, experiment):
@@ -437,3 +439,41 @@ def test_list_and_plugins_commands(invoke):
     result = invoke("plugins")
     assert result.exit_code == 0
     assert "optimizers" in result.output and "register_optimizers" in result.output
+
+
+def test_an_optional_hook_pluggy_knows_nothing_of_loads_and_an_unknown_one_is_refused(site, invoke):
+    """pluggy's check_pending() decides: optionalhook=True implementations of hooks optiflow does not have
+    (yet) are fine, any other unknown hook rejects its plugin in one line naming it and the hook."""
+    site.install("optiflow-future", "future", """
+        from optiflow import hookimpl
+
+        @hookimpl(optionalhook=True)
+        def optiflow_hook_of_a_later_version(run):
+            pass
+
+        @hookimpl
+        def optiflow_register_optimizers(register):
+            register("future-sgd", lambda model, *, lr=0.1: None)
+        """)
+    site.install("optiflow-typo", "typo", """
+        from optiflow import hookimpl
+
+        @hookimpl
+        def optiflow_run_strat(run):
+            pass
+        """)
+    result = invoke("list", "optimizer")
+    assert "future-sgd" in result.output
+    assert warnings_in(result.stderr) == [
+        "Warning: plugin 'typo' (optiflow-typo 0.1) skipped: failed to load: implements unknown hook "
+        "'optiflow_run_strat' (see docs/plugins.md for the hooks)"
+    ]
+
+
+def test_plugin_names_compare_like_package_names_everywhere():
+    from optiflow.plugins import PluginSelection
+    from optiflow.registry import plugin_key
+
+    assert plugin_key(" My_Plugin.x ") == plugin_key("my-plugin-x") == "my-plugin-x"
+    selection = PluginSelection(disabled=frozenset({plugin_key("My_Plugin")}))
+    assert not selection.allows("my.plugin") and selection.allows("my-plugins")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 from click.testing import CliRunner
 
 from optiflow import hookimpl
@@ -199,3 +202,73 @@ def test_the_printed_resume_command_works_for_data_outside_the_data_folder(invok
     assert resumed.exit_code == 0, resumed.output
     [run] = runs_of(mlflow_client, experiment)
     assert run.info.status == "FINISHED" and run.data.tags["optiflow.resumed_from_epoch"] == "1"
+DETERMINISTIC = {
+    "mlp": ("train", "--seed", "3", "--deterministic", *TINY),
+    "cnn-augmented": ("train", "--deterministic", "--model", "cnn:channels=[4,8],hidden=[16,16]", "--aug", "hflip",
+                      "--aug", "rotation", "--epochs", "2", "--batch-size", "64", "-q"),
+    "compare-child": ("compare", "--deterministic", "--vary", "opt=sgd,adam", "--out", "cmp", *TINY),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", DETERMINISTIC)
+def test_a_deterministic_run_reproduces_bit_for_bit(invoke, mlflow_client, experiment, kind):
+    assert invoke(*DETERMINISTIC[kind]).exit_code == 0
+    original = next(r for r in runs_of(mlflow_client, experiment) if "optiflow.kind" not in r.data.tags
+                    and r.data.params.get("opt") == "adam")
+    assert original.data.params["deterministic"] == "True" and original.data.params["cpu_threads"] == "1"
+    result = invoke("reproduce", original.info.run_id, "--tracking-uri", mlflow_client.tracking_uri, store=False)
+    assert result.exit_code == 0, result.stderr
+    assert "weights identical bit for bit" in result.output
+    again = next(r for r in runs_of(mlflow_client, experiment) if r.data.tags.get("optiflow.reproduces"))
+    digest = original.data.tags["optiflow.weights_sha256"]
+    assert len(digest) == 64 and again.data.tags["optiflow.weights_sha256"] == digest
+    assert again.data.tags["optiflow.data_sha256"] == original.data.tags["optiflow.data_sha256"]
+    assert again.data.metrics["test_loss"] == original.data.metrics["test_loss"]
+
+
+class Nudge:
+    """Moves one output bias by 1e-3 at the end of the last epoch: a re-run that is not the same training."""
+
+    @hookimpl
+    def optiflow_epoch_end(self, run, epoch, metrics):
+        if epoch == run.config.epochs:
+            with torch.no_grad():
+                list(run.model.parameters())[-1].view(-1)[0] += 1e-3
+
+
+def test_weights_that_differ_are_reported_with_the_largest_difference(invoke, mlflow_client, experiment, plugin):
+    assert invoke("train", "--deterministic", *TINY).exit_code == 0
+    [original] = runs_of(mlflow_client, experiment)
+    plugin(Nudge(), "nudge")
+    result = invoke("reproduce", original.info.run_id, "--tracking-uri", mlflow_client.tracking_uri, "--rtol", "1",
+                    store=False)
+    assert result.exit_code == 1
+    assert "weights differ, largest difference 0.001 in 3.bias, although both ran --deterministic" in \
+        " ".join(result.output.split())
+    assert result.stderr.startswith("Error: the final weights differ from run ")
+
+
+def test_without_deterministic_a_weight_difference_is_reported_not_failed(invoke, mlflow_client, experiment, plugin):
+    assert invoke("train", *TINY).exit_code == 0
+    [original] = runs_of(mlflow_client, experiment)
+    plugin(Nudge(), "nudge")
+    result = invoke("reproduce", original.info.run_id, "--tracking-uri", mlflow_client.tracking_uri, "--rtol", "1",
+                    "--atol", "1", store=False)
+    assert result.exit_code == 0, result.stderr
+    output = " ".join(result.output.split())
+    assert "weights differ, largest difference 0.001 in 3.bias; bit-for-bit identity is promised only" in output
+    assert re.search(r"all metrics match \(largest difference: test_\w+ by \d", output), output
+
+
+def test_the_weights_hash_is_of_every_bit_of_every_tensor():
+    from optiflow.digest import weights_digest
+
+    model = torch.nn.Linear(3, 2)
+    before = weights_digest(model)
+    assert weights_digest(model) == before and len(before) == 64
+    with torch.no_grad():
+        model.bias.view(torch.int32)[0] ^= 1  # the lowest bit of one float
+    assert weights_digest(model) != before
+    state = {"w": torch.zeros(2, 3)}
+    assert weights_digest(state) != weights_digest({"w": torch.zeros(3, 2)}) != weights_digest({"v": torch.zeros(2, 3)})

@@ -224,6 +224,7 @@ def test_search_refits_the_best_configuration_and_registers_it(invoke, mlflow_cl
     """The best trial trained again on train + validation, scored on the same test split, model logged and
     registered; the summary names the refit run."""
     import mlflow
+    import numpy as np
 
     result = invoke("search", "--space", "lr=choice:0.05,0.0001", "--sampler", "grid", "--opt", "sgd",
                     "--epochs", "2", "--register", experiment, *REFIT)
@@ -248,8 +249,13 @@ def test_search_refits_the_best_configuration_and_registers_it(invoke, mlflow_cl
     assert parent.data.tags["registered_model"] == f"models:/{experiment}/1"
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{experiment}/1")
-    shape = model.metadata.get_input_schema().inputs[0].shape  # whatever layout the logged model takes
-    assert model.predict(torch.randn(3, *shape[1:]).numpy()).shape == (3, 10)
+    signature, card = model.metadata.signature, model.metadata.metadata["optiflow"]
+    assert signature.inputs is None, "outputs only: optiflow_serving checks the inputs, naming what is wrong"
+    assert signature.outputs.input_names() == card["classes"] == [str(c) for c in range(10)]
+    assert card["input_shape"] == [1, 8, 8] and card["raw_input"] and card["image"]
+    raw = np.random.default_rng(0).uniform(0, 16, (3, *card["input_shape"])).astype(np.float32)  # digits' 0..16
+    predicted = model.predict(raw)
+    assert predicted.shape == (3, 10) and list(predicted.columns) == card["classes"]
 
 
 @pytest.mark.slow

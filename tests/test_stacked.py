@@ -57,6 +57,7 @@ def test_stacked_folds_are_child_runs_with_their_params_and_metrics(tracking_uri
                           params={"optuna.trial_number": 7})
     assert stacked is not None
     reference = mlflow_client.get_run(alone.run_id)
+    hashes = []
     for fold, result in enumerate(stacked):
         run = mlflow_client.get_run(result.run_id)
         assert run.info.status == "FINISHED" and run.info.run_name == f"fold {fold}"
@@ -69,6 +70,10 @@ def test_stacked_folds_are_child_runs_with_their_params_and_metrics(tracking_uri
         assert [m.step for m in history] == [1, 2, 3]
         assert [m.value for m in history] == result.history["val_accuracy"]
         assert run.data.metrics["test_accuracy"] == result.metrics["test_accuracy"]
+        assert len(run.data.tags["optiflow.weights_sha256"]) == 64, "reproduce compares a fold's weights by it"
+        hashes.append(run.data.tags["optiflow.data_sha256"])
+    assert hashes[0] == reference.data.tags["optiflow.data_sha256"], "fold 0's data, stacked or alone"
+    assert len(set(hashes)) == 3, "each fold trains on its own split"
 
 
 class HookCalls:

@@ -290,3 +290,88 @@ def test_a_bad_seconds_setting_is_one_line_before_any_run_opens(invoke, mlflow_c
     assert result.exit_code == 2 and lines == [f"Error: ${name} must be a number of seconds >= 0, got 'soon'"], \
         result.stderr
     assert_no_run(mlflow_client, experiment)
+def test_what_is_logged_before_a_run_opens_is_written_with_it_and_nothing_before(tracking_uri, experiment,
+                                                                                  mlflow_client, monkeypatch):
+    """Folds trained stacked log to a tracker whose run opens once they finish: start() is the one place a run
+    is created, with the params, metrics and tags logged before it, at the time it was given."""
+    tracker = Tracker(tracking_uri, experiment)
+    calls = []
+    for name in ("create_run", "log_batch", "set_terminated"):
+        real = getattr(tracker.client, name)
+        monkeypatch.setattr(tracker.client, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                              _real(*a, **k))[1])
+    tracker.log_metrics({"val_loss": 0.5}, step=1, flush=False)
+    tracker.log_metrics({"val_loss": 0.25}, step=2)  # flush=True: still nothing to write to
+    tracker.set_tags({"stopped_early": "patience"})
+    tracker.log_params({"epochs": 2}, flush=False)
+    assert calls == [] and tracker.run_id is None
+    with pytest.raises(Exception, match="no MLflow run is open"):
+        tracker.log_text("x", "x.txt")
+    parent = mlflow_client.create_run(mlflow_client.get_experiment_by_name(experiment).experiment_id).info.run_id
+    run_id = tracker.start("fold 0", {"optiflow.cv_fold": "0"}, parent_run_id=parent, started_ms=1_000)
+    tracker.end("FINISHED", ended_ms=2_000)
+    assert calls == ["create_run", "log_batch", "set_terminated"]
+    run = mlflow_client.get_run(run_id)
+    assert (run.info.start_time, run.info.end_time, run.info.status) == (1_000, 2_000, "FINISHED")
+    assert run.data.params == {"epochs": "2"}
+    assert [v for _, v in metric_history(mlflow_client, run_id, "val_loss")] == [0.5, 0.25]
+    assert run.data.tags["stopped_early"] == "patience" and run.data.tags["optiflow.cv_fold"] == "0"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    host, pid, _ = run.data.tags["optiflow.heartbeat"].split(" ")
+    assert pid == str(os.getpid()), "a deferred run beats from the call that creates it too"
+
+
+def test_every_run_is_tagged_with_the_optiflow_version_and_the_command(tracking_uri, experiment, mlflow_client,
+                                                                        monkeypatch):
+    import optiflow
+    from optiflow import tracking
+
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/optiflow", "search", "--n-trials", "3"])
+    tracker = Tracker(tracking_uri, experiment)
+    tags = mlflow_client.get_run(tracker.start("python caller")).data.tags
+    assert tags["optiflow.version"] == optiflow.__version__
+    assert tags["optiflow.command"] == "optiflow search --n-trials 3"
+    monkeypatch.setattr(tracking, "CLI_ARGS", ["compare", "--vary", "lr=0.1,0.01"])
+    tags = mlflow_client.get_run(Tracker(tracking_uri, experiment).start("cli")).data.tags
+    assert tags["optiflow.command"] == "optiflow compare --vary lr=0.1,0.01"
+    given = {"optiflow.command": "optiflow train --epochs 1"}
+    tags = mlflow_client.get_run(Tracker(tracking_uri, experiment).start("given", given)).data.tags
+    assert tags["optiflow.command"] == "optiflow train --epochs 1", "a tag the caller gives wins"
+
+
+def test_the_cli_command_line_does_not_outlive_the_command(invoke):
+    from optiflow import tracking
+
+    result = invoke("train", "--epochs", "1", "--print-config")
+    assert result.exit_code == 0, result.output
+    assert tracking.CLI_ARGS is None, "a Python caller later in this process would be tagged with that command"
+
+
+@pytest.mark.parametrize("tracker_class", ["Tracker", "NullTracker"])
+def test_both_trackers_implement_every_member_of_the_run_tracker_protocol(tracker_class):
+    """What mypy checks where a tracker is assigned to Run.tracker, checked here on the classes themselves:
+    NullTracker answers every call with a real method (no __getattr__ that would hide a typo)."""
+    import inspect
+
+    from optiflow import runlog, tracking
+    from optiflow.runlog import RunTracker
+
+    cls = getattr(tracking, tracker_class, None) or getattr(runlog, tracker_class)
+    members = {name for name in vars(RunTracker) if not name.startswith("_")}
+    assert members >= {"run_id", "log_metrics", "set_tags", "log_text", "end"}
+    for name in members - {"run_id", "uri"}:
+        assert inspect.signature(getattr(cls, name)) == inspect.signature(getattr(RunTracker, name)), name
+    assert not hasattr(cls, "__getattr__")
+    with pytest.raises(AttributeError):
+        runlog.NullTracker().log_metric({"x": 1})  # a typo is an error, not silently ignored
+
+
+def test_tags_set_before_a_run_is_reopened_land_on_it(tracking_uri, experiment, mlflow_client):
+    first = Tracker(tracking_uri, experiment)
+    run_id = first.start("to resume")
+    first.end("KILLED")
+    again = Tracker(tracking_uri, experiment)
+    again.set_tags({"optiflow.resumed_from_epoch": 3})
+    assert again.start(run_id=run_id) == run_id
+    run = mlflow_client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["optiflow.resumed_from_epoch"] == "3"

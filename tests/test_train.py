@@ -118,8 +118,14 @@ def test_register_makes_a_model_version_that_loads_and_predicts(invoke, mlflow_c
 
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{experiment}/1")
-    shape = model.metadata.get_input_schema().inputs[0].shape
-    assert model.predict(torch.randn(3, *shape[1:]).numpy()).shape == (3, 10)
+    signature, card = model.metadata.signature, model.metadata.metadata["optiflow"]
+    assert signature.inputs is None, "outputs only: optiflow_serving checks the inputs, naming what is wrong"
+    assert signature.outputs.input_names() == card["classes"] == [str(c) for c in range(10)]
+    assert card["input_shape"] == [1, 8, 8] and card["raw_input"] and card["image"] and card["dataset"] == "digits"
+    raw = np.random.default_rng(0).uniform(0, 16, (3, *card["input_shape"])).astype(np.float32)  # digits' 0..16
+    predicted = model.predict(raw)
+    assert predicted.shape == (3, 10) and list(predicted.columns) == card["classes"]
+    assert np.allclose(model.predict(raw.reshape(3, -1)).to_numpy(), predicted.to_numpy()), "rows of 64 pixels too"
     if "predict" in cli.commands:
         np.save(tmp_path / "x.npy", np.full((4, 1, 8, 8), 0.5, dtype=np.float32))
         predicted = invoke("predict", f"models:/{experiment}/1", "--input", str(tmp_path / "x.npy"),
@@ -137,3 +143,14 @@ def test_register_needs_a_model_name_mlflow_accepts(invoke, mlflow_client, exper
                                      "Names cannot contain '/' or ':'.")
     exp = mlflow_client.get_experiment_by_name(experiment)
     assert exp is None or mlflow_client.search_runs([exp.experiment_id]) == []
+
+
+def test_the_summary_says_where_the_store_is_and_the_run_logs_its_hashes(invoke, mlflow_client, experiment,
+                                                                        tracking_uri):
+    result = invoke("train", "--epochs", "1", "--model", "mlp:hidden=[8]", "--sched", "cosine")
+    assert result.exit_code == 0, result.stderr
+    [line] = [line for line in result.output.splitlines() if "tracking store" in line]
+    assert tracking_uri in line
+    [run] = runs_of(mlflow_client, experiment)
+    assert len(run.data.tags["optiflow.weights_sha256"]) == len(run.data.tags["optiflow.data_sha256"]) == 64
+    assert run.data.params["deterministic"] == "False"

@@ -10,11 +10,16 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow.config import RunConfig, split_variants
 from optiflow.errors import OptiflowError, TrainingError
 from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from optiflow.tracking import Tracker
 
 NOT_VARIABLE = frozenset({"experiment", "tracking_uri", "run_name"})
 VARIABLE_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in NOT_VARIABLE)
@@ -34,7 +39,7 @@ class ChildRun:
     failure: str | None = None
 
 
-BRIEF_COLUMNS = ("variant", "runs", "mean ± std", "min – max", "seconds", "best")
+BRIEF_COLUMNS = ("variant", "runs", "mean [95% CI]", "vs baseline (paired)", "seconds", "best")
 
 
 @dataclass
@@ -52,6 +57,8 @@ class Comparison:
     best: str | None
     registered: tuple[str, str, str] | None = None
     failure: str | None = None
+    #: how to read the intervals and tests, or why there are none
+    note: str = ""
 
     def best_child(self) -> ChildRun | None:
         """The best variant's child with the best metric (its best seed with ``--repeats``)."""
@@ -100,6 +107,20 @@ def variant_label(values: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in values.items())
 
 
+def baseline_variant(name: str | None, labels: list[str]) -> str:
+    """The variant ``--baseline`` names: its label (``opt=sgd``) or, with one varied key, its value (``sgd``);
+    the first variant when None."""
+    if name is None:
+        return labels[0]
+    by_value = {label.partition("=")[2]: label for label in labels} if all(" " not in label for label in labels) else {}
+    found = name if name in labels else by_value.get(name)
+    if found is None:
+        close = difflib.get_close_matches(name, labels + list(by_value), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise OptiflowError(f"--baseline '{name}' is not a variant{hint}; choose from {', '.join(labels)}")
+    return found
+
+
 def plan_runs(base: RunConfig, vary: dict[str, list[str]], repeats: int) -> list[tuple[str, RunConfig]]:
     """Every (label, config) to train, validated against the registry before anything runs."""
     from optiflow.plan import plan
@@ -129,6 +150,7 @@ def compare(
     *,
     repeats: int = 1,
     metric: str | None = None,
+    baseline: str | None = None,
     out_dir: str | Path | None = None,
     log_models: bool = False,
     register: str | None = None,
@@ -139,7 +161,8 @@ def compare(
     """Train every variant (``repeats`` seeds each) as child runs of one parent run, then summarize.
 
     A variant whose training diverges is recorded as FAILED and the comparison goes on;
-    Ctrl-C ends the parent KILLED, any other error ends it FAILED.  ``register`` logs every child's
+    Ctrl-C ends the parent KILLED, any other error ends it FAILED.  Each variant's ``metric`` is summarized by
+    its mean and 95% t-interval over seeds and a paired t-test against ``baseline`` (default: the first).  ``register`` logs every child's
     model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
     """
     from optiflow import heartbeat
@@ -148,6 +171,7 @@ def compare(
 
     runs = plan_runs(base, vary, repeats)
     heartbeat.check_settings()
+    baseline = baseline_variant(baseline, [variant_label(values) for values in variants(vary)])
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
     _preflight_variants(runs)
@@ -172,12 +196,12 @@ def compare(
                 continue
             children.append(ChildRun(label, config.seed, "FINISHED", result.run_id,
                                      final_metrics(result.metrics, result.history), result.history, result.seconds))
-        comparison = _summarize(tracker, children, metric, out_dir)
+        comparison = _summarize(tracker, children, metric, out_dir, baseline)
         if not any(c.status == "FINISHED" for c in children):
             outcome.status = "FAILED"
             comparison.failure = "every variant failed; see the 'failure' tag of each child run"
     if register:
-        _register_best(comparison, tracker, register, base.tracking_uri)
+        _register_best(comparison, register, tracker)
     return comparison
 
 
@@ -197,24 +221,26 @@ def _preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
             raise OptiflowError(f"variant {label}: {exc}") from None
 
 
-def _register_best(comparison: Comparison, tracker: Any, name: str, tracking_uri: str | None) -> None:
-    """Register the best variant's model as ``name`` and tag the parent run with it; a refusal is the
-    comparison's ``failure`` (what is logged stays)."""
+def _register_best(comparison: Comparison, name: str, tracker: Tracker) -> None:
+    """Register the best variant's model as ``name`` and tag the parent run with it; a failure is the
+    comparison's ``failure``, the comparison itself stays logged."""
     from optiflow.training import register_model
 
     best = comparison.best_child()
     if best is None or best.run_id is None:
         return
     try:
-        comparison.registered = (name, register_model(best.run_id, name, tracking_uri), best.run_id)
+        comparison.registered = (name, register_model(best.run_id, name, tracker.uri), best.run_id)
         tracker.set_tags({"registered_model": f"models:/{name}/{comparison.registered[1]}",
                           "registered_run_id": best.run_id})
     except OptiflowError as exc:
         comparison.failure = f"the comparison is logged, but its best model was not registered: {exc}"
 
 
-def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_dir: str | Path | None) -> Comparison:
-    from optiflow.plots import metric_bars, overlay_curves
+def _summarize(tracker: Tracker, children: list[ChildRun], metric: str | None, out_dir: str | Path | None,
+               baseline: str | None = None) -> Comparison:
+    from optiflow.confidence import NO_INTERVAL, paired_test, t_interval
+    from optiflow.plots import metric_intervals
 
     finished = [c for c in children if c.status == "FINISHED"]
     metric = metric or default_metric(list(finished[0].metrics) if finished else [])
@@ -222,51 +248,95 @@ def _summarize(tracker: Any, children: list[ChildRun], metric: str | None, out_d
         available = sorted({k for c in finished for k in c.metrics})
         raise OptiflowError(f"no run produced metric '{metric}'; available: {', '.join(available)}")
     labels = list(dict.fromkeys(c.label for c in children))
+    baseline = baseline or labels[0]
     by_label = {label: [c for c in children if c.label == label] for label in labels}
-    scores = {label: [c.metrics[metric] for c in runs if metric in c.metrics] for label, runs in by_label.items()}
+    by_seed = {label: {c.seed: c.metrics[metric] for c in runs if metric in c.metrics} for label, runs in by_label.items()}
+    scores = {label: list(seeds.values()) for label, seeds in by_seed.items()}
+    intervals = {label: t_interval(scores[label]) for label in labels}
+    tests = {label: paired_test(by_seed[label], by_seed[baseline]) if label != baseline else None for label in labels}
     ranked = [label for label in labels if scores[label]]
     better = max if higher_is_better(metric) else min
     best = better(ranked, key=lambda label: statistics.fmean(scores[label])) if ranked else None
 
     extra = [k for k in ("test_loss", "train_loss", "val_loss") if k != metric]
-    columns = ["variant", "runs", "failed", f"{metric} mean", f"{metric} std", f"{metric} min", f"{metric} max",
-               *(f"{k} mean" for k in extra), "seconds", "best"]
-    rows = []
+    columns = ["variant", "runs", "failed", f"{metric} mean", f"{metric} std", f"{metric} 95% CI low",
+               f"{metric} 95% CI high", f"{metric} min", f"{metric} max", f"difference to {baseline}",
+               "p (paired t-test)", "significant at 5%", *(f"{k} mean" for k in extra), "seconds", "best"]
+    rows, brief = [], []
     for label, runs in by_label.items():
-        values = scores[label]
+        values, interval, test = scores[label], intervals[label], tests[label]
         means = [_mean([c.metrics[k] for c in runs if k in c.metrics]) for k in extra]
+        versus = ["baseline", "-", "-"] if label == baseline else ["-", "-", "-"] if test is None else [
+            f"{test.difference:+.4g}", f"{test.p_value:.3g}", "yes" if test.significant else "no"]
         rows.append([
             label, str(len(runs)), str(sum(c.status != "FINISHED" for c in runs)),
-            number(_mean(values)), number(statistics.stdev(values) if len(values) > 1 else 0.0 if values else None),
-            number(min(values) if values else None), number(max(values) if values else None),
+            number(_mean(values)), number(statistics.stdev(values) if len(values) > 1 else None),
+            number(interval.low if interval else None), number(interval.high if interval else None),
+            number(min(values) if values else None), number(max(values) if values else None), *versus,
             *(number(m) for m in means), f"{sum(c.seconds for c in runs):.1f}", "*" if label == best else "",
         ])
-    brief = [[row[0], row[1] + (f" ({row[2]} failed)" if row[2] != "0" else ""), f"{row[3]} ± {row[4]}",
-              f"{row[5]} – {row[6]}", row[-2], row[-1]] for row in rows]
-    run_columns = ["variant", "seed", "status", "run_id", metric, "seconds", "failure"]
-    run_rows = [[c.label, c.seed, c.status, c.run_id or "-", number(c.metrics.get(metric)), f"{c.seconds:.1f}",
-                 c.failure or ""] for c in children]
-
-    out = _output_folder(Path(out_dir) if out_dir else Path("compare") / tracker.run_id)
-    files = [out / name for name in ("loss_curves.png", "final_metric.png", "summary.csv", "summary.md", "runs.csv")]
-    curves = overlay_curves({label: [c.history for c in runs if c.history] for label, runs in by_label.items()},
-                            title="loss per variant")
-    bars = metric_bars(ranked, [scores[label] for label in ranked], metric)
-    for figure, path in ((curves, files[0]), (bars, files[1])):
-        figure.savefig(path, dpi=110)
-        figure.clf()
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
-    files[2].write_text(csv_text(columns, rows))
-    files[3].write_text(markdown_table(columns, rows))
-    files[4].write_text(csv_text(run_columns, run_rows))
-    for path in files:
-        tracker.log_artifact(path)
+        failed = rows[-1][2]
+        mean = number(_mean(values)) + (f" [{number(interval.low)}, {number(interval.high)}]" if interval else "")
+        against = "baseline" if label == baseline else "-" if test is None else (
+            f"{test.difference:+.4g} (p={test.p_value:.2g}){' *' if test.significant else ''}")
+        brief.append([label, str(len(runs)) + (f" ({failed} failed)" if failed != "0" else ""), mean, against,
+                      rows[-1][-2], rows[-1][-1]])
+    several = any(interval is not None for interval in intervals.values())
+    note = ("mean [95% t-interval over seeds]; difference to the baseline by a two-sided paired t-test over the "
+            "same seeds, * significant at 5%" if several else NO_INTERVAL)
+    out = _output_folder(Path(out_dir) if out_dir else Path("compare") / tracker.open_run_id)
+    chart = metric_intervals(ranked, [scores[label] for label in ranked],
+                             [intervals[label] for label in ranked], metric)
+    files = _write_outputs(tracker, out, children, metric, chart, (columns, rows), note)
+    tracker.log_metrics(interval_metrics(labels, metric, intervals, tests))
+    tracker.set_tags({f"variant_{index}": label for index, label in enumerate(labels, 1)}
+                     | {"baseline_variant": baseline, "metric": metric})
     if best is not None:
         tracker.log_metrics({f"best_{metric}": _mean(scores[best])})
-        tracker.set_tags({"best_variant": best, "metric": metric})
-    return Comparison(tracker.run_id, metric, children, columns, rows, brief, out, files, best)
+        tracker.set_tags({"best_variant": best})
+    return Comparison(tracker.open_run_id, metric, children, columns, rows, brief, out, files, best, note=note)
+
+
+def _write_outputs(tracker: Tracker, out: Path, children: list[ChildRun], metric: str, chart: Figure,
+                   summary: tuple[list[str], list[list[str]]], note: str) -> list[Path]:
+    """The loss curves, ``chart``, the ``summary`` table (CSV and Markdown, with ``note``) and the runs table
+    in ``out``, each logged to the parent run; returns their paths."""
+    import matplotlib.pyplot as plt
+
+    from optiflow.plots import overlay_curves
+
+    files = [out / name for name in ("loss_curves.png", "final_metric.png", "summary.csv", "summary.md", "runs.csv")]
+    histories: dict[str, list[dict[str, list[float]]]] = {}
+    for child in children:
+        histories.setdefault(child.label, []).extend([child.history] if child.history else [])
+    curves = overlay_curves(histories, title="loss per variant")
+    for figure, path in ((curves, files[0]), (chart, files[1])):
+        figure.savefig(path, dpi=110)
+        figure.clf()
+    plt.close("all")
+    files[2].write_text(csv_text(*summary))
+    files[3].write_text(markdown_table(*summary) + f"\n{note}.\n")
+    run_columns = ["variant", "seed", "status", "run_id", metric, "seconds", "failure"]
+    files[4].write_text(csv_text(run_columns, [[c.label, c.seed, c.status, c.run_id or "-", number(c.metrics.get(metric)),
+                                                f"{c.seconds:.1f}", c.failure or ""] for c in children]))
+    for path in files:
+        tracker.log_artifact(path)
+    return files
+
+
+def interval_metrics(labels: list[str], metric: str, intervals: dict[str, Any], tests: dict[str, Any]) -> dict[str, float]:
+    """The parent run's metrics: per variant (``variant_<i>``, its label in the tag of that name) the mean and
+    95% interval of ``metric`` and, against the baseline, the mean paired difference and its p-value."""
+    out: dict[str, float] = {}
+    for index, label in enumerate(labels, 1):
+        interval, test = intervals[label], tests[label]
+        if interval is not None:
+            out.update({f"variant_{index}.{metric}_mean": interval.mean, f"variant_{index}.{metric}_ci_low": interval.low,
+                        f"variant_{index}.{metric}_ci_high": interval.high})
+        if test is not None:
+            out.update({f"variant_{index}.{metric}_difference": test.difference,
+                        f"variant_{index}.{metric}_p_value": test.p_value})
+    return out
 
 
 def _mean(values: list[float]) -> float | None:
@@ -275,9 +345,12 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _output_folder(out: Path) -> Path:
-    """``out``, created if missing; one clear line when it cannot be."""
+    """``out``, created if missing (git-ignored: :func:`~optiflow.stores.created_folder`); one clear line when
+    it cannot be."""
+    from optiflow.stores import created_folder
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        created_folder(out)
     except OSError as exc:
         raise OptiflowError(f"cannot create the output folder {out}: {exc.strerror}") from None
     return out

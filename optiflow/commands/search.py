@@ -37,6 +37,9 @@ from optiflow.search.workers import settle, storage_lost
 if TYPE_CHECKING:
     from optiflow.tracking import Tracker
 
+if TYPE_CHECKING:
+    from optiflow.tracking import Tracker
+
 
 def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
            progress: Callable[[str], Any] | None = None) -> SearchResult:

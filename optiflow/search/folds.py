@@ -19,34 +19,10 @@ from optiflow.run import Run, RunResult
 
 if TYPE_CHECKING:
     from optiflow.plugins import PluginManager
+    from optiflow.tracking import Tracker
 
 #: the tag saying a fold run was trained stacked with its trial's other folds (the value is how many)
 STACKED_TAG = "optiflow.stacked_folds"
-
-
-class Recorder:
-    """Stands in for a run's tracker while it trains stacked: keeps metrics and tags for the real run."""
-
-    run_id = None
-    uri = None
-
-    def __init__(self) -> None:
-        self.metrics: list[Any] = []
-        self.tags: dict[str, str] = {}
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None, flush: bool = True) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.metrics.extend(Metric(key, float(value), now, step or 0) for key, value in metrics.items()
-                            if isinstance(value, (int, float)) and not isinstance(value, bool))
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self.tags.update({key: str(value) for key, value in tags.items()})
-
-    def flush(self) -> None: ...
-
-    def flush_due(self, seconds: float) -> None: ...
 
 
 def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict[str, str]],
@@ -57,21 +33,22 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
     from optiflow.plugins import get_plugin_manager, get_registry
     from optiflow.run import prepare
     from optiflow.stacked import fit_stacked, why_not_stacked
+    from optiflow.tracking import Tracker
     from optiflow.training import end_run, training_error
 
     registry, pm = get_registry(), get_plugin_manager()
     runs = [prepare(config, registry) for config in configs]
     if why_not_stacked(runs, pm) is not None:
         return None
-    recorders = [Recorder() for _ in runs]
+    trackers = [Tracker(run.config.tracking_uri, run.config.experiment) for run in runs]  # opened once trained
     started_ms = int(time.time() * 1000)
     started = time.perf_counter()
     try:
-        with host.threads(runs[0].setup.threads):
-            for run, recorder in zip(runs, recorders):
+        with host.threads(runs[0].setup.threads), host.deterministic(configs[0].deterministic):
+            for run, tracker in zip(runs, trackers):
                 run.artifacts = False
                 pm.hook.optiflow_check_run(run=run)
-                run.tracker = recorder
+                run.tracker = tracker
                 pm.hook.optiflow_run_start(run=run)
             fit_stacked(runs, pm)
             tests = [end_run(run, pm) for run in runs]
@@ -82,7 +59,7 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
         if error is exc:
             raise
         raise error from exc
-    return _log_folds(runs, recorders, tests, tags, params, parent_run_id, started_ms, time.perf_counter() - started)
+    return _log_folds(runs, trackers, tests, tags, params, parent_run_id, started_ms, time.perf_counter() - started)
 
 
 def _end_unfinished(runs: list[Run], pm: PluginManager, exc: BaseException) -> None:
@@ -95,21 +72,22 @@ def _end_unfinished(runs: list[Run], pm: PluginManager, exc: BaseException) -> N
                 pm.hook.optiflow_run_end(run=run, status=status)
 
 
-def _log_folds(runs: list[Run], recorders: list[Recorder], tests: list[dict[str, float]], tags: list[dict[str, str]],
+def _log_folds(runs: list[Run], trackers: list[Tracker], tests: list[dict[str, float]], tags: list[dict[str, str]],
                params: dict[str, Any], parent_run_id: str, started_ms: int, seconds: float) -> list[RunResult]:
-    """Each fold as a finished child run of ``parent_run_id``, with what its recorder kept."""
-    from optiflow.tracking import Tracker
-    from optiflow.training import default_run_name, run_tags, setup_params
+    """Each fold as a finished child run of ``parent_run_id``: its tracker opens it with what it kept while the
+    folds trained, writes it in one batch and ends it."""
+    from optiflow import digest
+    from optiflow.training import data_digest, default_run_name, setup_params
 
     ended_ms = int(time.time() * 1000)
     results = []
-    for run, recorder, test, fold_tags in zip(runs, recorders, tests, tags):
-        recorder.log_metrics(test, step=run.epoch)
-        recorder.log_metrics({"train_seconds": seconds}, step=run.epoch)
-        tracker = Tracker(run.config.tracking_uri, run.config.experiment)
-        run_id = tracker.log_finished(
-            run.config.run_name or default_run_name(run),
-            {**run_tags(fold_tags), **recorder.tags, STACKED_TAG: str(len(runs))}, parent_run_id,
-            setup_params(run, params), recorder.metrics, started_ms, ended_ms)
+    for run, tracker, test, fold_tags in zip(runs, trackers, tests, tags):
+        tracker.log_metrics({**test, "train_seconds": seconds}, step=run.epoch, flush=False)
+        tracker.log_params(setup_params(run, params), flush=False)
+        fold_tags = {**fold_tags, STACKED_TAG: str(len(runs)), digest.WEIGHTS_TAG: digest.weights_digest(run.model),
+                     digest.DATA_TAG: data_digest(run)}
+        run_id = tracker.start(run.config.run_name or default_run_name(run), fold_tags, parent_run_id,
+                               started_ms=started_ms)
+        tracker.end("FINISHED", ended_ms=ended_ms)  # one insert, one batch, one status update
         results.append(RunResult(run_id, test, run.history, run.epoch, seconds, tracker.uri, run.stop_reason))
     return results

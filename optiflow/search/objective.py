@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from optiflow import heartbeat
+from optiflow import heartbeat, tracking
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, RunKilled, ServiceLost, TrainingError
 from optiflow.metrics import final_metrics
@@ -198,20 +198,19 @@ def _spawn_workers(base: RunConfig, settings: SearchSettings, study_name: str, p
     for index in range(1, settings.n_jobs):
         share = _share(remaining, settings.n_jobs, index)
         if share:
-            worker = context.Process(target=_worker, args=(base, settings, study_name, parent_id, share, tags),
-                                     daemon=True)
+            worker = context.Process(target=_worker, daemon=True,
+                                     args=(base, settings, study_name, parent_id, share, tags, tracking.CLI_ARGS))
             worker.start()
             workers.append(worker)
     return workers
 
 
 def _worker(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str, n_trials: int,
-            tags: dict[str, str] | None) -> None:
-    from optiflow.tracking import Tracker
-
+            tags: dict[str, str] | None, cli_args: list[str] | None) -> None:
+    tracking.CLI_ARGS = cli_args  # its runs' optiflow.command is the command that spawned it
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(base, dataclasses.replace(settings, study_name=study_name))
-    parent = Tracker(base.tracking_uri, base.experiment)
+    parent = tracking.Tracker(base.tracking_uri, base.experiment)
     parent.run_id = parent_id
     with heartbeat.beating(parent):  # the parent lives while any of its workers does
         run_trials(base, settings, study, parent_id, n_trials, tags=tags, total=settings.n_trials)

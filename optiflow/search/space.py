@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow.config import ComponentSpec, RunConfig, load_yaml, split_variants
 from optiflow.errors import OptiflowError
+from optiflow.registry import Component
 from optiflow.slots import SLOT_BY_KEY, SLOT_KINDS
+from optiflow.values import literal
 
 if TYPE_CHECKING:
     import optuna
@@ -131,19 +133,6 @@ def short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def scalar(value: object) -> Scalar:
-    """A choice or option as Optuna stores it: numbers and booleans typed, everything else a string."""
-    if isinstance(value, (bool, int, float)) or value is None:
-        return value
-    text = str(value).strip()
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def _parse_range(name: str, spec: object) -> Dimension:
     if isinstance(spec, list):
         return _choice(name, spec, spec)
@@ -192,7 +181,7 @@ def _choice(name: str, values: Any, spec: Any) -> Dimension:
         raise OptiflowError(f"--space {name}: a choice needs at least one value, got {spec!r}")
     if any(isinstance(v, (list, dict)) for v in values):
         raise OptiflowError(f"--space {name}: a choice is a list of names or numbers, got {spec!r}")
-    choices = tuple(scalar(v) for v in values)
+    choices = tuple(literal(v) for v in values)
     if len(set(choices)) < len(choices):
         raise OptiflowError(f"--space {name}: a choice is listed twice in {spec!r}")
     return Dimension(name, name, kind="choice", choices=choices)
@@ -209,7 +198,7 @@ def _target(name: str, base: RunConfig, chosen: dict[str, tuple]) -> dict[str, A
     if key in fields:
         return {"key": key}
 
-    def candidates(slot: str) -> list[tuple[str | None, Any]]:
+    def candidates(slot: str) -> list[tuple[str | None, Component]]:
         if SLOT_BY_KEY[slot].repeatable:
             return [(spec.name, registry.get(SLOT_KINDS[slot], spec.name)) for spec in getattr(base, slot)]
         names = chosen.get(slot) or [getattr(base, slot) or None]

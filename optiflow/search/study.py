@@ -10,7 +10,6 @@ for it.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import time
 import warnings
@@ -23,8 +22,10 @@ import optuna
 
 from optiflow.config import ComponentSpec, RunConfig, brief
 from optiflow.errors import OptiflowError, first_line, redact
-from optiflow.search.space import Dimension, scalar
+from optiflow.registry import annotation_of
+from optiflow.search.space import Dimension
 from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
+from optiflow.values import coerce, literal, type_name
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
@@ -114,7 +115,7 @@ def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str,
         close = difflib.get_close_matches(spec.name, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise OptiflowError(f"unknown {what} '{spec.name}'{hint}; choose from {', '.join(names)}")
-    return spec.name, {k.replace("-", "_"): scalar(v) for k, v in spec.options.items()}
+    return spec.name, {k.replace("-", "_"): literal(v) for k, v in spec.options.items()}
 
 
 def open_storage(url: str | None, heartbeat: int = 0,
@@ -213,7 +214,7 @@ def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], st
 
 
 def _construct(what: str, name: str, factory: Callable[..., Made], *args: object, **options: object) -> Made:
-    _check_types(what, name, factory, options)
+    options = _typed(what, name, factory, options)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -226,24 +227,36 @@ def _construct(what: str, name: str, factory: Callable[..., Made], *args: object
         raise OptiflowError(f"{what} '{name}' needs the package '{exc.name}': pip install {exc.name}") from None
 
 
-def _check_types(what: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
-    """Options whose constructor default is a bool, int or float must be one (Optuna checks them only mid-study)."""
+def _typed(what: str, name: str, factory: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Options read as the type the constructor declares (or its default has): Optuna checks them only mid-study."""
+    types = _option_types(factory)
+    typed = dict(options)
+    for key, value in options.items():
+        if key not in types:
+            continue
+        try:
+            typed[key] = coerce(types[key], value)
+        except (TypeError, ValueError, OverflowError):
+            raise OptiflowError(f"{what} '{name}': option '{key}' expects {type_name(types[key])}, "
+                                f"got {brief(value)}") from None
+    return typed
+
+
+def _option_types(factory: Callable[..., Any]) -> dict[str, object]:
+    """The parameters of ``factory`` declared (or defaulting to) bool, int, float or str, optionally None."""
     import inspect
+    import typing
 
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        return
-    for key, value in options.items():
-        default = parameters[key].default if key in parameters else None
-        if isinstance(default, bool):
-            ok, expected = isinstance(value, bool), "bool"
-        elif isinstance(default, int):
-            ok, expected = isinstance(value, int) and not isinstance(value, bool), "int"
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            expected = "a finite float"
-        else:
-            continue
-        if not ok:
-            raise OptiflowError(f"{what} '{name}': option '{key}' expects {expected}, got {brief(value)}")
+        return {}
+    scalars = {bool, int, float, str, type(None)}
+    types: dict[str, object] = {}
+    for key, parameter in parameters.items():
+        hint = annotation_of(factory, parameter)
+        if hint is inspect.Parameter.empty and parameter.default not in (None, inspect.Parameter.empty):
+            hint = type(parameter.default)
+        if hint is not type(None) and set(typing.get_args(hint) or (hint,)) <= scalars:
+            types[key] = hint
+    return types

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import yaml
@@ -13,6 +13,10 @@ import yaml
 from optiflow.metrics import csv_text, markdown_table, number
 from optiflow.search.space import short
 from optiflow.search.study import SearchSettings
+
+if TYPE_CHECKING:
+    from optiflow.runlog import RunTracker
+    from optiflow.tracking import Tracker
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Refit:
     failure: str | None = None
 
 
-def summarize(tracker: Any, study: optuna.Study, settings: SearchSettings) -> SearchResult:
+def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -> SearchResult:
     """Best value and parameters, trial counts, the trials table and Optuna's plots on the parent run."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
@@ -70,23 +74,37 @@ def summarize(tracker: Any, study: optuna.Study, settings: SearchSettings) -> Se
                           **{f"best.{k}": v for k, v in best.params.items()}})
         tracker.log_text(yaml.safe_dump({"value": best.value, "metric": settings.metric, "trial": best.number,
                                          "params": best.params}, sort_keys=False), "best_params.yaml")
-        _log_plots(tracker, study, settings, several=len(complete) > 1 and bool(names))
-    return SearchResult(study.study_name, tracker.run_id, best.value if best else None,
+        _log_plots(tracker, study, settings, complete=len(complete) if names else 0)
+    return SearchResult(study.study_name, tracker.open_run_id, best.value if best else None,
                         dict(best.params) if best else {}, columns, rows, counts)
 
 
-def _log_plots(tracker: Any, study: optuna.Study, settings: SearchSettings, several: bool) -> None:
-    """Optuna's optimization history, and parameter importances (``several`` trials) and intermediate values (pruning)."""
+#: fewer complete trials than this make a parameter-importance estimate rough, and its plot says so
+FEW_TRIALS = 20
+
+
+def _log_plots(tracker: RunTracker, study: optuna.Study, settings: SearchSettings, complete: int) -> None:
+    """Optuna's optimization history, parameter importances (two or more ``complete`` trials, the count in the
+    title) and intermediate values (pruning), each naming the metric instead of Optuna's "Objective Value"."""
+    import functools
+
     from optiflow.plots import pyplot
 
     plt = pyplot()
-    plots: list[tuple[str, Callable[[optuna.Study], Any]]] = [
-        ("optimization_history.png", optuna.visualization.matplotlib.plot_optimization_history)]
-    if several:
-        plots.append(("param_importances.png", optuna.visualization.matplotlib.plot_param_importances))
+    metric = settings.metric
+    visualization = optuna.visualization.matplotlib
+    plots: list[tuple[str, Callable[[optuna.Study], Any], str | None]] = [
+        ("optimization_history.png", functools.partial(visualization.plot_optimization_history, target_name=metric),
+         None)]
+    if complete > 1:
+        rough = ": few trials, a rough estimate" if complete < FEW_TRIALS else ""
+        plots.append(("param_importances.png", functools.partial(visualization.plot_param_importances,
+                                                                 target_name=metric),
+                      f"importance for {metric}, from {complete} complete trials{rough}"))
     if settings.pruner != "none":
-        plots.append(("intermediate_values.png", optuna.visualization.matplotlib.plot_intermediate_values))
-    for artifact, plot in plots:
+        plots.append(("intermediate_values.png", visualization.plot_intermediate_values,
+                      f"{metric} per epoch of each trial"))
+    for artifact, plot, title in plots:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -95,6 +113,11 @@ def _log_plots(tracker: Any, study: optuna.Study, settings: SearchSettings, seve
             tracker.set_tags({f"plot.{artifact}": f"not drawn: {exc}"[:500]})
             continue
         figure: Any = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        if title is not None:
+            axis = figure.axes[0]
+            axis.set_title(title)
+            if artifact == "intermediate_values.png":
+                axis.set_ylabel(metric)
         figure.set_size_inches(8, 5)
         figure.tight_layout()
         tracker.log_figure(figure, artifact)
