@@ -8,7 +8,10 @@ configuration refit on the whole training split and scored on the same untouched
 scikit-learn, the ``optiflow search`` command), so both pay their start-up and imports; the
 two are interleaved round by round (every other round reversed).  The MLflow store's tables are
 created before the first round (once per project, not per search).  Prints each round's wall
-times, the median time ratio optiflow/scikit-learn and both test accuracies.
+times, the median time ratio optiflow/scikit-learn and both test accuracies.  Each round prints the
+machine's load average before and after it and whether it counts (benchmarks/conditions.py: at most
+0.5 per core; before a round the benchmark waits up to ``--settle`` seconds for the previous one's
+load to fade); the summary uses comparable rounds only, and says so when there are none.
 
 Then two figures behind the ratio: the bookkeeping cost of one tracked run (a 1-epoch
 ``train()`` call's wall time minus its epoch time) and the per-step overhead of the loop on a
@@ -16,6 +19,7 @@ tiny model against a bare loop (benchmarks/bench_overhead.py, 2 rounds).
 
     python benchmarks/bench_search.py                # 3 rounds
     python benchmarks/bench_search.py --rounds 5 --n-jobs 2
+    python benchmarks/bench_search.py --short        # one round, no extras: a quick look, not a result
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from conditions import Round, comparable_only, machine_line
 
 HERE = Path(__file__).resolve().parent
 SPACE = ["hidden=int:32:256", "lr=choice:0.001,0.01,0.1", "epochs=int:10:50", "batch_size=int:32:128"]
@@ -122,38 +128,52 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions [3]")
     parser.add_argument("--n-jobs", type=int, default=1, help="parallel jobs on both sides [1]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first round [0]")
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="seconds to wait before a round for the load to fall to 0.5 per core [60]")
+    parser.add_argument("--short", action="store_true",
+                        help="one round, without the bookkeeping and step-overhead figures")
     args = parser.parse_args()
+    if args.short:
+        args.rounds = 1
+    print(machine_line())
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     store = f"sqlite:///{tempfile.mkdtemp(prefix='optiflow-bench-search-')}/mlflow.db"
     from optiflow.tracking import client
 
     client(store)  # the store's tables, created once per project, not inside round 1's timing
-    print(f"random search, 10 trials x 5-fold CV, MLP on digits, n_jobs={args.n_jobs}, {os.cpu_count()} CPUs")
+    print(f"random search, 10 trials x 5-fold CV, MLP on digits, n_jobs={args.n_jobs}")
     times: dict[str, list[float]] = {"sklearn": [], "optiflow": []}
-    accuracy: dict[str, list[float]] = {"sklearn": [], "optiflow": []}
+    accuracy: dict[str, list[float | None]] = {"sklearn": [], "optiflow": []}
+    rounds: list[Round] = []
     for round_index in range(args.rounds):
         seed = args.seed + round_index
         indices = split_indices(seed)
         order = ("sklearn", "optiflow") if round_index % 2 == 0 else ("optiflow", "sklearn")
-        for side in order:
-            seconds, score = (run_sklearn(seed, indices, args.n_jobs) if side == "sklearn"
-                              else run_optiflow(seed, store, args.n_jobs))
-            times[side].append(seconds)
-            if score is not None:
+        with Round(f"round {round_index + 1}", settle_seconds=args.settle, quiet=True) as conditions:
+            for side in order:
+                seconds, score = (run_sklearn(seed, indices, args.n_jobs) if side == "sklearn"
+                                  else run_optiflow(seed, store, args.n_jobs))
+                times[side].append(seconds)
                 accuracy[side].append(score)
+        rounds.append(conditions)
         ratio = times["optiflow"][-1] / times["sklearn"][-1]
         scores = "  ".join(f"{side} {accuracy[side][-1]:.4f}" for side in ("sklearn", "optiflow")
-                           if len(accuracy[side]) == round_index + 1)
+                           if accuracy[side][-1] is not None)
         print(f"  round {round_index + 1} (seed {seed}): sklearn {times['sklearn'][-1]:6.1f} s  "
               f"optiflow {times['optiflow'][-1]:6.1f} s  optiflow/sklearn time {ratio:.2f}  "
-              f"test accuracy: {scores}", flush=True)
-    ratios = [o / s for o, s in zip(times["optiflow"], times["sklearn"])]
+              f"test accuracy: {scores}\n    {conditions.describe()}", flush=True)
+    kept, note = comparable_only(rounds, list(range(args.rounds)))
+    print(note)
+    ratios = [times["optiflow"][i] / times["sklearn"][i] for i in kept]
     print(f"median optiflow/sklearn time: {statistics.median(ratios):.2f} "
-          f"(sklearn {statistics.median(times['sklearn']):.1f} s, optiflow {statistics.median(times['optiflow']):.1f} s)")
+          f"(sklearn {statistics.median(times['sklearn'][i] for i in kept):.1f} s, "
+          f"optiflow {statistics.median(times['optiflow'][i] for i in kept):.1f} s)")
     for side in ("sklearn", "optiflow"):
-        scores = accuracy[side]
+        scores = [score for score in (accuracy[side][i] for i in kept) if score is not None]
         shown = f"{statistics.fmean(scores):.4f} (min {min(scores):.4f})" if scores else "n/a (no refit run)"
         print(f"refit test accuracy, {side}: {shown}")
+    if args.short:
+        return
     for artifacts, what in ((True, "one tracked run"), (False, "one search child run (no --child-artifacts)")):
         wall, epoch = bookkeeping(store, artifacts)
         print(f"bookkeeping of {what}: {wall * 1e3:.0f} ms wall, {epoch * 1e3:.0f} ms of it training, "

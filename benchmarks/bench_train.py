@@ -17,7 +17,14 @@ runner does per epoch, MLflow logging included.  Prints samples/s (median, min-m
 paired ratios C/A, C/B, D/B of every round, the fraction of the float32 matmul peak reached
 (2048x2048 matmul measured in the same run; CNN forward+backward FLOPs counted analytically),
 the minor page faults per step, the MLflow share of the epoch time and the wall time of
-``optiflow --help``.
+``optiflow --help``.  Each round prints the machine's load average before and after it and whether
+it counts (benchmarks/conditions.py: at most 0.5 per core); the summaries use comparable rounds
+only, and say so when there are none.
+
+Then peak memory, issue 24's case: 60,000 FashionMNIST-format images (IDX files written to a temporary
+folder, as torchvision reads them), the built-in CNN, batch 256, one epoch, evaluated on 10,000 test
+images; the hand-written tensor loop and ``optiflow train`` each a fresh process, alternating, their
+maximum resident set size (``wait4``) and samples per second side by side.  Goal: optiflow at most 1.3x.
 
 On a CPU the runner raises glibc's malloc thresholds (optiflow.host) so that a step's
 activations are not handed back to the kernel and faulted in again on the next step.  That
@@ -29,6 +36,8 @@ before the first round (the ratios then measure the loops, not the allocator);
     python benchmarks/bench_train.py --images 4000 --rounds 2 --batch-sizes 256
     python benchmarks/bench_train.py --system-malloc      # glibc's malloc defaults in every variant
     python benchmarks/bench_train.py --device cuda --amp  # on a GPU machine
+    python benchmarks/bench_train.py --short              # a quick look: 4,000 images, 2 rounds, 10,000 for memory
+    python benchmarks/bench_train.py --memory-only        # peak memory alone
 """
 
 from __future__ import annotations
@@ -37,7 +46,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -49,6 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from conditions import Round, comparable_only, machine_line
 from torch import nn
 
 VARIANTS = {
@@ -244,8 +253,9 @@ def register_components(bench: Bench) -> None:
     register("bench-fashion", bench_fashion)
     if not _builtin_cnn_matches(registry):
         MODEL_NAME = "bench-cnn"
-        register("bench-cnn", lambda input_shape, num_outputs: fashion_cnn(input_shape, num_outputs),
-                 "The benchmark's two-conv FashionMNIST CNN.", kind="model")
+        registry.registrar("model", "benchmark")(
+            "bench-cnn", lambda input_shape, num_outputs: fashion_cnn(input_shape, num_outputs),
+            "The benchmark's two-conv FashionMNIST CNN.")
 
     flush = Tracker.flush
 
@@ -267,13 +277,18 @@ def _builtin_cnn_matches(registry) -> bool:
         built = component.factory(IMAGE_SHAPE, CLASSES, **component.resolve_options({}))
     except (OptiflowError, TypeError, ValueError):
         return False
+    return _same_layers(built, fashion_cnn())
+
+
+def _same_layers(one: nn.Module, other: nn.Module) -> bool:
+    """Whether two models have the same leaf layers in the same order, with the same parameter shapes."""
 
     def signature(model: nn.Module) -> list:
         return [(type(m).__name__, tuple(tuple(p.shape) for p in m.parameters(recurse=False)),
                  getattr(m, "p", None), getattr(m, "padding", None))
                 for m in model.modules() if not list(m.children())]
 
-    return signature(built) == signature(fashion_cnn())
+    return signature(one) == signature(other)
 
 
 def minor_faults() -> int:
@@ -319,8 +334,21 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="autocast in every variant (bf16; fp16 + GradScaler on CUDA without bf16)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is in every variant (OPTIFLOW_MALLOC_TUNING=0)")
+    parser.add_argument("--memory-images", type=int, default=60_000,
+                        help="training images of the peak-memory case (issue 24's: 60000; 0 skips it) [60000]")
+    parser.add_argument("--memory-rounds", type=int, default=2, help="alternating pairs of the peak-memory case [2]")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory case")
+    parser.add_argument("--short", action="store_true",
+                        help="a quick look, not a result: 4000 images, 2 rounds, batch 256; memory case 10000 images, 1 pair")
     args = parser.parse_args()
+    if args.short:
+        args.images, args.rounds, args.batch_sizes = 4000, 2, "256"
+        args.memory_images, args.memory_rounds = min(args.memory_images, 10_000), 1
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    print(machine_line())
+    if args.memory_only:
+        peak_memory(args)
+        return
     # malloc settings are process-wide and cannot be undone: the runner tunes them on its first CPU
     # run, so tune them (or keep the runner from tuning them) for every variant alike, up front
     from optiflow.host import ENV_SWITCH, keep_freed_memory
@@ -332,7 +360,7 @@ def main() -> None:
     bench = Bench(args)
     register_components(bench)
     device = bench.device
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + (f", amp {bench.amp_dtype}" if bench.amp_dtype else ""))
@@ -352,20 +380,27 @@ def main() -> None:
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         results: dict[str, list[float]] = {key: [] for key in args.variants}
         faults: dict[str, list[float]] = {key: [] for key in args.variants}
+        rounds: list[Round] = []
         print(f"\nbatch size {batch_size}")
         for round_index in range(1, args.rounds + 1):
-            for key in args.variants if round_index % 2 else reversed(args.variants):
-                results[key].append(runners[key](batch_size))
-                faults[key].append(bench.faults_per_step)
+            with Round(f"round {round_index}", quiet=True) as conditions:
+                for key in args.variants if round_index % 2 else reversed(args.variants):
+                    results[key].append(runners[key](batch_size))
+                    faults[key].append(bench.faults_per_step)
+            rounds.append(conditions)
             line = "  ".join(f"{k}={v[-1]:7.0f}/s" for k, v in results.items())
-            print(f"  round {round_index}: {line}  {ratio_text(results, round_index - 1)}", flush=True)
+            print(f"  round {round_index}: {line}  {ratio_text(results, round_index - 1)}\n"
+                  f"    {conditions.describe()}", flush=True)
+        kept, note = comparable_only(rounds, list(range(args.rounds)))
+        print(f"  {note}")
         print(f"  {'variant':<8}{'median/s':>10}{'min-max/s':>18}{'of peak':>10}{'page faults/step':>18}")
-        for key, values in results.items():
+        for key, all_values in results.items():
+            values = [all_values[i] for i in kept]
             median = statistics.median(values)
             print(f"  {key:<8}{median:>10.0f}{f'{min(values):.0f}-{max(values):.0f}':>18}"
-                  f"{median * flops / peak:>9.1%}{statistics.median(faults[key]):>18.0f}")
+                  f"{median * flops / peak:>9.1%}{statistics.median(faults[key][i] for i in kept):>18.0f}")
         medians = {
-            name: statistics.median(results[a][i] / results[b][i] for i in range(args.rounds))
+            name: statistics.median(results[a][i] / results[b][i] for i in kept)
             for name, a, b in RATIOS if a in results and b in results
         }
         print("  median paired ratios: " + "  ".join(f"{k}={v:.2f}" for k, v in medians.items()))
@@ -373,9 +408,158 @@ def main() -> None:
         print(f"\nMLflow share of an optiflow epoch: median {statistics.median(bench.mlflow_shares):.2%}, "
               f"max {max(bench.mlflow_shares):.2%}")
     print(f"optiflow --help: {help_seconds():.3f} s (median of 5)")
+    peak_memory(args)
 
 
 RATIOS = (("C/A", "C", "A"), ("C/B", "C", "B"), ("D/B", "D", "B"))
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMORY_BATCH = 256
+MEMORY_TEST_IMAGES = 10_000
+MEMORY_GOAL = 1.3
+#: the hand-written tensor loop of the peak-memory case: torchvision reads the files, one pre-normalized
+#: tensor, randperm slicing, then the test set in batches
+HAND_LOOP = """
+import json, sys, time
+import torch
+from torch import nn
+from torchvision import datasets
+
+root, batch_size, device = sys.argv[1], int(sys.argv[2]), torch.device(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from bench_train import builtin_cnn
+
+torch.manual_seed(0)
+train, test = datasets.FashionMNIST(root, train=True), datasets.FashionMNIST(root, train=False)
+x = train.data.unsqueeze(1).float().div_(255)
+mean, std = x.mean(), x.std()
+x = x.sub_(mean).div_(std).to(device)
+y = train.targets.to(device)
+x_test = test.data.unsqueeze(1).float().div_(255).sub_(mean).div_(std).to(device)
+y_test = test.targets.to(device)
+model = builtin_cnn().to(device)
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+loss_fn = nn.CrossEntropyLoss()
+started = time.perf_counter()
+model.train()
+order = torch.randperm(len(x), device=device)
+for i in range(0, len(x), batch_size):
+    index = order[i : i + batch_size]
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(model(x[index]), y[index]).backward()
+    optimizer.step()
+if device.type == "cuda":
+    torch.cuda.synchronize(device)
+epoch = time.perf_counter() - started
+model.eval()
+correct = 0
+with torch.no_grad():
+    for i in range(0, len(x_test), batch_size):
+        correct += int((model(x_test[i : i + batch_size]).argmax(1) == y_test[i : i + batch_size]).sum())
+print(json.dumps({"epoch_seconds": epoch, "samples": len(x), "test_accuracy": correct / len(x_test)}))
+"""
+
+
+def builtin_cnn() -> nn.Module:
+    """The built-in ``cnn``'s defaults written out as plain layers, for the hand-written loop (28x28 inputs)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(2304, 600), nn.ReLU(), nn.Dropout(0.25), nn.Linear(600, 120), nn.ReLU(), nn.Linear(120, CLASSES),
+    )
+
+
+def _registry_cnn() -> nn.Module:
+    from optiflow.plugins import get_registry
+
+    component = get_registry().get("model", "cnn")
+    return component.factory(IMAGE_SHAPE, CLASSES, **component.resolve_options({}))
+
+
+def write_fashion_files(root: Path, n_train: int, n_test: int) -> None:
+    """``root/FashionMNIST/raw``: the four IDX files of FashionMNIST's layout (tests/dataset_files.py's
+    format), holding the benchmark's learnable synthetic images; one set of templates for both splits."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dataset_files import idx_bytes
+
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    images, labels = synthetic_images(n_train + n_test, seed=0)
+    for split, part in (("train", slice(0, n_train)), ("t10k", slice(n_train, None))):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images[part, 0].numpy()))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(labels[part].numpy()))
+
+
+def peak_rss(command: list[str], cwd: Path) -> tuple[float, str]:
+    """(maximum resident set size in bytes, stdout) of ``command`` run to its end as a child process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if child.returncode != 0:
+            raise RuntimeError(f"{command[:4]} failed: {err.read().decode()[-2000:]}")
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kilobytes on Linux
+        return usage.ru_maxrss * scale, out.read().decode()
+
+
+def optiflow_epoch(folder: Path, experiment: str) -> tuple[float, int]:
+    """(logged epoch_time, training samples) of the one run in ``experiment``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run.data.metrics["epoch_time"], int(run.data.params["data.n_train"])
+
+
+def peak_memory(args: argparse.Namespace) -> None:
+    """Issue 24's peak-memory case: the hand-written loop against ``optiflow train``, fresh processes."""
+    if args.memory_images <= 0 or args.memory_rounds <= 0:
+        return
+    import json
+
+    folder = Path(tempfile.mkdtemp(prefix="optiflow-bench-memory-"))
+    test_images = min(MEMORY_TEST_IMAGES, max(256, args.memory_images // 6))
+    write_fashion_files(folder, args.memory_images, test_images)
+    print(f"\npeak memory: {args.memory_images} FashionMNIST-format images (IDX files), CNN, batch {MEMORY_BATCH}, "
+          f"one epoch, {test_images} test images; max RSS of each process"
+          + ("" if args.memory_images == 60_000 else " (not issue 24's 60,000-image case)"))
+    if not _same_layers(builtin_cnn(), _registry_cnn()):
+        raise SystemExit("the built-in cnn is no longer the layers of builtin_cnn(): update builtin_cnn()")
+    hand = [sys.executable, "-c", HAND_LOOP, str(folder), str(MEMORY_BATCH), args.device, str(Path(__file__).parent)]
+    rss: dict[str, list[float]] = {"hand": [], "optiflow": []}
+    speed: dict[str, list[float]] = {"hand": [], "optiflow": []}
+    rounds: list[Round] = []
+    for index in range(1, args.memory_rounds + 1):
+        experiment = f"bench-memory-{index}"
+        optiflow = [sys.executable, "-m", "optiflow", "train", "--data", "fashion-mnist:download=false",
+                    "--data-dir", str(folder), "--model", "cnn", "--opt", "adam", "--lr", "0.001",
+                    "--batch-size", str(MEMORY_BATCH), "--epochs", "1", "--device", args.device,
+                    "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", "--experiment", experiment, "-q"]
+        with Round(f"pair {index}", quiet=True) as conditions:
+            for side in ("hand", "optiflow") if index % 2 else ("optiflow", "hand"):
+                peak, out = peak_rss(hand if side == "hand" else optiflow, folder)
+                rss[side].append(peak)
+                if side == "hand":
+                    done = json.loads(out.strip().splitlines()[-1])
+                    speed[side].append(done["samples"] / done["epoch_seconds"])
+                else:
+                    seconds, samples = optiflow_epoch(folder, experiment)
+                    speed[side].append(samples / seconds)
+        rounds.append(conditions)
+        print(f"  pair {index}: hand loop {rss['hand'][-1] / 1e9:.2f} GB, {speed['hand'][-1]:.0f} samples/s; "
+              f"optiflow {rss['optiflow'][-1] / 1e9:.2f} GB, {speed['optiflow'][-1]:.0f} samples/s; "
+              f"memory optiflow/hand {rss['optiflow'][-1] / rss['hand'][-1]:.2f}\n    {conditions.describe()}",
+              flush=True)
+    kept, note = comparable_only(rounds, list(range(len(rounds))))
+    print(f"  {note}")
+    for side in ("hand", "optiflow"):
+        print(f"  {side:<9} max RSS median {statistics.median(rss[side][i] for i in kept) / 1e9:.2f} GB, "
+              f"{statistics.median(speed[side][i] for i in kept):.0f} samples/s")
+    ratio = statistics.median(rss["optiflow"][i] / rss["hand"][i] for i in kept)
+    print(f"  peak memory optiflow/hand: {ratio:.2f} (goal <= {MEMORY_GOAL})")
 
 
 def ratio_text(results: dict[str, list[float]], index: int) -> str:

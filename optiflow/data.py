@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from optiflow.errors import OptiflowError
+from optiflow.holdout import shuffle_split
+from optiflow.sizing import first_non_finite
 
 if TYPE_CHECKING:
     import torch
@@ -81,14 +83,13 @@ class DataSource:
 
     def _check_values(self) -> None:
         """Refuse non-finite inputs or targets (naming the sample and column) and classification with one class."""
-        import torch
 
         for name, tensor in (("training", self.x), ("test", self.x_test), ("target of the training", self.y)):
             if tensor is None or not tensor.is_floating_point():
                 continue
-            bad = (~torch.isfinite(tensor)).reshape(len(tensor), -1).nonzero()
-            if len(bad):
-                sample, column = (int(v) for v in bad[0])
+            bad = first_non_finite(tensor.reshape(len(tensor), -1))
+            if bad is not None:
+                sample, column = bad
                 names = self.feature_names if name != "target of the training" else [self.target or "target"]
                 where = f", column '{names[column]}'" if names and column < len(names) else ""
                 value = tensor.reshape(len(tensor), -1)[sample, column].item()
@@ -160,7 +161,6 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
     partition of everything outside the test set (``val_split`` is then unused).
     """
     import torch
-    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
     def cut(x: Tensor, y: Tensor, fraction: float, salt: int) -> tuple[Tensor, ...]:
         if fraction <= 0:
@@ -173,13 +173,9 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
         def indices() -> tuple[Tensor, Tensor]:
             stratify = y.numpy() if source.task == "classification" else None
             try:
-                index_a, index_b = train_test_split(
-                    torch.arange(len(x)).numpy(), test_size=fraction, random_state=seed + salt, stratify=stratify
-                )
+                index_a, index_b = shuffle_split(len(x), fraction, seed + salt, stratify)
             except ValueError:  # too few samples of some class to stratify
-                index_a, index_b = train_test_split(
-                    torch.arange(len(x)).numpy(), test_size=fraction, random_state=seed + salt
-                )
+                index_a, index_b = shuffle_split(len(x), fraction, seed + salt)
             return torch.as_tensor(index_a), torch.as_tensor(index_b)
 
         a, b = _remembered(source, ("cut", test_split, fraction, seed, salt), indices)
@@ -191,6 +187,8 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
         x_rest, y_rest, x_test, y_test = cut(source.x, source.y, test_split, salt=0)
     if cv_folds:
         def partition() -> list[tuple[Tensor, Tensor]]:
+            from sklearn.model_selection import KFold, StratifiedKFold
+
             folds = StratifiedKFold if source.task == "classification" else KFold
             try:
                 parts = folds(cv_folds, shuffle=True, random_state=seed + 1).split(x_rest.numpy(), y_rest.numpy())
@@ -359,12 +357,6 @@ class _SampleDataset:
         return (sample if self.transform is None else self.transform(sample)), self.y[index]
 
 
-def evaluation_batches(x: Tensor, y: Tensor, batch_size: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:
-    """Fixed-order batches for evaluation (no shuffling, no augmentation)."""
-    for i in range(0, len(x), batch_size):
-        yield x[i : i + batch_size], y[i : i + batch_size]
-
-
 def value_range(source: DataSource, x_train: Tensor) -> tuple[list[float], list[float]]:
     """The raw values seen in training (``x_train``, as the core scaled it): one (low, high) pair
     for values sharing one unit, else one per feature; in the source's own units."""
@@ -379,12 +371,15 @@ def value_range(source: DataSource, x_train: Tensor) -> tuple[list[float], list[
 
 
 def _as_float(x: Tensor, scale: float = 1.0) -> Tensor:
-    """``x`` as float32 on the scale the core trains on: raw values divided by ``scale``."""
+    """``x`` as float32 on the scale the core trains on: raw values divided by ``scale`` (in place when the
+    float copy is this function's own: one copy of 60,000 images, not two)."""
     import torch
 
-    x = torch.as_tensor(x)
-    x = x.float() if not torch.is_floating_point(x) or x.dtype == torch.float64 else x
-    return x / scale if scale != 1.0 else x
+    given = torch.as_tensor(x)
+    x = given.float() if not torch.is_floating_point(given) or given.dtype == torch.float64 else given
+    if scale == 1.0:
+        return x
+    return x.div_(scale) if x is not given else x / scale
 
 
 def image_transform(height: int, width: int, *, grayscale: bool) -> Callable[[object], Tensor]:

@@ -16,12 +16,17 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING, TypeVar
 
 from optiflow.errors import OptiflowError, first_line
 
 if TYPE_CHECKING:
+    import subprocess
+
     import torch
+
+Shared = TypeVar("Shared")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Cluster:
     def main(self) -> bool:
         return self.rank == 0
 
-    def sum_floats(self, values: list[Any], device: torch.device) -> list[float]:
+    def sum_floats(self, values: list[float | torch.Tensor], device: torch.device) -> list[float]:
         """``values`` (scalar tensors or numbers) as floats, each summed over every process."""
         if not self.enabled:
             return [float(v) for v in values]
@@ -56,7 +61,7 @@ class Cluster:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
-    def share(self, value: Any) -> Any:
+    def share(self, value: Shared) -> Shared:
         """Rank 0's ``value`` on every process, so that all take the same decisions."""
         if not self.enabled:
             return value
@@ -209,7 +214,7 @@ def launch(nproc: int, argv: list[str]) -> int:
                                   env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"})
                  for rank in range(nproc)]
 
-    def forward(signum: int, _frame: Any) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signum)
@@ -225,7 +230,7 @@ def launch(nproc: int, argv: list[str]) -> int:
 LOOPBACK = "lo"
 
 
-def _wait_all(processes: list[Any]) -> int:
+def _wait_all(processes: list[subprocess.Popen[bytes]]) -> int:
     """Wait for every process; when one fails, stop the others. The first failing code (1 for a signal)."""
     import time
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from optiflow.run import Run
+from optiflow.run import EXAMPLE_SAMPLES, Run
 
 if TYPE_CHECKING:
     from mlflow.models import Model
@@ -115,7 +115,7 @@ def inference_module(run: Run) -> tuple[InferenceModule, ModelCard, Tensor]:
     classification = source.task == "classification"
     module = InferenceModule(fitted or nn.Identity(), model, classification, float(source.target_scale),
                              raw_scale).eval()
-    example = (source.x if raw_input else run.splits.x_train).detach()[:5].cpu().contiguous()
+    example = (source.x if raw_input else run.splits.x_train).detach()[:EXAMPLE_SAMPLES].cpu().contiguous()
     if raw_scale != 1.0:
         example = (example * raw_scale).round(decimals=4)
     classes = None

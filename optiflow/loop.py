@@ -28,13 +28,14 @@ import torch
 from torch import Tensor
 
 from optiflow import checkpoints, distributed
-from optiflow.data import LoaderBatches, TensorBatches, evaluation_batches
+from optiflow.data import LoaderBatches, TensorBatches
 from optiflow.errors import TrainingError
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
 from optiflow.run import Reporter, Run, is_task_loss, task_loss
 from optiflow.schedule import samples_per_batch
 from optiflow.signals import deferred
+from optiflow.sizing import evaluation_batch_size, evaluation_batches
 
 #: steps between checks that the running training loss is finite and not diverging (each is one host sync)
 FINITE_CHECK_STEPS = 16
@@ -328,7 +329,7 @@ def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
     correct = torch.zeros((), device=run.device, dtype=torch.long)
     outputs_all = []
     with torch.no_grad():
-        for xb, yb in evaluation_batches(x, y):
+        for xb, yb in evaluation_batches(x, y, evaluation_batch_size(model, x)):
             outputs = model(xb)
             loss_sum += loss_fn(outputs.float(), yb) * len(xb)
             if run.task == "classification":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import keyword
 import operator
 import re
 import zipfile
@@ -34,22 +35,40 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DOTTED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*)?$")
 NAME_KEYS = {"name", "as_name", "user_input_name", "forward_arg_names"}
 DOTTED_KEYS = {"parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "fqn"}
-# The symbolic-shape expressions torch writes: Symbol('s77', positive=True, integer=True), s0 + 1, FloorDiv(s0, 2) ...
-# No powers or shifts (9**9**9**9 would never finish), short numbers, short expressions.
-EXPRESSION_TOKEN = re.compile(r"\s*(?:'[A-Za-z0-9_]+'|\d{1,12}(?![\d.])|[A-Za-z_][A-Za-z0-9_]*|//|[<>=!]=|[-+*/%(),<>=])")
-EXPRESSION_NAMES = {
-    "Symbol", "Integer", "oo", "True", "False", "Max", "Min", "FloorDiv", "CeilDiv", "CleanDiv", "Mod", "PythonMod",
-    "ModularIndexing", "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero",
-}
-EXPRESSION_LENGTH = 400
-SYMBOL_NAME = re.compile(r"^[a-z]+\d+$")
+# The symbolic-shape expressions torch writes for a free batch size (see shape_expression).
+SHAPE_EXPRESSION = re.compile(r"^(Symbol\('[a-z]+\d+'(, (positive|integer|nonnegative|real|finite)=(True|False))*\)"
+                              r"|-?\d{1,12}|(\d{1,6}\*)?[a-z]+\d+( [+-] \d{1,6})?)$")
 # Keys dropped before torch reads the program: stack traces become comments in generated code, and
 # guards_code is Python source torch would exec (the Predictor checks input shapes itself).
 DROPPED_KEYS: dict[str, object] = {"stack_trace": None, "guards_code": []}
-# Operators that compute: aten/prims overloads that mutate nothing; a string argument only where it names
-# a mode (a file name, a message to print or a path is refused).
-OPERATOR_NAMESPACES = {"aten", "prims"}
-MODE_ARGUMENTS = {"approximate", "rounding_mode", "reduce", "reduction", "padding_mode", "mode", "padding", "indexing"}
+# Operators that compute, by name: the forward operators torch.export writes for layered networks (dense,
+# convolutional, pooling, normalization, activations, shape and arithmetic), each of whose kernels checks its
+# inputs and sizes its output by them. Anything else (factories that allocate a size written in the graph,
+# backward kernels that write where an index says, segment reductions, I/O) is refused.
+OPERATOR_NAMESPACES = {"aten"}
+ALLOWED_OPERATORS = frozenset("""
+    linear addmm mm bmm matmul t transpose permute view reshape flatten unflatten squeeze unsqueeze contiguous
+    clone alias detach lift_fresh_copy slice select narrow cat stack split split_with_sizes chunk unbind flip
+    conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d
+    max_pool1d max_pool2d max_pool3d max_pool2d_with_indices avg_pool1d avg_pool2d avg_pool3d
+    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_max_pool1d adaptive_max_pool2d
+    batch_norm native_batch_norm layer_norm native_layer_norm group_norm native_group_norm instance_norm dropout
+    feature_dropout alpha_dropout
+    softmax log_softmax relu relu6 leaky_relu elu selu celu gelu silu mish softplus softsign sigmoid tanh hardtanh
+    hardsigmoid hardswish prelu threshold logsigmoid glu softshrink hardshrink tanhshrink
+    add sub mul div neg abs exp log log1p expm1 sqrt rsqrt reciprocal square pow clamp clamp_min clamp_max clip
+    minimum maximum where sign erf sin cos floor ceil round trunc remainder fmod
+    eq ne gt ge lt le logical_and logical_or logical_not
+    sum mean amax amin max min var std var_mean std_mean prod argmax argmin norm linalg_vector_norm
+    zeros_like ones_like full_like scalar_tensor to type_as sym_size sym_numel sym_stride
+""".split())
+MODE_ARGUMENTS = {"approximate", "rounding_mode", "padding"}
+# Python names a node may not take: torch.fx's generated forward uses them.
+RESERVED_NAMES = frozenset(dir(__builtins__) if isinstance(__builtins__, dict) else dir(__builtins__)) | {
+    "torch", "self", "pytree", "fx_pytree", "device", "inf", "nan", "NoneType", "math", "operator"}
+SAMPLE_TENSORS = 64
+SAMPLE_VALUES = 2**28  # the most values one intermediate tensor may hold for a single sample (1 GiB of float32)
+SPEC_LENGTH = 10_000
 # The archive's layout as torch.export.save writes it for one program; anything else is refused.
 LAYOUT = re.compile(r"^(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
                     r"|models/model\.json|data/sample_inputs/model\.pt"
@@ -81,9 +100,7 @@ def load_program(path: str, label: str | None = None) -> ExportedProgram:
         serialized = _bytes_to_dataclass(schema.ExportedProgram, json.dumps(program_json).encode())
         state_dict = entries.payload("weights", f"data/weights/{MODEL_NAME}_weights_config.json")
         constants = entries.payload("constants", f"data/constants/{MODEL_NAME}_constants_config.json")
-        sample_inputs = entries.tensors(f"data/sample_inputs/{MODEL_NAME}.pt")
-        if not isinstance(sample_inputs, tuple):
-            raise UnsafeModel(f"{name}: its sample inputs are not a tuple of tensors")
+        sample_inputs = check_sample_inputs(entries.tensors(f"data/sample_inputs/{MODEL_NAME}.pt"), name)
     try:
         program = ExportedProgramDeserializer(None).deserialize(serialized, state_dict, constants, sample_inputs)
     except Exception as exc:  # a malformed program: torch's own checks, worded as torch words them
@@ -91,11 +108,50 @@ def load_program(path: str, label: str | None = None) -> ExportedProgram:
                           f"{first_line(exc)[:160]})") from None
     check_calls(program, name)
     try:
-        program.module()  # torch.fx generates the forward's Python here: a name it cannot write is refused now
+        module = program.module()  # torch.fx generates the forward's Python here: a name it cannot write is refused now
+        largest = largest_value(module, program)
     except Exception as exc:
         raise UnsafeModel(f"refused {name}: its exported program cannot be rebuilt ({type(exc).__name__}: "
                           f"{first_line(exc)[:160]})") from None
+    if largest > SAMPLE_VALUES:
+        raise UnsafeModel(f"refused {name}: one sample would make a tensor of {largest:,} values "
+                          f"(at most {SAMPLE_VALUES:,})")
     return program
+
+
+def largest_value(module: object, program: ExportedProgram) -> int:
+    """The largest tensor (in values) the graph makes for one sample, found on fake tensors (no memory
+    is allocated): sizes the graph writes (a padding, a view) cannot make it allocate without bound."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    user_inputs = set(program.graph_signature.user_inputs)
+    inputs = []
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        for node in program.graph.nodes:
+            if node.op == "placeholder" and node.name in user_inputs:
+                value = node.meta["val"]
+                shape = [1 if not isinstance(size, int) else size for size in value.shape]
+                inputs.append(torch.empty(shape, dtype=value.dtype))
+    propagated = FakeTensorProp(module, mode)  # type: ignore[arg-type]
+    propagated.propagate(*inputs)
+    largest = 0
+    for node in module.graph.nodes:  # type: ignore[attr-defined]
+        for value in torch.utils._pytree.tree_leaves(node.meta.get("val")):
+            if isinstance(value, torch.Tensor):
+                largest = max(largest, int(value.numel()))
+    return largest
+
+
+def check_sample_inputs(sample: object, name: str) -> tuple[tuple[Tensor, ...], dict]:
+    """``((tensor, ...), {})``: a few tensors, nothing nested (torch walks nested containers one leaf at a time)."""
+    import torch
+
+    if not (isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[0], tuple) and sample[1] == {}
+            and len(sample[0]) <= SAMPLE_TENSORS and all(isinstance(t, torch.Tensor) for t in sample[0])):
+        raise UnsafeModel(f"refused {name}: its sample inputs are not a short tuple of tensors")
+    return tuple(sample[0]), {}
 
 
 class Entries:
@@ -159,10 +215,14 @@ class Entries:
             raise UnsafeModel(f"{self.path}: '{config_name}' has no 'config' mapping")
         folder = f"data/{kind}/"
         values: dict[str, torch.Tensor] = {}
+        files: set[str] = set()
         for fqn, meta in config.items():
             file = meta.get("path_name") if isinstance(meta, dict) else None
             if not isinstance(file, str) or not PLAIN.match(fqn) or not PLAIN.match(file):
                 raise UnsafeModel(f"{self.path}: '{config_name}' has a malformed entry for '{fqn}'")
+            if file in files:
+                raise UnsafeModel(f"refused {self.path}: {kind} entry '{file}' is named by more than one tensor")
+            files.add(file)
             if not file.startswith(("weight_", "tensor_")):
                 raise UnsafeModel(f"refused {self.path}: {kind} entry '{file}' is a Python object, not a tensor, "
                                   "and cannot be loaded without running code from the file")
@@ -218,7 +278,7 @@ def check_program(program: dict, path: str) -> None:
             for name, item in value.items():
                 if not isinstance(name, str) or not PLAIN.match(name):
                     raise refused(name)
-                walk(item, name)
+                walk(item, "argument_name" if name == "name" and "arg" in value else name)
         elif isinstance(value, list):
             for item in value:
                 walk(item, key)
@@ -239,38 +299,31 @@ def plain_string(value: str, key: str | None) -> bool:
         return shape_expression(value)
     if key in ("in_spec", "out_spec"):
         return tree_spec(value)
-    if key in NAME_KEYS:
+    if key == "argument_name":  # an operator's parameter name (NamedArgument), never a name in generated code
         return bool(IDENTIFIER.match(value))
+    if key in NAME_KEYS:
+        return bool(IDENTIFIER.match(value)) and value not in RESERVED_NAMES and not keyword.iskeyword(value)
     if key in DOTTED_KEYS:
         return bool(DOTTED.match(value))
     return bool(PLAIN.match(value))
 
 
 def shape_expression(text: str) -> bool:
-    """A sympy expression made of short numbers, symbols (``s0``), torch's division and min/max shape
-    functions and arithmetic only: no attribute access, no other names, no powers, so ``sympify``
-    can only build a small expression."""
-    if len(text) > EXPRESSION_LENGTH or any(power in text for power in ("**", "<<", ">>", "^")):
-        return False
-    position = 0
-    while position < len(text.rstrip()):
-        match = EXPRESSION_TOKEN.match(text, position)
-        if not match:
-            return False
-        token = match.group().strip()
-        if (token[0].isalpha() or token[0] == "_") and not (token in EXPRESSION_NAMES or SYMBOL_NAME.match(token)):
-            return False
-        position = match.end()
-    return True
+    """A shape expression of the forms torch writes for a free batch size: a symbol's declaration
+    (``Symbol('s77', positive=True, integer=True)``), a symbol, an integer, or ``a*s + b``. Nothing else
+    reaches ``sympify``, which evaluates its string and can take for ever on a small one."""
+    return bool(SHAPE_EXPRESSION.match(text.strip()))
 
 
 def tree_spec(text: str) -> bool:
     """A pytree spec: JSON whose node types are ones torch's pytree registry knows."""
     from torch.utils._pytree import SERIALIZED_TYPE_TO_PYTHON_TYPE
 
+    if len(text) > SPEC_LENGTH:
+        return False
     try:
         version, spec = json.loads(text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return False
 
     def known(node: object) -> bool:
@@ -283,7 +336,10 @@ def tree_spec(text: str) -> bool:
                 and (context is None or (isinstance(context, str) and context_data(context)))
                 and isinstance(children, list) and all(known(child) for child in children))
 
-    return isinstance(version, int) and known(spec)
+    try:
+        return isinstance(version, int) and known(spec)
+    except RecursionError:
+        return False
 
 
 def context_data(context: str) -> bool:
@@ -315,6 +371,8 @@ def computes(target: object) -> bool:
     import torch
 
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in OPERATOR_NAMESPACES:
+        return False
+    if target._overloadpacket.__name__ not in ALLOWED_OPERATORS:
         return False
     schema = target._schema
     return not schema.is_mutable and all(

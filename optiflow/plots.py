@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from optiflow.confidence import Interval
 
 
-def pyplot() -> Any:
+def pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -14,14 +21,14 @@ def pyplot() -> Any:
     return plt
 
 
-def epoch_ticks(axis: Any) -> None:
+def epoch_ticks(axis: Axes) -> None:
     """Whole epochs on the x axis: no tick at epoch 1.5."""
     from matplotlib.ticker import MaxNLocator
 
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def learning_curves(history: dict[str, list[float]], title: str = "") -> Any:
+def learning_curves(history: dict[str, list[float]], title: str = "") -> Figure:
     """Loss curves (train/validation) beside the accuracy or RMSE curves, per epoch."""
     plt = pyplot()
     quality = [k for k in ("train_accuracy", "val_accuracy", "val_rmse", "val_r2") if k in history]
@@ -46,7 +53,7 @@ def learning_curves(history: dict[str, list[float]], title: str = "") -> Any:
     return figure
 
 
-def overlay_curves(histories: dict[str, list[dict[str, list[float]]]], title: str = "") -> Any:
+def overlay_curves(histories: dict[str, list[dict[str, list[float]]]], title: str = "") -> Figure:
     """Training and validation loss of every variant on shared axes (mean over seeds, min-max band)."""
     import numpy as np
 
@@ -78,7 +85,8 @@ def overlay_curves(histories: dict[str, list[dict[str, list[float]]]], title: st
     return figure
 
 
-def metric_intervals(labels: list[str], values: list[list[float]], intervals: list[Any], metric: str) -> Any:
+def metric_intervals(labels: list[str], values: list[list[float]], intervals: list[Interval | None],
+                     metric: str) -> Figure:
     """The final metric per variant: each seed as a dot, the mean as a bar from zero and, with several seeds,
     its 95% t-interval (``intervals``: :class:`~optiflow.confidence.Interval` or None) as error bars."""
     import numpy as np
@@ -108,7 +116,7 @@ def metric_intervals(labels: list[str], values: list[list[float]], intervals: li
     return figure
 
 
-def lr_schedule(positions: list[float], rates: list[float], title: str = "", warmup_end: float | None = None) -> Any:
+def lr_schedule(positions: list[float], rates: list[float], title: str = "", warmup_end: float | None = None) -> Figure:
     """The learning rate over training (x in epochs), the warmup phase shaded."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))

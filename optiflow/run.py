@@ -6,6 +6,7 @@ Everything a user can get wrong fails in :func:`prepare`, before an MLflow run e
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,10 +171,29 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     length = TrainingLength.of(config.epochs, len(splits.x_train), config.batch_size, config.drop_last)
     optimizer, schedule = build_optimizer(resolved, model, length)
     rehearse(optimizer, length, lambda stand_in: build_schedule(resolved, stand_in, length), resolved.sched[0].name)
+    if _SOURCES is None:  # loaded for this run alone: its splits are the one copy of the data it keeps
+        source = keep_examples(source)
     return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
                normalizer=normalizer, input_range=input_range,
                augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg])
+
+
+#: raw samples a split dataset keeps: the logged model's input example
+EXAMPLE_SAMPLES = 5
+
+
+def keep_examples(source: DataSource) -> DataSource:
+    """``source`` with only its first ``EXAMPLE_SAMPLES`` raw samples of ``x`` and ``x_test`` (the targets
+    and everything else as they are): what a run keeps of a dataset loaded for it alone once its splits
+    are made.  The run trains and tests on its splits; the raw tensors beside them were a second copy of
+    the data (issue 24: 60,000 images held twice).  A source shared by a search's trials and folds
+    (:func:`shared_data`) stays whole.  ``source`` itself is left as it is."""
+    kept = copy.copy(source)
+    kept.x = source.x[:EXAMPLE_SAMPLES].clone()
+    if source.x_test is not None:
+        kept.x_test = source.x_test[:EXAMPLE_SAMPLES].clone()
+    return kept
 
 
 _SOURCES: dict[tuple[Any, ...], DataSource] | None = None

@@ -11,7 +11,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
-from typing import Any
+from types import FrameType
 
 from optiflow.errors import RunInterrupted
 
@@ -30,7 +30,7 @@ class InterruptGuard:
     """
 
     def __init__(self) -> None:
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, signal._HANDLER] = {}
 
     def __enter__(self) -> InterruptGuard:
         global _pending
@@ -40,13 +40,13 @@ class InterruptGuard:
                 self._previous[signum] = signal.signal(signum, _handle)
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
 
-def _handle(signum: int, frame: Any) -> None:
+def _handle(signum: int, frame: FrameType | None) -> None:
     global _pending
     if _deferring and _pending is None:
         _pending = signum

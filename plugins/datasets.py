@@ -29,15 +29,38 @@ def optiflow_register_data(register):
 def digits(ctx: DataContext, *, image: bool = True) -> DataSource:
     """scikit-learn's bundled handwritten digits (1,797 samples, 10 classes): 1x8x8 images of 0..16 pixels; image=false: 64 features."""
     import torch
-    from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32)
+    data, target = _digits_arrays()
+    x = torch.tensor(data, dtype=torch.float32)
     if image:
         x = x.reshape(-1, 1, 8, 8)
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    return DataSource(x, y, "classification", num_classes=10, classes=[str(c) for c in bunch.target_names],
-                      image=image, feature_names=list(bunch.feature_names), target="target", raw_scale=16.0)
+    y = torch.tensor(target, dtype=torch.long)
+    return DataSource(x, y, "classification", num_classes=10, classes=[str(c) for c in range(10)],
+                      image=image, feature_names=list(DIGITS_FEATURES), target="target", raw_scale=16.0)
+
+
+#: load_digits' feature names: pixel_<row>_<column>
+DIGITS_FEATURES = [f"pixel_{row}_{column}" for row in range(8) for column in range(8)]
+
+
+def _digits_arrays():
+    """``load_digits()``'s data (float64, 1797 x 64) and target (int), read from the file scikit-learn
+    ships (``sklearn/datasets/data/digits.csv.gz``) as load_digits reads it, without importing
+    scikit-learn: its import (and SciPy's and pandas' with it) costs the default run more than its training."""
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    files = [Path(folder) / "datasets" / "data" / "digits.csv.gz" for folder in folders]
+    found = next((file for file in files if file.is_file()), None)
+    if found is None:
+        raise OptiflowError("digits: scikit-learn's bundled digits.csv.gz was not found; install scikit-learn")
+    with gzip.open(found, mode="rt", encoding="utf-8") as handle:
+        table = np.loadtxt(handle, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int, copy=False)
 
 
 def iris(ctx: DataContext) -> DataSource:

@@ -125,7 +125,8 @@ def test_every_builtin_normalizer_becomes_part_of_the_exported_model(norm, tmp_p
     assert card.raw_scale == 16.0 and card.input_range == {"low": [0.0], "high": [16.0]} and example.max() > 1
     buffers = dict(module.normalizer.named_buffers())
     assert norm == "none" or buffers, "the fitted statistics are buffers of the logged module"
-    raw = split(run.source, config.val_split, config.test_split, config.seed).x_test * 16  # digits' own 0..16
+    source = get_registry().get("dataset", "digits").build(DataContext(tmp_path, config.seed))
+    raw = split(source, config.val_split, config.test_split, config.seed).x_test * 16  # digits' own 0..16 (run.source keeps 5)
     run.model.eval()
     with torch.no_grad():
         expected = run.model(run.splits.x_test).softmax(1)

@@ -397,3 +397,105 @@ def test_a_card_that_is_not_what_optiflow_writes_is_one_line(model, tmp_path, ch
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "metadata" in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+# --- second review: kernels that write where an index says, allocation and time bombs -------------
+
+@pytest.mark.parametrize("target", ["torch.ops.aten.max_pool2d_with_indices_backward.default",
+                                    "torch.ops.aten.segment_reduce.default", "torch.ops.aten.ones.default",
+                                    "torch.ops.aten.empty.memory_format"])
+def test_operators_outside_the_forward_allowlist_are_refused(model, marker, tmp_path, target):
+    store, run_id, folder = model
+
+    def plant(program):
+        call = next(n for n in nodes(program) if n["target"].startswith("torch.ops.aten.relu"))
+        call["target"] = target
+
+    rewrite_archive(folder, lambda e: edit_program(e, plant))
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+def test_nested_sample_inputs_are_refused(model, marker, tmp_path):
+    """Shared nested lists unpickle small and would be walked leaf by leaf (2**40 leaves)."""
+    store, run_id, folder = model
+    nested: list = [0]
+    for _ in range(40):
+        nested = [nested, nested]
+    rewrite_archive(folder, lambda e: e.__setitem__("data/sample_inputs/model.pt", pickled((tuple(nested), {}))))
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+@pytest.mark.parametrize("expression", ["Mod((s0 + 1)*(s0 + 2)*(s0 + 3)*(s0 + 4)*(s0 + 5), s1 + 7)",
+                                        "FloorDiv(FloorDiv(FloorDiv(s0, 2), 3), 5)"])
+def test_shape_expressions_beyond_what_torch_writes_are_refused(model, marker, tmp_path, expression):
+    store, run_id, folder = model
+
+    def plant(program):
+        text = json.dumps(program)
+        program.clear()
+        program.update(json.loads(text.replace(json.dumps("Symbol('s77', positive=True, integer=True)"),
+                                               json.dumps(expression), 1)))
+
+    rewrite_archive(folder, lambda e: edit_program(e, plant))
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+def test_one_record_named_by_many_tensors_is_refused(model, marker, tmp_path):
+    store, run_id, folder = model
+
+    def plant(entries):
+        config = json.loads(entries["data/weights/model_weights_config.json"])
+        records = list(config["config"].values())
+        for meta in records[1:]:
+            meta["path_name"] = records[0]["path_name"]
+        entries["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+
+    rewrite_archive(folder, plant)
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+@pytest.mark.parametrize("name", ["torch", "getattr", "self", "fx_pytree"])
+def test_an_input_named_like_what_generated_code_uses_is_refused(model, marker, tmp_path, name):
+    store, run_id, folder = model
+
+    def plant(program):
+        text = json.dumps(program)
+        program.clear()
+        program.update(json.loads(text.replace('{"name": "x"}', json.dumps({"name": name}))))
+
+    rewrite_archive(folder, lambda e: edit_program(e, plant))
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
+
+
+class Outer(__import__("torch").nn.Module):
+    """Each step makes the outer product of the features with themselves."""
+
+    def forward(self, x):
+        for _ in range(4):
+            x = (x.unsqueeze(2) * x.unsqueeze(1)).flatten(1)
+        return x
+
+
+def test_a_graph_that_would_grow_a_tensor_past_the_bound_is_refused_without_allocating(tmp_path):
+    """Broadcasting doubles a tensor's rank at each step: four steps from 4 features make 2**32 values.
+    The sizes are found on fake tensors, so the refusal allocates nothing."""
+    import torch
+
+    from optiflow.model_file import UnsafeModel, load_program
+
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(Outer(), (torch.ones(2, 4),), dynamic_shapes=({0: batch},))
+    path = tmp_path / "outer.pt2"
+    torch.export.save(program, str(path))
+    with pytest.raises(UnsafeModel, match="4,294,967,296 values"):
+        load_program(str(path))
+
+
+def test_an_mlmodel_file_too_large_to_be_optiflows_is_refused_before_parsing(model, tmp_path):
+    store, run_id, folder = model
+    rows = iris_rows(tmp_path / "x.csv", folder)
+    with open(folder / "MLmodel", "a") as f:
+        f.write("# " + "x" * (17 * 2**20) + "\n")
+    result = predict(store, run_id, rows)
+    assert result.returncode != 0 and "MLmodel file is" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -106,6 +106,7 @@ def model_spec(uri: str, label: str) -> ModelSpec:
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
+    check_card_size(uri, label)
     try:
         logged = Model.load(uri)
     except MlflowException as exc:
@@ -125,6 +126,22 @@ def model_spec(uri: str, label: str) -> ModelSpec:
 
 
 CARD_ITEMS = 1_000_000
+CARD_BYTES = 16 * 2**20
+
+
+def check_card_size(uri: str, label: str) -> None:
+    """An MLmodel file over 16 MB is refused before YAML parses it (a 3 MB one takes PyYAML half a minute)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        listed = get_artifact_repository(uri).list_artifacts("")
+    except (MlflowException, OSError):
+        return  # Model.load says what is missing
+    card = next((f for f in listed if os.path.basename(f.path) == "MLmodel"), None)
+    if card is not None and (card.file_size or 0) > CARD_BYTES:
+        raise OptiflowError(f"refused the model of {label}: its MLmodel file is {card.file_size:,} bytes "
+                            f"(optiflow writes a few kB; at most {CARD_BYTES:,} are read)")
 SAMPLE_VALUES = 2**24
 
 

@@ -108,11 +108,11 @@ def _log_plots(tracker: RunTracker, study: optuna.Study, settings: SearchSetting
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                axes: Any = plot(study)
+                axes = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             tracker.set_tags({f"plot.{artifact}": f"not drawn: {exc}"[:500]})
             continue
-        figure: Any = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         if title is not None:
             axis = figure.axes[0]
             axis.set_title(title)

@@ -1,0 +1,122 @@
+"""What a short ``optiflow train`` costs beyond its training: start-up, imports, bookkeeping, export.
+
+Each round runs, as fresh processes in a throw-away folder whose MLflow store already exists (its
+tables and the experiment are created by an untimed warm-up run, as in a project that has trained
+before), in alternating order (R H E T, T E H R, ...):
+
+  R  ``python -c "import torch, mlflow"``: the reference, what any tracked PyTorch run imports
+  H  ``optiflow --help``
+  E  ``optiflow train --epochs 1`` (digits, default MLP): wall time against its logged training time
+  T  ``optiflow train`` (the default run: digits, MLP, 20 epochs): the same
+
+The training time of E and T is the sum of their logged ``epoch_time`` metric; the fixed cost is the
+wall time minus it.  Each round prints the machine's load average before and after it and whether it
+counts (benchmarks/conditions.py: at most 0.5 per core); the summary uses comparable rounds only,
+and says so when there are none.  Issue 24's goals: T at most 4.5 s wall, the fixed cost of T at most
+1.5x R.
+
+    python benchmarks/bench_startup.py              # 5 rounds
+    python benchmarks/bench_startup.py --short      # 2 rounds, a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from conditions import Round, comparable_only, machine_line
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT = "bench-startup"
+STORE = "sqlite:///mlruns/mlflow.db"  # the project-local default store, relative to the run folder
+VARIANTS = {
+    "R": ("python -c 'import torch, mlflow' (reference)", [sys.executable, "-c", "import torch, mlflow"]),
+    "H": ("optiflow --help", [sys.executable, "-m", "optiflow", "--help"]),
+    "E": ("optiflow train --epochs 1", [sys.executable, "-m", "optiflow", "train", "--epochs", "1"]),
+    "T": ("optiflow train (default, 20 epochs)", [sys.executable, "-m", "optiflow", "train"]),
+}
+GOAL_WALL = 4.5
+GOAL_FIXED_RATIO = 1.5
+
+
+def environment() -> dict[str, str]:
+    """This checkout's optiflow first on the path, MLflow's git probe quiet, the run's store and experiment."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "GIT_PYTHON_REFRESH": "quiet", "MLFLOW_TRACKING_URI": STORE}
+
+
+def run(key: str, folder: Path) -> tuple[float, float | None]:
+    """(wall seconds, logged training seconds or None) of one fresh process of variant ``key``."""
+    command = list(VARIANTS[key][1])
+    if key in "ET":
+        command += ["--experiment", EXPERIMENT]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=folder, env=environment(), check=True, capture_output=True)
+    wall = time.perf_counter() - started
+    return wall, (training_seconds(folder) if key in "ET" else None)
+
+
+def training_seconds(folder: Path) -> float:
+    """The summed ``epoch_time`` of the latest run in the benchmark's experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    [latest] = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    return sum(m.value for m in client.get_metric_history(latest.info.run_id, "epoch_time"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of R H E T [5]")
+    parser.add_argument("--short", action="store_true", help="2 rounds: a quick look, not a result")
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="seconds to wait before a round for the load to fall to 0.5 per core [60]")
+    args = parser.parse_args()
+    rounds_wanted = 2 if args.short else args.rounds
+    print(machine_line())
+    for key, (what, _) in VARIANTS.items():
+        print(f"  {key}: {what}")
+    folder = Path(tempfile.mkdtemp(prefix="optiflow-bench-startup-"))
+    run("E", folder)  # warm-up, untimed: the store's tables and the experiment, the OS file cache
+    walls: dict[str, list[float]] = {key: [] for key in VARIANTS}
+    trained: dict[str, list[float]] = {"E": [], "T": []}
+    rounds = []
+    for index in range(1, rounds_wanted + 1):
+        order = list(VARIANTS) if index % 2 else list(reversed(VARIANTS))
+        with Round(f"round {index}", settle_seconds=args.settle, quiet=True) as conditions:
+            for key in order:
+                wall, training = run(key, folder)
+                walls[key].append(wall)
+                if training is not None:
+                    trained[key].append(training)
+        rounds.append(conditions)
+        line = "  ".join(f"{k} {walls[k][-1]:.2f} s" for k in VARIANTS)
+        fixed = "  ".join(f"{k} trains {trained[k][-1]:.2f} s" for k in trained)
+        print(f"  round {index}: {line}  ({fixed})\n    {conditions.describe()}", flush=True)
+    indices, note = comparable_only(rounds, list(range(len(rounds))))
+    print(f"\n{note}")
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values[i] for i in indices)
+
+    reference = median(walls["R"])
+    print(f"  R import torch, mlflow: {reference:.2f} s")
+    print(f"  H optiflow --help: {median(walls['H']):.2f} s")
+    for key in ("E", "T"):
+        fixed = [walls[key][i] - trained[key][i] for i in range(len(walls[key]))]
+        print(f"  {key} {VARIANTS[key][0]}: {median(walls[key]):.2f} s wall, {median(trained[key]):.2f} s training, "
+              f"fixed cost {median(fixed):.2f} s = {median(fixed) / reference:.2f}x R")
+    fixed_t = median([walls["T"][i] - trained["T"][i] for i in range(len(walls["T"]))])
+    print(f"  goals: T wall {median(walls['T']):.2f} s (<= {GOAL_WALL} s), "
+          f"T fixed cost {fixed_t / reference:.2f}x R (<= {GOAL_FIXED_RATIO}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""What a run imports and holds in memory (issue 24): the default run imports no scikit-learn, its data
+and metrics are exactly those of before, and evaluation batches are sized by memory.
+
+Behaviour only; the time and memory figures come from benchmarks/bench_startup.py and bench_train.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from optiflow import data, loop, sizing
+from optiflow.config import RunConfig
+from optiflow.data import DataContext
+from optiflow.holdout import shuffle_split
+from optiflow.plugins import get_registry
+from optiflow.sizing import EVALUATION_BATCH, evaluation_batch_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_digits_are_load_digits_arrays_read_without_scikit_learn(tmp_path):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    digits = get_registry().get("dataset", "digits")
+    images = digits.build(DataContext(tmp_path, 0))
+    vectors = digits.build(DataContext(tmp_path, 0), image=False)
+    expected = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
+    assert torch.equal(vectors.x, expected) and torch.equal(images.x, expected.reshape(-1, 1, 8, 8))
+    assert torch.equal(images.y, torch.tensor(bunch.target, dtype=torch.long))
+    assert vectors.feature_names == images.feature_names == list(bunch.feature_names)
+    assert images.classes == [str(c) for c in bunch.target_names] and images.raw_scale == 16.0
+
+
+def heavy_imports_after(work: str, folder: Path) -> str:
+    """Which of scikit-learn, Optuna and SciPy's statistics a fresh process has imported after running
+    ``work`` (Python source) in ``folder``; raises if the work fails."""
+    code = f"import sys\n{work}\nprint(sorted(m for m in ('sklearn', 'optuna', 'scipy.stats') if m in sys.modules))\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_preparing_the_default_run_imports_no_scikit_learn(tmp_path):
+    work = ("from optiflow.config import RunConfig\nfrom optiflow.plugins import get_registry\n"
+            "from optiflow.run import prepare\nprepare(RunConfig.from_dict({'device': 'cpu'}), get_registry())")
+    assert heavy_imports_after(work, tmp_path) == "[]"
+
+
+@pytest.mark.slow
+def test_the_default_train_command_end_to_end_imports_no_scikit_learn(tmp_path):
+    work = ("import runpy\nsys.argv = ['optiflow', 'train', '--epochs', '1', '-q']\n"
+            "try:\n    runpy.run_module('optiflow', run_name='__main__')\nexcept SystemExit as exc:\n"
+            "    assert not exc.code, exc.code")
+    assert heavy_imports_after(work, tmp_path) == "[]"
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the run was logged, model and all
+
+
+def _sklearn_split(n, fraction, seed, stratify=None):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(n), test_size=fraction, random_state=seed, stratify=stratify)
+
+
+def _labels(kind, n, rng):
+    return {
+        "none": None,
+        "balanced": np.arange(n) % 10,
+        "skewed": (rng.random(n) ** 3 * 5).astype(np.int64),
+        "one of a class": np.r_[np.zeros(n - 1, dtype=np.int64), [1]],
+        "two classes": np.arange(n) % 2,
+    }[kind]
+
+
+def _as_split_does(split_with, n, fraction, seed, labels):
+    """``split_with(n, fraction, seed, labels)``, unstratified when stratifying fails (as ``data.split`` does);
+    None when that fails too."""
+    try:
+        return split_with(n, fraction, seed, labels)
+    except ValueError:
+        try:
+            return split_with(n, fraction, seed, None)
+        except ValueError:
+            return None
+
+
+@pytest.mark.parametrize("kind", ["none", "balanced", "skewed", "one of a class", "two classes"])
+def test_held_out_splits_are_scikit_learns_train_test_split(kind):
+    rng = np.random.default_rng(0)
+    compared = 0
+    for n in (5, 11, 50, 357, 1797):
+        for fraction in (0.1, 0.2, 0.25, 0.5, 0.9):
+            for seed in (0, 1, 123, 2**32 - 1):
+                labels = _labels(kind, n, rng)
+                expected = _as_split_does(_sklearn_split, n, fraction, seed, labels)
+                got = _as_split_does(shuffle_split, n, fraction, seed, labels)
+                assert (got is None) == (expected is None), (n, fraction, seed)
+                if expected is not None:
+                    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]), \
+                        (n, fraction, seed)
+                    assert got[0].dtype == expected[0].dtype
+                    compared += 1
+    assert compared >= 95
+
+
+def test_a_split_that_leaves_no_training_data_is_refused_as_scikit_learn_refuses_it():
+    for n, fraction in ((1, 0.5), (10, 1.0), (10, 0.0)):
+        with pytest.raises(ValueError):
+            _sklearn_split(n, fraction, 0)
+        with pytest.raises(ValueError):
+            shuffle_split(n, fraction, 0)
+
+
+def test_default_run_logs_the_metrics_it_logged_with_scikit_learns_split_and_4096_batches(tmp_path, monkeypatch):
+    from optiflow.commands.train import train
+
+    config = RunConfig.from_dict({"epochs": 3, "device": "cpu", "tracking_uri": f"sqlite:///{tmp_path}/m.db",
+                                  "experiment": "same"})
+    now = train(config, log_model=False, artifacts=False)
+
+    def sklearn_split(n, fraction, seed, stratify=None):
+        return _sklearn_split(n, fraction, seed, stratify)
+
+    data._SPLITS.clear()
+    monkeypatch.setattr(data, "shuffle_split", sklearn_split)
+    monkeypatch.setattr(loop, "evaluation_batch_size", lambda model, x: 4096)
+    before = train(config, log_model=False, artifacts=False)
+    assert now.metrics == before.metrics and set(now.metrics) >= {"test_accuracy", "test_loss"}
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert now.history[key] == before.history[key], key
+
+
+def conv_net(channels: int = 32) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(channels), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.LazyLinear(10))
+
+
+def test_evaluation_batches_shrink_as_samples_grow():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    assert evaluation_batch_size(mlp, torch.zeros(360, 64)) == EVALUATION_BATCH  # small models: as before
+    sizes = {}
+    for side in (28, 56, 112):
+        model = conv_net()
+        model(torch.zeros(2, 1, side, side))  # materialize the lazy layer
+        images = torch.zeros(10, 1, side, side)
+        sizes[side] = evaluation_batch_size(model, images)
+        activation = 32 * side * side * 4  # bytes of one sample's first conv output
+        assert sizes[side] * 2 * activation <= sizing.EVALUATION_BYTES, side  # a layer's input and output fit
+    assert EVALUATION_BATCH > sizes[28] > sizes[56] > sizes[112] >= 1
+    assert sizes[28] == sizing.EVALUATION_BYTES // (2 * 32 * 28 * 28 * 4)  # sized by the largest layer, ReLU's
+    assert evaluation_batch_size(conv_net(), torch.zeros(0, 1, 28, 28)) == EVALUATION_BATCH
+
+
+def test_sizing_leaves_the_model_as_it_was():
+    model = conv_net()
+    model(torch.zeros(2, 1, 28, 28))
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluation_batch_size(model, torch.randn(8, 1, 28, 28))
+    assert model.training and all(not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BN statistics untouched
+
+
+def test_evaluation_in_memory_sized_batches_gives_the_metrics_of_one_batch(monkeypatch):
+    from optiflow.run import prepare
+
+    run = prepare(RunConfig.from_dict({"device": "cpu", "model": "cnn"}), get_registry())
+    x, y = run.splits.x_test, run.splits.y_test
+    whole = loop.evaluate(run, x, y, "test")
+    monkeypatch.setattr(loop, "evaluation_batch_size", lambda model, x: 7)
+    batched = loop.evaluate(run, x, y, "test")
+    assert batched["test_accuracy"] == whole["test_accuracy"]
+    assert batched["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+
+
+@pytest.fixture
+def weighed_images():
+    """A registered dataset of 400 8x8 images (with its own test set) that remembers its tensors weakly."""
+    import weakref
+
+    from optiflow.data import DataSource
+
+    made: dict[str, weakref.ref] = {}
+
+    def weighed(ctx):
+        """400 random 1x8x8 images in 4 classes."""
+        generator = torch.Generator().manual_seed(0)
+        x, x_test = torch.rand(400, 1, 8, 8, generator=generator), torch.rand(40, 1, 8, 8, generator=generator)
+        made.update(x=weakref.ref(x), x_test=weakref.ref(x_test))
+        return DataSource(x, torch.arange(400) % 4, "classification", x_test=x_test, y_test=torch.arange(40) % 4)
+
+    registry = get_registry()
+    registry.registrar("data", "test-weighed")("weighed", weighed)
+    yield made
+    registry.remove_plugin("test-weighed")
+
+
+def test_a_run_keeps_one_copy_of_its_data(weighed_images):
+    from optiflow.run import EXAMPLE_SAMPLES, prepare
+
+    run = prepare(RunConfig.from_dict({"data": "weighed", "device": "cpu"}), get_registry())
+    assert weighed_images["x"]() is None and weighed_images["x_test"]() is None  # the raw tensors are gone
+    assert run.source.x.shape == (EXAMPLE_SAMPLES, 1, 8, 8) and run.source.x_test.shape == (EXAMPLE_SAMPLES, 1, 8, 8)
+    assert run.source.input_shape == (1, 8, 8) and len(run.source.y) == 400 and run.source.num_classes == 4
+    assert run.splits.sizes() == {"train": 360, "val": 40, "test": 40}
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(run.source.x, torch.rand(400, 1, 8, 8, generator=generator)[:EXAMPLE_SAMPLES])
+
+
+def test_a_source_shared_by_a_search_stays_whole(weighed_images):
+    from optiflow.run import prepare, shared_data
+
+    with shared_data():
+        first = prepare(RunConfig.from_dict({"data": "weighed", "device": "cpu", "cv_folds": 2}), get_registry())
+        second = prepare(RunConfig.from_dict({"data": "weighed", "device": "cpu", "cv_folds": 2, "cv_fold": 1}),
+                         get_registry())
+        assert first.source is second.source and len(first.source.x) == 400
+        assert weighed_images["x"]() is first.source.x
+
+
+def test_the_logged_model_takes_the_first_raw_samples_as_its_example(weighed_images):
+    from optiflow.export import inference_module
+    from optiflow.run import prepare
+
+    run = prepare(RunConfig.from_dict({"data": "weighed", "device": "cpu"}), get_registry())
+    _, card, example = inference_module(run)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(example, torch.rand(400, 1, 8, 8, generator=generator)[:5]) and card.input_shape == [1, 8, 8]
+
+
+def test_a_non_finite_value_is_found_in_any_chunk_of_a_large_set(monkeypatch):
+    from optiflow.data import DataSource
+    from optiflow.errors import OptiflowError
+
+    monkeypatch.setattr(sizing, "FINITE_CHECK_VALUES", 64)  # 2 samples of 32 values a check
+    x = torch.zeros(50, 4, 8)
+    x[37, 1, 5] = float("nan")
+    with pytest.raises(OptiflowError, match="the training data holds nan in sample 37;"):
+        DataSource(x, torch.arange(50) % 2, "classification")
+    x[37, 1, 5], x[49, 3, 7] = 0.0, float("inf")
+    with pytest.raises(OptiflowError, match="holds inf in sample 49"):
+        DataSource(x, torch.arange(50) % 2, "classification")
+
+
+def test_scaling_never_changes_the_tensor_a_dataset_gave():
+    from optiflow.data import DataSource
+
+    given = torch.full((4, 3), 16.0)
+    source = DataSource(given, torch.arange(4) % 2, "classification", raw_scale=16.0)
+    assert torch.equal(given, torch.full((4, 3), 16.0)) and torch.equal(source.x, torch.ones(4, 3))
+    images = torch.full((4, 1, 2, 2), 255, dtype=torch.uint8)
+    assert torch.equal(DataSource(images, torch.arange(4) % 2, "classification").x, torch.ones(4, 1, 2, 2))
+    assert int(images.max()) == 255
