@@ -29,6 +29,7 @@ class OptiflowGroup(click.Group):
 
     def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
         tracking.CLI_ARGS = list(sys.argv[1:] if args is None else args)  # every run's optiflow.command tag
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr holds optiflow's lines only
         kwargs["standalone_mode"] = False
         try:
             return super().main(args, *rest, **kwargs)
@@ -128,7 +129,10 @@ def train(**params: Any) -> None:
     main_process = is_main_process()
     quiet = params["quiet"] or not sys.stdout.isatty() or not main_process
     reporter = None if quiet else RichReporter()
-    result = run_training(config, reporter=reporter, resume=params["resume"])
+    from optiflow.stored import data_dir_warning
+
+    warn = None if params["quiet"] or params["resume"] else data_dir_warning(config)
+    result = run_training(config, reporter=reporter, resume=params["resume"], on_start=warn)
     print_summary(result, config, quiet=params["quiet"] or not main_process)
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 

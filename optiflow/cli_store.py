@@ -17,7 +17,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON, every final metric included (for scripts).")
 @click.option("--stale", is_flag=True,
               help="Instead: the RUNNING runs whose process is gone (SIGKILL, out of memory, a lost machine).")
-@click.option("--close", is_flag=True, help="End each stale run KILLED (its checkpoint stays; --resume still works).")
+@click.option("--close", is_flag=True, help="End each stale run KILLED, a parent with its children (a checkpoint "
+              "stays; --resume still works).")
 @click.option("--tracking-uri", help="Store holding the runs [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db].")
 def runs(experiment: str | None, status: str | None, limit: int, as_json: bool, stale: bool, close: bool,
          tracking_uri: str | None) -> None:
@@ -25,8 +26,9 @@ def runs(experiment: str | None, status: str | None, limit: int, as_json: bool, 
 
     With --stale, the runs that say RUNNING though no process trains them any more: a run's
     process is gone when its heartbeat (tag optiflow.heartbeat) names a pid on this host that
-    no longer lives, or, from another host, is older than $OPTIFLOW_STALE_AFTER seconds [3600].
-    Continue one with `optiflow train --resume RUN_ID`.
+    no longer lives, or, from another host, is older than $OPTIFLOW_STALE_AFTER seconds [3600];
+    a search's or comparison's parent run is stale only once none of its RUNNING children may
+    still train. Continue a training with `optiflow train --resume RUN_ID`.
     """
     if not stale:
         if close:

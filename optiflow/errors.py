@@ -54,6 +54,10 @@ class TrackingServerLost(ServiceLost):
     """The MLflow tracking server stopped answering: nothing more can be logged to the run."""
 
 
+class StoreLost(TrackingServerLost):
+    """The tracking store's database file was deleted or replaced under a run: nothing more can be logged to it."""
+
+
 class TrainingError(OptiflowError):
     """Training stopped because of what happened during it (e.g. a non-finite loss)."""
 

@@ -90,10 +90,27 @@ def not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return value
 
 
+def model_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--register NAME`` checked by MLflow's own rules for registered model names before anything trains."""
+    value = not_empty(ctx, param, value)
+    if value is None:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    from optiflow.errors import first_line
+
+    try:
+        _validate_model_name(value)
+    except MlflowException as exc:
+        raise click.BadParameter(first_line(exc.message), ctx=ctx, param=param) from None
+    return value
+
+
 def model_options(register: str, log_models: str | None = None, refit: bool = False) -> Callable[[Command], Command]:
     """What becomes of the models a command trains: ``--log-models`` (``log_models``: whose), ``--refit`` (search)
     and ``--register NAME`` (``register``: which model)."""
-    options = [click.option("--register", metavar="NAME", callback=not_empty,
+    options = [click.option("--register", metavar="NAME", callback=model_name,
                             help=f"Register {register} in MLflow's model registry as the next version of NAME "
                                  "(load it as models:/NAME/VERSION).")]
     if log_models:

@@ -112,6 +112,15 @@ def optiflow_check_run(run):
 
 
 @hookspec
+def optiflow_metric_names(run):
+    """Called once per run right before ``optiflow_check_run`` (``run.tracker`` is None).  Return the
+    names of the metrics this plugin adds in ``optiflow_validation_end``, or None.  A scheduler or early
+    stopping monitors the core's epoch metrics or declared ones: a name nobody produces (``val_los``) is
+    refused before the run opens.  ``run.metric_names`` holds them all for ``optiflow_check_run``.
+    (Metrics added in ``optiflow_epoch_end`` are logged, but come after the scheduler's step.)"""
+
+
+@hookspec
 def optiflow_run_start(run):
     """Called once per run, after the model, optimizer and scheduler exist and
     the MLflow run is open, before the first epoch.  ``run`` is the live

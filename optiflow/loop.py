@@ -42,7 +42,8 @@ FINITE_CHECK_STEPS = 16
 #: a loss this many times its first check's value, for DIVERGED_CHECKS checks in a row, has diverged
 DIVERGED_FACTOR = 1e4
 DIVERGED_CHECKS = 3
-#: the longest an epoch's metrics wait before they are written to MLflow (short epochs share one write)
+#: the longest an epoch's metrics wait before they are written to MLflow (short epochs share one write); a run
+#: that saves checkpoints writes them right after a checkpoint, at most as often (see checkpoints.save_periodically)
 METRIC_FLUSH_SECONDS = 2.0
 
 
@@ -313,9 +314,8 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             run.history.setdefault(key, []).append(value)
         run.tracking.log_metrics(metrics, step=run.epoch, flush=False)
-        run.tracking.flush_due(METRIC_FLUSH_SECONDS)
         run.checkpoint = checkpoints.capture(run)
-        checkpoints.save_periodically(run)
+        checkpoints.save_periodically(run, METRIC_FLUSH_SECONDS)
 
 
 def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import io
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+from optiflow.errors import OptiflowError
 
 TIMING_METRICS = frozenset({"epoch_time", "samples_per_sec", "train_seconds"})
 HIGHER_IS_BETTER = ("accuracy", "r2", "f1", "auc", "precision", "recall", "per_sec")
@@ -13,6 +16,33 @@ HIGHER_IS_BETTER = ("accuracy", "r2", "f1", "auc", "precision", "recall", "per_s
 def higher_is_better(metric: str) -> bool:
     """Whether a larger value of ``metric`` is better (accuracy, R², ...) or worse (losses, RMSE)."""
     return any(metric.endswith(word) for word in HIGHER_IS_BETTER)
+
+
+def evaluation_metric_names(task: str, prefix: str) -> list[str]:
+    """What an evaluation (``optiflow.loop.evaluate``) gives under ``prefix``: the loss, and the accuracy
+    (classification) or RMSE and R² (regression)."""
+    scores = ("accuracy",) if task == "classification" else ("rmse", "r2")
+    return [f"{prefix}_{name}" for name in ("loss", *scores)]
+
+
+def epoch_metric_names(task: str, validation: bool) -> list[str]:
+    """The metrics the core logs every epoch (plugins declare theirs with ``optiflow_metric_names``)."""
+    names = ["train_loss", "lr", "epoch_time", "samples_per_sec"] + (["train_accuracy"] if task == "classification"
+                                                                      else [])
+    return names + (evaluation_metric_names(task, "val") if validation else [])
+
+
+def check_monitor(owner: str, monitor: str, produced: Collection[str], validation: bool) -> None:
+    """Refuse, before the run opens, a metric ``owner`` (``scheduler 'plateau'``) monitors that the run will
+    not produce: a ``val_*`` metric without a validation split, a typo, a metric of the other task."""
+    if monitor in produced:
+        return
+    if monitor.startswith("val_") and not validation:
+        raise OptiflowError(f"{owner} monitors '{monitor}', but --val-split is 0 (no validation set)")
+    close = difflib.get_close_matches(monitor, list(produced), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise OptiflowError(f"{owner} monitors '{monitor}', which this run does not produce{hint}; "
+                        f"it produces {', '.join(sorted(produced))}")
 
 
 def final_metrics(metrics: dict[str, float], history: dict[str, list[float]]) -> dict[str, float]:

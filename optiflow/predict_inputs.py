@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optiflow.data import image_transform
-from optiflow.errors import OptiflowError, first_line
+from optiflow.errors import OptiflowError
+from optiflow.files import beyond_float32, csv_rows, load_npy, open_image, repeated
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 ID_COLUMN = "id"
 SHOWN_NAMES = 8
+#: a misspelt column is looked for among this many unknown ones (bounded work on a header of 10^6 names)
+MATCHED_COLUMNS = 1000
 
 
 @dataclass(frozen=True)
@@ -94,26 +97,35 @@ def read_csv(file: Path, spec: ModelSpec, target: str | None = None) -> Inputs:
     name or in order), optionally the target column (``target``, else the model's) and an ``id`` column."""
     import pandas as pd
 
-    try:
-        frame = pd.read_csv(file, skipinitialspace=True, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise OptiflowError(f"{file} is empty; it needs a header row and at least one data row") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
-        raise OptiflowError(f"{file} is not a readable CSV file: {first_line(exc)}") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    if frame.empty:
+    rows = csv_rows(file)
+    if not rows:
+        raise OptiflowError(f"{file} is empty; it needs a header row and at least one data row")
+    header, body = [name.strip() for name in rows[0]], rows[1:]
+    if not body:
         raise OptiflowError(f"{file} has a header but no data rows")
-    if target is not None and target not in frame.columns:
-        others = [c for c in frame.columns if c not in set(spec.feature_names or ())]
+    twice = repeated(header)
+    if twice is not None:
+        raise OptiflowError(f"{file}: column '{twice}' appears twice in the header")
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise OptiflowError(f"{file}, line {line}: {len(row)} values for {len(header)} columns")
+    position = {name: i for i, name in enumerate(header)}
+    if target is not None and target not in position:
+        known = set(spec.feature_names or ())
+        others = [c for c in header if c not in known]
         raise OptiflowError(f"{file} has no target column '{target}'; its columns besides the model's features: "
                             f"{_shown(others) or 'none'}")
     spec = replace(spec, target=target or spec.target)
-    features = _feature_columns(file, list(frame.columns), spec)
-    values = _numbers(file, frame, features)
-    ids = frame[ID_COLUMN].tolist() if ID_COLUMN in frame.columns and ID_COLUMN not in features else list(range(len(frame)))
+    features = _feature_columns(file, header, spec)
+    values = _numbers(file, body, [position[name] for name in features], features)
+
+    def column(name: str) -> list[str]:
+        return [row[position[name]].strip() for row in body]
+
+    ids = column(ID_COLUMN) if ID_COLUMN in position and ID_COLUMN not in features else list(range(len(body)))
     labels = None
-    if spec.target and spec.target in frame.columns and spec.target not in features:
-        labels = _labels(file, frame[spec.target].tolist(), spec)
+    if spec.target and spec.target in position and spec.target not in features:
+        labels = _labels(file, column(spec.target), spec)
     x = pd.DataFrame(values, columns=features) if spec.feature_names else values
     return Inputs(ids, x, labels)
 
@@ -123,10 +135,7 @@ def read_npy(file: Path, spec: ModelSpec) -> Inputs:
     import numpy as np
     import pandas as pd
 
-    try:
-        array = np.load(file, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise OptiflowError(f"{file} is not a readable .npy array: {first_line(exc)}") from None
+    array = load_npy(file)
     if array.dtype.kind not in "biuf":
         raise OptiflowError(f"{file} holds {array.dtype} values; the model takes numbers")
     shape = tuple(spec.input_shape)
@@ -136,13 +145,17 @@ def read_npy(file: Path, spec: ModelSpec) -> Inputs:
         array = array.reshape(-1, *shape)
     elif spec.image and shape[0] == 1 and array.shape[1:] == shape[1:]:
         array = array[:, None]
-    if array.shape[1:] != shape or len(array) == 0:
+    if array.ndim == 0 or array.shape[1:] != shape or len(array) == 0:
         raise OptiflowError(f"{file} holds an array of shape {tuple(array.shape)}; {_shape_hint(array.shape, spec)}")
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array) | beyond_float32(array)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            value = array[where]
+            what = "NaN or infinite values" if not np.isfinite(value) else \
+                f"{value:g}, beyond the range of float32 numbers the model computes in (+-3.4e38)"
+            raise OptiflowError(f"{file}, sample {where[0]}: holds {what}")
     array = array.astype(np.float32)
-    bad = ~np.isfinite(array)
-    if bad.any():
-        row = int(np.argwhere(bad)[0][0])
-        raise OptiflowError(f"{file}, sample {row}: holds NaN or infinite values")
     x = pd.DataFrame(array, columns=spec.feature_names) if spec.feature_names and not spec.image else array
     return Inputs(list(range(len(array))), x)
 
@@ -156,17 +169,10 @@ def read_images(root: Path, files: list[Path], spec: ModelSpec) -> Inputs:
     """
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     channels, height, width = _image_shape(spec)
     transform = image_transform(height, width, grayscale=channels == 1)
-    tensors = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                tensors.append(transform(image.convert("RGB")))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise OptiflowError(f"{file} is not a readable image: {first_line(exc)}") from None
+    tensors = [transform(open_image(file)) for file in files]
     pixels = torch.stack(tensors).float()
     x = (pixels if spec.raw_scale == 255.0 else pixels * (spec.raw_scale / 255.0)).numpy().astype(np.float32)
     ids = [f.relative_to(root).as_posix() if f != root else f.name for f in files]
@@ -206,10 +212,11 @@ def _feature_columns(file: Path, columns: list[str], spec: ModelSpec) -> list[st
             raise OptiflowError(f"{file} has {len(features)} feature columns; the model takes {spec.describe_input()}")
         return features
     names = list(spec.feature_names)
-    unknown = [c for c in columns if c not in names and c not in extra_ok]
-    missing = [n for n in names if n not in columns]
+    known, given = set(names) | extra_ok, set(columns)
+    unknown = [c for c in columns if c not in known]
+    missing = [n for n in names if n not in given]
     if missing:
-        close = difflib.get_close_matches(missing[0], unknown, n=1)
+        close = difflib.get_close_matches(missing[0], unknown[:MATCHED_COLUMNS], n=1)
         hint = f" (is '{close[0]}' it?)" if close else ""
         raise OptiflowError(f"{file} has no column '{missing[0]}'{hint}; {_columns_hint(names, spec)}")
     if unknown:
@@ -227,21 +234,35 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:SHOWN_NAMES]) + (f", ... ({len(names)} in all)" if len(names) > SHOWN_NAMES else "")
 
 
-def _numbers(file: Path, frame: pd.DataFrame, features: list[str]) -> np.ndarray:
-    """The feature cells as a float32 array; an empty, NaN, infinite or non-numeric cell refused with its line."""
+def _numbers(file: Path, rows: list[list[str]], columns: list[int], names: list[str]) -> np.ndarray:
+    """The feature cells as a float32 array; an empty, NaN, infinite, non-numeric cell or one beyond float32's
+    range refused with its line and column."""
     import numpy as np
-    import pandas as pd
 
-    cells = frame[features]
-    values = cells.apply(lambda column: pd.to_numeric(column.str.strip(), errors="coerce"))
-    values = values.to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = ~np.isfinite(values)
+    cells = [[row[i] for i in columns] for row in rows]
+    try:
+        values = np.array(cells, dtype=np.float64)
+    except ValueError:
+        values = np.array([[_number(text) for text in row] for row in cells], dtype=np.float64)
+    bad = ~np.isfinite(values) | beyond_float32(values)
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])
-        text = str(cells.iat[row, col]).strip()
-        what = "is empty" if not text else f"holds {text!r}, not a finite number"
-        raise OptiflowError(f"{file}, line {row + 2}: column '{features[col]}' {what}")
+        text = cells[row][col].strip()
+        if not text:
+            what = "is empty"
+        elif math.isfinite(values[row, col]):
+            what = f"holds {text!r}, beyond the range of float32 numbers the model computes in (+-3.4e38)"
+        else:
+            what = f"holds {text!r}, not a finite number"
+        raise OptiflowError(f"{file}, line {row + 2}: column '{names[col]}' {what}")
     return values.astype(np.float32)
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _labels(file: Path, cells: list[str], spec: ModelSpec) -> list[Any]:

@@ -23,7 +23,7 @@ from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
 from optiflow.runlog import RunTracker
-from optiflow.schedule import Schedule, TrainingLength, scheduled
+from optiflow.schedule import Schedule, TrainingLength, rehearse, scheduled
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
 
@@ -72,6 +72,9 @@ class Run:
     regularizers: list[Any] = field(default_factory=list)
     #: the MLflow run's tracker, None until the run is open (``optiflow_check_run`` sees None)
     tracker: RunTracker | None = None
+    #: the names every epoch's metrics will hold, the core's and those plugins declare
+    #: (``optiflow_metric_names``); set before ``optiflow_check_run``, None before
+    metric_names: frozenset[str] | None = None
     epoch: int = 0
     step: int = 0
     stop_reason: str | None = None
@@ -150,7 +153,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     except ValueError as exc:
         raise OptiflowError(f"normalizer '{norm.name}': {first_line(exc)}") from None
     input_shape = tuple(splits.x_train.shape[1:])
-    augmentation = _augmentation(resolved, input_shape)
+    augmentation = _augmentation(resolved, splits.x_train[0])
     model_component, model_options = resolved.model
     _check_images(model_component, source, input_shape, resolved.data[0].name, norm.name)
 
@@ -167,6 +170,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     loss_fn = build_loss(resolved, registry, source.task).to(device)
     length = TrainingLength.of(config.epochs, len(splits.x_train), config.batch_size, config.drop_last)
     optimizer, schedule = build_optimizer(resolved, model, length)
+    rehearse(optimizer, length, lambda stand_in: build_schedule(resolved, stand_in, length), resolved.sched[0].name)
     if _SOURCES is None:  # loaded for this run alone: its splits are the one copy of the data it keeps
         source = keep_examples(source)
     return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
@@ -290,6 +294,11 @@ def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) ->
     with keep_decay_groups(sets_decay):
         optimizer = build(opt_component, model, **opt_options)
     use_fused_kernels(optimizer)
+    return optimizer, build_schedule(resolved, optimizer, length)
+
+
+def build_schedule(resolved: Plan, optimizer: torch.optim.Optimizer, length: TrainingLength) -> Schedule:
+    """The planned learning-rate schedule of ``optimizer``, with the warm-up every scheduler takes."""
     sched_component, sched_options = resolved.sched
     try:
         schedule = scheduled(sched_component.factory, lambda *args, **options: build(sched_component, *args, **options),
@@ -298,7 +307,7 @@ def build_optimizer(resolved: Plan, model: nn.Module, length: TrainingLength) ->
         if str(exc).startswith(f"{sched_component.kind} '{sched_component.name}'"):
             raise
         raise OptiflowError(f"scheduler '{sched_component.name}': {exc}") from None
-    return optimizer, schedule
+    return schedule
 
 
 def _check_images(model: Component, source: DataSource, input_shape: tuple[int, ...], dataset: str,
@@ -325,16 +334,25 @@ def _check_model_accepts(model: nn.Module, sample: Tensor, name: str, shape: tup
         model.train(was_training)
 
 
-def _augmentation(resolved: Plan, input_shape: tuple[int, ...]) -> Callable[[Tensor], Tensor] | None:
-    """The augmentations as one function; one whose ``sample_ndim`` does not fit the samples is refused now."""
+def _augmentation(resolved: Plan, sample: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """The augmentations as one function, each tried on one training ``sample`` (the random number generators
+    left as they were): one whose options cannot work on these samples is refused before the run opens."""
     if not resolved.aug:
         return None
     transforms = [build(component, **options) for component, options in resolved.aug]
-    for (component, _), transform in zip(resolved.aug, transforms):
-        wanted = getattr(transform, "sample_ndim", None)
-        if wanted is not None and wanted != len(input_shape):
-            raise OptiflowError(f"augmentation '{component.name}' needs image inputs (C, H, W), "
-                                f"got a sample of shape {list(input_shape)}")
+    with torch.random.fork_rng(devices=[]):
+        for (component, _), transform in zip(resolved.aug, transforms):
+            wanted = getattr(transform, "sample_ndim", None)
+            if wanted is not None and wanted != sample.ndim:
+                raise OptiflowError(f"augmentation '{component.name}' needs image inputs (C, H, W), "
+                                    f"got a sample of shape {list(sample.shape)}")
+            try:
+                sample = transform(sample)
+            except OptiflowError:
+                raise
+            except Exception as exc:
+                raise OptiflowError(f"augmentation '{component.name}' cannot transform a training sample: "
+                                    f"{type(exc).__name__}: {first_line(exc)}") from None
 
     def apply(sample: Tensor) -> Tensor:
         for transform in transforms:

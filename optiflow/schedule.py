@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from optiflow.errors import OptiflowError
+from optiflow.errors import OptiflowError, first_line
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -66,6 +66,60 @@ class Schedule:
         if value is None:
             raise OptiflowError(f"scheduler monitors '{self.monitor}', which this run does not produce")
         self.scheduler.step(value)
+
+
+def follow(optimizer: Any, schedule: Schedule, length: TrainingLength,
+           monitored: float = 1.0) -> Iterator[tuple[float, float]]:
+    """``(position in epochs, learning rate)`` at every optimizer step of training, stepping ``optimizer``
+    (a closure giving 0) and ``schedule`` as the training loop does; a monitored metric stays at ``monitored``
+    (it never improves): what ``lr-preview`` draws."""
+    for epoch in range(length.epochs):
+        for step in range(length.steps_per_epoch):
+            yield epoch + step / length.steps_per_epoch, float(optimizer.param_groups[0]["lr"])
+            optimizer.step(lambda: 0.0)
+            if schedule.interval == "step":
+                schedule.step()
+        if schedule.interval == "epoch":
+            schedule.step({schedule.monitor: monitored} if schedule.monitor else None)
+
+
+#: how many steps of a schedule :func:`rehearse` takes before a run opens (under a millisecond each)
+REHEARSED_STEPS = 200
+
+
+def rehearse(optimizer: Any, length: TrainingLength, build_schedule: Callable[[Any], Schedule], name: str,
+             steps: int | None = REHEARSED_STEPS) -> None:
+    """Build the schedule on a stand-in of ``optimizer`` (its hyper-parameters, one-number parameters) and step it
+    ``steps`` times (None: through the whole training), so that options that fail in a later step (a division by
+    zero) or give a negative or non-finite learning rate are refused in one line before a run opens, the real
+    optimizer untouched."""
+    import copy
+    import warnings
+
+    import torch
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stand_in = copy.deepcopy(optimizer, {id(p): torch.zeros(1, requires_grad=True) for p in params})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a scheduler stepped before its optimizer
+            schedule = build_schedule(stand_in)
+            per_step = schedule.interval == "step"
+            total = length.total_steps if per_step else length.epochs
+            metrics = {schedule.monitor: 1.0} if schedule.monitor and not per_step else None
+            for step in range(min(total, steps if steps is not None else total) + 1):
+                lr = float(stand_in.param_groups[0]["lr"])
+                if not (math.isfinite(lr) and lr >= 0):
+                    where = f"step {step + 1}" if per_step else f"epoch {step + 1}"
+                    raise OptiflowError(f"scheduler '{name}' gives a learning rate of {lr:g} at {where}; "
+                                        "check its options")
+                if step < total:
+                    schedule.step(metrics)
+    except OptiflowError:
+        raise
+    except (ArithmeticError, ValueError, RuntimeError, IndexError, TypeError) as exc:
+        raise OptiflowError(f"scheduler '{name}' cannot step with these options: "
+                            f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 #: the option every scheduler takes; the core adds it to schedulers that do not declare it

@@ -89,7 +89,7 @@ class Predictor:
             index = data.index
             data = self._columns(data, size)
         try:
-            x = np.ascontiguousarray(data, dtype=np.float32)
+            x = np.require(data, np.float32, ["C", "W"])  # writable: pandas' copy-on-write views are read-only
         except (TypeError, ValueError) as exc:
             raise ValueError(f"inputs must be numbers ({exc})") from None
         if x.shape == shape or (x.ndim == 1 and x.shape[0] == size):

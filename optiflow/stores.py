@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from optiflow.errors import DiskFull, OptiflowError, no_space
+from optiflow.errors import DiskFull, OptiflowError, StoreLost, no_space
 
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
@@ -63,6 +63,47 @@ def check_database_file(path: Path) -> None:
                                 "give --tracking-uri a new file or an optiflow store") from None
 
 
+@contextlib.contextmanager
+def store_lock(path: Path | None) -> Iterator[None]:
+    """Hold the SQLite store's ``.lock`` file (processes creating one store take turns); a store where that file
+    cannot be written (a read-only file system, no permission) is one line."""
+    if path is None or str(path) == ":memory:":
+        yield
+        return
+    try:
+        handle = open(str(path) + ".lock", "a")
+    except OSError as exc:
+        raise OptiflowError(f"cannot write to the tracking store {path}: {exc.strerror} (optiflow writes every run "
+                            "it opens; give --tracking-uri a store you can write)") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_identity(uri: str) -> tuple[int, int] | None:
+    """The device and inode of a SQLite store's database file (None: not a SQLite file, or not there)."""
+    path = _sqlite_file(uri)
+    try:
+        found = os.stat(path) if path is not None and str(path) != ":memory:" else None
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if found is not None else None
+
+
+def check_same_file(uri: str, identity: tuple[int, int] | None) -> None:
+    """Raise :class:`StoreLost` when the SQLite store a run writes to was deleted or replaced by another file
+    (MLflow's open connection would go on writing into the unlinked file, and the run would be lost)."""
+    if identity is None:
+        return
+    now = file_identity(uri)
+    if now != identity:
+        how = "deleted" if now is None else "replaced by another file"
+        raise StoreLost(f"the tracking store {uri} was {how} during the run")
+
+
 def disk_full(exc: BaseException, fn: Callable[..., object] | None, args: tuple[object, ...],
               store: str = "the tracking store",
               staged: bool = False) -> DiskFull | None:
@@ -80,6 +121,28 @@ def disk_full(exc: BaseException, fn: Callable[..., object] | None, args: tuple[
             if shutil.disk_usage(Path(where).parent).free < 10**6:
                 full = no_space(OSError(errno.ENOSPC, "No space left"), where)
     return full
+
+
+def write_whole(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: into a hidden partial file beside it, then renamed
+    over it, so that a full disk or a kill mid-write leaves no empty or half-written file.  Raises
+    :class:`DiskFull` (exit code 1) when the device is full, else the ``OSError``.  A device or pipe
+    (``/dev/stdout``) is written straight."""
+    target = Path(path)
+    straight = target.exists() and not target.is_file()
+    partial = target if straight else target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if not straight:
+                os.fsync(handle.fileno())
+        if not straight:
+            os.replace(partial, target)
+    except OSError as exc:
+        if not straight:
+            partial.unlink(missing_ok=True)
+        raise no_space(exc, target, needed=len(data)) or exc from None
 
 
 def _written(fn: Callable[..., object] | None, args: tuple[object, ...], exc: BaseException, store: str) -> str | Path:
@@ -111,20 +174,6 @@ def use_write_ahead_log(path: Path) -> None:
     with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
         if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             connection.execute("PRAGMA journal_mode=WAL")
-
-
-@contextlib.contextmanager
-def store_lock(path: Path | None) -> Iterator[None]:
-    """Hold the store's ``.lock`` file while the block runs: one process at a time creates a SQLite store."""
-    if path is None or str(path) == ":memory:":
-        yield
-        return
-    with open(str(path) + ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 #: what a folder optiflow creates holds as its .gitignore, as pytest's and mypy's caches do

@@ -13,15 +13,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from optiflow import __version__
+from optiflow import __version__, heartbeat
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.runlog import RunTracker
 from optiflow.signals import deferred
 from optiflow.stores import (
     check_database_file,
+    check_same_file,
     check_scheme,
     created_folder,
     disk_full,
+    file_identity,
     store_lock,
     use_write_ahead_log,
 )
@@ -210,9 +212,12 @@ class Tracker:
         self.experiment = experiment
         self.client = client(self.uri)
         self.experiment_id = experiment_id(self.client, self.uri, experiment)
+        self.store_file = file_identity(self.uri)  # every write first checks the store is still this file
         self.run_id: str | None = None
         #: when the last checkpoint was saved (time.monotonic), see :func:`optiflow.checkpoints.save_periodically`
         self.checkpoint_saved_at: float | None = None
+        #: how long the last checkpoint took to save: checkpoints take at most 1/20 of the training time
+        self.checkpoint_cost = 0.0
         self._pending: list[Metric] = []
         self._pending_params: list[Param] = []
         self._pending_tags: dict[str, str] = {}
@@ -220,17 +225,20 @@ class Tracker:
 
     def start(self, run_name: str | None = None, tags: Mapping[str, object] | None = None,
               parent_run_id: str | None = None, run_id: str | None = None, started_ms: int | None = None) -> str:
-        """Open a new run (``started_ms``: when it began, default now) or reopen ``run_id`` to resume it; what was
-        logged before is written to it; returns its id."""
+        """Open a new run (``started_ms``: when it began, default now) or reopen ``run_id`` to resume it (it beats
+        before it says RUNNING); what was logged before is written to it; returns its id.  The heartbeat goes in
+        with the run: a process killed at once leaves a run that ``optiflow runs --stale`` finds."""
         pending, self._pending_tags = self._pending_tags, {}
         if run_id is not None:
-            retry(self.client.update_run, run_id, status="RUNNING")
             self.run_id = run_id
+            heartbeat.beat(self)
+            retry(self.client.update_run, run_id, status="RUNNING")
             if pending:
                 self.set_tags(pending)
         else:
             given = {"optiflow.version": __version__, "optiflow.command": command_line(), **(tags or {})}
-            opening = {**{key: redact(str(value)) for key, value in given.items()}, **pending}
+            opening = {**{key: redact(str(value)) for key, value in given.items()}, **pending,
+                       heartbeat.TAG: heartbeat.stamp()}
             if parent_run_id:
                 opening["mlflow.parentRunId"] = parent_run_id
             run = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
@@ -266,10 +274,16 @@ class Tracker:
         if self._pending and time.monotonic() - self._flushed_at >= seconds:
             self.flush()
 
+    def queued(self) -> list[tuple[str, float, int, int]]:
+        """The metrics not yet written, as ``(key, value, timestamp, step)``."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self._pending]
+
     def flush(self) -> None:
-        """Write what is queued, in batches of MLflow's limits; kept while no run is open."""
+        """Write what is queued, in batches of MLflow's limits; kept while no run is open.  Every write first
+        checks the store is still the file the run was opened in (StoreLost)."""
         if self.run_id is None:
             return
+        check_same_file(self.uri, self.store_file)
         while self._pending_params or self._pending:
             params, self._pending_params = self._pending_params[:PARAM_BATCH], self._pending_params[PARAM_BATCH:]
             room = METRIC_BATCH - len(params)
@@ -284,6 +298,7 @@ class Tracker:
         if self.run_id is None:
             self._pending_tags.update(redacted)
             return
+        check_same_file(self.uri, self.store_file)
         retry(self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in redacted.items()])
 
     def delete_tag(self, key: str) -> None:

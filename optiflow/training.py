@@ -14,14 +14,25 @@ from typing import Any
 
 from optiflow import checkpoints, digest, distributed, export, heartbeat, host
 from optiflow.config import RunConfig
-from optiflow.errors import DiskFull, OptiflowError, PluginError, RunInterrupted, RunKilled, ServiceLost, first_line
+from optiflow.errors import (
+    DiskFull,
+    OptiflowError,
+    PluginError,
+    RunInterrupted,
+    RunKilled,
+    ServiceLost,
+    TrackingServerLost,
+    first_line,
+)
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit
+from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
 from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
+from optiflow.stored import resume_command
 from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
 
 
@@ -65,11 +76,11 @@ def train(
     with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
         tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
         started = time.perf_counter()
-        with InterruptGuard(), run_status(tracker) as outcome:
+        with InterruptGuard(), run_status(tracker) as outcome, heartbeat.beating(tracker):
             try:
                 if on_start is not None and cluster.main:
                     on_start(str(tracker.run_id))
-                resumed_from = _begin(run, pm, state, extra_params or {})
+                resumed_from = _begin(run, pm, state, extra_params or {}, main=cluster.main)
                 fit(run, pm, reporter, on_epoch)
                 reporter.stop()
                 metrics = end_run(run, pm)
@@ -85,6 +96,17 @@ def train(
                      resumed_from)
 
 
+def preflight(config: RunConfig, *, registry: Registry | None = None, pm: PluginManager | None = None) -> None:
+    """Everything :func:`train` checks before its run opens (data, model, optimizer, the schedule rehearsed,
+    augmentations tried, monitored metrics, ``optiflow_check_run``), without opening one: compare and search
+    call it before their parent run opens, so that bad input is one line and leaves no FAILED run behind."""
+    registry = registry or get_registry()
+    pm = pm or get_plugin_manager()
+    run = prepare(config, registry)
+    with _per_run_plugins(run, pm) as names:
+        _check_run(run, pm, names)
+
+
 def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,
           extra_tags: dict[str, str] | None) -> tuple[Tracker | NullTracker, dict[str, Any] | None, distributed.Cluster]:
     """Open the run's MLflow run (rank 0 only; ``resume`` reopens it) once the plugins and the checkpoint to
@@ -93,6 +115,7 @@ def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None
     config = run.config
     with _agreeing():
         _check_run(run, pm, names)
+        heartbeat.check_settings()
         tracker = Tracker(config.tracking_uri, config.experiment) if distributed.is_main_process() else NullTracker()
         state = None
         if resume is not None:
@@ -104,19 +127,21 @@ def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None
     distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
     cluster = distributed.join(run.device)
     tracker.start(run_name=config.run_name or default_run_name(run), tags=extra_tags,
-                  parent_run_id=parent_run_id, run_id=resume)
-    if cluster.main:
-        heartbeat.beat(tracker)
+                  parent_run_id=parent_run_id, run_id=resume)  # the heartbeat is written with it
     run.tracker = tracker
     return tracker, state, cluster
 
 
-def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any]) -> int | None:
-    """Log the run's setup (or mark it resumed) and start it; returns the epoch it resumes from."""
+def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any], *,
+           main: bool) -> int | None:
+    """Log the run's setup (or mark it resumed, the metrics queued in its checkpoint written by the ``main``
+    process) and start it; returns the epoch it resumes from."""
     if state is None:
         _log_setup(run, extra_params)
     else:
         run.checkpoint = state
+        if main:
+            checkpoints.relog(run.tracking, state)
         run.tracking.delete_tag("failure")
         run.tracking.set_tags({"optiflow.resumed_from_epoch": run.epoch})
     resumed_from = run.epoch if state is not None else None
@@ -191,8 +216,14 @@ def _per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
 
 
 def _check_run(run: Run, pm: PluginManager, names: dict[str, str]) -> None:
-    """``optiflow_check_run``: plugins refuse combinations they cannot work with before any run is logged."""
+    """Before any run is logged: the metrics the run will produce (``optiflow_metric_names``), the scheduler's
+    monitored metric among them, and ``optiflow_check_run``, where plugins refuse combinations they cannot work with."""
+    validation = len(run.splits.x_val) > 0
     try:
+        declared = pm.hook.optiflow_metric_names(run=run)
+        run.metric_names = frozenset(epoch_metric_names(run.task, validation)).union(*map(list, declared))
+        if run.schedule.monitor is not None:
+            check_monitor(f"scheduler '{run.plan.sched[0].name}'", run.schedule.monitor, run.metric_names, validation)
         pm.hook.optiflow_check_run(run=run)
     except OptiflowError:
         raise
@@ -212,8 +243,11 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
         run.status = run.status or "KILLED"
         tracker.set_tags({"killed": str(exc)})
         return exc
+    if isinstance(exc, TrackingServerLost) and run.checkpoint is not None:  # the run cannot be written to
+        folder = checkpoints.keep_locally(str(tracker.run_id), run.checkpoint, run.config.to_yaml())
+        return type(exc)(f"{exc}; checkpoint of epoch {run.checkpoint['epoch']} and config.yaml kept in {folder}")
     if isinstance(exc, ServiceLost):
-        return exc  # the run cannot be written to (tracking server) or its study is gone: say so, nothing more
+        return exc  # its study is gone, or the run cannot be written to: say so, nothing more
     interrupted = isinstance(exc, KeyboardInterrupt)
     status = "KILLED" if interrupted else "FAILED"
     reason, where = failure_reason(pm, exc, names)
@@ -231,7 +265,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
             if not run.artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
-            saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: optiflow train --resume {tracker.run_id}"
+            saved = (f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: "
+                     f"{resume_command(run.config, str(tracker.run_id))}")
     except DiskFull as full:
         if not isinstance(exc, OptiflowError):
             raise full from exc  # the disk filled up while saying why: the full disk is what the user must fix

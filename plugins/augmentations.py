@@ -65,6 +65,9 @@ class RandomCrop:
         from torchvision.transforms import v2
 
         size = tuple(sample.shape[-2:])
+        if self.padding > max(size):
+            raise OptiflowError(f"random-crop: padding must be at most the image's size ({size[0]}x{size[1]}), "
+                                f"got {self.padding}")
         if size not in self.crops:
             self.crops[size] = v2.RandomCrop(size, padding=self.padding, padding_mode=self.mode)
         return self.crops[size](sample)
@@ -107,6 +110,12 @@ def random_erasing(*, p: float = 0.5, scale: tuple[float, ...] = (0.02, 0.33), r
 
     if len(scale) != 2 or len(ratio) != 2:
         raise OptiflowError("random-erasing: scale and ratio take two numbers each, e.g. scale=[0.02,0.33]")
+    if not 0 <= scale[0] <= scale[1] <= 1:
+        raise OptiflowError(f"random-erasing: scale is the erased fraction [MIN,MAX] of the image, "
+                            f"0 <= MIN <= MAX <= 1, got {list(scale)}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise OptiflowError(f"random-erasing: ratio is the erased rectangle's aspect ratio [MIN,MAX], "
+                            f"0 < MIN <= MAX, got {list(ratio)}")
     try:
         eraser = v2.RandomErasing(p=_probability(p), scale=tuple(scale), ratio=tuple(ratio), value=value)
     except ValueError as exc:

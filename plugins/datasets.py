@@ -8,13 +8,13 @@ user's own CSV file or folder of images.
 
 from __future__ import annotations
 
-import csv as csv_module
 from pathlib import Path
 from typing import Literal
 
 from optiflow import hookimpl
 from optiflow.data import DataContext, DataSource, image_transform
 from optiflow.errors import OptiflowError, first_line
+from optiflow.files import beyond_float32, csv_rows, open_image, repeated
 
 
 @hookimpl
@@ -271,13 +271,13 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
     if len(delimiter) != 1 or delimiter in "\"\r\n":
         raise OptiflowError(f"dataset 'csv': delimiter must be one character other than a quote or newline, "
                             f"got {delimiter!r}")
-    rows = _csv_rows(file, delimiter)
+    rows = csv_rows(file, delimiter)
     if len(rows) < 2:
         raise OptiflowError(f"csv file {file} needs a header row and at least one data row")
     header, body = [h.strip() for h in rows[0]], rows[1:]
     if target not in header:
         raise OptiflowError(f"csv file {file} has no column '{target}'; its columns are: {', '.join(header)}")
-    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    twice = repeated(header)
     if twice is not None:
         raise OptiflowError(f"csv file {file}: column '{twice}' appears twice in the header")
     if len(header) < 2:
@@ -295,8 +295,9 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
                 f"csv file {file}, line {line}: column '{header[bad]}' holds {row[bad]!r}, not a number"
             ) from None
         labels.append(row[column].strip())
-    x = torch.tensor(features, dtype=torch.float32)
+    _refuse_empty_targets(file, target, labels)
     names = [name for i, name in enumerate(header) if i != column]
+    x = _float32(file, features, names)
     numeric = all(_is_number(v) for v in labels)
     if task == "auto":
         integral = numeric and all(float(v).is_integer() for v in labels)
@@ -313,17 +314,27 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
                       feature_names=names, target=target)
 
 
-def _csv_rows(file: Path, delimiter: str) -> list[list[str]]:
-    """The non-empty rows of a CSV file; malformed CSV (an unclosed quote, a field over the csv
-    module's limit) is one line naming the line, not the csv module's bare ``Error``."""
-    with open(file, newline="") as handle:
-        reader = csv_module.reader(handle, delimiter=delimiter, strict=True)
-        try:
-            return [row for row in reader if row]
-        except csv_module.Error as exc:
-            raise OptiflowError(f"csv file {file}, line {reader.line_num}: {first_line(exc)}") from None
-        except UnicodeDecodeError:
-            raise OptiflowError(f"csv file {file} is not UTF-8 text (line {reader.line_num + 1})") from None
+def _float32(file: Path, features: list[list[float]], names: list[str]):
+    """The feature rows as a float32 tensor; a value too large for float32 (it would become inf) refused with its line."""
+    import numpy as np
+    import torch
+
+    values = np.array(features, dtype=np.float64).reshape(len(features), len(names))
+    over = beyond_float32(values)
+    if over.any():
+        row, col = (int(i) for i in np.argwhere(over)[0])
+        raise OptiflowError(f"csv file {file}, line {row + 2}: column '{names[col]}' holds {values[row, col]:g}, "
+                            "beyond the range of float32 numbers a model computes in (+-3.4e38)")
+    return torch.from_numpy(values.astype(np.float32))
+
+
+def _refuse_empty_targets(file: Path, target: str, labels: list[str]) -> None:
+    """An empty target cell is a missing label, not a class named ''."""
+    empty = [line for line, label in enumerate(labels, start=2) if not label]
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise OptiflowError(f"csv file {file}: target column '{target}' is empty on line{'s' if len(empty) > 1 else ''} "
+                            f"{shown}; fill in those labels or drop the rows")
 
 
 def image_folder(ctx: DataContext, *, path: str = "", size: int = 32, grayscale: bool = False) -> DataSource:
@@ -335,7 +346,8 @@ def image_folder(ctx: DataContext, *, path: str = "", size: int = 32, grayscale:
     if size < 1:
         raise OptiflowError(f"image-folder: size must be >= 1, got {size}")
     try:
-        dataset = datasets.ImageFolder(str(folder), transform=image_transform(size, size, grayscale=grayscale))
+        dataset = datasets.ImageFolder(str(folder), transform=image_transform(size, size, grayscale=grayscale),
+                                       loader=open_image)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise OptiflowError(f"image-folder {folder}: {first_line(exc)}") from None
     images = [dataset[i][0] for i in range(len(dataset))]

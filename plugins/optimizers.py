@@ -141,6 +141,10 @@ def lbfgs(model, *, lr: float = 1.0, max_iter: int = 20, history_size: int = 100
     """L-BFGS quasi-Newton steps (several loss evaluations per step); best with --batch-size full."""
     import torch
 
+    for name, value in (("max_iter", max_iter), ("history_size", history_size)):
+        if value < 1:
+            raise OptiflowError(f"lbfgs: {name} must be >= 1, got {value}")
+
     return torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=max_iter, history_size=history_size,
                              line_search_fn="strong_wolfe" if line_search == "strong-wolfe" else None)
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from optiflow import hookimpl
 from optiflow.errors import OptiflowError
-from optiflow.metrics import higher_is_better
+from optiflow.metrics import check_monitor, higher_is_better
 
 
 @hookimpl
@@ -181,8 +181,8 @@ class EarlyStopping:
 
     @hookimpl
     def optiflow_check_run(self, run):
-        if self.monitor.startswith("val_") and len(run.splits.x_val) == 0:
-            raise OptiflowError(f"early-stopping monitors '{self.monitor}', but --val-split is 0 (no validation set)")
+        if run.metric_names is not None:
+            check_monitor("early-stopping", self.monitor, run.metric_names, len(run.splits.x_val) > 0)
 
     @hookimpl
     def optiflow_epoch_end(self, run, epoch, metrics):

@@ -95,6 +95,7 @@ def onecycle(optimizer, length, *, max_lr: float | None = None, pct_start: float
     """One-cycle policy (Smith 2018): up to max_lr (default: the optimizer's lr), then down; per batch."""
     from torch.optim import lr_scheduler
 
+    _rates(div_factor=div_factor, final_div_factor=final_div_factor, **({} if max_lr is None else {"max_lr": max_lr}))
     peak = max_lr if max_lr is not None else [group["lr"] for group in optimizer.param_groups]
     return _schedule(optimizer, length, warmup_epochs, "step", lambda rest: lr_scheduler.OneCycleLR(
         optimizer, max_lr=peak, total_steps=max(2, rest.total_steps), pct_start=pct_start, anneal_strategy=anneal,
@@ -107,6 +108,8 @@ def cyclic(optimizer, length, *, base_lr: float | None = None, max_lr: float | N
     """Cyclical learning rates (Smith 2017) between base_lr (default lr/10) and max_lr (default lr); per batch."""
     from torch.optim import lr_scheduler
 
+    _positive(step_size_up=step_size_up)
+    _rates(gamma=gamma, **{name: value for name, value in (("base_lr", base_lr), ("max_lr", max_lr)) if value is not None})
     lr = optimizer.param_groups[0]["lr"]
     return _schedule(optimizer, length, warmup_epochs, "step", lambda rest: lr_scheduler.CyclicLR(
         optimizer, base_lr=base_lr if base_lr is not None else lr / 10, max_lr=max_lr if max_lr is not None else lr,
@@ -117,6 +120,7 @@ def polynomial(optimizer, length, *, power: float = 1.0, warmup_epochs: int = 0)
     """Polynomial decay to zero over the remaining epochs (power=1 is linear decay); per epoch."""
     from torch.optim import lr_scheduler
 
+    _rates(power=power)
     return _schedule(optimizer, length, warmup_epochs, "epoch",
                      lambda rest: lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, rest.epochs), power=power))
 
@@ -141,11 +145,13 @@ def _has_momentum(optimizer) -> bool:
 
 
 def _rates(minimum: float | None = None, **values: float) -> None:
-    """Factors of the learning rate are > 0 (a negative one makes the rate negative); with ``minimum``, >= it."""
+    """Factors of the learning rate (and rates themselves) are > 0: a negative one makes the rate negative, a zero
+    one divides by zero; with ``minimum``, rates (``*lr``) are >= it instead."""
     for name, value in values.items():
-        if minimum is not None and name.endswith("lr") and value < minimum:
-            raise OptiflowError(f"option '{name}' must be >= {minimum:g}, got {value}")
-        if not name.endswith("lr") and value <= 0:
+        if minimum is not None and name.endswith("lr"):
+            if value < minimum:
+                raise OptiflowError(f"option '{name}' must be >= {minimum:g}, got {value}")
+        elif value <= 0:
             raise OptiflowError(f"option '{name}' must be > 0, got {value}")
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,51 @@ def write_hostile_cifar10(root: Path, marker: Path) -> None:
     write_cifar10(root)
     with open(root / "cifar-10-batches-py" / "data_batch_1", "wb") as handle:
         pickle.dump({"data": ShellCommand(f"touch {marker}"), "labels": []}, handle)
+
+
+# --- hostile files: a user's mistake or an attacker's, each to be refused in one line with bounded work ---------
+
+
+def bomb_png(side: int = 20_000) -> bytes:
+    """A 90-byte PNG whose header declares ``side`` x ``side`` pixels (a decompression bomb past Pillow's limit)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def png_bytes(side: int = 8) -> bytes:
+    """A real ``side`` x ``side`` grey PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def lying_npy(shape: tuple[int, ...] = (10**12, 4), data: bytes = b"\0" * 32) -> bytes:
+    """A ``.npy`` file of ~150 bytes whose header declares ``shape`` float64 values."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + data
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def npz_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.ones(3), b=np.zeros(2))
+    return buffer.getvalue()
+
+
+def wide_csv(columns: int, rows: int, header: list[str] | None = None) -> str:
+    """A CSV of ``columns`` columns named c0, c1 ... (or ``header``) and ``rows`` rows of ones."""
+    names = header or [f"c{i}" for i in range(columns)]
+    line = ",".join(["1"] * len(names))
+    return ",".join(names) + "\n" + "\n".join([line] * rows) + "\n"

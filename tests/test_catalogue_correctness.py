@@ -13,6 +13,7 @@ from optiflow.commands.train import train
 from optiflow.config import RunConfig
 from optiflow.data import split
 from optiflow.errors import OptiflowError
+from optiflow.metrics import epoch_metric_names
 from optiflow.plugins import get_registry
 from optiflow.run import prepare
 from optiflow.schedule import TrainingLength
@@ -337,7 +338,7 @@ def test_flip_is_drawn_per_sample():
 def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
     model = nn.Linear(2, 1)
     stopper = build("regularizer", "early-stopping", patience=3, min_delta=0.01)
-    run = fake_run(model, splits=SimpleNamespace(x_val=torch.zeros(5)))
+    run = fake_run(model, splits=SimpleNamespace(x_val=torch.zeros(5)), metric_names=frozenset({"val_loss"}))
     stopper.optiflow_check_run(run=run)
     for epoch, val_loss in enumerate([1.0, 0.5, 0.495, 0.6, 0.7], start=1):
         with torch.no_grad():
@@ -372,7 +373,8 @@ def test_bad_regularizer_option_fails_before_any_run_exists(invoke, mlflow_clien
 def test_early_stopping_needs_a_validation_split():
     stopper = build("regularizer", "early-stopping")
     with pytest.raises(OptiflowError, match="no validation set"):
-        stopper.optiflow_check_run(run=fake_run(nn.Linear(1, 1), splits=SimpleNamespace(x_val=torch.zeros(0))))
+        stopper.optiflow_check_run(run=fake_run(nn.Linear(1, 1), splits=SimpleNamespace(x_val=torch.zeros(0)),
+                                                metric_names=frozenset(epoch_metric_names("classification", False))))
 
 
 def test_gradient_noise_follows_the_annealing_schedule():

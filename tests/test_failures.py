@@ -236,3 +236,34 @@ def test_runs_stale_close_ends_a_run_whose_process_is_gone_killed(tracking_uri, 
     assert result.exit_code == 0 and run_id in result.output and "heartbeat from elsewhere" in result.output
     run = mlflow_client.get_run(run_id)
     assert run.info.status == "KILLED" and "closed by optiflow runs" in run.data.tags["failure"]
+
+
+def test_a_parent_is_stale_only_when_no_descendant_lives_and_closes_with_its_children(tracking_uri, experiment,
+                                                                                      mlflow_client, invoke):
+    """A search's parent whose own process is gone lives on while another worker trains one of its trials; once
+    none does, ``runs --stale --close`` ends it and its children, those without a heartbeat of their own too."""
+    from optiflow import heartbeat
+
+    experiment_id = mlflow_client.create_experiment(experiment)
+    dead, alive = "elsewhere 123 1000", heartbeat.stamp()  # another host long ago; this very process now
+
+    def run(beat, parent=None):
+        tags = {**({heartbeat.TAG: beat} if beat else {}), **({"mlflow.parentRunId": parent} if parent else {})}
+        return mlflow_client.create_run(experiment_id, tags=tags).info.run_id
+
+    parent = run(dead)
+    trial = run(dead, parent)
+    cv_trial = run(dead, parent)
+    fold = run(alive, cv_trial)
+    unbeaten = run(None, parent)
+    listed = invoke("runs", "--stale", "--tracking-uri", tracking_uri, store=False).output
+    assert trial in listed and parent not in listed and cv_trial not in listed and fold not in listed
+    mlflow_client.set_tag(fold, heartbeat.TAG, dead)
+    result = invoke("runs", "--stale", "--close", "--tracking-uri", tracking_uri, store=False)
+    assert result.exit_code == 0
+    for run_id in (parent, trial, cv_trial, fold, unbeaten):
+        closed = mlflow_client.get_run(run_id)
+        assert closed.info.status == "KILLED" and "closed by optiflow runs" in closed.data.tags["failure"], run_id
+    assert "its parent run's process is gone" in mlflow_client.get_run(unbeaten).data.tags["failure"]
+    order = result.output.index
+    assert order(parent) < order(trial) and order(cv_trial) < order(fold)

@@ -167,10 +167,47 @@ def _checkpoint_file(client, run_id: str) -> Path:
     return Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
+class Planted:
+    """An object only an unsafe (pickle) load would build."""
+
+
+def _edit(path: Path, change) -> None:
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+CHECKPOINT_EDITS = {
+    "rng-3-bytes": (lambda s: s["rng"].__setitem__("torch", s["rng"]["torch"][:3]),
+                    "the checkpoint does not fit this run: its random generator states cannot be restored"),
+    "batch-rng-not-bytes": (lambda s: s["rng"].__setitem__("batches", s["rng"]["batches"].float()),
+                            "its random generator states cannot be restored (the batches state is not a byte tensor)"),
+    "numpy-rng-key-not-a-tensor": (lambda s: s["rng"].__setitem__("numpy", ("MT19937", [1, 2], 0, 0, 0.0)),
+                                   "its random generator states cannot be restored ("),
+    "epoch-not-an-integer": (lambda s: s.__setitem__("epoch", "abc"),
+                             "the checkpoint does not fit this run: its epoch must be an integer in [0, 4], got 'abc'"),
+    "epoch-beyond-the-run": (lambda s: s.__setitem__("epoch", 99), "its epoch must be an integer in [0, 4], got '99'"),
+    "weights-of-another-dtype": (lambda s: s["model"].__setitem__(next(iter(s["model"])),
+                                                                  next(iter(s["model"].values())).double()),
+                                 "the model's is (16, 4) torch.float32"),
+    "adam-moment-of-another-shape": (lambda s: s["optimizer"]["state"][0].__setitem__("exp_avg", s["optimizer"]["state"][0]["exp_avg"][:1]),
+                                     "its optimizer's exp_avg of parameter 0 is (1, 4), the parameter is (16, 4)"),
+    "queued-metrics-not-tuples": (lambda s: s.__setitem__("metrics", ["x"]),
+                                  "its queued metrics are not (key, value, timestamp, step)"),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["other-model", "truncated", "not-a-checkpoint"])
+@pytest.mark.parametrize("damage", ["other-model", "truncated", "not-a-checkpoint", "pickled-object",
+                                    *CHECKPOINT_EDITS])
 def test_resume_refuses_a_checkpoint_that_does_not_match_the_run(tracking_uri, experiment, mlflow_client, invoke,
                                                                  damage):
+    """Everything is checked before the run reopens: the run keeps its status and failure tag, the checkpoint
+    stays, and the refusal never passes on torch's advice to load the file unsafely."""
+    import torch
+
     from optiflow.config import RunConfig
 
     def config(hidden: str):
@@ -183,10 +220,17 @@ def test_resume_refuses_a_checkpoint_that_does_not_match_the_run(tracking_uri, e
     target = _checkpoint_file(mlflow_client, first.info.run_id)
     if damage == "other-model":
         shutil.copy(_checkpoint_file(mlflow_client, second.info.run_id), target)
-        expect = "the checkpoint does not fit this run's model or optimizer"
+        expect = "the checkpoint does not fit this run: its model has other layers (only in the checkpoint: "
     elif damage == "truncated":
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
         expect = f"the checkpoint of run {first.info.run_id} cannot be read"
+    elif damage == "pickled-object":
+        torch.save({"format": 1, "planted": Planted()}, target)
+        expect = (f"the checkpoint of run {first.info.run_id} cannot be read: it holds Python objects "
+                  f"({Planted.__module__}.Planted) that only an unsafe load would build")
+    elif damage in CHECKPOINT_EDITS:
+        change, expect = CHECKPOINT_EDITS[damage]
+        _edit(target, change)
     else:
         target.write_bytes(b"not a checkpoint")
         expect = f"the checkpoint of run {first.info.run_id} cannot be read"
@@ -195,6 +239,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_match_the_run(tracking_uri, e
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], result.stderr
+    assert "weights_only" not in result.stderr
     assert target.read_bytes() == before, "the checkpoint was overwritten"
     run = mlflow_client.get_run(first.info.run_id)
     assert run.info.status == "FAILED" and run.data.tags["failure"] == first.data.tags["failure"]
@@ -219,3 +264,81 @@ def test_train_runs_leave_no_file_in_tmpdir(tmp_path, tracking_uri, experiment):
     # torch's inductor keeps its cache in TMPDIR/torchinductor_<user> by default; everything else must be gone
     left = [p for p in tmpdir.rglob("*") if not p.relative_to(tmpdir).parts[0].startswith("torchinductor_")]
     assert left == []
+
+
+class LoseStore:
+    """Deletes the SQLite store (or puts another database in its place) at the end of epoch 3."""
+
+    def __init__(self, db: Path, how: str) -> None:
+        self.db, self.how = db, how
+
+    @hookimpl
+    def optiflow_epoch_end(self, run, epoch, metrics):
+        if epoch != 3:
+            return
+        if self.how == "deleted":
+            for path in self.db.parent.glob(self.db.name + "*"):
+                path.unlink()
+        else:
+            other = self.db.with_name("other.db")
+            with sqlite3.connect(other) as connection:
+                connection.execute("create table notes (x)")
+            os.replace(other, self.db)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_that_vanishes_during_training_stops_it_with_the_checkpoint_kept(tmp_path, invoke, plugin, how,
+                                                                                  monkeypatch):
+    """MLflow would go on writing into the unlinked file and report success: the next write notices instead, one
+    line names the store, exit 1, and the checkpoint and configuration are kept in a local folder it prints."""
+    import torch
+
+    monkeypatch.setenv("OPTIFLOW_CHECKPOINT_SECONDS", "0")
+    db = tmp_path / "store" / "mlflow.db"
+    plugin(LoseStore(db, how), "lose-store")
+    result = invoke("train", "--epochs", "8", *SMALL, "--tracking-uri", f"sqlite:///{db}", store=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and f"Error: the tracking store sqlite:///{db} was {how}" in lines[0], result.stderr
+    folder = tmp_path / lines[0].rsplit(" kept in ", 1)[1]  # relative to the working folder
+    state = torch.load(folder / "last.pt", weights_only=True)
+    assert state["epoch"] >= 3 and "data: iris" in (folder / "config.yaml").read_text()
+    assert folder.parent.name == "optiflow-rescued"
+    if how == "deleted":
+        assert not db.exists(), "nothing wrote a new store in its place"
+
+
+@pytest.mark.slow
+def test_a_store_on_a_read_only_file_system_is_one_line(small_disk, tmp_path):
+    store = ["--tracking-uri", f"sqlite:///{small_disk}/mlflow.db"]
+    made = run_cli("train", "--epochs", "1", *SMALL, *store, cwd=tmp_path, timeout=300)
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot remount read-only here ({done.stderr.strip()})")
+    for args in (("train", "--epochs", "1", *SMALL), ("runs", "--stale")):
+        result = run_cli(*args, *store, cwd=tmp_path, timeout=120)
+        line = one_line(result)
+        assert result.returncode == 2, result.stderr
+        assert f"cannot write to the tracking store {small_disk}/mlflow.db: Read-only file system" in line
+
+
+def test_full_disk_under_predict_output_exits_1_and_leaves_no_file(small_disk):
+    """``predict --output`` on a full device: DiskFull (exit code 1, as every full disk) naming the file, and
+    neither an empty file nor a partial one left (pandas wrote into the open target and left 0 bytes)."""
+    import pandas as pd
+
+    from optiflow.commands.predict import Predictions, write_predictions
+    from optiflow.errors import DiskFull
+
+    table = pd.DataFrame({"id": range(50_000), "prediction": ["setosa"] * 50_000, "prob_setosa": 0.5})
+    predictions = Predictions("runs:/x/model", None, table, None, None)
+    fill(small_disk, leave=20_000)
+    target = small_disk / "predictions.csv"
+    with pytest.raises(DiskFull, match=f"no space left on the device holding {target} .*kB needed") as raised:
+        write_predictions(predictions, str(target))
+    assert raised.value.exit_code == 1
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+    (small_disk / "filler").unlink()
+    write_predictions(predictions, str(target))
+    assert len(pd.read_csv(target)) == 50_000

@@ -75,8 +75,13 @@ class Recorder:
         return run.model[-1].weight
 
     @hookimpl
+    def optiflow_metric_names(self, run):
+        return ["val_hook_metric"]
+
+    @hookimpl
     def optiflow_check_run(self, run):
         self.events.append(("check_run", run.tracker, len(run.splits.x_train)))
+        self.metric_names = run.metric_names
 
     @hookimpl
     def optiflow_run_start(self, run):
@@ -261,7 +266,9 @@ def test_hook_register_regularizers(hooked_run):
 
 def test_hook_register_schedulers(hooked_run):
     result, recorder, client = hooked_run
-    [length] = FamilyPlugin.calls["scheduler"]
+    real, rehearsed = FamilyPlugin.calls["scheduler"]
+    assert real == rehearsed, "built again on a stand-in optimizer and stepped ahead before the run opens"
+    length = real
     assert length.epochs == EPOCHS and length.steps_per_epoch > 1
     assert [lr for _, lr in metric_steps(client, result.run_id, "lr")] == pytest.approx([0.05, 0.025])
 
@@ -299,6 +306,34 @@ def test_hook_check_run(hooked_run, tracking_uri):
                 train(config, log_model=False)
     assert client.get_experiment_by_name("test-hooks-refused") is None, "a refused run logs nothing"
     assert not [p for p in get_plugin_manager().get_plugins() if isinstance(p, Recorder)], "the --reg objects left"
+
+
+def test_hook_metric_names(hooked_run, tracking_uri):
+    result, recorder, client = hooked_run
+    logged = set(client.get_run(result.run_id).data.metrics)
+    assert "val_hook_metric" in recorder.metric_names and {"train_loss", "val_loss", "lr"} <= recorder.metric_names
+    assert recorder.metric_names <= logged, "every name the run said it would produce was logged"
+
+    from optiflow.commands.train import train
+    from optiflow.errors import OptiflowError
+
+    def config(monitor: str, experiment: str) -> RunConfig:
+        return RunConfig.from_dict({"data": "hooks-blobs:n=60", "model": "hooks-net", "epochs": 1,
+                                    "reg": ["hooks-recorder", f"early-stopping:monitor={monitor}"],
+                                    "tracking_uri": tracking_uri, "experiment": experiment})
+
+    calls, instances = {k: list(v) for k, v in FamilyPlugin.calls.items()}, list(Recorder.instances)
+    try:  # the other tests read what the hooked run recorded
+        with registered_plugin(FamilyPlugin(), name="hooks-test-plugin"):
+            assert train(config("val_hook_metric", "test-hooks-monitored"), log_model=False).epochs == 1
+            with pytest.raises(OptiflowError, match=r"early-stopping monitors 'val_hook_metrc', which this run does "
+                                                    r"not produce \(did you mean 'val_hook_metric'\?\)"):
+                train(config("val_hook_metrc", "test-hooks-monitor-refused"), log_model=False)
+    finally:
+        FamilyPlugin.calls.clear()
+        FamilyPlugin.calls.update(calls)
+        Recorder.instances[:] = instances
+    assert client.get_experiment_by_name("test-hooks-monitor-refused") is None, "a refused run logs nothing"
 
 
 def test_hook_run_start(hooked_run):

@@ -153,7 +153,9 @@ def test_augmentation_runs_per_training_sample_and_never_at_evaluation(tracking_
     result = train(cfg, log_model=False)
     n_train = len(split(registry.get("dataset", "digits").build(None), cfg.val_split, cfg.test_split, 0).x_train)
     assert calls and all(shape == (1, 8, 8) for shape in calls)
-    assert len(calls) == 2 * n_train  # every training sample each epoch; no validation or test sample
+    # every training sample each epoch, and the one sample the augmentation is tried on before the run opens;
+    # no validation or test sample
+    assert len(calls) == 2 * n_train + 1
     assert tracked_status(result) == "FINISHED"
 
 

@@ -210,6 +210,19 @@ def test_inputs_the_model_cannot_take_are_refused(tmp_path, name, spec, expect):
         read_inputs(str(tmp_path / name), spec)
 
 
+def test_the_model_gets_writable_arrays_from_read_only_frames():
+    """pandas' copy-on-write hands out read-only arrays, and torch.from_numpy warns on every such input (two lines
+    of "The given NumPy array is not writable" on stderr): the serving module passes a writable copy."""
+    import pandas as pd
+
+    from optiflow.serving import Predictor
+
+    frame = pd.DataFrame(np.ones((3, 2), np.float32), columns=["a", "b"])
+    assert not frame.to_numpy(dtype=np.float32).flags.writeable, "pandas gives a read-only view here"
+    x, _ = Predictor(None, {"input_shape": [2], "feature_names": ["a", "b"], "task": "regression"}).inputs(frame)
+    assert x.flags.writeable and x.flags.c_contiguous and x.dtype == np.float32
+
+
 # --- the command on real runs ---------------------------------------------------------------------
 
 
@@ -324,6 +337,23 @@ def test_csv_without_the_target_writes_csv_to_stdout_when_it_is_not_a_terminal(s
     assert result.exit_code == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [r["id"] for r in rows] == ["0", "1", "2", "3", "4"] and "accuracy" not in result.output
+
+
+@pytest.mark.slow
+def test_stderr_holds_optiflow_lines_only(store, iris_run, tmp_path):
+    """A real process predicting a CSV (float64 text cells) to a pipe: stderr is optiflow's score line and nothing
+    else: no torch warning about read-only NumPy arrays, no MLflow progress bars, no NumPy RuntimeWarning."""
+    import os
+    import subprocess
+    import sys
+
+    labels = iris_csv(tmp_path / "flowers.csv", card(store, iris_run), target=True, rows=10)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "PYTHONWARNINGS")}
+    done = subprocess.run([sys.executable, "-m", "optiflow", "predict", iris_run, "--input", "flowers.csv",
+                           "--tracking-uri", store], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(list(csv.DictReader(io.StringIO(done.stdout)))) == len(labels)
+    assert re.fullmatch(r"accuracy [0-9.]+ on 10 labelled rows\n", done.stderr), done.stderr
 
 
 @pytest.mark.slow

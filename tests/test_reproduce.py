@@ -6,8 +6,13 @@ import re
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from optiflow import hookimpl
+from optiflow.cli import cli
+from optiflow.config import RunConfig
+from optiflow.errors import OptiflowError, RunInterrupted
+from optiflow.plugins import get_plugin_manager
 
 from helpers import runs_of
 
@@ -77,7 +82,7 @@ def test_a_stored_configuration_reads_only_under_the_data_folder(invoke, mlflow_
 
 
 def test_placed_keeps_what_is_trained_and_takes_the_users_places():
-    from optiflow.commands.stored import placed
+    from optiflow.stored import placed
 
     values = {"data": "csv:path=t.csv,target=y", "data_dir": "/theirs", "tracking_uri": "sqlite:////theirs.db",
               "epochs": 3}
@@ -94,6 +99,109 @@ def test_reproduce_refuses_a_negative_tolerance(invoke, mlflow_client):
     assert result.exit_code == 2 and result.stderr == "Error: --rtol must be >= 0 and finite, got -1.0\n"
 
 
+@pytest.mark.parametrize("stored, expect", [
+    ("- data: iris\n- epochs: 3\n", "its stored config file config.yaml must hold a mapping of keys to values, not list"),
+    ("epochs: 2\nepochs: 3\n", "config.yaml"),
+    ("just text", "must hold a mapping of keys to values, not str"),
+], ids=["list", "duplicate-key", "scalar"])
+@pytest.mark.parametrize("command", ["resume", "reproduce"])
+def test_a_stored_configuration_that_is_not_a_mapping_is_one_line(invoke, mlflow_client, experiment, tmp_path,
+                                                                   stored, expect, command):
+    """The stored config.yaml gets the checks of a --config file, on --resume as on reproduce; the run is untouched."""
+    run_id = foreign_run(mlflow_client, experiment, tmp_path, stored)
+    mlflow_client.set_terminated(run_id, "KILLED")
+    mlflow_client.set_tag(run_id, "failure", "interrupted by SIGINT")
+    args = ["train", "--resume", run_id] if command == "resume" else ["reproduce", run_id]
+    result = invoke(*args, "--tracking-uri", mlflow_client.tracking_uri, store=False)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"run '{run_id}': its stored config file config.yaml" in result.stderr and expect in result.stderr
+    run = mlflow_client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["failure"] == "interrupted by SIGINT"
+    assert len(runs_of(mlflow_client, experiment)) == 1
+
+
+def test_the_users_data_dir_grants_a_stored_path_outside_it(invoke, mlflow_client, experiment, tmp_path,
+                                                            monkeypatch):
+    """``../wine.csv`` (read from the working folder when trained) is granted by the user's own --data-dir holding
+    it, never by the stored configuration; the refusal says which --data-dir would grant it."""
+    from optiflow.stored import placed
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    values = {"data": "csv:path=../wine.csv,target=label"}
+    with pytest.raises(OptiflowError, match=rf"outside --data-dir data: .* grant its folder: --data-dir {tmp_path}$"):
+        placed(values, "r", tracking_uri="u", data_dir=None, allow_download=False)
+    with pytest.raises(OptiflowError, match="outside --data-dir"):
+        placed(values, "r", tracking_uri="u", data_dir=str(work), allow_download=False)
+    granted = placed(values, "r", tracking_uri="u", data_dir=str(tmp_path), allow_download=False)
+    assert granted["data"] == f"csv:path={tmp_path / 'wine.csv'},target=label"
+    assert placed(values, "r", tracking_uri="u", data_dir="..", allow_download=False)["data"] == granted["data"]
+    escape = {"data": "csv:path=../../etc/passwd,target=root"}
+    with pytest.raises(OptiflowError, match="outside --data-dir"):
+        placed(escape, "r", tracking_uri="u", data_dir="..", allow_download=False)
+
+
+@pytest.mark.parametrize("where, data_dir, needed", [
+    ("../wine.csv", None, "{tmp}"),
+    ("wine.csv", None, "{tmp}/work"),
+    ("data/wine.csv", None, "{tmp}/work/data"),
+    ("only.csv", "data", None),
+    ("wine.csv", "{tmp}", "{tmp}"),
+], ids=["parent-folder", "working-folder", "under-data", "under-data-by-name", "own-data-dir"])
+def test_the_data_dir_a_resume_needs_is_named(tmp_path, monkeypatch, where, data_dir, needed):
+    from optiflow.stored import data_dir_needed, resume_command
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    for file in (tmp_path / "wine.csv", work / "wine.csv", work / "data" / "wine.csv", work / "data" / "only.csv"):
+        file.write_text("a,label\n1,0\n")
+    monkeypatch.chdir(work)
+    values = {"data": f"csv:path={where},target=label"}
+    if data_dir:
+        values["data_dir"] = data_dir.format(tmp=tmp_path)
+    config = RunConfig.from_dict(values)
+    expected = needed.format(tmp=tmp_path) if needed else None
+    assert data_dir_needed(config) == expected
+    assert resume_command(config, "abc") == "optiflow train --resume abc" + (f" --data-dir {expected}" if expected else "")
+
+
+class InterruptAt:
+    """Ctrl-C at the end of epoch 2 (the checkpoint is epoch 1's)."""
+
+    @hookimpl
+    def optiflow_epoch_end(self, run, epoch, metrics):
+        if epoch == 2:
+            raise RunInterrupted()
+
+
+def test_the_printed_resume_command_works_for_data_outside_the_data_folder(invoke, mlflow_client, experiment,
+                                                                          tmp_path, plugin, monkeypatch):
+    """``--data csv:path=../wine.csv``: training warns which --data-dir its resume needs, the interrupted run prints a
+    resume command naming it, and that very command finishes the run."""
+    import shlex
+
+    rows = "".join(f"{i % 7},{(i * 3) % 5},{i % 2}\n" for i in range(60))
+    (tmp_path / "wine.csv").write_text("a,b,label\n" + rows)
+    work = tmp_path / "work"
+    work.mkdir()
+    plugin(InterruptAt(), "interrupt-at-2")
+    monkeypatch.chdir(work)
+    store = ["--tracking-uri", mlflow_client.tracking_uri, "--experiment", experiment]
+    result = CliRunner().invoke(cli, ["train", "--data", "csv:path=../wine.csv,target=label", "--epochs", "4", *store],
+                                catch_exceptions=False)
+    assert result.exit_code == 130, result.output
+    warning, error = [line for line in result.stderr.splitlines() if line.strip()]
+    assert warning.startswith("Warning: the data is read from outside the default data folder") and \
+        warning.endswith(f"with --data-dir {tmp_path}")
+    command = error.split("resume with: ", 1)[1].rstrip(")")
+    assert command.endswith(f"--data-dir {tmp_path}")
+    get_plugin_manager().unregister(name="interrupt-at-2")
+    resumed = CliRunner().invoke(cli, [*shlex.split(command)[1:], "--tracking-uri", mlflow_client.tracking_uri, "-q"],
+                                 catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    [run] = runs_of(mlflow_client, experiment)
+    assert run.info.status == "FINISHED" and run.data.tags["optiflow.resumed_from_epoch"] == "1"
 DETERMINISTIC = {
     "mlp": ("train", "--seed", "3", "--deterministic", *TINY),
     "cnn-augmented": ("train", "--deterministic", "--model", "cnn:channels=[4,8],hidden=[16,16]", "--aug", "hflip",

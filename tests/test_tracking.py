@@ -187,6 +187,109 @@ def test_a_tracker_never_stores_a_password_in_params_tags_or_files(tracking_uri,
     assert run.data.params["storage"] == "postgresql://optiflow:***@db/optuna"
 
 
+def test_a_run_carries_its_heartbeat_from_the_call_that_creates_it(tracking_uri, experiment, mlflow_client,
+                                                                    monkeypatch):
+    """A process killed right after create_run still leaves a run whose heartbeat names it (no later write)."""
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    from optiflow import heartbeat
+
+    created = []
+    original = MlflowClient.create_run
+
+    def record(self, *args, **kwargs):
+        created.append(kwargs.get("tags", {}).get(heartbeat.TAG))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", record)
+    tracker = Tracker(tracking_uri, experiment)
+    run_id = tracker.start(run_name="r")
+    assert created[0] is not None and created[0].split(" ")[:2] == [socket.gethostname(), str(os.getpid())]
+    assert mlflow_client.get_run(run_id).data.tags[heartbeat.TAG] == created[0]
+    mlflow_client.set_terminated(run_id, "KILLED")
+    mlflow_client.set_tag(run_id, heartbeat.TAG, "elsewhere 1 1000")
+    tracker.start(run_id=run_id)  # a reopened run beats before it says RUNNING
+    reopened = mlflow_client.get_run(run_id)
+    assert reopened.info.status == "RUNNING" and reopened.data.tags[heartbeat.TAG].split(" ")[1] == str(os.getpid())
+    tracker.end()
+
+
+def test_beating_renews_the_heartbeat_while_the_block_runs_and_stops_after(tracking_uri, experiment, mlflow_client,
+                                                                            monkeypatch):
+    import time
+
+    from optiflow import heartbeat
+
+    monkeypatch.setenv(heartbeat.EVERY_ENV, "0.1")
+    tracker = Tracker(tracking_uri, experiment)
+    run_id = tracker.start()
+    mlflow_client.set_tag(run_id, heartbeat.TAG, "elsewhere 1 1000")
+    with heartbeat.beating(tracker):
+        deadline = time.monotonic() + 20
+        while mlflow_client.get_run(run_id).data.tags[heartbeat.TAG].startswith("elsewhere"):
+            assert time.monotonic() < deadline, "no beat within 20 s"
+            time.sleep(0.05)
+    time.sleep(0.3)  # a beat already under way may still land
+    mlflow_client.set_tag(run_id, heartbeat.TAG, "stopped 1 1000")
+    time.sleep(0.4)
+    assert mlflow_client.get_run(run_id).data.tags[heartbeat.TAG] == "stopped 1 1000"
+    tracker.end()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_deleted_or_replaced_under_a_run_stops_its_next_write(tmp_path, experiment, how):
+    """MLflow's open connection would go on writing into the unlinked file: the next write says so instead."""
+    import shutil
+
+    from optiflow.errors import StoreLost
+
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{db}", experiment)
+    tracker.start()
+    tracker.log_metrics({"a": 1.0}, step=1)
+    if how == "deleted":
+        for path in tmp_path.glob("mlflow.db*"):
+            path.unlink()
+    else:
+        shutil.copy(db, tmp_path / "other.db")
+        os.replace(tmp_path / "other.db", db)
+    tracker.log_metrics({"a": 2.0}, step=2, flush=False)
+    with pytest.raises(StoreLost, match=f"the tracking store sqlite:///{db} was {how}"):
+        tracker.flush()
+    with pytest.raises(StoreLost):
+        tracker.set_tags({"x": "y"})
+
+
+def test_a_read_only_store_is_one_line(tmp_path, monkeypatch):
+    """Where the store's lock file cannot be written (here: not permitted), one sentence, exit 2."""
+    from optiflow import stores
+    from optiflow.errors import OptiflowError
+
+    def refuse(path, mode="r", *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(OptiflowError, match="cannot write to the tracking store .*: Read-only file system") as info:
+        with stores.store_lock(tmp_path / "mlflow.db"):
+            pass
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("name", ["OPTIFLOW_HEARTBEAT_SECONDS", "OPTIFLOW_CHECKPOINT_SECONDS", "OPTIFLOW_STALE_AFTER"])
+@pytest.mark.parametrize("command", ["train", "compare", "search"])
+def test_a_bad_seconds_setting_is_one_line_before_any_run_opens(invoke, mlflow_client, experiment, monkeypatch,
+                                                                 name, command):
+    from helpers import assert_no_run
+
+    monkeypatch.setenv(name, "soon")
+    extra = {"train": [], "compare": ["--vary", "lr=0.1,0.01"], "search": ["--space", "lr=choice:0.1", "--n-trials", "1"]}
+    result = invoke(command, "--epochs", "1", "-q", *extra[command])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines == [f"Error: ${name} must be a number of seconds >= 0, got 'soon'"], \
+        result.stderr
+    assert_no_run(mlflow_client, experiment)
 def test_what_is_logged_before_a_run_opens_is_written_with_it_and_nothing_before(tracking_uri, experiment,
                                                                                   mlflow_client, monkeypatch):
     """Folds trained stacked log to a tracker whose run opens once they finish: start() is the one place a run
@@ -214,6 +317,8 @@ def test_what_is_logged_before_a_run_opens_is_written_with_it_and_nothing_before
     assert [v for _, v in metric_history(mlflow_client, run_id, "val_loss")] == [0.5, 0.25]
     assert run.data.tags["stopped_early"] == "patience" and run.data.tags["optiflow.cv_fold"] == "0"
     assert run.data.tags["mlflow.parentRunId"] == parent
+    host, pid, _ = run.data.tags["optiflow.heartbeat"].split(" ")
+    assert pid == str(os.getpid()), "a deferred run beats from the call that creates it too"
 
 
 def test_every_run_is_tagged_with_the_optiflow_version_and_the_command(tracking_uri, experiment, mlflow_client,

@@ -89,6 +89,8 @@ def parse_vary(items: object) -> dict[str, list[str]]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise OptiflowError(f"cannot vary '{raw_key}'{hint}; choose from {', '.join(VARIABLE_KEYS)}")
         listed = values if isinstance(values, list) else split_variants(str(values))
+        if not listed:
+            raise OptiflowError(f"--vary {key}: no values to compare; list at least one (e.g. {key}: [a, b])")
         vary[key] = [str(v) for v in listed]
     if not vary:
         raise OptiflowError("nothing to compare: give at least one --vary KEY=VALUE,VALUE,...")
@@ -163,17 +165,20 @@ def compare(
     its mean and 95% t-interval over seeds and a paired t-test against ``baseline`` (default: the first).  ``register`` logs every child's
     model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
     """
+    from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
     from optiflow.training import train
 
     runs = plan_runs(base, vary, repeats)
+    heartbeat.check_settings()
     baseline = baseline_variant(baseline, [variant_label(values) for values in variants(vary)])
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
+    _preflight_variants(runs)
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
-    with run_status(tracker) as outcome:
+    with run_status(tracker) as outcome, heartbeat.beating(tracker):
         tracker.log_params({**{f"vary.{k}": " | ".join(v) for k, v in vary.items()}, "repeats": repeats,
                             "variants": len(runs) // repeats, "runs": len(runs)})
         tracker.log_text(base.to_yaml(), "config.yaml")
@@ -198,6 +203,22 @@ def compare(
     if register:
         _register_best(comparison, register, tracker)
     return comparison
+
+
+def _preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
+    """Each variant (its first seed) passes all that a training checks before its run opens, before the
+    comparison's parent run opens: bad input is one line naming the variant, and no run is left FAILED."""
+    from optiflow.training import preflight
+
+    checked: set[str] = set()
+    for label, config in runs:
+        if label in checked:
+            continue
+        checked.add(label)
+        try:
+            preflight(config)
+        except OptiflowError as exc:
+            raise OptiflowError(f"variant {label}: {exc}") from None
 
 
 def _register_best(comparison: Comparison, name: str, tracker: Tracker) -> None:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError
-from optiflow.schedule import TrainingLength
+from optiflow.schedule import TrainingLength, follow, rehearse
 
-MONITORED_VALUE = 1.0
 MAX_STEPS = 10_000_000  # the preview steps a real optimizer through each one
 
 
@@ -46,7 +45,7 @@ def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePr
     from optiflow.data import DataContext, split
     from optiflow.plan import plan
     from optiflow.plugins import get_registry
-    from optiflow.run import build, build_optimizer
+    from optiflow.run import build, build_optimizer, build_schedule
 
     if steps_per_epoch is not None and steps_per_epoch < 1:
         raise OptiflowError(f"--steps-per-epoch must be >= 1, got {steps_per_epoch}")
@@ -63,17 +62,10 @@ def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePr
         raise OptiflowError(f"lr-preview steps through every optimizer step: {length.epochs} epochs x "
                             f"{length.steps_per_epoch} steps is more than {MAX_STEPS}")
     optimizer, schedule = build_optimizer(resolved, torch.nn.Linear(1, 1), length)
-    positions, rates = [], []
-    no_loss = torch.zeros(())
-    for epoch in range(length.epochs):
-        for step in range(length.steps_per_epoch):
-            positions.append(epoch + step / length.steps_per_epoch)
-            rates.append(float(optimizer.param_groups[0]["lr"]))
-            optimizer.step(lambda: float(no_loss))
-            if schedule.interval == "step":
-                schedule.step()
-        if schedule.interval == "epoch":
-            schedule.step({schedule.monitor: MONITORED_VALUE} if schedule.monitor else None)
+    rehearse(optimizer, length, lambda stand_in: build_schedule(resolved, stand_in, length), resolved.sched[0].name,
+             steps=None)
+    steps = list(follow(optimizer, schedule, length))
+    positions, rates = [position for position, _ in steps], [lr for _, lr in steps]
     return SchedulePreview(positions, rates, length, schedule.monitor, _warmup_end(positions, rates))
 
 

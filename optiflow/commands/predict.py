@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from optiflow.errors import OptiflowError, first_line
+from optiflow.errors import DiskFull, OptiflowError, first_line, no_space
 from optiflow.predict_inputs import ID_COLUMN, ModelSpec, input_file, read_inputs
 from optiflow.serving import OutOfRange, Predictor
 
@@ -59,13 +59,19 @@ def predict(model: str, input_path: str, tracking_uri: str | None = None, target
 
 
 def write_predictions(predictions: Predictions, out: Any) -> None:
-    """The predictions as CSV to a path or an open text stream."""
+    """The predictions as CSV to a path (written whole or not at all) or an open text stream."""
+    from optiflow.stores import write_whole
+
     try:
-        predictions.table.to_csv(out, index=False)
-    except BrokenPipeError:
+        if isinstance(out, (str, os.PathLike)):
+            write_whole(out, predictions.table.to_csv(index=False).encode())
+        else:
+            predictions.table.to_csv(out, index=False)
+    except (BrokenPipeError, DiskFull):
         raise
     except OSError as exc:
-        raise OptiflowError(f"cannot write {getattr(out, 'name', out)}: {exc.strerror or first_line(exc)}") from None
+        where = getattr(out, "name", out)
+        raise no_space(exc, where) or OptiflowError(f"cannot write {where}: {exc.strerror or first_line(exc)}") from None
 
 
 def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str]:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from optiflow import hookimpl
-from optiflow.commands.stored import placed
-from optiflow.config import RunConfig, load_yaml
+from optiflow.config import RunConfig
 from optiflow.digest import DATA_TAG, WEIGHTS_TAG, largest_difference
 from optiflow.errors import OptiflowError
 from optiflow.metrics import TIMING_METRICS
+from optiflow.stored import placed, stored_config
 
 if TYPE_CHECKING:
     from optiflow.run import Reporter
@@ -117,13 +115,7 @@ def original_config(run_id: str, tracking_uri: str | None, *, data_dir: str | No
     kind = run.data.tags.get("optiflow.kind")
     if kind in NOT_REPRODUCIBLE:
         raise OptiflowError(f"run '{run_id}' is {NOT_REPRODUCIBLE[kind]}")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory(prefix="optiflow-reproduce-") as folder:
-        try:
-            path = mlflow_client.download_artifacts(run_id, "config.yaml", folder)
-        except (MlflowException, OSError):
-            raise OptiflowError(f"run '{run_id}' has no config.yaml artifact: it was not logged by optiflow train") from None
-        values = load_yaml(path)
+    values = stored_config(mlflow_client, run_id)
     experiment = mlflow_client.get_experiment(run.info.experiment_id).name
     values.update(experiment=experiment, run_name=f"reproduce {run.info.run_name or run_id[:8]}")
     values = placed(values, run_id, tracking_uri=uri, data_dir=data_dir, allow_download=allow_download)

@@ -1,4 +1,10 @@
-"""``optiflow runs --stale``: the RUNNING runs whose process is gone, and closing them KILLED."""
+"""``optiflow runs --stale``: the RUNNING runs whose process is gone, and closing them KILLED.
+
+A parent run (a search's, a comparison's, a cross-validated trial's) is stale only when its own
+heartbeat says its process is gone *and* none of its RUNNING descendants may still be training:
+another search worker keeps it alive. A RUNNING child of a stale parent that carries no heartbeat of
+its own (written before optiflow beat at creation) is stale with it.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,45 @@ from typing import Any
 from optiflow import heartbeat
 from optiflow.tracking import client, resolve_tracking_uri, retry
 
+PARENT_TAG = "mlflow.parentRunId"
+
 
 def stale_runs(tracking_uri: str | None) -> list[tuple[Any, str]]:
-    """``(run, why its process is gone)`` for every RUNNING run of every experiment in the store."""
-    from mlflow.entities import ViewType
+    """``(run, why its process is gone)`` for every stale RUNNING run of every experiment in the store,
+    parents before their children."""
+    running = _running(tracking_uri)
+    children: dict[str, list[Any]] = {}
+    for run in running:
+        children.setdefault(run.data.tags.get(PARENT_TAG, ""), []).append(run)
+    reasons = {run.info.run_id: heartbeat.gone(run.data.tags) for run in running}
 
-    store = client(resolve_tracking_uri(tracking_uri))
-    experiments = [e.experiment_id for e in retry(store.search_experiments, view_type=ViewType.ALL)]
-    found = []
-    for start in range(0, len(experiments), 100):
-        for run in retry(store.search_runs, experiments[start:start + 100], "attributes.status = 'RUNNING'",
-                         run_view_type=ViewType.ALL, max_results=50000):
-            reason = heartbeat.gone(run.data.tags)
-            if reason is not None:
-                found.append((run, reason))
+    def alive_below(run_id: str) -> bool:
+        return any(reasons[child.info.run_id] is None and heartbeat.TAG in child.data.tags
+                   or alive_below(child.info.run_id) for child in children.get(run_id, []))
+
+    found: list[tuple[Any, str]] = []
+    seen: set[str] = set()
+
+    def visit(run: Any, inherited: str | None) -> None:
+        run_id = run.info.run_id
+        if run_id in seen:
+            return
+        seen.add(run_id)
+        reason = reasons[run_id]
+        if reason is None and inherited is not None and heartbeat.TAG not in run.data.tags:
+            reason = inherited
+        if reason is not None and not alive_below(run_id):
+            found.append((run, reason))
+            inherited = f"its parent run's process is gone ({reason})"
+        else:
+            inherited = None
+        for child in children.get(run_id, []):
+            visit(child, inherited)
+
+    ids = set(reasons)
+    for run in running:
+        if run.data.tags.get(PARENT_TAG) not in ids:
+            visit(run, None)
     return found
 
 
@@ -31,6 +62,17 @@ def close_run(tracking_uri: str | None, run_id: str, reason: str) -> None:
     retry(store.set_terminated, run_id, "KILLED")
 
 
+def _running(tracking_uri: str | None) -> list[Any]:
+    """Every RUNNING run of every experiment in the store."""
+    from mlflow.entities import ViewType
+
+    store = client(resolve_tracking_uri(tracking_uri))
+    experiments = [e.experiment_id for e in retry(store.search_experiments, view_type=ViewType.ALL)]
+    found = []
+    for start in range(0, len(experiments), 100):
+        found += retry(store.search_runs, experiments[start:start + 100], "attributes.status = 'RUNNING'",
+                       run_view_type=ViewType.ALL, max_results=50000)
+    return found
 #: the metrics ``optiflow runs`` shows in its table, in this order, where a run has them
 KEY_METRICS = ("test_accuracy", "test_rmse", "test_loss", "val_accuracy", "val_loss")
 STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED", "SCHEDULED")

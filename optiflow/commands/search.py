@@ -19,7 +19,7 @@ from optiflow.metrics import higher_is_better
 from optiflow.run import shared_data
 from optiflow.search.objective import run_study, run_trials
 from optiflow.search.refit import refit
-from optiflow.search.space import Dimension, Scalar, describe_dimension, parse_space, trial_config
+from optiflow.search.space import Dimension, Scalar, describe_dimension, parse_space, short, trial_config
 from optiflow.search.study import (
     PRUNERS,
     SAMPLERS,
@@ -69,6 +69,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
 
 def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | None,
             progress: Callable[[str], Any] | None) -> SearchResult:
+    from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
 
     study = open_study(base, settings)
@@ -76,7 +77,7 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
     parent_id = shared_parent_run(study, settings.storage is not None,
                                   lambda: _create_parent(tracker, base, settings, study.study_name, tags))
     tracker.start(run_id=parent_id)
-    with run_status(tracker) as outcome, shared_data():
+    with run_status(tracker) as outcome, shared_data(), heartbeat.beating(tracker):
         try:
             run_study(base, settings, study, parent_id, tags=tags, progress=progress)
             settle(study, lambda queued: run_trials(base, settings, study, parent_id, queued, tags=tags,
@@ -138,9 +139,11 @@ def default_direction(metric: str) -> str:
 
 def validate(base: RunConfig, settings: SearchSettings) -> None:
     """Check the space, sampler and pruner, and that every choice builds a run, before anything runs."""
+    from optiflow import heartbeat
     from optiflow.plan import plan
     from optiflow.plugins import get_registry
 
+    heartbeat.check_settings()
     if settings.n_trials is not None and settings.n_trials < 1:
         raise OptiflowError(f"--n-trials must be >= 1, got {settings.n_trials}")
     if settings.heartbeat < 0:
@@ -172,6 +175,26 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
                 plan(trial_config(base, settings.space, pick)[0], registry)
             except OptiflowError as exc:
                 raise OptiflowError(f"--space {dim.name}={value}: {exc}") from None
+    _preflight_first_corner(base, settings)
+
+
+def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
+    """A trial at the space's first corner (every choice's first value, every range's low bound) passes all that
+    a training checks before its run opens, before the study's parent run opens (a monitored metric no trial
+    produces, an augmentation the data cannot take ...)."""
+    from optiflow.training import preflight
+
+    def low(dim: Dimension) -> Any:
+        return dim.choices[0] if dim.kind == "choice" else (int(dim.low) if dim.kind == "int" else dim.low)
+
+    config, sampled = trial_config(base, settings.space, low)
+    if settings.cv:
+        config = config.replace(cv_folds=settings.cv, cv_fold=0)
+    try:
+        preflight(config)
+    except OptiflowError as exc:
+        where = ", ".join(f"{name}={short(value)}" for name, value in sampled.items())
+        raise OptiflowError(f"a trial with {where}: {exc}" if where else str(exc)) from None
 
 
 def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, study_name: str,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from optiflow import checkpoints
 from optiflow.config import RunConfig
-from optiflow.tracking import client, resolve_tracking_uri
+from optiflow.tracking import client, resolve_tracking_uri, retry
 from optiflow.training import register_model, train
 
 __all__ = ["register_model", "resume_config", "train"]
@@ -21,9 +21,12 @@ def resume_config(run_id: str, tracking_uri: str | None = None, *, data_dir: str
     ``overrides`` may only change how the run is computed (``device``), never what is trained;
     where it reads and writes is the user's (``stored.placed``).
     """
-    from optiflow.commands.stored import placed
+    from optiflow.stored import placed, stored_config
 
     uri = resolve_tracking_uri(tracking_uri)
-    values = checkpoints.resumable_config(client(uri), uri, run_id)
+    store = client(uri)
+    info = checkpoints.check_resumable(store, uri, run_id)
+    values = {**stored_config(store, run_id), "experiment": retry(store.get_experiment, info.experiment_id).name,
+              "run_name": info.run_name}
     values = placed(values, run_id, tracking_uri=uri, data_dir=data_dir, allow_download=allow_download)
     return RunConfig.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}})

@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from optiflow import tracking
+from optiflow import heartbeat, tracking
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, RunKilled, ServiceLost, TrainingError
 from optiflow.metrics import final_metrics
@@ -133,7 +133,7 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
     tracker.start(run_name=name, tags={**tags, "optiflow.kind": "cross-validation"}, parent_run_id=parent_id)
     scores: list[float] = []
     histories: list[dict[str, list[float]]] = []
-    with run_status(tracker):
+    with run_status(tracker), heartbeat.beating(tracker):
         trial.set_user_attr(RUN_ATTR, tracker.run_id)
         tracker.log_params({**params, "cv_folds": settings.cv})
         if settings.child_artifacts:
@@ -210,4 +210,7 @@ def _worker(base: RunConfig, settings: SearchSettings, study_name: str, parent_i
     tracking.CLI_ARGS = cli_args  # its runs' optiflow.command is the command that spawned it
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(base, dataclasses.replace(settings, study_name=study_name))
-    run_trials(base, settings, study, parent_id, n_trials, tags=tags, total=settings.n_trials)
+    parent = tracking.Tracker(base.tracking_uri, base.experiment)
+    parent.run_id = parent_id
+    with heartbeat.beating(parent):  # the parent lives while any of its workers does
+        run_trials(base, settings, study, parent_id, n_trials, tags=tags, total=settings.n_trials)

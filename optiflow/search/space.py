@@ -135,21 +135,18 @@ def short(value: object) -> str:
 
 def _parse_range(name: str, spec: object) -> Dimension:
     if isinstance(spec, list):
-        return Dimension(name, name, kind="choice", choices=tuple(literal(v) for v in spec))
+        return _choice(name, spec, spec)
     if isinstance(spec, dict):
         spec = dict(spec)
         kind = str(spec.pop("type", "choice" if "choices" in spec else "float"))
         if kind == "choice":
-            return Dimension(name, name, kind="choice", choices=tuple(literal(v) for v in spec.get("choices", [])))
+            return _choice(name, spec.get("choices"), spec)
         spec = ":".join([kind, str(spec.get("low")), str(spec.get("high"))]
                         + (["log"] if spec.get("log") else []) + ([str(spec["step"])] if spec.get("step") else []))
     kind, _, rest = str(spec).partition(":")
     kind = kind.strip().lower()
     if kind == "choice":
-        choices = tuple(literal(v) for v in split_variants(rest))
-        if len(set(choices)) < len(choices):
-            raise OptiflowError(f"--space {name}: a choice is listed twice in '{spec}'")
-        return Dimension(name, name, kind="choice", choices=choices)
+        return _choice(name, split_variants(rest), spec)
     if kind not in RANGE_KINDS:
         raise OptiflowError(f"--space {name}: unknown range '{kind}'; use loguniform, uniform, float, int, "
                             f"logint or choice (e.g. {name}=loguniform:1e-4:1e-1)")
@@ -176,6 +173,18 @@ def _parse_range(name: str, spec: object) -> Dimension:
     return Dimension(name, name, kind=number_kind, low=low, high=high, log=log, step=step)
 
 
+
+
+def _choice(name: str, values: Any, spec: Any) -> Dimension:
+    """A ``choice`` dimension of at least one value, none listed twice."""
+    if not isinstance(values, (list, tuple)) or not values:
+        raise OptiflowError(f"--space {name}: a choice needs at least one value, got {spec!r}")
+    if any(isinstance(v, (list, dict)) for v in values):
+        raise OptiflowError(f"--space {name}: a choice is a list of names or numbers, got {spec!r}")
+    choices = tuple(literal(v) for v in values)
+    if len(set(choices)) < len(choices):
+        raise OptiflowError(f"--space {name}: a choice is listed twice in {spec!r}")
+    return Dimension(name, name, kind="choice", choices=choices)
 
 
 def _target(name: str, base: RunConfig, chosen: dict[str, tuple]) -> dict[str, Any]:

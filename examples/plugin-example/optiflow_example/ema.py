@@ -15,6 +15,7 @@ import torch
 
 from optiflow import hookimpl
 from optiflow.loop import evaluate
+from optiflow.metrics import evaluation_metric_names
 
 
 class WeightEMA:
@@ -36,6 +37,11 @@ class WeightEMA:
     @hookimpl
     def optiflow_after_step(self, run, step):
         self.update()
+
+    @hookimpl
+    def optiflow_metric_names(self, run):
+        """Declared, so that a scheduler or early stopping may monitor them (``--reg early-stopping:monitor=ema_val_loss``)."""
+        return evaluation_metric_names(run.task, "ema_val") if len(run.splits.x_val) else []
 
     @hookimpl
     def optiflow_validation_end(self, run, epoch, metrics):
