@@ -57,12 +57,14 @@ def command_line() -> str:
     return shlex.join(["optiflow", *argv[1:]]) if argv and "optiflow" in argv[0] else shlex.join(argv)
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the project-local SQLite store."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+def resolve_tracking_uri(uri: str | None = None, *, existing: bool = False) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the local SQLite store; ``existing``: a named one must exist."""
+    uri = (given := uri or os.environ.get("MLFLOW_TRACKING_URI")) or DEFAULT_TRACKING_URI
     check_scheme(uri)
     path = sqlite_path(uri)
     if path is not None and str(path) != ":memory:":
+        if existing and given and not path.is_file():
+            raise OptiflowError(f"no tracking store at {path}: check --tracking-uri (or $MLFLOW_TRACKING_URI)")
         try:
             created_folder(path.parent)
         except OSError as exc:

@@ -41,3 +41,16 @@ def test_runs_refuses_an_unknown_experiment_and_a_lone_close(invoke, tracking_ur
 def test_runs_stale_still_lists_only_stale_runs(invoke, tracking_uri):
     result = invoke("runs", "--stale", "--tracking-uri", tracking_uri, store=False)
     assert result.exit_code == 0 and "run id" not in result.output
+
+
+def test_a_mistyped_store_is_refused_and_nothing_is_created(tmp_path):
+    """Listing reads: a --tracking-uri naming no store is one line, exit 2, and creates no folder or database."""
+    from helpers import run_cli
+
+    missing = tmp_path / "nowhere" / "x.db"
+    for argv in (["runs"], ["runs", "--stale"], ["predict", "abc", "--input", str(tmp_path)]):
+        result = run_cli(*argv, "--tracking-uri", f"sqlite:///{missing}", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == f"Error: no tracking store at {missing}: check --tracking-uri " \
+                                        "(or $MLFLOW_TRACKING_URI)", result.stderr
+    assert not (tmp_path / "nowhere").exists()

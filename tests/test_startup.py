@@ -45,6 +45,7 @@ def heavy_imports_after(work: str, folder: Path) -> str:
     ``work`` (Python source) in ``folder``; raises if the work fails."""
     code = f"import sys\n{work}\nprint(sorted(m for m in ('sklearn', 'optuna', 'scipy.stats') if m in sys.modules))\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("MLFLOW_TRACKING_URI", None)  # an earlier test's mlflow.set_tracking_uri() exports it; the default store is wanted
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]

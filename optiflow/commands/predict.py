@@ -84,7 +84,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
 
     from optiflow.tracking import client, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri, existing=True)
     store = client(uri)
     mlflow.set_tracking_uri(uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

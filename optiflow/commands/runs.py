@@ -57,7 +57,7 @@ def stale_runs(tracking_uri: str | None) -> list[tuple[Any, str]]:
 
 def close_run(tracking_uri: str | None, run_id: str, reason: str) -> None:
     """End a stale run KILLED, saying why; what it logged (and its checkpoint) stays."""
-    store = client(resolve_tracking_uri(tracking_uri))
+    store = client(resolve_tracking_uri(tracking_uri, existing=True))
     retry(store.set_tag, run_id, "failure", f"the process training it was gone ({reason}); closed by optiflow runs")
     retry(store.set_terminated, run_id, "KILLED")
 
@@ -66,7 +66,7 @@ def _running(tracking_uri: str | None) -> list[Any]:
     """Every RUNNING run of every experiment in the store."""
     from mlflow.entities import ViewType
 
-    store = client(resolve_tracking_uri(tracking_uri))
+    store = client(resolve_tracking_uri(tracking_uri, existing=True))
     experiments = [e.experiment_id for e in retry(store.search_experiments, view_type=ViewType.ALL)]
     found = []
     for start in range(0, len(experiments), 100):
@@ -89,7 +89,7 @@ def list_runs(tracking_uri: str | None, *, experiment: str | None = None, status
 
     from optiflow.errors import OptiflowError
 
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri, existing=True)
     store = client(uri)
     experiments = {e.experiment_id: e.name for e in retry(store.search_experiments, view_type=ViewType.ALL)}
     if experiment is not None:
