@@ -34,12 +34,24 @@ def stored_config(mlflow_client: Any, run_id: str) -> dict[str, Any]:
         try:
             path = mlflow_client.download_artifacts(run_id, "config.yaml", folder)
         except Exception:
-            raise OptiflowError(f"run '{run_id}' has no config.yaml artifact: it was not logged by optiflow train, "
-                                "or it stopped as it started") from None
+            raise OptiflowError(f"run '{run_id}' has no config.yaml artifact: {missing_config(mlflow_client, run_id)}"
+                                ) from None
         try:
             return load_yaml(path)
         except OptiflowError as exc:
             raise OptiflowError(f"run '{run_id}': its stored {str(exc).replace(str(path), 'config.yaml')}") from None
+
+
+def missing_config(mlflow_client: Any, run_id: str) -> str:
+    """Why a run has no stored configuration: a search trial or fold logs it only with --child-artifacts."""
+    try:
+        parent = mlflow_client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    except Exception:
+        parent = None
+    if parent:
+        return (f"it is a child of run '{parent}', and search trials and folds log it only with --child-artifacts; "
+                "reproduce the search's refit run, or search again with --child-artifacts")
+    return "it was not logged by optiflow train, or it stopped as it started"
 
 
 def placed(values: dict[str, Any], run_id: str, *, tracking_uri: str, data_dir: str | None,

@@ -96,15 +96,17 @@ def train(
                      resumed_from)
 
 
-def preflight(config: RunConfig, *, registry: Registry | None = None, pm: PluginManager | None = None) -> None:
+def preflight(config: RunConfig, *, registry: Registry | None = None, pm: PluginManager | None = None) -> Run:
     """Everything :func:`train` checks before its run opens (data, model, optimizer, the schedule rehearsed,
     augmentations tried, monitored metrics, ``optiflow_check_run``), without opening one: compare and search
-    call it before their parent run opens, so that bad input is one line and leaves no FAILED run behind."""
+    call it before their parent run opens, so that bad input is one line and leaves no FAILED run behind.
+    Returns the prepared run (its ``metric_names`` are the per-epoch metrics it will log)."""
     registry = registry or get_registry()
     pm = pm or get_plugin_manager()
     run = prepare(config, registry)
     with _per_run_plugins(run, pm) as names:
         _check_run(run, pm, names)
+    return run
 
 
 def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,

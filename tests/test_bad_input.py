@@ -524,6 +524,10 @@ SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
          "variant sched=polynomial:power=-1: scheduler 'polynomial': option 'power' must be > 0, got -1.0"),
         (["compare", "--vary", "aug=hflip,random-crop:padding=100", "--model", "cnn", "--data", "digits:image=true",
           "--epochs", "1"], "variant aug=random-crop:padding=100: random-crop: padding must be at most"),
+        (["search", *SPACE, "--val-split", "0"], "a trial with lr=0.0001: --metric monitors 'val_loss', but "
+                                                "--val-split is 0 (no validation set)"),
+        (["search", *SPACE, "--metric", "val_acuracy"], "--metric monitors 'val_acuracy', which this run does not "
+                                                        "produce (did you mean 'val_accuracy'?)"),
     ],
     ids=["search-zero-trials", "search-negative-timeout", "search-zero-jobs", "search-sampler-option-not-int",
          "search-infinite-bound", "compare-out-in-proc", "reproduce-negative-rtol", "search-jobs-overflow",
@@ -537,7 +541,8 @@ SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
          "search-empty-choices-mapping-in-config", "search-choice-of-lists", "compare-empty-vary-list-in-config",
          "compare-one-empty-vary-list", "search-register-name-with-slash", "compare-register-name-with-colon",
          "search-monitor-typo", "search-early-stopping-typo", "compare-plateau-without-validation",
-         "compare-variant-with-bad-schedule", "compare-variant-with-bad-augmentation"],
+         "compare-variant-with-bad-schedule", "compare-variant-with-bad-augmentation",
+         "search-objective-without-validation", "search-objective-typo"],
 )
 def test_other_commands_refuse_bad_input_in_one_line_without_a_run(invoke, files, mlflow_client, experiment, args,
                                                                    expect):
