@@ -336,8 +336,10 @@ def test_guard_code_is_never_executed(model, tmp_path, marker):
     assert_predicted(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
 
 
-@pytest.mark.parametrize("expression", ["9**9**9**9", "PowByNatural(99999999, 99999999)", "s77 << 99999999999",
-                                        "99999999999999999999999 * s77"])
+@pytest.mark.parametrize("expression", [
+    "9**9**9**9", "PowByNatural(99999999, 99999999)", "s77 << 99999999999", "99999999999999999999999 * s77",
+    # second review: short expressions beyond the forms torch writes, on which sympy takes for ever
+    "Mod((s0 + 1)*(s0 + 2)*(s0 + 3)*(s0 + 4)*(s0 + 5), s1 + 7)", "FloorDiv(FloorDiv(FloorDiv(s0, 2), 3), 5)"])
 def test_shape_expressions_that_would_never_finish_are_refused(model, marker, tmp_path, expression):
     store, run_id, folder = model
 
@@ -348,7 +350,7 @@ def test_shape_expressions_that_would_never_finish_are_refused(model, marker, tm
                                                json.dumps(expression), 1)))
 
     rewrite_archive(folder, lambda e: edit_program(e, plant))
-    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder), ), marker)
+    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
 
 
 def test_a_zip_bomb_is_refused_before_it_is_inflated(model, marker, tmp_path):
@@ -412,21 +414,6 @@ def test_nested_sample_inputs_are_refused(model, marker, tmp_path):
     for _ in range(40):
         nested = [nested, nested]
     rewrite_archive(folder, lambda e: e.__setitem__("data/sample_inputs/model.pt", pickled((tuple(nested), {}))))
-    assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
-
-
-@pytest.mark.parametrize("expression", ["Mod((s0 + 1)*(s0 + 2)*(s0 + 3)*(s0 + 4)*(s0 + 5), s1 + 7)",
-                                        "FloorDiv(FloorDiv(FloorDiv(s0, 2), 3), 5)"])
-def test_shape_expressions_beyond_what_torch_writes_are_refused(model, marker, tmp_path, expression):
-    store, run_id, folder = model
-
-    def plant(program):
-        text = json.dumps(program)
-        program.clear()
-        program.update(json.loads(text.replace(json.dumps("Symbol('s77', positive=True, integer=True)"),
-                                               json.dumps(expression), 1)))
-
-    rewrite_archive(folder, lambda e: edit_program(e, plant))
     assert_refused(predict(store, run_id, iris_rows(tmp_path / "x.csv", folder)), marker)
 
 
