@@ -68,7 +68,7 @@ class Schedule:
         self.scheduler.step(value)
 
 
-def follow(optimizer: Any, schedule: Schedule, length: TrainingLength,
+def follow(optimizer: Optimizer, schedule: Schedule, length: TrainingLength,
            monitored: float = 1.0) -> Iterator[tuple[float, float]]:
     """``(position in epochs, learning rate)`` at every optimizer step of training, stepping ``optimizer``
     (a closure giving 0) and ``schedule`` as the training loop does; a monitored metric stays at ``monitored``
@@ -87,7 +87,7 @@ def follow(optimizer: Any, schedule: Schedule, length: TrainingLength,
 REHEARSED_STEPS = 200
 
 
-def rehearse(optimizer: Any, length: TrainingLength, build_schedule: Callable[[Any], Schedule], name: str,
+def rehearse(optimizer: Optimizer, length: TrainingLength, build_schedule: Callable[[Optimizer], Schedule], name: str,
              steps: int | None = REHEARSED_STEPS) -> None:
     """Build the schedule on a stand-in of ``optimizer`` (its hyper-parameters, one-number parameters) and step it
     ``steps`` times (None: through the whole training), so that options that fail in a later step (a division by

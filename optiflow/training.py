@@ -80,7 +80,7 @@ def train(
             try:
                 if on_start is not None and cluster.main:
                     on_start(str(tracker.run_id))
-                resumed_from = _begin(run, pm, state, extra_params or {}, main=cluster.main)
+                resumed_from = _begin(run, pm, state, extra_params or {})
                 fit(run, pm, reporter, on_epoch)
                 reporter.stop()
                 metrics = end_run(run, pm)
@@ -134,16 +134,15 @@ def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None
     return tracker, state, cluster
 
 
-def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any], *,
-           main: bool) -> int | None:
-    """Log the run's setup (or mark it resumed, the metrics queued in its checkpoint written by the ``main``
-    process) and start it; returns the epoch it resumes from."""
+def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any]) -> int | None:
+    """Log the run's setup (or mark it resumed, the metrics queued in its checkpoint written by the process
+    that logs) and start it; returns the epoch it resumes from."""
     if state is None:
         _log_setup(run, extra_params)
     else:
         run.checkpoint = state
-        if main:
-            checkpoints.relog(run.tracking, state)
+        if isinstance(run.tracker, Tracker):  # the other data-parallel processes hold a NullTracker
+            checkpoints.relog(run.tracker, state)
         run.tracking.delete_tag("failure")
         run.tracking.set_tags({"optiflow.resumed_from_epoch": run.epoch})
     resumed_from = run.epoch if state is not None else None

@@ -8,19 +8,22 @@ its own (written before optiflow beat at creation) is stale with it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow import heartbeat
 from optiflow.tracking import client, resolve_tracking_uri, retry
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
 PARENT_TAG = "mlflow.parentRunId"
 
 
-def stale_runs(tracking_uri: str | None) -> list[tuple[Any, str]]:
+def stale_runs(tracking_uri: str | None) -> list[tuple[Run, str]]:
     """``(run, why its process is gone)`` for every stale RUNNING run of every experiment in the store,
     parents before their children."""
     running = _running(tracking_uri)
-    children: dict[str, list[Any]] = {}
+    children: dict[str, list[Run]] = {}
     for run in running:
         children.setdefault(run.data.tags.get(PARENT_TAG, ""), []).append(run)
     reasons = {run.info.run_id: heartbeat.gone(run.data.tags) for run in running}
@@ -29,10 +32,10 @@ def stale_runs(tracking_uri: str | None) -> list[tuple[Any, str]]:
         return any(reasons[child.info.run_id] is None and heartbeat.TAG in child.data.tags
                    or alive_below(child.info.run_id) for child in children.get(run_id, []))
 
-    found: list[tuple[Any, str]] = []
+    found: list[tuple[Run, str]] = []
     seen: set[str] = set()
 
-    def visit(run: Any, inherited: str | None) -> None:
+    def visit(run: Run, inherited: str | None) -> None:
         run_id = run.info.run_id
         if run_id in seen:
             return
@@ -62,7 +65,7 @@ def close_run(tracking_uri: str | None, run_id: str, reason: str) -> None:
     retry(store.set_terminated, run_id, "KILLED")
 
 
-def _running(tracking_uri: str | None) -> list[Any]:
+def _running(tracking_uri: str | None) -> list[Run]:
     """Every RUNNING run of every experiment in the store."""
     from mlflow.entities import ViewType
 

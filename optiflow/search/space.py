@@ -19,8 +19,6 @@ from optiflow.values import literal
 if TYPE_CHECKING:
     import optuna
 
-    from optiflow.registry import Component
-
 #: a sampled value or a choice as Optuna stores it
 Scalar = bool | int | float | str | None
 
@@ -53,6 +51,10 @@ class Dimension:
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def first(self) -> Scalar:
+        """Its value at the space's first corner: the first choice, else the low bound."""
+        return self.choices[0] if self.kind == "choice" else (int(self.low) if self.kind == "int" else self.low)
 
     def grid(self) -> list[Any]:
         """The values the grid sampler visits: choices, or a range with a step."""
@@ -175,7 +177,7 @@ def _parse_range(name: str, spec: object) -> Dimension:
 
 
 
-def _choice(name: str, values: Any, spec: Any) -> Dimension:
+def _choice(name: str, values: object, spec: object) -> Dimension:
     """A ``choice`` dimension of at least one value, none listed twice."""
     if not isinstance(values, (list, tuple)) or not values:
         raise OptiflowError(f"--space {name}: a choice needs at least one value, got {spec!r}")
