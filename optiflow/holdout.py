@@ -60,4 +60,4 @@ def _approximate_mode(class_counts: NDArray[np.intp], n_draws: int, rng: np.rand
             need_to_add -= add_now
             if need_to_add == 0:
                 break
-    return floored.astype(int)
+    return floored.astype(np.intp)

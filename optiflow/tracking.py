@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from optiflow import __version__, heartbeat
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
@@ -30,6 +30,7 @@ from optiflow.stores import (
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
 T = TypeVar("T")
@@ -118,10 +119,10 @@ def retry(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         raise full from None
 
 
-_CLIENTS: dict[tuple[str, int], Any] = {}
+_CLIENTS: dict[tuple[str, int], MlflowClient] = {}
 
 
-def client(uri: str):
+def client(uri: str) -> MlflowClient:
     """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock.
 
     One client per store and process, probed once: a search opens a run per trial and fold."""
@@ -131,7 +132,7 @@ def client(uri: str):
     return _CLIENTS[key]
 
 
-def _new_client(uri: str):
+def _new_client(uri: str) -> MlflowClient:
     import logging
 
     from mlflow.tracking import MlflowClient
@@ -179,7 +180,7 @@ def _reason(exc: BaseException) -> str:
     return cause.group(1).strip() if cause else re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))
 
 
-def experiment_id(mlflow_client, uri: str, name: str) -> str:
+def experiment_id(mlflow_client: MlflowClient, uri: str, name: str) -> str:
     """The id of experiment ``name``, created if missing (safe when processes race to create it)."""
     from mlflow.exceptions import MlflowException
 

@@ -71,7 +71,7 @@ def _running(tracking_uri: str | None) -> list[Run]:
 
     store = client(resolve_tracking_uri(tracking_uri, existing=True))
     experiments = [e.experiment_id for e in retry(store.search_experiments, view_type=ViewType.ALL)]
-    found = []
+    found: list[Run] = []
     for start in range(0, len(experiments), 100):
         found += retry(store.search_runs, experiments[start:start + 100], "attributes.status = 'RUNNING'",
                        run_view_type=ViewType.ALL, max_results=50000)
@@ -103,7 +103,7 @@ def list_runs(tracking_uri: str | None, *, experiment: str | None = None, status
                                 f"it has {', '.join(sorted(experiments.values())) or 'none'}")
         experiments = {k: v for k, v in experiments.items() if v == experiment}
     where = f"attributes.status = '{status}'" if status else ""
-    found: list[Any] = []
+    found: list[Run] = []
     ids = list(experiments)
     for start in range(0, len(ids), 100):
         found += retry(store.search_runs, ids[start:start + 100], where, run_view_type=ViewType.ACTIVE_ONLY,

@@ -163,7 +163,7 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
     registry = get_registry()
     for dim in settings.space:
         for value in (dim.choices if dim.kind == "choice" else (dim.low, dim.high)):
-            chosen: Scalar = int(value) if dim.kind == "int" else value
+            chosen = int(value) if dim.kind == "int" and isinstance(value, float) else value  # a range's bound
 
             def pick(d: Dimension, dim: Dimension = dim, chosen: Scalar = chosen) -> Scalar:
                 return chosen if d is dim else d.first()

@@ -43,7 +43,7 @@ class Dimension:
     high: float = 1.0
     log: bool = False
     step: float | None = None
-    choices: tuple = ()
+    choices: tuple[Scalar, ...] = ()
 
     def suggest(self, trial: optuna.Trial) -> Scalar:
         if self.kind == "choice":
@@ -189,7 +189,7 @@ def _choice(name: str, values: object, spec: object) -> Dimension:
     return Dimension(name, name, kind="choice", choices=choices)
 
 
-def _target(name: str, base: RunConfig, chosen: dict[str, tuple]) -> dict[str, Any]:
+def _target(name: str, base: RunConfig, chosen: dict[str, tuple[Scalar, ...]]) -> dict[str, Any]:
     """What a space name sets: a configuration key (``lr``), a component option (``opt.momentum``,
     ``reg.l2.strength``) or an option name unique among the candidate components (``hidden``)."""
     from optiflow.plugins import get_registry
