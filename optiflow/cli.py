@@ -22,7 +22,6 @@ from optiflow.values import env_flag
 
 if TYPE_CHECKING:
     from optiflow.config import RunConfig
-    from optiflow.console import RichReporter
 
 
 class OptiflowGroup(click.Group):
@@ -163,7 +162,7 @@ def _launch_data_parallel(config: RunConfig, nproc: int) -> None:
     sys.exit(launch(nproc, without_nproc(tracking.CLI_ARGS or [])))
 
 
-def _reporter_factory(quiet: bool) -> type[RichReporter] | None:
+def _reporter_factory(quiet: bool):
     """A fresh rich progress display per training, or none when quiet or not on a terminal."""
     if quiet or not sys.stdout.isatty():
         return None
@@ -265,9 +264,8 @@ def search(**params: Any) -> None:
     optiflow search --space lr=loguniform:1e-4:1e-1 --storage sqlite:///study.db --study-name s1  # many processes
     """
     from optiflow.commands import search as command
-    from optiflow.search.study import given_defaults
 
-    config, values = resolve_layers(params, given_defaults())
+    config, values = resolve_layers(params, command.given_defaults())
     settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"]}, config)
     if params["print_config"]:
         from optiflow.search.space import describe_dimension
