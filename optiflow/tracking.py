@@ -355,12 +355,9 @@ class Tracker:
 
 
 class Outcome:
-    """How the run of a :func:`run_status` block ends; the block may change it before it completes.
-
-    ``status`` is the status the run gets when the block completes (FINISHED; None leaves the
-    run open for another process to end); ``failure`` replaces the ``failure`` tag that an
-    exception sets (its first line).
-    """
+    """How the run of a :func:`run_status` block ends; the block may change it before it completes: ``status`` is
+    the status the run gets when the block completes (FINISHED; None leaves the run open for another process to
+    end); ``failure`` replaces the ``failure`` tag that an exception sets (its first line)."""
 
     def __init__(self) -> None:
         self.status: str | None = "FINISHED"
