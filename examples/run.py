@@ -178,7 +178,35 @@ def finding_markdown(example: Example, numbers: dict[str, Any], *, quick: bool) 
     ]
     for variant, row in rows.items():
         lines.append(f"| {variant} | " + " | ".join(_format(row.get(c)) for c in columns) + " |")
+    if "intervals" in numbers:
+        lines += ["", *interval_lines(numbers["intervals"])]
     return "\n".join(lines) + "\n"
+
+
+def interval_lines(found: dict[str, Any]) -> list[str]:
+    """The comparison's confidence, as its parent run logged it: one row per variant (mean, 95% t-interval,
+    paired t-test against the baseline), then which differences are significant at 5%."""
+    metric, baseline = found["metric"], found["baseline"]
+    lines = [f"Over {found['repeats']} seeds (`compare --repeats {found['repeats']}`; values as the comparison's "
+             f"parent run logged them): {metric}, its mean and 95% t-interval, and a two-sided paired t-test "
+             f"against {baseline} over the same seeds.", "",
+             f"| variant | seeds | {metric} mean | 95% interval | difference to {baseline} | p | significant at 5% |",
+             "|---|---|---|---|---|---|---|"]
+    significant, not_significant = [], []
+    for variant, row in found["rows"].items():
+        interval = f"[{_format(row['low'])}, {_format(row['high'])}]" if row["low"] is not None else "–"
+        if variant == baseline:
+            versus = ["baseline", "–", "–"]
+        elif "p" in row:
+            versus = [f"{row['difference']:+.4g}", f"{row['p']:.2g}", "yes" if row["significant"] else "no"]
+            (significant if row["significant"] else not_significant).append(f"{variant} ({row['difference']:+.3g})")
+        else:
+            versus = ["–", "–", "–"]
+        lines.append(f"| {variant} | {len(row['seeds'])} | {_format(row['mean'])} | {interval} | " + " | ".join(versus)
+                     + " |")
+    lines += ["", f"Differences to {baseline} significant at 5%: {', '.join(significant) or 'none'}; "
+                  f"not significant: {', '.join(not_significant) or 'none'}."]
+    return lines
 
 
 def _format(value: Any) -> str:
