@@ -189,7 +189,7 @@ def save_model(path: str, mlflow_model: Model, *, module: InferenceModule, card:
 def _requirements_checked_directly() -> Iterator[None]:
     """While open, MLflow's check that the model's pip requirements match this environment asks each
     requirement's own distribution first, and makes its own check (which maps every installed
-    distribution's files to its modules: about a second) only when one does not match.  The requirements
+    distribution's files to its modules: most of a second) only when one does not match.  The requirements
     optiflow gives are the installed versions, so the answer, a warning or none, stays MLflow's own."""
     from mlflow.utils import environment
 
