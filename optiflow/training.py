@@ -26,7 +26,7 @@ from optiflow.errors import (
 )
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit
-from optiflow.metrics import check_monitor, epoch_metric_names
+from optiflow.metrics import check_monitor, epoch_metric_names, evaluation_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
@@ -107,6 +107,13 @@ def preflight(config: RunConfig, *, registry: Registry | None = None, pm: Plugin
     with _per_run_plugins(run, pm) as names:
         _check_run(run, pm, names)
     return run
+
+
+def produced_metric_names(run: Run) -> set[str]:
+    """What a prepared run (:func:`preflight`) will log as final metrics: its per-epoch metrics (the core's
+    and those plugins declare) and, with a test split, the test evaluation's."""
+    tested = evaluation_metric_names(run.task, "test") if len(run.splits.x_test) else []
+    return set(run.metric_names or ()) | set(tested)
 
 
 def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,

@@ -209,8 +209,8 @@ def _preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -
     """Each variant (its first seed) passes all that a training checks before its run opens, and logs the
     ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
     opens: bad input is one line naming the variant, and no run is left FAILED."""
-    from optiflow.metrics import check_final_metric, produced_metric_names
-    from optiflow.training import preflight
+    from optiflow.metrics import check_final_metric
+    from optiflow.training import preflight, produced_metric_names
 
     checked: set[str] = set()
     for label, config in runs:

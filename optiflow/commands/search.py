@@ -179,8 +179,8 @@ def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
     """A trial at the space's first corner (every choice's first value, every range's low bound) passes all that
     a training checks before its run opens, before the study's parent run opens (a monitored metric no trial
     produces, an augmentation the data cannot take ...)."""
-    from optiflow.metrics import check_monitor, produced_metric_names
-    from optiflow.training import preflight
+    from optiflow.metrics import check_monitor
+    from optiflow.training import preflight, produced_metric_names
 
     config, sampled = trial_config(base, settings.space, Dimension.first)
     if settings.cv:
