@@ -26,6 +26,10 @@ from optiflow.runlog import RunTracker
 from optiflow.schedule import Schedule, TrainingLength, rehearse, scheduled
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
+#: what a run is for (``Run.role``): a plain training, a variant of ``optiflow compare``, a search trial, a fold
+#: of a cross-validated trial, or the refit of a search's best trial
+ROLES = ("train", "compare-child", "search-trial", "cv-fold", "refit")
+
 
 class Reporter(Protocol):
     """Progress display driven by the training loop (the CLI passes a rich one)."""
@@ -85,8 +89,12 @@ class Run:
     status: str | None = None
     #: per-run scratch space for plugins, keyed by plugin name
     state: dict[str, Any] = field(default_factory=dict)
-    #: whether the run logs its pictures and files (figures, config.yaml); search children only with --child-artifacts
-    artifacts: bool = True
+    #: why the run trains, one of :data:`ROLES`: ``train`` (optiflow train, reproduce), ``compare-child``,
+    #: ``search-trial``, ``cv-fold`` (a fold of a cross-validated trial) or ``refit`` (search's best trial refitted)
+    role: str = "train"
+    #: whether the run logs pictures and files (figures, config.yaml, a plugin's artifacts): false for search
+    #: trials and folds unless ``--child-artifacts``; params, metrics and tags are logged either way
+    wants_artifacts: bool = True
 
     @property
     def device(self) -> torch.device:

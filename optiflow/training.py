@@ -49,6 +49,7 @@ def train(
     extra_params: dict[str, Any] | None = None,
     resume: str | None = None,
     artifacts: bool = True,
+    role: str = "train",
     on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
@@ -58,7 +59,8 @@ def train(
     KILLED).  ``extra_params`` are logged beside the resolved ones.  ``resume`` is the id of a KILLED or
     FAILED run to continue from its checkpoint, in that same run (``config``
     must be its logged configuration: see ``resume_config``).  ``artifacts=False`` logs params and metrics
-    only, no figures or files (search's child runs; a failed run still gets its config.yaml).  ``on_start``
+    only, no figures or files (search's child runs; a failed run still gets its config.yaml): ``run.wants_artifacts``;
+    ``role`` is ``run.role`` (:data:`optiflow.run.ROLES`).  ``on_start``
     gets the run's id as soon as the run is open (search records it on the trial).  Raises
     OptiflowError for bad input before the run starts, TrainingError when
     training diverges, PluginError when a plugin raises, RunInterrupted (a
@@ -70,7 +72,7 @@ def train(
     reporter = reporter or SilentReporter()
     with _agreeing():
         run = prepare(config, registry)
-    run.artifacts = artifacts
+    run.role, run.wants_artifacts = role, artifacts
     if run.device.type == "cpu":
         host.keep_freed_memory()
     with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
@@ -264,7 +266,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
             tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
         # a full disk keeps the last checkpoint whole; only the process that logs (a Tracker) saves one
         if run.checkpoint is not None and isinstance(tracker, Tracker) and not isinstance(exc, DiskFull):
-            if not run.artifacts:
+            if not run.wants_artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
             saved = (f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: "
@@ -318,7 +320,7 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     tracker = run.tracking
     tracker.log_params(setup_params(run, extra_params))
     tracker.set_tags({digest.DATA_TAG: data_digest(run)})
-    if not run.artifacts:
+    if not run.wants_artifacts:
         return
     tracker.log_text(run.config.to_yaml(), "config.yaml")
     fitted = getattr(run.normalizer, "state", None)
@@ -341,10 +343,10 @@ def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(run: Run, test: dict[str, float], log_model: bool) -> None:
-    """Test metrics, the learning curves (``run.artifacts``) and (``log_model``) the model, on the finished run."""
+    """Test metrics, the learning curves (``run.wants_artifacts``) and (``log_model``) the model, on the finished run."""
     run.tracking.log_metrics(test, step=run.epoch, flush=False)
     run.tracking.set_tags({digest.WEIGHTS_TAG: digest.weights_digest(run.model)})
-    if run.artifacts:
+    if run.wants_artifacts:
         _log_curves(run)
     if log_model:
         export.log_model(run)

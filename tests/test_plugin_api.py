@@ -85,3 +85,47 @@ def test_a_component_wraps_another_through_the_public_api(api_plugin):
     optimizer, _ = build_optimizer(plan(config, get_registry()), nn.Linear(2, 1), TrainingLength(1, 1))
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1) and optimizer.param_groups[0]["momentum"] == 0.9
+
+
+class RoleAwareReport:
+    """What a plugin writing its own artifact does: it records every run's role, and writes its file only on
+    runs that want artifacts."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, bool]] = []
+
+    @hookimpl
+    def optiflow_run_start(self, run):
+        self.seen.append((run.role, run.wants_artifacts))
+
+    @hookimpl
+    def optiflow_run_end(self, run, status):
+        if status == "FINISHED" and run.wants_artifacts:
+            run.tracker.log_text(run.role, "role.txt")
+
+
+ROLE_RUNS = {
+    "train": (("train",), [("train", True)]),
+    "compare": (("compare", "--vary", "lr=0.1,0.05"), [("compare-child", True)] * 2),
+    "trial and refit": (("search", "--space", "lr=choice:0.1", "--sampler", "grid"),
+                        [("search-trial", False), ("refit", True)]),
+    "stacked folds": (("search", "--space", "lr=choice:0.1", "--sampler", "grid", "--cv", "2", "--no-refit"),
+                      [("cv-fold", False)] * 2),
+    "child artifacts": (("search", "--space", "lr=choice:0.1", "--sampler", "grid", "--cv", "2", "--no-refit",
+                         "--child-artifacts"), [("cv-fold", True)] * 2),
+}
+
+
+@pytest.mark.parametrize("args, expected", ROLE_RUNS.values(), ids=ROLE_RUNS.keys())
+def test_every_run_says_its_role_and_whether_it_wants_artifacts(args, expected, invoke, plugin, mlflow_client,
+                                                                experiment):
+    from helpers import runs_of
+
+    report = RoleAwareReport()
+    plugin(report, "role-report")
+    result = invoke(*args, "--model", "mlp:hidden=[8]", "--epochs", "1", "-q")
+    assert result.exit_code == 0, result.output
+    assert report.seen == expected
+    written = [r for r in runs_of(mlflow_client, experiment)
+               if "role.txt" in {a.path for a in mlflow_client.list_artifacts(r.info.run_id)}]
+    assert len(written) == sum(wants for _, wants in expected)
