@@ -63,6 +63,9 @@ class Component:
     options: tuple[Option, ...]
     plugin: str
     aliases: tuple[str, ...] = ()
+    #: registered with ``namespaced_only=True``: answers to ``plugin/name`` (and ``plugin/alias``) only, never
+    #: to a bare name, so reusing another plugin's name on purpose is no clash
+    namespaced_only: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -113,6 +116,7 @@ class Registry:
             *,
             kind: str | None = None,
             aliases: tuple[str, ...] | list[str] = (),
+            namespaced_only: bool = False,
         ) -> Component:
             kind = kind or kinds[0]
             if kind not in KINDS:
@@ -131,6 +135,7 @@ class Registry:
                 options=_with_core_options(kind, options_of(factory, owner=f"{kind} '{name}'")),
                 plugin=plugin,
                 aliases=tuple(aliases),
+                namespaced_only=namespaced_only,
             )
             return self.add(component)
 
@@ -140,13 +145,20 @@ class Registry:
         """Add ``component`` and return it as stored.  A name (or alias) another plugin already
         has stays that plugin's: the newcomer keeps its other names and is always reachable as
         ``plugin/name``; the clash is recorded in ``clashes``.  A plugin registering one name
-        twice is an error."""
+        twice is an error.  A ``namespaced_only`` component takes ``plugin/name`` alone: no bare name, no
+        clash."""
         kind, table = component.kind, self.components[component.kind]
+        if component.namespaced_only:
+            self._refuse_twice(component)
+            component = replace(component, name=f"{component.plugin}/{component.name}")
+            table[component.name] = component
+            return component
         taken = {name: found for name in (component.name, *component.aliases)
                  if (found := self._lookup(kind, name)) is not None}
         for name, existing in taken.items():
             if existing.plugin == component.plugin:
                 raise OptiflowError(f"duplicate {kind} '{name}': registered twice by plugin '{component.plugin}'")
+        self._refuse_twice(component)
         if taken:
             component = replace(component, aliases=tuple(a for a in component.aliases if a not in taken))
             if component.name in taken:
@@ -158,12 +170,21 @@ class Registry:
             self.aliases[kind][alias] = component.name
         return component
 
+    def _refuse_twice(self, component: Component) -> None:
+        """A plugin registering one ``plugin/name`` twice, once namespaced-only, is an error."""
+        for name in (component.name, *component.aliases):
+            found = self._qualified(component.kind, f"{component.plugin}/{name}")
+            if found is not None and (found.namespaced_only or component.namespaced_only):
+                raise OptiflowError(f"duplicate {component.kind} '{component.plugin}/{name}': registered twice by "
+                                    f"plugin '{component.plugin}'")
+
     def remove_plugin(self, plugin: str) -> None:
         """Drop every component a plugin registered (used when a plugin fails half-way)."""
         for kind, table in self.components.items():
             for name in [n for n, c in table.items() if c.plugin == plugin]:
                 del table[name]
             self.aliases[kind] = {a: n for a, n in self.aliases[kind].items() if n in table}
+        self.clashes = [(owner, line) for owner, line in self.clashes if owner != plugin]
 
     def _lookup(self, kind: str, name: str) -> Component | None:
         table = self.components[kind]

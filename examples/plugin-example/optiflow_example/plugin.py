@@ -14,6 +14,8 @@ from optiflow.optim import decay_params
 @hookimpl
 def optiflow_register_optimizers(register):
     register("lion", lion)
+    # the built-in 'adam' stays as it is; this one is --opt example/adam, a deliberate reuse: no clash warning
+    register("adam", adam, namespaced_only=True)
 
 
 @hookimpl
@@ -33,6 +35,13 @@ def lion(model, *, lr: float = 1e-4, betas: tuple[float, ...] = (0.9, 0.99), wei
     from optiflow_example.lion import Lion
 
     return Lion(decay_params(model, decay_bias), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def adam(model, *, lr: float = 1e-3, weight_decay: float = 0.01):
+    """AdamW whose weight decay spares biases and normalization parameters (example/adam)."""
+    import torch
+
+    return torch.optim.AdamW(decay_params(model, weight_decay=weight_decay), lr=lr, weight_decay=weight_decay)
 
 
 def spirals(ctx: DataContext, *, n: int = 600, arms: int = 2, turns: float = 1.5, noise: float = 0.05) -> DataSource:

@@ -17,7 +17,7 @@ from optiflow_example.lion import Lion
 
 from optiflow.commands.train import train
 from optiflow.config import RunConfig
-from optiflow.plugins import registered_plugin
+from optiflow.plugins import get_registry, registered_plugin
 
 
 def test_lion_follows_the_papers_update_rule():
@@ -95,3 +95,14 @@ def test_lion_trains_on_spirals_with_ema(example_plugin, tmp_path):
     assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
     assert len(result.history["ema_val_accuracy"]) == 8
     assert result.history["val_accuracy"][-1] > 0.6, "Lion learns the spirals"
+
+
+def test_its_adam_is_a_deliberate_reuse_of_a_builtin_name(example_plugin, monkeypatch):
+    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")  # no clash: strict mode has nothing to refuse
+    registry = get_registry()
+    assert registry.get("optimizer", "adam").plugin == "optimizers", "the bare name stays the built-in's"
+    mine = registry.get("optimizer", "example/adam")
+    assert (mine.plugin, mine.namespaced_only) == ("example", True)
+    assert not [line for owner, line in registry.clashes if owner == "example"]
+    optimizer = mine.build(torch.nn.Linear(3, 2), weight_decay="0.1")
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0], "the bias is spared"
