@@ -103,7 +103,9 @@ def catalogue() -> str:
         "this file and the code differ). `optiflow list [KIND]` prints the same, with any installed plugin's "
         "components too.\n",
         "A component is chosen by name and takes options after a colon: `--opt sgd:momentum=0.9,nesterov=true`. "
-        "Each option is typed as listed; `A|B` means one of those values.\n",
+        "Each option is typed as listed; `A|B` means one of those values; a list is written in brackets "
+        "(`hidden=[64,32]`), and so is a `KIND spec`, a component with its own options: "
+        "`activation=[leaky-relu:negative_slope=0.1]`.\n",
     ]
     for family in FAMILIES:
         for kind in family.kinds:

@@ -49,7 +49,7 @@ class ComponentSpec:
             return cls(str(value["name"]), {k: v for k, v in value.items() if k != "name"})
         if not isinstance(value, str) or not value.strip():
             raise OptiflowError(f"expected a component name such as 'adam' or 'sgd:momentum=0.9', got {brief(value)}")
-        name, _, rest = value.strip().partition(":")
+        name, _, rest = unbracketed(value.strip()).partition(":")
         options: dict[str, Any] = {}
         for item in _split_top_level(rest):
             key, sep, raw = item.partition("=")
@@ -63,7 +63,21 @@ class ComponentSpec:
     def __str__(self) -> str:
         if not self.options:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in self.options.items())
+        return self.name + ":" + ",".join(f"{k}={format_option(v)}" for k, v in self.options.items())
+
+
+def unbracketed(text: str) -> str:
+    """``text`` without one pair of brackets around all of it: ``[sgd:momentum=0.9,nesterov=true]`` is
+    the component ``sgd:momentum=0.9,nesterov=true``, as an option's value (``sam:base=[...]``) writes it."""
+    if text[:1] != "[" or text[-1:] != "]":
+        return text
+    depth = 0
+    for index, char in enumerate(text):
+        depth += char in "[("
+        depth -= char in "])"
+        if depth == 0:
+            return text[1:-1].strip() if index == len(text) - 1 else text
+    return text
 
 
 def _default_spec(key: str) -> ComponentSpec:
@@ -113,10 +127,15 @@ def _split_top_level(text: str) -> list[str]:
     return [p for p in (p.strip() for p in parts) if p]
 
 
-def _format(value: object) -> str:
+def format_option(value: object) -> str:
+    """An option's value as a spec writes it: a list, or a component with options (a mapping, or text holding a
+    comma), in brackets, so that the text parses back to the same option: ``base=[sgd:momentum=0.9,nesterov=true]``."""
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(str, value)) + "]"
-    return str(value).lower() if isinstance(value, bool) else str(value)
+        return "[" + ",".join(map(format_option, value)) + "]"
+    if isinstance(value, dict):
+        value = ComponentSpec.parse(value)
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return f"[{text}]" if "," in text and unbracketed(text) == text else text
 
 
 @dataclass

@@ -11,8 +11,9 @@ import sys
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from optiflow.config import ComponentSpec
 from optiflow.errors import OptiflowError
 from optiflow.slots import FAMILY_KINDS, KINDS, SLOTS, family_of
 from optiflow.values import MAX_INT, coerce, type_name
@@ -26,15 +27,22 @@ class Option:
     type: object
     default: object = None
     choices: tuple[object, ...] | None = None
+    #: the kind of component the value names (an option annotated ``Annotated[Nested, "optimizer"]``), else None
+    component_kind: str | None = None
 
     @property
     def type_name(self) -> str:
         if self.choices:
             return "|".join(map(str, self.choices))
+        if self.component_kind:
+            return f"{self.component_kind} spec"
         return type_name(self.type)
 
-    def coerce(self, value: object, owner: str = "") -> object:
-        """Convert a raw CLI string or YAML value to this option's type, or raise OptiflowError."""
+    def coerce(self, value: object, owner: str = "", registry: Registry | None = None) -> object:
+        """Convert a raw CLI string or YAML value to this option's type, or raise OptiflowError; an option naming a
+        component (``component_kind``) becomes a :class:`Nested`, found in ``registry``."""
+        if self.component_kind:
+            return self._nested(value, owner, registry)
         try:
             result = coerce(self.type, value)
         except (TypeError, ValueError):
@@ -52,6 +60,55 @@ class Option:
         return result
 
 
+    def _nested(self, value: object, owner: str, registry: Registry | None) -> Nested:
+        kind = self.component_kind
+        if isinstance(value, Nested) and value.component.kind == kind:
+            return value
+        if registry is None:
+            raise OptiflowError(f"{owner}: option '{self.name}' names a {kind}: build the component from "
+                                "get_registry(), which finds it")
+        try:
+            spec = ComponentSpec.parse(value)
+            component = registry.get(str(kind), spec.name)
+            return Nested(component, component.resolve_options(spec.options))
+        except OptiflowError as exc:
+            raise OptiflowError(f"{owner}: option '{self.name}': {exc}") from None
+
+
+@dataclass(frozen=True)
+class Nested:
+    """The value of an option that is itself a component, ``sam:base=[sgd:momentum=0.9,nesterov=true]``: the
+    component chosen and its typed options.  A factory declares such an option ``base: Annotated[Nested,
+    "optimizer"] = "sgd"`` and gets this, validated like any option, to build with ``base.build(model)``."""
+
+    component: Component
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+    def build(self, *context: object) -> Any:
+        """The chosen component's factory called with ``context`` (what its kind takes: a model ...) and the options."""
+        return self.component.factory(*context, **self.options)
+
+    def __str__(self) -> str:
+        return str(ComponentSpec(self.name, self.options))
+
+
+def flat_options(prefix: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``{prefix.option: value}``; a :class:`Nested` option as ``prefix.option=name`` plus its own options the same
+    way (``opt.base=sgd``, ``opt.base.momentum=0.9``): how a run logs its components' options."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Nested):
+            flat[f"{prefix}.{key}"] = value.name
+            flat.update(flat_options(f"{prefix}.{key}", value.options))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
+
+
 @dataclass(frozen=True)
 class Component:
     """A named, registered component: what it is, how to build it, where it came from."""
@@ -66,6 +123,8 @@ class Component:
     #: registered with ``namespaced_only=True``: answers to ``plugin/name`` (and ``plugin/alias``) only, never
     #: to a bare name, so reusing another plugin's name on purpose is no clash
     namespaced_only: bool = False
+    #: the registry holding it, where options naming a component (:class:`Nested`) find theirs
+    registry: Registry | None = field(default=None, compare=False, repr=False)
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -75,6 +134,10 @@ class Component:
         """Typed options: the declared defaults updated with ``raw`` (validated)."""
         known = {o.name: o for o in self.options}
         resolved = self.defaults
+        owner = f"{self.kind} '{self.name}'"
+        for option in self.options:  # a component's default is a spec too: it is found and typed
+            if option.component_kind and option.default is not None and option.name not in raw:
+                resolved[option.name] = option.coerce(option.default, owner, self.registry)
         for key, value in raw.items():
             key = key.replace("-", "_")
             if key not in known:
@@ -83,7 +146,7 @@ class Component:
                 raise OptiflowError(
                     f"{self.kind} '{self.name}' has no option '{key}'{hint}; valid options: {valid}"
                 )
-            resolved[key] = known[key].coerce(value, owner=f"{self.kind} '{self.name}'")
+            resolved[key] = known[key].coerce(value, owner, self.registry)
         return resolved
 
     def build(self, *context: object, **options: object) -> Any:
@@ -148,6 +211,7 @@ class Registry:
         twice is an error.  A ``namespaced_only`` component takes ``plugin/name`` alone: no bare name, no
         clash."""
         kind, table = component.kind, self.components[component.kind]
+        component = replace(component, registry=self)
         if component.namespaced_only:
             self._refuse_twice(component)
             component = replace(component, name=f"{component.plugin}/{component.name}")
@@ -246,11 +310,13 @@ def options_of(factory: Callable[..., Any], owner: str = "") -> tuple[Option, ..
         annotation = annotation_of(factory, param)
         if annotation is inspect.Parameter.empty:
             annotation = type(default) if default is not None else str
-        choices = None
+        choices, component_kind = None, None
         if typing.get_origin(annotation) is Literal:
             choices = typing.get_args(annotation)
             annotation = type(choices[0])
-        options.append(Option(param.name, annotation, default, choices))
+        elif typing.get_origin(annotation) is Annotated and typing.get_args(annotation)[0] is Nested:
+            annotation, component_kind = Nested, _nested_kind(typing.get_args(annotation)[1:], owner, param.name)
+        options.append(Option(param.name, annotation, default, choices, component_kind))
     return tuple(options)
 
 
@@ -266,6 +332,15 @@ def annotation_of(function: Callable[..., Any], param: inspect.Parameter) -> obj
         except Exception:
             annotation = inspect.Parameter.empty
     return annotation
+
+
+def _nested_kind(metadata: tuple[object, ...], owner: str, option: str) -> str:
+    """The kind ``Annotated[Nested, "optimizer"]`` names; an unknown one is the plugin's error."""
+    kind = metadata[0] if metadata else None
+    if kind not in KINDS:
+        raise OptiflowError(f"{owner}: option '{option}' is Annotated[Nested, KIND] with KIND one of "
+                            f"{', '.join(KINDS)}; got {kind!r}")
+    return str(kind)
 
 
 def _with_core_options(kind: str, options: tuple[Option, ...]) -> tuple[Option, ...]:
