@@ -187,6 +187,14 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
                augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg])
 
 
+def stepped_parts(resolved: Plan, optimizer: object, schedule: Schedule) -> list[tuple[str, str, str]]:
+    """``(plugin, "optimizer 'name'", module of its class)`` for the optimizer and the scheduler, the components
+    the core steps outside any hook: an error raised in their code names their plugin (:func:`~optiflow.hooktrace.culprit`)."""
+    (opt, _), (sched, _) = resolved.opt, resolved.sched
+    return [(opt.plugin, f"optimizer '{opt.name}'", type(optimizer).__module__),
+            (sched.plugin, f"scheduler '{sched.name}'", type(schedule.scheduler).__module__)]
+
+
 #: raw samples a split dataset keeps: the logged model's input example
 EXAMPLE_SAMPLES = 5
 

@@ -29,7 +29,7 @@ from optiflow.loop import evaluate, fit
 from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
-from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
+from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare, stepped_parts
 from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
 from optiflow.stored import resume_command
@@ -254,7 +254,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
         return exc  # its study is gone, or the run cannot be written to: say so, nothing more
     interrupted = isinstance(exc, KeyboardInterrupt)
     status = "KILLED" if interrupted else "FAILED"
-    reason, where = failure_reason(pm, exc, names)
+    reason, where = failure_reason(pm, exc, names, stepped_parts(run.plan, run.optimizer, run.schedule))
     outcome.failure = reason  # run_status tags the run with it as it ends the run
     saved = ""
     if run.status is None:
@@ -290,23 +290,25 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     return exc
 
 
-def failure_reason(pm: PluginManager, exc: BaseException,
-                   names: dict[str, str] | None = None) -> tuple[str, tuple[str, str] | None]:
+def failure_reason(pm: PluginManager, exc: BaseException, names: dict[str, str] | None = None,
+                   parts: list[tuple[str, str, str]] | None = None) -> tuple[str, tuple[str, str] | None]:
     """Why a training did not finish, in one line, and the ``(plugin, hook)`` that raised, if a plugin did
-    (``names`` names per-run plugins)."""
+    (``names`` names per-run plugins), or ``(plugin, "optimizer 'x'")`` when one of ``parts`` did (:func:`stepped_parts`)."""
     if isinstance(exc, KeyboardInterrupt):
         return (str(exc) if isinstance(exc, RunInterrupted) else "interrupted by SIGINT"), None
     reason = str(exc) if isinstance(exc, OptiflowError) else f"{type(exc).__name__}: {first_line(exc)}"
-    where = culprit(pm, exc)
+    where = culprit(pm, exc, parts or ())
     if where is not None:
         reason = f"plugin {(names or {}).get(where[0], repr(where[0]))} failed in {where[1]}: {reason}"
     return reason, where
 
 
-def training_error(pm: PluginManager, exc: Exception, context: str) -> Exception:
+def training_error(pm: PluginManager, exc: Exception, context: str,
+                   parts: list[tuple[str, str, str]] | None = None) -> Exception:
     """The error a training that has no MLflow run of its own raises for ``exc``: an OptiflowError as it is,
-    a plugin's failure as a PluginError naming the plugin and hook, a bug unchanged; ``context`` says where."""
-    reason, where = failure_reason(pm, exc)
+    a plugin's failure (a hook, one of ``parts``) as a PluginError naming the plugin, a bug unchanged; ``context``
+    says where."""
+    reason, where = failure_reason(pm, exc, parts=parts)
     if where is not None:
         return PluginError(f"{reason} ({context})", where[0])
     if isinstance(exc, OptiflowError):

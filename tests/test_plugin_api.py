@@ -40,6 +40,48 @@ def scaled(model, *, base: Annotated[Nested, "optimizer"] = "sgd", scale: float 
     return optimizer
 
 
+CLOSURE_CALLS: list[tuple[str, bool]] = []
+
+
+class TwoLooks(torch.optim.SGD):
+    """A SAM-like optimizer: it evaluates the closure twice per step and reads the loss it returns."""
+
+    def step(self, closure=None):
+        for _ in range(2):
+            loss = closure()
+            grads = all(p.grad is not None for group in self.param_groups for p in group["params"])
+            CLOSURE_CALLS.append((type(loss.detach()).__name__, grads))
+        return super().step()
+
+
+class SubclassedAdam(torch.optim.Adam):
+    """A subclass of torch.optim.Adam: stepped with the closure, as every optimizer but PyTorch's own."""
+
+    def step(self, closure=None):
+        CLOSURE_CALLS.append(("closure" if closure is not None else "none", True))
+        return super().step(closure)
+
+
+class BrokenStep(torch.optim.SGD):
+    def step(self, closure=None):
+        raise RuntimeError("the step broke")
+
+
+def two_looks(model, *, lr: float = 0.1):
+    """Two evaluations per step."""
+    return TwoLooks(model.parameters(), lr=lr)
+
+
+def subclassed_adam(model, *, lr: float = 0.01):
+    """Adam, subclassed."""
+    return SubclassedAdam(model.parameters(), lr=lr)
+
+
+def broken_step(model, *, lr: float = 0.1):
+    """An optimizer whose step raises."""
+    return BrokenStep(model.parameters(), lr=lr)
+
+
 class ApiPlugin:
     @hookimpl
     def optiflow_register_schedulers(self, register):
@@ -49,11 +91,15 @@ class ApiPlugin:
     def optiflow_register_optimizers(self, register):
         register("api-wrapped", wrapped)
         register("api-scaled", scaled)
+        register("api-two-looks", two_looks)
+        register("api-subclassed-adam", subclassed_adam)
+        register("api-broken-step", broken_step)
 
 
 @pytest.fixture
 def api_plugin():
     LENGTHS.clear()
+    CLOSURE_CALLS.clear()
     with registered_plugin(ApiPlugin(), name="api-test"):
         yield
 
@@ -157,6 +203,26 @@ def test_a_nested_component_is_searched_by_choice(api_plugin, invoke, mlflow_cli
     assert result.exit_code == 0, result.output
     trials = [r.data.params for r in runs_of(mlflow_client, experiment) if "mlflow.parentRunId" in r.data.tags]
     assert sorted((p["opt.base"], p.get("opt.base.momentum")) for p in trials) == [("momentum", "0.5"), ("sgd", "0.0")]
+
+
+@pytest.mark.parametrize("command", [("train", "--data", "iris", "--batch-size", "150", "--val-split", "0", "-q"),
+                                     ("lr-preview", "--steps-per-epoch", "1")], ids=["train", "lr-preview"])
+def test_every_caller_keeps_the_step_contract(api_plugin, invoke, command):
+    result = invoke(*command, "--opt", "api-two-looks", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert CLOSURE_CALLS == [("Tensor", True), ("Tensor", True)], "a tensor loss with its gradients, twice"
+    CLOSURE_CALLS.clear()
+    assert invoke(*command, "--opt", "api-subclassed-adam", "--epochs", "1").exit_code == 0
+    assert CLOSURE_CALLS == [("closure", True)], "a subclass of a torch.optim class gets the closure"
+
+
+@pytest.mark.parametrize("command", [("train", "--data", "iris"), ("lr-preview", "--steps-per-epoch", "1")],
+                         ids=["train", "lr-preview"])
+def test_an_optimizer_failing_in_its_step_is_named_with_its_plugin(api_plugin, invoke, command):
+    result = invoke(*command, "--opt", "api-broken-step", "--epochs", "1")
+    assert result.exit_code == 1
+    assert "plugin 'api-test' failed in optimizer 'api-broken-step': RuntimeError: the step broke" in result.output
+    assert "Traceback" not in result.output
 
 
 class RoleAwareReport:
