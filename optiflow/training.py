@@ -25,7 +25,7 @@ from optiflow.errors import (
     first_line,
 )
 from optiflow.hooktrace import culprit
-from optiflow.loop import evaluate, fit
+from optiflow.loop import evaluate, fit, score
 from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
@@ -156,10 +156,15 @@ def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_para
 
 
 def end_run(run: Run, pm: PluginManager) -> dict[str, float]:
-    """A run that trained to its end: FINISHED for ``optiflow_run_end``, then its test metrics."""
+    """A run that trained to its end: FINISHED for ``optiflow_run_end``, then its test metrics (and the predictions
+    for ``optiflow_test_end``, when a plugin implements it)."""
     run.status = "FINISHED"
     pm.hook.optiflow_run_end(run=run, status="FINISHED")
-    return evaluate(run, run.splits.x_test, run.splits.y_test, "test")
+    if not pm.hook.optiflow_test_end.get_hookimpls():
+        return evaluate(run, run.splits.x_test, run.splits.y_test, "test")
+    metrics, predictions = score(run, run.splits.x_test, run.splits.y_test, "test")
+    pm.hook.optiflow_test_end(run=run, metrics=metrics, predictions=predictions)
+    return metrics
 
 
 def default_run_name(run: Run) -> str:
