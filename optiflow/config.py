@@ -35,8 +35,8 @@ AMP_MODES = ("off", "auto", "bf16", "fp16")
 class ComponentSpec:
     """A component name with its raw options, as in ``sgd:momentum=0.9,nesterov=true``."""
 
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str  #: the component's name (or ``plugin/name``)
+    options: dict[str, Any] = field(default_factory=dict)  #: raw option values, typed when the run is planned
 
     @classmethod
     def parse(cls, value: object) -> ComponentSpec:
@@ -140,7 +140,8 @@ def format_option(value: object) -> str:
 
 @dataclass
 class RunConfig:
-    """Everything that determines a training run."""
+    """Everything that determines a training run: one field per configuration key and ``optiflow train`` flag
+    (docs/cli.md), the component slots as :class:`ComponentSpec`."""
 
     data: ComponentSpec = field(default_factory=lambda: _default_spec("data"))
     norm: ComponentSpec = field(default_factory=lambda: _default_spec("norm"))
@@ -179,6 +180,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """A configuration from plain values (a YAML file's, ``to_dict``'s): unknown keys and bad values are
+        one-line errors naming them; missing keys keep their defaults."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
@@ -195,6 +198,7 @@ class RunConfig:
         return cls(**kwargs)
 
     def validate(self) -> None:
+        """Refuse values out of range (epochs < 1, splits outside [0, 1) ...) in one line."""
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise OptiflowError(message)
@@ -232,9 +236,11 @@ class RunConfig:
         return out
 
     def to_yaml(self) -> str:
+        """``to_dict`` as YAML: what a run logs as config.yaml and ``--config`` reads."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, **changes: object) -> RunConfig:
+        """A copy with ``changes`` applied and validated."""
         return RunConfig.from_dict({**self.to_dict(), **changes})
 
 

@@ -22,7 +22,8 @@ LOGGED_SETTINGS = ("epochs", "batch_size", "seed", "val_split", "test_split", "s
 
 @dataclass
 class Plan:
-    """Every slot of :data:`optiflow.slots.SLOTS` resolved: one field per slot key."""
+    """Every slot of :data:`optiflow.slots.SLOTS` resolved: one field per slot key, each a ``(Component, typed
+    options)`` pair (a list of them for ``aug`` and ``reg``; ``loss`` None for the task's default)."""
 
     config: RunConfig
     data: Resolved

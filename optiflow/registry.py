@@ -23,15 +23,16 @@ from optiflow.values import MAX_INT, coerce, type_name
 class Option:
     """One keyword option a component accepts: its type, default and allowed choices."""
 
-    name: str
-    type: object
-    default: object = None
-    choices: tuple[object, ...] | None = None
+    name: str  #: the keyword the factory takes
+    type: object  #: what a value is coerced to: ``float``, ``int``, ``bool``, ``str``, ``tuple[int, ...]``, unions
+    default: object = None  #: the factory's default
+    choices: tuple[object, ...] | None = None  #: the allowed values of a ``Literal[...]`` option, else None
     #: the kind of component the value names (an option annotated ``Annotated[Nested, "optimizer"]``), else None
     component_kind: str | None = None
 
     @property
     def type_name(self) -> str:
+        """How ``optiflow list`` and errors name the type: ``float``, ``a|b``, ``list of int``, ``optimizer spec``."""
         if self.choices:
             return "|".join(map(str, self.choices))
         if self.component_kind:
@@ -81,11 +82,12 @@ class Nested:
     component chosen and its typed options.  A factory declares such an option ``base: Annotated[Nested,
     "optimizer"] = "sgd"`` and gets this, validated like any option, to build with ``base.build(model)``."""
 
-    component: Component
-    options: dict[str, Any] = field(default_factory=dict)
+    component: Component  #: the component the option names
+    options: dict[str, Any] = field(default_factory=dict)  #: its typed options, defaults filled
 
     @property
     def name(self) -> str:
+        """The chosen component's name."""
         return self.component.name
 
     def build(self, *context: object) -> Any:
@@ -113,13 +115,13 @@ def flat_options(prefix: str, options: dict[str, Any]) -> dict[str, Any]:
 class Component:
     """A named, registered component: what it is, how to build it, where it came from."""
 
-    kind: str
-    name: str
-    factory: Callable[..., Any]
-    description: str
-    options: tuple[Option, ...]
-    plugin: str
-    aliases: tuple[str, ...] = ()
+    kind: str  #: what it is: ``optimizer``, ``model``, ``activation`` ... (``optiflow.slots.KINDS``)
+    name: str  #: what users type; ``plugin/name`` when another plugin had the name (or ``namespaced_only``)
+    factory: Callable[..., Any]  #: builds it: ``factory(*context of its kind, **options)``
+    description: str  #: one line, by default the factory's first docstring line
+    options: tuple[Option, ...]  #: the factory's keyword-only parameters, typed
+    plugin: str  #: the name of the plugin that registered it
+    aliases: tuple[str, ...] = ()  #: other names it answers to
     #: registered with ``namespaced_only=True``: answers to ``plugin/name`` (and ``plugin/alias``) only, never
     #: to a bare name, so reusing another plugin's name on purpose is no clash
     namespaced_only: bool = False
@@ -128,6 +130,7 @@ class Component:
 
     @property
     def defaults(self) -> dict[str, Any]:
+        """``{option: default}`` as declared."""
         return {o.name: o.default for o in self.options}
 
     def resolve_options(self, raw: dict[str, Any]) -> dict[str, Any]:

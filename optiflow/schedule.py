@@ -28,6 +28,7 @@ class TrainingLength:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps in the whole training."""
         return self.epochs * self.steps_per_epoch
 
     @classmethod
@@ -57,6 +58,7 @@ class Schedule:
     monitor: str | None = None
 
     def step(self, metrics: dict[str, float] | None = None) -> None:
+        """Step the scheduler; one that monitors a metric gets ``metrics[monitor]``."""
         if self.scheduler is None:
             return
         if self.monitor is None:
