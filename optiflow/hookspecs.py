@@ -16,7 +16,9 @@ def optiflow_register_data(register):
     """Register datasets, normalizers and augmentations.
 
     Called once when the registry is built.  ``register(name, factory,
-    description=None, *, kind="dataset", aliases=())`` adds one component;
+    description=None, *, kind="dataset", aliases=(), namespaced_only=False)`` adds
+    one component (every hook's ``register`` takes the same arguments; ``namespaced_only``
+    registers it as ``plugin/name`` only, see docs/plugins.md);
     ``kind`` is ``"dataset"``, ``"normalizer"`` or ``"augmentation"``.
     Keyword-only parameters of ``factory`` become the component's options.
 
