@@ -190,7 +190,7 @@ def compare(
             reporter = reporter_factory() if reporter_factory else None
             try:
                 result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags,
-                               log_model=log_models or bool(register), reporter=reporter)
+                               log_model=log_models or bool(register), reporter=reporter, role="compare-child")
             except TrainingError as exc:
                 children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
                 continue
