@@ -190,7 +190,7 @@ def compare(
             reporter = reporter_factory() if reporter_factory else None
             try:
                 result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags,
-                               log_model=log_models or bool(register), reporter=reporter)
+                               log_model=log_models or bool(register), reporter=reporter, role="compare-child")
             except TrainingError as exc:
                 children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
                 continue
@@ -210,7 +210,8 @@ def _preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -
     ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
     opens: bad input is one line naming the variant, and no run is left FAILED."""
     from optiflow.metrics import check_final_metric
-    from optiflow.training import preflight, produced_metric_names
+    from optiflow.run import produced_metric_names
+    from optiflow.training import preflight
 
     checked: set[str] = set()
     for label, config in runs:

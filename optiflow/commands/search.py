@@ -16,7 +16,7 @@ import yaml
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, redact
 from optiflow.metrics import higher_is_better
-from optiflow.run import shared_data
+from optiflow.run import produced_metric_names, shared_data
 from optiflow.search.objective import run_study, run_trials
 from optiflow.search.refit import refit
 from optiflow.search.space import Dimension, Scalar, describe_dimension, parse_space, short, trial_config
@@ -180,7 +180,7 @@ def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
     a training checks before its run opens, before the study's parent run opens (a monitored metric no trial
     produces, an augmentation the data cannot take ...)."""
     from optiflow.metrics import check_monitor
-    from optiflow.training import preflight, produced_metric_names
+    from optiflow.training import preflight
 
     config, sampled = trial_config(base, settings.space, Dimension.first)
     if settings.cv:
