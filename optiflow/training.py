@@ -29,6 +29,7 @@ from optiflow.loop import evaluate, fit
 from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
+from optiflow.reuse import finished_run, key_tags, outputs
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
 from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
@@ -50,6 +51,7 @@ def train(
     resume: str | None = None,
     artifacts: bool = True,
     on_start: Callable[[str], None] | None = None,
+    reuse: bool = False,
 ) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
 
@@ -59,7 +61,9 @@ def train(
     FAILED run to continue from its checkpoint, in that same run (``config``
     must be its logged configuration: see ``resume_config``).  ``artifacts=False`` logs params and metrics
     only, no figures or files (search's child runs; a failed run still gets its config.yaml).  ``on_start``
-    gets the run's id as soon as the run is open (search records it on the trial).  Raises
+    gets the run's id as soon as the run is open (search records it on the trial).  ``reuse`` returns the
+    FINISHED run of the same content key and experiment instead of training (``reused`` set), if there is one
+    holding what this run would log (never when resuming or data-parallel).  Raises
     OptiflowError for bad input before the run starts, TrainingError when
     training diverges, PluginError when a plugin raises, RunInterrupted (a
     KeyboardInterrupt) on SIGINT/SIGTERM; the run then ends FAILED or KILLED
@@ -70,7 +74,13 @@ def train(
     reporter = reporter or SilentReporter()
     with _agreeing():
         run = prepare(config, registry)
+    held = outputs(artifacts=artifacts, log_model=log_model, config=config)
+    found = finished_run(config, run.key, held) if reuse and resume is None and not distributed.current().enabled \
+        else None
+    if found is not None:
+        return found
     run.artifacts = artifacts
+    extra_tags = {**(extra_tags or {}), **key_tags(run.key, held)}
     if run.device.type == "cpu":
         host.keep_freed_memory()
     with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):

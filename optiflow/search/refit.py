@@ -53,7 +53,8 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
                 "optiflow.refit_of_trial": str(best.number)}
     params = {"refit.trial_number": best.number, **{f"trial.{k}": v for k, v in best.params.items()}}
     try:
-        result = train(config, parent_run_id=parent.run_id, extra_tags=run_tags, extra_params=params, log_model=True)
+        result = train(config, parent_run_id=parent.run_id, extra_tags=run_tags, extra_params=params, log_model=True,
+                       reuse=settings.reuse)
         outcome.run_id, outcome.metrics = result.run_id, result.metrics
         if settings.register and result.run_id is not None:
             outcome.registered = (settings.register,
