@@ -50,7 +50,8 @@ def run_key(resolved: Plan, data: str, device: torch.device, world_size: int = 1
                   for key, (component, options) in resolved.components() if key != "data"}
     settings = {key: value for key, value in resolved.config.to_dict().items()
                 if key not in NOT_IN_KEY and key not in SLOT_BY_KEY}
-    hooks = {name: _origin(pm, name) for name, plugin in pm.list_name_plugin()
+    hooks = {getattr(plugin, "__name__", type(plugin).__qualname__): _origin(pm, name)  # never a name pluggy made of an id
+             for name, plugin in pm.list_name_plugin()
              if plugin is not None and "@" not in name
              and any(caller.name in PER_RUN_HOOKS for caller in pm.get_hookcallers(plugin) or [])}
     content = {"format": KEY_FORMAT, "components": components, "settings": settings, "device": device.type,

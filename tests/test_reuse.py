@@ -93,6 +93,28 @@ def test_a_plugin_or_optiflow_version_changes_the_key(monkeypatch: pytest.Monkey
     assert key_of() != key
 
 
+def test_a_plugin_hooked_into_every_run_changes_the_key(plugin):
+    """A plugin implementing a per-run hook may change what a run computes: its presence (and version) is keyed;
+    one adding only a command is not."""
+    from optiflow import hookimpl
+
+    class Watcher:
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            pass
+
+    class Commands:
+        @hookimpl
+        def optiflow_register_commands(self, cli):
+            pass
+
+    key = key_of()
+    plugin(Commands(), "commands-only")
+    assert key_of() == key
+    plugin(Watcher(), "watcher")
+    assert key_of() != key
+
+
 def test_train_reuses_a_finished_run(invoke, mlflow_client, experiment):
     first = invoke("train", *TINY)
     assert first.exit_code == 0, first.output
