@@ -68,8 +68,9 @@ def _result(store: Any, run: Any, uri: str) -> RunResult:
 
 
 def reused_tags(reused: dict[str, str], total: int, what: str = "runs") -> dict[str, str]:
-    """A parent run's tags naming what it reused: ``{label: run id}`` of ``total`` runs or trials."""
-    listed = ",".join(f"{label}={run_id}" for label, run_id in reused.items())
+    """A parent run's tags naming what it reused, ``{label: run id}`` of ``total`` runs or trials: ``6 of 10 runs``
+    and ``opt=sgd seed=0: <run id>; ...``."""
+    listed = "; ".join(f"{label}: {run_id}" for label, run_id in reused.items())
     if len(listed) > MAX_TAG:
-        listed = listed[:MAX_TAG - 40].rpartition(",")[0] + ",... (every run is in the runs table)"
+        listed = listed[:MAX_TAG - 40].rpartition("; ")[0] + "; ... (every one is in the runs table)"
     return {REUSED_TAG: f"{len(reused)} of {total} {what}", REUSED_RUNS_TAG: listed or "-"}

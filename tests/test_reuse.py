@@ -144,6 +144,25 @@ def test_a_run_holding_less_than_asked_is_not_reused(tracking_uri, experiment, m
     assert len(runs_of(mlflow_client, experiment)) == 2
 
 
+def test_compare_reuses_finished_variants_and_names_them_on_its_parent(invoke, mlflow_client, experiment, tmp_path):
+    assert invoke("compare", *TINY, "--vary", "opt=sgd,adam", "--out", str(tmp_path / "a")).exit_code == 0
+    sgd = next(r for r in runs_of(mlflow_client, experiment) if r.data.tags.get("optiflow.variant") == "opt=sgd")
+    result = invoke("compare", *TINY, "--vary", "opt=sgd,rmsprop", "--out", str(tmp_path / "b"))
+    assert result.exit_code == 0, result.output
+    assert "reused 1 of 2 runs" in result.output
+    runs = runs_of(mlflow_client, experiment)
+    parent = next(r for r in reversed(runs) if r.data.tags.get("optiflow.kind") == "compare")
+    assert parent.data.tags["optiflow.reused"] == "1 of 2 runs"
+    assert parent.data.tags["optiflow.reused_runs"] == f"opt=sgd: {sgd.info.run_id}"
+    rows = (tmp_path / "b" / "runs.csv").read_text().splitlines()
+    assert rows[1].startswith("opt=sgd,0,FINISHED," + sgd.info.run_id) and rows[1].endswith(",yes")
+    assert not rows[2].endswith(",yes")
+    trained = len(runs)
+    result = invoke("compare", *TINY, "--vary", "opt=sgd,rmsprop", "--no-reuse", "--out", str(tmp_path / "c"))
+    assert result.exit_code == 0 and "reused" not in result.output
+    assert len(runs_of(mlflow_client, experiment)) == trained + 3
+
+
 def test_search_trials_repeating_parameters_reuse_their_score(invoke, mlflow_client, experiment):
     result = invoke("search", *TINY, "--space", "opt=choice:sgd,adam", "--sampler", "random", "--sampler-seed", "0",
                     "--n-trials", "5", "--no-refit")
@@ -156,7 +175,8 @@ def test_search_trials_repeating_parameters_reuse_their_score(invoke, mlflow_cli
     assert f"reused {reused} of 5 trials" in result.output
     assert parent.data.tags["optiflow.reused"] == f"{reused} of 5 trials"
     ids = {r.info.run_id for r in trained}
-    assert all(pair.partition("=")[2] in ids for pair in parent.data.tags["optiflow.reused_runs"].split(","))
+    pairs = [pair.rpartition(": ") for pair in parent.data.tags["optiflow.reused_runs"].split("; ")]
+    assert len(pairs) == reused and all(label.startswith("trial ") and run_id in ids for label, _, run_id in pairs)
 
 
 def test_search_with_cv_reuses_every_fold(invoke, mlflow_client, experiment):
