@@ -190,6 +190,28 @@ def test_search_with_cv_reuses_every_fold(invoke, mlflow_client, experiment):
     assert f"reused {4 - len(trials)} of 4 trials" in result.output
 
 
+def test_a_trial_trains_only_the_folds_no_finished_run_holds(invoke, mlflow_client, experiment, tracking_uri):
+    """Fold 0 of the trial already finished (trained alone, as an interrupted trial leaves it): the trial reuses it,
+    trains fold 1 under its own cross-validation run, and scores the mean of both."""
+    from optiflow.config import RunConfig
+    from optiflow.training import train
+
+    fold0 = train(RunConfig.from_dict({"data": "digits", "model": "mlp:hidden=[8]", "epochs": 1, "cv_folds": 2,
+                                       "cv_fold": 0, "tracking_uri": tracking_uri, "experiment": experiment}),
+                  log_model=False, artifacts=False)
+    result = invoke("search", *TINY, "--space", "opt=choice:adam", "--n-trials", "1", "--cv", "2", "--no-refit",
+                    "--metric", "val_accuracy")
+    assert result.exit_code == 0, result.output
+    runs = runs_of(mlflow_client, experiment)
+    (trial,) = [r for r in runs if r.data.tags.get("optiflow.kind") == "cross-validation"]
+    assert trial.data.tags["optiflow.reused"] == "1 of 2 folds"
+    assert trial.data.tags["optiflow.reused_runs"] == f"fold 0: {fold0.run_id}"
+    (fold1,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
+    assert fold1.data.tags["optiflow.cv_fold"] == "1"
+    scores = [fold0.history["val_accuracy"][-1], fold1.data.metrics["val_accuracy"]]
+    assert trial.data.metrics["cv_val_accuracy_mean"] == pytest.approx(sum(scores) / 2)
+
+
 #: runs the command given, then interrupts itself (SIGNAL) as soon as the N-th run ends FINISHED (FINISHED_RUNS)
 DRIVER = "\n".join([
     "import os, signal, sys",
