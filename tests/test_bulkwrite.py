@@ -12,7 +12,6 @@ from mlflow.exceptions import MlflowException
 from optiflow import bulkwrite
 from optiflow.search.folds import train_folds
 from optiflow.tracking import Tracker, client
-
 from test_stacked import fold_configs, parent
 
 #: tags whose values differ between two runs of the same training: when and by which process, under which parent
