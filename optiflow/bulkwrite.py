@@ -114,18 +114,37 @@ def _insert_metrics(store: Any, session: Any, run_id: str, metrics: Sequence[Met
     """``metrics`` of run ``run_id`` checked and stored as MLflow's ``_log_metrics`` stores them (NaN and
     infinities made storable, a row logged twice in the batch once), and the run's latest metrics updated."""
     from mlflow.store.tracking.dbmodels.models import SqlMetric
-    from mlflow.utils.validation import _validate_metric
     from sqlalchemy import insert
 
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    latest: dict[str, dict[str, Any]] = {}
+    checked: set[str] = set()
     for index, metric in enumerate(metrics):
-        _validate_metric(metric.key, metric.value, metric.timestamp, metric.step,
-                         path="" if len(metrics) == 1 else f"metrics[{index}]")
+        _check_metric(metric, checked, "" if len(metrics) == 1 else f"metrics[{index}]")
         is_nan, value = store.sanitize_metric_value(metric.value)
-        rows.setdefault((metric.key, metric.timestamp, metric.step, value, is_nan),
-                        dict(run_uuid=run_id, key=metric.key, value=value, timestamp=metric.timestamp,
-                             step=metric.step, is_nan=is_nan))
+        identity = (metric.key, metric.timestamp, metric.step, value, is_nan)
+        if identity in rows:
+            continue
+        row = rows[identity] = dict(run_uuid=run_id, key=metric.key, value=value, timestamp=metric.timestamp,
+                                    step=metric.step, is_nan=is_nan)
+        newest = latest.get(metric.key)
+        if newest is None or (metric.step, metric.timestamp, value) > (newest["step"], newest["timestamp"],
+                                                                        newest["value"]):
+            latest[metric.key] = row
     if not rows:
         return
-    session.execute(insert(SqlMetric), list(rows.values()))
-    store._update_latest_metrics_if_necessary([SimpleNamespace(**row) for row in rows.values()], session)
+    session.execute(insert(SqlMetric.__table__), list(rows.values()))
+    # MLflow's own update, given the newest row of each key in the batch (the one its pass over the batch keeps)
+    store._update_latest_metrics_if_necessary([SimpleNamespace(**row) for row in latest.values()], session)
+
+
+def _check_metric(metric: Metric, checked: set[str], path: str) -> None:
+    """MLflow's check of a metric (``_validate_metric``), run in full for the first metric of each key and for
+    any whose value, timestamp or step is not a plain number; the others pass it by construction."""
+    from mlflow.utils.validation import _validate_metric
+
+    plain = (type(metric.value) in (float, int) and type(metric.timestamp) is int and metric.timestamp >= 0
+             and type(metric.step) is int)
+    if metric.key not in checked or not plain:
+        _validate_metric(metric.key, metric.value, metric.timestamp, metric.step, path=path)
+        checked.add(metric.key)

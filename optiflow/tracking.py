@@ -73,9 +73,7 @@ def resolve_tracking_uri(uri: str | None = None, *, existing: bool = False) -> s
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative paths are relative to the cwd)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///") :])
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def ui_command(uri: str) -> str:
@@ -181,17 +179,16 @@ def experiment_id(mlflow_client, uri: str, name: str) -> str:
 class Tracker:
     """One MLflow run, driven through ``MlflowClient`` (thread- and process-safe, no global state).
 
-    :meth:`start` creates a run (tagged as :meth:`opening_tags` says; :func:`log_finished` creates several at once).
-    Params, metrics and tags logged before it are kept and written with the run as it opens (folds trained stacked
-    are logged once they finish).
+    :meth:`start` creates a run (:func:`log_finished` several at once); params, metrics and tags logged before it
+    are kept and written with the run as it opens (folds trained stacked are logged once they finish).
     """
 
-    def __init__(self, uri: str | None, experiment: str) -> None:
-        self.uri = resolve_tracking_uri(uri)
+    def __init__(self, uri: str | None, experiment: str, known: tuple[str, Any] | None = None) -> None:
+        self.uri = uri if uri and known else resolve_tracking_uri(uri)
         self.experiment = experiment
         self.client = client(self.uri)
-        self.experiment_id = experiment_id(self.client, self.uri, experiment)
-        self.store_file = file_identity(self.uri)  # every write first checks the store is still this file
+        self.experiment_id, self.store_file = known or (  # every write first checks the store is still that file
+            experiment_id(self.client, self.uri, experiment), file_identity(self.uri))
         self.run_id: str | None = None
         #: when the last checkpoint was saved (time.monotonic), see :func:`optiflow.checkpoints.save_periodically`
         self.checkpoint_saved_at: float | None = None
@@ -220,6 +217,10 @@ class Tracker:
             self.run_id = run.info.run_id
         self.flush()
         return self.run_id
+
+    def sibling(self) -> Tracker:
+        """A tracker for another run of this one's store and experiment, which it does not look up again."""
+        return Tracker(self.uri, self.experiment, known=(self.experiment_id, self.store_file))
 
     def opening_tags(self, tags: Mapping[str, object] | None, parent_run_id: str | None) -> dict[str, str]:
         """The tags a new run opens with: optiflow's version and command, ``tags`` (passwords masked), those set
@@ -340,10 +341,9 @@ def log_finished(trackers: Sequence[Tracker], names: Sequence[str], tags: Sequen
                  parent_run_id: str, started_ms: int, ended_ms: int) -> None:
     """Open each tracker's run (named, tagged, a child of ``parent_run_id``) with what it queued and end it
     FINISHED: on a SQL store all in one transaction (:func:`optiflow.bulkwrite.write_finished`), else one by one."""
-    first, opened = trackers[0], zip(trackers, names, tags)
-    check_same_file(first.uri, first.store_file)
+    check_same_file((first := trackers[0]).uri, first.store_file)
     runs = [bulkwrite.FinishedRun(name, tracker.opening_tags(run_tags, parent_run_id), tracker._pending_params,
-                                  tracker._pending) for tracker, name, run_tags in opened]
+                                  tracker._pending) for tracker, name, run_tags in zip(trackers, names, tags)]
     if retry(bulkwrite.write_finished, first.client, first.experiment_id, runs, started_ms, ended_ms):
         for tracker, run in zip(trackers, runs):
             tracker.run_id, tracker._pending_params, tracker._pending, tracker._pending_tags = run.run_id, [], [], {}

@@ -40,7 +40,8 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
     runs = [prepare(config, registry) for config in configs]
     if why_not_stacked(runs, pm) is not None:
         return None
-    trackers = [Tracker(run.config.tracking_uri, run.config.experiment) for run in runs]  # opened once trained
+    first = Tracker(configs[0].tracking_uri, configs[0].experiment)  # the folds share their store and experiment
+    trackers = [first, *(first.sibling() for _ in runs[1:])]  # each opens its run once they are trained
     started_ms = int(time.time() * 1000)
     started = time.perf_counter()
     try:
