@@ -183,7 +183,7 @@ class Tracker:
     are kept and written with the run as it opens (folds trained stacked are logged once they finish).
     """
 
-    def __init__(self, uri: str | None, experiment: str, known: tuple[str, Any] | None = None) -> None:
+    def __init__(self, uri: str | None, experiment: str, known: tuple[str, tuple[int, int] | None] | None = None) -> None:
         self.uri = uri if uri and known else resolve_tracking_uri(uri)
         self.experiment = experiment
         self.client = client(self.uri)
