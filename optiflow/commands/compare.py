@@ -174,7 +174,7 @@ def compare(
     baseline = baseline_variant(baseline, [variant_label(values) for values in variants(vary)])
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
-    _preflight_variants(runs)
+    _preflight_variants(runs, metric)
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
@@ -205,9 +205,11 @@ def compare(
     return comparison
 
 
-def _preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
-    """Each variant (its first seed) passes all that a training checks before its run opens, before the
-    comparison's parent run opens: bad input is one line naming the variant, and no run is left FAILED."""
+def _preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -> None:
+    """Each variant (its first seed) passes all that a training checks before its run opens, and logs the
+    ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
+    opens: bad input is one line naming the variant, and no run is left FAILED."""
+    from optiflow.metrics import check_final_metric, produced_metric_names
     from optiflow.training import preflight
 
     checked: set[str] = set()
@@ -216,7 +218,9 @@ def _preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
             continue
         checked.add(label)
         try:
-            preflight(config)
+            run = preflight(config)
+            if metric is not None:
+                check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0)
         except OptiflowError as exc:
             raise OptiflowError(f"variant {label}: {exc}") from None
 
