@@ -14,7 +14,9 @@ pre-training work repeated per fold (``prepare``).  Issue 24's goal: at most 10 
   median over the trials x folds of a 10 x 5 search.
 
 Prints the machine and its load (benchmarks/conditions.py) before and after the rounds, and per figure the
-median over ``--rounds`` in milliseconds per run, with the ratio to the plain client loop for the writes.
+median over ``--rounds`` in milliseconds per run, wall and this process's CPU time (on a loaded machine the
+CPU time says more than the wall time, though neither is a result), with the writes' ratio to the plain
+client loop.
 
     python benchmarks/bench_bookkeeping.py             # 5 rounds
     python benchmarks/bench_bookkeeping.py --rounds 9 --epochs 50
@@ -111,26 +113,27 @@ def one_by_one() -> Iterator[None]:
         bulkwrite.sql_store = saved
 
 
-def store_seconds() -> tuple[Callable[[], float], Callable[[], None]]:
-    """(seconds spent in store calls so far, undo): times every ``tracking.retry`` call."""
+def store_seconds() -> tuple[Callable[[], tuple[float, float]], Callable[[], None]]:
+    """((wall, CPU) seconds spent in store calls so far, undo): times every ``tracking.retry`` call."""
     from optiflow import tracking
 
-    spent = [0.0]
+    spent = [0.0, 0.0]
     retry = tracking.retry
 
     def timed(fn: Callable[..., Any], *args: object, **kwargs: object) -> Any:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             return retry(fn, *args, **kwargs)
         finally:
             spent[0] += time.perf_counter() - started
+            spent[1] += time.process_time() - cpu
 
     tracking.retry = timed
-    return (lambda: spent[0]), (lambda: setattr(tracking, "retry", retry))
+    return (lambda: (spent[0], spent[1])), (lambda: setattr(tracking, "retry", retry))
 
 
-def tracked_training(uri: str, experiment: str, parent_id: str) -> float:
-    """Seconds of store calls of one 1-epoch search child run trained by ``train()``."""
+def tracked_training(uri: str, experiment: str, parent_id: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of store calls of one 1-epoch search child run trained by ``train()``."""
     from optiflow.config import RunConfig
     from optiflow.training import train
 
@@ -144,8 +147,8 @@ def tracked_training(uri: str, experiment: str, parent_id: str) -> float:
     return spent()
 
 
-def prepare_seconds(trials: int = 10) -> list[float]:
-    """Seconds of each ``prepare`` of a 10-trial x 5-fold search's folds, the dataset shared."""
+def prepare_seconds(trials: int = 10) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each ``prepare`` of a 10-trial x 5-fold search's folds, the dataset shared."""
     from optiflow.config import RunConfig
     from optiflow.plugins import get_registry
     from optiflow.run import prepare
@@ -155,9 +158,9 @@ def prepare_seconds(trials: int = 10) -> list[float]:
         base = RunConfig.from_dict({"epochs": 10 + trial, "model": f"mlp:hidden=[{32 + 20 * trial}]",
                                     "lr": (0.001, 0.01, 0.1)[trial % 3], "batch_size": 32 + 9 * trial})
         for fold in range(FOLDS):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             prepare(base.replace(cv_folds=FOLDS, cv_fold=fold), registry)
-            times.append(time.perf_counter() - started)
+            times.append((time.perf_counter() - started, time.process_time() - cpu))
     return times
 
 
@@ -177,7 +180,7 @@ def main() -> None:
     with shared_data():
         prepare_seconds(1)  # imports, the dataset loaded once, its folds cut once
         tracked_training(uri, "bench-bookkeeping", parent_id)
-        ms: dict[str, list[float]] = {}
+        ms: dict[str, list[tuple[float, float]]] = {}
         with Round(f"{args.rounds} rounds") as conditions:
             for _ in range(args.rounds):
                 for label, write in (
@@ -186,21 +189,30 @@ def main() -> None:
                     ("fold run, plain MlflowClient", lambda: write_folds_plainly(uri, parent.experiment_id, parent_id,
                                                                                  args.epochs)),
                 ):
-                    started = time.perf_counter()
-                    write()
-                    ms.setdefault(label, []).append((time.perf_counter() - started) * 1e3 / FOLDS)
+                    ms.setdefault(label, []).append(_timed(write, FOLDS))
                 for label, apart in (("trial run", False), ("trial run, one by one", True)):
-                    started = time.perf_counter()
-                    (_apart if apart else _call)(write_trial, uri, parent.experiment, parent_id, args.epochs)
-                    ms.setdefault(label, []).append((time.perf_counter() - started) * 1e3)
-                ms.setdefault("tracked training (store calls)", []).append(
-                    tracked_training(uri, parent.experiment, parent_id) * 1e3)
-                ms.setdefault("prepare (per fold)", []).append(statistics.median(prepare_seconds()) * 1e3)
-    plain = statistics.median(ms["fold run, plain MlflowClient"])
+                    ms.setdefault(label, []).append(_timed(lambda apart=apart: (_apart if apart else _call)(
+                        write_trial, uri, parent.experiment, parent_id, args.epochs), 1))
+                wall, cpu = tracked_training(uri, parent.experiment, parent_id)
+                ms.setdefault("tracked training (store calls)", []).append((wall * 1e3, cpu * 1e3))
+                prepared = prepare_seconds()
+                ms.setdefault("prepare (per fold)", []).append(
+                    tuple(statistics.median(t[i] for t in prepared) * 1e3 for i in (0, 1)))  # type: ignore[arg-type]
+    plain = statistics.median(wall for wall, _ in ms["fold run, plain MlflowClient"])
+    print("milliseconds per run, median over the rounds: wall (min), CPU of this process")
     for label, values in ms.items():
-        ratio = f"  ({statistics.median(values) / plain:.2f}x the plain client loop)" if label.startswith("fold") else ""
-        print(f"{label:34s} {statistics.median(values):7.1f} ms per run  (min {min(values):.1f}){ratio}")
+        walls = [wall for wall, _ in values]
+        ratio = f"  {statistics.median(walls) / plain:.2f}x the plain client loop" if label.startswith("fold") else ""
+        print(f"{label:32s} wall {statistics.median(walls):7.1f} (min {min(walls):6.1f})  "
+              f"CPU {statistics.median(cpu for _, cpu in values):6.1f}{ratio}")
     print(f"conditions: {conditions.describe()}")
+
+
+def _timed(write: Callable[[], None], runs: int) -> tuple[float, float]:
+    """(wall, CPU) milliseconds per run of ``write()``, which writes ``runs`` runs."""
+    started, cpu = time.perf_counter(), time.process_time()
+    write()
+    return (time.perf_counter() - started) * 1e3 / runs, (time.process_time() - cpu) * 1e3 / runs
 
 
 def _call(fn: Callable[..., None], *args: object) -> None:
