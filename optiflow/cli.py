@@ -132,7 +132,7 @@ def train(**params: Any) -> None:
     from optiflow.stored import data_dir_warning
 
     warn = None if params["quiet"] or params["resume"] else data_dir_warning(config)
-    result = run_training(config, reporter=reporter, resume=params["resume"], on_start=warn)
+    result = run_training(config, reporter=reporter, resume=params["resume"], on_start=warn, reuse=params["reuse"] is not False)
     print_summary(result, config, quiet=params["quiet"] or not main_process)
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
@@ -218,7 +218,7 @@ def compare(**params: Any) -> None:
 
     result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
                             baseline=settings["baseline"], out_dir=settings["out"],
-                            log_models=bool(settings["log_models"]),
+                            log_models=bool(settings["log_models"]), reuse=params["reuse"] is not False,
                             announce=announce, reporter_factory=_reporter_factory(quiet), register=params["register"])
     if not quiet:
         print_comparison(result, config)
@@ -266,7 +266,7 @@ def search(**params: Any) -> None:
     from optiflow.commands import search as command
 
     config, values = resolve_layers(params, command.given_defaults())
-    settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"]}, config)
+    settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"], "reuse": params["reuse"]}, config)
     if params["print_config"]:
         from optiflow.search.space import describe_dimension
 

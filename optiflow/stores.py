@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from optiflow.errors import DiskFull, OptiflowError, StoreLost, no_space
+from optiflow.errors import DiskFull, OptiflowError, StoreLost, first_line, no_space
 
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
@@ -190,3 +190,32 @@ def created_folder(path: Path) -> Path:
         with contextlib.suppress(OSError):
             (missing[-1] / ".gitignore").write_text(GITIGNORE)
     return path
+
+
+# A tracking server that stops answering stops the command in about a minute, not MLflow's default
+# 7 retries with exponential backoff (minutes); the user's own settings of these variables win.
+SERVER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def fail_fast_http() -> Iterator[None]:
+    """No retries and a short timeout while probing a tracking server, so a wrong URI fails in seconds."""
+    saved = {name: os.environ.get(name) for name in PROBE_ENV}
+    os.environ.update(PROBE_ENV)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def store_failure(exc: BaseException) -> str:
+    """The root cause of a failed store call, e.g. ``Connection refused``."""
+    text = str(exc)
+    cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    return cause.group(1).strip() if cause else re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))

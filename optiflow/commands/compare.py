@@ -37,6 +37,8 @@ class ChildRun:
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     failure: str | None = None
+    #: a FINISHED run of the same content key, reused instead of training (``run_id`` is that run)
+    reused: bool = False
 
 
 BRIEF_COLUMNS = ("variant", "runs", "mean [95% CI]", "vs baseline (paired)", "seconds", "best")
@@ -59,6 +61,11 @@ class Comparison:
     failure: str | None = None
     #: how to read the intervals and tests, or why there are none
     note: str = ""
+
+    @property
+    def reused(self) -> int:
+        """How many of the children reused a finished run instead of training."""
+        return sum(child.reused for child in self.children)
 
     def best_child(self) -> ChildRun | None:
         """The best variant's child with the best metric (its best seed with ``--repeats``)."""
@@ -157,15 +164,18 @@ def compare(
     tags: dict[str, str] | None = None,
     announce: Callable[[int, int, str, RunConfig], Any] | None = None,
     reporter_factory: Callable[[], Any] | None = None,
+    reuse: bool = True,
 ) -> Comparison:
     """Train every variant (``repeats`` seeds each) as child runs of one parent run, then summarize.
 
     A variant whose training diverges is recorded as FAILED and the comparison goes on;
     Ctrl-C ends the parent KILLED, any other error ends it FAILED.  Each variant's ``metric`` is summarized by
     its mean and 95% t-interval over seeds and a paired t-test against ``baseline`` (default: the first).  ``register`` logs every child's
-    model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
+    model and registers the best variant's (:meth:`Comparison.best_child`) under that name.  ``reuse``: a run whose
+    content key a FINISHED run of the experiment holds is that run, not trained again (:mod:`optiflow.reuse`).
     """
     from optiflow import heartbeat
+    from optiflow.reuse import reused_tags
     from optiflow.tracking import Tracker, run_status
     from optiflow.training import train
 
@@ -190,12 +200,17 @@ def compare(
             reporter = reporter_factory() if reporter_factory else None
             try:
                 result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags,
-                               log_model=log_models or bool(register), reporter=reporter, role="compare-child")
+                               log_model=log_models or bool(register), reporter=reporter, role="compare-child",
+                               reuse=reuse)
             except TrainingError as exc:
                 children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
                 continue
             children.append(ChildRun(label, config.seed, "FINISHED", result.run_id,
-                                     final_metrics(result.metrics, result.history), result.history, result.seconds))
+                                     final_metrics(result.metrics, result.history), result.history, result.seconds,
+                                     reused=result.reused))
+        reused = {c.label + (f" seed={c.seed}" if repeats > 1 else ""): str(c.run_id) for c in children if c.reused}
+        if reused:
+            tracker.set_tags(reused_tags(reused, len(runs)))
         comparison = _summarize(tracker, children, metric, out_dir, baseline)
         if not any(c.status == "FINISHED" for c in children):
             outcome.status = "FAILED"
@@ -210,8 +225,7 @@ def _preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -
     ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
     opens: bad input is one line naming the variant, and no run is left FAILED."""
     from optiflow.metrics import check_final_metric
-    from optiflow.run import produced_metric_names
-    from optiflow.training import preflight
+    from optiflow.training import preflight, produced_metric_names
 
     checked: set[str] = set()
     for label, config in runs:
@@ -229,7 +243,7 @@ def _preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -
 def _register_best(comparison: Comparison, name: str, tracker: Tracker) -> None:
     """Register the best variant's model as ``name`` and tag the parent run with it; a failure is the
     comparison's ``failure``, the comparison itself stays logged."""
-    from optiflow.training import register_model
+    from optiflow.export import register_model
 
     best = comparison.best_child()
     if best is None or best.run_id is None:
@@ -321,9 +335,10 @@ def _write_outputs(tracker: Tracker, out: Path, children: list[ChildRun], metric
     plt.close("all")
     files[2].write_text(csv_text(*summary))
     files[3].write_text(markdown_table(*summary) + f"\n{note}.\n")
-    run_columns = ["variant", "seed", "status", "run_id", metric, "seconds", "failure"]
+    run_columns = ["variant", "seed", "status", "run_id", metric, "seconds", "failure", "reused"]
     files[4].write_text(csv_text(run_columns, [[c.label, c.seed, c.status, c.run_id or "-", number(c.metrics.get(metric)),
-                                                f"{c.seconds:.1f}", c.failure or ""] for c in children]))
+                                                f"{c.seconds:.1f}", c.failure or "", "yes" if c.reused else ""]
+                                               for c in children]))
     for path in files:
         tracker.log_artifact(path)
     return files

@@ -16,7 +16,7 @@ import yaml
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, redact
 from optiflow.metrics import higher_is_better
-from optiflow.run import produced_metric_names, shared_data
+from optiflow.run import shared_data
 from optiflow.search.objective import run_study, run_trials
 from optiflow.search.refit import refit
 from optiflow.search.space import Dimension, Scalar, describe_dimension, parse_space, short, trial_config
@@ -110,7 +110,7 @@ def quiet_heartbeat_threads() -> Iterator[None]:
 def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
     """Search settings from flags and ``--config`` values, validated and with the defaults of
     :func:`~optiflow.search.study.given_defaults` filled in."""
-    given = {**given_defaults(), "refit": True, "register": None,
+    given = {**given_defaults(), "refit": True, "register": None, "reuse": True,
              **{key: value for key, value in values.items() if value is not None and value != ""}}
     space = parse_space(given["space"] or (), base)
     sampler, sampler_options = parse_component(str(given["sampler"]), SAMPLERS, "sampler")
@@ -127,6 +127,7 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         n_jobs=int(given["n_jobs"]), log_models=bool(given["log_models"]),
         child_artifacts=bool(given["child_artifacts"]), heartbeat=int(given["heartbeat"]),
         refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
+        reuse=given["reuse"] is not False,
     )
 
 
@@ -180,7 +181,7 @@ def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
     a training checks before its run opens, before the study's parent run opens (a monitored metric no trial
     produces, an augmentation the data cannot take ...)."""
     from optiflow.metrics import check_monitor
-    from optiflow.training import preflight
+    from optiflow.training import preflight, produced_metric_names
 
     config, sampled = trial_config(base, settings.space, Dimension.first)
     if settings.cv:
