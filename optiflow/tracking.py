@@ -22,10 +22,13 @@ from optiflow.stores import (
     check_database_file,
     check_same_file,
     check_scheme,
+    commit_without_waiting_for_the_disk,
     created_folder,
     disk_full,
     fail_fast_http,
     file_identity,
+    is_server,
+    sqlite_path,
     store_failure,
     store_lock,
     use_write_ahead_log,
@@ -72,21 +75,11 @@ def resolve_tracking_uri(uri: str | None = None, *, existing: bool = False) -> s
     return uri
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative paths are relative to the cwd)."""
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-
-
 def ui_command(uri: str) -> str:
     """How to open the MLflow UI on this store: a tracking server's own URL, else the shell command that serves it."""
     if is_server(uri):
         return uri
     return f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "optiflow ui"
-
-
-def is_server(uri: str) -> bool:
-    """Whether ``uri`` is an MLflow tracking server, which serves its own UI."""
-    return uri.startswith(("http://", "https://"))
 
 
 def retry(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -139,6 +132,8 @@ def _new_client(uri: str) -> MlflowClient:
     if is_server(uri):
         for name, value in SERVER_ENV.items():
             os.environ.setdefault(name, value)
+    if path is not None:
+        commit_without_waiting_for_the_disk()
     with store_lock(path):
         try:
             mlflow_client = MlflowClient(tracking_uri=uri)
