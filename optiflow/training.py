@@ -37,23 +37,11 @@ from optiflow.stored import resume_command
 from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, run_status
 
 
-def train(
-    config: RunConfig,
-    *,
-    registry: Registry | None = None,
-    pm: PluginManager | None = None,
-    reporter: Reporter | None = None,
-    parent_run_id: str | None = None,
-    extra_tags: dict[str, str] | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    log_model: bool = True,
-    extra_params: dict[str, Any] | None = None,
-    resume: str | None = None,
-    artifacts: bool = True,
-    role: str = "train",
-    on_start: Callable[[str], None] | None = None,
-    reuse: bool = False,
-) -> RunResult:
+def train(config: RunConfig, *, registry: Registry | None = None, pm: PluginManager | None = None,
+          reporter: Reporter | None = None, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None, log_model: bool = True,
+          extra_params: dict[str, Any] | None = None, resume: str | None = None, artifacts: bool = True,
+          role: str = "train", on_start: Callable[[str], None] | None = None, reuse: bool = False) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
 
     ``on_epoch`` is called after every epoch's metrics are logged (search uses
