@@ -207,14 +207,16 @@ def compare(**params: Any) -> None:
     if params["print_config"]:
         print_settings(config, {**settings, "vary": {k: "|".join(v) for k, v in vary.items()}})
         return
+    from rich.markup import escape
+
     from optiflow.commands.compare import compare as run_comparison
-    from optiflow.console import console, print_comparison
+    from optiflow.console import console, print_comparison, styled
 
     quiet = params["quiet"]
 
     def announce(index: int, total: int, name: str, _config: RunConfig) -> None:
         if not quiet:
-            console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
+            console.print(styled(f"[bold]\\[{index}/{total}][/bold] {escape(name)}"))
 
     result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
                             baseline=settings["baseline"], out_dir=settings["out"],
