@@ -83,6 +83,9 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
             result = summarize(tracker, study, settings)
         if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
             outcome.status = None  # another worker holds a trial: the last one refits and ends the parent
+        elif result.none_completed:
+            outcome.status = "FAILED"
+            tracker.set_tags({"failure": result.none_completed[:5000]})
         elif settings.refit:
             result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
     return result
