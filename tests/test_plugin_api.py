@@ -186,6 +186,21 @@ def test_a_bad_nested_component_is_one_line_naming_both(api_plugin, spec, messag
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("bracketed", [True, False])
+def test_components_nest_up_to_a_limit_and_deeper_is_one_line_with_exit_2(api_plugin, bracketed, invoke):
+    from optiflow.registry import MAX_NESTING
+
+    def nested(levels: int) -> str:
+        return "api-scaled:base=[" * levels + "sgd" + "]" * levels if bracketed else "api-scaled:base=" * levels + "sgd"
+
+    deepest = plan(RunConfig.from_dict({"opt": nested(MAX_NESTING)}), get_registry())
+    assert deepest.params()["opt" + ".base" * MAX_NESTING] == "sgd"
+    result = invoke("train", "--opt", nested(2000), "--epochs", "1", "-q")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("Error: optimizer 'api-scaled': components nested too deep in option 'base' "
+                                     f"(at most {MAX_NESTING} levels)")
+
+
 @pytest.mark.parametrize("spec", ["mlp:activation=leaky-relu:negative_slope=0.1,hidden=[8]",
                                   "mlp:hidden=[8],activation=[leaky-relu:negative_slope=0.1]"])
 def test_mlp_activation_takes_the_same_grammar_and_the_old_form(spec):
