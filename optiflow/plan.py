@@ -9,7 +9,7 @@ from typing import Any
 
 from optiflow.config import ComponentSpec, RunConfig
 from optiflow.errors import OptiflowError
-from optiflow.registry import Component, Registry, flat_options
+from optiflow.registry import MAX_NESTING, Component, Nested, Registry, flat_options
 from optiflow.slots import SLOTS
 
 #: A component and its typed options.
@@ -75,7 +75,7 @@ def plan(config: RunConfig, registry: Registry) -> Plan:
     for slot in SLOTS:
         spec = getattr(config, slot.key)
         if slot.key == "opt" and config.lr is not None:
-            spec = ComponentSpec(spec.name, {**spec.options, "lr": config.lr})
+            spec = with_lr(spec, config.lr, registry)
         if slot.repeatable:
             resolved[slot.key] = [resolve(slot.kind, item) for item in spec]
         else:
@@ -88,3 +88,16 @@ def plan(config: RunConfig, registry: Registry) -> Plan:
     if duplicated:
         raise OptiflowError(f"regularizer '{duplicated[0]}' given twice; combine its options in one --reg")
     return Plan(config=config, **resolved)
+
+
+def with_lr(spec: ComponentSpec, lr: float, registry: Registry, depth: int = 0) -> ComponentSpec:
+    """``--lr`` as the optimizer's ``lr`` option; a wrapper that declares none but wraps one optimizer (one option
+    that is an optimizer spec, ``sam:base=[sgd]``) passes it on to the optimizer it wraps, which steps with it."""
+    component = registry.get("optimizer", spec.name)
+    wrapped = [o for o in component.options if o.component_kind == "optimizer"]
+    if any(o.name == "lr" for o in component.options) or len(wrapped) != 1 or depth >= MAX_NESTING:
+        return ComponentSpec(spec.name, {**spec.options, "lr": lr})  # no lr and no one base: the usual error
+    base = wrapped[0]
+    value = spec.options.get(base.name, base.default)
+    inner = ComponentSpec(value.name, value.options) if isinstance(value, Nested) else ComponentSpec.parse(value)
+    return ComponentSpec(spec.name, {**spec.options, base.name: with_lr(inner, lr, registry, depth + 1)})
