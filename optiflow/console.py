@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from optiflow.commands.predict import Predictions
     from optiflow.commands.reproduce import Reproduction, WeightsCheck
     from optiflow.config import RunConfig
-    from optiflow.registry import Component
+    from optiflow.registry import Component, Option
     from optiflow.run import RunResult
     from optiflow.search.summary import SearchResult
 
@@ -100,8 +100,13 @@ def component_table(components: list[Component]) -> None:
     """One row per component; names never wrap.  Not on a terminal: one line per component (for grep)."""
     columns = ["kind", "name", "options", "description", "plugin"]
     rows = [[c.kind, c.name + (f" ({', '.join(c.aliases)})" if c.aliases else ""),
-             ", ".join(f"{o.name}={o.default}" for o in c.options), c.description, c.plugin] for c in components]
+             ", ".join(_option_cell(o) for o in c.options), c.description, c.plugin] for c in components]
     _print_rows(columns, rows, no_wrap=("kind", "name", "plugin"))
+
+
+def _option_cell(option: Option) -> str:
+    """``momentum=0.9``; an option that is a component says so: ``base=sgd (optimizer spec)``."""
+    return f"{option.name}={option.default}" + (f" ({option.type_name})" if option.component_kind else "")
 
 
 def plugin_table(rows: list[dict[str, Any]]) -> None:

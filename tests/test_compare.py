@@ -235,11 +235,12 @@ def test_printed_user_text_keeps_its_brackets(capsys, monkeypatch, tmp_path):
     console.print_search(search, config)
     console.result_table("runs", ["variant"], [[BRACKETED]])
     monkeypatch.setattr(console.console, "_force_terminal", True)
+    monkeypatch.setattr(console.console, "_width", 200)
     console.component_table([Component("optimizer", "wrap", lambda model: None, "[beta] wraps [sgd]",
                                        (Option("base", object, "[sgd:momentum=0.9]", component_kind="optimizer"),), plugin="mine")])
     output = capsys.readouterr().out
     for text in ("exp [v2]", "test_[top1]", "[store]", "study [a]", "best 0.5: opt.base=[sgd:momentum=0.9]",
-                 "[sgd:momentum=0.5]", BRACKETED, "[beta] wraps [sgd]", "base=[sgd:momentum=0.9]"):
+                 "[sgd:momentum=0.5]", BRACKETED, "[beta] wraps [sgd]", "base=[sgd:momentum=0.9] (optimizer spec)"):
         assert text in output, text
 
 
