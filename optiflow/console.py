@@ -252,7 +252,7 @@ def weights_verdict(check: WeightsCheck) -> str:
         return f"[green]weights identical bit for bit[/green] (sha256 {check.original[:12]}){data}"
     largest = ""
     if check.largest is not None:
-        largest = f", largest difference {check.largest[1]:.3g} in {escape(check.largest[0])}"
+        largest = f", largest difference {check.largest[1]:.3g} in {escape(str(check.largest[0]))}"
     else:
         largest = " (the original logged no model to compare them with)"
     if check.bit_for_bit:

@@ -12,7 +12,9 @@ from optiflow.errors import OptiflowError
 from optiflow.registry import MAX_NESTING, Component, Nested, Registry, flat_options
 from optiflow.slots import SLOTS
 
-#: A component and its typed options.
+#: A component and its typed options, defaults filled: ``(Component, {option: value})``, as every slot of
+#: :class:`Plan` holds it (``component, options = run.plan.opt``); an option that is a component holds a
+#: :class:`~optiflow.registry.Nested`.
 Resolved = tuple[Component, dict[str, Any]]
 
 #: Run settings logged as parameters beside the components.
@@ -25,16 +27,16 @@ class Plan:
     """Every slot of :data:`optiflow.slots.SLOTS` resolved: one field per slot key, each a ``(Component, typed
     options)`` pair (a list of them for ``aug`` and ``reg``; ``loss`` None for the task's default)."""
 
-    config: RunConfig
-    data: Resolved
-    norm: Resolved
-    aug: list[Resolved]
-    model: Resolved
-    loss: Resolved | None
-    opt: Resolved
-    sched: Resolved
-    init: Resolved
-    reg: list[Resolved]
+    config: RunConfig  #: the configuration the plan resolves
+    data: Resolved  #: the dataset and its options: ``plan.data[1]["n"]``
+    norm: Resolved  #: the input normalizer
+    aug: list[Resolved]  #: the augmentations, in order
+    model: Resolved  #: the model
+    loss: Resolved | None  #: the loss; None: the task's default
+    opt: Resolved  #: the optimizer: ``plan.opt[1]["lr"]``; a wrapped one is a :class:`~optiflow.registry.Nested`
+    sched: Resolved  #: the learning-rate scheduler (``warmup_epochs`` among its options)
+    init: Resolved  #: the weight initializer
+    reg: list[Resolved]  #: the regularizers (and per-run hook objects), in order
 
     def components(self) -> list[tuple[str, Resolved]]:
         """``(parameter key, resolved component)`` for every filled slot, in table order."""
