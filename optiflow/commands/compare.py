@@ -7,6 +7,7 @@ import difflib
 import itertools
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow.config import RunConfig, split_variants
 from optiflow.errors import OptiflowError, TrainingError
+from optiflow.forecast import Forecast, Tick, eta
 from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
 
 if TYPE_CHECKING:
@@ -144,6 +146,22 @@ def plan_runs(base: RunConfig, vary: dict[str, list[str]], repeats: int) -> list
     return runs
 
 
+def forecast(base: RunConfig, vary: dict[str, list[str]], repeats: int = 1) -> Forecast:
+    """``compare --dry-run``: the runs it would train and, from one calibration epoch of the first variant
+    (in this process, nothing logged, no store touched), an estimate of the total time."""
+    from optiflow.forecast import calibrate, estimate_runs
+
+    runs = plan_runs(base, vary, repeats)
+    _preflight_variants(runs)
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    lines = [f"{len(runs)} runs: {len(labels)} variants x {repeats} seed{'s' if repeats > 1 else ''}",
+             *(f"  {label}" for label in labels)]
+    calibration = calibrate(runs[0][1])
+    epochs = [config.epochs for _, config in runs]
+    return Forecast(lines, calibration, estimate_runs(calibration, epochs),
+                    f"{len(runs)} trainings of {statistics.fmean(epochs):g} epochs at variant {labels[0]}'s cost")
+
+
 def compare(
     base: RunConfig,
     vary: dict[str, list[str]],
@@ -157,13 +175,15 @@ def compare(
     tags: dict[str, str] | None = None,
     announce: Callable[[int, int, str, RunConfig], Any] | None = None,
     reporter_factory: Callable[[], Any] | None = None,
+    progress: Callable[[Tick], Any] | None = None,
 ) -> Comparison:
     """Train every variant (``repeats`` seeds each) as child runs of one parent run, then summarize.
 
     A variant whose training diverges is recorded as FAILED and the comparison goes on;
     Ctrl-C ends the parent KILLED, any other error ends it FAILED.  Each variant's ``metric`` is summarized by
     its mean and 95% t-interval over seeds and a paired t-test against ``baseline`` (default: the first).  ``register`` logs every child's
-    model and registers the best variant's (:meth:`Comparison.best_child`) under that name.
+    model and registers the best variant's (:meth:`Comparison.best_child`) under that name.  ``progress`` gets
+    a :class:`~optiflow.forecast.Tick` after each run: runs done, the best so far, the ETA.
     """
     from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
@@ -182,20 +202,25 @@ def compare(
         tracker.log_params({**{f"vary.{k}": " | ".join(v) for k, v in vary.items()}, "repeats": repeats,
                             "variants": len(runs) // repeats, "runs": len(runs)})
         tracker.log_text(base.to_yaml(), "config.yaml")
-        children = []
+        children: list[ChildRun] = []
+        durations: list[float] = []
         for index, (label, config) in enumerate(runs, 1):
             if announce is not None:
                 announce(index, len(runs), config.run_name or label, config)
             child_tags = {**(tags or {}), "optiflow.variant": label}
             reporter = reporter_factory() if reporter_factory else None
+            started = time.perf_counter()
             try:
                 result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags,
                                log_model=log_models or bool(register), reporter=reporter)
             except TrainingError as exc:
                 children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
-                continue
-            children.append(ChildRun(label, config.seed, "FINISHED", result.run_id,
-                                     final_metrics(result.metrics, result.history), result.history, result.seconds))
+            else:
+                children.append(ChildRun(label, config.seed, "FINISHED", result.run_id,
+                                         final_metrics(result.metrics, result.history), result.history, result.seconds))
+            durations.append(time.perf_counter() - started)
+            if progress is not None:
+                progress(run_tick(children, durations, len(runs), metric))
         comparison = _summarize(tracker, children, metric, out_dir, baseline)
         if not any(c.status == "FINISHED" for c in children):
             outcome.status = "FAILED"
@@ -203,6 +228,22 @@ def compare(
     if register:
         _register_best(comparison, register, tracker)
     return comparison
+
+
+def run_tick(children: list[ChildRun], durations: list[float], total: int, metric: str | None) -> Tick:
+    """Where the comparison stands after its last run: runs done of ``total``, that run's time, the best run so far
+    by ``metric`` (the default metric when None) and the ETA from the runs' measured times."""
+    child = children[-1]
+    finished = [c for c in children if c.status == "FINISHED"]
+    metric = metric or (default_metric(list(finished[0].metrics)) if finished else None)
+    scored = [c for c in finished if metric in c.metrics]
+    value = f"{metric}={child.metrics[str(metric)]:.4g}" if child in scored else (child.failure or child.status.lower())
+    best = None
+    if scored:
+        top = (max if higher_is_better(str(metric)) else min)(scored, key=lambda c: c.metrics[str(metric)])
+        best = f"{metric}={top.metrics[str(metric)]:.4g} ({top.label} seed={top.seed})"
+    what = f"{child.label} seed={child.seed} {child.status.lower()}: {value}"
+    return Tick(len(children), total, what, durations[-1], eta(durations, total - len(children)), best)
 
 
 def _preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:

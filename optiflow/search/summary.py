@@ -16,6 +16,7 @@ from optiflow.search.study import SearchSettings
 
 if TYPE_CHECKING:
     from optiflow.runlog import RunTracker
+    from optiflow.search.stopping import Stop
     from optiflow.tracking import Tracker
 
 
@@ -31,6 +32,8 @@ class SearchResult:
     rows: list[list[str]]
     counts: dict[str, int]
     refit: Refit | None = None
+    #: why the study stopped (None: another worker still runs trials and ends it)
+    stop: Stop | None = None
 
     @property
     def failure(self) -> str | None:
