@@ -94,6 +94,8 @@ class Tick:
     def line(self) -> str:
         return f"[{self.done}/{self.total}] {self.what}  ·  {self.status()}"
 
+    __str__ = line  # a script's ``progress=print`` prints the plain line
+
 
 @dataclass
 class Forecast:

@@ -56,6 +56,7 @@ def test_a_tick_line_says_done_of_total_last_time_best_and_eta():
     assert tick.line() == ("[3/10] trial 2 complete: val_loss=0.1  ·  last 12s  ·  best val_loss=0.1 (trial 2: "
                            "lr=0.01)  ·  ETA 1m24s")
     assert "ETA" not in Tick(1, 2, "x", 1.0, None).line()
+    assert str(tick) == tick.line()
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ def test_a_reached_target_stops_the_study_and_the_summary_names_the_trial(invoke
     assert trial_numbers(mlflow_client, experiment) == [0]  # every trial reaches 0.3: none after the first
     parent = parent_of(mlflow_client, experiment)
     assert parent.data.params["metric"] == "val_accuracy" and parent.data.params["direction"] == "maximize"
+    assert float(parent.data.params["target"]) == 0.3
     assert parent.data.tags["stop_reason"] == "target"
     assert parent.data.tags["stop_detail"].startswith("trial 0 reached val_accuracy=")
     assert "stopped (target): trial 0 reached val_accuracy=" in result.output
@@ -83,6 +84,7 @@ def test_the_budget_lets_the_trial_in_flight_finish_and_starts_no_other(invoke, 
     assert [(r.data.tags["optuna.trial_number"], r.info.status) for r in runs] == [("0", "FINISHED")]
     parent = parent_of(mlflow_client, experiment)
     assert parent.data.tags["stop_reason"] == "budget" and parent.info.status == "FINISHED"
+    assert float(parent.data.params["budget_seconds"]) == budget
     assert "stopped (budget)" in result.output
 
 
@@ -182,3 +184,30 @@ def test_two_workers_on_sqlite_stop_at_the_target_and_show_the_study_wide_count(
     counts = [int(line[1:].split("/")[0]) for line in lines]
     assert len(counts) == len(study.trials) and max(counts) == len(study.trials)  # 2: one worker counted the other's
     assert all("ETA" in line and "best val_accuracy=" in line for line in lines)
+
+
+def test_the_time_limit_is_the_timeout_cut_to_what_is_left_of_the_budget():
+    from optiflow.search.stopping import time_limit
+
+    assert time_limit(SearchSettings(space=[])) is None
+    assert time_limit(SearchSettings(space=[], timeout=30.0)) == 30.0
+    assert time_limit(SearchSettings(space=[], timeout=30.0, deadline=1010.0), now=1000.0) == 10.0
+    assert time_limit(SearchSettings(space=[], deadline=1010.0), now=1020.0) == -10.0  # spent: no trial starts
+
+
+@pytest.mark.parametrize(("text", "metric", "expected"), [
+    ("val_accuracy=0.98", None, ("val_accuracy", 0.98)), ("0.98", "val_accuracy", ("val_accuracy", 0.98)),
+    (" val_loss = 0.05 ", "val_loss", ("val_loss", 0.05)), ("val_r2=-1e-2", None, ("val_r2", -0.01))])
+def test_parse_target(text, metric, expected):
+    from optiflow.search.stopping import parse_target
+
+    assert parse_target(text, metric) == expected
+
+
+@pytest.mark.parametrize("text", ["val_accuracy=", "=0.9", "0.9", "val_accuracy=nan", "val_accuracy=inf"])
+def test_parse_target_refuses(text):
+    from optiflow.errors import OptiflowError
+    from optiflow.search.stopping import parse_target
+
+    with pytest.raises(OptiflowError, match="--target expects METRIC=VALUE"):
+        parse_target(text, None)

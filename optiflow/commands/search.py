@@ -143,7 +143,8 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=given["sampler_seed"],
         pruner=pruner, pruner_options=pruner_options, metric=metric,
         direction=str(given["direction"] or default_direction(metric)), n_trials=int(n_trials),
-        timeout=given["timeout"], target=target, budget=_budget(given["budget"]), cv=int(given["cv"]), storage=given["storage"], study_name=given["study_name"],
+        timeout=given["timeout"], target=target, budget=_budget(given["budget"]), cv=int(given["cv"]),
+        storage=given["storage"], study_name=given["study_name"],
         n_jobs=int(given["n_jobs"]), log_models=bool(given["log_models"]),
         child_artifacts=bool(given["child_artifacts"]), heartbeat=int(given["heartbeat"]),
         refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
@@ -237,6 +238,8 @@ def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, 
     params = {"study_name": study_name, "sampler": settings.sampler, "pruner": settings.pruner,
               "metric": settings.metric, "direction": settings.direction, "cv": settings.cv, "refit": settings.refit,
               "storage": redact(settings.storage) if settings.storage else "in-memory"}
+    params.update({key: value for key, value in (("target", settings.target), ("budget_seconds", settings.budget),
+                                                 ("timeout", settings.timeout)) if value is not None})
     params.update({f"space.{d.name}": describe_dimension(d) for d in settings.space})
     params.update({f"sampler.{k}": v for k, v in settings.sampler_options.items()})
     params.update({f"pruner.{k}": v for k, v in settings.pruner_options.items()})
