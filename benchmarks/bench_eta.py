@@ -10,7 +10,7 @@ workload is printed (benchmarks/conditions.py): the ratio of two times taken in 
 counts, but a machine whose load changes midway moves it.
 
     python benchmarks/bench_eta.py
-    python benchmarks/bench_eta.py --only compare
+    python benchmarks/bench_eta.py --only compare --rounds 3
 """
 
 from __future__ import annotations
@@ -69,12 +69,14 @@ def measure(name: str, store: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(WORKLOADS))
+    parser.add_argument("--rounds", type=int, default=1, help="times to measure each workload [1]")
     args = parser.parse_args()
     print(machine_line())
     store = f"sqlite:///{tempfile.mkdtemp(prefix='optiflow-bench-eta-')}/mlflow.db"
     client(store)  # the store's tables, created once per project, not inside the first workload's timing
-    for name in [args.only] if args.only else list(WORKLOADS):
-        measure(name, store)
+    for _ in range(args.rounds):
+        for name in [args.only] if args.only else list(WORKLOADS):
+            measure(name, store)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from optiflow.config import RunConfig
 from optiflow.values import duration_text
+
+if TYPE_CHECKING:
+    from optiflow.run import Run
 
 
 def eta(durations: Sequence[float], remaining: int, parallel: int = 1) -> float | None:
@@ -45,22 +49,49 @@ def calibrate(config: RunConfig) -> Calibration:
     """Train ``config`` for one epoch in this process to time it: no MLflow run opens, no store is touched
     (the run's tracker is a :class:`~optiflow.runlog.NullTracker`)."""
     from optiflow import host
-    from optiflow.loop import evaluate, fit
+    from optiflow.loop import fit
     from optiflow.plugins import get_plugin_manager
     from optiflow.run import SilentReporter
-    from optiflow.runlog import NullTracker
     from optiflow.training import per_run_plugins, preflight
 
     pm = get_plugin_manager()
     started = time.perf_counter()
     run = preflight(config.replace(epochs=1), pm=pm)
-    run.artifacts = False
-    run.tracker = NullTracker()
     with per_run_plugins(run, pm), host.threads(run.setup.threads):
-        pm.hook.optiflow_run_start(run=run)
-        prepared = time.perf_counter()
-        fit(run, pm, SilentReporter(), None)
-        trained = time.perf_counter()
+        return _timed([run], started, lambda: fit(run, pm, SilentReporter(), None))
+
+
+def calibrate_stacked(configs: Sequence[RunConfig]) -> Calibration | None:
+    """One epoch of the folds ``configs`` trained at once as one stacked model (:mod:`optiflow.stacked`), the way
+    a search trains them, timed as one unit with nothing logged; None when they would train one by one."""
+    from optiflow import host
+    from optiflow.plugins import get_plugin_manager, get_registry
+    from optiflow.run import prepare
+    from optiflow.stacked import fit_stacked, why_not_stacked
+
+    pm, registry = get_plugin_manager(), get_registry()
+    started = time.perf_counter()
+    runs = [prepare(config.replace(epochs=1), registry) for config in configs]
+    if why_not_stacked(runs, pm) is not None:
+        return None
+    with host.threads(runs[0].setup.threads):
+        return _timed(runs, started, lambda: fit_stacked(runs, pm))
+
+
+def _timed(runs: list[Run], started: float, train: Callable[[], None]) -> Calibration:
+    """Time ``train`` (one epoch of ``runs``) and their test evaluation, each run's tracker a NullTracker."""
+    from optiflow.loop import evaluate
+    from optiflow.plugins import get_plugin_manager
+    from optiflow.runlog import NullTracker
+
+    for run in runs:
+        run.artifacts = False
+        run.tracker = NullTracker()
+        get_plugin_manager().hook.optiflow_run_start(run=run)
+    prepared = time.perf_counter()
+    train()
+    trained = time.perf_counter()
+    for run in runs:
         if len(run.splits.x_test):
             evaluate(run, run.splits.x_test, run.splits.y_test, "test")
     return Calibration(prepared - started, trained - prepared, time.perf_counter() - trained)

@@ -98,7 +98,7 @@ def test_search_dry_run_prints_the_plan_and_an_estimate_and_touches_no_store(inv
     assert "4 trials x 3 folds = 12 trainings" in out and "stops at --target val_accuracy=0.9" in out
     assert "lr = loguniform:0.001:0.1" in out and "epochs = int:2:4" in out
     assert "calibration (one epoch, nothing logged)" in out and "estimated total:" in out
-    assert "12 trainings of 3 epochs and the refit" in out
+    assert "12 trainings of 3 epochs and the refit, without pruning; each trial's 3 folds at once (stacked)" in out
     assert not store.exists() and not study.exists() and not (tmp_path / "mlruns").exists()
 
 
@@ -112,6 +112,7 @@ def test_search_dry_run_leaves_a_shared_study_untouched(invoke, tmp_path):
                     "--study-name", "shared", "--budget", "1s", "--dry-run", *TINY, store=False)
     assert result.exit_code == 0, result.stderr
     assert "capped by --budget" in result.output and "estimated total: 1.0s" in result.output
+    assert "stacked" not in result.output  # no --cv: one training per trial
     assert study.read_bytes() == before and not (tmp_path / "mlruns").exists()
 
 

@@ -255,16 +255,18 @@ def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, 
 def forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
     """``search --dry-run``: the study it would run and, from one calibration epoch at the space's middle (in
     this process, nothing logged, no store and no study storage touched), an estimate of the total time."""
-    from optiflow.forecast import calibrate, estimate_runs
+    from optiflow.forecast import calibrate, calibrate_stacked, estimate_runs
 
     validate(base, settings)
     folds = max(settings.cv, 1)
     config, _ = trial_config(base, settings.space, _middle)
     calibration = calibrate(config.replace(cv_folds=settings.cv, cv_fold=0) if settings.cv else config)
+    stacked = calibrate_stacked([config.replace(cv_folds=settings.cv, cv_fold=k) for k in range(folds)]) if (
+        settings.cv and settings.pruner == "none" and not settings.child_artifacts and not settings.log_models) else None
     epochs = [int(round(_mean_value(d))) for d in settings.space if d.key == "epochs"] or [base.epochs]
     trainings = settings.n_trials * folds
-    estimate = estimate_runs(calibration, epochs * trainings, settings.n_jobs) + (
-        calibration.run_seconds(epochs[0]) if settings.refit else 0.0)
+    estimate = estimate_runs(stacked or calibration, epochs * (settings.n_trials if stacked else trainings),
+                             settings.n_jobs) + (calibration.run_seconds(epochs[0]) if settings.refit else 0.0)
     limits = [s for s in (settings.timeout, settings.budget) if s is not None]
     capped = bool(limits) and min(limits) < estimate
     stops = [f"--target {settings.metric}={settings.target:g}"] if settings.target is not None else []
@@ -274,7 +276,7 @@ def forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
              *(f"  {d.name} = {describe_dimension(d)}" for d in settings.space),
              f"study storage: {redact(settings.storage) if settings.storage else 'in memory'} (not opened)"]
     basis = (f"{trainings} trainings of {epochs[0]} epochs{' and the refit' if settings.refit else ''}, without "
-             f"pruning" + (f"; capped by {'--timeout' if min(limits) == settings.timeout else '--budget'}"
+             f"pruning" + (f"; each trial's {folds} folds at once (stacked)" if stacked else "") + (f"; capped by {'--timeout' if min(limits) == settings.timeout else '--budget'}"
                           if capped else ""))
     return Forecast(lines, calibration, min([estimate, *limits]), basis)
 
