@@ -162,15 +162,6 @@ def _launch_data_parallel(config: RunConfig, nproc: int) -> None:
     sys.exit(launch(nproc, without_nproc(tracking.CLI_ARGS or [])))
 
 
-def _reporter_factory(quiet: bool):
-    """A fresh rich progress display per training, or none when quiet or not on a terminal."""
-    if quiet or not sys.stdout.isatty():
-        return None
-    from optiflow.console import RichReporter
-
-    return RichReporter
-
-
 COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "baseline": None, "out": None,
                                      "log_models": False}
 
@@ -207,10 +198,11 @@ def compare(**params: Any) -> None:
     vary = command.parse_vary(settings["vary"])
     if params["print_config"]:
         return print_settings(config, {**settings, "vary": {k: "|".join(v) for k, v in vary.items()}})
+    from optiflow.commands.dry_run import compare_forecast
     from optiflow.console import WorkProgress, print_comparison, print_forecast
 
     if params["dry_run"]:
-        return print_forecast(command.forecast(config, vary, int(settings["repeats"])))
+        return print_forecast(compare_forecast(config, vary, int(settings["repeats"])))
     quiet = params["quiet"]
     with WorkProgress("runs", quiet) as progress:
         result = command.compare(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
@@ -268,10 +260,11 @@ def search(**params: Any) -> None:
     settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"]}, config)
     if params["print_config"]:
         return print_settings(config, {**values, "space": {d.name: command.describe_dimension(d) for d in settings.space}})
+    from optiflow.commands.dry_run import search_forecast
     from optiflow.console import WorkProgress, print_forecast, print_search
 
     if params["dry_run"]:
-        return print_forecast(command.forecast(config, settings))
+        return print_forecast(search_forecast(config, settings))
     quiet = params["quiet"]
     with WorkProgress("trials", quiet) as progress:
         result = command.search(config, settings, progress=progress)
@@ -299,11 +292,10 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
     give the same weights bit for bit.
     """
     from optiflow.commands.reproduce import reproduce as run_reproduction
-    from optiflow.console import print_reproduction
+    from optiflow.console import RichReporter, print_reproduction
 
-    reporter = _reporter_factory(quiet)
     result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
-                              reporter=reporter() if reporter else None, **places)
+                              reporter=None if quiet or not sys.stdout.isatty() else RichReporter(), **places)
     if not quiet:
         print_reproduction(result)
     result.check()

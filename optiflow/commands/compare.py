@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow.config import RunConfig, split_variants
 from optiflow.errors import OptiflowError, TrainingError
-from optiflow.forecast import Forecast, Tick, eta
+from optiflow.forecast import Tick, eta
 from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
 
 if TYPE_CHECKING:
@@ -146,22 +146,6 @@ def plan_runs(base: RunConfig, vary: dict[str, list[str]], repeats: int) -> list
     return runs
 
 
-def forecast(base: RunConfig, vary: dict[str, list[str]], repeats: int = 1) -> Forecast:
-    """``compare --dry-run``: the runs it would train and, from one calibration epoch of the first variant
-    (in this process, nothing logged, no store touched), an estimate of the total time."""
-    from optiflow.forecast import calibrate, estimate_runs
-
-    runs = plan_runs(base, vary, repeats)
-    _preflight_variants(runs)
-    labels = list(dict.fromkeys(label for label, _ in runs))
-    lines = [f"{len(runs)} runs: {len(labels)} variants x {repeats} seed{'s' if repeats > 1 else ''}",
-             *(f"  {label}" for label in labels)]
-    calibration = calibrate(runs[0][1])
-    epochs = [config.epochs for _, config in runs]
-    return Forecast(lines, calibration, estimate_runs(calibration, epochs),
-                    f"{len(runs)} trainings of {statistics.fmean(epochs):g} epochs at variant {labels[0]}'s cost")
-
-
 def compare(
     base: RunConfig,
     vary: dict[str, list[str]],
@@ -194,7 +178,7 @@ def compare(
     baseline = baseline_variant(baseline, [variant_label(values) for values in variants(vary)])
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
-    _preflight_variants(runs)
+    preflight_variants(runs)
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
@@ -246,7 +230,7 @@ def run_tick(children: list[ChildRun], durations: list[float], total: int, metri
     return Tick(len(children), total, what, durations[-1], eta(durations, total - len(children)), best)
 
 
-def _preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
+def preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
     """Each variant (its first seed) passes all that a training checks before its run opens, before the
     comparison's parent run opens: bad input is one line naming the variant, and no run is left FAILED."""
     from optiflow.training import preflight

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import statistics
 import tempfile
 import threading
 import time
@@ -17,7 +16,6 @@ import yaml
 
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, redact
-from optiflow.forecast import Forecast
 from optiflow.metrics import higher_is_better
 from optiflow.run import shared_data
 from optiflow.search.objective import run_study, run_trials
@@ -251,46 +249,3 @@ def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, 
                          "space.yaml")
     return run_id
 
-
-def forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
-    """``search --dry-run``: the study it would run and, from one calibration epoch at the space's middle (in
-    this process, nothing logged, no store and no study storage touched), an estimate of the total time."""
-    from optiflow.forecast import calibrate, calibrate_stacked, estimate_runs
-
-    validate(base, settings)
-    folds = max(settings.cv, 1)
-    config, _ = trial_config(base, settings.space, _middle)
-    calibration = calibrate(config.replace(cv_folds=settings.cv, cv_fold=0) if settings.cv else config)
-    stacked = calibrate_stacked([config.replace(cv_folds=settings.cv, cv_fold=k) for k in range(folds)]) if (
-        settings.cv and settings.pruner == "none" and not settings.child_artifacts and not settings.log_models) else None
-    epochs = [int(round(_mean_value(d))) for d in settings.space if d.key == "epochs"] or [base.epochs]
-    trainings = settings.n_trials * folds
-    estimate = estimate_runs(stacked or calibration, epochs * (settings.n_trials if stacked else trainings),
-                             settings.n_jobs) + (calibration.run_seconds(epochs[0]) if settings.refit else 0.0)
-    limits = [s for s in (settings.timeout, settings.budget) if s is not None]
-    capped = bool(limits) and min(limits) < estimate
-    stops = [f"--target {settings.metric}={settings.target:g}"] if settings.target is not None else []
-    lines = [f"{settings.n_trials} trials{f' x {folds} folds' if settings.cv else ''} = {trainings} trainings, "
-             f"{settings.n_jobs} at a time; sampler {settings.sampler}, pruner {settings.pruner}; "
-             f"{settings.direction} {settings.metric}" + "".join(f"; stops at {s}" for s in stops),
-             *(f"  {d.name} = {describe_dimension(d)}" for d in settings.space),
-             f"study storage: {redact(settings.storage) if settings.storage else 'in memory'} (not opened)"]
-    basis = (f"{trainings} trainings of {epochs[0]} epochs{' and the refit' if settings.refit else ''}, without "
-             f"pruning" + (f"; each trial's {folds} folds at once (stacked)" if stacked else "") + (f"; capped by {'--timeout' if min(limits) == settings.timeout else '--budget'}"
-                          if capped else ""))
-    return Forecast(lines, calibration, min([estimate, *limits]), basis)
-
-
-def _middle(dim: Dimension) -> Scalar:
-    """The value a dry run calibrates with: a choice's first, a range's middle (geometric for a log range)."""
-    if dim.kind == "choice":
-        return dim.choices[0]
-    middle = math.sqrt(dim.low * dim.high) if dim.log else (dim.low + dim.high) / 2
-    return int(round(middle)) if dim.kind == "int" else middle
-
-
-def _mean_value(dim: Dimension) -> float:
-    """The mean a uniform draw of ``dim`` gives (a choice's values, a range's middle)."""
-    if dim.kind == "choice":
-        return statistics.fmean(float(str(c)) for c in dim.choices)
-    return float(str(_middle(dim)))
