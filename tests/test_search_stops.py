@@ -211,3 +211,26 @@ def test_parse_target_refuses(text):
 
     with pytest.raises(OptiflowError, match="--target expects METRIC=VALUE"):
         parse_target(text, None)
+
+
+def test_a_stopped_study_leaves_dead_workers_retries_queued_instead_of_spinning(tmp_path, tracking_uri):
+    """settle() runs the retries of dead workers' trials; once the target is reached none may start, and
+    settle must return rather than loop on the queued retry."""
+    import threading
+
+    from optiflow.config import RunConfig
+    from optiflow.search.objective import run_trials
+    from optiflow.search.workers import heartbeat_options, settle
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", **heartbeat_options(1, tracking_uri))
+    study = optuna.create_study(storage=storage, study_name="stopped", direction="maximize")
+    study.add_trial(_trial(0, "COMPLETE", 0.99, 1, 1))
+    study.enqueue_trial({"lr": 0.1})
+    settings = SearchSettings(space=[], metric="val_accuracy", direction="maximize", target=0.9)
+    assert run_trials(RunConfig(), settings, study, "parent", 1) is False
+    worker = threading.Thread(target=settle, args=(study, lambda n: run_trials(RunConfig(), settings, study,
+                                                                               "parent", n), None), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "WAITING"]

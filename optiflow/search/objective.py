@@ -63,12 +63,13 @@ def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, pa
 
 def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, n_trials: int,
                *, tags: dict[str, str] | None = None, progress: Callable[[str | Tick], Any] | None = None,
-               total: int | None = None) -> None:
+               total: int | None = None) -> bool:
     """Optimize at most ``n_trials`` trials of ``study`` in this process, each a child run of ``parent_id``,
     stopping early once the study holds ``total`` finished trials (None: no such stop), once a trial of the
-    study reached ``--target`` or once ``--budget``/``--timeout`` is spent (:mod:`optiflow.search.stopping`)."""
+    study reached ``--target`` or once ``--budget``/``--timeout`` is spent (:mod:`optiflow.search.stopping`).
+    Returns False when it started none because of those."""
     if no_more_trials(study, settings) is not None:
-        return
+        return False
 
     def objective(trial: optuna.Trial) -> float:
         config, sampled = trial_config(base, settings.space, lambda dim: dim.suggest(trial))
@@ -106,6 +107,7 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
         callbacks = [report, *([] if total is None else [total_callback(total)]), stop_at_target(settings)]
         study.optimize(objective, n_trials=n_trials, timeout=time_limit(settings), catch=(TrainingError,),
                        callbacks=[c for c in callbacks if c is not None], gc_after_trial=False)
+    return True
 
 
 def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str | None,
