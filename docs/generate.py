@@ -1,6 +1,7 @@
-"""Write docs/cli.md (every command's --help) and docs/catalogue.md (the built-in components) from the code.
+"""Write docs/cli.md (every command's --help), docs/catalogue.md (the built-in components) and docs/api.md (the
+public plugin API: signatures and docstrings) from the code.
 
-    python docs/generate.py            # rewrite both files
+    python docs/generate.py            # rewrite the three files
     python docs/generate.py --check    # exit 1 naming each file that differs from the code
 
 The text comes from the click app and the plugin registry themselves, rendered at a fixed width without
@@ -11,6 +12,10 @@ it is the same on every machine. tests/test_docs.py fails when a committed file 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib
+import inspect
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,7 +108,9 @@ def catalogue() -> str:
         "this file and the code differ). `optiflow list [KIND]` prints the same, with any installed plugin's "
         "components too.\n",
         "A component is chosen by name and takes options after a colon: `--opt sgd:momentum=0.9,nesterov=true`. "
-        "Each option is typed as listed; `A|B` means one of those values.\n",
+        "Each option is typed as listed; `A|B` means one of those values; a list is written in brackets "
+        "(`hidden=[64,32]`), and so is a `KIND spec`, a component with its own options: "
+        "`activation=[leaky-relu:negative_slope=0.1]`.\n",
     ]
     for family in FAMILIES:
         for kind in family.kinds:
@@ -123,6 +130,122 @@ def catalogue() -> str:
     return "\n".join(parts)
 
 
+#: the public plugin API, by module: what hooks receive and what plugin code and its tests call
+PUBLIC_API: dict[str, tuple[str, ...]] = {
+    "optiflow.run": ("Run", "ROLES", "RunResult"),
+    "optiflow.runlog": ("RunTracker",),
+    "optiflow.config": ("RunConfig", "ComponentSpec"),
+    "optiflow.plan": ("Plan",),
+    "optiflow.registry": ("Component", "Option", "Nested"),
+    "optiflow.plugins": ("get_registry", "get_plugin_manager", "registered_plugin"),
+    "optiflow.data": ("DataContext", "DataSource", "Splits"),
+    "optiflow.setup": ("Setup",),
+    "optiflow.schedule": ("Schedule", "TrainingLength", "with_warmup"),
+    "optiflow.loop": ("evaluate",),
+    "optiflow.optim": ("decay_params", "FIRST_ORDER"),
+    "optiflow.tracking": ("resolve_tracking_uri", "client"),
+    "optiflow.errors": ("OptiflowError",),
+    "optiflow.commands.train": ("train",),
+}
+
+
+def api_reference() -> str:
+    """Markdown: every public class (fields, properties, methods), function and constant of :data:`PUBLIC_API`,
+    with its signature and docstring, as the code has them."""
+    parts = [
+        "# Plugin API reference\n",
+        f"Generated from the code by `{COMMAND}`; do not edit by hand (`tests/test_docs.py` fails when this file "
+        "and the code differ). How to use it: [plugins.md](plugins.md). Everything here is stable within 0.x.\n",
+        "\n".join(f"- [`{module}`](#{anchor(module)}): " + ", ".join(f"`{name}`" for name in names)
+                  for module, names in PUBLIC_API.items()) + "\n",
+    ]
+    for module_name, names in PUBLIC_API.items():
+        module = importlib.import_module(module_name)
+        parts.append(f"## {module_name}\n")
+        for name in names:
+            parts.append(_api_entry(name, getattr(module, name)))
+    return "\n".join(parts)
+
+
+def _api_entry(name: str, obj: Any) -> str:
+    if inspect.isclass(obj):
+        return _api_class(name, obj)
+    if callable(obj):
+        return f"### `{name}{_signature(obj)}`\n\n{_doc(obj)}"
+    return f"### `{name}`\n\n`{name} = {obj!r}`\n"
+
+
+def _api_class(name: str, cls: type) -> str:
+    kind = "protocol" if getattr(cls, "_is_protocol", False) else "dataclass" if dataclasses.is_dataclass(cls) \
+        else "class"
+    lines = [f"### {kind} `{name}`\n", _doc(cls)]
+    if dataclasses.is_dataclass(cls):
+        comments = _field_comments(cls)
+        lines.append("| field | type | default | what |\n|---|---|---|---|")
+        lines += [f"| `{f.name}` | {_cell(f.type)} | {_cell(_field_default(f))} | {_text(comments.get(f.name, ''))} |"
+                  for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+        lines.append("")
+    for member_name, member in vars(cls).items():
+        if member_name.startswith("_") or (dataclasses.is_dataclass(cls) and member_name in cls.__dataclass_fields__):
+            continue
+        if isinstance(member, property):
+            lines.append(f"- **property** `{member_name}`: {_text(inspect.getdoc(member) or '')}")
+        elif isinstance(member, (classmethod, staticmethod)) or inspect.isfunction(member):
+            function = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+            prefix = "classmethod " if isinstance(member, classmethod) else ""
+            lines.append(f"- {prefix}`{member_name}{_signature(function)}`: {_text(inspect.getdoc(function) or '')}")
+        elif not callable(member):
+            lines.append(f"- attribute `{member_name} = {member!r}`")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+class _Written(str):
+    """An annotation kept as the text the code has (``from __future__ import annotations``), shown unquoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _signature(function: Any) -> str:
+    signature = inspect.signature(function)
+    written = {"annotation": _Written(signature.return_annotation)} if isinstance(signature.return_annotation, str) \
+        else {}
+    parameters = [p.replace(annotation=_Written(p.annotation)) if isinstance(p.annotation, str) else p
+                  for p in signature.parameters.values()]
+    return str(signature.replace(parameters=parameters, return_annotation=written.get("annotation",
+                                                                                     signature.return_annotation)))
+
+
+def _doc(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return (doc + "\n") if doc else ""
+
+
+def _field_default(field: Any) -> str:
+    if field.default is not dataclasses.MISSING:
+        return repr(field.default)
+    if field.default_factory is not dataclasses.MISSING:
+        made = field.default_factory()
+        return str(made) if not isinstance(made, (dict, list)) else repr(made)
+    return ""
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``#:`` comment lines above each field of ``cls``'s body, or after it on its line, joined."""
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        match = re.match(r"^    (\w+): [^#]*(?:#: (.*))?$", line)
+        if match and (pending or match[2]):
+            comments[match[1]] = " ".join([*pending, match[2] or ""]).strip()
+        pending = []
+    return comments
+
+
 def anchor(heading: str) -> str:
     """The anchor GitHub gives a Markdown heading."""
     kept = "".join(ch for ch in heading.strip().lower() if ch.isalnum() or ch in " -_")
@@ -131,7 +254,7 @@ def anchor(heading: str) -> str:
 
 def outputs() -> dict[Path, str]:
     """Each generated file and the text the code gives it now."""
-    return {DOCS / "cli.md": cli_reference(), DOCS / "catalogue.md": catalogue()}
+    return {DOCS / "cli.md": cli_reference(), DOCS / "catalogue.md": catalogue(), DOCS / "api.md": api_reference()}
 
 
 def main(argv: list[str]) -> int:

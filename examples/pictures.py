@@ -3,7 +3,9 @@
 ``draw(client, runs, spec)`` picks the picture by ``spec["kind"]`` and returns the matplotlib figure and the
 numbers it shows: ``{"rows": {variant: {quantity: value}}}``, written to the example's finding.md.
 Runs are grouped into variants by compare's ``optiflow.variant`` tag (else by run name), so a variant
-trained with several seeds is drawn as its mean with a min-max band.
+trained with several seeds is drawn as its mean with a min-max band.  When a ``compare --repeats N`` parent run
+is among the runs, ``numbers["intervals"]`` holds what it logged (per variant the mean and 95% t-interval of its
+metric and the paired t-test against the baseline) and the picture draws those intervals.
 """
 
 from __future__ import annotations
@@ -108,18 +110,83 @@ def plot_variant(axis, client, runs: list, metric: str, label: str, color: str, 
         axis.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
 
 
+def seeds_note(groups: dict[str, list]) -> str:
+    """`` (mean of 5 seeds, band min-max)`` when the variants were trained with several seeds."""
+    most = max((len(group) for group in groups.values()), default=1)
+    return f" (mean of {most} seeds, band min–max)" if most > 1 else ""
+
+
+def compare_intervals(runs: list) -> Numbers | None:
+    """What the last ``compare --repeats N`` (N > 1) parent run among ``runs`` logged: its metric, baseline and,
+    per variant (labelled as :func:`variants` labels it), the seeds' values, the mean and 95% t-interval and the
+    paired t-test against the baseline (difference, p-value, significant at 5%).  None without such a run."""
+    from optiflow.confidence import ALPHA
+
+    parents = [r for r in runs if r.data.tags.get("optiflow.kind") == "compare" and int(r.data.params.get("repeats", 1)) > 1]
+    if not parents:
+        return None
+    parent = parents[-1]
+    tags, logged = parent.data.tags, parent.data.metrics
+    metric, baseline = tags["metric"], tags["baseline_variant"]
+    labels = {int(key.removeprefix("variant_")): value for key, value in tags.items() if re.fullmatch(r"variant_\d+", key)}
+    ordered = [labels[index] for index in sorted(labels)]
+    short = dict(zip(ordered, short_labels(ordered)))
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    rows: dict[str, dict[str, Any]] = {}
+    for index, label in sorted(labels.items()):
+        prefix = f"variant_{index}.{metric}_"
+        seeds = [r.data.metrics[metric] for r in children
+                 if r.data.tags.get("optiflow.variant") == label and metric in r.data.metrics]
+        row: dict[str, Any] = {"seeds": seeds, "mean": logged.get(prefix + "mean"), "low": logged.get(prefix + "ci_low"),
+                               "high": logged.get(prefix + "ci_high")}
+        if prefix + "p_value" in logged:
+            row.update(difference=logged[prefix + "difference"], p=logged[prefix + "p_value"],
+                       significant=logged[prefix + "p_value"] < ALPHA)
+        rows[short[label]] = row
+    return {"metric": metric, "baseline": short[baseline], "repeats": int(parent.data.params["repeats"]), "rows": rows}
+
+
+def with_intervals(numbers: Numbers, found: Numbers | None) -> Numbers:
+    return {**numbers, "intervals": found} if found is not None else numbers
+
+
+def plot_intervals(axis, found: Numbers) -> None:
+    """Each variant's seeds as dots and the mean with its 95% t-interval as an error bar; * marks a variant whose
+    paired difference to the baseline is significant at 5%."""
+    names = list(found["rows"])
+    for position, name in enumerate(names):
+        row = found["rows"][name]
+        axis.scatter([position] * len(row["seeds"]), row["seeds"], color=f"C{position}", s=10, alpha=0.6,
+                     label="one seed" if position == 0 else None)
+        if row["mean"] is not None and row["low"] is not None:
+            axis.errorbar([position], [row["mean"]], yerr=[[row["mean"] - row["low"]], [row["high"] - row["mean"]]],
+                          fmt="o", color="black", capsize=6, label="mean, 95% t-interval" if position == 0 else None)
+    ticks = [name + (" (baseline)" if name == found["baseline"] else " *" if found["rows"][name].get("significant")
+                     else "") for name in names]
+    axis.set_xticks(range(len(names)), ticks, rotation=15 if len(names) > 2 else 0, fontsize=8)
+    axis.set_xlim(-0.5, len(names) - 0.5)
+    axis.set(ylabel=found["metric"], title=f"final {found['metric']} over {found['repeats']} seeds\n"
+                                          f"(* differs from {found['baseline']}: paired t-test, 5%)")
+    _finish_axis(axis, False)  # linear: an interval may reach below zero
+
+
 def curves(client, runs: list, spec: dict[str, Any]) -> tuple[Any, Numbers]:
     """One panel per metric, one line per variant: the classic side-by-side loss curves."""
     groups = variants(runs)
     metrics = spec.get("metrics", ["train_loss", "val_loss"])
-    figure, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), squeeze=False)
+    found = compare_intervals(runs)
+    panels = len(metrics) + (found is not None)
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False)
     for index, (name, group) in enumerate(groups.items()):
         for axis, metric in zip(axes[0], metrics):
             plot_variant(axis, client, group, metric, name, f"C{index}")
     for axis, metric in zip(axes[0], metrics):
-        axis.set(xlabel="batch" if metric.endswith("_step") else "epoch", ylabel=metric, title=metric.replace("_", " "))
+        axis.set(xlabel="batch" if metric.endswith("_step") else "epoch", ylabel=metric,
+                 title=metric.replace("_", " ") + seeds_note(groups))
         _finish_axis(axis, spec.get("logy", False))
-    return figure, {"rows": {name: summary_row(group) for name, group in groups.items()}}
+    if found is not None:
+        plot_intervals(axes[0][-1], found)
+    return figure, with_intervals({"rows": {name: summary_row(group) for name, group in groups.items()}}, found)
 
 
 def train_vs_val(client, runs: list, spec: dict[str, Any]) -> tuple[Any, Numbers]:
@@ -182,6 +249,12 @@ def accuracy(client, runs: list, spec: dict[str, Any]) -> tuple[Any, Numbers]:
     rows = {name: summary_row(group) for name, group in groups.items()}
     for index, (name, group) in enumerate(groups.items()):
         plot_variant(left, client, group, curve, name, f"C{index}", marker="." if len(groups) < 4 else None)
+    left.set(xlabel="epoch", ylabel=curve, title=curve.replace("_", " ") + seeds_note(groups))
+    _finish_axis(left, spec.get("logy", False))
+    found = compare_intervals(runs)
+    if found is not None:
+        plot_intervals(right, found)
+        return figure, with_intervals({"rows": rows}, found)
     names = list(rows)
     scores = [rows[n].get("test_accuracy", math.nan) for n in names]
     bars = right.bar(range(len(names)), scores, color=[f"C{i}" for i in range(len(names))])
@@ -190,8 +263,6 @@ def accuracy(client, runs: list, spec: dict[str, Any]) -> tuple[Any, Numbers]:
     low = max(0.0, float(np.nanmin(scores)) - 0.1)
     right.set(ylabel="test accuracy" + (f" (axis from {low:.2f}, not 0)" if low > 0 else ""), title="test accuracy",
               ylim=(low, 1.0))
-    left.set(xlabel="epoch", ylabel=curve, title=curve.replace("_", " "))
-    _finish_axis(left, spec.get("logy", False))
     return figure, {"rows": rows}
 
 

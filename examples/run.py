@@ -117,20 +117,24 @@ def run_example(example: Example, tracking_uri: str, *, quick: bool = False, dat
     if redraw:
         if not last_invocation.exists():
             raise ExampleError(f"{example.name} has not run here yet, so there is nothing to redraw")
-        started_ms = json.loads(last_invocation.read_text())["started_ms"]
+        invocation = json.loads(last_invocation.read_text())
     else:
         data_dir = str(Path(data_dir).resolve()) if data_dir else None
-        started_ms = int(time.time() * 1000)
+        invocation = {"started_ms": int(time.time() * 1000), "tracking_uri": tracking_uri}
         with _working_directory(scratch):  # compare's own plots and tables land in scratch/compare/
             for command in example.commands:
                 _optiflow(example.argv(command, quick=quick, data_dir=data_dir), example.name)
-        last_invocation.write_text(json.dumps({"started_ms": started_ms, "tracking_uri": tracking_uri}))
+        invocation["finished_ms"] = int(time.time() * 1000)
+        last_invocation.write_text(json.dumps(invocation))
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(example.experiment)
     if experiment is None:
         raise ExampleError(f"{example.name}: its commands logged no runs")
-    runs = client.search_runs([experiment.experiment_id], f"attributes.start_time >= {started_ms}",
-                              order_by=["attributes.start_time ASC"], max_results=5000)
+    # the runs this invocation started: not a later `optiflow reproduce` of one of them, logged beside them
+    window = f"attributes.start_time >= {invocation['started_ms']}" + (
+        f" AND attributes.start_time <= {invocation['finished_ms']}" if "finished_ms" in invocation else "")
+    runs = client.search_runs([experiment.experiment_id], window, order_by=["attributes.start_time ASC"],
+                              max_results=5000)
     figure, numbers = draw(client, runs, example.picture, title=example.title)
     out.mkdir(parents=True, exist_ok=True)
     picture = out / f"{example.name}.png"
@@ -178,7 +182,35 @@ def finding_markdown(example: Example, numbers: dict[str, Any], *, quick: bool) 
     ]
     for variant, row in rows.items():
         lines.append(f"| {variant} | " + " | ".join(_format(row.get(c)) for c in columns) + " |")
+    if "intervals" in numbers:
+        lines += ["", *interval_lines(numbers["intervals"])]
     return "\n".join(lines) + "\n"
+
+
+def interval_lines(found: dict[str, Any]) -> list[str]:
+    """The comparison's confidence, as its parent run logged it: one row per variant (mean, 95% t-interval,
+    paired t-test against the baseline), then which differences are significant at 5%."""
+    metric, baseline = found["metric"], found["baseline"]
+    lines = [f"Over {found['repeats']} seeds (`compare --repeats {found['repeats']}`; values as the comparison's "
+             f"parent run logged them): {metric}, its mean and 95% t-interval, and a two-sided paired t-test "
+             f"against {baseline} over the same seeds.", "",
+             f"| variant | seeds | {metric} mean | 95% interval | difference to {baseline} | p | significant at 5% |",
+             "|---|---|---|---|---|---|---|"]
+    significant, not_significant = [], []
+    for variant, row in found["rows"].items():
+        interval = f"[{_format(row['low'])}, {_format(row['high'])}]" if row["low"] is not None else "–"
+        if variant == baseline:
+            versus = ["baseline", "–", "–"]
+        elif "p" in row:
+            versus = [f"{row['difference']:+.4g}", f"{row['p']:.2g}", "yes" if row["significant"] else "no"]
+            (significant if row["significant"] else not_significant).append(f"{variant} ({row['difference']:+.3g})")
+        else:
+            versus = ["–", "–", "–"]
+        lines.append(f"| {variant} | {len(row['seeds'])} | {_format(row['mean'])} | {interval} | " + " | ".join(versus)
+                     + " |")
+    lines += ["", f"Differences to {baseline} significant at 5%: {', '.join(significant) or 'none'}; "
+                  f"not significant: {', '.join(not_significant) or 'none'}."]
+    return lines
 
 
 def _format(value: Any) -> str:

@@ -171,11 +171,11 @@ def restore_rng(run: Run, state: dict[str, Any]) -> None:
 
 def save_periodically(run: Run, flush_every: float) -> None:
     """After an epoch: when the last save is old enough, save the run's checkpoint, then write the metrics
-    it covers.  Child runs of a search or comparison (``run.artifacts`` off) write their metrics every
+    it covers.  Search trials and folds (``run.wants_artifacts`` off) write their metrics every
     ``flush_every`` seconds without a checkpoint: nobody resumes them by hand, and a failed one still saves
     its checkpoint as it ends."""
     tracker = run.tracking
-    if not run.artifacts or not isinstance(tracker, Tracker) or tracker.run_id is None or run.checkpoint is None:
+    if not run.wants_artifacts or not isinstance(tracker, Tracker) or tracker.run_id is None or run.checkpoint is None:
         tracker.flush_due(flush_every)
         return
     every = heartbeat.seconds(EVERY_ENV, None)

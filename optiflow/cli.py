@@ -202,7 +202,7 @@ def compare(**params: Any) -> None:
     from optiflow.console import WorkProgress, print_comparison, print_forecast
 
     if params["dry_run"]:
-        return print_forecast(compare_forecast(config, vary, int(settings["repeats"])))
+        return print_forecast(compare_forecast(config, vary, int(settings["repeats"]), settings["metric"]))
     quiet = params["quiet"]
     with WorkProgress("runs", quiet) as progress:
         result = command.compare(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],

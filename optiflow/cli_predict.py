@@ -43,6 +43,8 @@ def predict(model: str, input_path: str, output: str | None, tracking_uri: str |
                    "so raw values give wrong predictions", err=True)
     if result.out_of_range is not None:
         click.echo(f"warning: {result.out_of_range.message()}", err=True)
+    if result.ignored is not None and not quiet:
+        click.echo(f"note: {result.ignored}", err=True)
     terminal = sys.stdout.isatty()
     if output is None and not terminal:
         try:

@@ -35,8 +35,8 @@ AMP_MODES = ("off", "auto", "bf16", "fp16")
 class ComponentSpec:
     """A component name with its raw options, as in ``sgd:momentum=0.9,nesterov=true``."""
 
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str  #: the component's name (or ``plugin/name``)
+    options: dict[str, Any] = field(default_factory=dict)  #: raw option values, typed when the run is planned
 
     @classmethod
     def parse(cls, value: object) -> ComponentSpec:
@@ -49,7 +49,7 @@ class ComponentSpec:
             return cls(str(value["name"]), {k: v for k, v in value.items() if k != "name"})
         if not isinstance(value, str) or not value.strip():
             raise OptiflowError(f"expected a component name such as 'adam' or 'sgd:momentum=0.9', got {brief(value)}")
-        name, _, rest = value.strip().partition(":")
+        name, _, rest = unbracketed(value.strip()).partition(":")
         options: dict[str, Any] = {}
         for item in _split_top_level(rest):
             key, sep, raw = item.partition("=")
@@ -63,7 +63,21 @@ class ComponentSpec:
     def __str__(self) -> str:
         if not self.options:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in self.options.items())
+        return self.name + ":" + ",".join(f"{k}={format_option(v)}" for k, v in self.options.items())
+
+
+def unbracketed(text: str) -> str:
+    """``text`` without one pair of brackets around all of it: ``[sgd:momentum=0.9,nesterov=true]`` is
+    the component ``sgd:momentum=0.9,nesterov=true``, as an option's value (``sam:base=[...]``) writes it."""
+    if text[:1] != "[" or text[-1:] != "]":
+        return text
+    depth = 0
+    for index, char in enumerate(text):
+        depth += char in "[("
+        depth -= char in "])"
+        if depth == 0:
+            return text[1:-1].strip() if index == len(text) - 1 else text
+    return text
 
 
 def _default_spec(key: str) -> ComponentSpec:
@@ -113,15 +127,21 @@ def _split_top_level(text: str) -> list[str]:
     return [p for p in (p.strip() for p in parts) if p]
 
 
-def _format(value: object) -> str:
+def format_option(value: object) -> str:
+    """An option's value as a spec writes it: a list, or a component with options (a mapping, or text holding a
+    comma), in brackets, so that the text parses back to the same option: ``base=[sgd:momentum=0.9,nesterov=true]``."""
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(str, value)) + "]"
-    return str(value).lower() if isinstance(value, bool) else str(value)
+        return "[" + ",".join(map(format_option, value)) + "]"
+    if isinstance(value, dict):
+        value = ComponentSpec.parse(value)
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return f"[{text}]" if "," in text and unbracketed(text) == text else text
 
 
 @dataclass
 class RunConfig:
-    """Everything that determines a training run."""
+    """Everything that determines a training run: one field per configuration key and ``optiflow train`` flag
+    (docs/cli.md), the component slots as :class:`ComponentSpec`."""
 
     data: ComponentSpec = field(default_factory=lambda: _default_spec("data"))
     norm: ComponentSpec = field(default_factory=lambda: _default_spec("norm"))
@@ -160,6 +180,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """A configuration from plain values (a YAML file's, ``to_dict``'s): unknown keys and bad values are
+        one-line errors naming them; missing keys keep their defaults."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
@@ -176,6 +198,7 @@ class RunConfig:
         return cls(**kwargs)
 
     def validate(self) -> None:
+        """Refuse values out of range (epochs < 1, splits outside [0, 1) ...) in one line."""
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise OptiflowError(message)
@@ -213,9 +236,11 @@ class RunConfig:
         return out
 
     def to_yaml(self) -> str:
+        """``to_dict`` as YAML: what a run logs as config.yaml and ``--config`` reads."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, **changes: object) -> RunConfig:
+        """A copy with ``changes`` applied and validated."""
         return RunConfig.from_dict({**self.to_dict(), **changes})
 
 

@@ -25,9 +25,9 @@ T = TypeVar("T")
 class DataContext:
     """What a dataset factory is told about the run: where files live and the seed."""
 
-    data_dir: Path
-    seed: int
-    download: bool = False
+    data_dir: Path  #: where file-based datasets live (``--data-dir``)
+    seed: int  #: the run's seed
+    download: bool = False  #: whether a missing dataset may be downloaded
 
 
 @dataclass
@@ -101,6 +101,7 @@ class DataSource:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: ``(features,)`` or ``(C, H, W)``."""
         return tuple(self.x.shape[1:])
 
     @property
@@ -110,6 +111,7 @@ class DataSource:
 
     @property
     def num_outputs(self) -> int:
+        """What the model outputs per sample: the classes, or the regression targets."""
         if self.task == "classification":
             return int(self.num_classes or 0)
         return 1 if self.y.ndim == 1 else int(self.y.shape[1])
@@ -133,9 +135,11 @@ class Splits:
         return Splits(x_train.to(train_device), y_train.to(train_device), *(t.to(device) for t in rest))
 
     def tensors(self) -> tuple[Tensor, ...]:
+        """``(x_train, y_train, x_val, y_val, x_test, y_test)``."""
         return (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
 
     def sizes(self) -> dict[str, int]:
+        """Samples per split: ``{"train": ..., "val": ..., "test": ...}``."""
         return {"train": len(self.x_train), "val": len(self.x_val), "test": len(self.x_test)}
 
 

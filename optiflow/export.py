@@ -19,10 +19,12 @@ The MLmodel metadata's ``optiflow`` entry (:class:`ModelCard`) says what it take
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,7 +169,7 @@ def save_model(path: str, mlflow_model: Model, *, module: InferenceModule, card:
     array = example.numpy().astype(np.float32)
     outputs = Schema([ColSpec("double", name) for name in card.output_columns(width)])
     traced = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, *card.input_shape))]), outputs)
-    with tempfile.TemporaryDirectory() as staging:
+    with tempfile.TemporaryDirectory() as staging, _requirements_checked_directly():
         code = Path(staging) / f"{SERVING_MODULE}.py"
         shutil.copyfile(Path(__file__).with_name("serving.py"), code)
         mlflow.pytorch.save_model(
@@ -181,6 +183,45 @@ def save_model(path: str, mlflow_model: Model, *, module: InferenceModule, card:
     if card.feature_names and not card.image:
         _save_example(mlflow_model, pd.DataFrame(array.reshape(len(array), -1), columns=card.feature_names), path)
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+
+
+@contextlib.contextmanager
+def _requirements_checked_directly() -> Iterator[None]:
+    """While open, MLflow's check that the model's pip requirements match this environment asks each
+    requirement's own distribution first, and makes its own check (which maps every installed
+    distribution's files to its modules: most of a second) only when one does not match.  The requirements
+    optiflow gives are the installed versions, so the answer, a warning or none, stays MLflow's own."""
+    from mlflow.utils import environment
+
+    check = getattr(environment, "warn_dependency_requirement_mismatches", None)
+    if check is None:  # an MLflow that checks elsewhere, or not at all
+        yield
+        return
+
+    def check_directly(model_requirements: list[str]) -> None:
+        if not all(map(_installed, model_requirements)):
+            check(model_requirements)
+
+    environment.warn_dependency_requirement_mismatches = check_directly
+    try:
+        yield
+    finally:
+        environment.warn_dependency_requirement_mismatches = check
+
+
+def _installed(requirement: str) -> bool:
+    """Whether ``requirement`` (``torch==2.5.1``: no extras, markers or URL) names an installed distribution of
+    a version it allows, asked as MLflow asks (its own check says the same when this says yes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        parsed = Requirement(requirement)
+        plain = not (parsed.extras or parsed.marker or parsed.url)
+        return plain and parsed.specifier.contains(version(parsed.name))
+    except (InvalidRequirement, PackageNotFoundError, ValueError):
+        return False
 
 
 PROGRAM_FILE = "data/model.pt2"

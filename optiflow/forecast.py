@@ -85,7 +85,7 @@ def _timed(runs: list[Run], started: float, train: Callable[[], None]) -> Calibr
     from optiflow.runlog import NullTracker
 
     for run in runs:
-        run.artifacts = False
+        run.wants_artifacts = False
         run.tracker = NullTracker()
         get_plugin_manager().hook.optiflow_run_start(run=run)
     prepared = time.perf_counter()

@@ -16,7 +16,9 @@ def optiflow_register_data(register):
     """Register datasets, normalizers and augmentations.
 
     Called once when the registry is built.  ``register(name, factory,
-    description=None, *, kind="dataset", aliases=())`` adds one component;
+    description=None, *, kind="dataset", aliases=(), namespaced_only=False)`` adds
+    one component (every hook's ``register`` takes the same arguments; ``namespaced_only``
+    registers it as ``plugin/name`` only, see docs/plugins.md);
     ``kind`` is ``"dataset"``, ``"normalizer"`` or ``"augmentation"``.
     Keyword-only parameters of ``factory`` become the component's options.
 
@@ -193,3 +195,15 @@ def optiflow_run_end(run, status):
     """Called once when training ends, with ``status`` ``"FINISHED"``,
     ``"FAILED"`` or ``"KILLED"``, while the MLflow run is still open and
     before the test split is evaluated and the model logged.  Returns nothing."""
+
+
+@hookspec
+def optiflow_test_end(run, metrics, predictions):
+    """Called once when a run that trained to its end has scored its test split,
+    after ``optiflow_run_end`` and before the test metrics and the model are
+    logged.  ``metrics`` is the mutable dict of test metrics (``test_loss``,
+    ``test_accuracy`` or ``test_rmse``/``test_r2``): add entries to log more.
+    ``predictions`` is the model's output on ``run.splits.x_test`` (logits, or
+    values for regression), on the device, row by row with ``run.splits.y_test``
+    (None when the test split is empty).  Not called for runs that fail or are
+    killed.  Returns nothing."""

@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pluggy
@@ -15,8 +15,11 @@ import pluggy
 from optiflow.values import env_flag
 
 
-def culprit(pm: pluggy.PluginManager, exc: BaseException) -> tuple[str, str] | None:
-    """``(plugin name, hook name)`` of the hook implementation ``exc`` was raised from, if any."""
+def culprit(pm: pluggy.PluginManager, exc: BaseException,
+            parts: Iterable[tuple[str, str, str]] = ()) -> tuple[str, str] | None:
+    """``(plugin name, hook name)`` of the hook implementation ``exc`` was raised from, if any; else
+    ``(plugin, what)`` of the first of ``parts``, ``(plugin, what, module)`` (a plugin's optimizer and the
+    module of its class), whose module holds the deepest frame among its own and optiflow's."""
     codes: dict[types.CodeType, tuple[str, str]] = {}
     for hook_name, caller in vars(pm.hook).items():
         for impl in caller.get_hookimpls():
@@ -27,7 +30,23 @@ def culprit(pm: pluggy.PluginManager, exc: BaseException) -> tuple[str, str] | N
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         if frame.f_code in codes:
             return codes[frame.f_code]
+    for plugin, what, module in parts:
+        if _raised_in(exc, module):
+            return plugin, what
     return None
+
+
+def _raised_in(exc: BaseException, module: str) -> bool:
+    """Whether the deepest frame of ``exc``'s traceback that is ``module``'s or optiflow's own is ``module``'s: the
+    optimizer's ``step`` raised, not the loss it called back into the core for."""
+    deepest = False
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        name = str(frame.f_globals.get("__name__", ""))
+        if name == module:
+            deepest = True
+        elif name.split(".")[0] == "optiflow":
+            deepest = False
+    return deepest
 
 
 def hook_tracer() -> tuple[Callable[..., None], Callable[..., None]]:

@@ -321,6 +321,11 @@ def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
 def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
     """The task's plain loss (:func:`~optiflow.run.task_loss`, whatever the run trains with) and accuracy, or
     RMSE/R² for regression, of the model on ``x``, ``y`` in eval mode."""
+    return score(run, x, y, prefix, keep=False)[0]
+
+
+def score(run: Run, x: Tensor, y: Tensor, prefix: str, keep: bool = True) -> tuple[dict[str, float], Tensor | None]:
+    """:func:`evaluate`'s metrics and (``keep``) the model's outputs on ``x``, row by row."""
     model = run.model
     loss_fn = task_loss(run.task)
     was_training = model.training
@@ -334,8 +339,8 @@ def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
             loss_sum += loss_fn(outputs.float(), yb) * len(xb)
             if run.task == "classification":
                 correct += (outputs.argmax(1) == yb).sum()
-            else:
-                outputs_all.append(outputs.reshape(yb.shape))
+            if keep or run.task != "classification":
+                outputs_all.append(outputs if run.task == "classification" else outputs.reshape(yb.shape))
     model.train(was_training)
     n = max(len(x), 1)
     metrics = {f"{prefix}_loss": float(loss_sum) / n}
@@ -347,4 +352,4 @@ def evaluate(run: Run, x: Tensor, y: Tensor, prefix: str) -> dict[str, float]:
         total = ((y - y.mean()) ** 2).sum().clamp_min(1e-12)
         metrics[f"{prefix}_rmse"] = float(torch.sqrt(residual / n))
         metrics[f"{prefix}_r2"] = float(1 - residual / total)
-    return metrics
+    return metrics, (torch.cat(outputs_all) if keep and outputs_all else None)

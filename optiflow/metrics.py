@@ -6,6 +6,7 @@ import csv
 import difflib
 import io
 from collections.abc import Collection, Sequence
+from typing import Any
 
 from optiflow.errors import OptiflowError
 
@@ -27,7 +28,7 @@ def evaluation_metric_names(task: str, prefix: str) -> list[str]:
 
 def epoch_metric_names(task: str, validation: bool) -> list[str]:
     """The metrics the core logs every epoch (plugins declare theirs with ``optiflow_metric_names``)."""
-    names = ["train_loss", "lr", "epoch_time", "samples_per_sec"] + (["train_accuracy"] if task == "classification"
+    names = ["train_loss", "train_objective", "lr", "epoch_time", "samples_per_sec"] + (["train_accuracy"] if task == "classification"
                                                                       else [])
     return names + (evaluation_metric_names(task, "val") if validation else [])
 
@@ -43,6 +44,26 @@ def check_monitor(owner: str, monitor: str, produced: Collection[str], validatio
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise OptiflowError(f"{owner} monitors '{monitor}', which this run does not produce{hint}; "
                         f"it produces {', '.join(sorted(produced))}")
+
+
+def produced_metric_names(run: Any) -> set[str]:
+    """What a prepared run (``training.preflight``) will log as final metrics: its per-epoch metrics (the core's
+    and those plugins declare) and, with a test split, the test evaluation's."""
+    tested = evaluation_metric_names(run.task, "test") if len(run.splits.x_test) else []
+    return set(run.metric_names or ()) | set(tested)
+
+
+#: the core's metric families: a name in them that a run does not produce is a mistake, known before training
+CORE_FAMILIES = ("train_", "val_", "test_")
+
+
+def check_final_metric(owner: str, metric: str, produced: Collection[str], validation: bool) -> None:
+    """Refuse, before anything trains, a final metric ``owner`` (``--metric``) ranks by that the run will not
+    log: a ``val_*`` metric without a validation split, a core metric of the other task, a typo of a produced
+    name.  Other names may be what a plugin logs at epoch end (``grad_norm/fc1``, ``weight_norm``: not
+    declared before the run), so they are checked on the finished runs."""
+    if metric.startswith(CORE_FAMILIES) or difflib.get_close_matches(metric, list(produced), n=1):
+        check_monitor(owner, metric, produced, validation)
 
 
 def final_metrics(metrics: dict[str, float], history: dict[str, list[float]]) -> dict[str, float]:

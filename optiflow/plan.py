@@ -9,7 +9,7 @@ from typing import Any
 
 from optiflow.config import ComponentSpec, RunConfig
 from optiflow.errors import OptiflowError
-from optiflow.registry import Component, Registry
+from optiflow.registry import Component, Registry, flat_options
 from optiflow.slots import SLOTS
 
 #: A component and its typed options.
@@ -22,7 +22,8 @@ LOGGED_SETTINGS = ("epochs", "batch_size", "seed", "val_split", "test_split", "s
 
 @dataclass
 class Plan:
-    """Every slot of :data:`optiflow.slots.SLOTS` resolved: one field per slot key."""
+    """Every slot of :data:`optiflow.slots.SLOTS` resolved: one field per slot key, each a ``(Component, typed
+    options)`` pair (a list of them for ``aug`` and ``reg``; ``loss`` None for the task's default)."""
 
     config: RunConfig
     data: Resolved
@@ -56,7 +57,7 @@ class Plan:
         out: dict[str, Any] = {}
         for key, (component, options) in self.components():
             out[key] = component.name
-            out.update({f"{key}.{option}": value for option, value in options.items()})
+            out.update(flat_options(key, options))
         out.update({key: getattr(self.config, key) for key in LOGGED_SETTINGS})
         if self.config.cv_folds:
             out.update(cv_folds=self.config.cv_folds, cv_fold=self.config.cv_fold)

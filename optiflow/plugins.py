@@ -279,12 +279,16 @@ def describe_plugins(pm: PluginManager | None = None, reserved: Iterable[str] = 
         if plugin is None:
             continue
         components: dict[str, list[str]] = {}
+        namespaced: dict[str, list[str]] = {}
         for component in registry.select():
             if component.plugin == name:
                 components.setdefault(component.kind, []).append(component.name)
+                if component.namespaced_only:
+                    namespaced.setdefault(component.kind, []).append(component.name)
         rows.append(_row(name, *pm.distribution(name), "loaded",
                          hooks=sorted(caller.name for caller in pm.get_hookcallers(plugin) or []),
-                         components=components,
+                         components=components, namespaced_only=namespaced,
+                         clashes=[line for owner, line in registry.clashes if owner == name],
                          commands=sorted(c for c in commands if pm.command_owners.get(c) == name)))
     rows += [_row(f.plugin, f.distribution, f.version, "failed", error=f.error) for f in pm.failures]
     rows += [_row(name, dist, version, "blocked") for name, dist, version in pm.blocked]
@@ -333,6 +337,7 @@ def _call_one(pm: PluginManager, hook_name: str, plugin: object, **kwargs: objec
 
 def _row(name: str, distribution: str, version: str, status: str, *, error: str | None = None,
          hooks: list[str] | None = None, components: dict[str, list[str]] | None = None,
+         namespaced_only: dict[str, list[str]] | None = None, clashes: list[str] | None = None,
          commands: list[str] | None = None) -> dict[str, Any]:
     return {
         "name": name,
@@ -343,6 +348,8 @@ def _row(name: str, distribution: str, version: str, status: str, *, error: str 
         "error": error,
         "hooks": hooks or [],
         "components": components or {},
+        "namespaced_only": namespaced_only or {},
+        "clashes": clashes or [],
         "commands": commands or [],
     }
 

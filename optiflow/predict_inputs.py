@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +54,22 @@ class ModelSpec:
 @dataclass
 class Inputs:
     """Rows to predict: their ids, the raw features (a DataFrame with the feature names, else an array
-    shaped ``(N, *input_shape)``) and the true labels when the input had them (None where missing)."""
+    shaped ``(N, *input_shape)``), the true labels when the input had them (None where missing) and a CSV's
+    columns that are neither features, target nor id (ignored)."""
 
     ids: list[Any]
     x: pd.DataFrame | np.ndarray
     labels: list[Any] | None = None
+    ignored: list[str] = field(default_factory=list)
+
+    def ignored_note(self) -> str | None:
+        """What ``optiflow predict`` says about the ignored columns (one may hold the labels), None without any."""
+        if not self.ignored:
+            return None
+        several = len(self.ignored) > 1
+        what = "the columns {}: not features" if several else "the column {}: not a feature"
+        return (f"ignored {what.format(_shown([repr(c) for c in self.ignored]))} of the model (if "
+                f"{'one holds' if several else 'it holds'} the labels, name it with --target {self.ignored[0]})")
 
 
 def input_file(path: str) -> Path:
@@ -127,11 +138,13 @@ def read_csv(file: Path, spec: ModelSpec, target: str | None = None) -> Inputs:
     if spec.target and spec.target in position and spec.target not in features:
         labels = _labels(file, column(spec.target), spec)
     x = pd.DataFrame(values, columns=features) if spec.feature_names else values
-    return Inputs(ids, x, labels)
+    ignored = [c for c in header if c not in features and c not in (ID_COLUMN, spec.target)]
+    return Inputs(ids, x, labels, ignored)
 
 
 def read_npy(file: Path, spec: ModelSpec) -> Inputs:
-    """An array shaped ``(N, *input_shape)`` (one sample may drop the N; images may be flat or lack a 1-channel axis)."""
+    """An array shaped ``(N, *input_shape)`` (one sample may drop the N or be flat; images may be flat rows or lack
+    a 1-channel axis), as the logged model's pyfunc takes it; an empty array is refused."""
     import numpy as np
     import pandas as pd
 
@@ -139,13 +152,20 @@ def read_npy(file: Path, spec: ModelSpec) -> Inputs:
     if array.dtype.kind not in "biuf":
         raise OptiflowError(f"{file} holds {array.dtype} values; the model takes numbers")
     shape = tuple(spec.input_shape)
-    if array.shape == shape:
-        array = array[None]
-    elif spec.image and array.ndim == 2 and array.shape[1] == math.prod(shape):
+    size = math.prod(shape)
+    if array.size == 0:
+        raise OptiflowError(f"{file} holds an empty array of shape {tuple(array.shape)}: no samples to predict")
+    if array.shape == shape or (array.ndim == 1 and array.size == size):
+        array = array.reshape(1, *shape)  # one sample, maybe flat
+    elif array.ndim == 1:
+        rows = f", here ({array.size // size}, {size})" if array.size % size == 0 else ""
+        raise OptiflowError(f"{file} holds a flat array of {array.size} values; the model takes samples of {size} "
+                            f"values ({spec.describe_input()}): save it shaped (N, {size}){rows}")
+    elif spec.image and array.ndim == 2 and array.shape[1] == size:
         array = array.reshape(-1, *shape)
     elif spec.image and shape[0] == 1 and array.shape[1:] == shape[1:]:
         array = array[:, None]
-    if array.ndim == 0 or array.shape[1:] != shape or len(array) == 0:
+    if array.ndim == 0 or array.shape[1:] != shape:
         raise OptiflowError(f"{file} holds an array of shape {tuple(array.shape)}; {_shape_hint(array.shape, spec)}")
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array) | beyond_float32(array)
@@ -204,7 +224,8 @@ def _image_shape(spec: ModelSpec) -> tuple[int, int, int]:
 
 
 def _feature_columns(file: Path, columns: list[str], spec: ModelSpec) -> list[str]:
-    """The feature columns in the model's order; missing or unknown columns refused, with a close match."""
+    """The feature columns in the model's order: by name when the model has names (missing ones refused by
+    name, with a close match among the others; the others ignored), else all but the id and target columns."""
     extra_ok = {ID_COLUMN, spec.target}
     if not spec.feature_names:
         features = [c for c in columns if c not in extra_ok]
@@ -219,9 +240,6 @@ def _feature_columns(file: Path, columns: list[str], spec: ModelSpec) -> list[st
         close = difflib.get_close_matches(missing[0], unknown[:MATCHED_COLUMNS], n=1)
         hint = f" (is '{close[0]}' it?)" if close else ""
         raise OptiflowError(f"{file} has no column '{missing[0]}'{hint}; {_columns_hint(names, spec)}")
-    if unknown:
-        raise OptiflowError(f"{file}: column '{unknown[0]}' is not a feature of the model (if it holds the labels, "
-                            f"name it with --target {unknown[0]}); {_columns_hint(names, spec)}")
     return names
 
 

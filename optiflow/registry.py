@@ -11,8 +11,9 @@ import sys
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from optiflow.config import ComponentSpec
 from optiflow.errors import OptiflowError
 from optiflow.slots import FAMILY_KINDS, KINDS, SLOTS, family_of
 from optiflow.values import MAX_INT, coerce, type_name
@@ -22,19 +23,27 @@ from optiflow.values import MAX_INT, coerce, type_name
 class Option:
     """One keyword option a component accepts: its type, default and allowed choices."""
 
-    name: str
-    type: object
-    default: object = None
-    choices: tuple[object, ...] | None = None
+    name: str  #: the keyword the factory takes
+    type: object  #: what a value is coerced to: ``float``, ``int``, ``bool``, ``str``, ``tuple[int, ...]``, unions
+    default: object = None  #: the factory's default
+    choices: tuple[object, ...] | None = None  #: the allowed values of a ``Literal[...]`` option, else None
+    #: the kind of component the value names (an option annotated ``Annotated[Nested, "optimizer"]``), else None
+    component_kind: str | None = None
 
     @property
     def type_name(self) -> str:
+        """How ``optiflow list`` and errors name the type: ``float``, ``a|b``, ``list of int``, ``optimizer spec``."""
         if self.choices:
             return "|".join(map(str, self.choices))
+        if self.component_kind:
+            return f"{self.component_kind} spec"
         return type_name(self.type)
 
-    def coerce(self, value: object, owner: str = "") -> object:
-        """Convert a raw CLI string or YAML value to this option's type, or raise OptiflowError."""
+    def coerce(self, value: object, owner: str = "", registry: Registry | None = None) -> object:
+        """Convert a raw CLI string or YAML value to this option's type, or raise OptiflowError; an option naming a
+        component (``component_kind``) becomes a :class:`Nested`, found in ``registry``."""
+        if self.component_kind:
+            return self._nested(value, owner, registry)
         try:
             result = coerce(self.type, value)
         except (TypeError, ValueError):
@@ -52,26 +61,86 @@ class Option:
         return result
 
 
+    def _nested(self, value: object, owner: str, registry: Registry | None) -> Nested:
+        kind = self.component_kind
+        if isinstance(value, Nested) and value.component.kind == kind:
+            return value
+        if registry is None:
+            raise OptiflowError(f"{owner}: option '{self.name}' names a {kind}: build the component from "
+                                "get_registry(), which finds it")
+        try:
+            spec = ComponentSpec.parse(value)
+            component = registry.get(str(kind), spec.name)
+            return Nested(component, component.resolve_options(spec.options))
+        except OptiflowError as exc:
+            raise OptiflowError(f"{owner}: option '{self.name}': {exc}") from None
+
+
+@dataclass(frozen=True)
+class Nested:
+    """The value of an option that is itself a component, ``sam:base=[sgd:momentum=0.9,nesterov=true]``: the
+    component chosen and its typed options.  A factory declares such an option ``base: Annotated[Nested,
+    "optimizer"] = "sgd"`` and gets this, validated like any option, to build with ``base.build(model)``."""
+
+    component: Component  #: the component the option names
+    options: dict[str, Any] = field(default_factory=dict)  #: its typed options, defaults filled
+
+    @property
+    def name(self) -> str:
+        """The chosen component's name."""
+        return self.component.name
+
+    def build(self, *context: object) -> Any:
+        """The chosen component's factory called with ``context`` (what its kind takes: a model ...) and the options."""
+        return self.component.factory(*context, **self.options)
+
+    def __str__(self) -> str:
+        return str(ComponentSpec(self.name, self.options))
+
+
+def flat_options(prefix: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``{prefix.option: value}``; a :class:`Nested` option as ``prefix.option=name`` plus its own options the same
+    way (``opt.base=sgd``, ``opt.base.momentum=0.9``): how a run logs its components' options."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Nested):
+            flat[f"{prefix}.{key}"] = value.name
+            flat.update(flat_options(f"{prefix}.{key}", value.options))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
+
+
 @dataclass(frozen=True)
 class Component:
     """A named, registered component: what it is, how to build it, where it came from."""
 
-    kind: str
-    name: str
-    factory: Callable[..., Any]
-    description: str
-    options: tuple[Option, ...]
-    plugin: str
-    aliases: tuple[str, ...] = ()
+    kind: str  #: what it is: ``optimizer``, ``model``, ``activation`` ... (``optiflow.slots.KINDS``)
+    name: str  #: what users type; ``plugin/name`` when another plugin had the name (or ``namespaced_only``)
+    factory: Callable[..., Any]  #: builds it: ``factory(*context of its kind, **options)``
+    description: str  #: one line, by default the factory's first docstring line
+    options: tuple[Option, ...]  #: the factory's keyword-only parameters, typed
+    plugin: str  #: the name of the plugin that registered it
+    aliases: tuple[str, ...] = ()  #: other names it answers to
+    #: registered with ``namespaced_only=True``: answers to ``plugin/name`` (and ``plugin/alias``) only, never
+    #: to a bare name, so reusing another plugin's name on purpose is no clash
+    namespaced_only: bool = False
+    #: the registry holding it, where options naming a component (:class:`Nested`) find theirs
+    registry: Registry | None = field(default=None, compare=False, repr=False)
 
     @property
     def defaults(self) -> dict[str, Any]:
+        """``{option: default}`` as declared."""
         return {o.name: o.default for o in self.options}
 
     def resolve_options(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Typed options: the declared defaults updated with ``raw`` (validated)."""
         known = {o.name: o for o in self.options}
         resolved = self.defaults
+        owner = f"{self.kind} '{self.name}'"
+        for option in self.options:  # a component's default is a spec too: it is found and typed
+            if option.component_kind and option.default is not None and option.name not in raw:
+                resolved[option.name] = option.coerce(option.default, owner, self.registry)
         for key, value in raw.items():
             key = key.replace("-", "_")
             if key not in known:
@@ -80,7 +149,7 @@ class Component:
                 raise OptiflowError(
                     f"{self.kind} '{self.name}' has no option '{key}'{hint}; valid options: {valid}"
                 )
-            resolved[key] = known[key].coerce(value, owner=f"{self.kind} '{self.name}'")
+            resolved[key] = known[key].coerce(value, owner, self.registry)
         return resolved
 
     def build(self, *context: object, **options: object) -> Any:
@@ -113,6 +182,7 @@ class Registry:
             *,
             kind: str | None = None,
             aliases: tuple[str, ...] | list[str] = (),
+            namespaced_only: bool = False,
         ) -> Component:
             kind = kind or kinds[0]
             if kind not in KINDS:
@@ -131,6 +201,7 @@ class Registry:
                 options=_with_core_options(kind, options_of(factory, owner=f"{kind} '{name}'")),
                 plugin=plugin,
                 aliases=tuple(aliases),
+                namespaced_only=namespaced_only,
             )
             return self.add(component)
 
@@ -140,13 +211,21 @@ class Registry:
         """Add ``component`` and return it as stored.  A name (or alias) another plugin already
         has stays that plugin's: the newcomer keeps its other names and is always reachable as
         ``plugin/name``; the clash is recorded in ``clashes``.  A plugin registering one name
-        twice is an error."""
+        twice is an error.  A ``namespaced_only`` component takes ``plugin/name`` alone: no bare name, no
+        clash."""
         kind, table = component.kind, self.components[component.kind]
+        component = replace(component, registry=self)
+        if component.namespaced_only:
+            self._refuse_twice(component)
+            component = replace(component, name=f"{component.plugin}/{component.name}")
+            table[component.name] = component
+            return component
         taken = {name: found for name in (component.name, *component.aliases)
                  if (found := self._lookup(kind, name)) is not None}
         for name, existing in taken.items():
             if existing.plugin == component.plugin:
                 raise OptiflowError(f"duplicate {kind} '{name}': registered twice by plugin '{component.plugin}'")
+        self._refuse_twice(component)
         if taken:
             component = replace(component, aliases=tuple(a for a in component.aliases if a not in taken))
             if component.name in taken:
@@ -158,12 +237,21 @@ class Registry:
             self.aliases[kind][alias] = component.name
         return component
 
+    def _refuse_twice(self, component: Component) -> None:
+        """A plugin registering one ``plugin/name`` twice, once namespaced-only, is an error."""
+        for name in (component.name, *component.aliases):
+            found = self._qualified(component.kind, f"{component.plugin}/{name}")
+            if found is not None and (found.namespaced_only or component.namespaced_only):
+                raise OptiflowError(f"duplicate {component.kind} '{component.plugin}/{name}': registered twice by "
+                                    f"plugin '{component.plugin}'")
+
     def remove_plugin(self, plugin: str) -> None:
         """Drop every component a plugin registered (used when a plugin fails half-way)."""
         for kind, table in self.components.items():
             for name in [n for n, c in table.items() if c.plugin == plugin]:
                 del table[name]
             self.aliases[kind] = {a: n for a, n in self.aliases[kind].items() if n in table}
+        self.clashes = [(owner, line) for owner, line in self.clashes if owner != plugin]
 
     def _lookup(self, kind: str, name: str) -> Component | None:
         table = self.components[kind]
@@ -225,11 +313,13 @@ def options_of(factory: Callable[..., Any], owner: str = "") -> tuple[Option, ..
         annotation = annotation_of(factory, param)
         if annotation is inspect.Parameter.empty:
             annotation = type(default) if default is not None else str
-        choices = None
+        choices, component_kind = None, None
         if typing.get_origin(annotation) is Literal:
             choices = typing.get_args(annotation)
             annotation = type(choices[0])
-        options.append(Option(param.name, annotation, default, choices))
+        elif typing.get_origin(annotation) is Annotated and typing.get_args(annotation)[0] is Nested:
+            annotation, component_kind = Nested, _nested_kind(typing.get_args(annotation)[1:], owner, param.name)
+        options.append(Option(param.name, annotation, default, choices, component_kind))
     return tuple(options)
 
 
@@ -245,6 +335,15 @@ def annotation_of(function: Callable[..., Any], param: inspect.Parameter) -> obj
         except Exception:
             annotation = inspect.Parameter.empty
     return annotation
+
+
+def _nested_kind(metadata: tuple[object, ...], owner: str, option: str) -> str:
+    """The kind ``Annotated[Nested, "optimizer"]`` names; an unknown one is the plugin's error."""
+    kind = metadata[0] if metadata else None
+    if kind not in KINDS:
+        raise OptiflowError(f"{owner}: option '{option}' is Annotated[Nested, KIND] with KIND one of "
+                            f"{', '.join(KINDS)}; got {kind!r}")
+    return str(kind)
 
 
 def _with_core_options(kind: str, options: tuple[Option, ...]) -> tuple[Option, ...]:

@@ -26,6 +26,10 @@ from optiflow.runlog import RunTracker
 from optiflow.schedule import Schedule, TrainingLength, rehearse, scheduled
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
 
+#: what a run is for (``Run.role``): a plain training, a variant of ``optiflow compare``, a search trial, a fold
+#: of a cross-validated trial, or the refit of a search's best trial
+ROLES = ("train", "compare-child", "search-trial", "cv-fold", "refit")
+
 
 class Reporter(Protocol):
     """Progress display driven by the training loop (the CLI passes a rich one)."""
@@ -53,51 +57,58 @@ class SilentReporter:
 class Run:
     """The live state of one training run; every lifecycle hook receives it."""
 
-    config: RunConfig
-    plan: Plan
-    setup: Setup
-    source: DataSource
-    splits: Splits
-    model: nn.Module
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    length: TrainingLength
+    config: RunConfig  #: the resolved configuration (every flag)
+    plan: Plan  #: each slot's component with its typed options; ``plan.params()`` flattens them
+    setup: Setup  #: where and how the run computes: device, amp_dtype, channels_last, streamed
+    source: DataSource  #: the dataset (a run that loaded it alone keeps 5 raw samples: its data is ``splits``)
+    splits: Splits  #: x/y of train, val and test, normalized, on the device
+    model: nn.Module  #: the live model, on ``device``
+    loss_fn: nn.Module  #: the loss the run trains with
+    optimizer: torch.optim.Optimizer  #: the live optimizer (see the step contract in docs/plugins.md)
+    schedule: Schedule  #: the learning-rate scheduler, its interval and monitored metric
+    length: TrainingLength  #: epochs and steps per epoch
     #: draws the order of training batches; its state is checkpointed
     batch_generator: torch.Generator
-    normalizer: Normalizer | None = None
+    normalizer: Normalizer | None = None  #: the fitted normalizer (None for ``none``)
     #: the raw values seen in training, (lows, highs): one pair, or one per feature (:func:`~optiflow.data.value_range`)
     input_range: tuple[list[float], list[float]] | None = None
-    augmentation: Callable[[Tensor], Tensor] | None = None
-    regularizers: list[Any] = field(default_factory=list)
+    augmentation: Callable[[Tensor], Tensor] | None = None  #: the augmentations as one per-sample function
+    regularizers: list[Any] = field(default_factory=list)  #: the ``--reg`` objects, registered as plugins for the run
     #: the MLflow run's tracker, None until the run is open (``optiflow_check_run`` sees None)
     tracker: RunTracker | None = None
     #: the names every epoch's metrics will hold, the core's and those plugins declare
     #: (``optiflow_metric_names``); set before ``optiflow_check_run``, None before
     metric_names: frozenset[str] | None = None
-    epoch: int = 0
-    step: int = 0
-    stop_reason: str | None = None
-    history: dict[str, list[float]] = field(default_factory=dict)
-    last_outputs: Tensor | None = None
-    last_targets: Tensor | None = None
-    checkpoint: dict[str, Any] | None = None
-    status: str | None = None
+    epoch: int = 0  #: the current epoch, from 1 (0 before the first)
+    step: int = 0  #: training batches so far, from 1, across epochs
+    stop_reason: str | None = None  #: why training ends early (``request_stop``), else None
+    history: dict[str, list[float]] = field(default_factory=dict)  #: every logged epoch metric so far, as lists
+    last_outputs: Tensor | None = None  #: the current batch's outputs (``optiflow_penalty`` reads them)
+    last_targets: Tensor | None = None  #: the current batch's targets, after ``optiflow_train_batch``
+    checkpoint: dict[str, Any] | None = None  #: the last checkpoint taken (what ``--resume`` restores)
+    status: str | None = None  #: FINISHED, FAILED or KILLED once training ended, else None
     #: per-run scratch space for plugins, keyed by plugin name
     state: dict[str, Any] = field(default_factory=dict)
-    #: whether the run logs its pictures and files (figures, config.yaml); search children only with --child-artifacts
-    artifacts: bool = True
+    #: why the run trains, one of :data:`ROLES`: ``train`` (optiflow train, reproduce), ``compare-child``,
+    #: ``search-trial``, ``cv-fold`` (a fold of a cross-validated trial) or ``refit`` (search's best trial refitted)
+    role: str = "train"
+    #: whether the run logs pictures and files (figures, config.yaml, a plugin's artifacts): false for search
+    #: trials and folds unless ``--child-artifacts``; params, metrics and tags are logged either way
+    wants_artifacts: bool = True
 
     @property
     def device(self) -> torch.device:
+        """The device the run trains on (``setup.device``)."""
         return self.setup.device
 
     @property
     def task(self) -> str:
+        """``"classification"`` or ``"regression"``."""
         return self.source.task
 
     @property
     def lr(self) -> float:
+        """The first parameter group's current learning rate."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     @property
@@ -117,6 +128,7 @@ class Run:
             self.tracker.log_metrics(metrics, step=self.epoch if step is None else step, flush=False)
 
     def set_tags(self, tags: dict[str, object]) -> None:
+        """Set MLflow tags on this run (nothing before it opens)."""
         if self.tracker is not None:
             self.tracker.set_tags(tags)
 
@@ -125,14 +137,14 @@ class Run:
 class RunResult:
     """What a finished training returns (a run that does not finish raises instead)."""
 
-    run_id: str | None
-    metrics: dict[str, float]
-    history: dict[str, list[float]]
-    epochs: int
-    seconds: float
-    tracking_uri: str | None
-    stop_reason: str | None = None
-    resumed_from: int | None = None
+    run_id: str | None  #: the MLflow run's id
+    metrics: dict[str, float]  #: the final test metrics
+    history: dict[str, list[float]]  #: every epoch metric, as lists
+    epochs: int  #: the epochs trained
+    seconds: float  #: the training's wall time
+    tracking_uri: str | None  #: the store the run is in
+    stop_reason: str | None = None  #: why training stopped early, if it did
+    resumed_from: int | None = None  #: the epoch a ``--resume`` went on from, else None
 
 
 def prepare(config: RunConfig, registry: Registry) -> Run:
@@ -177,6 +189,14 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
                normalizer=normalizer, input_range=input_range,
                augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg])
+
+
+def stepped_parts(resolved: Plan, optimizer: object, schedule: Schedule) -> list[tuple[str, str, str]]:
+    """``(plugin, "optimizer 'name'", module of its class)`` for the optimizer and the scheduler, the components
+    the core steps outside any hook: an error raised in their code names their plugin (:func:`~optiflow.hooktrace.culprit`)."""
+    (opt, _), (sched, _) = resolved.opt, resolved.sched
+    return [(opt.plugin, f"optimizer '{opt.name}'", type(optimizer).__module__),
+            (sched.plugin, f"scheduler '{sched.name}'", type(schedule.scheduler).__module__)]
 
 
 #: raw samples a split dataset keeps: the logged model's input example

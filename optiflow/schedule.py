@@ -28,6 +28,7 @@ class TrainingLength:
 
     @property
     def total_steps(self) -> int:
+        """Optimizer steps in the whole training."""
         return self.epochs * self.steps_per_epoch
 
     @classmethod
@@ -57,6 +58,7 @@ class Schedule:
     monitor: str | None = None
 
     def step(self, metrics: dict[str, float] | None = None) -> None:
+        """Step the scheduler; one that monitors a metric gets ``metrics[monitor]``."""
         if self.scheduler is None:
             return
         if self.monitor is None:
@@ -71,16 +73,35 @@ class Schedule:
 def follow(optimizer: Any, schedule: Schedule, length: TrainingLength,
            monitored: float = 1.0) -> Iterator[tuple[float, float]]:
     """``(position in epochs, learning rate)`` at every optimizer step of training, stepping ``optimizer``
-    (a closure giving 0) and ``schedule`` as the training loop does; a monitored metric stays at ``monitored``
-    (it never improves): what ``lr-preview`` draws."""
+    (with :func:`stand_in_closure`) and ``schedule`` as the training loop does; a monitored metric stays at
+    ``monitored`` (it never improves): what ``lr-preview`` draws."""
+    closure = stand_in_closure(optimizer)
     for epoch in range(length.epochs):
         for step in range(length.steps_per_epoch):
             yield epoch + step / length.steps_per_epoch, float(optimizer.param_groups[0]["lr"])
-            optimizer.step(lambda: 0.0)
+            optimizer.step(closure)
             if schedule.interval == "step":
                 schedule.step()
         if schedule.interval == "epoch":
             schedule.step({schedule.monitor: monitored} if schedule.monitor else None)
+
+
+def stand_in_closure(optimizer: Any) -> Callable[[], Any]:
+    """The closure ``lr-preview`` steps ``optimizer`` with, on its stand-in parameters, keeping training's step
+    contract: it zeroes the gradients, computes a loss (half the parameters' squared norm) with its gradients,
+    and returns it as a tensor; no hook runs."""
+    import torch
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def closure() -> Any:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = sum((0.5 * p.float().pow(2).sum() for p in params), torch.zeros(()))
+            loss.backward()
+        return loss
+
+    return closure
 
 
 #: how many steps of a schedule :func:`rehearse` takes before a run opens (under a millisecond each)

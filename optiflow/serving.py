@@ -29,6 +29,18 @@ def _load_pyfunc(path: str, model_config: Any = None) -> Predictor:
     return Predictor(mlflow.pytorch.load_model(folder), card)
 
 
+def refused(message: str) -> ValueError:
+    """An input the model cannot take, said in ``message``: a ValueError that is also an MLflow bad request
+    (HTTP 400), so that ``mlflow models serve`` answers with this message instead of a generic one."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    class InputRefused(MlflowException, ValueError):
+        pass
+
+    return InputRefused(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 @dataclass
 class OutOfRange:
     """How many raw input values lie outside the range seen in training, and where."""
@@ -91,7 +103,9 @@ class Predictor:
         try:
             x = np.require(data, np.float32, ["C", "W"])  # writable: pandas' copy-on-write views are read-only
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"inputs must be numbers ({exc})") from None
+            raise refused(f"inputs must be numbers ({exc})") from None
+        if x.size == 0:
+            raise refused(f"no rows to predict: the input (shape {list(x.shape)}) is empty")
         if x.shape == shape or (x.ndim == 1 and x.shape[0] == size):
             x = x.reshape(1, *shape)  # one sample
         elif x.ndim == 2 and x.shape[1] == size:
@@ -101,10 +115,10 @@ class Predictor:
         if x.shape[1:] != shape:
             dims = ", ".join(map(str, shape))
             flat = f" or (N, {size})" if len(shape) > 1 else ""
-            raise ValueError(f"inputs of shape {list(x.shape)}; the model takes (N, {dims}){flat}")
+            raise refused(f"inputs of shape {list(x.shape)}; the model takes (N, {dims}){flat}")
         bad = ~np.isfinite(x.reshape(len(x), -1))
         if bad.any():
-            raise ValueError(f"row {int(np.argwhere(bad)[0][0])} holds NaN or infinite values")
+            raise refused(f"row {int(np.argwhere(bad)[0][0])} holds NaN or infinite values")
         return np.ascontiguousarray(x), index
 
     def _columns(self, frame: Any, size: int) -> Any:
@@ -118,11 +132,11 @@ class Predictor:
         if positional and len(frame.columns) == size:
             return frame
         if not names:
-            raise ValueError(f"inputs with {len(frame.columns)} columns; the model takes {size}")
+            raise refused(f"inputs with {len(frame.columns)} columns; the model takes {size}")
         missing = [n for n in names if n not in set(frame.columns)]
         shown = ", ".join(repr(n) for n in missing[:SHOWN_NAMES])
         more = f" and {len(missing) - SHOWN_NAMES} more" if len(missing) > SHOWN_NAMES else ""
-        raise ValueError(f"inputs lack the column{'s' if len(missing) > 1 else ''} {shown}{more} "
+        raise refused(f"inputs lack the column{'s' if len(missing) > 1 else ''} {shown}{more} "
                          f"(the model takes the {len(names)} columns it was trained on, by name, in any order)")
 
     def out_of_range(self, x: Any) -> OutOfRange | None:

@@ -25,11 +25,11 @@ from optiflow.errors import (
     first_line,
 )
 from optiflow.hooktrace import culprit
-from optiflow.loop import evaluate, fit
+from optiflow.loop import evaluate, fit, score
 from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
-from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare
+from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare, stepped_parts
 from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
 from optiflow.stored import resume_command
@@ -49,6 +49,7 @@ def train(
     extra_params: dict[str, Any] | None = None,
     resume: str | None = None,
     artifacts: bool = True,
+    role: str = "train",
     on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
@@ -58,7 +59,8 @@ def train(
     KILLED).  ``extra_params`` are logged beside the resolved ones.  ``resume`` is the id of a KILLED or
     FAILED run to continue from its checkpoint, in that same run (``config``
     must be its logged configuration: see ``resume_config``).  ``artifacts=False`` logs params and metrics
-    only, no figures or files (search's child runs; a failed run still gets its config.yaml).  ``on_start``
+    only, no figures or files (search's child runs; a failed run still gets its config.yaml): ``run.wants_artifacts``;
+    ``role`` is ``run.role`` (:data:`optiflow.run.ROLES`).  ``on_start``
     gets the run's id as soon as the run is open (search records it on the trial).  Raises
     OptiflowError for bad input before the run starts, TrainingError when
     training diverges, PluginError when a plugin raises, RunInterrupted (a
@@ -70,7 +72,7 @@ def train(
     reporter = reporter or SilentReporter()
     with _agreeing():
         run = prepare(config, registry)
-    run.artifacts = artifacts
+    run.role, run.wants_artifacts = role, artifacts
     if run.device.type == "cpu":
         host.keep_freed_memory()
     with per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
@@ -154,10 +156,15 @@ def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_para
 
 
 def end_run(run: Run, pm: PluginManager) -> dict[str, float]:
-    """A run that trained to its end: FINISHED for ``optiflow_run_end``, then its test metrics."""
+    """A run that trained to its end: FINISHED for ``optiflow_run_end``, then its test metrics (and the predictions
+    for ``optiflow_test_end``, when a plugin implements it)."""
     run.status = "FINISHED"
     pm.hook.optiflow_run_end(run=run, status="FINISHED")
-    return evaluate(run, run.splits.x_test, run.splits.y_test, "test")
+    if not pm.hook.optiflow_test_end.get_hookimpls():
+        return evaluate(run, run.splits.x_test, run.splits.y_test, "test")
+    metrics, predictions = score(run, run.splits.x_test, run.splits.y_test, "test")
+    pm.hook.optiflow_test_end(run=run, metrics=metrics, predictions=predictions)
+    return metrics
 
 
 def default_run_name(run: Run) -> str:
@@ -252,7 +259,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
         return exc  # its study is gone, or the run cannot be written to: say so, nothing more
     interrupted = isinstance(exc, KeyboardInterrupt)
     status = "KILLED" if interrupted else "FAILED"
-    reason, where = failure_reason(pm, exc, names)
+    reason, where = failure_reason(pm, exc, names, stepped_parts(run.plan, run.optimizer, run.schedule))
     outcome.failure = reason  # run_status tags the run with it as it ends the run
     saved = ""
     if run.status is None:
@@ -264,7 +271,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
             tracker.log_text("".join(traceback.format_exception(exc)), "failure.txt")
         # a full disk keeps the last checkpoint whole; only the process that logs (a Tracker) saves one
         if run.checkpoint is not None and isinstance(tracker, Tracker) and not isinstance(exc, DiskFull):
-            if not run.artifacts:
+            if not run.wants_artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
             saved = (f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: "
@@ -288,23 +295,25 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     return exc
 
 
-def failure_reason(pm: PluginManager, exc: BaseException,
-                   names: dict[str, str] | None = None) -> tuple[str, tuple[str, str] | None]:
+def failure_reason(pm: PluginManager, exc: BaseException, names: dict[str, str] | None = None,
+                   parts: list[tuple[str, str, str]] | None = None) -> tuple[str, tuple[str, str] | None]:
     """Why a training did not finish, in one line, and the ``(plugin, hook)`` that raised, if a plugin did
-    (``names`` names per-run plugins)."""
+    (``names`` names per-run plugins), or ``(plugin, "optimizer 'x'")`` when one of ``parts`` did (:func:`stepped_parts`)."""
     if isinstance(exc, KeyboardInterrupt):
         return (str(exc) if isinstance(exc, RunInterrupted) else "interrupted by SIGINT"), None
     reason = str(exc) if isinstance(exc, OptiflowError) else f"{type(exc).__name__}: {first_line(exc)}"
-    where = culprit(pm, exc)
+    where = culprit(pm, exc, parts or ())
     if where is not None:
         reason = f"plugin {(names or {}).get(where[0], repr(where[0]))} failed in {where[1]}: {reason}"
     return reason, where
 
 
-def training_error(pm: PluginManager, exc: Exception, context: str) -> Exception:
+def training_error(pm: PluginManager, exc: Exception, context: str,
+                   parts: list[tuple[str, str, str]] | None = None) -> Exception:
     """The error a training that has no MLflow run of its own raises for ``exc``: an OptiflowError as it is,
-    a plugin's failure as a PluginError naming the plugin and hook, a bug unchanged; ``context`` says where."""
-    reason, where = failure_reason(pm, exc)
+    a plugin's failure (a hook, one of ``parts``) as a PluginError naming the plugin, a bug unchanged; ``context``
+    says where."""
+    reason, where = failure_reason(pm, exc, parts=parts)
     if where is not None:
         return PluginError(f"{reason} ({context})", where[0])
     if isinstance(exc, OptiflowError):
@@ -318,7 +327,7 @@ def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
     tracker = run.tracking
     tracker.log_params(setup_params(run, extra_params))
     tracker.set_tags({digest.DATA_TAG: data_digest(run)})
-    if not run.artifacts:
+    if not run.wants_artifacts:
         return
     tracker.log_text(run.config.to_yaml(), "config.yaml")
     fitted = getattr(run.normalizer, "state", None)
@@ -341,10 +350,10 @@ def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(run: Run, test: dict[str, float], log_model: bool) -> None:
-    """Test metrics, the learning curves (``run.artifacts``) and (``log_model``) the model, on the finished run."""
+    """Test metrics, the learning curves (``run.wants_artifacts``) and (``log_model``) the model, on the finished run."""
     run.tracking.log_metrics(test, step=run.epoch, flush=False)
     run.tracking.set_tags({digest.WEIGHTS_TAG: digest.weights_digest(run.model)})
-    if run.artifacts:
+    if run.wants_artifacts:
         _log_curves(run)
     if log_model:
         export.log_model(run)

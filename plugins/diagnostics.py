@@ -117,7 +117,7 @@ def optiflow_epoch_end(run, epoch, metrics):
 @hookimpl
 def optiflow_run_end(run, status):
     flow = run.state.pop(STATE_KEY, None)
-    if flow is None or not flow.epochs or run.tracker is None or not getattr(run, "artifacts", True):
+    if flow is None or not flow.epochs or run.tracker is None or not run.wants_artifacts:
         return
     import matplotlib.pyplot as plt
 

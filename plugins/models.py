@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from optiflow import hookimpl
 from optiflow.errors import OptiflowError
+from optiflow.registry import Nested
+
+#: an option naming a registered activation with its options: ``activation=[leaky-relu:negative_slope=0.1]``
+Activation = Annotated[Nested, "activation"]
 
 MAX_UNITS = 1_000_000  # units or channels in one layer
 
@@ -30,7 +34,7 @@ def linear(input_shape: tuple, num_outputs: int):
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_outputs))
 
 
-def mlp(input_shape: tuple, num_outputs: int, *, hidden: tuple[int, ...] = (256,), activation: str = "relu",
+def mlp(input_shape: tuple, num_outputs: int, *, hidden: tuple[int, ...] = (256,), activation: Activation = "relu",
         batch_norm: Literal["none", "before", "after"] = "none", dropout: float = 0.0):
     """Multi-layer perceptron on flattened inputs; batch norm before or after each activation, then dropout."""
     from torch import nn
@@ -40,7 +44,7 @@ def mlp(input_shape: tuple, num_outputs: int, *, hidden: tuple[int, ...] = (256,
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for size in hidden:
-        act = build_activation(activation)
+        act = activation.build()
         layers.append(nn.Linear(width, size * getattr(act, "pieces", 1)))
         if batch_norm == "before":
             layers += [nn.BatchNorm1d(size * getattr(act, "pieces", 1)), act]
@@ -56,7 +60,7 @@ def mlp(input_shape: tuple, num_outputs: int, *, hidden: tuple[int, ...] = (256,
 
 
 def cnn(input_shape: tuple, num_outputs: int, *, channels: tuple[int, ...] = (32, 64),
-        hidden: tuple[int, ...] = (600, 120), activation: str = "relu", batch_norm: bool = True,
+        hidden: tuple[int, ...] = (600, 120), activation: Activation = "relu", batch_norm: bool = True,
         dropout: float = 0.25):
     """The two-conv FashionMNIST network: [conv-BN-act-maxpool] x2, dense layers with dropout; any image size."""
     from torch import nn
@@ -69,7 +73,7 @@ def cnn(input_shape: tuple, num_outputs: int, *, channels: tuple[int, ...] = (32
         raise OptiflowError(f"cnn: channels takes two sizes (first and second conv), got {list(channels)}")
     features: list[nn.Module] = []
     for index, out_channels in enumerate(channels):
-        act = build_activation(activation)
+        act = activation.build()
         pieces = getattr(act, "pieces", 1)
         features.append(nn.Conv2d(in_channels, out_channels * pieces, 3, padding=1 if index == 0 else 0))
         if batch_norm:
@@ -79,7 +83,7 @@ def cnn(input_shape: tuple, num_outputs: int, *, channels: tuple[int, ...] = (32
     return _conv_net("cnn", input_shape, features, hidden, activation, dropout, num_outputs, first_dropout_only=True)
 
 
-def lenet(input_shape: tuple, num_outputs: int, *, activation: str = "tanh", pooling: Literal["avg", "max"] = "avg"):
+def lenet(input_shape: tuple, num_outputs: int, *, activation: Activation = "tanh", pooling: Literal["avg", "max"] = "avg"):
     """LeNet-5 (LeCun et al. 1998): conv5-pool-conv5-pool, dense 120-84; inputs of at least 12x12."""
     from torch import nn
 
@@ -87,7 +91,7 @@ def lenet(input_shape: tuple, num_outputs: int, *, activation: str = "tanh", poo
     if min(height, width) < 12:
         raise OptiflowError(f"lenet needs images of at least 12x12, got {height}x{width}; use cnn for smaller images")
     pool = nn.AvgPool2d if pooling == "avg" else nn.MaxPool2d
-    first, second = build_activation(activation), build_activation(activation)
+    first, second = activation.build(), activation.build()
     features = [
         nn.Conv2d(in_channels, 6 * getattr(first, "pieces", 1), 5, padding=2), first, pool(2),
         nn.Conv2d(6, 16 * getattr(second, "pieces", 1), 5), second, pool(2),
@@ -113,7 +117,7 @@ def _conv_net(name, input_shape, features, hidden, activation, dropout, num_outp
     body.train()
     layers = list(body)
     for index, size in enumerate(hidden):
-        act = build_activation(activation)
+        act = activation.build()
         layers += [nn.Linear(width, size * getattr(act, "pieces", 1)), act]
         if dropout and (index == 0 or not first_dropout_only):
             layers.append(nn.Dropout(dropout))
@@ -141,16 +145,6 @@ def _check_sizes(name: str, option: str, sizes: tuple[int, ...]) -> None:
 def _check_dropout(rate: float) -> None:
     if not 0.0 <= rate < 1.0:
         raise OptiflowError(f"dropout must be in [0, 1), got {rate}")
-
-
-def build_activation(spec: str):
-    """A fresh activation module by registered name, with options: ``leaky-relu:negative_slope=0.1``
-    (so plugin activations and their options work in every model)."""
-    from optiflow.config import ComponentSpec
-    from optiflow.plugins import get_registry
-
-    activation = ComponentSpec.parse(spec)
-    return get_registry().get("activation", activation.name).build(**activation.options)
 
 
 def relu():

@@ -528,6 +528,13 @@ SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
                                                 "--val-split is 0 (no validation set)"),
         (["search", *SPACE, "--metric", "val_acuracy"], "--metric monitors 'val_acuracy', which this run does not "
                                                         "produce (did you mean 'val_accuracy'?)"),
+        (["compare", "--vary", "lr=0.1,0.01", "--metric", "test_acc", "--epochs", "1"],
+         "variant lr=0.1: --metric monitors 'test_acc', which this run does not produce (did you mean "
+         "'test_accuracy'?)"),
+        (["compare", "--vary", "lr=0.1,0.01", "--metric", "val_loss", "--val-split", "0", "--epochs", "1"],
+         "variant lr=0.1: --metric monitors 'val_loss', but --val-split is 0 (no validation set)"),
+        (["compare", "--vary", "lr=0.1", "--data", "sine", "--metric", "test_accuracy", "--epochs", "1"],
+         "variant lr=0.1: --metric monitors 'test_accuracy', which this run does not produce"),
     ],
     ids=["search-zero-trials", "search-negative-timeout", "search-zero-jobs", "search-sampler-option-not-int",
          "search-infinite-bound", "compare-out-in-proc", "reproduce-negative-rtol", "search-jobs-overflow",
@@ -542,7 +549,8 @@ SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
          "compare-one-empty-vary-list", "search-register-name-with-slash", "compare-register-name-with-colon",
          "search-monitor-typo", "search-early-stopping-typo", "compare-plateau-without-validation",
          "compare-variant-with-bad-schedule", "compare-variant-with-bad-augmentation",
-         "search-objective-without-validation", "search-objective-typo"],
+         "search-objective-without-validation", "search-objective-typo", "compare-metric-typo",
+         "compare-metric-without-validation", "compare-metric-of-the-other-task"],
 )
 def test_other_commands_refuse_bad_input_in_one_line_without_a_run(invoke, files, mlflow_client, experiment, args,
                                                                    expect):

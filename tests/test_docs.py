@@ -33,7 +33,7 @@ generate = _load_generator()
 # --- the generated references -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["cli.md", "catalogue.md"])
+@pytest.mark.parametrize("name", ["cli.md", "catalogue.md", "api.md"])
 def test_generated_reference_matches_the_code(name):
     path = DOCS / name
     expected = generate.outputs()[path]
@@ -53,6 +53,27 @@ def test_the_cli_reference_holds_every_command_and_option():
         for parameter in command.params:
             for flag in parameter.opts if parameter.param_type_name == "option" else []:
                 assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{flag} of {name} is missing"
+
+
+def test_the_api_reference_holds_every_public_member_with_its_signature():
+    import dataclasses
+    import importlib
+    import inspect
+
+    text = generate.api_reference()
+    for module_name, names in generate.PUBLIC_API.items():
+        for name in names:
+            obj = getattr(importlib.import_module(module_name), name)
+            if not inspect.isclass(obj):
+                assert f"### `{name}" in text, f"{module_name}.{name} is missing from docs/api.md"
+                continue
+            fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+            members = {m for m in vars(obj) if not m.startswith("_")} | fields
+            for member in members - {"registry"} if name == "Component" else members:
+                assert f"`{member}" in text, f"{name}.{member} is missing from docs/api.md"
+    documented = text.split("### dataclass `Run`")[1].split("### `ROLES`")[0]
+    assert "|  |\n" not in documented and "`: \n" not in documented, "a Run field or method has no description"
+    assert "`log_figure(self, figure: Figure, artifact_file: str) -> None`" in text, "signatures as written"
 
 
 def test_the_catalogue_holds_every_builtin_component_with_its_options():
@@ -126,7 +147,7 @@ def test_check_names_each_drifted_file_and_the_command_that_mends_it(tmp_path, m
     assert generate.main(["--check"]) == 1
     missing = capsys.readouterr().err.splitlines()
     assert missing == [f"docs/{name} differs from the code; run `python docs/generate.py`"
-                       for name in ("cli.md", "catalogue.md")]
+                       for name in ("cli.md", "catalogue.md", "api.md")]
     assert generate.main([]) == 0
     assert generate.main(["--check"]) == 0
     catalogue = tmp_path / "docs" / "catalogue.md"

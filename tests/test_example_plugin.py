@@ -44,7 +44,10 @@ def test_example_plugin_is_found_by_its_entry_point(installed_example, tmp_path)
     rows = {row["name"]: row for row in json.loads(shown.stdout)}
     example = rows["example"]
     assert (example["distribution"], example["version"], example["status"]) == ("optiflow-example", "0.1.0", "loaded")
-    assert example["components"] == {"dataset": ["spirals", "two-moons"], "optimizer": ["lion"], "regularizer": ["ema"]}
+    assert example["components"] == {"dataset": ["noisy-labels", "spirals", "two-moons"],
+                                     "optimizer": ["example/adam", "lion"], "regularizer": ["confusion-matrix", "ema"]}
+    assert (example["namespaced_only"], example["clashes"]) == ({"optimizer": ["example/adam"]}, [])
+    assert "Warning" not in shown.stderr
     assert example["hooks"] == ["optiflow_register_data", "optiflow_register_optimizers",
                                 "optiflow_register_regularizers"]
     located = subprocess.run([sys.executable, "-c", "import optiflow_example; print(optiflow_example.__file__)"],

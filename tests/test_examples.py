@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from optiflow.confidence import paired_test, t_interval
+
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES_DIR))
 _spec = importlib.util.spec_from_file_location("examples_run", EXAMPLES_DIR / "run.py")
@@ -36,9 +38,30 @@ def test_example_runs_at_reduced_size(example, tracking_uri, mlflow_client, tmp_
         assert row and all(math.isfinite(v) for v in row.values() if isinstance(v, float)), (variant, row)
     finding = (tmp_path / "finding.md").read_text()
     assert all(variant in finding for variant in rows)
+    _check_intervals(example, result["numbers"].get("intervals"), finding)
     experiment = mlflow_client.get_experiment_by_name(example.experiment)
     statuses = {r.info.status for r in mlflow_client.search_runs([experiment.experiment_id])}
     assert statuses <= {"FINISHED", "FAILED"} and "FINISHED" in statuses
+
+
+def _check_intervals(example, found, finding):
+    """An example compared over seeds writes the parent run's intervals and paired tests into its finding,
+    and they are what the child runs' metrics give."""
+    if "--repeats" not in " ".join(example.commands):
+        assert found is None
+        return
+    assert found is not None and len(found["rows"]) == example.picture["variants"]
+    baseline = found["rows"][found["baseline"]]
+    for variant, row in found["rows"].items():
+        assert len(row["seeds"]) == found["repeats"] >= 2, (variant, row)
+        interval = t_interval(row["seeds"])
+        assert (row["mean"], row["low"], row["high"]) == pytest.approx((interval.mean, interval.low, interval.high))
+        assert f"| {variant} | {found['repeats']} | {gallery._format(row['mean'])} |" in finding
+        if variant != found["baseline"]:  # children are in seed order, the same for every variant
+            test = paired_test(dict(enumerate(row["seeds"])), dict(enumerate(baseline["seeds"])))
+            assert (row["difference"], row["p"]) == pytest.approx((test.difference, test.p_value))
+            assert row["significant"] == test.significant
+    assert f"Differences to {found['baseline']} significant at 5%:" in finding
 
 
 def test_readme_shows_every_example_with_its_commands_and_committed_picture():

@@ -432,3 +432,28 @@ def test_hook_register_commands(invoke):
         rows = {row["name"]: row for row in json.loads(invoke("plugins", "--json").output)}
         assert rows["hello-plugin"]["commands"] == ["hello"] and not rows["hello-plugin"]["builtin"]
     assert invoke("hello").exit_code == 2, "the command leaves with its plugin"
+
+
+def test_hook_test_end(tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    from optiflow.commands.train import train
+
+    seen = []
+
+    class Scored:
+        @hookimpl
+        def optiflow_test_end(self, run, metrics, predictions):
+            seen.append((dict(metrics), predictions.shape, run.status))
+            agree = (predictions.argmax(1) == run.splits.y_test).float().mean()
+            metrics["test_agreement"] = float(agree)
+
+    config = RunConfig.from_dict({"data": "hooks-blobs:n=150", "model": "hooks-net", "epochs": 1,
+                                  "tracking_uri": tracking_uri, "experiment": "test-hooks-test-end"})
+    with registered_plugin(FamilyPlugin(), name="hooks-test-plugin"), registered_plugin(Scored()):
+        result = train(config, log_model=False)
+    [(metrics, shape, status)] = seen
+    assert set(metrics) == {"test_loss", "test_accuracy"} and status == "FINISHED"
+    assert shape == (30, 3), "the model's outputs on the 30 test samples, one row each"
+    logged = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
+    assert logged["test_agreement"] == pytest.approx(metrics["test_accuracy"]), "predictions are what was scored"

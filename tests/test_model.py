@@ -191,12 +191,36 @@ def test_the_served_model_takes_every_form_the_dataset_comes_in(form):
     (np.ones((2, 5)), "inputs of shape [2, 5]; the model takes (N, 1, 2, 2) or (N, 4)"),
     (np.array([[1, np.nan, 0, 0]]), "row 0 holds NaN or infinite values"),
     (np.array([["a", "b", "c", "d"]]), "inputs must be numbers"),
-], ids=["missing-column", "shape", "nan", "text"])
+    (np.zeros((0, 4)), "no rows to predict: the input (shape [0, 4]) is empty"),
+    (pd.DataFrame(columns=["p00", "p01", "p10", "p11"]), "no rows to predict: the input (shape [0, 4]) is empty"),
+], ids=["missing-column", "shape", "nan", "text", "empty-rows", "empty-frame"])
 def test_the_served_model_refuses_what_it_cannot_take_by_name(given, message):
     from optiflow.serving import Predictor
 
     with pytest.raises(ValueError, match=re.escape(message)):
         Predictor(weighted, DIGITS_CARD).predict(given)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"inputs": [[1, 2, 3]]}, "inputs of shape [1, 3]; the model takes (N, 1, 2, 2) or (N, 4)"),
+    ({"dataframe_split": {"columns": ["p00", "p01"], "data": [[1, 2]]}}, "inputs lack the columns 'p10', 'p11'"),
+    ({"inputs": []}, "no rows to predict"),
+], ids=["shape", "missing-columns", "empty"])
+def test_the_scoring_server_answers_a_refused_input_with_optiflows_message_and_400(body, message):
+    """What `mlflow models serve` answers: MLflow's scoring server turns any other exception into 'Encountered an
+    unexpected error while evaluating the model' (HTTP 500 or 400, the reason only in a stack trace)."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc.scoring_server import invocations
+
+    from optiflow.serving import Predictor
+
+    served = SimpleNamespace(metadata=None, predict=Predictor(weighted, DIGITS_CARD).predict)
+    with pytest.raises(MlflowException) as refused:
+        invocations(json.dumps(body), "application/json", served, None)
+    assert message in refused.value.message.split("\nError: ")[-1]
+    assert refused.value.get_http_status_code() == 400
 
 
 def test_values_outside_the_training_range_are_predicted_counted_and_logged(caplog):
@@ -298,7 +322,7 @@ def test_default_mlp_takes_raw_digits_and_the_readmes_serve_command_answers_each
         served = pd.DataFrame(answer["predictions"])
         assert list(served.columns) == meta["classes"], name
         assert np.allclose(served.to_numpy(), expected.to_numpy(), atol=1e-6), name
-    assert "inputs lack the column 'pixel_3_3'" in missing
+    assert "inputs lack the column 'pixel_3_3'" in json.loads(missing)["message"]
     assert "lie outside the range seen in training" in log
     assert not (tmp_path / "mlflow.db").exists(), "the serve command left a stray mlflow.db"
 

@@ -232,7 +232,7 @@ def test_plugins_json_shows_distribution_hooks_and_components(site, invoke):
     assert rows["alpha"] == {
         "name": "alpha", "distribution": "optiflow-alpha", "version": "2.3", "builtin": False, "status": "loaded",
         "error": None, "hooks": ["optiflow_register_optimizers"], "components": {"optimizer": ["alpha-sgd"]},
-        "commands": [],
+        "namespaced_only": {}, "clashes": [], "commands": [],
     }
     assert rows["optimizers"]["builtin"] and {"adam", "sgd"} <= set(rows["optimizers"]["components"]["optimizer"])
     table = invoke("plugins").output
@@ -354,6 +354,68 @@ def test_a_clash_is_picked_by_plugin_name_on_the_command_line(site, invoke):
     assert result.exit_code == 0, result.output
     lines = warnings_in(result.stderr)
     assert len(lines) == 1 and "optimizer 'adam' is registered by plugin 'optimizers' and again by plugin 'dup'" in lines[0]
+
+
+MINE_PLUGIN = """
+from optiflow import hookimpl
+
+
+@hookimpl
+def optiflow_register_optimizers(register):
+    register("adam", adam, namespaced_only=True, aliases=["my-adam"])
+    register("nadam-ish", adam)
+
+
+def adam(model, *, lr: float = 0.05):
+    '''Plain SGD under a famous name, on purpose.'''
+    import torch
+
+    return torch.optim.SGD(model.parameters(), lr=lr)
+"""
+
+
+def test_a_namespaced_only_name_reuses_a_builtin_without_clash_even_in_strict_mode(site, invoke, monkeypatch):
+    site.install("optiflow-mine", "mine", MINE_PLUGIN)
+    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")
+    result = invoke("train", "--epochs", "1", "--opt", "mine/adam", "--data", "iris", "-q")
+    assert result.exit_code == 0, result.output
+    assert warnings_in(result.stderr) == []
+    registry = plugins.get_registry()
+    assert registry.get("optimizer", "adam").plugin == "optimizers", "the bare name stays the built-in's"
+    assert registry.get("optimizer", "mine/adam").plugin == "mine"
+    assert registry.get("optimizer", "Mine/my-adam").plugin == "mine", "an alias answers as plugin/alias"
+    with pytest.raises(OptiflowError, match="unknown optimizer 'my-adam'"):
+        registry.get("optimizer", "my-adam")
+    rows = {row["name"]: row for row in json.loads(invoke("plugins", "--json").output)}
+    assert rows["mine"]["namespaced_only"] == {"optimizer": ["mine/adam"]}
+    assert rows["mine"]["components"] == {"optimizer": ["mine/adam", "nadam-ish"]}
+    assert rows["mine"]["clashes"] == []
+
+
+def test_an_accidental_clash_still_warns_and_is_listed(site, invoke, monkeypatch):
+    site.install("optiflow-mine", "mine", MINE_PLUGIN.replace('"nadam-ish"', '"sgd"'))
+    result = invoke("plugins", "--json")
+    [clash] = next(row["clashes"] for row in json.loads(result.stdout) if row["name"] == "mine")
+    assert clash.startswith("optimizer 'sgd' is registered by plugin 'optimizers' and again by plugin 'mine'")
+    assert "optimizer 'sgd' is registered by plugin 'optimizers'" in result.stderr
+    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")
+    monkeypatch.setattr(plugins, "_manager", None)
+    strict = invoke("list", "optimizer")
+    assert strict.exit_code == 2 and "OPTIFLOW_STRICT_PLUGINS is set" in strict.output
+
+
+def test_a_plugin_registering_one_qualified_name_twice_is_rejected(capsys):
+    class Twice:
+        @hookimpl
+        def optiflow_register_optimizers(self, register):
+            register("adam", sample, namespaced_only=True)
+            register("adam", sample)
+
+    pm = PluginManager()
+    pm.register(Twice(), name="twice")
+    registry = build_registry(pm)
+    assert "duplicate optimizer 'twice/adam': registered twice by plugin 'twice'" in capsys.readouterr().err
+    assert not [c for c in registry.select("optimizer") if c.plugin == "twice"]
 
 
 def test_an_unknown_name_points_at_the_skipped_plugin(site, invoke):

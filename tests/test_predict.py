@@ -77,7 +77,6 @@ def test_unnamed_features_are_taken_in_order_and_numeric_targets_kept(tmp_path):
     [
         ("sl,sw,pl,pwx\n1,2,3,4\n", "has no column 'pw' (is 'pwx' it?); the model takes the columns sl, sw, pl, pw"),
         ("sl,sw,pl\n1,2,3\n", "has no column 'pw'"),
-        ("sl,sw,pl,pw,extra\n1,2,3,4,5\n", "column 'extra' is not a feature of the model"),
         ("sl,sw,pl,pw\n1,,3,4\n", "line 2: column 'sw' is empty"),
         ("sl,sw,pl,pw\n1,2,3,4\n1,NaN,3,4\n", "line 3: column 'sw' holds 'NaN', not a finite number"),
         ("sl,sw,pl,pw\n1,2,three,4\n", "column 'pl' holds 'three'"),
@@ -85,7 +84,7 @@ def test_unnamed_features_are_taken_in_order_and_numeric_targets_kept(tmp_path):
         ("sl,sw,pl,pw\n", "has a header but no data rows"),
         ("", "is empty"),
     ],
-    ids=["misspelt-column", "missing-column", "extra-column", "empty-cell", "nan", "text", "unknown-class",
+    ids=["misspelt-column", "missing-column", "empty-cell", "nan", "text", "unknown-class",
          "no-rows", "empty-file"],
 )
 def test_csv_mistakes_are_refused(tmp_path, text, expect):
@@ -98,7 +97,7 @@ def test_unnamed_feature_count_is_checked(tmp_path):
         read_inputs(write(tmp_path / "x.csv", "a,b,c\n1,2,3\n"), UNNAMED)
 
 
-@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (5, 64), (5, 8, 8), (1, 8, 8)])
+@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (5, 64), (5, 8, 8), (1, 8, 8), (64,)])
 def test_npy_images_in_the_shapes_that_say_the_same(tmp_path, shape):
     np.save(tmp_path / "x.npy", np.full(shape, 0.5, dtype=np.float32))
     inputs = read_inputs(str(tmp_path / "x.npy"), DIGITS)
@@ -123,12 +122,22 @@ def test_a_labelled_digits_csv_is_read_by_column_name_with_its_target(tmp_path):
     assert inputs.labels == [str(v) for v in frame["target"]]
 
 
+def test_extra_columns_are_ignored_and_named_and_the_target_still_scores(tmp_path):
+    """The training columns in any order, extra ones ignored (but named), the target column still read."""
+    path = write(tmp_path / "x.csv", "note,pw,species,pl,sw,sl,extra\nhi,4,setosa,3,2,1,9\n")
+    inputs = read_inputs(path, IRIS)
+    assert list(inputs.x.columns) == ["sl", "sw", "pl", "pw"] and inputs.x.to_numpy().tolist() == [[1, 2, 3, 4]]
+    assert inputs.labels == ["setosa"] and inputs.ignored == ["note", "extra"]
+    assert inputs.ignored_note() == ("ignored the columns 'note', 'extra': not features of the model (if one holds "
+                                     "the labels, name it with --target note)")
+    assert read_inputs(write(tmp_path / "y.csv", "sl,sw,pl,pw\n1,2,3,4\n"), IRIS).ignored_note() is None
+
+
 def test_a_target_column_of_another_name_is_named_by_target(tmp_path):
     path = write(tmp_path / "x.csv", "sl,sw,pl,pw,label\n1,2,3,4,setosa\n")
-    with pytest.raises(OptiflowError, match=re.escape("column 'label' is not a feature of the model (if it holds the "
-                                                      "labels, name it with --target label); the model takes the "
-                                                      "columns sl, sw, pl, pw (and optionally 'species')")):
-        read_inputs(path, IRIS)
+    unnamed = read_inputs(path, IRIS)
+    assert unnamed.labels is None and unnamed.ignored == ["label"]
+    assert "name it with --target label" in unnamed.ignored_note()
     assert read_inputs(path, IRIS, target="label").labels == ["setosa"]
     with pytest.raises(OptiflowError, match=re.escape("has no target column 'lbl'; its columns besides the model's "
                                                       "features: label")):
@@ -157,8 +166,15 @@ def test_npy_features_get_the_feature_names(tmp_path):
         (np.full((2, 1, 8, 8), np.nan, np.float32), "sample 0: holds NaN or infinite values"),
         (np.array(["a", "b"]), "holds <U1 values; the model takes numbers"),
         (np.zeros((2, 5)), "the model takes (N, 1, 8, 8)"),
+        (np.zeros((0, 64), np.float32), "holds an empty array of shape (0, 64): no samples to predict"),
+        (np.zeros((0, 1, 8, 8), np.float32), "holds an empty array of shape (0, 1, 8, 8): no samples to predict"),
+        (np.zeros(0), "holds an empty array of shape (0,): no samples to predict"),
+        (np.zeros(128), "holds a flat array of 128 values; the model takes samples of 64 values (1x8x8 images "
+                        "(channels x height x width)): save it shaped (N, 64), here (2, 64)"),
+        (np.zeros(100), "holds a flat array of 100 values; the model takes samples of 64 values"),
     ],
-    ids=["channels", "size", "nan", "strings", "shape"],
+    ids=["channels", "size", "nan", "strings", "shape", "empty-rows", "empty-images", "empty-flat", "flat-samples",
+         "flat-odd"],
 )
 def test_npy_mistakes_are_refused(tmp_path, array, expect):
     np.save(tmp_path / "x.npy", array)
@@ -414,8 +430,11 @@ def test_a_labelled_raw_digits_csv_scores_the_runs_test_accuracy(store, digits_r
         assert result.exit_code == 0, result.stderr
         assert shown_score(result.stdout, "accuracy") == pytest.approx(logged, abs=5e-5)
         assert f"on {len(test)} labelled rows" in result.stdout and "warning" not in result.stderr
-    refused = predict(store, digits_run, tmp_path / "label.csv")
-    assert refused.exit_code == 2 and "if it holds the labels, name it with --target label" in refused.stderr
+    unscored = predict(store, digits_run, tmp_path / "label.csv", "--output", str(tmp_path / "p.csv"))
+    assert unscored.exit_code == 0, unscored.stderr
+    assert "note: ignored the column 'label': not a feature of the model (if it holds the labels, name it with " \
+           "--target label)" in unscored.stderr and "accuracy" not in unscored.stdout
+    assert len(read_csv(tmp_path / "p.csv")) == len(test)
 
 
 @pytest.mark.slow
@@ -485,12 +504,11 @@ def assert_refused(result, expect: str) -> None:
     [
         ("renamed.csv", "{0}x,{1},{2},{3}\n1,2,3,4\n", "has no column '{0}'"),
         ("three.csv", "{0},{1},{2}\n1,2,3\n", "has no column '{3}'"),
-        ("five.csv", "{0},{1},{2},{3},more\n1,2,3,4,5\n", "column 'more' is not a feature of the model"),
         ("nan.csv", "{0},{1},{2},{3}\n1,2,3,4\n1,nan,3,4\n", "line 3: column '{1}' holds 'nan', not a finite number"),
         ("images.png", None, "holds images, but the model takes 4 features"),
         ("missing.csv", None, "input not found: "),
     ],
-    ids=["wrong-column-name", "too-few-columns", "too-many-columns", "nan", "image-to-tabular", "missing-file"],
+    ids=["wrong-column-name", "too-few-columns", "nan", "image-to-tabular", "missing-file"],
 )
 def test_bad_tabular_input_is_one_line(store, iris_run, tmp_path, name, text, expect):
     names = card(store, iris_run)["feature_names"]

@@ -170,6 +170,8 @@ def test_two_processes_share_one_study_and_one_parent_run(tmp_path, tracking_uri
     assert refit.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.tags["refit_run_id"] == refit.info.run_id
     assert refit.data.tags["optiflow.refit_of_trial"] == str(study.best_trial.number)
+    # what optuna-dashboard lists: the user's study alone, no lock studies beside it
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["shared"]
 
 
 def test_n_jobs_runs_trials_in_worker_processes(invoke, mlflow_client, experiment, tmp_path):
@@ -179,6 +181,51 @@ def test_n_jobs_runs_trials_in_worker_processes(invoke, mlflow_client, experimen
     [parent], children = study_runs(mlflow_client, experiment)
     assert sorted(int(c.data.params["optuna.trial_number"]) for c in children) == [0, 1]
     assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.log")))
+    assert len(optuna.get_all_study_summaries(journal)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("study.log")) == ["study.log"]  # no lock left
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_of_eight_racing_workers_exactly_one_takes_a_claim_and_a_released_one_is_taken_once_more(kind, tmp_path):
+    """The claims that pick the one process creating the parent run and the one refitting, attacked: eight
+    threads, each with its own connection to the storage, claim at the same moment."""
+    import threading
+
+    from optiflow.search.claims import claim, holder, release
+
+    def open_study() -> optuna.Study:
+        if kind == "sqlite":
+            storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}",
+                                                 engine_kwargs={"connect_args": {"timeout": 60}})
+        else:
+            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+        return optuna.create_study(storage=storage, study_name="mine", load_if_exists=True)
+
+    studies = [open_study() for _ in range(8)]
+
+    def race() -> list[bool]:
+        start, won = threading.Barrier(len(studies)), []
+
+        def worker(study: optuna.Study) -> None:
+            start.wait()
+            won.append(claim(study, "parent-run"))
+
+        threads = [threading.Thread(target=worker, args=(study,)) for study in studies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return won
+
+    assert sorted(race()) == [False] * 7 + [True]
+    assert "pid" in holder(studies[0], "parent-run")
+    assert not claim(studies[3], "parent-run")
+    release(studies[5], "parent-run")
+    assert holder(studies[0], "parent-run") is None
+    assert sorted(race()) == [False] * 7 + [True]
+    assert claim(studies[2], "refit-of-trial-0")  # another name is another claim
+    assert [s.study_name for s in optuna.get_all_study_summaries(studies[0]._storage)] == ["mine"]
 
 
 def test_config_file_and_space_file(invoke, tmp_path):

@@ -59,11 +59,46 @@ def test_preparing_the_default_run_imports_no_scikit_learn(tmp_path):
 
 @pytest.mark.slow
 def test_the_default_train_command_end_to_end_imports_no_scikit_learn(tmp_path):
-    work = ("import runpy\nsys.argv = ['optiflow', 'train', '--epochs', '1', '-q']\n"
+    work = ("import importlib.metadata, importlib_metadata, runpy\nscans = []\n"
+            "for module in (importlib.metadata, importlib_metadata):\n"
+            "    module.packages_distributions = lambda *a, **k: scans.append(1) or {}\n"
+            "sys.argv = ['optiflow', 'train', '--epochs', '1', '-q']\n"
             "try:\n    runpy.run_module('optiflow', run_name='__main__')\nexcept SystemExit as exc:\n"
-            "    assert not exc.code, exc.code")
+            "    assert not exc.code, exc.code\n"
+            "assert not scans, 'every installed distribution was scanned (MLflow requirement check)'")
     assert heavy_imports_after(work, tmp_path) == "[]"
-    assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the run was logged, model and all
+    import mlflow
+    import pandas
+
+    [requirements] = (tmp_path / "mlruns").glob("artifacts/*/models/*/artifacts/requirements.txt")  # model and all
+    assert requirements.read_text().split() == [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                                                f"numpy=={np.__version__}", f"pandas=={pandas.__version__}"]
+
+
+def test_the_logged_requirements_are_checked_without_scanning_every_installed_distribution(monkeypatch, capfd):
+    from importlib.metadata import version
+
+    import importlib_metadata
+    import mlflow
+    from mlflow.utils import environment, requirements_utils
+
+    from optiflow.export import _requirements_checked_directly
+
+    scans = []
+    scan = importlib_metadata.packages_distributions
+    monkeypatch.setattr(importlib_metadata, "packages_distributions", lambda: scans.append(1) or scan())
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a fresh process
+    check = environment.warn_dependency_requirement_mismatches
+    installed = [f"torch=={version('torch')}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
+    with _requirements_checked_directly():
+        environment.warn_dependency_requirement_mismatches(installed)
+        assert scans == [] and "mismatches" not in capfd.readouterr().err
+        for differing, said in (("numpy==0.0.1", "numpy (current"), ("torch[extra]==0.0.1", "torch (current"),
+                                ("not-installed-anywhere==1.0", "not-installed-anywhere (current: uninstalled"),
+                                ("numpy==0.0.1; python_version > '3'", "numpy (current")):
+            environment.warn_dependency_requirement_mismatches([*installed, differing])  # MLflow's own check says it
+            assert said in capfd.readouterr().err
+    assert environment.warn_dependency_requirement_mismatches is check
 
 
 def _sklearn_split(n, fraction, seed, stratify=None):

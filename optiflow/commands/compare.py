@@ -178,7 +178,7 @@ def compare(
     baseline = baseline_variant(baseline, [variant_label(values) for values in variants(vary)])
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
-    preflight_variants(runs)
+    preflight_variants(runs, metric)
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
@@ -196,7 +196,7 @@ def compare(
             started = time.perf_counter()
             try:
                 result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags,
-                               log_model=log_models or bool(register), reporter=reporter)
+                               log_model=log_models or bool(register), reporter=reporter, role="compare-child")
             except TrainingError as exc:
                 children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
             else:
@@ -230,9 +230,11 @@ def run_tick(children: list[ChildRun], durations: list[float], total: int, metri
     return Tick(len(children), total, what, durations[-1], eta(durations, total - len(children)), best)
 
 
-def preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
-    """Each variant (its first seed) passes all that a training checks before its run opens, before the
-    comparison's parent run opens: bad input is one line naming the variant, and no run is left FAILED."""
+def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -> None:
+    """Each variant (its first seed) passes all that a training checks before its run opens, and logs the
+    ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
+    opens: bad input is one line naming the variant, and no run is left FAILED."""
+    from optiflow.metrics import check_final_metric, produced_metric_names
     from optiflow.training import preflight
 
     checked: set[str] = set()
@@ -241,7 +243,9 @@ def preflight_variants(runs: list[tuple[str, RunConfig]]) -> None:
             continue
         checked.add(label)
         try:
-            preflight(config)
+            run = preflight(config)
+            if metric is not None:
+                check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0)
         except OptiflowError as exc:
             raise OptiflowError(f"variant {label}: {exc}") from None
 

@@ -15,11 +15,12 @@ from optiflow.search.space import Dimension, Scalar, describe_dimension, trial_c
 from optiflow.search.study import SearchSettings
 
 
-def compare_forecast(base: RunConfig, vary: dict[str, list[str]], repeats: int = 1) -> Forecast:
+def compare_forecast(base: RunConfig, vary: dict[str, list[str]], repeats: int = 1,
+                     metric: str | None = None) -> Forecast:
     """``compare --dry-run``: the runs it would train and, from one calibration epoch of the first variant
     (in this process, nothing logged, no store touched), an estimate of the total time."""
     runs = plan_runs(base, vary, repeats)
-    preflight_variants(runs)
+    preflight_variants(runs, metric)
     labels = list(dict.fromkeys(label for label, _ in runs))
     lines = [f"{len(runs)} runs: {len(labels)} variants x {repeats} seed{'s' if repeats > 1 else ''}",
              *(f"  {label}" for label in labels)]

@@ -44,8 +44,9 @@ def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePr
 
     from optiflow.data import DataContext, split
     from optiflow.plan import plan
-    from optiflow.plugins import get_registry
-    from optiflow.run import build, build_optimizer, build_schedule
+    from optiflow.plugins import get_plugin_manager, get_registry
+    from optiflow.run import build, build_optimizer, build_schedule, stepped_parts
+    from optiflow.training import training_error
 
     if steps_per_epoch is not None and steps_per_epoch < 1:
         raise OptiflowError(f"--steps-per-epoch must be >= 1, got {steps_per_epoch}")
@@ -64,7 +65,10 @@ def preview(config: RunConfig, steps_per_epoch: int | None = None) -> SchedulePr
     optimizer, schedule = build_optimizer(resolved, torch.nn.Linear(1, 1), length)
     rehearse(optimizer, length, lambda stand_in: build_schedule(resolved, stand_in, length), resolved.sched[0].name,
              steps=None)
-    steps = list(follow(optimizer, schedule, length))
+    try:
+        steps = list(follow(optimizer, schedule, length))
+    except Exception as exc:
+        raise training_error(get_plugin_manager(), exc, "lr-preview", stepped_parts(resolved, optimizer, schedule)) from exc
     positions, rates = [position for position, _ in steps], [lr for _, lr in steps]
     return SchedulePreview(positions, rates, length, schedule.monitor, _warmup_end(positions, rates))
 

@@ -44,6 +44,8 @@ class Predictions:
     score: Score | None
     #: input values outside the range seen in training (predicted, but to be reported)
     out_of_range: OutOfRange | None = None
+    #: what to say about the input's columns that were ignored (:meth:`Inputs.ignored_note`)
+    ignored: str | None = None
 
 
 def predict(model: str, input_path: str, tracking_uri: str | None = None, target: str | None = None) -> Predictions:
@@ -55,7 +57,8 @@ def predict(model: str, input_path: str, tracking_uri: str | None = None, target
     inputs = read_inputs(input_path, spec, target)
     output, outside = run_model(uri, inputs.x, spec)
     table = prediction_table(inputs.ids, output, spec)
-    return Predictions(uri, spec, table, inputs.labels, score(table, inputs.labels, spec), outside)
+    return Predictions(uri, spec, table, inputs.labels, score(table, inputs.labels, spec), outside,
+                       inputs.ignored_note())
 
 
 def write_predictions(predictions: Predictions, out: Any) -> None:

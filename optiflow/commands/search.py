@@ -207,7 +207,7 @@ def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
     """A trial at the space's first corner (every choice's first value, every range's low bound) passes all that
     a training checks before its run opens, before the study's parent run opens (a monitored metric no trial
     produces, an augmentation the data cannot take ...)."""
-    from optiflow.metrics import check_monitor, evaluation_metric_names
+    from optiflow.metrics import check_monitor, produced_metric_names
     from optiflow.training import preflight
 
     def low(dim: Dimension) -> Any:
@@ -218,9 +218,7 @@ def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
         config = config.replace(cv_folds=settings.cv, cv_fold=0)
     try:
         run = preflight(config)
-        tested = evaluation_metric_names(run.task, "test") if len(run.splits.x_test) else []
-        produced = set(run.metric_names or ()) | set(tested)
-        check_monitor("--metric", settings.metric, produced, len(run.splits.x_val) > 0)
+        check_monitor("--metric", settings.metric, produced_metric_names(run), len(run.splits.x_val) > 0)
     except OptiflowError as exc:
         where = ", ".join(f"{name}={short(value)}" for name, value in sampled.items())
         raise OptiflowError(f"a trial with {where}: {exc}" if where else str(exc)) from None

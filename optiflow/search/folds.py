@@ -46,7 +46,7 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
     try:
         with host.threads(runs[0].setup.threads), host.deterministic(configs[0].deterministic):
             for run, tracker in zip(runs, trackers):
-                run.artifacts = False
+                run.role, run.wants_artifacts = "cv-fold", False
                 pm.hook.optiflow_check_run(run=run)
                 run.tracker = tracker
                 pm.hook.optiflow_run_start(run=run)

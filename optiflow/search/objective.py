@@ -112,8 +112,9 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
 
 def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str | None,
                  tags: dict[str, str], params: dict[str, Any], offset: int,
-                 on_start: Callable[[str], None] | None = None) -> RunResult:
-    """One training reporting its per-epoch metric to the pruner (step ``offset + epoch``)."""
+                 on_start: Callable[[str], None] | None = None, role: str = "search-trial") -> RunResult:
+    """One training reporting its per-epoch metric to the pruner (step ``offset + epoch``); ``role``: a trial
+    or a fold of one."""
     from optiflow.training import train
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -126,7 +127,8 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSetting
                               f"{settings.metric}={value:.4g}")
 
     return train(config, parent_run_id=parent_id, extra_tags=tags, extra_params=params, on_epoch=on_epoch,
-                 log_model=settings.log_models, artifacts=settings.child_artifacts, on_start=on_start)
+                 log_model=settings.log_models, artifacts=settings.child_artifacts, on_start=on_start,
+                 role=role)
 
 
 def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str, name: str,
@@ -153,7 +155,7 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
         for fold in range(settings.cv):
             result = stacked[fold] if stacked else _train_trial(
                 trial, configs[fold], settings, tracker.run_id, fold_tags[fold], fold_params,
-                offset=fold * config.epochs)
+                offset=fold * config.epochs, role="cv-fold")
             scores.append(_objective_value(final_metrics(result.metrics, result.history), settings.metric))
             histories.append(result.history)
             tracker.log_metrics({f"cv_{settings.metric}": scores[-1]}, step=fold + 1, flush=False)

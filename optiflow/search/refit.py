@@ -16,6 +16,7 @@ import optuna
 
 from optiflow.config import RunConfig
 from optiflow.errors import first_line
+from optiflow.search.claims import claim, release
 from optiflow.search.space import trial_config
 from optiflow.search.study import SearchSettings
 from optiflow.search.summary import Refit
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from optiflow.tracking import Tracker
 
 ROLE_TAG = "optiflow.role"
-CLAIM_SUFFIX = ".optiflow-refit-of-trial-"
 FALLBACK_VAL_SPLIT = 0.1
 
 
@@ -53,7 +53,8 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
                 "optiflow.refit_of_trial": str(best.number)}
     params = {"refit.trial_number": best.number, **{f"trial.{k}": v for k, v in best.params.items()}}
     try:
-        result = train(config, parent_run_id=parent.run_id, extra_tags=run_tags, extra_params=params, log_model=True)
+        result = train(config, parent_run_id=parent.run_id, extra_tags=run_tags, extra_params=params, log_model=True,
+                       role="refit")
         outcome.run_id, outcome.metrics = result.run_id, result.metrics
         if settings.register and result.run_id is not None:
             outcome.registered = (settings.register,
@@ -61,7 +62,7 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
     except Exception as exc:  # any failure: the summary is already logged and must still be shown
         outcome.failure = first_line(exc) or type(exc).__name__
         if outcome.run_id is None and settings.storage is not None:
-            optuna.delete_study(study_name=_claim_name(study, best.number), storage=study._storage)
+            release(study, _claim_name(best.number))
     parent_tags = {"refit_run_id": outcome.run_id or "-"}
     if outcome.failure:
         parent_tags["refit_failure"] = outcome.failure[:5000]
@@ -88,16 +89,10 @@ def monitors_validation(config: RunConfig) -> bool:
 
 
 def _claim(study: optuna.Study, trial: int, shared: bool) -> bool:
-    """Whether this process refits ``trial``: with a shared storage, the one that creates the claim study
-    (study names are unique in every Optuna storage, so exactly one process does)."""
-    if not shared:
-        return True
-    try:
-        optuna.create_study(storage=study._storage, study_name=_claim_name(study, trial))
-    except optuna.exceptions.DuplicatedStudyError:
-        return False
-    return True
+    """Whether this process refits ``trial``: with a shared storage, the one that takes the study's claim
+    ``refit-of-trial-N`` (:func:`~optiflow.search.claims.claim`: exactly one process does)."""
+    return not shared or claim(study, _claim_name(trial))
 
 
-def _claim_name(study: optuna.Study, trial: int) -> str:
-    return f"{study.study_name}{CLAIM_SUFFIX}{trial}"
+def _claim_name(trial: int) -> str:
+    return f"refit-of-trial-{trial}"

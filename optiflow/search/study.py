@@ -2,9 +2,9 @@
 
 Several processes (``--n-jobs`` or separate ``optiflow search`` commands on one
 ``--storage``) share one study and one parent run: the first process to create
-the study's lock study (a unique name, so exactly one succeeds) creates the
-parent run and records its id in the study's user attributes; the others wait
-for it.
+the study's ``parent-run`` claim (:mod:`optiflow.search.claims`: exactly one
+succeeds) creates the parent run and records its id in the study's user
+attributes; the others wait for it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PRUNERS = ("none", "median", "hyperband", "successive-halving")
 #: what a sampler or pruner constructor makes
 Made = TypeVar("Made")
 PARENT_ATTR = "optiflow.mlflow_parent_run_id"
-LOCK_SUFFIX = ".optiflow-parent-lock"
+PARENT_CLAIM = "parent-run"
 PARENT_WAIT_SECONDS = 120.0
 STORAGE_ATTEMPTS = 4
 
@@ -188,10 +188,12 @@ def open_study(base: RunConfig, settings: SearchSettings) -> optuna.Study:
 def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], str]) -> str:
     """The study's parent MLflow run: created by exactly one process, found by every other.
 
-    The process that manages to create the lock study ``<study>.optiflow-parent-lock``
-    (study names are unique in every Optuna storage) creates the run and stores its id
-    in the study's user attributes; the others poll for that attribute.
+    The process that takes the study's claim ``parent-run`` (:func:`~optiflow.search.claims.claim`: exactly
+    one does, and no study is created for it) creates the run and stores its id in the study's user
+    attributes; the others poll for that attribute.
     """
+    from optiflow.search.claims import claim, holder, release
+
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
         return run_id
@@ -199,22 +201,20 @@ def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], st
         run_id = create()
         study.set_user_attr(PARENT_ATTR, run_id)
         return run_id
-    lock_name = study.study_name + LOCK_SUFFIX
-    try:
-        optuna.create_study(storage=study._storage, study_name=lock_name)
-    except optuna.exceptions.DuplicatedStudyError:
+    if not claim(study, PARENT_CLAIM):
         deadline = time.monotonic() + PARENT_WAIT_SECONDS
         while time.monotonic() < deadline:
             run_id = study.user_attrs.get(PARENT_ATTR)
             if run_id:
                 return run_id
             time.sleep(0.2)
-        raise OptiflowError(f"another process is setting up study '{study.study_name}' but recorded no MLflow "
-                            f"run; if it crashed, delete the study '{lock_name}'") from None
+        raise OptiflowError(f"another process ({holder(study, PARENT_CLAIM)}) is setting up study "
+                            f"'{study.study_name}' but recorded no MLflow run in {PARENT_WAIT_SECONDS:.0f} s; "
+                            "if it was killed, search under a new --study-name") from None
     try:
         run_id = create()
     except BaseException:
-        optuna.delete_study(study_name=lock_name, storage=study._storage)
+        release(study, PARENT_CLAIM)
         raise
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id

@@ -6,25 +6,32 @@ registering costs nothing.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from optiflow import hookimpl
 from optiflow.data import DataContext, DataSource
 from optiflow.optim import decay_params
+from optiflow.registry import Nested
 
 
 @hookimpl
 def optiflow_register_optimizers(register):
     register("lion", lion)
+    # the built-in 'adam' stays as it is; this one is --opt example/adam, a deliberate reuse: no clash warning
+    register("adam", adam, namespaced_only=True)
 
 
 @hookimpl
 def optiflow_register_data(register):
     register("spirals", spirals)
     register("two-moons", two_moons, aliases=["moons"])
+    register("noisy-labels", noisy_labels)
 
 
 @hookimpl
 def optiflow_register_regularizers(register):
     register("ema", ema)
+    register("confusion-matrix", confusion_matrix)
 
 
 def lion(model, *, lr: float = 1e-4, betas: tuple[float, ...] = (0.9, 0.99), weight_decay: float = 0.0,
@@ -33,6 +40,13 @@ def lion(model, *, lr: float = 1e-4, betas: tuple[float, ...] = (0.9, 0.99), wei
     from optiflow_example.lion import Lion
 
     return Lion(decay_params(model, decay_bias), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def adam(model, *, lr: float = 1e-3, weight_decay: float = 0.01):
+    """AdamW whose weight decay spares biases and normalization parameters (example/adam)."""
+    import torch
+
+    return torch.optim.AdamW(decay_params(model, weight_decay=weight_decay), lr=lr, weight_decay=weight_decay)
 
 
 def spirals(ctx: DataContext, *, n: int = 600, arms: int = 2, turns: float = 1.5, noise: float = 0.05) -> DataSource:
@@ -57,3 +71,27 @@ def ema(*, decay: float = 0.99, apply_at_end: bool = False):
     from optiflow_example.ema import WeightEMA
 
     return WeightEMA(decay=decay, apply_at_end=apply_at_end)
+
+
+def noisy_labels(ctx: DataContext, *, base: Annotated[Nested, "dataset"] = "two-moons", flip: float = 0.1) -> DataSource:
+    """Any registered classification dataset (an option that is a component) with a fraction flip of its labels
+    changed at random: --data noisy-labels:base=[spirals:n=400],flip=0.2."""
+    import torch
+
+    if not 0.0 <= flip <= 1.0:
+        raise ValueError(f"flip must be in [0, 1], got {flip}")
+    source = base.build(ctx)
+    if source.task != "classification":
+        raise ValueError(f"noisy-labels needs a classification dataset, '{base.name}' is {source.task}")
+    generator = torch.Generator().manual_seed(ctx.seed)
+    flipped = torch.rand(len(source.y), generator=generator) < flip
+    shift = torch.randint(1, source.num_classes, (len(source.y),), generator=generator)
+    source.y = torch.where(flipped, (source.y + shift) % source.num_classes, source.y)
+    return source
+
+
+def confusion_matrix():
+    """The test split's confusion matrix as confusion_matrix.json, on runs that log artifacts."""
+    from optiflow_example.confusion import ConfusionMatrix
+
+    return ConfusionMatrix()

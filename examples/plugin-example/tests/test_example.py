@@ -5,6 +5,7 @@ Run them with ``python -m pytest`` in examples/plugin-example once optiflow is i
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -17,7 +18,9 @@ from optiflow_example.lion import Lion
 
 from optiflow.commands.train import train
 from optiflow.config import RunConfig
-from optiflow.plugins import registered_plugin
+from optiflow.data import DataContext
+from optiflow.plan import plan
+from optiflow.plugins import get_registry, registered_plugin
 
 
 def test_lion_follows_the_papers_update_rule():
@@ -95,3 +98,41 @@ def test_lion_trains_on_spirals_with_ema(example_plugin, tmp_path):
     assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
     assert len(result.history["ema_val_accuracy"]) == 8
     assert result.history["val_accuracy"][-1] > 0.6, "Lion learns the spirals"
+
+
+def test_its_adam_is_a_deliberate_reuse_of_a_builtin_name(example_plugin, monkeypatch):
+    monkeypatch.setenv("OPTIFLOW_STRICT_PLUGINS", "1")  # no clash: strict mode has nothing to refuse
+    registry = get_registry()
+    assert registry.get("optimizer", "adam").plugin == "optimizers", "the bare name stays the built-in's"
+    mine = registry.get("optimizer", "example/adam")
+    assert (mine.plugin, mine.namespaced_only) == ("example", True)
+    assert not [line for owner, line in registry.clashes if owner == "example"]
+    optimizer = mine.build(torch.nn.Linear(3, 2), weight_decay="0.1")
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0], "the bias is spared"
+
+
+def test_noisy_labels_wraps_any_dataset_given_as_an_option(example_plugin, tmp_path):
+    noisy = get_registry().get("dataset", "noisy-labels")
+    clean = get_registry().get("dataset", "spirals").build(DataContext(tmp_path, 0), n=1000)
+    source = noisy.build(DataContext(tmp_path, 0), base="[spirals:n=1000]", flip="0.3")
+    assert torch.equal(source.x, clean.x)
+    assert 0.25 < float((source.y != clean.y).float().mean()) < 0.35
+    params = plan(RunConfig.from_dict({"data": "noisy-labels:base=[spirals:n=200,arms=3],flip=0.1"}),
+                  get_registry()).params()
+    assert (params["data.base"], params["data.base.arms"], params["data.flip"]) == ("spirals", 3, 0.1)
+
+
+@pytest.mark.parametrize("role, artifacts", [("train", True), ("search-trial", False)])
+def test_the_confusion_matrix_is_written_only_where_the_run_wants_artifacts(example_plugin, tmp_path, role,
+                                                                           artifacts):
+    store = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = RunConfig.from_dict({"data": "spirals:n=200", "model": "mlp:hidden=[16]", "opt": "example/adam",
+                                  "reg": ["confusion-matrix"], "epochs": 2, "tracking_uri": store,
+                                  "experiment": "plugin-example"})
+    result = train(config, log_model=False, artifacts=artifacts, role=role)
+    files = {a.path for a in MlflowClient(store).list_artifacts(result.run_id)}
+    assert ("confusion_matrix.json" in files) == artifacts
+    if artifacts:
+        text = MlflowClient(store).download_artifacts(result.run_id, "confusion_matrix.json", str(tmp_path))
+        written = json.loads(open(text).read())
+        assert written["role"] == "train" and sum(map(sum, written["matrix"])) == 40, "the 40 test samples"
