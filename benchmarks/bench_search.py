@@ -95,7 +95,8 @@ def run_optiflow(seed: int, store: str, n_jobs: int) -> tuple[float, float | Non
     experiment = f"bench-search-{seed}-{time.time_ns()}"
     command = [sys.executable, "-m", "optiflow", "search", "--sampler", "random", "--sampler-seed", str(seed),
                "--n-trials", "10", "--cv", "5", "--metric", "val_accuracy", "--seed", str(seed),
-               "--n-jobs", str(n_jobs), "--tracking-uri", store, "--experiment", experiment, "-q"]
+               "--n-jobs", str(n_jobs), "--tracking-uri", store, "--experiment", experiment, "-q",
+               "--no-reuse"]  # every trial trains, as scikit-learn's do, even where the sampler repeats one
     for dimension in SPACE:
         command += ["--space", dimension]
     started = time.perf_counter()

@@ -59,7 +59,7 @@ def run(key: str, folder: Path) -> tuple[float, float | None]:
     """(wall seconds, logged training seconds or None) of one fresh process of variant ``key``."""
     command = list(VARIANTS[key][1])
     if key in "ET":
-        command += ["--experiment", EXPERIMENT]
+        command += ["--experiment", EXPERIMENT, "--no-reuse"]  # every round trains: a reused run would time nothing
     started = time.perf_counter()
     subprocess.run(command, cwd=folder, env=environment(), check=True, capture_output=True)
     wall = time.perf_counter() - started

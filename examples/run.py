@@ -54,7 +54,8 @@ class Example:
         return f"examples-{self.name}"
 
     def argv(self, command: str, *, quick: bool, data_dir: str | None) -> list[str]:
-        """The optiflow arguments of one command line, with the quick / data-dir flags appended."""
+        """The optiflow arguments of one command line, with the quick / data-dir flags appended; every command that
+        trains trains anew (``--no-reuse``), so that the picture is drawn from this invocation's own runs."""
         words = shlex.split(command)
         if not words or words[0] != "optiflow":
             raise ExampleError(f"{self.name}: every command must start with 'optiflow', got {command!r}")
@@ -63,7 +64,8 @@ class Example:
             if not self.data_dir_flags:
                 raise ExampleError(f"{self.name} reads no files, so --data-dir does not apply to it")
             extra += [*shlex.split(self.data_dir_flags), "--data-dir", data_dir]
-        return [*words[1:], *extra, "--experiment", self.experiment]
+        fresh = ["--no-reuse"] if words[1:2] in (["train"], ["compare"], ["search"]) else []
+        return [*words[1:], *fresh, *extra, "--experiment", self.experiment]
 
 
 def load_examples(folder: Path = EXAMPLES_DIR) -> list[Example]:

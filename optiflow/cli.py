@@ -132,7 +132,7 @@ def train(**params: Any) -> None:
     from optiflow.stored import data_dir_warning
 
     warn = None if params["quiet"] or params["resume"] else data_dir_warning(config)
-    result = run_training(config, reporter=reporter, resume=params["resume"], on_start=warn)
+    result = run_training(config, reporter=reporter, resume=params["resume"], on_start=warn, reuse=params["reuse"] is not False)
     print_summary(result, config, quiet=params["quiet"] or not main_process)
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
@@ -207,8 +207,9 @@ def compare(**params: Any) -> None:
     with WorkProgress("runs", quiet) as progress:
         result = command.compare(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
                                  baseline=settings["baseline"], out_dir=settings["out"],
-                                 log_models=bool(settings["log_models"]), announce=progress.announce,
-                                 reporter_factory=progress.reporter, progress=progress, register=params["register"])
+                                 log_models=bool(settings["log_models"]), reuse=params["reuse"] is not False,
+                                 announce=progress.announce, reporter_factory=progress.reporter, progress=progress,
+                                 register=params["register"])
     if not quiet:
         print_comparison(result, config)
     if result.failure:
@@ -257,7 +258,7 @@ def search(**params: Any) -> None:
     from optiflow.commands import search as command
 
     config, values = resolve_layers(params, command.given_defaults())
-    settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"]}, config)
+    settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"], "reuse": params["reuse"]}, config)
     if params["print_config"]:
         return print_settings(config, {**values, "space": {d.name: command.describe_dimension(d) for d in settings.space}})
     from optiflow.commands.dry_run import search_forecast

@@ -132,7 +132,9 @@ def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> 
 
     if quiet:
         return
-    table = Table(title="optiflow run", show_header=False, title_justify="left")
+    title = "optiflow run (reused: a finished run with the same content key; --no-reuse trains anew)" \
+        if result.reused else "optiflow run"
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for key, value in sorted(result.metrics.items()):
@@ -226,6 +228,7 @@ def print_comparison(result: Comparison, config: RunConfig) -> None:
     result_table(f"compare: final {result.metric}", list(BRIEF_COLUMNS), result.brief)
     if result.note:
         console.print(result.note)
+    print_reused(result.reused, len(result.children), "runs")
     console.print(f"parent run {result.parent_run_id}  ·  files in {result.out_dir}  ·  "
                   f"open the UI: {ui_command(resolve_tracking_uri(config.tracking_uri))}")
     if result.registered is not None:
@@ -237,7 +240,8 @@ def print_search(result: SearchResult, config: RunConfig, top: int = 10) -> None
     from optiflow.tracking import resolve_tracking_uri, ui_command
 
     counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items() if n)
-    result_table(f"study {result.study_name}: {counts}", result.columns[:-1], [r[:-1] for r in result.rows[:top]])
+    result_table(f"study {result.study_name}: {counts}", result.columns[:-2], [r[:-2] for r in result.rows[:top]])
+    print_reused(result.reused, sum(result.counts.values()), "trials")
     if result.best_value is not None:
         shown = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
         console.print(f"best {result.best_value:.4g}: {shown}")
@@ -255,6 +259,13 @@ def print_search(result: SearchResult, config: RunConfig, top: int = 10) -> None
                   f"{ui_command(resolve_tracking_uri(config.tracking_uri))}")
     if refit is not None and refit.registered is not None:
         print_registered(refit.registered[0], refit.registered[1], refit.run_id)
+
+
+def print_reused(reused: int, total: int, what: str) -> None:
+    """``reused N of M runs``: how many finished runs of the same content key a command took instead of training."""
+    if reused:
+        console.print(f"reused {reused} of {total} {what}: finished runs with the same content key, not trained "
+                      "again (--no-reuse trains them anew)", markup=False, soft_wrap=True)
 
 
 def print_registered(name: str, version: str, run_id: str | None) -> None:

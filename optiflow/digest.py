@@ -6,7 +6,9 @@ Each tensor is hashed with its name, dtype and shape, so a reshaped or retyped t
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +37,16 @@ def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
         for start in range(0, flat.numel(), step):
             digest.update(flat[start:start + step].cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def source_digest(source: Any) -> str:
+    """SHA-256 of a dataset as its plugin gave it (a :class:`~optiflow.data.DataSource`): its arrays and what it
+    says of them (task, classes, names, scales), never its name or where its files are."""
+    described = {name: getattr(source, name) for name in ("task", "num_classes", "classes", "image", "feature_names",
+                                                          "target", "target_scale", "raw_scale")}
+    arrays = [(name, getattr(source, name)) for name in ("x", "y", "x_test", "y_test")]
+    tensors = tensors_digest((name, tensor) for name, tensor in arrays if tensor is not None)
+    return hashlib.sha256(f"{tensors}|{json.dumps(described, sort_keys=True, default=repr)}".encode()).hexdigest()
 
 
 def largest_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[str | None, float]:

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from optiflow.errors import OptiflowError, first_line
 from optiflow.run import EXAMPLE_SAMPLES, Run
+from optiflow.tracking import client, resolve_tracking_uri, retry
 
 if TYPE_CHECKING:
     from mlflow.models import Model
@@ -273,3 +275,28 @@ def log_model(run: Run) -> ModelCard | None:
               "not raw ones", file=sys.stderr)
     run.tracker.log_model(sys.modules[__name__], card.metadata(), module=module, card=card, example=example)
     return card
+
+
+def register_model(run_id: str, name: str, tracking_uri: str | None = None) -> str:
+    """Register the model that run ``run_id`` logged as a new version of ``name`` in MLflow's model registry
+    (created if missing); returns the version, so that ``models:/NAME/VERSION`` loads it."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    store = client(uri)
+    run = retry(store.get_run, run_id)
+    found = retry(store.search_logged_models, [run.info.experiment_id],
+                  f"source_run_id = '{run_id}' AND name = 'model'", max_results=1)
+    if not found:
+        raise OptiflowError(f"cannot register '{name}': run {run_id} logged no model")
+    model_id = found[0].model_id
+    try:
+        retry(store.create_registered_model, name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
+    try:
+        version = retry(store.create_model_version, name, f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    except MlflowException as exc:
+        raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
+    return str(version.version)

@@ -42,6 +42,7 @@ TRAIN_FLAGS: dict[str, Callable[[Command], Command]] = {
     "experiment": click.option("--experiment", help="MLflow experiment name [optiflow]."),
     "run_name": click.option("--run-name", help="MLflow run name."),
     "tracking_uri": click.option("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db]."),
+    "reuse": click.option("--reuse/--no-reuse", default=None, help="A run whose content key (configuration, data, versions: docs/tracking.md) a FINISHED run of the experiment holds is that run, not trained again; --no-reuse trains anew [reuse]."),
 }
 
 
@@ -176,8 +177,8 @@ def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any],
     overrides = {
         key: value
         for key, value in params.items()
-        if key not in {"config_file", "quiet", "print_config", "dry_run", "nproc", "register", "refit",
-                       "allow_download", *command_defaults} and value not in (None, ())
+        if key not in {"config_file", "quiet", "print_config", "dry_run", "nproc", "register", "refit", "allow_download",
+                       "reuse", *command_defaults} and value not in (None, ())
     }
     overrides.update(extra)
     return RunConfig.from_dict({**values, **overrides}), settings

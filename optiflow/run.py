@@ -15,13 +15,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from optiflow import distributed
+from optiflow import digest, distributed
 from optiflow.config import RunConfig
-from optiflow.data import DataContext, DataSource, Normalizer, Splits, normalize, split, value_range
+from optiflow.data import DataContext, DataSource, Normalizer, Splits, _remembered, normalize, split, value_range
 from optiflow.errors import OptiflowError, first_line
 from optiflow.optim import keep_decay_groups
 from optiflow.plan import Plan, plan
 from optiflow.registry import Component, Registry
+from optiflow.runkey import run_key
 from optiflow.runlog import RunTracker
 from optiflow.schedule import Schedule, TrainingLength, rehearse, scheduled
 from optiflow.setup import Setup, decide, resolve_device, use_fused_kernels
@@ -95,6 +96,8 @@ class Run:
     #: whether the run logs pictures and files (figures, config.yaml, a plugin's artifacts): false for search
     #: trials and folds unless ``--child-artifacts``; params, metrics and tags are logged either way
     wants_artifacts: bool = True
+    #: the content key (:mod:`optiflow.runkey`): a FINISHED run holding it is reused instead of training this one
+    key: str = ""
 
     @property
     def device(self) -> torch.device:
@@ -145,6 +148,8 @@ class RunResult:
     tracking_uri: str | None  #: the store the run is in
     stop_reason: str | None = None  #: why training stopped early, if it did
     resumed_from: int | None = None  #: the epoch a ``--resume`` went on from, else None
+    #: the run was not trained: it is a FINISHED run of the same key (:func:`optiflow.reuse.finished_run`)
+    reused: bool = False
 
 
 def prepare(config: RunConfig, registry: Registry) -> Run:
@@ -155,6 +160,7 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     device = resolve_device(config.device, cluster.local_rank if cluster.enabled else None)
     torch.manual_seed(config.seed)
     source = load_source(resolved, config)
+    key = run_key(resolved, dataset_digest(source), device, cluster.world_size)
     splits = split(source, config.val_split, config.test_split, config.seed,
                    cv_folds=config.cv_folds, cv_fold=config.cv_fold)
     input_range = value_range(source, splits.x_train)
@@ -188,7 +194,12 @@ def prepare(config: RunConfig, registry: Registry) -> Run:
     return Run(config, resolved, setup, source, splits.to(device, torch.device("cpu") if setup.streamed else device),
                model, loss_fn, optimizer, schedule, length, torch.Generator().manual_seed(config.seed),
                normalizer=normalizer, input_range=input_range,
-               augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg])
+               augmentation=augmentation, regularizers=[build(c, **o) for c, o in resolved.reg], key=key)
+
+
+def dataset_digest(source: DataSource) -> str:
+    """:func:`~optiflow.digest.source_digest` of ``source``, once per loaded source (trials and folds share one)."""
+    return _remembered(source, ("source digest",), lambda: digest.source_digest(source))
 
 
 def stepped_parts(resolved: Plan, optimizer: object, schedule: Schedule) -> list[tuple[str, str, str]]:

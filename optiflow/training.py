@@ -29,11 +29,12 @@ from optiflow.loop import evaluate, fit, score
 from optiflow.metrics import check_monitor, epoch_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
+from optiflow.reuse import finished_run, key_tags, outputs
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare, stepped_parts
 from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
 from optiflow.stored import resume_command
-from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, retry, run_status
+from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, run_status
 
 
 def train(
@@ -51,6 +52,7 @@ def train(
     artifacts: bool = True,
     role: str = "train",
     on_start: Callable[[str], None] | None = None,
+    reuse: bool = False,
 ) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
 
@@ -60,8 +62,10 @@ def train(
     FAILED run to continue from its checkpoint, in that same run (``config``
     must be its logged configuration: see ``resume_config``).  ``artifacts=False`` logs params and metrics
     only, no figures or files (search's child runs; a failed run still gets its config.yaml): ``run.wants_artifacts``;
-    ``role`` is ``run.role`` (:data:`optiflow.run.ROLES`).  ``on_start``
-    gets the run's id as soon as the run is open (search records it on the trial).  Raises
+    ``role`` is ``run.role`` (:data:`optiflow.run.ROLES`).  ``on_start`` gets the run's id as soon as the run is
+    open (search records it on the trial).  ``reuse`` returns the FINISHED run of the same content key and
+    experiment instead of training (``reused`` set), if there is one holding what this run would log (never when
+    resuming or data-parallel).  Raises
     OptiflowError for bad input before the run starts, TrainingError when
     training diverges, PluginError when a plugin raises, RunInterrupted (a
     KeyboardInterrupt) on SIGINT/SIGTERM; the run then ends FAILED or KILLED
@@ -72,7 +76,13 @@ def train(
     reporter = reporter or SilentReporter()
     with _agreeing():
         run = prepare(config, registry)
+    held = outputs(artifacts=artifacts, log_model=log_model, config=config)
+    found = finished_run(config, run.key, held) if reuse and resume is None and not distributed.current().enabled \
+        else None
+    if found is not None:
+        return found
     run.role, run.wants_artifacts = role, artifacts
+    extra_tags = {**(extra_tags or {}), **key_tags(run.key, held)}
     if run.device.type == "cpu":
         host.keep_freed_memory()
     with per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
@@ -172,31 +182,6 @@ def default_run_name(run: Run) -> str:
     plan = run.plan
     names = [plan.model[0].name, plan.opt[0].name, plan.sched[0].name, plan.data[0].name]
     return "-".join(name for name in names if name != "none")
-
-
-def register_model(run_id: str, name: str, tracking_uri: str | None = None) -> str:
-    """Register the model that run ``run_id`` logged as a new version of ``name`` in MLflow's model registry
-    (created if missing); returns the version, so that ``models:/NAME/VERSION`` loads it."""
-    from mlflow.exceptions import MlflowException
-
-    uri = resolve_tracking_uri(tracking_uri)
-    store = client(uri)
-    run = retry(store.get_run, run_id)
-    found = retry(store.search_logged_models, [run.info.experiment_id],
-                  f"source_run_id = '{run_id}' AND name = 'model'", max_results=1)
-    if not found:
-        raise OptiflowError(f"cannot register '{name}': run {run_id} logged no model")
-    model_id = found[0].model_id
-    try:
-        retry(store.create_registered_model, name)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
-    try:
-        version = retry(store.create_model_version, name, f"models:/{model_id}", run_id=run_id, model_id=model_id)
-    except MlflowException as exc:
-        raise OptiflowError(f"cannot register the model as '{name}': {first_line(exc.message)}") from None
-    return str(version.version)
 
 
 @contextlib.contextmanager

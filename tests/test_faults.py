@@ -316,7 +316,7 @@ def test_a_store_on_a_read_only_file_system_is_one_line(small_disk, tmp_path):
     done = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot remount read-only here ({done.stderr.strip()})")
-    for args in (("train", "--epochs", "1", *SMALL), ("runs", "--stale")):
+    for args in (("train", "--epochs", "1", *SMALL, "--no-reuse"), ("runs", "--stale")):  # a reused run writes nothing
         result = run_cli(*args, *store, cwd=tmp_path, timeout=120)
         line = one_line(result)
         assert result.returncode == 2, result.stderr

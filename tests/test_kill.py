@@ -58,7 +58,9 @@ EPOCHS = 10
 TRAIN = ("train", "--data", "iris", "--model", "mlp:hidden=[16]", "--batch-size", "16", "--epochs", str(EPOCHS))
 SEARCH = ("search", "--data", "iris", "--model", "mlp:hidden=[16]", "--epochs", "2", "--n-trials", "2",
           "--space", "lr=loguniform:1e-3:1e-1", "--sampler", "random", "--cv", "2")
-COMPARE = ("compare", "--data", "iris", "--model", "mlp:hidden=[16]", "--epochs", "2", "--vary", "lr=0.01,0.1")
+# --no-reuse: each moment is run again into one store, and its first child must train again, not be reused
+COMPARE = ("compare", "--data", "iris", "--model", "mlp:hidden=[16]", "--epochs", "2", "--vary", "lr=0.01,0.1",
+           "--no-reuse")
 # the search: parent (create 1), per trial a cross-validated run and its two folds (2-4, 5-7), the refit (8,
 # its first checkpoint is save 1); the comparison: parent (create 1), a child per variant (2, 3; epochs 1-2, 3-4)
 MOMENTS = {

@@ -203,7 +203,7 @@ def test_folds_that_stop_training_alike_go_on_one_by_one_with_the_same_numbers(t
 def test_a_search_with_stacked_folds_scores_the_folds_it_logs(invoke, mlflow_client, experiment):
     result = invoke("search", "--space", "lr=choice:0.01,0.001", "--sampler", "random", "--sampler-seed", "1",
                     "--n-trials", "2", "--cv", "3", "--epochs", "2", "--metric", "val_accuracy",
-                    "--model", "mlp:hidden=[16]", "--batch-size", "64", "--no-refit", "-q")
+                    "--model", "mlp:hidden=[16]", "--batch-size", "64", "--no-refit", "-q", "--no-reuse")
     assert result.exit_code == 0, result.stderr
     experiment_id = mlflow_client.get_experiment_by_name(experiment).experiment_id
     runs = mlflow_client.search_runs([experiment_id])

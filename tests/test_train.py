@@ -37,14 +37,15 @@ def test_logged_config_reproduces_the_run(invoke, mlflow_client, experiment, tmp
     assert invoke("train", "--epochs", "2", "--seed", "3", "-q").exit_code == 0
     [run] = runs_of(mlflow_client, experiment)
     path = mlflow_client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
-    assert invoke("train", "--config", path, "-q").exit_code == 0
+    assert invoke("train", "--config", path, "-q", "--no-reuse").exit_code == 0  # else the first run, reused
     first, second = runs_of(mlflow_client, experiment)
     assert first.data.metrics["test_loss"] == pytest.approx(second.data.metrics["test_loss"], rel=1e-6)
+    assert first.data.tags["optiflow.key"] == second.data.tags["optiflow.key"]
 
 
 def test_same_seed_same_metrics_and_other_seed_differs(invoke, mlflow_client, experiment):
     for seed in ("5", "5", "6"):
-        assert invoke("train", "--epochs", "2", "--seed", seed, "-q").exit_code == 0
+        assert invoke("train", "--epochs", "2", "--seed", seed, "-q", "--no-reuse").exit_code == 0
     a, b, c = (r.data.metrics for r in runs_of(mlflow_client, experiment))
     assert a["test_loss"] == b["test_loss"] and a["val_loss"] == b["val_loss"]
     assert a["test_loss"] != c["test_loss"]

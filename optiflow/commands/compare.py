@@ -39,6 +39,8 @@ class ChildRun:
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     failure: str | None = None
+    #: a FINISHED run of the same content key, reused instead of training (``run_id`` is that run)
+    reused: bool = False
 
 
 BRIEF_COLUMNS = ("variant", "runs", "mean [95% CI]", "vs baseline (paired)", "seconds", "best")
@@ -61,6 +63,11 @@ class Comparison:
     failure: str | None = None
     #: how to read the intervals and tests, or why there are none
     note: str = ""
+
+    @property
+    def reused(self) -> int:
+        """How many of the children reused a finished run instead of training."""
+        return sum(child.reused for child in self.children)
 
     def best_child(self) -> ChildRun | None:
         """The best variant's child with the best metric (its best seed with ``--repeats``)."""
@@ -146,30 +153,23 @@ def plan_runs(base: RunConfig, vary: dict[str, list[str]], repeats: int) -> list
     return runs
 
 
-def compare(
-    base: RunConfig,
-    vary: dict[str, list[str]],
-    *,
-    repeats: int = 1,
-    metric: str | None = None,
-    baseline: str | None = None,
-    out_dir: str | Path | None = None,
-    log_models: bool = False,
-    register: str | None = None,
-    tags: dict[str, str] | None = None,
-    announce: Callable[[int, int, str, RunConfig], Any] | None = None,
-    reporter_factory: Callable[[], Any] | None = None,
-    progress: Callable[[Tick], Any] | None = None,
-) -> Comparison:
+def compare(base: RunConfig, vary: dict[str, list[str]], *, repeats: int = 1, metric: str | None = None,
+            baseline: str | None = None, out_dir: str | Path | None = None, log_models: bool = False,
+            register: str | None = None, tags: dict[str, str] | None = None,
+            announce: Callable[[int, int, str, RunConfig], Any] | None = None,
+            reporter_factory: Callable[[], Any] | None = None, progress: Callable[[Tick], Any] | None = None,
+            reuse: bool = True) -> Comparison:
     """Train every variant (``repeats`` seeds each) as child runs of one parent run, then summarize.
 
     A variant whose training diverges is recorded as FAILED and the comparison goes on;
     Ctrl-C ends the parent KILLED, any other error ends it FAILED.  Each variant's ``metric`` is summarized by
     its mean and 95% t-interval over seeds and a paired t-test against ``baseline`` (default: the first).  ``register`` logs every child's
-    model and registers the best variant's (:meth:`Comparison.best_child`) under that name.  ``progress`` gets
-    a :class:`~optiflow.forecast.Tick` after each run: runs done, the best so far, the ETA.
+    model and registers the best variant's (:meth:`Comparison.best_child`) under that name.  ``reuse``: a run whose
+    content key a FINISHED run of the experiment holds is that run, not trained again (:mod:`optiflow.reuse`).
+    ``progress`` gets a :class:`~optiflow.forecast.Tick` after each run: runs done, the best so far, the ETA.
     """
     from optiflow import heartbeat
+    from optiflow.reuse import reused_tags
     from optiflow.tracking import Tracker, run_status
     from optiflow.training import train
 
@@ -196,15 +196,22 @@ def compare(
             started = time.perf_counter()
             try:
                 result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags,
-                               log_model=log_models or bool(register), reporter=reporter, role="compare-child")
+                               log_model=log_models or bool(register), reporter=reporter, role="compare-child",
+                               reuse=reuse)
             except TrainingError as exc:
                 children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
             else:
                 children.append(ChildRun(label, config.seed, "FINISHED", result.run_id,
-                                         final_metrics(result.metrics, result.history), result.history, result.seconds))
-            durations.append(time.perf_counter() - started)
+                                         final_metrics(result.metrics, result.history), result.history,
+                                         result.seconds, reused=result.reused))
+            seconds = time.perf_counter() - started
+            if not children[-1].reused:  # a reused run cost nothing and says nothing of the runs left
+                durations.append(seconds)
             if progress is not None:
-                progress(run_tick(children, durations, len(runs), metric))
+                progress(run_tick(children, seconds, durations, len(runs), metric))
+        reused = {c.label + (f" seed={c.seed}" if repeats > 1 else ""): str(c.run_id) for c in children if c.reused}
+        if reused:
+            tracker.set_tags(reused_tags(reused, len(runs)))
         comparison = _summarize(tracker, children, metric, out_dir, baseline)
         if not any(c.status == "FINISHED" for c in children):
             outcome.status = "FAILED"
@@ -214,9 +221,9 @@ def compare(
     return comparison
 
 
-def run_tick(children: list[ChildRun], durations: list[float], total: int, metric: str | None) -> Tick:
-    """Where the comparison stands after its last run: runs done of ``total``, that run's time, the best run so far
-    by ``metric`` (the default metric when None) and the ETA from the runs' measured times."""
+def run_tick(children: list[ChildRun], seconds: float, durations: list[float], total: int, metric: str | None) -> Tick:
+    """Where the comparison stands after its last run (which took ``seconds``): runs done of ``total``, the best run
+    so far by ``metric`` (the default metric when None) and the ETA from the trained runs' ``durations``."""
     child = children[-1]
     finished = [c for c in children if c.status == "FINISHED"]
     metric = metric or (default_metric(list(finished[0].metrics)) if finished else None)
@@ -226,8 +233,8 @@ def run_tick(children: list[ChildRun], durations: list[float], total: int, metri
     if scored:
         top = (max if higher_is_better(str(metric)) else min)(scored, key=lambda c: c.metrics[str(metric)])
         best = f"{metric}={top.metrics[str(metric)]:.4g} ({top.label} seed={top.seed})"
-    what = f"{child.label} seed={child.seed} {child.status.lower()}: {value}"
-    return Tick(len(children), total, what, durations[-1], eta(durations, total - len(children)), best)
+    what = f"{child.label} seed={child.seed} {child.status.lower()}: {value}" + (" (reused)" if child.reused else "")
+    return Tick(len(children), total, what, seconds, eta(durations, total - len(children)), best)
 
 
 def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -> None:
@@ -253,7 +260,7 @@ def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) ->
 def _register_best(comparison: Comparison, name: str, tracker: Tracker) -> None:
     """Register the best variant's model as ``name`` and tag the parent run with it; a failure is the
     comparison's ``failure``, the comparison itself stays logged."""
-    from optiflow.training import register_model
+    from optiflow.export import register_model
 
     best = comparison.best_child()
     if best is None or best.run_id is None:
@@ -345,9 +352,10 @@ def _write_outputs(tracker: Tracker, out: Path, children: list[ChildRun], metric
     plt.close("all")
     files[2].write_text(csv_text(*summary))
     files[3].write_text(markdown_table(*summary) + f"\n{note}.\n")
-    run_columns = ["variant", "seed", "status", "run_id", metric, "seconds", "failure"]
+    run_columns = ["variant", "seed", "status", "run_id", metric, "seconds", "failure", "reused"]
     files[4].write_text(csv_text(run_columns, [[c.label, c.seed, c.status, c.run_id or "-", number(c.metrics.get(metric)),
-                                                f"{c.seconds:.1f}", c.failure or ""] for c in children]))
+                                                f"{c.seconds:.1f}", c.failure or "", "yes" if c.reused else ""]
+                                               for c in children]))
     for path in files:
         tracker.log_artifact(path)
     return files

@@ -125,7 +125,7 @@ def quiet_heartbeat_threads() -> Iterator[None]:
 def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
     """Search settings from flags and ``--config`` values, validated and with the defaults of
     :func:`~optiflow.search.study.given_defaults` filled in."""
-    given = {**given_defaults(), "refit": True, "register": None,
+    given = {**given_defaults(), "refit": True, "register": None, "reuse": True,
              **{key: value for key, value in values.items() if value is not None and value != ""}}
     space = parse_space(given["space"] or (), base)
     sampler, sampler_options = parse_component(str(given["sampler"]), SAMPLERS, "sampler")
@@ -146,6 +146,7 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         n_jobs=int(given["n_jobs"]), log_models=bool(given["log_models"]),
         child_artifacts=bool(given["child_artifacts"]), heartbeat=int(given["heartbeat"]),
         refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
+        reuse=given["reuse"] is not False,
     )
 
 

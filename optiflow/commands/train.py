@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from optiflow import checkpoints
 from optiflow.config import RunConfig
+from optiflow.export import register_model
 from optiflow.tracking import client, resolve_tracking_uri, retry
-from optiflow.training import register_model, train
+from optiflow.training import train
 
 __all__ = ["register_model", "resume_config", "train"]
 

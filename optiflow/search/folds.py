@@ -77,6 +77,7 @@ def _log_folds(runs: list[Run], trackers: list[Tracker], tests: list[dict[str, f
     """Each fold as a finished child run of ``parent_run_id``: its tracker opens it with what it kept while the
     folds trained, writes it in one batch and ends it."""
     from optiflow import digest
+    from optiflow.reuse import key_tags, outputs
     from optiflow.training import data_digest, default_run_name, setup_params
 
     ended_ms = int(time.time() * 1000)
@@ -85,7 +86,8 @@ def _log_folds(runs: list[Run], trackers: list[Tracker], tests: list[dict[str, f
         tracker.log_metrics({**test, "train_seconds": seconds}, step=run.epoch, flush=False)
         tracker.log_params(setup_params(run, params), flush=False)
         fold_tags = {**fold_tags, STACKED_TAG: str(len(runs)), digest.WEIGHTS_TAG: digest.weights_digest(run.model),
-                     digest.DATA_TAG: data_digest(run)}
+                     digest.DATA_TAG: data_digest(run),
+                     **key_tags(run.key, outputs(artifacts=False, log_model=False, config=run.config))}
         run_id = tracker.start(run.config.run_name or default_run_name(run), fold_tags, parent_run_id,
                                started_ms=started_ms)
         tracker.end("FINISHED", ended_ms=ended_ms)  # one insert, one batch, one status update

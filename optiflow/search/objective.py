@@ -22,7 +22,7 @@ from optiflow.search.folds import train_folds
 from optiflow.search.space import short, trial_config
 from optiflow.search.stopping import no_more_trials, stop_at_target, time_limit, trial_tick
 from optiflow.search.study import SearchSettings, open_study
-from optiflow.search.workers import RUN_ATTR, finished, total_callback
+from optiflow.search.workers import REUSED_ATTR, RUN_ATTR, finished, total_callback
 
 
 class TrialPruned(RunKilled, optuna.TrialPruned):
@@ -82,7 +82,10 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
                 value = _cross_validate(trial, config, settings, parent_id, name, trial_tags, params)
             else:
                 result = _train_trial(trial, config.replace(run_name=name), settings, parent_id, trial_tags,
-                                      params, offset=0, on_start=lambda run_id: trial.set_user_attr(RUN_ATTR, run_id))
+                                      params, offset=0, on_start=lambda run_id: trial.set_user_attr(RUN_ATTR, run_id),
+                                      reuse=settings.reuse)
+                if result.reused:
+                    _reused(trial, [result], settings, str(result.run_id), config.epochs)
                 value = _objective_value(final_metrics(result.metrics, result.history), settings.metric)
         except TrialPruned:
             trial.set_user_attr("mlflow_run_id", _child_run(base, parent_id, name, trial_tags, params, None))
@@ -100,6 +103,8 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
             return
         shown = ", ".join(f"{k}={short(v)}" for k, v in trial.params.items())
         value = f"{settings.metric}={trial.value:.4g}" if trial.value is not None else trial.user_attrs.get("failure", "")
+        reused = trial.user_attrs.get(REUSED_ATTR)
+        shown += f"  (reused run {reused})" if reused else ""
         progress(trial_tick(study, trial, settings, f"trial {trial.number} {trial.state.name.lower()}: {value}  {shown}"))
 
     with warnings.catch_warnings(), shared_data():
@@ -112,9 +117,10 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
 
 def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str | None,
                  tags: dict[str, str], params: dict[str, Any], offset: int,
-                 on_start: Callable[[str], None] | None = None, role: str = "search-trial") -> RunResult:
+                 on_start: Callable[[str], None] | None = None, role: str = "search-trial",
+                 reuse: bool = False) -> RunResult:
     """One training reporting its per-epoch metric to the pruner (step ``offset + epoch``); ``role``: a trial
-    or a fold of one."""
+    or a fold of one; ``reuse``: the finished run of the same key instead, if there is one."""
     from optiflow.training import train
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -128,14 +134,51 @@ def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSetting
 
     return train(config, parent_run_id=parent_id, extra_tags=tags, extra_params=params, on_epoch=on_epoch,
                  log_model=settings.log_models, artifacts=settings.child_artifacts, on_start=on_start,
-                 role=role)
+                 role=role, reuse=reuse)
+
+
+def _reused(trial: optuna.Trial, results: list[RunResult], settings: SearchSettings, run_id: str,
+            epochs: int) -> None:
+    """Record on ``trial`` that it reused the finished runs ``results`` (its run: ``run_id``) and report their
+    per-epoch metric to the pruner as if they had trained in it (fold k at steps after fold k-1's ``epochs``)."""
+    trial.set_user_attr(RUN_ATTR, run_id)
+    trial.set_user_attr(REUSED_ATTR, ",".join(str(result.run_id) for result in results))
+    for fold, result in enumerate(results):
+        _report(trial, result, settings, fold * epochs)
+
+
+def _report(trial: optuna.Trial, result: RunResult, settings: SearchSettings, offset: int) -> None:
+    """A reused run's per-epoch objective metric, reported to the pruner at steps ``offset + epoch``."""
+    if settings.pruner != "none":
+        for epoch, value in enumerate(result.history.get(settings.metric, []), 1):
+            trial.report(value, offset + epoch)
+
+
+def _reusable_folds(configs: list[RunConfig], settings: SearchSettings) -> list[RunResult | None]:
+    """For each fold, the finished run of its key holding what it would log (None: to train; all None without
+    ``settings.reuse``)."""
+    from optiflow.plugins import get_registry
+    from optiflow.reuse import finished_run, outputs, planned_key
+
+    if not settings.reuse:
+        return [None] * len(configs)
+    held = outputs(artifacts=settings.child_artifacts, log_model=settings.log_models, config=configs[0])
+    return [finished_run(config, planned_key(config, get_registry()), held) for config in configs]
 
 
 def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str, name: str,
                     tags: dict[str, str], params: dict[str, Any]) -> float:
     """K trainings, fold k validating on fold k of the training split; the trial's run holds the folds."""
+    from optiflow.reuse import reused_tags
     from optiflow.tracking import Tracker, run_status
 
+    configs = [config.replace(cv_folds=settings.cv, cv_fold=fold, run_name=f"{name} fold {fold}")
+               for fold in range(settings.cv)]
+    found = _reusable_folds(configs, settings)
+    if all(found):
+        reused = [result for result in found if result is not None]
+        _reused(trial, reused, settings, _parent_of(config, str(reused[0].run_id)), config.epochs)
+        return statistics.fmean(_objective_value(final_metrics(r.metrics, r.history), settings.metric) for r in reused)
     tracker = Tracker(config.tracking_uri, config.experiment)
     tracker.start(run_name=name, tags={**tags, "optiflow.kind": "cross-validation"}, parent_run_id=parent_id)
     scores: list[float] = []
@@ -145,17 +188,23 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
         tracker.log_params({**params, "cv_folds": settings.cv})
         if settings.child_artifacts:
             tracker.log_text(config.to_yaml(), "config.yaml")
-        configs = [config.replace(cv_folds=settings.cv, cv_fold=fold, run_name=f"{name} fold {fold}")
-                   for fold in range(settings.cv)]
+        if any(found):
+            tracker.set_tags(reused_tags({f"fold {f}": str(r.run_id) for f, r in enumerate(found) if r}, settings.cv,
+                                         "folds"))
         fold_tags = [{**tags, "optiflow.cv_fold": str(fold)} for fold in range(settings.cv)]
         fold_params = {"optuna.trial_number": trial.number}
-        stacked = None
+        missing = [fold for fold, result in enumerate(found) if result is None]
+        stacked: dict[int, RunResult] = {}
         if settings.pruner == "none" and not settings.child_artifacts and not settings.log_models:
-            stacked = train_folds(configs, parent_run_id=str(tracker.run_id), tags=fold_tags, params=fold_params)
+            trained = train_folds([configs[f] for f in missing], parent_run_id=str(tracker.run_id),
+                                  tags=[fold_tags[f] for f in missing], params=fold_params)
+            stacked = dict(zip(missing, trained or []))
         for fold in range(settings.cv):
-            result = stacked[fold] if stacked else _train_trial(
+            result = found[fold] or stacked.get(fold) or _train_trial(
                 trial, configs[fold], settings, tracker.run_id, fold_tags[fold], fold_params,
                 offset=fold * config.epochs, role="cv-fold")
+            if result.reused:
+                _report(trial, result, settings, fold * config.epochs)
             scores.append(_objective_value(final_metrics(result.metrics, result.history), settings.metric))
             histories.append(result.history)
             tracker.log_metrics({f"cv_{settings.metric}": scores[-1]}, step=fold + 1, flush=False)
@@ -167,6 +216,14 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
         tracker.log_metrics({f"cv_{settings.metric}_mean": value,
                              f"cv_{settings.metric}_std": statistics.pstdev(scores)})
         return value
+
+
+def _parent_of(config: RunConfig, run_id: str) -> str:
+    """The run that holds fold run ``run_id`` (its trial's cross-validation run), else the fold run itself."""
+    from optiflow.tracking import client, resolve_tracking_uri, retry
+
+    return retry(client(resolve_tracking_uri(config.tracking_uri)).get_run, run_id).data.tags.get(
+        "mlflow.parentRunId", run_id)
 
 
 def _objective_value(metrics: dict[str, float], metric: str) -> float:

@@ -37,7 +37,8 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
     A failure (of the training or of the registration) is returned in ``Refit.failure`` and tagged on the
     parent run, never raised, so that the study's summary survives it.
     """
-    from optiflow.training import register_model, train
+    from optiflow.export import register_model
+    from optiflow.training import train
 
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return None
@@ -54,7 +55,7 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
     params = {"refit.trial_number": best.number, **{f"trial.{k}": v for k, v in best.params.items()}}
     try:
         result = train(config, parent_run_id=parent.run_id, extra_tags=run_tags, extra_params=params, log_model=True,
-                       role="refit")
+                       role="refit", reuse=settings.reuse)
         outcome.run_id, outcome.metrics = result.run_id, result.metrics
         if settings.register and result.run_id is not None:
             outcome.registered = (settings.register,

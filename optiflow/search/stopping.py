@@ -20,7 +20,7 @@ from optiflow.errors import OptiflowError
 from optiflow.forecast import Tick, eta
 from optiflow.search.space import short
 from optiflow.search.study import SearchSettings
-from optiflow.search.workers import finished
+from optiflow.search.workers import REUSED_ATTR, finished
 from optiflow.values import duration_text
 
 #: the parent run's tags saying why the study stopped (one of :data:`REASONS`) and how
@@ -126,10 +126,11 @@ def stop_reason(study: optuna.Study, settings: SearchSettings, elapsed: float, n
 
 def trial_tick(study: optuna.Study, trial: optuna.trial.FrozenTrial, settings: SearchSettings, what: str) -> Tick:
     """Where the study stands after ``trial`` (``what`` says how it ended): finished trials of the total, the
-    trial's seconds, the ETA from every finished trial's measured time (a pruned one counted as what it cost;
-    cut to what is left of the budget) and the best trial so far with its parameters."""
+    trial's seconds, the ETA from every trained trial's measured time (a pruned one counted as what it cost, a
+    reused score left out; cut to what is left of the budget) and the best trial so far with its parameters."""
     trials = study.get_trials(deepcopy=False)
-    durations = [t.duration.total_seconds() for t in trials if t.state.is_finished() and t.duration is not None]
+    durations = [t.duration.total_seconds() for t in trials  # a reused score cost nothing: not a trial's time
+                 if t.state.is_finished() and t.duration is not None and not t.user_attrs.get(REUSED_ATTR)]
     running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
     done = sum(t.state in (COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     left = eta(durations, settings.n_trials - done, parallel=max(settings.n_jobs, 1 + running))

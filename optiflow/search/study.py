@@ -68,6 +68,8 @@ class SearchSettings:
     register: str | None = None
     #: seconds between trial heartbeats on RDB storages (0: none); a trial silent for twice that is retried
     heartbeat: int = HEARTBEAT_SECONDS
+    #: a trial (a fold) whose run's content key a FINISHED run holds reuses that run instead of training
+    reuse: bool = True
 
 
 #: the settings a user gives by flag or in ``--config`` (the sampler's and pruner's options come with their names;

@@ -11,8 +11,10 @@ import optuna
 import yaml
 
 from optiflow.metrics import csv_text, markdown_table, number
+from optiflow.reuse import reused_tags
 from optiflow.search.space import short
 from optiflow.search.study import SearchSettings
+from optiflow.search.workers import REUSED_ATTR, RUN_ATTR
 
 if TYPE_CHECKING:
     from optiflow.runlog import RunTracker
@@ -34,6 +36,8 @@ class SearchResult:
     refit: Refit | None = None
     #: why the study stopped (None: another worker still runs trials and ends it)
     stop: Stop | None = None
+    #: trials that reused a finished run's score instead of training (:mod:`optiflow.reuse`)
+    reused: int = 0
 
     @property
     def failure(self) -> str | None:
@@ -63,10 +67,13 @@ def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = study.best_trial if complete else None
     names = list(dict.fromkeys(k for t in trials for k in t.params))
-    columns = ["trial", "state", settings.metric, *names, "mlflow run"]
+    columns = ["trial", "state", settings.metric, *names, "mlflow run", "reused"]
     ordered = sorted(trials, key=lambda t: (t.value is None, (t.value or 0) * (1 if settings.direction == "minimize" else -1)))
     rows = [[str(t.number), t.state.name, number(t.value), *(short(t.params.get(n, "-")) for n in names),
-             str(t.user_attrs.get("mlflow_run_id", "-"))] for t in ordered]
+             str(t.user_attrs.get(RUN_ATTR, "-")), "yes" if t.user_attrs.get(REUSED_ATTR) else ""] for t in ordered]
+    reused = {f"trial {t.number}": str(t.user_attrs[REUSED_ATTR]) for t in trials if t.user_attrs.get(REUSED_ATTR)}
+    if reused:
+        tracker.set_tags(reused_tags(reused, len(trials), "trials"))
     tracker.log_metrics({"n_trials": len(trials), **{f"n_{k.lower()}": v for k, v in counts.items() if v}},
                         step=len(trials))
     tracker.log_text(csv_text(columns, rows), "trials.csv")
@@ -79,7 +86,7 @@ def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -
                                          "params": best.params}, sort_keys=False), "best_params.yaml")
         _log_plots(tracker, study, settings, complete=len(complete) if names else 0)
     return SearchResult(study.study_name, tracker.open_run_id, best.value if best else None,
-                        dict(best.params) if best else {}, columns, rows, counts)
+                        dict(best.params) if best else {}, columns, rows, counts, reused=len(reused))
 
 
 #: fewer complete trials than this make a parameter-importance estimate rough, and its plot says so

@@ -24,6 +24,8 @@ from optiflow.errors import ServiceLost, first_line, redact
 
 HEARTBEAT_SECONDS = 15
 RUN_ATTR = "mlflow_run_id"
+#: a trial's user attribute naming the finished runs it reused instead of training (its folds' with --cv)
+REUSED_ATTR = "reused_run_ids"
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 MAX_RETRY = 1
 
