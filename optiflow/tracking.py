@@ -8,22 +8,28 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from optiflow import __version__, heartbeat
+from optiflow import __version__, bulkwrite, heartbeat
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.runlog import RunTracker
 from optiflow.signals import deferred
 from optiflow.stores import (
+    SERVER_ENV,
     check_database_file,
     check_same_file,
     check_scheme,
+    commit_without_waiting_for_the_disk,
     created_folder,
     disk_full,
+    fail_fast_http,
     file_identity,
+    is_server,
+    sqlite_path,
+    store_failure,
     store_lock,
     use_write_ahead_log,
 )
@@ -38,11 +44,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 _RETRIES = 8
-PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-# A tracking server that stops answering stops the command in about a minute, not MLflow's default
-# 7 retries with exponential backoff (minutes); the user's own settings of these variables win.
-SERVER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 _LOST_SERVER = re.compile(r"API request to (https?://[^/\s]+)\S* failed with exception")
 #: the ``optiflow`` arguments as the user typed them, while a CLI command runs (None: called from Python)
 CLI_ARGS: list[str] | None = None
@@ -73,23 +74,11 @@ def resolve_tracking_uri(uri: str | None = None, *, existing: bool = False) -> s
     return uri
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative paths are relative to the cwd)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///") :])
-
-
 def ui_command(uri: str) -> str:
     """How to open the MLflow UI on this store: a tracking server's own URL, else the shell command that serves it."""
     if is_server(uri):
         return uri
     return f"mlflow ui --backend-store-uri {uri}" if uri != DEFAULT_TRACKING_URI else "optiflow ui"
-
-
-def is_server(uri: str) -> bool:
-    """Whether ``uri`` is an MLflow tracking server, which serves its own UI."""
-    return uri.startswith(("http://", "https://"))
 
 
 def retry(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -106,7 +95,7 @@ def retry(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
                 lost = _LOST_SERVER.search(str(exc))
                 if lost:
                     raise TrackingServerLost(f"lost the tracking server {redact(lost.group(1))}: "
-                                             f"{_reason(exc)}") from None
+                                             f"{store_failure(exc)}") from None
                 if attempt == _RETRIES - 1 or ("locked" not in str(exc).lower() and "busy" not in str(exc).lower()):
                     raise
             time.sleep(0.05 * 2**attempt)
@@ -142,41 +131,21 @@ def _new_client(uri: str):
     if is_server(uri):
         for name, value in SERVER_ENV.items():
             os.environ.setdefault(name, value)
+    if path is not None:
+        commit_without_waiting_for_the_disk()
     with store_lock(path):
         try:
             mlflow_client = MlflowClient(tracking_uri=uri)
-            with _fail_fast_http():
+            with fail_fast_http():
                 mlflow_client.search_experiments(max_results=1)
         except Exception as exc:
             full = disk_full(exc, None, (), store=uri)
             if full is not None:
                 raise full from None
-            raise OptiflowError(f"cannot reach the tracking store {redact(uri)}: {_reason(exc)}") from None
+            raise OptiflowError(f"cannot reach the tracking store {redact(uri)}: {store_failure(exc)}") from None
         if path is not None:
             use_write_ahead_log(path)
     return mlflow_client
-
-
-@contextlib.contextmanager
-def _fail_fast_http() -> Iterator[None]:
-    """No retries and a short timeout while probing a tracking server, so a wrong URI fails in seconds."""
-    saved = {name: os.environ.get(name) for name in PROBE_ENV}
-    os.environ.update(PROBE_ENV)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _reason(exc: BaseException) -> str:
-    """The root cause of a failed store probe, e.g. ``Connection refused``."""
-    text = str(exc)
-    cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
-    return cause.group(1).strip() if cause else re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))
 
 
 def experiment_id(mlflow_client, uri: str, name: str) -> str:
@@ -205,16 +174,16 @@ def experiment_id(mlflow_client, uri: str, name: str) -> str:
 class Tracker:
     """One MLflow run, driven through ``MlflowClient`` (thread- and process-safe, no global state).
 
-    :meth:`start` is the one place a run is created (tagged with optiflow's version and the command).  Params, metrics and tags logged before it are
-    kept and written with the run as it opens (folds trained stacked are logged once they finish).
+    :meth:`start` creates a run (:func:`log_finished` several at once); params, metrics and tags logged before it
+    are kept and written with the run as it opens (folds trained stacked are logged once they finish).
     """
 
-    def __init__(self, uri: str | None, experiment: str) -> None:
-        self.uri = resolve_tracking_uri(uri)
+    def __init__(self, uri: str | None, experiment: str, known: tuple[str, tuple[int, int] | None] | None = None) -> None:
+        self.uri = uri if uri and known else resolve_tracking_uri(uri)
         self.experiment = experiment
         self.client = client(self.uri)
-        self.experiment_id = experiment_id(self.client, self.uri, experiment)
-        self.store_file = file_identity(self.uri)  # every write first checks the store is still this file
+        self.experiment_id, self.store_file = known or (  # every write first checks the store is still that file
+            experiment_id(self.client, self.uri, experiment), file_identity(self.uri))
         self.run_id: str | None = None
         #: when the last checkpoint was saved (time.monotonic), see :func:`optiflow.checkpoints.save_periodically`
         self.checkpoint_saved_at: float | None = None
@@ -230,7 +199,7 @@ class Tracker:
         """Open a new run (``started_ms``: when it began, default now) or reopen ``run_id`` to resume it (it beats
         before it says RUNNING); what was logged before is written to it; returns its id.  The heartbeat goes in
         with the run: a process killed at once leaves a run that ``optiflow runs --stale`` finds."""
-        pending, self._pending_tags = self._pending_tags, {}
+        opening, pending, self._pending_tags = self.opening_tags(tags, parent_run_id), self._pending_tags, {}
         if run_id is not None:
             self.run_id = run_id
             heartbeat.beat(self)
@@ -238,16 +207,25 @@ class Tracker:
             if pending:
                 self.set_tags(pending)
         else:
-            given = {"optiflow.version": __version__, "optiflow.command": command_line(), **(tags or {})}
-            opening = {**{key: redact(str(value)) for key, value in given.items()}, **pending,
-                       heartbeat.TAG: heartbeat.stamp()}
-            if parent_run_id:
-                opening["mlflow.parentRunId"] = parent_run_id
             run = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
                         tags=opening)
             self.run_id = run.info.run_id
         self.flush()
         return self.run_id
+
+    def sibling(self) -> Tracker:
+        """A tracker for another run of this one's store and experiment, which it does not look up again."""
+        return Tracker(self.uri, self.experiment, known=(self.experiment_id, self.store_file))
+
+    def opening_tags(self, tags: Mapping[str, object] | None, parent_run_id: str | None) -> dict[str, str]:
+        """The tags a new run opens with: optiflow's version and command, ``tags`` (passwords masked), those set
+        before it opened, the heartbeat and the parent run."""
+        given = {"optiflow.version": __version__, "optiflow.command": command_line(), **(tags or {})}
+        opening = {**{key: redact(str(value)) for key, value in given.items()}, **self._pending_tags,
+                   heartbeat.TAG: heartbeat.stamp()}
+        if parent_run_id:
+            opening["mlflow.parentRunId"] = parent_run_id
+        return opening
 
     def log_params(self, params: Mapping[str, object], flush: bool = True) -> None:
         """Queue params (sent with the next flush, batched with metrics)."""
@@ -290,7 +268,8 @@ class Tracker:
             params, self._pending_params = self._pending_params[:PARAM_BATCH], self._pending_params[PARAM_BATCH:]
             room = METRIC_BATCH - len(params)
             metrics, self._pending = self._pending[:room], self._pending[room:]
-            retry(self.client.log_batch, self.run_id, metrics=metrics, params=params)
+            if params or not retry(bulkwrite.log_batch, self.client, self.run_id, metrics):
+                retry(self.client.log_batch, self.run_id, metrics=metrics, params=params)
         self._flushed_at = time.monotonic()
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
@@ -351,6 +330,22 @@ class Tracker:
         if self.run_id is None:
             raise OptiflowError("no MLflow run is open yet: files are logged once it is")
         return self.run_id
+
+
+def log_finished(trackers: Sequence[Tracker], names: Sequence[str], tags: Sequence[Mapping[str, object]],
+                 parent_run_id: str, started_ms: int, ended_ms: int) -> None:
+    """Open each tracker's run (named, tagged, a child of ``parent_run_id``) with what it queued and end it
+    FINISHED: on a SQL store all in one transaction (:func:`optiflow.bulkwrite.write_finished`), else one by one."""
+    check_same_file((first := trackers[0]).uri, first.store_file)
+    runs = [bulkwrite.FinishedRun(name, tracker.opening_tags(run_tags, parent_run_id), tracker._pending_params,
+                                  tracker._pending) for tracker, name, run_tags in zip(trackers, names, tags)]
+    if retry(bulkwrite.write_finished, first.client, first.experiment_id, runs, started_ms, ended_ms):
+        for tracker, run in zip(trackers, runs):
+            tracker.run_id, tracker._pending_params, tracker._pending, tracker._pending_tags = run.run_id, [], [], {}
+        return
+    for tracker, name, run_tags in zip(trackers, names, tags):
+        tracker.start(name, run_tags, parent_run_id, started_ms=started_ms)
+        tracker.end("FINISHED", ended_ms=ended_ms)
 
 
 class Outcome:

@@ -92,7 +92,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                "optiflow.hooktrace", "optiflow.hookspecs", "optiflow.optim", "optiflow.plots", "optiflow.distributed",
                "optiflow.heartbeat", "optiflow.stores", "optiflow.serving", "optiflow.files", "optiflow.values",
                "optiflow.runlog", "optiflow.confidence", "optiflow.digest"}),
-    ("tracking", {"optiflow.tracking"}),
+    ("tracking", {"optiflow.bulkwrite", "optiflow.tracking"}),
     ("configuration and plugins", {"optiflow.config", "optiflow.registry", "optiflow.plugins"}),
     ("one training run", {"optiflow.data", "optiflow.holdout", "optiflow.sizing", "optiflow.plan", "optiflow.setup",
                           "optiflow.schedule", "optiflow.run", "optiflow.checkpoints", "optiflow.loop",

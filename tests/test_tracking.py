@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from optiflow import bulkwrite
 from optiflow.errors import RunKilled, first_line
 from optiflow.tracking import DEFAULT_TRACKING_URI, Tracker, run_status, ui_command
 
@@ -146,8 +147,9 @@ def test_short_epochs_share_one_metric_write_and_end_writes_the_rest(tracking_ur
     tracker = Tracker(tracking_uri, experiment)
     tracker.start(run_name="batched")
     writes = []
-    log_batch = tracker.client.log_batch
+    log_batch, in_bulk = tracker.client.log_batch, bulkwrite.log_batch  # a write goes through one of them
     monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (writes.append(1), log_batch(*a, **k))[1])
+    monkeypatch.setattr(bulkwrite, "log_batch", lambda *a, **k: (writes.append(1), in_bulk(*a, **k))[1])
     for epoch in (1, 2, 3):
         tracker.log_metrics({"loss": 1.0 / epoch}, step=epoch, flush=False)
         tracker.flush_due(60.0)
@@ -375,3 +377,21 @@ def test_tags_set_before_a_run_is_reopened_land_on_it(tracking_uri, experiment, 
     assert again.start(run_id=run_id) == run_id
     run = mlflow_client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.tags["optiflow.resumed_from_epoch"] == "3"
+
+
+def test_the_store_commits_without_waiting_for_the_disk_and_other_databases_keep_sqlites_default(tmp_path):
+    """The MLflow store (WAL) commits with synchronous=NORMAL (1) on every new connection; a database in another
+    journal mode, as an Optuna study's, keeps FULL (2).  Run in a fresh process: the hook is process-wide."""
+    script = f"""
+import sqlalchemy
+from optiflow.tracking import client, resolve_tracking_uri
+uri = resolve_tracking_uri("sqlite:///{tmp_path}/mlruns/mlflow.db")
+client(uri).search_experiments()
+store = sqlalchemy.create_engine(uri)
+other = sqlalchemy.create_engine("sqlite:///{tmp_path}/study.db")
+with store.connect() as a, other.connect() as b:
+    print(a.exec_driver_sql("PRAGMA journal_mode").scalar(), a.exec_driver_sql("PRAGMA synchronous").scalar(),
+          b.exec_driver_sql("PRAGMA journal_mode").scalar(), b.exec_driver_sql("PRAGMA synchronous").scalar())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert done.stdout.split() == ["wal", "1", "delete", "2"]

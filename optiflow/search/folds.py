@@ -40,7 +40,8 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
     runs = [prepare(config, registry) for config in configs]
     if why_not_stacked(runs, pm) is not None:
         return None
-    trackers = [Tracker(run.config.tracking_uri, run.config.experiment) for run in runs]  # opened once trained
+    first = Tracker(configs[0].tracking_uri, configs[0].experiment)  # the folds share their store and experiment
+    trackers = [first, *(first.sibling() for _ in runs[1:])]  # each opens its run once they are trained
     started_ms = int(time.time() * 1000)
     started = time.perf_counter()
     try:
@@ -74,22 +75,22 @@ def _end_unfinished(runs: list[Run], pm: PluginManager, exc: BaseException) -> N
 
 def _log_folds(runs: list[Run], trackers: list[Tracker], tests: list[dict[str, float]], tags: list[dict[str, str]],
                params: dict[str, Any], parent_run_id: str, started_ms: int, seconds: float) -> list[RunResult]:
-    """Each fold as a finished child run of ``parent_run_id``: its tracker opens it with what it kept while the
-    folds trained, writes it in one batch and ends it."""
+    """Each fold as a finished child run of ``parent_run_id``, opened with what its tracker kept while the
+    folds trained: all in one transaction on a SQL store (:func:`optiflow.tracking.log_finished`)."""
     from optiflow import digest
     from optiflow.reuse import key_tags, outputs
+    from optiflow.tracking import log_finished
     from optiflow.training import data_digest, default_run_name, setup_params
 
     ended_ms = int(time.time() * 1000)
-    results = []
-    for run, tracker, test, fold_tags in zip(runs, trackers, tests, tags):
+    for run, tracker, test in zip(runs, trackers, tests):
         tracker.log_metrics({**test, "train_seconds": seconds}, step=run.epoch, flush=False)
         tracker.log_params(setup_params(run, params), flush=False)
-        fold_tags = {**fold_tags, STACKED_TAG: str(len(runs)), digest.WEIGHTS_TAG: digest.weights_digest(run.model),
-                     digest.DATA_TAG: data_digest(run),
-                     **key_tags(run.key, outputs(artifacts=False, log_model=False, config=run.config))}
-        run_id = tracker.start(run.config.run_name or default_run_name(run), fold_tags, parent_run_id,
-                               started_ms=started_ms)
-        tracker.end("FINISHED", ended_ms=ended_ms)  # one insert, one batch, one status update
-        results.append(RunResult(run_id, test, run.history, run.epoch, seconds, tracker.uri, run.stop_reason))
-    return results
+    fold_tags = [{**fold_tags, STACKED_TAG: str(len(runs)), digest.WEIGHTS_TAG: digest.weights_digest(run.model),
+                  digest.DATA_TAG: data_digest(run),
+                  **key_tags(run.key, outputs(artifacts=False, log_model=False, config=run.config))}
+                 for run, fold_tags in zip(runs, tags)]
+    log_finished(trackers, [run.config.run_name or default_run_name(run) for run in runs], fold_tags, parent_run_id,
+                 started_ms, ended_ms)
+    return [RunResult(tracker.run_id, test, run.history, run.epoch, seconds, tracker.uri, run.stop_reason)
+            for run, tracker, test in zip(runs, trackers, tests)]
