@@ -129,3 +129,16 @@ def test_dry_run_refuses_bad_input_like_the_real_command(invoke, tmp_path):
     result = invoke("compare", "--vary", "opt=sgd,nosuchopt", "--dry-run", store=False)
     assert result.exit_code == 2 and "nosuchopt" in result.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_compare_tick_leaves_reused_runs_out_of_the_eta_and_names_the_best():
+    from optiflow.commands.compare import ChildRun, run_tick
+
+    children = [ChildRun("opt=sgd", 0, "FINISHED", "a", {"test_accuracy": 0.9}, reused=True),
+                ChildRun("opt=adam", 0, "FINISHED", "b", {"test_accuracy": 0.95}),
+                ChildRun("opt=rmsprop", 0, "FAILED", failure="diverged")]
+    tick = run_tick(children, 1.0, [4.0, 1.0], total=6, metric=None)  # the reused run's 0.01 s is not a duration
+    assert (tick.done, tick.total, tick.eta) == (3, 6, 7.5)
+    assert tick.what == "opt=rmsprop seed=0 failed: diverged"
+    assert tick.best == "test_accuracy=0.95 (opt=adam seed=0)"
+    assert run_tick(children[:1], 0.01, [], total=6, metric="test_accuracy").what.endswith("0.9 (reused)")
