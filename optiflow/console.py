@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class PipeFriendlyConsole(Console):
     """Word-wraps for a terminal; into a pipe or file never wraps a line, so a name or id stays whole on it."""
 
-    def print(self, *objects: Any, **options: Any) -> None:
+    def print(self, *objects: object, **options: Any) -> None:
         if not self.is_terminal:
             options.setdefault("soft_wrap", True)
         super().print(*objects, **options)

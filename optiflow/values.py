@@ -75,7 +75,7 @@ def coerce(tp: object, value: object, *, ranged: bool = True) -> Any:
     raise TypeError(f"unsupported type {tp!r}")
 
 
-def literal(value: object) -> object:
+def literal(value: object) -> bool | int | float | str | None:
     """A value given without a type (a search choice, a sampler option) as Optuna stores it: a number when
     it reads as one, a bool when spelled ``true``/``false``, else the text.  Other true/false words stay
     text (``off`` may be a mode's name); a typed option reads them with :func:`coerce`."""

@@ -21,6 +21,7 @@ from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from optiflow.run import Reporter
     from optiflow.tracking import Tracker
 
 NOT_VARIABLE = frozenset({"experiment", "tracking_uri", "run_name"})
@@ -171,7 +172,6 @@ def compare(base: RunConfig, vary: dict[str, list[str]], *, repeats: int = 1, me
     from optiflow import heartbeat
     from optiflow.reuse import reused_tags
     from optiflow.tracking import Tracker, run_status
-    from optiflow.training import train
 
     runs = plan_runs(base, vary, repeats)
     heartbeat.check_settings()
@@ -191,19 +191,10 @@ def compare(base: RunConfig, vary: dict[str, list[str]], *, repeats: int = 1, me
         for index, (label, config) in enumerate(runs, 1):
             if announce is not None:
                 announce(index, len(runs), config.run_name or label, config)
-            child_tags = {**(tags or {}), "optiflow.variant": label}
             reporter = reporter_factory() if reporter_factory else None
             started = time.perf_counter()
-            try:
-                result = train(config, parent_run_id=tracker.run_id, extra_tags=child_tags,
-                               log_model=log_models or bool(register), reporter=reporter, role="compare-child",
-                               reuse=reuse)
-            except TrainingError as exc:
-                children.append(ChildRun(label, config.seed, "FAILED", failure=str(exc)))
-            else:
-                children.append(ChildRun(label, config.seed, "FINISHED", result.run_id,
-                                         final_metrics(result.metrics, result.history), result.history,
-                                         result.seconds, reused=result.reused))
+            children.append(_train_child(label, config, str(tracker.run_id), {**(tags or {}), "optiflow.variant": label},
+                                         log_models or bool(register), reporter, reuse))
             seconds = time.perf_counter() - started
             if not children[-1].reused:  # a reused run cost nothing and says nothing of the runs left
                 durations.append(seconds)
@@ -237,12 +228,27 @@ def run_tick(children: list[ChildRun], seconds: float, durations: list[float], t
     return Tick(len(children), total, what, seconds, eta(durations, total - len(children)), best)
 
 
+def _train_child(label: str, config: RunConfig, parent_run_id: str, tags: dict[str, str], log_model: bool,
+                 reporter: Reporter | None, reuse: bool) -> ChildRun:
+    """One seed of variant ``label`` trained (or reused) as a child run of ``parent_run_id``; FAILED when it
+    diverges (the comparison goes on)."""
+    from optiflow.training import train
+
+    try:
+        result = train(config, parent_run_id=parent_run_id, extra_tags=tags, log_model=log_model, reporter=reporter,
+                       role="compare-child", reuse=reuse)
+    except TrainingError as exc:
+        return ChildRun(label, config.seed, "FAILED", failure=str(exc))
+    return ChildRun(label, config.seed, "FINISHED", result.run_id, final_metrics(result.metrics, result.history),
+                    result.history, result.seconds, reused=result.reused)
+
+
 def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -> None:
     """Each variant (its first seed) passes all that a training checks before its run opens, and logs the
     ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
     opens: bad input is one line naming the variant, and no run is left FAILED."""
-    from optiflow.metrics import check_final_metric, produced_metric_names
-    from optiflow.training import preflight
+    from optiflow.metrics import check_final_metric
+    from optiflow.training import preflight, produced_metric_names
 
     checked: set[str] = set()
     for label, config in runs:

@@ -192,10 +192,10 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
     registry = get_registry()
     for dim in settings.space:
         for value in (dim.choices if dim.kind == "choice" else (dim.low, dim.high)):
-            def pick(d: Dimension, dim: Dimension = dim, value: Any = value) -> Scalar:
-                if d is dim:
-                    return int(value) if d.kind == "int" else value
-                return d.choices[0] if d.kind == "choice" else (int(d.low) if d.kind == "int" else d.low)
+            chosen = int(value) if dim.kind == "int" and isinstance(value, float) else value  # a range's bound
+
+            def pick(d: Dimension, dim: Dimension = dim, chosen: Scalar = chosen) -> Scalar:
+                return chosen if d is dim else d.first()
 
             try:
                 plan(trial_config(base, settings.space, pick)[0], registry)
@@ -208,13 +208,10 @@ def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
     """A trial at the space's first corner (every choice's first value, every range's low bound) passes all that
     a training checks before its run opens, before the study's parent run opens (a monitored metric no trial
     produces, an augmentation the data cannot take ...)."""
-    from optiflow.metrics import check_monitor, produced_metric_names
-    from optiflow.training import preflight
+    from optiflow.metrics import check_monitor
+    from optiflow.training import preflight, produced_metric_names
 
-    def low(dim: Dimension) -> Any:
-        return dim.choices[0] if dim.kind == "choice" else (int(dim.low) if dim.kind == "int" else dim.low)
-
-    config, sampled = trial_config(base, settings.space, low)
+    config, sampled = trial_config(base, settings.space, Dimension.first)
     if settings.cv:
         config = config.replace(cv_folds=settings.cv, cv_fold=0)
     try:
