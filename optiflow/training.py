@@ -24,7 +24,7 @@ from optiflow.errors import (
     TrackingServerLost,
     first_line,
 )
-from optiflow.hooktrace import culprit
+from optiflow.hooktrace import RunPlugins, blame, culprit, owner
 from optiflow.loop import evaluate, fit, score
 from optiflow.metrics import check_monitor, epoch_metric_names, evaluation_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
@@ -35,10 +35,6 @@ from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
 from optiflow.stored import resume_command
 from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, run_status
-
-#: a run's ``--reg`` objects registered as plugins: ``{their plugin name: (the plugin that registered the
-#: regularizer, "regularizer 'x'")}``
-RunPlugins = dict[str, tuple[str, str]]
 
 
 def train(config: RunConfig, *, registry: Registry | None = None, pm: PluginManager | None = None,
@@ -287,20 +283,6 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     noted: Any = exc  # BaseException.add_note() is Python 3.11+
     noted.__notes__ = [*getattr(exc, "__notes__", []), note]
     return exc
-
-
-def blame(names: RunPlugins, plugin: str, hook: str) -> str:
-    """``plugin 'x' failed in optiflow_epoch_end``; a ``--reg`` object's hook names the plugin that registered it:
-    ``plugin 'x' failed in regularizer 'y' (optiflow_test_end)``."""
-    if plugin in names:
-        registered_by, what = names[plugin]
-        return f"plugin '{registered_by}' failed in {what} ({hook})"
-    return f"plugin {plugin!r} failed in {hook}"
-
-
-def owner(names: RunPlugins, plugin: str) -> str:
-    """The name of the plugin behind ``plugin``: itself, or for a ``--reg`` object the plugin that registered it."""
-    return names[plugin][0] if plugin in names else plugin
 
 
 def failure_reason(pm: PluginManager, exc: BaseException, names: RunPlugins | None = None,
