@@ -238,7 +238,11 @@ def test_printed_user_text_keeps_its_brackets(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(console.console, "_width", 200)
     console.component_table([Component("optimizer", "wrap", lambda model: None, "[beta] wraps [sgd]",
                                        (Option("base", object, "[sgd:momentum=0.9]", component_kind="optimizer"),), plugin="mine")])
+    bars = console._bars()
+    bars.add_task(f"runs: {BRACKETED}", total=2, info="best opt.base=[adam]")
+    console.console.print(bars.make_tasks_table(bars.tasks))
     output = capsys.readouterr().out
+    assert f"runs: {BRACKETED}" in output and "best opt.base=[adam]" in output, "the live bars print names whole"
     for text in ("exp [v2]", "test_[top1]", "[store]", "study [a]", "best 0.5: opt.base=[sgd:momentum=0.9]",
                  "[sgd:momentum=0.5]", BRACKETED, "[beta] wraps [sgd]", "base=[sgd:momentum=0.9] (optimizer spec)"):
         assert text in output, text
