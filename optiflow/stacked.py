@@ -295,7 +295,7 @@ class _FusedAdamStep:
                 self.direct = self.groups is not None
             return
         grads = [[p.grad for p in params] for _, params, _ in groups]
-        if any(g is None for group in grads for g in group) or any(
+        if any(g is None for group_grads in grads for g in group_grads) or any(
                 isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"])
                 for group, _, _ in groups):
             optimizer.step()
@@ -305,7 +305,8 @@ class _FusedAdamStep:
                 torch._foreach_add_(steps, 1)
                 kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
                 beta1, beta2 = group["betas"]
-                kernel(params, group_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad=group["amsgrad"],
+                kernel(params, group_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,  # type: ignore[arg-type]
+                       amsgrad=group["amsgrad"],
                        lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
                        maximize=group["maximize"], grad_scale=None, found_inf=None)
 
@@ -315,7 +316,7 @@ class _FusedAdamStep:
         optimizer, groups = self.optimizer, []
         kinds = {(p.device, p.dtype) for group in optimizer.param_groups for p in group["params"]}
         for group in optimizer.param_groups:
-            states = [optimizer.state.get(p) for p in group["params"]]
+            states = [optimizer.state.get(p) or {} for p in group["params"]]
             if len(kinds) != 1 or not all(states):
                 return None
             lists = [[state[key] for state in states] for key in ("exp_avg", "exp_avg_sq")]
