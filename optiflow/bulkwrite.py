@@ -18,7 +18,10 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy.orm import Session
 
 
 @dataclass
@@ -34,7 +37,7 @@ class FinishedRun:
     run_id: str | None = field(default=None, init=False)
 
 
-def sql_store(mlflow_client: Any) -> Any | None:
+def sql_store(mlflow_client: MlflowClient) -> SqlAlchemyStore | None:
     """The client's MLflow ``SqlAlchemyStore``; None for a tracking server or another store, and while an
     MLflow model is active (MLflow's client then logs each metric to that model too)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -44,7 +47,7 @@ def sql_store(mlflow_client: Any) -> Any | None:
     return store if isinstance(store, SqlAlchemyStore) and get_active_model_id() is None else None
 
 
-def write_finished(mlflow_client: Any, experiment_id: str, runs: Sequence[FinishedRun], started_ms: int,
+def write_finished(mlflow_client: MlflowClient, experiment_id: str, runs: Sequence[FinishedRun], started_ms: int,
                    ended_ms: int) -> bool:
     """Create ``runs`` in experiment ``experiment_id``, started at ``started_ms`` and ended at ``ended_ms``
     with their status, each with its tags, params and metrics, in one transaction (none is written unless
@@ -90,7 +93,7 @@ def write_finished(mlflow_client: Any, experiment_id: str, runs: Sequence[Finish
     return True
 
 
-def log_batch(mlflow_client: Any, run_id: str, metrics: Sequence[Metric]) -> bool:
+def log_batch(mlflow_client: MlflowClient, run_id: str, metrics: Sequence[Metric]) -> bool:
     """Insert ``metrics`` into the open run ``run_id`` in one statement and update its latest metrics, as
     MLflow's ``log_batch`` would; False (nothing written) where the store is no SQL store or a metric of the
     batch is already in the run (MLflow's client then skips those it holds)."""
@@ -110,7 +113,7 @@ def log_batch(mlflow_client: Any, run_id: str, metrics: Sequence[Metric]) -> boo
     return True
 
 
-def _insert_metrics(store: Any, session: Any, run_id: str, metrics: Sequence[Metric]) -> None:
+def _insert_metrics(store: SqlAlchemyStore, session: Session, run_id: str, metrics: Sequence[Metric]) -> None:
     """``metrics`` of run ``run_id`` checked and stored as MLflow's ``_log_metrics`` stores them (NaN and
     infinities made storable, a row logged twice in the batch once), and the run's latest metrics updated."""
     from mlflow.store.tracking.dbmodels.models import SqlMetric

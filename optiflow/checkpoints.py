@@ -27,6 +27,9 @@ from optiflow.errors import OptiflowError, first_line, no_space
 from optiflow.tracking import Tracker, retry
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import RunInfo
+
     from optiflow.run import Run
 
 CHECKPOINT_DIR = "checkpoint"
@@ -52,20 +55,19 @@ def capture(run: Run) -> dict[str, Any]:
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state_all()
     scheduler = run.schedule.scheduler
-    return _to_cpu(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": run.epoch,
-            "step": run.step,
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "regularizers": [_state_of(r) for r in run.regularizers],
-            "history": {k: list(v) for k, v in run.history.items()},
-            "metrics": run.tracker.queued() if isinstance(run.tracker, Tracker) else [],
-            "rng": rng,
-        }
-    )
+    state: dict[str, object] = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": run.epoch,
+        "step": run.step,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "regularizers": [_state_of(r) for r in run.regularizers],
+        "history": {k: list(v) for k, v in run.history.items()},
+        "metrics": run.tracker.queued() if isinstance(run.tracker, Tracker) else [],
+        "rng": rng,
+    }
+    return {key: _to_cpu(value) for key, value in state.items()}
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
@@ -190,7 +192,7 @@ def save_periodically(run: Run, flush_every: float) -> None:
     tracker.flush()
 
 
-def relog(tracker: Any, state: dict[str, Any]) -> None:
+def relog(tracker: Tracker, state: dict[str, Any]) -> None:
     """Write the metrics that were queued when the checkpoint was taken and that the store lacks (the process
     was killed between the checkpoint and the write that follows it)."""
     from mlflow.entities import Metric
@@ -267,7 +269,7 @@ def _local_checkpoint_folder(tracker: Tracker) -> Path | None:
     return None
 
 
-def load(client: Any, run_id: str) -> dict[str, Any]:
+def load(client: MlflowClient, run_id: str) -> dict[str, Any]:
     """The checkpoint of run ``run_id``, loaded with ``weights_only=True`` (no code runs from the file)."""
     import torch
 
@@ -294,7 +296,7 @@ def load(client: Any, run_id: str) -> dict[str, Any]:
     return state
 
 
-def check_resumable(client: Any, uri: str, run_id: str) -> Any:
+def check_resumable(client: MlflowClient, uri: str, run_id: str) -> RunInfo:
     """The info of run ``run_id`` if it can be resumed (it ended KILLED or FAILED, or it is RUNNING but
     its process is gone: see ``heartbeat``), else OptiflowError."""
     try:
@@ -312,11 +314,11 @@ def check_resumable(client: Any, uri: str, run_id: str) -> Any:
     return info
 
 
-def _state_of(regularizer: Any) -> Any:
+def _state_of(regularizer: object) -> object:
     return regularizer.state_dict() if hasattr(regularizer, "state_dict") else None
 
 
-def _to_cpu(value: Any) -> Any:
+def _to_cpu(value: object) -> object:
     import torch
 
     if isinstance(value, torch.Tensor):
@@ -328,8 +330,9 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+def _tuples(value: list[object] | tuple[object, ...]) -> tuple[object, ...]:
+    """``value`` with its lists, nested ones included, as tuples (``random.setstate`` takes no list)."""
+    return tuple(_tuples(v) if isinstance(v, (list, tuple)) else v for v in value)
 
 
 def _numpy_state(state: Any, restore: bool = False) -> Any:

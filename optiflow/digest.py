@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +38,7 @@ def tensors_digest(named: Iterable[tuple[str, Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def source_digest(source: Any) -> str:
+def source_digest(source: object) -> str:
     """SHA-256 of a dataset as its plugin gave it (a :class:`~optiflow.data.DataSource`): its arrays and what it
     says of them (task, classes, names, scales), never its name or where its files are."""
     described = {name: getattr(source, name) for name in ("task", "num_classes", "classes", "image", "feature_names",

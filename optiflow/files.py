@@ -11,9 +11,14 @@ import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from optiflow.errors import OptiflowError, first_line
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+    from PIL.Image import Image
 
 #: the largest magnitude a float32 holds; a bigger input value would become inf in the model
 FLOAT32_MAX = 3.4028234663852886e38
@@ -43,15 +48,15 @@ def repeated(names: Iterable[str]) -> str | None:
     return None
 
 
-def beyond_float32(values: Any) -> Any:
-    """A boolean mask of the finite ``values`` (a float64 numpy array) too large for float32."""
+def beyond_float32(values: NDArray[np.generic]) -> NDArray[np.bool_]:
+    """A boolean mask of the finite ``values`` (a float numpy array) too large for float32."""
     import numpy as np
 
     with np.errstate(invalid="ignore"):
         return np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
 
 
-def load_npy(file: Path) -> Any:
+def load_npy(file: Path) -> NDArray[np.generic]:
     """The array of a ``.npy`` file, its header checked against the file's size first: a header that
     declares more data than the file holds is refused before anything is allocated, and a ``.npz``
     archive, a pickled object array or a file that is no array at all is one line."""
@@ -85,7 +90,7 @@ def load_npy(file: Path) -> Any:
         raise OptiflowError(f"cannot read {file}: {first_line(exc)}") from None
 
 
-def open_image(file: str | Path) -> Any:
+def open_image(file: str | Path) -> Image:
     """The image at ``file`` as RGB; one line for a file that is no image, or one that would decompress
     to more pixels than Pillow's limit (``PIL.Image.MAX_IMAGE_PIXELS``: a decompression bomb)."""
     from PIL import Image, UnidentifiedImageError

@@ -4,10 +4,15 @@ scikit-learn: its import (SciPy's statistics and pandas with it) cost a short ru
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import ArrayLike, NDArray
 
 
-def shuffle_split(n: int, fraction: float, seed: int, stratify: Any = None) -> tuple[Any, Any]:
+def shuffle_split(n: int, fraction: float, seed: int, stratify: ArrayLike | None = None
+                  ) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
     """(train, test) index arrays of ``n`` samples, ``ceil(fraction * n)`` of them held out: exactly the
     indices of scikit-learn's ``train_test_split(arange(n), test_size=fraction, random_state=seed,
     stratify=stratify)`` (``StratifiedShuffleSplit`` when ``stratify`` gives the classes, else
@@ -38,7 +43,7 @@ def shuffle_split(n: int, fraction: float, seed: int, stratify: Any = None) -> t
     return rng.permutation(train), rng.permutation(test)
 
 
-def _approximate_mode(class_counts: Any, n_draws: int, rng: Any) -> Any:
+def _approximate_mode(class_counts: NDArray[np.intp], n_draws: int, rng: np.random.RandomState) -> NDArray[np.intp]:
     """How many of ``n_draws`` each class gets: its floored share, the rest to the largest remainders, ties
     drawn from ``rng`` (scikit-learn's ``utils.extmath._approximate_mode``, step for step)."""
     import numpy as np
@@ -55,4 +60,4 @@ def _approximate_mode(class_counts: Any, n_draws: int, rng: Any) -> Any:
             need_to_add -= add_now
             if need_to_add == 0:
                 break
-    return floored.astype(int)
+    return floored.astype(np.intp)

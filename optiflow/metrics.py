@@ -6,7 +6,6 @@ import csv
 import difflib
 import io
 from collections.abc import Collection, Sequence
-from typing import Any
 
 from optiflow.errors import OptiflowError
 
@@ -44,13 +43,6 @@ def check_monitor(owner: str, monitor: str, produced: Collection[str], validatio
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise OptiflowError(f"{owner} monitors '{monitor}', which this run does not produce{hint}; "
                         f"it produces {', '.join(sorted(produced))}")
-
-
-def produced_metric_names(run: Any) -> set[str]:
-    """What a prepared run (``training.preflight``) will log as final metrics: its per-epoch metrics (the core's
-    and those plugins declare) and, with a test split, the test evaluation's."""
-    tested = evaluation_metric_names(run.task, "test") if len(run.splits.x_test) else []
-    return set(run.metric_names or ()) | set(tested)
 
 
 #: the core's metric families: a name in them that a run does not produce is a mistake, known before training

@@ -17,7 +17,7 @@ import keyword
 import operator
 import re
 import zipfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from optiflow.errors import OptiflowError, first_line
 
@@ -146,7 +146,7 @@ def largest_value(module: object, program: ExportedProgram) -> int:
     return largest
 
 
-def check_sample_inputs(sample: object, name: str) -> tuple[tuple[Tensor, ...], dict]:
+def check_sample_inputs(sample: object, name: str) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
     """``((tensor, ...), {})``: a few tensors, nothing nested (torch walks nested containers one leaf at a time)."""
     import torch
 
@@ -186,7 +186,7 @@ class Entries:
             raise UnsafeModel(f"{self.path} has no '{name}': not a model exported by optiflow")
         return self.archive.read(f"{self.root}/{name}")
 
-    def json(self, name: str) -> dict:
+    def json(self, name: str) -> dict[str, Any]:
         try:
             value = json.loads(self.read(name))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -242,7 +242,7 @@ class Entries:
         return values
 
 
-def raw_tensor(data: bytes, meta: dict, scalar_type: object) -> Tensor:
+def raw_tensor(data: bytes, meta: dict[str, Any], scalar_type: object) -> Tensor:
     """A tensor from its raw bytes and the sizes, strides and dtype its config gives: no larger than
     the record (no zero or overlapping strides that would multiply it), every index inside it."""
     import math
@@ -269,7 +269,7 @@ def raw_tensor(data: bytes, meta: dict, scalar_type: object) -> Tensor:
     return torch.as_strided(flat, sizes, strides, offset).clone()
 
 
-def check_program(program: dict, path: str) -> None:
+def check_program(program: dict[str, Any], path: str) -> None:
     """Every string in the program's JSON is a plain name, a torch operator or a shape expression;
     stack traces (comments only) and guard code are dropped."""
     def walk(value: object, key: str | None) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _KEEP_DECAY_GROUPS: contextvars.ContextVar[bool] = contextvars.ContextVar("keep_decay_groups", default=False)
 
@@ -21,7 +24,7 @@ def keep_decay_groups(keep: bool = True) -> Iterator[None]:
         _KEEP_DECAY_GROUPS.reset(token)
 
 
-def decay_params(model: Any, include_bias_and_norm: bool = False,
+def decay_params(model: nn.Module, include_bias_and_norm: bool = False,
                  weight_decay: float | None = None) -> list[dict[str, Any]]:
     """Parameter groups in which biases and normalization parameters get no weight decay.
 

@@ -4,7 +4,7 @@ would log (:data:`OUTPUTS_TAG`); parents name what they reused (:func:`reused_ta
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from optiflow import distributed
 from optiflow.config import RunConfig
@@ -13,6 +13,10 @@ from optiflow.registry import Registry
 from optiflow.run import RunResult, dataset_digest, load_source
 from optiflow.runkey import KEY_TAG, run_key
 from optiflow.setup import resolve_device
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 #: what a run logs besides its parameters and metrics (:func:`outputs`): a reused run holds at least what was asked
 OUTPUTS_TAG = "optiflow.outputs"
@@ -55,7 +59,7 @@ def finished_run(config: RunConfig, key: str, needed: set[str] | None = None) ->
     return None
 
 
-def _result(store: Any, run: Any, uri: str) -> RunResult:
+def _result(store: MlflowClient, run: Run, uri: str) -> RunResult:
     """A finished run as its training returned it: its test metrics and every per-epoch metric's history."""
     from optiflow.tracking import retry
 

@@ -70,7 +70,7 @@ class Schedule:
         self.scheduler.step(value)
 
 
-def follow(optimizer: Any, schedule: Schedule, length: TrainingLength,
+def follow(optimizer: Optimizer, schedule: Schedule, length: TrainingLength,
            monitored: float = 1.0) -> Iterator[tuple[float, float]]:
     """``(position in epochs, learning rate)`` at every optimizer step of training, stepping ``optimizer``
     (with :func:`stand_in_closure`) and ``schedule`` as the training loop does; a monitored metric stays at
@@ -86,7 +86,7 @@ def follow(optimizer: Any, schedule: Schedule, length: TrainingLength,
             schedule.step({schedule.monitor: monitored} if schedule.monitor else None)
 
 
-def stand_in_closure(optimizer: Any) -> Callable[[], Any]:
+def stand_in_closure(optimizer: Optimizer) -> Callable[[], Any]:
     """The closure ``lr-preview`` steps ``optimizer`` with, on its stand-in parameters, keeping training's step
     contract: it zeroes the gradients, computes a loss (half the parameters' squared norm) with its gradients,
     and returns it as a tensor; no hook runs."""
@@ -94,7 +94,7 @@ def stand_in_closure(optimizer: Any) -> Callable[[], Any]:
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def closure() -> Any:
+    def closure() -> Any:  # a tensor, where torch's stubs say float
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = sum((0.5 * p.float().pow(2).sum() for p in params), torch.zeros(()))
@@ -108,7 +108,7 @@ def stand_in_closure(optimizer: Any) -> Callable[[], Any]:
 REHEARSED_STEPS = 200
 
 
-def rehearse(optimizer: Any, length: TrainingLength, build_schedule: Callable[[Any], Schedule], name: str,
+def rehearse(optimizer: Optimizer, length: TrainingLength, build_schedule: Callable[[Optimizer], Schedule], name: str,
              steps: int | None = REHEARSED_STEPS) -> None:
     """Build the schedule on a stand-in of ``optimizer`` (its hyper-parameters, one-number parameters) and step it
     ``steps`` times (None: through the whole training), so that options that fail in a later step (a division by

@@ -11,15 +11,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from numpy.typing import ArrayLike, NDArray
 
 logger = logging.getLogger("optiflow_serving")
 logger.setLevel(logging.WARNING)  # importing mlflow.pytorch sets the root logger to ERROR (basicConfig)
 SHOWN_NAMES = 8
 
 
-def _load_pyfunc(path: str, model_config: Any = None) -> Predictor:
+def _load_pyfunc(path: str, model_config: Mapping[str, object] | None = None) -> Predictor:
     """MLflow's loader hook: ``path`` is the model's ``data`` folder (the exported program)."""
     import mlflow.pytorch
     from mlflow.models import Model
@@ -64,11 +71,12 @@ class Predictor:
     and for one-channel images ``(N, H, W)``.  Values outside the range seen in training are
     predicted, counted and logged as a warning (also ``result.attrs["out_of_range"]``)."""
 
-    def __init__(self, module: Any, card: dict[str, Any]) -> None:
+    def __init__(self, module: Callable[[torch.Tensor], torch.Tensor], card: dict[str, Any]) -> None:
         self.module = module
         self.card = card
 
-    def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, data: pd.DataFrame | dict[str, ArrayLike] | ArrayLike,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
         x, index = self.inputs(data)
         outside = self.out_of_range(x)
         if outside is not None:
@@ -77,7 +85,7 @@ class Predictor:
         result.attrs["out_of_range"] = outside.values if outside is not None else 0
         return result
 
-    def outputs(self, x: Any, index: Any = None) -> Any:
+    def outputs(self, x: NDArray[np.float32], index: pd.Index | None = None) -> pd.DataFrame:
         """The model's answer for ``x`` (as :meth:`inputs` gives it) as a DataFrame."""
         import numpy as np
         import pandas as pd
@@ -87,7 +95,8 @@ class Predictor:
             outputs = self.module(torch.from_numpy(x)).numpy().astype(np.float64).reshape(len(x), -1)
         return pd.DataFrame(outputs, columns=self.columns(outputs.shape[1]), index=index)
 
-    def inputs(self, data: Any) -> tuple[Any, Any]:
+    def inputs(self, data: pd.DataFrame | dict[str, ArrayLike] | ArrayLike
+               ) -> tuple[NDArray[np.float32], pd.Index | None]:
         """``data`` as a contiguous float32 array shaped ``(N, *input_shape)``, and the row index to keep."""
         import numpy as np
         import pandas as pd
@@ -121,7 +130,7 @@ class Predictor:
             raise refused(f"row {int(np.argwhere(bad)[0][0])} holds NaN or infinite values")
         return np.ascontiguousarray(x), index
 
-    def _columns(self, frame: Any, size: int) -> Any:
+    def _columns(self, frame: pd.DataFrame, size: int) -> pd.DataFrame:
         """The training columns of ``frame`` in training order: by name, else (unnamed columns) by position."""
         import pandas as pd
 
@@ -139,7 +148,7 @@ class Predictor:
         raise refused(f"inputs lack the column{'s' if len(missing) > 1 else ''} {shown}{more} "
                          f"(the model takes the {len(names)} columns it was trained on, by name, in any order)")
 
-    def out_of_range(self, x: Any) -> OutOfRange | None:
+    def out_of_range(self, x: NDArray[np.float32]) -> OutOfRange | None:
         """The values of ``x`` (raw, as :meth:`inputs` gives it) outside the training range; None when all are inside."""
         import numpy as np
 

@@ -41,7 +41,7 @@ def evaluation_batch_size(model: torch.nn.Module, x: Tensor, budget: int = EVALU
         probe = x[:2]
         largest = [probe.nbytes]
 
-        def measure(module: Any, inputs: Any, output: Any) -> None:
+        def measure(module: torch.nn.Module, inputs: tuple[object, ...], output: object) -> None:
             largest.append(_nbytes(inputs) + _nbytes(output))
 
         leaves = [module for module in model.modules() if not any(True for _ in module.children())]
@@ -62,7 +62,7 @@ def evaluation_batch_size(model: torch.nn.Module, x: Tensor, budget: int = EVALU
 _EVALUATION_SIZES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
 
 
-def _nbytes(value: Any) -> int:
+def _nbytes(value: object) -> int:
     """Bytes of the tensors in ``value`` (a tensor, or tuples and lists of them)."""
     if isinstance(value, (tuple, list)):
         return sum(_nbytes(item) for item in value)

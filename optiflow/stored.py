@@ -17,16 +17,21 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow.config import brief, load_yaml
 from optiflow.errors import OptiflowError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from optiflow.config import RunConfig
 
 #: dataset options that name a file or folder to read
 PATH_OPTIONS = ("path",)
 
 
-def stored_config(mlflow_client: Any, run_id: str) -> dict[str, Any]:
+def stored_config(mlflow_client: MlflowClient, run_id: str) -> dict[str, Any]:
     """Run ``run_id``'s ``config.yaml`` artifact, read with the checks of a ``--config`` file (a mapping, no
     duplicate keys, bounded size)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -42,7 +47,7 @@ def stored_config(mlflow_client: Any, run_id: str) -> dict[str, Any]:
             raise OptiflowError(f"run '{run_id}': its stored {str(exc).replace(str(path), 'config.yaml')}") from None
 
 
-def missing_config(mlflow_client: Any, run_id: str) -> str:
+def missing_config(mlflow_client: MlflowClient, run_id: str) -> str:
     """Why a run has no stored configuration: a search trial or fold logs it only with --child-artifacts."""
     try:
         parent = mlflow_client.get_run(run_id).data.tags.get("mlflow.parentRunId")
@@ -85,13 +90,13 @@ def placed(values: dict[str, Any], run_id: str, *, tracking_uri: str, data_dir: 
             "tracking_uri": tracking_uri}
 
 
-def resume_command(config: Any, run_id: str) -> str:
+def resume_command(config: RunConfig, run_id: str) -> str:
     """The command that resumes run ``run_id`` (trained with ``config``) from this working folder."""
     folder = data_dir_needed(config)
     return shlex.join(["optiflow", "train", "--resume", run_id, *(["--data-dir", folder] if folder else [])])
 
 
-def data_dir_warning(config: Any) -> Callable[[str], None] | None:
+def data_dir_warning(config: RunConfig) -> Callable[[str], None] | None:
     """What to say once a run with ``config`` is open when its resume or reproduction will need a ``--data-dir``
     (None: nothing to say)."""
     folder = data_dir_needed(config)
@@ -105,7 +110,7 @@ def data_dir_warning(config: Any) -> Callable[[str], None] | None:
     return warn
 
 
-def data_dir_needed(config: Any) -> str | None:
+def data_dir_needed(config: RunConfig) -> str | None:
     """The ``--data-dir`` that a resume or reproduction of a run with ``config`` must be given to read its data
     (None: the default data folder serves): the run's own data folder, or the folder of a file outside it."""
     from optiflow.config import RunConfig

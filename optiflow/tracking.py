@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from optiflow import __version__, bulkwrite, heartbeat
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
@@ -36,6 +36,7 @@ from optiflow.stores import (
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
 T = TypeVar("T")
@@ -107,10 +108,10 @@ def retry(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         raise full from None
 
 
-_CLIENTS: dict[tuple[str, int], Any] = {}
+_CLIENTS: dict[tuple[str, int], MlflowClient] = {}
 
 
-def client(uri: str):
+def client(uri: str) -> MlflowClient:
     """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock.
 
     One client per store and process, probed once: a search opens a run per trial and fold."""
@@ -120,7 +121,7 @@ def client(uri: str):
     return _CLIENTS[key]
 
 
-def _new_client(uri: str):
+def _new_client(uri: str) -> MlflowClient:
     import logging
 
     from mlflow.tracking import MlflowClient
@@ -148,7 +149,7 @@ def _new_client(uri: str):
     return mlflow_client
 
 
-def experiment_id(mlflow_client, uri: str, name: str) -> str:
+def experiment_id(mlflow_client: MlflowClient, uri: str, name: str) -> str:
     """The id of experiment ``name``, created if missing (safe when processes race to create it)."""
     from mlflow.exceptions import MlflowException
 
@@ -349,12 +350,9 @@ def log_finished(trackers: Sequence[Tracker], names: Sequence[str], tags: Sequen
 
 
 class Outcome:
-    """How the run of a :func:`run_status` block ends; the block may change it before it completes.
-
-    ``status`` is the status the run gets when the block completes (FINISHED; None leaves the
-    run open for another process to end); ``failure`` replaces the ``failure`` tag that an
-    exception sets (its first line).
-    """
+    """How the run of a :func:`run_status` block ends; the block may change it before it completes: ``status`` is
+    the status the run gets when the block completes (FINISHED; None leaves the run open for another process to
+    end); ``failure`` replaces the ``failure`` tag that an exception sets (its first line)."""
 
     def __init__(self) -> None:
         self.status: str | None = "FINISHED"

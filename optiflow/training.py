@@ -26,7 +26,7 @@ from optiflow.errors import (
 )
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit, score
-from optiflow.metrics import check_monitor, epoch_metric_names
+from optiflow.metrics import check_monitor, epoch_metric_names, evaluation_metric_names
 from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.reuse import finished_run, key_tags, outputs
@@ -37,23 +37,11 @@ from optiflow.stored import resume_command
 from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, run_status
 
 
-def train(
-    config: RunConfig,
-    *,
-    registry: Registry | None = None,
-    pm: PluginManager | None = None,
-    reporter: Reporter | None = None,
-    parent_run_id: str | None = None,
-    extra_tags: dict[str, str] | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    log_model: bool = True,
-    extra_params: dict[str, Any] | None = None,
-    resume: str | None = None,
-    artifacts: bool = True,
-    role: str = "train",
-    on_start: Callable[[str], None] | None = None,
-    reuse: bool = False,
-) -> RunResult:
+def train(config: RunConfig, *, registry: Registry | None = None, pm: PluginManager | None = None,
+          reporter: Reporter | None = None, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None, log_model: bool = True,
+          extra_params: dict[str, Any] | None = None, resume: str | None = None, artifacts: bool = True,
+          role: str = "train", on_start: Callable[[str], None] | None = None, reuse: bool = False) -> RunResult:
     """Train one model as ``config`` says and track it as one MLflow run.
 
     ``on_epoch`` is called after every epoch's metrics are logged (search uses
@@ -85,14 +73,14 @@ def train(
     extra_tags = {**(extra_tags or {}), **key_tags(run.key, held)}
     if run.device.type == "cpu":
         host.keep_freed_memory()
-    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
+    with per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
         tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome, heartbeat.beating(tracker):
             try:
                 if on_start is not None and cluster.main:
                     on_start(str(tracker.run_id))
-                resumed_from = _begin(run, pm, state, extra_params or {}, main=cluster.main)
+                resumed_from = _begin(run, pm, state, extra_params or {})
                 fit(run, pm, reporter, on_epoch)
                 reporter.stop()
                 metrics = end_run(run, pm)
@@ -116,9 +104,16 @@ def preflight(config: RunConfig, *, registry: Registry | None = None, pm: Plugin
     registry = registry or get_registry()
     pm = pm or get_plugin_manager()
     run = prepare(config, registry)
-    with _per_run_plugins(run, pm) as names:
+    with per_run_plugins(run, pm) as names:
         _check_run(run, pm, names)
     return run
+
+
+def produced_metric_names(run: Run) -> set[str]:
+    """What a prepared run (:func:`preflight`) will log as final metrics: its per-epoch metrics (the core's
+    and those plugins declare) and, with a test split, the test evaluation's."""
+    tested = evaluation_metric_names(run.task, "test") if len(run.splits.x_test) else []
+    return set(run.metric_names or ()) | set(tested)
 
 
 def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,
@@ -146,16 +141,15 @@ def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None
     return tracker, state, cluster
 
 
-def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any], *,
-           main: bool) -> int | None:
-    """Log the run's setup (or mark it resumed, the metrics queued in its checkpoint written by the ``main``
-    process) and start it; returns the epoch it resumes from."""
+def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any]) -> int | None:
+    """Log the run's setup (or mark it resumed, the metrics queued in its checkpoint written by the process
+    that logs) and start it; returns the epoch it resumes from."""
     if state is None:
         _log_setup(run, extra_params)
     else:
         run.checkpoint = state
-        if main:
-            checkpoints.relog(run.tracking, state)
+        if isinstance(run.tracker, Tracker):  # the other data-parallel processes hold a NullTracker
+            checkpoints.relog(run.tracker, state)
         run.tracking.delete_tag("failure")
         run.tracking.set_tags({"optiflow.resumed_from_epoch": run.epoch})
     resumed_from = run.epoch if state is not None else None
@@ -195,7 +189,7 @@ def _agreeing() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
+def per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
     """Register the run's ``--reg`` objects as plugins for as long as the run lasts; yields
     ``{plugin name: "regularizer 'x'"}`` for naming them in errors."""
     names = {f"{c.name}@{id(run):x}#{i}": f"regularizer '{c.name}'" for i, (c, _) in enumerate(run.plan.reg)}

@@ -166,6 +166,24 @@ def test_a_crash_while_training_stacked_surfaces(tracking_uri, experiment, mlflo
     assert len(mlflow_client.search_runs([experiment_id])) == 2  # the two parents only
 
 
+def test_a_fold_let_through_by_a_deleted_guard_crashes_instead_of_training_one_by_one(
+        tracking_uri, experiment, mlflow_client, plugin, monkeypatch):
+    """Every guard of why_not_stacked deleted: a batch-norm model reaches the stacked path, and its crash is
+    raised (not the silent fold-by-fold fallback after optiflow_check_run had fired), every started fold sees
+    optiflow_run_end FAILED, and no fold run is logged."""
+    from optiflow import stacked
+
+    calls = HookCalls()
+    plugin(calls, "hook-calls")
+    monkeypatch.setattr(stacked, "why_not_stacked", lambda runs, pm: None)
+    configs = fold_configs(tracking_uri, experiment, epochs=1, folds=3, model="mlp:hidden=[24],batch_norm=before")
+    with pytest.raises(AssertionError, match="refuses a model that is not a plain MLP"):
+        train_folds(configs, parent_run_id=parent(mlflow_client, experiment), tags=[{}] * 3, params={})
+    assert calls.calls == [("check_run", k, None) for k in range(3)] + [("run_end", k, "FAILED") for k in range(3)]
+    experiment_id = mlflow_client.get_experiment_by_name(experiment).experiment_id
+    assert len(mlflow_client.search_runs([experiment_id])) == 1  # the parent only
+
+
 def test_folds_that_stop_training_alike_go_on_one_by_one_with_the_same_numbers(tracking_uri, experiment,
                                                                                  mlflow_client, plugin):
     """A hook stops fold 0 after its first epoch and halves fold 1's learning rate: the stacked training hands

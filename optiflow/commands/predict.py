@@ -12,11 +12,15 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from optiflow.errors import DiskFull, OptiflowError, first_line, no_space
 from optiflow.predict_inputs import ID_COLUMN, ModelSpec, input_file, read_inputs
 from optiflow.serving import OutOfRange, Predictor
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
 DEFAULT_MODEL_PATH = "model"
@@ -39,7 +43,7 @@ class Predictions:
 
     model_uri: str
     spec: ModelSpec
-    table: Any
+    table: pd.DataFrame
     labels: list[Any] | None
     score: Score | None
     #: input values outside the range seen in training (predicted, but to be reported)
@@ -61,7 +65,7 @@ def predict(model: str, input_path: str, tracking_uri: str | None = None, target
                        inputs.ignored_note())
 
 
-def write_predictions(predictions: Predictions, out: Any) -> None:
+def write_predictions(predictions: Predictions, out: str | os.PathLike[str] | TextIO) -> None:
     """The predictions as CSV to a path (written whole or not at all) or an open text stream."""
     from optiflow.stores import write_whole
 
@@ -73,7 +77,7 @@ def write_predictions(predictions: Predictions, out: Any) -> None:
     except (BrokenPipeError, DiskFull):
         raise
     except OSError as exc:
-        where = getattr(out, "name", out)
+        where = os.fspath(out) if isinstance(out, (str, os.PathLike)) else out.name
         raise no_space(exc, where) or OptiflowError(f"cannot write {where}: {exc.strerror or first_line(exc)}") from None
 
 
@@ -184,7 +188,7 @@ def listed_range(bounds: dict[str, Any], key: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def run_model(uri: str, x: Any, spec: ModelSpec) -> tuple[Any, OutOfRange | None]:
+def run_model(uri: str, x: pd.DataFrame | np.ndarray, spec: ModelSpec) -> tuple[pd.DataFrame, OutOfRange | None]:
     """The model's output for ``x``, checked against the contract (a DataFrame with the promised columns),
     and the input values outside the range seen in training.
 
@@ -211,7 +215,7 @@ def run_model(uri: str, x: Any, spec: ModelSpec) -> tuple[Any, OutOfRange | None
     return output, outside
 
 
-def expected_columns(spec: ModelSpec, output: Any) -> list[str]:
+def expected_columns(spec: ModelSpec, output: pd.DataFrame) -> list[str]:
     """The model's output columns by the contract: the classes, or ``prediction`` / ``prediction_0..k-1``."""
     if spec.task == "classification":
         return list(spec.classes or [])
@@ -219,7 +223,7 @@ def expected_columns(spec: ModelSpec, output: Any) -> list[str]:
     return ["prediction"] if width == 1 else [f"prediction_{i}" for i in range(width)]
 
 
-def prediction_table(ids: list[Any], output: Any, spec: ModelSpec) -> Any:
+def prediction_table(ids: list[Any], output: pd.DataFrame, spec: ModelSpec) -> pd.DataFrame:
     """``id``, the predicted class name (or value) and, for classification, ``prob_<class>`` columns."""
     import pandas as pd
 
@@ -236,7 +240,7 @@ def prediction_table(ids: list[Any], output: Any, spec: ModelSpec) -> Any:
     return table
 
 
-def score(table: Any, labels: list[Any] | None, spec: ModelSpec) -> Score | None:
+def score(table: pd.DataFrame, labels: list[Any] | None, spec: ModelSpec) -> Score | None:
     """Accuracy or RMSE over the labelled rows; None without labels (or for several regression targets)."""
     if labels is None or "prediction" not in table.columns:
         return None

@@ -14,7 +14,7 @@ from optiflow.metrics import TIMING_METRICS
 from optiflow.stored import placed, stored_config
 
 if TYPE_CHECKING:
-    from optiflow.run import Reporter
+    from optiflow.run import Reporter, Run
 
 NOT_REPRODUCIBLE = {"compare": "a compare parent run; reproduce one of its child runs",
                     "search": "a search parent run; reproduce one of its trial runs",
@@ -173,7 +173,7 @@ class _FinalWeights:
     weights: dict[str, Any] | None = None
 
     @hookimpl
-    def optiflow_run_end(self, run: Any, status: str) -> None:
+    def optiflow_run_end(self, run: Run, status: str) -> None:
         self.weights = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
 
 

@@ -8,19 +8,22 @@ its own (written before optiflow beat at creation) is stale with it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optiflow import heartbeat
 from optiflow.tracking import client, resolve_tracking_uri, retry
 
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
 PARENT_TAG = "mlflow.parentRunId"
 
 
-def stale_runs(tracking_uri: str | None) -> list[tuple[Any, str]]:
+def stale_runs(tracking_uri: str | None) -> list[tuple[Run, str]]:
     """``(run, why its process is gone)`` for every stale RUNNING run of every experiment in the store,
     parents before their children."""
     running = _running(tracking_uri)
-    children: dict[str, list[Any]] = {}
+    children: dict[str, list[Run]] = {}
     for run in running:
         children.setdefault(run.data.tags.get(PARENT_TAG, ""), []).append(run)
     reasons = {run.info.run_id: heartbeat.gone(run.data.tags) for run in running}
@@ -29,10 +32,10 @@ def stale_runs(tracking_uri: str | None) -> list[tuple[Any, str]]:
         return any(reasons[child.info.run_id] is None and heartbeat.TAG in child.data.tags
                    or alive_below(child.info.run_id) for child in children.get(run_id, []))
 
-    found: list[tuple[Any, str]] = []
+    found: list[tuple[Run, str]] = []
     seen: set[str] = set()
 
-    def visit(run: Any, inherited: str | None) -> None:
+    def visit(run: Run, inherited: str | None) -> None:
         run_id = run.info.run_id
         if run_id in seen:
             return
@@ -62,13 +65,13 @@ def close_run(tracking_uri: str | None, run_id: str, reason: str) -> None:
     retry(store.set_terminated, run_id, "KILLED")
 
 
-def _running(tracking_uri: str | None) -> list[Any]:
+def _running(tracking_uri: str | None) -> list[Run]:
     """Every RUNNING run of every experiment in the store."""
     from mlflow.entities import ViewType
 
     store = client(resolve_tracking_uri(tracking_uri, existing=True))
     experiments = [e.experiment_id for e in retry(store.search_experiments, view_type=ViewType.ALL)]
-    found = []
+    found: list[Run] = []
     for start in range(0, len(experiments), 100):
         found += retry(store.search_runs, experiments[start:start + 100], "attributes.status = 'RUNNING'",
                        run_view_type=ViewType.ALL, max_results=50000)
@@ -100,7 +103,7 @@ def list_runs(tracking_uri: str | None, *, experiment: str | None = None, status
                                 f"it has {', '.join(sorted(experiments.values())) or 'none'}")
         experiments = {k: v for k, v in experiments.items() if v == experiment}
     where = f"attributes.status = '{status}'" if status else ""
-    found: list[Any] = []
+    found: list[Run] = []
     ids = list(experiments)
     for start in range(0, len(ids), 100):
         found += retry(store.search_runs, ids[start:start + 100], where, run_view_type=ViewType.ACTIVE_ONLY,

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from optiflow.run import shared_data
 from optiflow.search.objective import run_study, run_trials
 from optiflow.search.refit import refit
 from optiflow.search.space import Dimension, Scalar, describe_dimension, parse_space, short, trial_config
+from optiflow.search.stopping import DETAIL_TAG, REASON_TAG, parse_target, stop_reason
 from optiflow.search.study import (
     PRUNERS,
     SAMPLERS,
@@ -33,21 +35,24 @@ from optiflow.search.study import (
 )
 from optiflow.search.summary import SearchResult, summarize
 from optiflow.search.workers import settle, storage_lost
+from optiflow.values import parse_duration
 
 if TYPE_CHECKING:
-    from optiflow.tracking import Tracker
-
-if TYPE_CHECKING:
+    from optiflow.forecast import Tick
     from optiflow.tracking import Tracker
 
 
 def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
-           progress: Callable[[str], Any] | None = None) -> SearchResult:
+           progress: Callable[[str | Tick], Any] | None = None) -> SearchResult:
     """Run (or join) the study and map it onto MLflow; returns the study's summary.
 
     The parent run stays open when this process finishes while others still run trials: the last one ends it,
     and refits the best configuration first (``settings.refit``; see :mod:`optiflow.search.refit`).
+    ``progress`` gets a line (a str) or a finished trial (a :class:`~optiflow.forecast.Tick`).
     """
+    started = time.monotonic()
+    if settings.budget is not None:
+        settings = dataclasses.replace(settings, deadline=time.time() + settings.budget)
     validate(base, settings)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     temporary = None
@@ -56,7 +61,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
         settings = dataclasses.replace(settings, storage=f"journal:{temporary.name}/study.log")
     try:
         with quiet_heartbeat_threads():
-            return _search(base, settings, tags, progress)
+            return _search(base, settings, tags, progress, started)
     except Exception as exc:
         lost = storage_lost(exc, settings.storage)
         if lost is None:
@@ -68,7 +73,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
 
 
 def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | None,
-            progress: Callable[[str], Any] | None) -> SearchResult:
+            progress: Callable[[str | Tick], Any] | None, started: float) -> SearchResult:
     from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
 
@@ -82,11 +87,18 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
             run_study(base, settings, study, parent_id, tags=tags, progress=progress)
             settle(study, lambda queued: run_trials(base, settings, study, parent_id, queued, tags=tags,
                                                     progress=progress), progress)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                tracker.set_tags({REASON_TAG: "interrupted", DETAIL_TAG: "interrupted (Ctrl-C or SIGTERM)"})
+            raise
         finally:
             result = summarize(tracker, study, settings)
         if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
             outcome.status = None  # another worker holds a trial: the last one refits and ends the parent
-        elif settings.refit:
+            return result
+        result.stop = stop_reason(study, settings, time.monotonic() - started)
+        tracker.set_tags({REASON_TAG: result.stop.reason, DETAIL_TAG: result.stop.detail})
+        if settings.refit:
             result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
     return result
 
@@ -118,7 +130,10 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
     space = parse_space(given["space"] or (), base)
     sampler, sampler_options = parse_component(str(given["sampler"]), SAMPLERS, "sampler")
     pruner, pruner_options = parse_component(str(given["pruner"]), PRUNERS, "pruner")
-    metric = str(given["metric"])
+    metric, target = given["metric"], None
+    if given["target"] is not None:
+        metric, target = parse_target(given["target"], metric)
+    metric = str(metric or SearchSettings.metric)
     n_trials = given["n_trials"]
     if n_trials is None:
         n_trials = math.prod(len(dim.grid()) for dim in space) if sampler == "grid" else SearchSettings.n_trials
@@ -126,12 +141,22 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=given["sampler_seed"],
         pruner=pruner, pruner_options=pruner_options, metric=metric,
         direction=str(given["direction"] or default_direction(metric)), n_trials=int(n_trials),
-        timeout=given["timeout"], cv=int(given["cv"]), storage=given["storage"], study_name=given["study_name"],
+        timeout=given["timeout"], target=target, budget=_budget(given["budget"]), cv=int(given["cv"]),
+        storage=given["storage"], study_name=given["study_name"],
         n_jobs=int(given["n_jobs"]), log_models=bool(given["log_models"]),
         child_artifacts=bool(given["child_artifacts"]), heartbeat=int(given["heartbeat"]),
         refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
         reuse=given["reuse"] is not False,
     )
+
+
+def _budget(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise OptiflowError(f"--budget expects a wall time > 0 such as 90s, 30m, 2h or 1h30m, got '{value}'") from None
 
 
 def default_direction(metric: str) -> str:
@@ -167,10 +192,10 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
     registry = get_registry()
     for dim in settings.space:
         for value in (dim.choices if dim.kind == "choice" else (dim.low, dim.high)):
-            def pick(d: Dimension, dim: Dimension = dim, value: Any = value) -> Scalar:
-                if d is dim:
-                    return int(value) if d.kind == "int" else value
-                return d.choices[0] if d.kind == "choice" else (int(d.low) if d.kind == "int" else d.low)
+            chosen = int(value) if dim.kind == "int" and isinstance(value, float) else value  # a range's bound
+
+            def pick(d: Dimension, dim: Dimension = dim, chosen: Scalar = chosen) -> Scalar:
+                return chosen if d is dim else d.first()
 
             try:
                 plan(trial_config(base, settings.space, pick)[0], registry)
@@ -183,13 +208,10 @@ def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
     """A trial at the space's first corner (every choice's first value, every range's low bound) passes all that
     a training checks before its run opens, before the study's parent run opens (a monitored metric no trial
     produces, an augmentation the data cannot take ...)."""
-    from optiflow.metrics import check_monitor, produced_metric_names
-    from optiflow.training import preflight
+    from optiflow.metrics import check_monitor
+    from optiflow.training import preflight, produced_metric_names
 
-    def low(dim: Dimension) -> Any:
-        return dim.choices[0] if dim.kind == "choice" else (int(dim.low) if dim.kind == "int" else dim.low)
-
-    config, sampled = trial_config(base, settings.space, low)
+    config, sampled = trial_config(base, settings.space, Dimension.first)
     if settings.cv:
         config = config.replace(cv_folds=settings.cv, cv_fold=0)
     try:
@@ -210,6 +232,8 @@ def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, 
     params = {"study_name": study_name, "sampler": settings.sampler, "pruner": settings.pruner,
               "metric": settings.metric, "direction": settings.direction, "cv": settings.cv, "refit": settings.refit,
               "storage": redact(settings.storage) if settings.storage else "in-memory"}
+    params.update({key: value for key, value in (("target", settings.target), ("budget_seconds", settings.budget),
+                                                 ("timeout", settings.timeout)) if value is not None})
     params.update({f"space.{d.name}": describe_dimension(d) for d in settings.space})
     params.update({f"sampler.{k}": v for k, v in settings.sampler_options.items()})
     params.update({f"pruner.{k}": v for k, v in settings.pruner_options.items()})
@@ -220,3 +244,4 @@ def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, 
         tracker.log_text(yaml.safe_dump({d.name: describe_dimension(d) for d in settings.space}, sort_keys=False),
                          "space.yaml")
     return run_id
+

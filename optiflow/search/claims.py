@@ -22,7 +22,6 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import optuna
 
@@ -54,7 +53,7 @@ def holder(study: optuna.Study, name: str) -> str | None:
     return _backend(study).get_study_system_attrs(study._study_id).get(PREFIX + name)
 
 
-def _backend(study: optuna.Study) -> Any:
+def _backend(study: optuna.Study) -> optuna.storages.BaseStorage:
     storage = study._storage
     inner = getattr(storage, "_backend", None)  # an RDB storage comes wrapped in Optuna's cache
     return inner if isinstance(inner, optuna.storages.RDBStorage) else storage
@@ -82,7 +81,7 @@ def _claim_row(storage: optuna.storages.RDBStorage, study_id: int, key: str, tok
 
 
 @contextlib.contextmanager
-def _journal_lock(backend: Any) -> Iterator[None]:
+def _journal_lock(backend: optuna.storages.BaseStorage) -> Iterator[None]:
     """The lock serializing claims on a journal file's study; none is needed elsewhere."""
     from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 

@@ -19,8 +19,6 @@ from optiflow.values import literal
 if TYPE_CHECKING:
     import optuna
 
-    from optiflow.registry import Component
-
 #: a sampled value or a choice as Optuna stores it
 Scalar = bool | int | float | str | None
 
@@ -45,7 +43,7 @@ class Dimension:
     high: float = 1.0
     log: bool = False
     step: float | None = None
-    choices: tuple = ()
+    choices: tuple[Scalar, ...] = ()
 
     def suggest(self, trial: optuna.Trial) -> Scalar:
         if self.kind == "choice":
@@ -53,6 +51,10 @@ class Dimension:
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def first(self) -> Scalar:
+        """Its value at the space's first corner: the first choice, else the low bound."""
+        return self.choices[0] if self.kind == "choice" else (int(self.low) if self.kind == "int" else self.low)
 
     def grid(self) -> list[Any]:
         """The values the grid sampler visits: choices, or a range with a step."""
@@ -175,7 +177,7 @@ def _parse_range(name: str, spec: object) -> Dimension:
 
 
 
-def _choice(name: str, values: Any, spec: Any) -> Dimension:
+def _choice(name: str, values: object, spec: object) -> Dimension:
     """A ``choice`` dimension of at least one value, none listed twice."""
     if not isinstance(values, (list, tuple)) or not values:
         raise OptiflowError(f"--space {name}: a choice needs at least one value, got {spec!r}")
@@ -187,7 +189,7 @@ def _choice(name: str, values: Any, spec: Any) -> Dimension:
     return Dimension(name, name, kind="choice", choices=choices)
 
 
-def _target(name: str, base: RunConfig, chosen: dict[str, tuple]) -> dict[str, Any]:
+def _target(name: str, base: RunConfig, chosen: dict[str, tuple[Scalar, ...]]) -> dict[str, Any]:
     """What a space name sets: a configuration key (``lr``), a component option (``opt.momentum``,
     ``reg.l2.strength``) or an option name unique among the candidate components (``hidden``)."""
     from optiflow.plugins import get_registry
