@@ -12,6 +12,8 @@ import optuna
 import pytest
 
 from optiflow import hookimpl
+from optiflow.commands.search import settings_from
+from optiflow.config import RunConfig
 from optiflow.search.stopping import stop_reason, target_trial, trial_tick
 from optiflow.search.study import SearchSettings
 
@@ -106,11 +108,22 @@ def test_ctrl_c_records_interrupted_on_the_parent(invoke, mlflow_client, experim
     (("--target", "val_accuracy=0.9", "--metric", "val_loss"), "--target names val_accuracy but the objective"),
     (("--budget", "ten minutes"), "--budget expects a wall time"),
     (("--budget", "0s"), "--budget expects a wall time"),
+    (("--budget", ""), "--budget expects a wall time"),  # not read as "no budget"
+    (("--budget", "1h99m"), "--budget expects a wall time"),  # 99 minutes are not a part of an hour
+    (("--budget", "30m1h"), "--budget expects a wall time"),
 ])
 def test_bad_target_or_budget_is_one_line_exit_2_and_no_run(invoke, mlflow_client, experiment, args, message):
     result = invoke("search", *SPACE, "--n-trials", "2", "--epochs", "1", *args, *TINY)
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert mlflow_client.get_experiment_by_name(experiment) is None
+
+
+def test_a_bare_target_is_a_value_of_the_default_objective():
+    """docs/search.md: a bare ``--target 0.98`` is a value of ``--metric``, or of its default when none is given."""
+    base = RunConfig()
+    assert settings_from({"target": "0.98", "space": SPACE[1:2]}, base).target == 0.98
+    assert settings_from({"target": "0.98", "space": SPACE[1:2]}, base).metric == SearchSettings.metric
+    assert settings_from({"target": "0.2", "metric": "val_loss", "space": SPACE[1:2]}, base).metric == "val_loss"
 
 
 def _trial(number: int, state: str, value: float | None, seconds: float, finished_at: int) -> optuna.trial.FrozenTrial:
@@ -204,7 +217,7 @@ def test_parse_target(text, metric, expected):
     assert parse_target(text, metric) == expected
 
 
-@pytest.mark.parametrize("text", ["val_accuracy=", "=0.9", "0.9", "val_accuracy=nan", "val_accuracy=inf"])
+@pytest.mark.parametrize("text", ["val_accuracy=", "=0.9", "val_accuracy=nan", "val_accuracy=inf"])
 def test_parse_target_refuses(text):
     from optiflow.errors import OptiflowError
     from optiflow.search.stopping import parse_target

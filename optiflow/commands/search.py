@@ -128,6 +128,8 @@ def quiet_heartbeat_threads() -> Iterator[None]:
 def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
     """Search settings from flags and ``--config`` values, validated and with the defaults of
     :func:`~optiflow.search.study.given_defaults` filled in."""
+    if values.get("budget") is not None:
+        _budget(values["budget"])  # an empty --budget '' is refused, not read as no budget
     given = {**given_defaults(), "refit": True, "register": None, "reuse": True,
              **{key: value for key, value in values.items() if value is not None and value != ""}}
     space = parse_space(given["space"] or (), base)
