@@ -137,6 +137,8 @@ def print_forecast(forecast: Forecast) -> None:
                   f"{cal.epoch_seconds:.2f} s, test {cal.test_seconds:.2f} s", markup=False)
     console.print(f"estimated total: {duration_text(forecast.estimate)} ({forecast.basis})", markup=False,
                   soft_wrap=True)
+    for warning in forecast.warnings:
+        console.print(f"warning: {warning}", markup=False, soft_wrap=True)
 
 
 def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> None:
@@ -260,7 +262,10 @@ def print_search(result: SearchResult, config: RunConfig, top: int = 10) -> None
     from optiflow.tracking import resolve_tracking_uri, ui_command
 
     counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items() if n)
-    result_table(f"study {result.study_name}: {counts}", result.columns[:-2], [r[:-2] for r in result.rows[:top]])
+    if result.rows:
+        result_table(f"study {result.study_name}: {counts}", result.columns[:-2], [r[:-2] for r in result.rows[:top]])
+    else:
+        console.print(f"study {result.study_name}: no trial finished", markup=False, soft_wrap=True)
     print_reused(result.reused, sum(result.counts.values()), "trials")
     if result.best_value is not None:
         shown = ", ".join(f"{k}={v}" for k, v in result.best_params.items())

@@ -93,7 +93,7 @@ def stop_options(func: Command) -> Command:
                           "at least, or at most for a metric lower is better), in any process sharing --storage; "
                           "METRIC is the objective; a bare VALUE is a value of --metric."),
         click.option("--budget", metavar="TIME", help="Wall time for the search (90s, 30m, 2h, 1h30m): no trial starts "
-                                                      "after it, the one in flight finishes."),
+                                                      "after it, the one in flight finishes; a search that finished no trial exits 1."),
     ])(func)
 
 

@@ -7,7 +7,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from optiflow.config import RunConfig
@@ -137,6 +137,8 @@ class Forecast:
     estimate: float
     #: how the estimate was made, in a line
     basis: str
+    #: what the plan will not do as asked (a budget shorter than one trial), a line each
+    warnings: list[str] = field(default_factory=list)
 
 
 def estimate_runs(calibration: Calibration, epochs: Sequence[int], parallel: int = 1) -> float:

@@ -116,6 +116,16 @@ def test_search_dry_run_leaves_a_shared_study_untouched(invoke, tmp_path):
     assert study.read_bytes() == before and not (tmp_path / "mlruns").exists()
 
 
+def test_search_dry_run_lists_the_budget_and_warns_when_it_is_shorter_than_one_trial(invoke, tmp_path):
+    result = invoke("search", "--space", "lr=loguniform:1e-3:1e-1", "--budget", "0.01s", "--dry-run", *TINY,
+                    store=False)
+    assert result.exit_code == 0, result.stderr
+    assert "stops at --budget 0.0s" in result.output
+    assert "warning: --budget of 0.0s is shorter than one trial (about " in result.output
+    roomy = invoke("search", "--space", "lr=loguniform:1e-3:1e-1", "--budget", "1h", "--dry-run", *TINY, store=False)
+    assert "stops at --budget 1h00m" in roomy.output and "warning" not in roomy.output
+
+
 def test_compare_dry_run_prints_the_runs_and_an_estimate_and_touches_no_store(invoke, tmp_path):
     result = invoke("compare", "--vary", "opt=sgd,adam", "--vary", "lr=0.1,0.01", "--repeats", "3", "--epochs", "2",
                     "--out", str(tmp_path / "out"), "--dry-run", store=False)

@@ -103,6 +103,17 @@ def test_ctrl_c_records_interrupted_on_the_parent(invoke, mlflow_client, experim
     assert parent.info.status == "KILLED" and parent.data.tags["stop_reason"] == "interrupted"
 
 
+def test_a_budget_spent_before_any_trial_finished_says_so_and_exits_1(invoke, mlflow_client, experiment):
+    """A search that ran no trial is not a success: one clear line, exit 1, no empty summary."""
+    result = invoke("search", *SPACE, "--n-trials", "3", "--epochs", "1", "--budget", "0.001s", *TINY)
+    assert result.exit_code == 1
+    assert "the budget ended before any trial finished" in result.stderr and "Traceback" not in result.stderr
+    assert "no trial finished" in result.output and "┏" not in result.output  # no empty table
+    parent = parent_of(mlflow_client, experiment)
+    assert parent.info.status == "FAILED" and parent.data.tags["stop_reason"] == "budget"
+    assert trial_numbers(mlflow_client, experiment) == []
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--target", "val_accuracy=high"), "--target expects METRIC=VALUE"),
     (("--target", "val_accuracy=0.9", "--metric", "val_loss"), "--target names val_accuracy but the objective"),

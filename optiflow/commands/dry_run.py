@@ -13,6 +13,7 @@ from optiflow.errors import redact
 from optiflow.forecast import Forecast, calibrate, calibrate_stacked, estimate_runs
 from optiflow.search.space import Dimension, Scalar, describe_dimension, trial_config
 from optiflow.search.study import SearchSettings
+from optiflow.values import duration_text
 
 
 def compare_forecast(base: RunConfig, vary: dict[str, list[str]], repeats: int = 1,
@@ -45,7 +46,8 @@ def search_forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
                              settings.n_jobs) + (calibration.run_seconds(epochs[0]) if settings.refit else 0.0)
     limits = [s for s in (settings.timeout, settings.budget) if s is not None]
     capped = bool(limits) and min(limits) < estimate
-    stops = [f"--target {settings.metric}={settings.target:g}"] if settings.target is not None else []
+    stops = [*([f"--target {settings.metric}={settings.target:g}"] if settings.target is not None else []),
+             *([f"--budget {duration_text(settings.budget)}"] if settings.budget is not None else [])]
     lines = [f"{settings.n_trials} trials{f' x {folds} folds' if settings.cv else ''} = {trainings} trainings, "
              f"{settings.n_jobs} at a time; sampler {settings.sampler}, pruner {settings.pruner}; "
              f"{settings.direction} {settings.metric}" + "".join(f"; stops at {s}" for s in stops),
@@ -54,7 +56,12 @@ def search_forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
     basis = (f"{trainings} trainings of {epochs[0]} epochs{' and the refit' if settings.refit else ''}, without "
              f"pruning" + (f"; each trial's {folds} folds at once (stacked)" if stacked else "") + (f"; capped by {'--timeout' if min(limits) == settings.timeout else '--budget'}"
                           if capped else ""))
-    return Forecast(lines, calibration, min([estimate, *limits]), basis)
+    trial = (stacked.run_seconds(epochs[0]) if stacked else calibration.run_seconds(epochs[0]) * folds)
+    short = [f"{flag} of {duration_text(limit)} is shorter than one trial (about {duration_text(trial)}): the "
+             f"search would likely finish no trial" for flag, limit in (("--timeout", settings.timeout),
+                                                                       ("--budget", settings.budget))
+             if limit is not None and limit < trial]
+    return Forecast(lines, calibration, min([estimate, *limits]), basis, short)
 
 
 def _middle(dim: Dimension) -> Scalar:

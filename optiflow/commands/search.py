@@ -98,6 +98,8 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
             return result
         result.stop = stop_reason(study, settings, time.monotonic() - started)
         tracker.set_tags({REASON_TAG: result.stop.reason, DETAIL_TAG: result.stop.detail})
+        if not any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
+            result.none_completed = f"{_ENDED.get(result.stop.reason, 'the search')} ended before any trial finished"
         if result.none_completed:
             outcome.status = "FAILED"
             tracker.set_tags({"failure": result.none_completed[:5000]})
@@ -153,6 +155,10 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
         reuse=given["reuse"] is not False,
     )
+
+
+#: who ended a search that finished no trial, by its stop reason
+_ENDED = {"budget": "the budget", "timeout": "the --timeout"}
 
 
 def _budget(value: object) -> float | None:
