@@ -164,7 +164,7 @@ def parse_duration(value: object) -> float:
         # units largest first, each once; after a larger unit a part stays below it (1h30m, not 1h99m or 30m1h)
         if units != sorted(set(units), reverse=True) or any(
                 float(number) * unit >= above for (number, _), unit, above in zip(parts[1:], units[1:], units)):
-            raise ValueError(value)
+            raise ValueError(value) from None
         seconds = sum(float(number) * unit for (number, _), unit in zip(parts, units))
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(value)
