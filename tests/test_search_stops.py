@@ -103,6 +103,20 @@ def test_ctrl_c_records_interrupted_on_the_parent(invoke, mlflow_client, experim
     assert parent.info.status == "KILLED" and parent.data.tags["stop_reason"] == "interrupted"
 
 
+def test_an_interrupted_trial_says_to_run_the_search_again_not_train_resume(invoke, mlflow_client, experiment, plugin):
+    class Interrupt:
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            if epoch >= 2:  # after the first epoch's checkpoint
+                raise KeyboardInterrupt
+
+    plugin(Interrupt(), "interrupt")
+    result = invoke("search", *SPACE, "--n-trials", "2", "--epochs", "3", *TINY)
+    assert result.exit_code == 130
+    assert "checkpoint of epoch" in result.stderr and "run the same search command again" in result.stderr
+    assert "--resume" not in result.stderr
+
+
 def test_a_budget_spent_before_any_trial_finished_says_so_and_exits_1(invoke, mlflow_client, experiment):
     """A search that ran no trial is not a success: one clear line, exit 1, no empty summary."""
     result = invoke("search", *SPACE, "--n-trials", "3", "--epochs", "1", "--budget", "0.001s", *TINY)
