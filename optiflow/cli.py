@@ -102,7 +102,7 @@ def _disable_plugins(names: tuple[str, ...]) -> None:
 
 @cli.command()
 @train_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors (and, for a reused run, the line naming it).")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--nproc", type=click.IntRange(1, 1024), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
 @click.option("--resume", metavar="RUN_ID", callback=flags.not_empty, help="Continue a KILLED or FAILED run from its checkpoint, in the same run.")
@@ -133,7 +133,8 @@ def train(**params: Any) -> None:
 
     warn = None if params["quiet"] or params["resume"] else data_dir_warning(config)
     result = run_training(config, reporter=reporter, resume=params["resume"], on_start=warn, reuse=params["reuse"] is not False)
-    print_summary(result, config, quiet=params["quiet"] or not main_process)
+    if main_process:
+        print_summary(result, config, quiet=params["quiet"])
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
 

@@ -142,11 +142,15 @@ def print_forecast(forecast: Forecast) -> None:
 
 
 def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> None:
-    """The final table: test metrics, epochs, time, the MLflow run and how to open the UI."""
+    """The final table: test metrics, epochs, time, the MLflow run and how to open the UI; ``quiet``: nothing,
+    but for a reused run the line naming it (it is the result)."""
     from optiflow.errors import redact
     from optiflow.tracking import ui_command
 
     if quiet:
+        if result.reused:
+            console.print(f"reused run {result.run_id}: a finished run with the same content key (--no-reuse trains "
+                          f"anew)", markup=False, soft_wrap=True)
         return
     title = "optiflow run (reused: a finished run with the same content key; --no-reuse trains anew)" \
         if result.reused else "optiflow run"
