@@ -18,6 +18,7 @@ from optiflow.cli_predict import export, predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import build_config, print_settings, resolve_layers, train_options
+from optiflow.signals import InterruptGuard
 from optiflow.values import env_flag
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ def compare(**params: Any) -> None:
     if params["dry_run"]:
         return print_forecast(compare_forecast(config, vary, int(settings["repeats"]), settings["metric"]))
     quiet = params["quiet"]
-    with WorkProgress("runs", quiet) as progress:
+    with InterruptGuard(), WorkProgress("runs", quiet) as progress:  # SIGINT/SIGTERM between runs too
         result = command.compare(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
                                  baseline=settings["baseline"], out_dir=settings["out"],
                                  log_models=bool(settings["log_models"]), reuse=params["reuse"] is not False,
@@ -268,7 +269,7 @@ def search(**params: Any) -> None:
     if params["dry_run"]:
         return print_forecast(search_forecast(config, settings))
     quiet = params["quiet"]
-    with WorkProgress("trials", quiet) as progress:
+    with InterruptGuard(), WorkProgress("trials", quiet) as progress:  # as compare: between trials, stacked folds
         result = command.search(config, settings, progress=progress)
     if not quiet:
         print_search(result, config)

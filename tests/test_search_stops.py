@@ -117,6 +117,34 @@ def test_an_interrupted_trial_says_to_run_the_search_again_not_train_resume(invo
     assert "--resume" not in result.stderr
 
 
+#: runs optiflow with SIGINT ignored (as a shell's ``&`` starts it) and sends itself SIGINT once a run has ended
+BACKGROUND = "\n".join([
+    "import os, signal, sys",
+    "from mlflow.tracking import MlflowClient",
+    "from optiflow.cli import main",
+    "signal.signal(signal.SIGINT, signal.SIG_IGN)",
+    "ended = MlflowClient.set_terminated",
+    "def end(self, *args, **kwargs):",
+    "    ended(self, *args, **kwargs)",
+    "    os.kill(os.getpid(), signal.SIGINT)",
+    "MlflowClient.set_terminated = end",
+    "sys.argv = ['optiflow', *sys.argv[1:]]",
+    "main()",
+])
+
+
+@pytest.mark.parametrize("command", [
+    ("search", *SPACE, "--n-trials", "3", "--cv", "2", "--pruner", "none", *TINY),  # folds trained stacked
+    ("compare", "--vary", "opt=sgd,adam", *TINY[:4]),
+])
+def test_kill_int_stops_a_background_search_as_it_stops_compare(command, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "-c", BACKGROUND, *command, "--epochs", "1", "--tracking-uri", store],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "interrupted by SIGINT" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_budget_spent_before_any_trial_finished_says_so_and_exits_1(invoke, mlflow_client, experiment):
     """A search that ran no trial is not a success: one clear line, exit 1, no empty summary."""
     result = invoke("search", *SPACE, "--n-trials", "3", "--epochs", "1", "--budget", "0.001s", *TINY)
