@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 if TYPE_CHECKING:
@@ -47,9 +47,16 @@ def styled(markup: str) -> Text:
 
 def _bars(transient: bool = False) -> Progress:
     """Bars whose description and info are plain text (a run's name holds specs such as ``opt=[sgd:...]``)."""
-    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=console,
-                    transient=transient)
+    fixed = {"no_wrap": True}
+    return Progress(TextColumn("{task.description}", style="bold", markup=False,
+                               table_column=Column(no_wrap=True, max_width=28, overflow="ellipsis")),
+                    BarColumn(bar_width=12, table_column=Column(**fixed)),
+                    MofNCompleteColumn(table_column=Column(**fixed)),
+                    # the info alone gives way on a narrow terminal, cut short at its end (the best's parameters)
+                    TextColumn("{task.fields[info]}", markup=False,
+                               table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                    TimeElapsedColumn(table_column=Column(**fixed)), console=console, transient=transient,
+                    expand=True)
 
 
 class RichReporter:
@@ -110,7 +117,7 @@ class WorkProgress:
             if not self.quiet:
                 console.print(item)
         elif self.bars is not None and self.task is not None:
-            self.bars.update(self.task, total=item.total, completed=item.done, info=item.status())
+            self.bars.update(self.task, total=item.total, completed=item.done, info=item.status(best_last=True))
         else:
             console.print(item.line(), markup=False, soft_wrap=True)
 

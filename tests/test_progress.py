@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import pytest
 
@@ -74,6 +75,18 @@ def test_a_terminal_gets_a_live_bar_not_lines(invoke, terminal, args):
     shown = terminal.getvalue()
     assert "2/2" in shown and "ETA" in shown and "best " in shown and "last " in shown
     assert "[1/2]" not in shown and "\x1b[" in shown  # the bar, drawn with terminal codes, not a plain line
+
+
+def test_an_80_column_bar_keeps_the_count_and_the_eta_and_cuts_the_best_short(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(console_module, "console", PipeFriendlyConsole(file=out, force_terminal=True, width=80))
+    best = "val_accuracy=0.9712 (trial 7: lr=0.0123, opt=adam, hidden=128, dropout=0.25, momentum=0.9)"
+    with console_module.WorkProgress("trials", quiet=False) as progress:
+        progress(Tick(12, 40, "trial 11 complete", 3.2, 130.0, best))
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    shown = [line for line in re.split(r"[\r\n]", plain) if line.startswith("trials")][-1]
+    assert "12/40" in shown and "ETA 2m10s" in shown and "best val_accuracy" in shown
+    assert "…" in shown and "momentum" not in shown  # the parameters give way, not the count
 
 
 @pytest.mark.parametrize("args", [SEARCH, COMPARE], ids=["search", "compare"])
