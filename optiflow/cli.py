@@ -204,7 +204,9 @@ def compare(**params: Any) -> None:
     from optiflow.console import WorkProgress, print_comparison, print_forecast
 
     if params["dry_run"]:
-        return print_forecast(compare_forecast(config, vary, int(settings["repeats"]), settings["metric"]))
+        return print_forecast(compare_forecast(config, vary, int(settings["repeats"]), settings["metric"],
+                                               log_models=bool(settings["log_models"]) or bool(params["register"]),
+                                               reuse=params["reuse"] is not False))
     quiet = params["quiet"]
     with InterruptGuard(), WorkProgress("runs", quiet) as progress:  # SIGINT/SIGTERM between runs too
         result = command.compare(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],

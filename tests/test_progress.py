@@ -148,6 +148,17 @@ def test_compare_dry_run_prints_the_runs_and_an_estimate_and_touches_no_store(in
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "out").exists()
 
 
+def test_compare_dry_run_says_which_runs_it_would_reuse_and_leaves_them_out_of_the_estimate(invoke, tmp_path):
+    first = invoke("compare", "--vary", "opt=sgd,rmsprop", *TINY, "--out", str(tmp_path / "a"), "-q")
+    assert first.exit_code == 0, first.stderr
+    result = invoke("compare", "--vary", "opt=sgd,adam,rmsprop", *TINY, "--out", str(tmp_path / "b"), "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert "reused 2 of 3 runs" in result.output and "1 trainings of 1 epochs" in result.output
+    assert not (tmp_path / "b").exists()
+    fresh = invoke("compare", "--vary", "opt=sgd,adam,rmsprop", *TINY, "--no-reuse", "--dry-run")
+    assert "reused" not in fresh.output and "3 trainings of 1 epochs" in fresh.output
+
+
 def test_dry_run_refuses_bad_input_like_the_real_command(invoke, tmp_path):
     result = invoke("compare", "--vary", "opt=sgd,nosuchopt", "--dry-run", store=False)
     assert result.exit_code == 2 and "nosuchopt" in result.stderr

@@ -17,18 +17,28 @@ from optiflow.values import duration_text
 
 
 def compare_forecast(base: RunConfig, vary: dict[str, list[str]], repeats: int = 1,
-                     metric: str | None = None) -> Forecast:
-    """``compare --dry-run``: the runs it would train and, from one calibration epoch of the first variant
-    (in this process, nothing logged, no store touched), an estimate of the total time."""
+                     metric: str | None = None, *, log_models: bool = False, reuse: bool = True) -> Forecast:
+    """``compare --dry-run``: the runs it would train, those it would reuse (read from an existing store, nothing
+    created) and, from one calibration epoch of the first variant (in this process, nothing logged), an estimate
+    of the total time of the runs it would train."""
+    from optiflow.plugins import get_registry
+    from optiflow.reuse import finished_in_store, outputs
+
     runs = plan_runs(base, vary, repeats)
     preflight_variants(runs, metric)
     labels = list(dict.fromkeys(label for label, _ in runs))
+    needed = outputs(artifacts=True, log_model=log_models, config=base)
+    reused = finished_in_store([c for _, c in runs], needed, get_registry()) if reuse else [None] * len(runs)
+    count = sum(found is not None for found in reused)
     lines = [f"{len(runs)} runs: {len(labels)} variants x {repeats} seed{'s' if repeats > 1 else ''}",
-             *(f"  {label}" for label in labels)]
+             *(f"  {label}" for label in labels),
+             *([f"reused {count} of {len(runs)} runs: finished runs with the same content key, not trained"]
+               if count else [])]
     calibration = calibrate(runs[0][1])
-    epochs = [config.epochs for _, config in runs]
+    epochs = [config.epochs for (_, config), found in zip(runs, reused) if found is None]
     return Forecast(lines, calibration, estimate_runs(calibration, epochs),
-                    f"{len(runs)} trainings of {statistics.fmean(epochs):g} epochs at variant {labels[0]}'s cost")
+                    f"{len(epochs)} trainings of {statistics.fmean(epochs or [0]):g} epochs at variant {labels[0]}'s "
+                    f"cost" + (f", {count} reused" if count else ""))
 
 
 def search_forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
