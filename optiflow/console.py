@@ -47,15 +47,14 @@ def styled(markup: str) -> Text:
 
 def _bars(transient: bool = False) -> Progress:
     """Bars whose description and info are plain text (a run's name holds specs such as ``opt=[sgd:...]``)."""
-    fixed = {"no_wrap": True}
     return Progress(TextColumn("{task.description}", style="bold", markup=False,
                                table_column=Column(no_wrap=True, max_width=28, overflow="ellipsis")),
-                    BarColumn(bar_width=12, table_column=Column(**fixed)),
-                    MofNCompleteColumn(table_column=Column(**fixed)),
+                    BarColumn(bar_width=12, table_column=Column(no_wrap=True)),
+                    MofNCompleteColumn(table_column=Column(no_wrap=True)),
                     # the info alone gives way on a narrow terminal, cut short at its end (the best's parameters)
                     TextColumn("{task.fields[info]}", markup=False,
                                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
-                    TimeElapsedColumn(table_column=Column(**fixed)), console=console, transient=transient,
+                    TimeElapsedColumn(table_column=Column(no_wrap=True)), console=console, transient=transient,
                     expand=True)
 
 
