@@ -139,6 +139,24 @@ def test_search_dry_run_lists_the_budget_and_warns_when_it_is_shorter_than_one_t
     assert "stops at --budget 1h00m" in roomy.output and "warning" not in roomy.output
 
 
+def test_search_dry_run_counts_the_trials_a_shared_study_already_finished(invoke, tmp_path):
+    import optuna
+
+    study = tmp_path / "study.db"
+    shared = optuna.create_study(storage=f"sqlite:///{study}", study_name="shared")
+    shared.optimize(lambda trial: trial.suggest_float("lr", 1e-3, 1e-1), n_trials=2)
+    before = study.read_bytes()
+    args = ("search", "--space", "lr=loguniform:1e-3:1e-1", "--storage", f"sqlite:///{study}", "--n-trials", "5",
+            "--dry-run", *TINY)
+    result = invoke(*args, "--study-name", "shared", store=False)
+    assert result.exit_code == 0, result.stderr
+    assert "study shared holds 2 finished trials, 3 left to run" in result.output
+    assert "5 trials (2 already finished) = 3 trainings" in result.output and "3 trainings of 1 epochs" in result.output
+    other = invoke(*args, "--study-name", "other", store=False)  # no such study: every trial is to run
+    assert "5 trainings of 1 epochs" in other.output and "finished trials" not in other.output
+    assert study.read_bytes() == before and not (tmp_path / "mlruns").exists()
+
+
 def test_compare_dry_run_prints_the_runs_and_an_estimate_and_touches_no_store(invoke, tmp_path):
     result = invoke("compare", "--vary", "opt=sgd,adam", "--vary", "lr=0.1,0.01", "--repeats", "3", "--epochs", "2",
                     "--out", str(tmp_path / "out"), "--dry-run", store=False)

@@ -51,18 +51,23 @@ def search_forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
     stacked = calibrate_stacked([config.replace(cv_folds=settings.cv, cv_fold=k) for k in range(folds)]) if (
         settings.cv and settings.pruner == "none" and not settings.child_artifacts and not settings.log_models) else None
     epochs = [int(round(_mean_value(d))) for d in settings.space if d.key == "epochs"] or [base.epochs]
-    trainings = settings.n_trials * folds
-    estimate = estimate_runs(stacked or calibration, epochs * (settings.n_trials if stacked else trainings),
+    done = finished_before(settings)
+    left = max(0, settings.n_trials - done)
+    trainings = left * folds
+    estimate = estimate_runs(stacked or calibration, epochs * (left if stacked else trainings),
                              settings.n_jobs) + (calibration.run_seconds(epochs[0]) if settings.refit else 0.0)
     limits = [s for s in (settings.timeout, settings.budget) if s is not None]
     capped = bool(limits) and min(limits) < estimate
     stops = [*([f"--target {settings.metric}={settings.target:g}"] if settings.target is not None else []),
              *([f"--budget {duration_text(settings.budget)}"] if settings.budget is not None else [])]
-    lines = [f"{settings.n_trials} trials{f' x {folds} folds' if settings.cv else ''} = {trainings} trainings, "
+    lines = [f"{settings.n_trials} trials{f' x {folds} folds' if settings.cv else ''}"
+             f"{f' ({done} already finished)' if done else ''} = {trainings} trainings, "
              f"{settings.n_jobs} at a time; sampler {settings.sampler}, pruner {settings.pruner}; "
              f"{settings.direction} {settings.metric}" + "".join(f"; stops at {s}" for s in stops),
              *(f"  {d.name} = {describe_dimension(d)}" for d in settings.space),
-             f"study storage: {redact(settings.storage) if settings.storage else 'in memory'} (not opened)"]
+             f"study storage: {redact(settings.storage) if settings.storage else 'in memory'} "
+             + (f"(read, not written: study {settings.study_name} holds {done} finished trials, {left} left to run)"
+                if done else "(nothing created)")]
     basis = (f"{trainings} trainings of {epochs[0]} epochs{' and the refit' if settings.refit else ''}, without "
              f"pruning" + (f"; each trial's {folds} folds at once (stacked)" if stacked else "") + (f"; capped by {'--timeout' if min(limits) == settings.timeout else '--budget'}"
                           if capped else ""))
@@ -72,6 +77,28 @@ def search_forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
                                                                        ("--budget", settings.budget))
              if limit is not None and limit < trial]
     return Forecast(lines, calibration, min([estimate, *limits]), basis, short)
+
+
+def finished_before(settings: SearchSettings) -> int:
+    """The finished trials (complete and pruned) an existing ``--storage`` study already holds toward
+    ``--n-trials``, read without creating or writing anything; 0 when there is no such study (or a journal file,
+    which is not read)."""
+    import optuna
+
+    from optiflow.search.workers import finished
+    from optiflow.stores import sqlite_path
+
+    url, name = settings.storage, settings.study_name
+    if not url or not name or "://" not in url or url.startswith("journal:"):
+        return 0
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        return 0
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
+        return finished(optuna.load_study(study_name=name, storage=storage))
+    except KeyError:  # no such study in the storage
+        return 0
 
 
 def _middle(dim: Dimension) -> Scalar:
