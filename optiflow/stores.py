@@ -29,6 +29,8 @@ def check_scheme(uri: str) -> None:
     except ValueError as exc:
         raise OptiflowError(f"the tracking URI {uri} is not a valid URI ({exc})") from None
     if scheme in ("", "file") or re.match(r"^[a-z]$", scheme):  # a path, or a Windows drive letter
+        # MLflow's own reading of its variable (mlflow.environment_variables.MLFLOW_ALLOW_FILE_STORE: "1"/"true",
+        # any case), not optiflow's vocabulary: what MLflow accepts decides; its object raises on other words
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
             return
         raise OptiflowError(f"the tracking URI {uri} is a folder (MLflow's file store, which MLflow no longer "

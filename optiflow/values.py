@@ -34,9 +34,11 @@ def parse_bool(value: object) -> bool:
     raise ValueError(value)
 
 
-def env_flag(variable: str) -> bool:
-    """Whether environment switch ``variable`` is on (a true word); unset, empty or anything else is off."""
-    return os.environ.get(variable, "").strip().lower() in TRUE_WORDS
+def env_flag(variable: str, default: bool = False) -> bool:
+    """Whether environment switch ``variable`` is on. A switch off by default is on only for a true word; one on
+    by default (``default=True``) is off only for a false word; unset or empty gives ``default``."""
+    text = os.environ.get(variable, "").strip().lower()
+    return text not in FALSE_WORDS if default else text in TRUE_WORDS
 
 
 def coerce(tp: object, value: object, *, ranged: bool = True) -> Any:

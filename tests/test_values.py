@@ -35,6 +35,25 @@ def test_environment_switches_read_the_same_words(word, meaning, monkeypatch):
     assert tracing() is meaning and env_flag("OPTIFLOW_STRICT_PLUGINS") is meaning
 
 
+@pytest.mark.parametrize("word, meaning", SPELLINGS + [("", True), ("maybe", True)])
+def test_the_malloc_switch_is_on_by_default_and_off_for_every_false_word(word, meaning, monkeypatch):
+    """OPTIFLOW_MALLOC_TUNING once turned off only for "0": "off", "false", "no" left it on."""
+    from optiflow import host
+
+    calls = []
+
+    class Mallopt:
+        def __call__(self, *args):
+            calls.append(args)
+            return 1
+
+    monkeypatch.setattr(host, "_glibc", lambda: True)
+    monkeypatch.setattr(host.ctypes, "CDLL", lambda _name: type("Libc", (), {"mallopt": Mallopt()})())
+    monkeypatch.setenv(host.ENV_SWITCH, f" {word.upper()} ")
+    assert host.keep_freed_memory.__wrapped__() is meaning
+    assert bool(calls) is meaning
+
+
 @pytest.mark.parametrize("word", ["maybe", "2", "tru", ""])
 def test_a_word_outside_the_vocabulary_is_no_bool(word, monkeypatch):
     with pytest.raises(OptiflowError, match="configuration key 'shuffle' expects bool"):
