@@ -18,6 +18,7 @@ from optiflow.cli_predict import export, predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import build_config, print_settings, resolve_layers, train_options
+from optiflow.stores import quiet_artifact_downloads
 from optiflow.values import env_flag
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ class OptiflowGroup(click.Group):
 
     def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
         tracking.CLI_ARGS = list(sys.argv[1:] if args is None else args)  # every run's optiflow.command tag
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr holds optiflow's lines only
+        quiet_artifact_downloads()
         kwargs["standalone_mode"] = False
         try:
             return super().main(args, *rest, **kwargs)

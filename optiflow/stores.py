@@ -17,6 +17,13 @@ from pathlib import Path
 
 from optiflow.errors import DiskFull, OptiflowError, StoreLost, first_line, no_space
 
+
+def quiet_artifact_downloads() -> None:
+    """Turn MLflow's artifact download progress bar off unless the user set it: stderr holds optiflow's lines
+    only (one line even when a download is refused)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
 
