@@ -346,11 +346,16 @@ def _nested_kind(metadata: tuple[object, ...], owner: str, option: str) -> str:
     return str(kind)
 
 
+#: the option every scheduler takes; the core adds it to schedulers that do not declare it (and
+#: optiflow.schedule applies it)
+WARMUP_OPTION = "warmup_epochs"
+
+
 def _with_core_options(kind: str, options: tuple[Option, ...]) -> tuple[Option, ...]:
-    """Every scheduler takes ``warmup_epochs``: the core adds it (and applies it) where the factory lacks it."""
-    if kind != "scheduler" or any(o.name == "warmup_epochs" for o in options):
+    """Every scheduler takes :data:`WARMUP_OPTION`: the core adds it (and applies it) where the factory lacks it."""
+    if kind != "scheduler" or any(o.name == WARMUP_OPTION for o in options):
         return options
-    return (*options, Option("warmup_epochs", int, 0))
+    return (*options, Option(WARMUP_OPTION, int, 0))
 
 
 def _clash_line(kind: str, name: str, owner: str, newcomer: Component) -> str:
