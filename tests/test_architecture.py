@@ -33,9 +33,10 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            named = {f"{node.module}.{alias.name}" for alias in node.names}
-            targets |= named if named <= known else named | {node.module}
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute(name, path.name == "__init__.py", node.module, node.level)
+            named = {f"{module}.{alias.name}" for alias in node.names}
+            targets |= named if named <= known else named | {module}
     resolved = set()
     for target in targets:
         while target and target not in known:
@@ -43,6 +44,16 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         if target and target != name:
             resolved.add(target)
     return resolved
+
+
+def absolute(name: str, is_package: bool, module: str | None, level: int) -> str:
+    """The absolute name of ``from <level dots><module> import ...`` written in module ``name`` (a package's
+    ``__init__`` counts from the package itself)."""
+    if level == 0:
+        return module or ""
+    parts = name.split(".") if is_package else name.split(".")[:-1]
+    base = parts[:len(parts) - (level - 1)]
+    return ".".join([*base, module] if module else base)
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -159,6 +170,21 @@ def test_layer_checker_finds_an_upward_import():
     assert upward_imports(graph) == ["optiflow.search.objective -> optiflow.commands.train"]
     assert cycles(packages({"optiflow.search.a": {"optiflow.commands.b"}, "optiflow.commands.b": {"optiflow.search.c"},
                             "optiflow.search.c": set()})) == [["optiflow.commands", "optiflow.search"]]
+
+
+def test_import_scanner_resolves_relative_imports(tmp_path):
+    """A planted ``from ..commands.train import train`` in search/ is an upward import like its absolute form."""
+    known = set(modules())
+    planted = tmp_path / "objective.py"
+    planted.write_text("def f():\n    from ..commands.train import train\n    from . import space\n"
+                       "    from .. import slots\n")
+    found = imports("optiflow.search.objective", planted, known)
+    assert {"optiflow.commands.train", "optiflow.search.space", "optiflow.slots"} <= found
+    assert upward_imports({"optiflow.search.objective": found, **{m: set() for m in found}}) == [
+        "optiflow.search.objective -> optiflow.commands.train"]
+    package = tmp_path / "__init__.py"
+    package.write_text("from .study import run_study\nfrom ..commands import compare\n")
+    assert {"optiflow.search.study", "optiflow.commands.compare"} <= imports("optiflow.search", package, known)
 
 
 def test_cycle_finder_finds_a_cycle():
