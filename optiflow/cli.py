@@ -19,7 +19,7 @@ from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import build_config, print_settings, resolve_layers, train_options
 from optiflow.stores import quiet_artifact_downloads
-from optiflow.values import env_flag
+from optiflow.values import dashed_name, env_flag
 
 if TYPE_CHECKING:
     from optiflow.config import RunConfig
@@ -148,7 +148,7 @@ def _resume_config(params: dict[str, Any]) -> RunConfig:
 
     changed = sorted(k for k, v in params.items() if k not in RESUME_FLAGS and v not in (None, (), False))
     if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        flags = ", ".join("--" + dashed_name(k) for k in changed)
         raise click.UsageError(f"--resume continues the run exactly as it was configured; drop {flags}")
     return resume_config(params["resume"], params["tracking_uri"], **{k: params[k] for k in RESUME_PLACES})
 

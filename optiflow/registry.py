@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from optiflow.config import ComponentSpec
 from optiflow.errors import OptiflowError
 from optiflow.slots import FAMILY_KINDS, KINDS, SLOTS, family_of
-from optiflow.values import MAX_INT, coerce, type_name
+from optiflow.values import MAX_INT, coerce, dashed_name, key_name, type_name
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class Component:
             if option.component_kind and option.default is not None and option.name not in raw:
                 resolved[option.name] = option.coerce(option.default, owner, self.registry)
         for key, value in raw.items():
-            key = key.replace("-", "_")
+            key = key_name(key)
             if key not in known:
                 valid = ", ".join(known) or "none"
                 hint = _suggest(key, known)
@@ -266,9 +266,9 @@ class Registry:
     def get(self, kind: str, name: str) -> Component:
         """The component ``name`` (or ``plugin/name``) of ``kind``, or an OptiflowError naming close
         matches and the plugins that were skipped."""
-        found = self._lookup(kind, name) or self._lookup(kind, name.replace("_", "-"))
+        found = self._lookup(kind, name) or self._lookup(kind, dashed_name(name))
         if found is None and "/" in name:
-            found = self._qualified(kind, name) or self._qualified(kind, name.replace("_", "-"))
+            found = self._qualified(kind, name) or self._qualified(kind, dashed_name(name))
         if found is None:
             names = sorted([*self.components[kind], *self.aliases[kind]])
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)

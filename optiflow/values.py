@@ -41,6 +41,17 @@ def env_flag(variable: str, default: bool = False) -> bool:
     return text not in FALSE_WORDS if default else text in TRUE_WORDS
 
 
+def key_name(text: object) -> str:
+    """A configuration key, option or search-space name as Python spells it: ``warmup-epochs`` and
+    ``warmup_epochs`` are one name (a flag's dashes are a key's underscores)."""
+    return str(text).replace("-", "_")
+
+
+def dashed_name(text: str) -> str:
+    """The reverse of :func:`key_name`: ``--batch-size`` for key ``batch_size``, ``step-lr`` for ``step_lr``."""
+    return text.replace("_", "-")
+
+
 def coerce(tp: object, value: object, *, ranged: bool = True) -> Any:
     """``value`` converted to type ``tp``: bool, int, float, str, a union of them (``none``, ``null`` or
     empty is None where it allows None; str is tried last), ``tuple[T, ...]`` (``64,32``, ``64x32``,
