@@ -30,6 +30,7 @@ from torch import Tensor
 from optiflow import checkpoints, distributed
 from optiflow.data import LoaderBatches, TensorBatches
 from optiflow.errors import TrainingError
+from optiflow.metrics import hits
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
 from optiflow.run import Reporter, Run, is_task_loss, task_loss
@@ -111,7 +112,7 @@ def _train_epoch(run: Run, batches: TensorBatches | LoaderBatches, step: Step, c
         if log_step_loss:
             run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
         if classification:
-            correct.add_((outputs.argmax(1) == (yb if yb.ndim == 1 else yb.argmax(1))).sum())
+            correct.add_(hits(outputs, yb).sum())
         seen += len(xb)
         if step_schedule:
             run.schedule.step()
@@ -338,7 +339,7 @@ def score(run: Run, x: Tensor, y: Tensor, prefix: str, keep: bool = True) -> tup
             outputs = model(xb)
             loss_sum += loss_fn(outputs.float(), yb) * len(xb)
             if run.task == "classification":
-                correct += (outputs.argmax(1) == yb).sum()
+                correct += hits(outputs, yb).sum()
             if keep or run.task != "classification":
                 outputs_all.append(outputs if run.task == "classification" else outputs.reshape(yb.shape))
     model.train(was_training)

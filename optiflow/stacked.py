@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from optiflow import distributed
 from optiflow.data import TensorBatches
 from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, evaluate, fit, train_metrics
+from optiflow.metrics import hits
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
 from optiflow.run import Run, SilentReporter, is_task_loss, task_loss
@@ -222,8 +223,8 @@ class _Stack:
         losses.sum().backward()
         self.optimizer.step()
         if self.classification:
-            hits = outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))
-            correct.add_((hits if valid is None else hits & valid).sum(1))
+            right = hits(outputs.detach(), yb)
+            correct.add_((right if valid is None else right & valid).sum(1))
         return list(outputs.detach()), losses
 
     def _ragged_step(self, xs: list[Tensor], ys: list[Tensor], counts: list[int], loss_sums: Tensor,
@@ -237,7 +238,7 @@ class _Stack:
         for j, (out, target) in enumerate(zip(outs, ys)):
             loss_sums[j].add_(losses[j].detach(), alpha=counts[j])
             if self.classification:
-                correct[j] += (out.detach().argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
+                correct[j] += hits(out.detach(), target).sum()
         return [out.detach() for out in outs], losses
 
     def sync_lr(self) -> None:
