@@ -127,3 +127,12 @@ def test_optuna_options_are_coerced_to_the_type_of_the_constructor_default():
         settings.sampler_options = {"n_startup_trials": bad}
         with pytest.raises(OptiflowError, match=f"sampler 'tpe': option 'n_startup_trials' expects {expected}"):
             make_sampler(settings)
+
+
+@pytest.mark.parametrize("spelling", ["batch-size", "batch_size"])
+def test_a_key_reads_alike_with_dashes_or_underscores(spelling):
+    """values.key_name: a flag's dashes are a key's underscores, in a config file and a component option."""
+    from optiflow.values import dashed_name, key_name
+
+    assert RunConfig.from_dict({spelling: 64}).batch_size == 64
+    assert key_name(spelling) == "batch_size" and dashed_name(key_name(spelling)) == "batch-size"
