@@ -6,11 +6,22 @@ import csv
 import difflib
 import io
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 from optiflow.errors import OptiflowError
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 TIMING_METRICS = frozenset({"epoch_time", "samples_per_sec", "train_seconds"})
 HIGHER_IS_BETTER = ("accuracy", "r2", "f1", "auc", "precision", "recall", "per_sec")
+
+
+def hits(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Which predictions are right: the class each output row scores highest (the last dimension holds the
+    classes; one run's ``(N, C)`` or K stacked runs' ``(K, N, C)``) against its target, a class index or, for a
+    one-hot or mixed target (mixup, cutmix), the class the target weighs most."""
+    return outputs.argmax(-1) == (targets if targets.ndim == outputs.ndim - 1 else targets.argmax(-1))
 
 
 def higher_is_better(metric: str) -> bool:

@@ -17,6 +17,7 @@ from optiflow.config import RunConfig, split_variants
 from optiflow.errors import OptiflowError, TrainingError
 from optiflow.forecast import Tick, eta
 from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
+from optiflow.values import key_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -93,7 +94,7 @@ def parse_vary(items: object) -> dict[str, list[str]]:
         pairs.append((key, values))
     vary: dict[str, list[str]] = {}
     for raw_key, values in pairs:
-        key = str(raw_key).strip().replace("-", "_")
+        key = key_name(str(raw_key).strip())
         if key not in VARIABLE_KEYS:
             close = [k for k in VARIABLE_KEYS if key.startswith(k)] or difflib.get_close_matches(key, VARIABLE_KEYS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

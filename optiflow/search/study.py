@@ -25,7 +25,7 @@ from optiflow.errors import OptiflowError, first_line, redact
 from optiflow.registry import annotation_of
 from optiflow.search.space import Dimension
 from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
-from optiflow.values import coerce, literal, type_name
+from optiflow.values import coerce, key_name, literal, type_name
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
@@ -124,7 +124,7 @@ def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str,
         close = difflib.get_close_matches(spec.name, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise OptiflowError(f"unknown {what} '{spec.name}'{hint}; choose from {', '.join(names)}")
-    return spec.name, {k.replace("-", "_"): literal(v) for k, v in spec.options.items()}
+    return spec.name, {key_name(k): literal(v) for k, v in spec.options.items()}
 
 
 def open_storage(url: str | None, heartbeat: int = 0,
