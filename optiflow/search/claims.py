@@ -67,11 +67,13 @@ def release(study: optuna.Study, name: str) -> None:
 def holder(study: optuna.Study, name: str) -> str | None:
     """Who holds the claim ``name`` (host, process and time), None when nobody does."""
     held = _backend(study).get_study_system_attrs(study._study_id).get(PREFIX + name)
+    if held is None:
+        return None
     try:
         host, pid, at = held.split(" ")
         return f"{host} pid {int(pid)} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(at)))}"
-    except (AttributeError, ValueError):
-        return held
+    except ValueError:
+        return str(held)
 
 
 def _dead(held: str) -> bool:
