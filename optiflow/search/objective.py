@@ -20,7 +20,7 @@ from optiflow.run import RunResult, shared_data
 from optiflow.search.folds import train_folds
 from optiflow.search.space import short, trial_config
 from optiflow.search.study import SearchSettings, open_study
-from optiflow.search.workers import REUSED_ATTR, RUN_ATTR, finished, total_callback
+from optiflow.search.workers import OVER_ATTR, REUSED_ATTR, RUN_ATTR, finished, over_total, total_callback
 
 
 class TrialPruned(RunKilled, optuna.TrialPruned):
@@ -64,6 +64,9 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
     stopping early once the study holds ``total`` finished trials (None: no such stop)."""
 
     def objective(trial: optuna.Trial) -> float:
+        if total is not None and over_total(study, trial, total):
+            study.stop()
+            raise TrainingError(trial.user_attrs["failure"])
         config, sampled = trial_config(base, settings.space, lambda dim: dim.suggest(trial))
         trial_tags = {**(tags or {}), "optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
         params = {"optuna.trial_number": trial.number, "optuna.sampler": settings.sampler,
@@ -91,7 +94,7 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
         return value
 
     def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if progress is None:
+        if progress is None or trial.user_attrs.get(OVER_ATTR):
             return
         shown = ", ".join(f"{k}={short(v)}" for k, v in trial.params.items())
         value = f"{settings.metric}={trial.value:.4g}" if trial.value is not None else trial.user_attrs.get("failure", "")

@@ -1,4 +1,4 @@
-"""A study's claims when the process holding one was killed (SIGKILL, OOM): the next worker takes it over."""
+"""A study shared by workers, some of them killed (SIGKILL, OOM): claims taken over, --n-trials never exceeded."""
 
 from __future__ import annotations
 
@@ -85,3 +85,42 @@ def test_a_rerun_refits_when_the_refitting_worker_was_killed(invoke, tmp_path, m
     assert mlflow_client.get_run(parent_id).data.tags["refit_run_id"] == done.info.run_id
     assert invoke(*args).exit_code == 0
     assert len([r for r in runs_of(mlflow_client, experiment) if r.data.tags.get("optiflow.role") == "refit"]) == 2
+
+
+def test_a_worker_racing_another_runs_no_trial_over_n_trials(tmp_path, tracking_uri, experiment):
+    """Five trials finished and one running in another worker: with --n-trials 6 this worker trains nothing
+    (the trial it asked for is failed unrun and left out of the summary)."""
+    from optiflow.config import RunConfig
+    from optiflow.search.objective import run_trials
+    from optiflow.search.space import parse_space
+    from optiflow.search.study import SearchSettings
+    from optiflow.search.workers import OVER_ATTR
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="race")
+    for _ in range(5):
+        study.tell(study.ask(), 0.5)
+    study.ask()  # another worker's trial, running
+    base = RunConfig(epochs=1, tracking_uri=tracking_uri, experiment=experiment)
+    settings = SearchSettings(space=parse_space(["lr=loguniform:1e-3:1e-1"], base), sampler="random", n_trials=6)
+    run_trials(base, settings, study, "no-parent", 3, total=6)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE"] * 5 + ["RUNNING", "FAIL"]
+    assert study.trials[-1].user_attrs[OVER_ATTR] and not study.trials[-1].params
+
+
+def test_a_rerun_after_a_mid_trial_kill_ends_with_exactly_n_trials(invoke, tmp_path):
+    """Trial 2's worker killed (RUNNING, heartbeat stopped): a rerun at once retries it instead of adding a
+    trial, so --n-trials 3 ends with 3 complete trials, not 4."""
+    from optiflow.search.study import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ("search", "--space", "lr=loguniform:1e-3:1e-1", "--storage", storage, "--study-name", "rerun",
+            "--heartbeat", "1", "--no-refit", "-q", *TINY)
+    assert invoke(*args, "--n-trials", "2").exit_code == 0
+    study = optuna.load_study(study_name="rerun", storage=open_storage(storage, heartbeat=1))
+    killed = study.ask()
+    study._storage.record_heartbeat(killed._trial_id)
+    result = invoke(*args, "--n-trials", "3")
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="rerun", storage=storage)
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
