@@ -222,7 +222,7 @@ def _train_child(label: str, config: RunConfig, parent_run_id: str, tags: dict[s
                        role="compare-child", reuse=reuse)
     except TrainingError as exc:
         return ChildRun(label, config.seed, "FAILED", failure=str(exc))
-    return ChildRun(label, config.seed, "FINISHED", result.run_id, final_metrics(result.metrics, result.history),
+    return ChildRun(label, config.seed, "FINISHED", result.run_id, final_metrics(result.metrics, result.history, result.seconds),
                     result.history, result.seconds, reused=result.reused)
 
 
@@ -241,7 +241,8 @@ def _preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -
         try:
             run = preflight(config)
             if metric is not None:
-                check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0)
+                check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0,
+                                   run.metrics_declared)
         except OptiflowError as exc:
             raise OptiflowError(f"variant {label}: {exc}") from None
 

@@ -81,7 +81,7 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
                                       reuse=settings.reuse)
                 if result.reused:
                     _reused(trial, [result], settings, str(result.run_id), config.epochs)
-                value = _objective_value(final_metrics(result.metrics, result.history), settings.metric)
+                value = _objective_value(final_metrics(result.metrics, result.history, result.seconds), settings.metric)
         except TrialPruned:
             trial.set_user_attr("mlflow_run_id", _child_run(base, parent_id, name, trial_tags, params, None))
             raise
@@ -176,7 +176,7 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
     if all(found):
         reused = [result for result in found if result is not None]
         _reused(trial, reused, settings, _parent_of(config, str(reused[0].run_id)), config.epochs)
-        return statistics.fmean(_objective_value(final_metrics(r.metrics, r.history), settings.metric) for r in reused)
+        return statistics.fmean(_objective_value(final_metrics(r.metrics, r.history, r.seconds), settings.metric) for r in reused)
     tracker = Tracker(config.tracking_uri, config.experiment)
     tracker.start(run_name=name, tags={**tags, "optiflow.kind": "cross-validation"}, parent_run_id=parent_id)
     scores: list[float] = []
@@ -203,7 +203,7 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
                 offset=fold * config.epochs, role="cv-fold")
             if result.reused:
                 _report(trial, result, settings, fold * config.epochs)
-            scores.append(_objective_value(final_metrics(result.metrics, result.history), settings.metric))
+            scores.append(_objective_value(final_metrics(result.metrics, result.history, result.seconds), settings.metric))
             histories.append(result.history)
             tracker.log_metrics({f"cv_{settings.metric}": scores[-1]}, step=fold + 1, flush=False)
         for epoch in range(min(len(h.get("train_loss", [])) for h in histories)):
