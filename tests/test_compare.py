@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import yaml
@@ -243,3 +244,13 @@ def test_a_metric_of_an_undeclaring_third_party_plugin_is_checked_after_training
         assert invoke("compare", "--vary", "opt=sgd,adam", "--metric", "my_metric", "--epochs", "1").exit_code == 0
         late = invoke("compare", "--vary", "opt=sgd,adam", "--metric", "nope", "--epochs", "1")
     assert late.exit_code != 0 and "no run produced metric 'nope'" in late.output
+
+
+def test_the_summary_marks_the_best_variant_apart_from_significance_and_sums_seconds_over_seeds(invoke):
+    """``*`` means a significant difference in the summary's note: the best variant is marked "yes", and the
+    seconds column says it adds up every seed's run."""
+    result = invoke("compare", "--vary", "opt=sgd,adam", "--epochs", "1", "--out", "o")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((Path.cwd() / "o" / "summary.csv").open()))
+    assert sorted(row["best"] for row in rows) == ["", "yes"]
+    assert all(float(row["seconds (all seeds)"]) > 0 for row in rows)

@@ -42,7 +42,10 @@ class ChildRun:
     reused: bool = False
 
 
-BRIEF_COLUMNS = ("variant", "runs", "mean [95% CI]", "vs baseline (paired)", "seconds", "best")
+#: "seconds (all seeds)": a variant's training time summed over its runs; "best" says "yes" (a ``*`` marks a
+#: significant difference)
+SECONDS_COLUMN = "seconds (all seeds)"
+BRIEF_COLUMNS = ("variant", "runs", "mean [95% CI]", "vs baseline (paired)", SECONDS_COLUMN, "best")
 
 
 @dataclass
@@ -287,7 +290,7 @@ def _summarize(tracker: Tracker, children: list[ChildRun], metric: str | None, o
     extra = [k for k in ("test_loss", "train_loss", "val_loss") if k != metric]
     columns = ["variant", "runs", "failed", f"{metric} mean", f"{metric} std", f"{metric} 95% CI low",
                f"{metric} 95% CI high", f"{metric} min", f"{metric} max", f"difference to {baseline}",
-               "p (paired t-test)", "significant at 5%", *(f"{k} mean" for k in extra), "seconds", "best"]
+               "p (paired t-test)", "significant at 5%", *(f"{k} mean" for k in extra), SECONDS_COLUMN, "best"]
     rows, brief = [], []
     for label, runs in by_label.items():
         values, interval, test = scores[label], intervals[label], tests[label]
@@ -299,7 +302,7 @@ def _summarize(tracker: Tracker, children: list[ChildRun], metric: str | None, o
             number(_mean(values)), number(statistics.stdev(values) if len(values) > 1 else None),
             number(interval.low if interval else None), number(interval.high if interval else None),
             number(min(values) if values else None), number(max(values) if values else None), *versus,
-            *(number(m) for m in means), f"{sum(c.seconds for c in runs):.1f}", "*" if label == best else "",
+            *(number(m) for m in means), f"{sum(c.seconds for c in runs):.1f}", "yes" if label == best else "",
         ])
         failed = rows[-1][2]
         mean = number(_mean(values)) + (f" [{number(interval.low)}, {number(interval.high)}]" if interval else "")
