@@ -114,6 +114,9 @@ def read_csv(file: Path, spec: ModelSpec, target: str | None = None) -> Inputs:
     header, body = [name.strip() for name in rows[0]], rows[1:]
     if not body:
         raise OptiflowError(f"{file} has a header but no data rows")
+    if all(_is_number(name) for name in header) and not any(_is_number(n) for n in spec.feature_names or ()):
+        raise OptiflowError(f"{file}: its first row holds numbers, not column names: the CSV needs a header row "
+                            f"({_columns_hint(list(spec.feature_names or ()), spec)})")
     twice = repeated(header)
     if twice is not None:
         raise OptiflowError(f"{file}: column '{twice}' appears twice in the header")
@@ -121,6 +124,9 @@ def read_csv(file: Path, spec: ModelSpec, target: str | None = None) -> Inputs:
         if len(row) != len(header):
             raise OptiflowError(f"{file}, line {line}: {len(row)} values for {len(header)} columns")
     position = {name: i for i, name in enumerate(header)}
+    if target is not None and target in (spec.feature_names or ()):
+        raise OptiflowError(f"--target '{target}' is a feature column of the model; name the column holding the "
+                            "labels")
     if target is not None and target not in position:
         known = set(spec.feature_names or ())
         others = [c for c in header if c not in known]
@@ -274,6 +280,14 @@ def _numbers(file: Path, rows: list[list[str]], columns: list[int], names: list[
             what = f"holds {text!r}, not a finite number"
         raise OptiflowError(f"{file}, line {row + 2}: column '{names[col]}' {what}")
     return values.astype(np.float32)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _number(text: str) -> float:

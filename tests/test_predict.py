@@ -562,3 +562,15 @@ def test_a_model_without_optiflow_metadata_is_one_line(tracking_uri, tmp_path):
         mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[])
     (tmp_path / "x.csv").write_text("a\n1\n")
     assert_refused(predict(tracking_uri, run.info.run_id, tmp_path / "x.csv"), "has no optiflow metadata")
+
+
+def test_a_csv_without_a_header_row_is_told_to_have_one(tmp_path):
+    path = write(tmp_path / "x.csv", "\n".join(",".join(["0.0"] * 63 + [str(i)]) for i in range(3)) + "\n")
+    with pytest.raises(OptiflowError, match="first row holds numbers, not column names: the CSV needs a header row"):
+        read_inputs(path, DIGITS)
+
+
+def test_a_target_that_is_a_feature_column_is_refused(tmp_path):
+    path = write(tmp_path / "x.csv", ",".join(PIXELS) + "\n" + ",".join(["1"] * 64) + "\n")
+    with pytest.raises(OptiflowError, match="--target 'pixel_0_0' is a feature column of the model"):
+        read_inputs(path, DIGITS, target="pixel_0_0")
