@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from optiflow.data import image_transform
 from optiflow.errors import OptiflowError
 from optiflow.files import beyond_float32, csv_rows, load_npy, open_image, repeated
+from optiflow.serving import as_grid
 
 if TYPE_CHECKING:
     import numpy as np
@@ -171,6 +172,8 @@ def read_npy(file: Path, spec: ModelSpec) -> Inputs:
         array = array.reshape(-1, *shape)
     elif spec.image and shape[0] == 1 and array.shape[1:] == shape[1:]:
         array = array[:, None]
+    elif not spec.image and as_grid(array.shape[1:], spec.feature_names):
+        array = array.reshape(len(array), size)
     if array.ndim == 0 or array.shape[1:] != shape:
         raise OptiflowError(f"{file} holds an array of shape {tuple(array.shape)}; {_shape_hint(array.shape, spec)}")
     if array.dtype.kind == "f":

@@ -10,6 +10,7 @@ import csv
 import io
 import re
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -574,3 +575,27 @@ def test_a_target_that_is_a_feature_column_is_refused(tmp_path):
     path = write(tmp_path / "x.csv", ",".join(PIXELS) + "\n" + ",".join(["1"] * 64) + "\n")
     with pytest.raises(OptiflowError, match="--target 'pixel_0_0' is a feature column of the model"):
         read_inputs(path, DIGITS, target="pixel_0_0")
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (5, 8, 8), (5, 64)])
+def test_a_flat_digits_model_takes_images_too(tmp_path, shape):
+    """docs/models.md: a digits model (image=false too) takes 64 columns and (N, 1, 8, 8) images."""
+    flat = replace(DIGITS, input_shape=(64,), image=False)
+    np.save(tmp_path / "x.npy", np.arange(5 * 64, dtype=np.float32).reshape(shape))
+    inputs = read_inputs(str(tmp_path / "x.npy"), flat)
+    assert inputs.x.shape == (5, 64) and list(inputs.x.columns) == PIXELS
+    assert inputs.x.to_numpy()[1, 3] == 64 + 3, "row-major: pixel_0_3 of the second image"
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 8, 8), (3, 8, 8), (3, 64)])
+def test_the_pyfunc_of_a_flat_digits_model_takes_images_too(shape):
+    import torch
+
+    from optiflow.serving import Predictor
+
+    card = {"task": "regression", "input_shape": [64], "image": False, "feature_names": PIXELS}
+    predictor = Predictor(lambda x: x.sum(dim=1, keepdim=True), card)
+    x = np.arange(3 * 64, dtype=np.float32).reshape(shape)
+    with torch.no_grad():
+        out = predictor.predict(x)
+    assert np.allclose(np.asarray(out, dtype=np.float64).ravel(), np.arange(3 * 64).reshape(3, 64).sum(axis=1))
