@@ -122,6 +122,8 @@ def _log_plots(tracker: RunTracker, study: optuna.Study, settings: SearchSetting
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         if title is not None:
             axis = figure.axes[0]
+            for where in ("left", "right"):  # Optuna's own title (left on the importances) would overlap ours
+                axis.set_title("", loc=where)
             axis.set_title(title)
             if artifact == "intermediate_values.png":
                 axis.set_ylabel(metric)
