@@ -162,15 +162,6 @@ def _launch_data_parallel(config: RunConfig, nproc: int) -> None:
     sys.exit(launch(nproc, without_nproc(tracking.CLI_ARGS or [])))
 
 
-def _reporter_factory(quiet: bool):
-    """A fresh rich progress display per training, or none when quiet or not on a terminal."""
-    if quiet or not sys.stdout.isatty():
-        return None
-    from optiflow.console import RichReporter
-
-    return RichReporter
-
-
 COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "baseline": None, "out": None,
                                      "log_models": False}
 
@@ -187,8 +178,9 @@ COMPARE_DEFAULTS: dict[str, Any] = {"vary": (), "repeats": 1, "metric": None, "b
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the plots and tables [compare/<parent run id>]; "
                                                                  "a folder it creates is git-ignored (a .gitignore of *).")
 @flags.model_options(register="the best variant's model (every child's model is then logged)", log_models="each child's")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables, only errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No bars or tables: one plain line per run.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+@flags.dry_run_option("the runs and variants")
 def compare(**params: Any) -> None:
     """Train one run per variant under one parent MLflow run; plot and tabulate the results.
 
@@ -200,26 +192,24 @@ def compare(**params: Any) -> None:
     With --repeats N > 1 each variant's metric gets its mean and 95% t-interval over the N seeds, and
     every other variant a paired t-test against the baseline on the same seeds (* significant at 5%).
     """
-    from optiflow.commands.compare import parse_vary
+    from optiflow.commands import compare as command
 
     config, settings = resolve_layers(params, COMPARE_DEFAULTS)
-    vary = parse_vary(settings["vary"])
+    vary = command.parse_vary(settings["vary"])
     if params["print_config"]:
-        print_settings(config, {**settings, "vary": {k: "|".join(v) for k, v in vary.items()}})
-        return
-    from optiflow.commands.compare import compare as run_comparison
-    from optiflow.console import console, print_comparison
+        return print_settings(config, {**settings, "vary": {k: "|".join(v) for k, v in vary.items()}})
+    from optiflow.commands.dry_run import compare_forecast
+    from optiflow.console import WorkProgress, print_comparison, print_forecast
 
+    if params["dry_run"]:
+        return print_forecast(compare_forecast(config, vary, int(settings["repeats"]), settings["metric"]))
     quiet = params["quiet"]
-
-    def announce(index: int, total: int, name: str, _config: RunConfig) -> None:
-        if not quiet:
-            console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
-
-    result = run_comparison(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
-                            baseline=settings["baseline"], out_dir=settings["out"],
-                            log_models=bool(settings["log_models"]), reuse=params["reuse"] is not False,
-                            announce=announce, reporter_factory=_reporter_factory(quiet), register=params["register"])
+    with WorkProgress("runs", quiet) as progress:
+        result = command.compare(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
+                                 baseline=settings["baseline"], out_dir=settings["out"],
+                                 log_models=bool(settings["log_models"]), reuse=params["reuse"] is not False,
+                                 announce=progress.announce, reporter_factory=progress.reporter, progress=progress,
+                                 register=params["register"])
     if not quiet:
         print_comparison(result, config)
     if result.failure:
@@ -242,6 +232,7 @@ def compare(**params: Any) -> None:
 @click.option("--n-trials", type=click.IntRange(max=10**9), help="Finished trials the study should hold, across "
                                                               "every process sharing --storage [20; the whole grid for grid].")
 @click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
+@flags.stop_options
 @click.option("--cv", type=click.IntRange(max=1000), help="Score each trial by K-fold cross-validation on the training split.")
 @click.option("--storage", help="Optuna storage shared by processes: sqlite:///study.db, postgresql://..., "
                                 "journal:study.log [in memory].")
@@ -253,8 +244,9 @@ def compare(**params: Any) -> None:
 @click.option("--child-artifacts", is_flag=True, default=None,
               help="Trial and fold runs log figures and config files too [no: params and metrics; the parent "
                    "holds the plots].")
-@click.option("--quiet", "-q", is_flag=True, help="No per-trial lines or tables, only errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No bars, tables or notes: one plain line per trial.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
+@flags.dry_run_option("the trials, the space and the stops")
 def search(**params: Any) -> None:
     """Search hyper-parameters with Optuna: a parent MLflow run per study, a child run per trial.
 
@@ -268,14 +260,15 @@ def search(**params: Any) -> None:
     config, values = resolve_layers(params, command.given_defaults())
     settings = command.settings_from({**values, "refit": params["refit"], "register": params["register"], "reuse": params["reuse"]}, config)
     if params["print_config"]:
-        from optiflow.search.space import describe_dimension
+        return print_settings(config, {**values, "space": {d.name: command.describe_dimension(d) for d in settings.space}})
+    from optiflow.commands.dry_run import search_forecast
+    from optiflow.console import WorkProgress, print_forecast, print_search
 
-        print_settings(config, {**values, "space": {d.name: describe_dimension(d) for d in settings.space}})
-        return
-    from optiflow.console import console, print_search
-
+    if params["dry_run"]:
+        return print_forecast(search_forecast(config, settings))
     quiet = params["quiet"]
-    result = command.search(config, settings, progress=None if quiet else console.print)
+    with WorkProgress("trials", quiet) as progress:
+        result = command.search(config, settings, progress=progress)
     if not quiet:
         print_search(result, config)
     if result.failure:
@@ -300,11 +293,10 @@ def reproduce(run_id: str, tracking_uri: str | None, device: str | None, rtol: f
     give the same weights bit for bit.
     """
     from optiflow.commands.reproduce import reproduce as run_reproduction
-    from optiflow.console import print_reproduction
+    from optiflow.console import RichReporter, print_reproduction
 
-    reporter = _reporter_factory(quiet)
     result = run_reproduction(run_id, tracking_uri, device=device, rtol=rtol, atol=atol,
-                              reporter=reporter() if reporter else None, **places)
+                              reporter=None if quiet or not sys.stdout.isatty() else RichReporter(), **places)
     if not quiet:
         print_reproduction(result)
     result.check()

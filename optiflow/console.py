@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from optiflow.commands.predict import Predictions
     from optiflow.commands.reproduce import Reproduction, WeightsCheck
     from optiflow.config import RunConfig
+    from optiflow.forecast import Forecast, Tick
     from optiflow.registry import Component
     from optiflow.run import RunResult
     from optiflow.search.summary import SearchResult
@@ -32,18 +33,23 @@ class PipeFriendlyConsole(Console):
 console = PipeFriendlyConsole()
 
 
-class RichReporter:
-    """Progress over epochs and over the batches of the current epoch."""
+def _bars(transient: bool = False) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=transient)
 
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False,
-        )
+
+class RichReporter:
+    """Progress over epochs and over the batches of the current epoch (inside ``shared``'s display when given:
+    its bars go when the training ends)."""
+
+    def __init__(self, shared: Progress | None = None) -> None:
+        self.shared = shared
+        self.progress = shared or _bars()
         self.epochs = self.batches = TaskID(-1)
 
     def start(self, epochs: int, batches: int) -> None:
-        self.progress.start()
+        if self.shared is None:
+            self.progress.start()
         self.epochs = self.progress.add_task("epochs", total=epochs, info="")
         self.batches = self.progress.add_task("batches", total=batches, info="")
 
@@ -57,7 +63,66 @@ class RichReporter:
         self.progress.reset(self.batches, info="")
 
     def stop(self) -> None:
-        self.progress.stop()
+        if self.shared is None:
+            self.progress.stop()
+            return
+        for task in (self.epochs, self.batches):
+            if task in self.progress.task_ids:
+                self.progress.remove_task(task)
+
+
+class WorkProgress:
+    """The progress of a search or a comparison: on a terminal one live bar (units done of the total, the last
+    unit's time, the best so far, the ETA) with each training's epoch bars under it; piped or ``quiet``, one plain
+    line per finished unit (a :class:`~optiflow.forecast.Tick`), no bars.  Other lines (str) show unless quiet."""
+
+    def __init__(self, unit: str, quiet: bool) -> None:
+        self.quiet = quiet
+        self.live = not quiet and console.is_terminal
+        self.bars = _bars() if self.live else None
+        self.task = self.bars.add_task(unit, total=None, info="") if self.bars else None
+
+    def __enter__(self) -> WorkProgress:
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def __call__(self, item: str | Tick) -> None:
+        if isinstance(item, str):
+            if not self.quiet:
+                console.print(item)
+        elif self.bars is not None and self.task is not None:
+            self.bars.update(self.task, total=item.total, completed=item.done, info=item.status())
+        else:
+            console.print(item.line(), markup=False, soft_wrap=True)
+
+    def announce(self, index: int, total: int, name: str, _config: object) -> None:
+        """Before a comparison's run: its name on the bar, or a line ``[i/N] name`` in a pipe (none when quiet)."""
+        if self.bars is not None and self.task is not None:
+            self.bars.update(self.task, total=total, description=f"runs: {name}")
+        elif not self.quiet:
+            console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
+
+    def reporter(self) -> RichReporter | None:
+        """Each training's epoch and batch bars, inside this display (none in a pipe)."""
+        return RichReporter(self.bars) if self.bars is not None else None
+
+
+def print_forecast(forecast: Forecast) -> None:
+    """``--dry-run``: the plan, the calibration and the estimated total time."""
+    from optiflow.values import duration_text
+
+    for line in forecast.lines:
+        console.print(line, markup=False, soft_wrap=True)
+    cal = forecast.calibration
+    console.print(f"calibration (one epoch, nothing logged): setup {cal.setup_seconds:.2f} s, epoch "
+                  f"{cal.epoch_seconds:.2f} s, test {cal.test_seconds:.2f} s", markup=False)
+    console.print(f"estimated total: {duration_text(forecast.estimate)} ({forecast.basis})", markup=False,
+                  soft_wrap=True)
 
 
 def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> None:
@@ -188,6 +253,8 @@ def print_search(result: SearchResult, config: RunConfig, top: int = 10) -> None
                       soft_wrap=True)
     if refit is not None and refit.failure:
         console.print(f"refit of trial {refit.trial} failed: {refit.failure}", markup=False, soft_wrap=True)
+    if result.stop is not None:
+        console.print(f"stopped ({result.stop.reason}): {result.stop.detail}", markup=False, soft_wrap=True)
     console.print(f"parent run {result.parent_run_id}  ·  open the UI: "
                   f"{ui_command(resolve_tracking_uri(config.tracking_uri))}")
     if refit is not None and refit.registered is not None:

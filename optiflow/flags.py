@@ -84,6 +84,24 @@ REFIT_HELP = ("Train the best configuration again on the whole training split (t
               "[refit].")
 
 
+def stop_options(func: Command) -> Command:
+    """``search``'s ``--target`` and ``--budget``, beside ``--n-trials`` and ``--timeout``: whichever comes first."""
+    return _in_order([
+        click.option("--target", metavar="METRIC=VALUE",
+                     help="Stop starting trials once a finished trial reaches VALUE of METRIC (e.g. val_accuracy=0.98: "
+                          "at least, or at most for a metric lower is better), in any process sharing --storage; "
+                          "METRIC is the objective."),
+        click.option("--budget", metavar="TIME", help="Wall time for the search (90s, 30m, 2h, 1h30m): no trial starts "
+                                                      "after it, the one in flight finishes."),
+    ])(func)
+
+
+def dry_run_option(what: str) -> Callable[[Command], Command]:
+    return click.option("--dry-run", is_flag=True,
+                        help=f"Print the plan ({what}) and an estimate of the total time from one calibration epoch, "
+                             "then exit: no MLflow run, no store.")
+
+
 def not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A name or id the user gave must say something: ``--register ''`` is refused, not taken as absent."""
     if value is not None and not value.strip():
@@ -159,8 +177,8 @@ def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any],
     overrides = {
         key: value
         for key, value in params.items()
-        if key not in {"config_file", "quiet", "print_config", "nproc", "register", "refit", "allow_download", "reuse",
-                       *command_defaults} and value not in (None, ())
+        if key not in {"config_file", "quiet", "print_config", "dry_run", "nproc", "register", "refit", "allow_download",
+                       "reuse", *command_defaults} and value not in (None, ())
     }
     overrides.update(extra)
     return RunConfig.from_dict({**values, **overrides}), settings

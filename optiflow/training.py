@@ -73,7 +73,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, pm: PluginMana
     extra_tags = {**(extra_tags or {}), **key_tags(run.key, held)}
     if run.device.type == "cpu":
         host.keep_freed_memory()
-    with _per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
+    with per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
         tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome, heartbeat.beating(tracker):
@@ -104,7 +104,7 @@ def preflight(config: RunConfig, *, registry: Registry | None = None, pm: Plugin
     registry = registry or get_registry()
     pm = pm or get_plugin_manager()
     run = prepare(config, registry)
-    with _per_run_plugins(run, pm) as names:
+    with per_run_plugins(run, pm) as names:
         _check_run(run, pm, names)
     return run
 
@@ -188,7 +188,7 @@ def _agreeing() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
+def per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
     """Register the run's ``--reg`` objects as plugins for as long as the run lasts; yields
     ``{plugin name: "regularizer 'x'"}`` for naming them in errors."""
     names = {f"{c.name}@{id(run):x}#{i}": f"regularizer '{c.name}'" for i, (c, _) in enumerate(run.plan.reg)}

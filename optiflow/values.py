@@ -144,3 +144,35 @@ def _coerce_int(value: object, ranged: bool) -> int:
     if ranged and not -MAX_INT <= whole <= MAX_INT:
         raise OverflowError(value)
     return whole
+
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])")
+
+
+def parse_duration(value: object) -> float:
+    """A wall time in seconds: ``90``, ``90s``, ``30m``, ``2h``, ``1h30m`` (units s, m, h, d); ValueError otherwise
+    (and for anything not finite and > 0)."""
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            raise ValueError(value) from None
+        seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(value)
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` as a person reads a wall time: ``0.4s``, ``42s``, ``3m05s``, ``2h10m``."""
+    if seconds < 9.95:
+        return f"{max(0.0, seconds):.1f}s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

@@ -100,7 +100,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                           "optiflow.reuse"}),
     ("built-in plugins", {"optiflow_plugins", "optiflow_plugins.*"}),
     ("the logged model", {"optiflow.model_file", "optiflow.export", "optiflow.predict_inputs"}),
-    ("one tracked training", {"optiflow.training"}),
+    ("one tracked training", {"optiflow.training", "optiflow.forecast"}),
     ("search", {"optiflow.search", "optiflow.search.*"}),
     ("commands", {"optiflow.commands", "optiflow.commands.*"}),
     ("command line", {"optiflow.cli", "optiflow.cli_predict", "optiflow.cli_store", "optiflow.flags", "optiflow.console",

@@ -121,6 +121,34 @@ def test_two_workers_share_a_postgres_study_and_survive_a_sigkill(services, tmp_
     assert status_without_credentials(server.url) == 401
 
 
+def test_two_workers_on_postgres_stop_at_the_target_within_the_budget(services, tmp_path, monkeypatch):
+    """--target and --budget read from the shared PostgreSQL study: each worker stops after its trial in flight
+    once any trial reached the target; both print plain progress lines, the parent says why the study stopped;
+    a --dry-run on the same storage touches nothing."""
+    postgres, server = services
+    env = {**server.client_env(), "MLFLOW_TRACKING_URI": server.url}
+    command = ["search", "--space", "lr=loguniform:0.02:0.1", "--sampler", "random", "--model", "mlp:hidden=[16]",
+               "--storage", postgres.url("optuna"), "--study-name", "target", "--n-trials", "20", "--epochs", "2",
+               "--target", "val_accuracy=0.3", "--budget", "5m", "--no-refit", "--experiment", "target", "-q"]
+    dry = optiflow(*command, "--dry-run", env=env, cwd=tmp_path)
+    out, err = dry.communicate(timeout=300)
+    assert dry.returncode == 0 and "estimated total" in out, err
+    assert "target" not in optuna.get_all_study_names(postgres.url("optuna"))
+    workers = [optiflow(*command, env=env, cwd=tmp_path) for _ in range(2)]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [err for _, err in outputs]
+    study = optuna.load_study(study_name="target", storage=postgres.url("optuna"))
+    assert 1 <= len(study.trials) <= 2 and {t.state.name for t in study.trials} == {"COMPLETE"}
+    lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("[")]
+    assert len(lines) == len(study.trials) and all("ETA" in line for line in lines)
+    for name, value in server.client_env().items():
+        monkeypatch.setenv(name, value)
+    store = MlflowClient(server.url)
+    [parent] = [r for r in store.search_runs([store.get_experiment_by_name("target").experiment_id])
+                if r.data.tags.get("optiflow.kind") == "search"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["stop_reason"] == "target"
+
+
 def test_rerunning_the_command_continues_toward_the_total(services, tmp_path, monkeypatch):
     postgres, server = services
     env = {**server.client_env(), "MLFLOW_TRACKING_URI": server.url}

@@ -7,6 +7,7 @@ import difflib
 import itertools
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow.config import RunConfig, split_variants
 from optiflow.errors import OptiflowError, TrainingError
+from optiflow.forecast import Tick, eta
 from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
 
 if TYPE_CHECKING:
@@ -155,21 +157,12 @@ def plan_runs(base: RunConfig, vary: dict[str, list[str]], repeats: int) -> list
     return runs
 
 
-def compare(
-    base: RunConfig,
-    vary: dict[str, list[str]],
-    *,
-    repeats: int = 1,
-    metric: str | None = None,
-    baseline: str | None = None,
-    out_dir: str | Path | None = None,
-    log_models: bool = False,
-    register: str | None = None,
-    tags: dict[str, str] | None = None,
-    announce: Callable[[int, int, str, RunConfig], Any] | None = None,
-    reporter_factory: Callable[[], Any] | None = None,
-    reuse: bool = True,
-) -> Comparison:
+def compare(base: RunConfig, vary: dict[str, list[str]], *, repeats: int = 1, metric: str | None = None,
+            baseline: str | None = None, out_dir: str | Path | None = None, log_models: bool = False,
+            register: str | None = None, tags: dict[str, str] | None = None,
+            announce: Callable[[int, int, str, RunConfig], Any] | None = None,
+            reporter_factory: Callable[[], Any] | None = None, progress: Callable[[Tick], Any] | None = None,
+            reuse: bool = True) -> Comparison:
     """Train every variant (``repeats`` seeds each) as child runs of one parent run, then summarize.
 
     A variant whose training diverges is recorded as FAILED and the comparison goes on;
@@ -177,6 +170,7 @@ def compare(
     its mean and 95% t-interval over seeds and a paired t-test against ``baseline`` (default: the first).  ``register`` logs every child's
     model and registers the best variant's (:meth:`Comparison.best_child`) under that name.  ``reuse``: a run whose
     content key a FINISHED run of the experiment holds is that run, not trained again (:mod:`optiflow.reuse`).
+    ``progress`` gets a :class:`~optiflow.forecast.Tick` after each run: runs done, the best so far, the ETA.
     """
     from optiflow import heartbeat
     from optiflow.reuse import reused_tags
@@ -187,7 +181,7 @@ def compare(
     baseline = baseline_variant(baseline, [variant_label(values) for values in variants(vary)])
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
-    _preflight_variants(runs, metric)
+    preflight_variants(runs, metric)
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)
     tracker.start(run_name=parent_name, tags={**(tags or {}), "optiflow.kind": "compare"})
@@ -195,13 +189,20 @@ def compare(
         tracker.log_params({**{f"vary.{k}": " | ".join(v) for k, v in vary.items()}, "repeats": repeats,
                             "variants": len(runs) // repeats, "runs": len(runs)})
         tracker.log_text(base.to_yaml(), "config.yaml")
-        children = []
+        children: list[ChildRun] = []
+        durations: list[float] = []
         for index, (label, config) in enumerate(runs, 1):
             if announce is not None:
                 announce(index, len(runs), config.run_name or label, config)
             reporter = reporter_factory() if reporter_factory else None
+            started = time.perf_counter()
             children.append(_train_child(label, config, str(tracker.run_id), {**(tags or {}), "optiflow.variant": label},
                                          log_models or bool(register), reporter, reuse))
+            seconds = time.perf_counter() - started
+            if not children[-1].reused:  # a reused run cost nothing and says nothing of the runs left
+                durations.append(seconds)
+            if progress is not None:
+                progress(run_tick(children, seconds, durations, len(runs), metric))
         reused = {c.label + (f" seed={c.seed}" if repeats > 1 else ""): str(c.run_id) for c in children if c.reused}
         if reused:
             tracker.set_tags(reused_tags(reused, len(runs)))
@@ -212,6 +213,22 @@ def compare(
     if register:
         _register_best(comparison, register, tracker)
     return comparison
+
+
+def run_tick(children: list[ChildRun], seconds: float, durations: list[float], total: int, metric: str | None) -> Tick:
+    """Where the comparison stands after its last run (which took ``seconds``): runs done of ``total``, the best run
+    so far by ``metric`` (the default metric when None) and the ETA from the trained runs' ``durations``."""
+    child = children[-1]
+    finished = [c for c in children if c.status == "FINISHED"]
+    metric = metric or (default_metric(list(finished[0].metrics)) if finished else None)
+    scored = [c for c in finished if metric in c.metrics]
+    value = f"{metric}={child.metrics[str(metric)]:.4g}" if child in scored else (child.failure or child.status.lower())
+    best = None
+    if scored:
+        top = (max if higher_is_better(str(metric)) else min)(scored, key=lambda c: c.metrics[str(metric)])
+        best = f"{metric}={top.metrics[str(metric)]:.4g} ({top.label} seed={top.seed})"
+    what = f"{child.label} seed={child.seed} {child.status.lower()}: {value}" + (" (reused)" if child.reused else "")
+    return Tick(len(children), total, what, seconds, eta(durations, total - len(children)), best)
 
 
 def _train_child(label: str, config: RunConfig, parent_run_id: str, tags: dict[str, str], log_model: bool,
@@ -229,7 +246,7 @@ def _train_child(label: str, config: RunConfig, parent_run_id: str, tags: dict[s
                     result.history, result.seconds, reused=result.reused)
 
 
-def _preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -> None:
+def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -> None:
     """Each variant (its first seed) passes all that a training checks before its run opens, and logs the
     ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
     opens: bad input is one line naming the variant, and no run is left FAILED."""

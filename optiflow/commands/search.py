@@ -7,6 +7,7 @@ import dataclasses
 import math
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from optiflow.run import shared_data
 from optiflow.search.objective import run_study, run_trials
 from optiflow.search.refit import refit
 from optiflow.search.space import Dimension, Scalar, describe_dimension, parse_space, short, trial_config
+from optiflow.search.stopping import DETAIL_TAG, REASON_TAG, parse_target, stop_reason
 from optiflow.search.study import (
     PRUNERS,
     SAMPLERS,
@@ -33,18 +35,24 @@ from optiflow.search.study import (
 )
 from optiflow.search.summary import SearchResult, summarize
 from optiflow.search.workers import settle, storage_lost
+from optiflow.values import parse_duration
 
 if TYPE_CHECKING:
+    from optiflow.forecast import Tick
     from optiflow.tracking import Tracker
 
 
 def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | None = None,
-           progress: Callable[[str], Any] | None = None) -> SearchResult:
+           progress: Callable[[str | Tick], Any] | None = None) -> SearchResult:
     """Run (or join) the study and map it onto MLflow; returns the study's summary.
 
     The parent run stays open when this process finishes while others still run trials: the last one ends it,
     and refits the best configuration first (``settings.refit``; see :mod:`optiflow.search.refit`).
+    ``progress`` gets a line (a str) or a finished trial (a :class:`~optiflow.forecast.Tick`).
     """
+    started = time.monotonic()
+    if settings.budget is not None:
+        settings = dataclasses.replace(settings, deadline=time.time() + settings.budget)
     validate(base, settings)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     temporary = None
@@ -53,7 +61,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
         settings = dataclasses.replace(settings, storage=f"journal:{temporary.name}/study.log")
     try:
         with quiet_heartbeat_threads():
-            return _search(base, settings, tags, progress)
+            return _search(base, settings, tags, progress, started)
     except Exception as exc:
         lost = storage_lost(exc, settings.storage)
         if lost is None:
@@ -65,7 +73,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
 
 
 def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | None,
-            progress: Callable[[str], Any] | None) -> SearchResult:
+            progress: Callable[[str | Tick], Any] | None, started: float) -> SearchResult:
     from optiflow import heartbeat
     from optiflow.tracking import Tracker, run_status
 
@@ -79,11 +87,18 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
             run_study(base, settings, study, parent_id, tags=tags, progress=progress)
             settle(study, lambda queued: run_trials(base, settings, study, parent_id, queued, tags=tags,
                                                     progress=progress), progress)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                tracker.set_tags({REASON_TAG: "interrupted", DETAIL_TAG: "interrupted (Ctrl-C or SIGTERM)"})
+            raise
         finally:
             result = summarize(tracker, study, settings)
         if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
             outcome.status = None  # another worker holds a trial: the last one refits and ends the parent
-        elif settings.refit:
+            return result
+        result.stop = stop_reason(study, settings, time.monotonic() - started)
+        tracker.set_tags({REASON_TAG: result.stop.reason, DETAIL_TAG: result.stop.detail})
+        if settings.refit:
             result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
     return result
 
@@ -115,7 +130,10 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
     space = parse_space(given["space"] or (), base)
     sampler, sampler_options = parse_component(str(given["sampler"]), SAMPLERS, "sampler")
     pruner, pruner_options = parse_component(str(given["pruner"]), PRUNERS, "pruner")
-    metric = str(given["metric"])
+    metric, target = given["metric"], None
+    if given["target"] is not None:
+        metric, target = parse_target(given["target"], metric)
+    metric = str(metric or SearchSettings.metric)
     n_trials = given["n_trials"]
     if n_trials is None:
         n_trials = math.prod(len(dim.grid()) for dim in space) if sampler == "grid" else SearchSettings.n_trials
@@ -123,12 +141,22 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         space=space, sampler=sampler, sampler_options=sampler_options, sampler_seed=given["sampler_seed"],
         pruner=pruner, pruner_options=pruner_options, metric=metric,
         direction=str(given["direction"] or default_direction(metric)), n_trials=int(n_trials),
-        timeout=given["timeout"], cv=int(given["cv"]), storage=given["storage"], study_name=given["study_name"],
+        timeout=given["timeout"], target=target, budget=_budget(given["budget"]), cv=int(given["cv"]),
+        storage=given["storage"], study_name=given["study_name"],
         n_jobs=int(given["n_jobs"]), log_models=bool(given["log_models"]),
         child_artifacts=bool(given["child_artifacts"]), heartbeat=int(given["heartbeat"]),
         refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
         reuse=given["reuse"] is not False,
     )
+
+
+def _budget(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise OptiflowError(f"--budget expects a wall time > 0 such as 90s, 30m, 2h or 1h30m, got '{value}'") from None
 
 
 def default_direction(metric: str) -> str:
@@ -205,6 +233,8 @@ def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, 
     params = {"study_name": study_name, "sampler": settings.sampler, "pruner": settings.pruner,
               "metric": settings.metric, "direction": settings.direction, "cv": settings.cv, "refit": settings.refit,
               "storage": redact(settings.storage) if settings.storage else "in-memory"}
+    params.update({key: value for key, value in (("target", settings.target), ("budget_seconds", settings.budget),
+                                                 ("timeout", settings.timeout)) if value is not None})
     params.update({f"space.{d.name}": describe_dimension(d) for d in settings.space})
     params.update({f"sampler.{k}": v for k, v in settings.sampler_options.items()})
     params.update({f"pruner.{k}": v for k, v in settings.pruner_options.items()})
@@ -215,3 +245,4 @@ def _create_parent(tracker: Tracker, base: RunConfig, settings: SearchSettings, 
         tracker.log_text(yaml.safe_dump({d.name: describe_dimension(d) for d in settings.space}, sort_keys=False),
                          "space.yaml")
     return run_id
+

@@ -15,10 +15,12 @@ import optuna
 from optiflow import heartbeat, tracking
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, RunKilled, ServiceLost, TrainingError
+from optiflow.forecast import Tick
 from optiflow.metrics import final_metrics
 from optiflow.run import RunResult, shared_data
 from optiflow.search.folds import train_folds
 from optiflow.search.space import short, trial_config
+from optiflow.search.stopping import no_more_trials, stop_at_target, time_limit, trial_tick
 from optiflow.search.study import SearchSettings, open_study
 from optiflow.search.workers import OVER_ATTR, REUSED_ATTR, RUN_ATTR, finished, over_total, total_callback
 
@@ -32,16 +34,18 @@ class UnknownMetric(OptiflowError):
 
 
 def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, *,
-              tags: dict[str, str] | None = None, progress: Callable[[str], Any] | None = None) -> None:
+              tags: dict[str, str] | None = None, progress: Callable[[str | Tick], Any] | None = None) -> None:
     """Run the study up to ``settings.n_trials`` finished trials in all (counting those already in it, from
     this command run earlier or other workers), with ``n_jobs - 1`` worker processes beside this one."""
     workers: list[Any] = []
     done = finished(study)
     remaining = settings.n_trials - done
-    if remaining <= 0:
+    why = no_more_trials(study, settings) if remaining > 0 else (
+        f"study '{study.study_name}' already has {done} finished trials "
+        f"(--n-trials {settings.n_trials} is the study's total): no new trial")
+    if why is not None:
         if progress is not None:
-            progress(f"study '{study.study_name}' already has {done} finished trials "
-                     f"(--n-trials {settings.n_trials} is the study's total): no new trial")
+            progress(why)
         return
     try:
         workers = _spawn_workers(base, settings, study.study_name, parent_id, tags, remaining)
@@ -58,10 +62,14 @@ def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, pa
 
 
 def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, n_trials: int,
-               *, tags: dict[str, str] | None = None, progress: Callable[[str], Any] | None = None,
-               total: int | None = None) -> None:
+               *, tags: dict[str, str] | None = None, progress: Callable[[str | Tick], Any] | None = None,
+               total: int | None = None) -> bool:
     """Optimize at most ``n_trials`` trials of ``study`` in this process, each a child run of ``parent_id``,
-    stopping early once the study holds ``total`` finished trials (None: no such stop)."""
+    stopping early once the study holds ``total`` finished trials (None: no such stop), once a trial of the
+    study reached ``--target`` or once ``--budget``/``--timeout`` is spent (:mod:`optiflow.search.stopping`).
+    Returns False when it started none because of those."""
+    if no_more_trials(study, settings) is not None:
+        return False
 
     def objective(trial: optuna.Trial) -> float:
         if total is not None and over_total(study, trial, total):
@@ -98,19 +106,16 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
             return
         shown = ", ".join(f"{k}={short(v)}" for k, v in trial.params.items())
         value = f"{settings.metric}={trial.value:.4g}" if trial.value is not None else trial.user_attrs.get("failure", "")
-        try:
-            best = f"  (best {study.best_value:.4g})"
-        except ValueError:
-            best = ""
         reused = trial.user_attrs.get(REUSED_ATTR)
         shown += f"  (reused run {reused})" if reused else ""
-        progress(f"trial {trial.number} {trial.state.name.lower()}: {value}{best}  {shown}")
+        progress(trial_tick(study, trial, settings, f"trial {trial.number} {trial.state.name.lower()}: {value}  {shown}"))
 
     with warnings.catch_warnings(), shared_data():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        callbacks = [report] if total is None else [report, total_callback(total)]
-        study.optimize(objective, n_trials=n_trials, timeout=settings.timeout, catch=(TrainingError,),
-                       callbacks=callbacks, gc_after_trial=False)
+        callbacks = [report, *([] if total is None else [total_callback(total)]), stop_at_target(settings)]
+        study.optimize(objective, n_trials=n_trials, timeout=time_limit(settings), catch=(TrainingError,),
+                       callbacks=[c for c in callbacks if c is not None], gc_after_trial=False)
+    return True
 
 
 def _train_trial(trial: optuna.Trial, config: RunConfig, settings: SearchSettings, parent_id: str | None,

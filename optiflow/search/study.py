@@ -51,6 +51,12 @@ class SearchSettings:
     direction: str = "minimize"
     n_trials: int = 20
     timeout: float | None = None
+    #: a value of the objective (``metric``) that ends the study once a finished trial reaches it
+    target: float | None = None
+    #: seconds of wall time for the whole search (``--budget 30m``), from the command's start
+    budget: float | None = None
+    #: when the budget ends, wall-clock seconds (``time.time()``): set as the search starts, shared with its workers
+    deadline: float | None = None
     cv: int = 0
     storage: str | None = None
     study_name: str | None = None
@@ -68,10 +74,11 @@ class SearchSettings:
 
 #: the settings a user gives by flag or in ``--config`` (the sampler's and pruner's options come with their names;
 #: ``refit`` and ``register`` are flags of their own)
-GIVEN = ("space", "sampler", "sampler_seed", "pruner", "metric", "direction", "n_trials", "timeout", "cv", "storage",
-         "study_name", "n_jobs", "log_models", "child_artifacts", "heartbeat")
-#: settings whose default follows from others: the direction from the metric, the trials from a grid's size
-DERIVED = ("direction", "n_trials")
+GIVEN = ("space", "sampler", "sampler_seed", "pruner", "metric", "direction", "n_trials", "timeout", "target", "budget",
+         "cv", "storage", "study_name", "n_jobs", "log_models", "child_artifacts", "heartbeat")
+#: settings whose default follows from others: the metric from --target, the direction from the metric, the trials
+#: from a grid's size
+DERIVED = ("metric", "direction", "n_trials")
 
 
 def given_defaults() -> dict[str, Any]:

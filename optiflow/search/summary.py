@@ -18,6 +18,7 @@ from optiflow.search.workers import OVER_ATTR, REUSED_ATTR, RUN_ATTR
 
 if TYPE_CHECKING:
     from optiflow.runlog import RunTracker
+    from optiflow.search.stopping import Stop
     from optiflow.tracking import Tracker
 
 
@@ -33,6 +34,8 @@ class SearchResult:
     rows: list[list[str]]
     counts: dict[str, int]
     refit: Refit | None = None
+    #: why the study stopped (None: another worker still runs trials and ends it)
+    stop: Stop | None = None
     #: trials that reused a finished run's score instead of training (:mod:`optiflow.reuse`)
     reused: int = 0
 

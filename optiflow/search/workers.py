@@ -115,10 +115,12 @@ def heartbeat_interval(study: optuna.Study) -> int | None:
     return interval() if callable(interval) else None
 
 
-def settle(study: optuna.Study, run_queued: Callable[[int], None], progress: Callable[[str], Any] | None) -> None:
+def settle(study: optuna.Study, run_queued: Callable[[int], bool | None],
+           progress: Callable[[str], Any] | None) -> None:
     """After this worker's trials: fail the trials of dead workers, run their retries, and wait (at most
     a grace period and a beat) for the trials other workers hold, so that the worker that returns with no
-    trial RUNNING is the one that finishes the study (refit, parent run ended)."""
+    trial RUNNING is the one that finishes the study (refit, parent run ended).  ``run_queued`` returning
+    False (the study stopped: its target reached, its budget spent) leaves the retries queued."""
     interval = heartbeat_interval(study)
     if interval is None:
         return
@@ -128,8 +130,7 @@ def settle(study: optuna.Study, run_queued: Callable[[int], None], progress: Cal
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-        if queued:
-            run_queued(queued)
+        if queued and run_queued(queued) is not False:
             deadline = None
             continue
         running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))

@@ -1,0 +1,236 @@
+"""Where a search stops (--target, --budget, --n-trials, --timeout, Ctrl-C) and why, read from the study's
+storage so that every worker sharing --storage stops; the parent run records the reason."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from optiflow import hookimpl
+from optiflow.search.stopping import stop_reason, target_trial, trial_tick
+from optiflow.search.study import SearchSettings
+
+from helpers import runs_of
+
+TINY = ("--model", "mlp:hidden=[16]", "--batch-size", "64", "--no-refit")
+SPACE = ("--space", "lr=loguniform:0.02:0.1", "--sampler", "random", "--sampler-seed", "1")
+
+
+def parent_of(client, experiment: str):
+    [parent] = [r for r in runs_of(client, experiment) if r.data.tags.get("optiflow.kind") == "search"]
+    return parent
+
+
+def trial_numbers(client, experiment: str) -> list[int]:
+    return sorted(int(r.data.tags["optuna.trial_number"]) for r in runs_of(client, experiment)
+                  if "optuna.trial_number" in r.data.tags)
+
+
+def test_a_reached_target_stops_the_study_and_the_summary_names_the_trial(invoke, mlflow_client, experiment):
+    result = invoke("search", *SPACE, "--n-trials", "5", "--epochs", "2", "--target", "val_accuracy=0.3", *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert trial_numbers(mlflow_client, experiment) == [0]  # every trial reaches 0.3: none after the first
+    parent = parent_of(mlflow_client, experiment)
+    assert parent.data.params["metric"] == "val_accuracy" and parent.data.params["direction"] == "maximize"
+    assert float(parent.data.params["target"]) == 0.3
+    assert parent.data.tags["stop_reason"] == "target"
+    assert parent.data.tags["stop_detail"].startswith("trial 0 reached val_accuracy=")
+    assert "stopped (target): trial 0 reached val_accuracy=" in result.output
+
+
+def test_an_unreached_target_runs_every_trial_and_says_trials(invoke, mlflow_client, experiment):
+    """A loss metric is reached from above: val_loss=0 is never reached, so --n-trials ends the study."""
+    result = invoke("search", *SPACE, "--n-trials", "2", "--epochs", "1", "--target", "val_loss=0", *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert trial_numbers(mlflow_client, experiment) == [0, 1]
+    parent = parent_of(mlflow_client, experiment)
+    assert parent.data.tags["stop_reason"] == "trials" and "2 finished trials" in parent.data.tags["stop_detail"]
+
+
+def test_a_target_reached_by_another_worker_in_storage_starts_no_trial(invoke, mlflow_client, experiment, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="shared", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.05}, value=0.97, distributions={
+        "lr": optuna.distributions.FloatDistribution(0.02, 0.1, log=True)}))
+    result = invoke("search", *SPACE, "--n-trials", "5", "--epochs", "1", "--storage", storage,
+                    "--study-name", "shared", "--target", "val_accuracy=0.95", *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert "trial 0 reached the target val_accuracy=0.95: no new trial" in result.output
+    assert len(optuna.load_study(study_name="shared", storage=storage).trials) == 1
+    assert trial_numbers(mlflow_client, experiment) == []
+    assert parent_of(mlflow_client, experiment).data.tags["stop_reason"] == "target"
+
+
+def test_the_budget_lets_the_trial_in_flight_finish_and_starts_no_other(invoke, mlflow_client, experiment, plugin):
+    """The first trial's epoch outlasts the budget: it completes (never left RUNNING), no trial follows."""
+    budget = 6.0
+    start = time.time()
+
+    class Slow:
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            time.sleep(max(0.0, start + budget + 0.5 - time.time()))
+
+    plugin(Slow(), "slow")
+    result = invoke("search", *SPACE, "--n-trials", "50", "--epochs", "2", "--budget", f"{budget:g}s", *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert time.time() - start < budget + 30
+    runs = [r for r in runs_of(mlflow_client, experiment) if "optuna.trial_number" in r.data.tags]
+    assert [(r.data.tags["optuna.trial_number"], r.info.status) for r in runs] == [("0", "FINISHED")]
+    parent = parent_of(mlflow_client, experiment)
+    assert parent.data.tags["stop_reason"] == "budget" and parent.info.status == "FINISHED"
+    assert float(parent.data.params["budget_seconds"]) == budget
+    assert "stopped (budget)" in result.output
+
+
+def test_ctrl_c_records_interrupted_on_the_parent(invoke, mlflow_client, experiment, plugin):
+    class Interrupt:
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            raise KeyboardInterrupt
+
+    plugin(Interrupt(), "interrupt")
+    result = invoke("search", *SPACE, "--n-trials", "3", "--epochs", "1", *TINY, "-q")
+    assert result.exit_code == 130
+    parent = parent_of(mlflow_client, experiment)
+    assert parent.info.status == "KILLED" and parent.data.tags["stop_reason"] == "interrupted"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--target", "val_accuracy=high"), "--target expects METRIC=VALUE"),
+    (("--target", "val_accuracy=0.9", "--metric", "val_loss"), "--target names val_accuracy but the objective"),
+    (("--budget", "ten minutes"), "--budget expects a wall time"),
+    (("--budget", "0s"), "--budget expects a wall time"),
+])
+def test_bad_target_or_budget_is_one_line_exit_2_and_no_run(invoke, mlflow_client, experiment, args, message):
+    result = invoke("search", *SPACE, "--n-trials", "2", "--epochs", "1", *args, *TINY)
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert mlflow_client.get_experiment_by_name(experiment) is None
+
+
+def _trial(number: int, state: str, value: float | None, seconds: float, finished_at: int) -> optuna.trial.FrozenTrial:
+    end = datetime.datetime(2026, 1, 1) + datetime.timedelta(seconds=finished_at)
+    return optuna.trial.FrozenTrial(
+        number=number, state=optuna.trial.TrialState[state], value=value, values=None,
+        datetime_start=end - datetime.timedelta(seconds=seconds), datetime_complete=end, params={"lr": 0.1},
+        distributions={"lr": optuna.distributions.FloatDistribution(0.01, 1.0)}, user_attrs={}, system_attrs={},
+        intermediate_values={}, trial_id=number)
+
+
+def _study(*trials: optuna.trial.FrozenTrial, direction: str = "maximize") -> optuna.Study:
+    study = optuna.create_study(direction=direction)
+    for trial in trials:
+        study.add_trial(trial)
+    return study
+
+
+def test_the_target_trial_is_the_first_to_reach_it_by_completion_in_the_study_direction():
+    settings = SearchSettings(space=[], metric="val_accuracy", direction="maximize", target=0.9)
+    study = _study(_trial(0, "COMPLETE", 0.95, 5, finished_at=30), _trial(1, "COMPLETE", 0.97, 5, finished_at=20),
+                   _trial(2, "COMPLETE", 0.5, 5, finished_at=10))
+    assert target_trial(study, settings).number == 1  # completed first, although numbered later
+    lower = SearchSettings(space=[], metric="val_loss", direction="minimize", target=0.2)
+    assert target_trial(_study(_trial(0, "COMPLETE", 0.3, 1, 1), direction="minimize"), lower) is None
+    assert target_trial(_study(_trial(0, "COMPLETE", 0.1, 1, 1), direction="minimize"), lower).number == 0
+
+
+def test_stop_reason_from_the_study_and_the_clock():
+    base = SearchSettings(space=[], metric="val_accuracy", direction="maximize", n_trials=3)
+    two = _study(_trial(0, "COMPLETE", 0.5, 5, 1), _trial(1, "PRUNED", None, 1, 2))
+    assert stop_reason(two, SearchSettings(**{**vars(base), "target": 0.4}), elapsed=1).reason == "target"
+    assert stop_reason(_study(*two.trials, _trial(2, "COMPLETE", 0.6, 5, 3)), base, elapsed=1).reason == "trials"
+    budget = SearchSettings(**{**vars(base), "budget": 60.0, "deadline": 1000.0})
+    assert stop_reason(two, budget, elapsed=70, now=1001).reason == "budget"
+    assert stop_reason(two, budget, elapsed=70, now=999).reason == "trials"  # not spent: this worker's share ran
+    timeout = SearchSettings(**{**vars(base), "timeout": 10.0})
+    assert stop_reason(two, timeout, elapsed=11).reason == "timeout"
+
+
+def test_the_trial_tick_counts_a_pruned_trial_as_what_it_cost():
+    settings = SearchSettings(space=[], metric="val_accuracy", direction="maximize", n_trials=5)
+    study = _study(_trial(0, "COMPLETE", 0.5, 10, 10), _trial(1, "PRUNED", None, 2, 12),
+                   _trial(2, "COMPLETE", 0.7, 10, 22))
+    tick = trial_tick(study, study.trials[2], settings, "trial 2 complete")
+    assert (tick.done, tick.total, tick.seconds) == (3, 5, 10.0)
+    assert tick.eta == pytest.approx(2 * 22 / 3)  # 2 trials left at the mean of 10, 2 and 10 s
+    assert tick.best == "val_accuracy=0.7 (trial 2: lr=0.1)"
+    capped = trial_tick(study, study.trials[2], SearchSettings(**{**vars(settings), "deadline": time.time() + 5}),
+                        "trial 2 complete")
+    assert 0 < capped.eta <= 5  # never beyond what is left of the budget
+
+
+def test_two_workers_on_sqlite_stop_at_the_target_and_show_the_study_wide_count(tmp_path, tracking_uri, experiment,
+                                                                                  mlflow_client):
+    """Each worker stops after the trial it has in flight once any trial reached the target; their plain
+    progress lines count the study's finished trials, the other worker's too."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    command = [sys.executable, "-m", "optiflow", "search", *SPACE, "--n-trials", "20", "--epochs", "2",
+               "--storage", storage, "--study-name", "shared", "--target", "val_accuracy=0.3",
+               "--tracking-uri", tracking_uri, "--experiment", experiment, *TINY]
+    processes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert 1 <= len(study.trials) <= 2 and {t.state.name for t in study.trials} == {"COMPLETE"}
+    parent = parent_of(mlflow_client, experiment)
+    assert parent.info.status == "FINISHED" and parent.data.tags["stop_reason"] == "target"
+    lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("[")]
+    counts = [int(line[1:].split("/")[0]) for line in lines]
+    assert len(counts) == len(study.trials) and max(counts) == len(study.trials)  # 2: one worker counted the other's
+    assert all("ETA" in line and "best val_accuracy=" in line for line in lines)
+
+
+def test_the_time_limit_is_the_timeout_cut_to_what_is_left_of_the_budget():
+    from optiflow.search.stopping import time_limit
+
+    assert time_limit(SearchSettings(space=[])) is None
+    assert time_limit(SearchSettings(space=[], timeout=30.0)) == 30.0
+    assert time_limit(SearchSettings(space=[], timeout=30.0, deadline=1010.0), now=1000.0) == 10.0
+    assert time_limit(SearchSettings(space=[], deadline=1010.0), now=1020.0) == -10.0  # spent: no trial starts
+
+
+@pytest.mark.parametrize(("text", "metric", "expected"), [
+    ("val_accuracy=0.98", None, ("val_accuracy", 0.98)), ("0.98", "val_accuracy", ("val_accuracy", 0.98)),
+    (" val_loss = 0.05 ", "val_loss", ("val_loss", 0.05)), ("val_r2=-1e-2", None, ("val_r2", -0.01))])
+def test_parse_target(text, metric, expected):
+    from optiflow.search.stopping import parse_target
+
+    assert parse_target(text, metric) == expected
+
+
+@pytest.mark.parametrize("text", ["val_accuracy=", "=0.9", "0.9", "val_accuracy=nan", "val_accuracy=inf"])
+def test_parse_target_refuses(text):
+    from optiflow.errors import OptiflowError
+    from optiflow.search.stopping import parse_target
+
+    with pytest.raises(OptiflowError, match="--target expects METRIC=VALUE"):
+        parse_target(text, None)
+
+
+def test_a_stopped_study_leaves_dead_workers_retries_queued_instead_of_spinning(tmp_path, tracking_uri):
+    """settle() runs the retries of dead workers' trials; once the target is reached none may start, and
+    settle must return rather than loop on the queued retry."""
+    import threading
+
+    from optiflow.config import RunConfig
+    from optiflow.search.objective import run_trials
+    from optiflow.search.workers import heartbeat_options, settle
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", **heartbeat_options(1, tracking_uri))
+    study = optuna.create_study(storage=storage, study_name="stopped", direction="maximize")
+    study.add_trial(_trial(0, "COMPLETE", 0.99, 1, 1))
+    study.enqueue_trial({"lr": 0.1})
+    settings = SearchSettings(space=[], metric="val_accuracy", direction="maximize", target=0.9)
+    assert run_trials(RunConfig(), settings, study, "parent", 1) is False
+    worker = threading.Thread(target=settle, args=(study, lambda n: run_trials(RunConfig(), settings, study,
+                                                                               "parent", n), None), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "WAITING"]
