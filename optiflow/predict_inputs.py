@@ -17,6 +17,7 @@ from optiflow.data import image_transform
 from optiflow.errors import OptiflowError
 from optiflow.files import beyond_float32, csv_rows, load_npy, open_image, repeated
 from optiflow.serving import as_grid
+from optiflow.values import is_number
 
 if TYPE_CHECKING:
     import numpy as np
@@ -115,7 +116,7 @@ def read_csv(file: Path, spec: ModelSpec, target: str | None = None) -> Inputs:
     header, body = [name.strip() for name in rows[0]], rows[1:]
     if not body:
         raise OptiflowError(f"{file} has a header but no data rows")
-    if all(_is_number(name) for name in header) and not any(_is_number(n) for n in spec.feature_names or ()):
+    if all(is_number(name) for name in header) and not any(is_number(n) for n in spec.feature_names or ()):
         raise OptiflowError(f"{file}: its first row holds numbers, not column names: the CSV needs a header row "
                             f"({_columns_hint(list(spec.feature_names or ()), spec)})")
     twice = repeated(header)
@@ -283,14 +284,6 @@ def _numbers(file: Path, rows: list[list[str]], columns: list[int], names: list[
             what = f"holds {text!r}, not a finite number"
         raise OptiflowError(f"{file}, line {row + 2}: column '{names[col]}' {what}")
     return values.astype(np.float32)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _number(text: str) -> float:
