@@ -26,7 +26,7 @@ from optiflow.errors import (
 )
 from optiflow.hooktrace import culprit
 from optiflow.loop import evaluate, fit, score
-from optiflow.metrics import check_monitor, epoch_metric_names, evaluation_metric_names
+from optiflow.metrics import check_final_metric, check_monitor, epoch_metric_names, evaluation_metric_names
 from optiflow.plugins import PluginManager, adds_undeclared_metrics, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.reuse import finished_run, key_tags, outputs
@@ -113,6 +113,11 @@ def produced_metric_names(run: Run) -> set[str]:
     """What a prepared run (:func:`preflight`) will log as final metrics: its per-epoch metrics (the core's
     and those plugins declare), with a test split the test evaluation's, and ``train_seconds``."""
     return set(run.final_metric_names or ())
+
+
+def check_ranking_metric(metric: str, run: Run) -> None:
+    """Refuse a ``--metric`` the prepared ``run`` will not log (:func:`~optiflow.metrics.check_final_metric`)."""
+    check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0, run.metrics_declared)
 
 
 def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,

@@ -44,9 +44,7 @@ class ChildRun:
     reused: bool = False
 
 
-#: "seconds (all seeds)": a variant's training time summed over its runs; "best" says "yes" (a ``*`` marks a
-#: significant difference)
-SECONDS_COLUMN = "seconds (all seeds)"
+SECONDS_COLUMN = "seconds (all seeds)"  #: a variant's training time, its runs' summed
 BRIEF_COLUMNS = ("variant", "runs", "mean [95% CI]", "vs baseline (paired)", SECONDS_COLUMN, "best")
 
 
@@ -242,16 +240,16 @@ def _train_child(label: str, config: RunConfig, parent_run_id: str, tags: dict[s
                        role="compare-child", reuse=reuse)
     except TrainingError as exc:
         return ChildRun(label, config.seed, "FAILED", failure=str(exc))
-    return ChildRun(label, config.seed, "FINISHED", result.run_id, final_metrics(result.metrics, result.history, result.seconds),
-                    result.history, result.seconds, reused=result.reused)
+    final = final_metrics(result.metrics, result.history, result.seconds)
+    return ChildRun(label, config.seed, "FINISHED", result.run_id, final, result.history, result.seconds,
+                    reused=result.reused)
 
 
 def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -> None:
     """Each variant (its first seed) passes all that a training checks before its run opens, and logs the
-    ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
+    ``metric`` to rank by (:func:`~optiflow.training.check_ranking_metric`), before the comparison's parent run
     opens: bad input is one line naming the variant, and no run is left FAILED."""
-    from optiflow.metrics import check_final_metric
-    from optiflow.training import preflight, produced_metric_names
+    from optiflow.training import check_ranking_metric, preflight
 
     checked: set[str] = set()
     for label, config in runs:
@@ -261,8 +259,7 @@ def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) ->
         try:
             run = preflight(config)
             if metric is not None:
-                check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0,
-                                   run.metrics_declared)
+                check_ranking_metric(metric, run)
         except OptiflowError as exc:
             raise OptiflowError(f"variant {label}: {exc}") from None
 
