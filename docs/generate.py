@@ -17,6 +17,7 @@ import importlib
 import inspect
 import re
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ PUBLIC_API: dict[str, tuple[str, ...]] = {
     "optiflow.run": ("Run", "ROLES", "RunResult"),
     "optiflow.runlog": ("RunTracker",),
     "optiflow.config": ("RunConfig", "ComponentSpec"),
-    "optiflow.plan": ("Plan",),
+    "optiflow.plan": ("Plan", "Resolved"),
     "optiflow.registry": ("Component", "Option", "Nested"),
     "optiflow.plugins": ("get_registry", "get_plugin_manager", "registered_plugin"),
     "optiflow.data": ("DataContext", "DataSource", "Splits"),
@@ -163,16 +164,38 @@ def api_reference() -> str:
         module = importlib.import_module(module_name)
         parts.append(f"## {module_name}\n")
         for name in names:
-            parts.append(_api_entry(name, getattr(module, name)))
+            parts.append(_api_entry(name, getattr(module, name), module))
     return "\n".join(parts)
 
 
-def _api_entry(name: str, obj: Any) -> str:
+def _api_entry(name: str, obj: Any, module: Any) -> str:
     if inspect.isclass(obj):
         return _api_class(name, obj)
-    if callable(obj):
+    if callable(obj) and not isinstance(obj, types.GenericAlias):
         return f"### `{name}{_signature(obj)}`\n\n{_doc(obj)}"
-    return f"### `{name}`\n\n`{name} = {obj!r}`\n"
+    comment = _constant_comments(module).get(name, "")
+    return f"### `{name}`\n\n`{name} = {_constant(obj)}`\n" + (f"\n{comment}\n" if comment else "")
+
+
+def _constant(value: Any) -> str:
+    """A constant as the code writes it: a type alias without module prefixes (``tuple[Component, dict[str, Any]]``)."""
+    text = repr(value)
+    return re.sub(r"\b(?:[a-z_]+\.)+([A-Za-z_]+)", r"\1", text) if isinstance(value, types.GenericAlias) else text
+
+
+def _constant_comments(module: Any) -> dict[str, str]:
+    """The ``#:`` comment lines right above each module-level assignment of ``module``, joined."""
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(module).splitlines():
+        if line.startswith("#:"):
+            pending.append(line[2:].strip())
+            continue
+        match = re.match(r"^([A-Za-z_]\w*)(?:: [^=]+)? = ", line)
+        if match and pending:
+            comments[match[1]] = " ".join(pending)
+        pending = []
+    return comments
 
 
 def _api_class(name: str, cls: type) -> str:

@@ -143,36 +143,38 @@ class RunConfig:
     """Everything that determines a training run: one field per configuration key and ``optiflow train`` flag
     (docs/cli.md), the component slots as :class:`ComponentSpec`."""
 
-    data: ComponentSpec = field(default_factory=lambda: _default_spec("data"))
-    norm: ComponentSpec = field(default_factory=lambda: _default_spec("norm"))
-    aug: list[ComponentSpec] = field(default_factory=list)
-    model: ComponentSpec = field(default_factory=lambda: _default_spec("model"))
-    loss: ComponentSpec | None = None
-    opt: ComponentSpec = field(default_factory=lambda: _default_spec("opt"))
+    data: ComponentSpec = field(default_factory=lambda: _default_spec("data"))  #: the dataset (``--data``)
+    norm: ComponentSpec = field(default_factory=lambda: _default_spec("norm"))  #: the input normalizer (``--norm``)
+    aug: list[ComponentSpec] = field(default_factory=list)  #: training augmentations, in order (``--aug``)
+    model: ComponentSpec = field(default_factory=lambda: _default_spec("model"))  #: the model (``--model``)
+    loss: ComponentSpec | None = None  #: the loss; None: the task's default (``--loss``)
+    opt: ComponentSpec = field(default_factory=lambda: _default_spec("opt"))  #: the optimizer (``--opt``)
+    #: the learning-rate scheduler (``--sched``)
     sched: ComponentSpec = field(default_factory=lambda: _default_spec("sched"))
-    init: ComponentSpec = field(default_factory=lambda: _default_spec("init"))
-    reg: list[ComponentSpec] = field(default_factory=list)
-    epochs: int = 20
-    batch_size: int | str = 32
-    lr: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    val_split: float = 0.1
-    test_split: float = 0.2
-    cv_folds: int = 0
-    cv_fold: int = 0
-    shuffle: bool = True
-    drop_last: bool = False
-    workers: int = 0
-    pin_memory: bool = False
-    log_step_loss: bool = False
-    compile: bool = False
-    channels_last: bool | None = None  # None: auto (on for conv nets on images on the CPU)
-    amp: str = "off"
-    deterministic: bool = False
-    data_dir: str = "data"
-    experiment: str = "optiflow"
-    run_name: str | None = None
+    init: ComponentSpec = field(default_factory=lambda: _default_spec("init"))  #: the weight initializer (``--init``)
+    reg: list[ComponentSpec] = field(default_factory=list)  #: regularizers and per-run hook objects (``--reg``)
+    epochs: int = 20  #: training epochs
+    batch_size: int | str = 32  #: mini-batch size, or ``full`` (the whole training split)
+    lr: float | None = None  #: learning rate for the optimizer (or the one a wrapper wraps); None: its default
+    seed: int = 0  #: seed of the splits, initialization and batch order
+    device: str = "auto"  #: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``
+    val_split: float = 0.1  #: share of the data held out for validation (0: none)
+    test_split: float = 0.2  #: share held out for the test split (when the data has no official one)
+    cv_folds: int = 0  #: K when this run is one fold of K-fold cross-validation (0: not a fold)
+    cv_fold: int = 0  #: which fold this run is, 0 .. cv_folds - 1
+    shuffle: bool = True  #: reshuffle the training batches every epoch
+    drop_last: bool = False  #: drop the last, smaller batch of each epoch
+    workers: int = 0  #: DataLoader worker processes
+    pin_memory: bool = False  #: pin host memory for faster copies to the GPU
+    log_step_loss: bool = False  #: also log the training loss of every step
+    compile: bool = False  #: ``torch.compile`` the model
+    channels_last: bool | None = None  #: channels-last memory format; None: on for conv nets on images on the CPU
+    amp: str = "off"  #: mixed precision: ``off``, ``auto``, ``bf16`` or ``fp16``
+    deterministic: bool = False  #: deterministic kernels, for bit-for-bit reproductions
+    data_dir: str = "data"  #: where file-based datasets live
+    experiment: str = "optiflow"  #: the MLflow experiment
+    run_name: str | None = None  #: the MLflow run's name; None: ``<model>-<opt>-<sched>-<data>``
+    #: the MLflow store; None: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns/mlflow.db``
     tracking_uri: str | None = None
 
     def __post_init__(self) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from optiflow.commands.compare import Comparison
@@ -16,13 +19,17 @@ if TYPE_CHECKING:
     from optiflow.commands.reproduce import Reproduction, WeightsCheck
     from optiflow.config import RunConfig
     from optiflow.forecast import Forecast, Tick
-    from optiflow.registry import Component
+    from optiflow.registry import Component, Option
     from optiflow.run import RunResult
     from optiflow.search.summary import SearchResult
 
 
 class PipeFriendlyConsole(Console):
-    """Word-wraps for a terminal; into a pipe or file never wraps a line, so a name or id stays whole on it."""
+    """Word-wraps for a terminal; into a pipe or file never wraps a line, so a name or id stays whole on it.
+
+    Markup is off: what it prints holds user text (specs such as ``opt=[sam:base=[sgd]]``, names, paths) that
+    rich would otherwise read as tags and drop; styled text is built with :func:`styled`, its user parts escaped.
+    """
 
     def print(self, *objects: object, **options: Any) -> None:
         if not self.is_terminal:
@@ -30,12 +37,19 @@ class PipeFriendlyConsole(Console):
         super().print(*objects, **options)
 
 
-console = PipeFriendlyConsole()
+console = PipeFriendlyConsole(markup=False)
+
+
+def styled(markup: str) -> Text:
+    """``markup`` (rich tags such as ``[red]...[/red]``) as styled text: interpolate user text with ``escape``."""
+    return Text.from_markup(markup)
 
 
 def _bars(transient: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=transient)
+    """Bars whose description and info are plain text (a run's name holds specs such as ``opt=[sgd:...]``)."""
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=console,
+                    transient=transient)
 
 
 class RichReporter:
@@ -105,7 +119,7 @@ class WorkProgress:
         if self.bars is not None and self.task is not None:
             self.bars.update(self.task, total=total, description=f"runs: {name}")
         elif not self.quiet:
-            console.print(f"[bold]\\[{index}/{total}][/bold] {name}")
+            console.print(styled(f"[bold]\\[{index}/{total}][/bold] {escape(name)}"))
 
     def reporter(self) -> RichReporter | None:
         """Each training's epoch and batch bars, inside this display (none in a pipe)."""
@@ -153,8 +167,13 @@ def component_table(components: list[Component]) -> None:
     """One row per component; names never wrap.  Not on a terminal: one line per component (for grep)."""
     columns = ["kind", "name", "options", "description", "plugin"]
     rows = [[c.kind, c.name + (f" ({', '.join(c.aliases)})" if c.aliases else ""),
-             ", ".join(f"{o.name}={o.default}" for o in c.options), c.description, c.plugin] for c in components]
+             ", ".join(_option_cell(o) for o in c.options), c.description, c.plugin] for c in components]
     _print_rows(columns, rows, no_wrap=("kind", "name", "plugin"))
+
+
+def _option_cell(option: Option) -> str:
+    """``momentum=0.9``; an option that is a component says so: ``base=sgd (optimizer spec)``."""
+    return f"{option.name}={option.default}" + (f" ({option.type_name})" if option.component_kind else "")
 
 
 def plugin_table(rows: list[dict[str, Any]]) -> None:
@@ -185,7 +204,7 @@ def _print_rows(columns: list[str], rows: list[list[str]], no_wrap: tuple[str, .
             table.add_column(column, no_wrap=column in no_wrap, overflow="fold")
         for row in rows:
             table.add_row(*row)
-        console.print(table, markup=False)
+        console.print(table)
         return
     joins = joins or {}
     lines = [columns] + [[" ".join(joins.get(column, " ").join(cell.splitlines()).split())
@@ -195,13 +214,14 @@ def _print_rows(columns: list[str], rows: list[list[str]], no_wrap: tuple[str, .
         print("  ".join([cell.ljust(width) for cell, width in zip(line, widths)] + line[-1:]).rstrip())
 
 
-def result_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    """A table of results (compare summary, search trials, reproduction check)."""
+def result_table(title: str, columns: list[str], rows: Sequence[Sequence[object]]) -> None:
+    """A table of results (compare summary, search trials, reproduction check): cells as plain text (no markup),
+    a :class:`~rich.text.Text` cell keeps its style."""
     table = Table(title=title, title_justify="left")
     for index, column in enumerate(columns):
         table.add_column(column, overflow="fold", no_wrap=index == 0)
     for row in rows:
-        table.add_row(*map(str, row))
+        table.add_row(*(cell if isinstance(cell, Text) else str(cell) for cell in row))
     print_table(table)
 
 
@@ -249,12 +269,12 @@ def print_search(result: SearchResult, config: RunConfig, top: int = 10) -> None
     if refit is not None and refit.run_id is not None:
         scores = "  ".join(f"{k}={v:.4f}" for k, v in sorted(refit.metrics.items()))
         split = f"validation split {refit.val_split:g} kept" if refit.val_split else "train + validation"
-        console.print(f"refit of trial {refit.trial} on {split}: {scores}  ·  run {refit.run_id}", markup=False,
+        console.print(f"refit of trial {refit.trial} on {split}: {scores}  ·  run {refit.run_id}",
                       soft_wrap=True)
     if refit is not None and refit.failure:
-        console.print(f"refit of trial {refit.trial} failed: {refit.failure}", markup=False, soft_wrap=True)
+        console.print(f"refit of trial {refit.trial} failed: {refit.failure}", soft_wrap=True)
     if result.stop is not None:
-        console.print(f"stopped ({result.stop.reason}): {result.stop.detail}", markup=False, soft_wrap=True)
+        console.print(f"stopped ({result.stop.reason}): {result.stop.detail}", soft_wrap=True)
     console.print(f"parent run {result.parent_run_id}  ·  open the UI: "
                   f"{ui_command(resolve_tracking_uri(config.tracking_uri))}")
     if refit is not None and refit.registered is not None:
@@ -265,19 +285,19 @@ def print_reused(reused: int, total: int, what: str) -> None:
     """``reused N of M runs``: how many finished runs of the same content key a command took instead of training."""
     if reused:
         console.print(f"reused {reused} of {total} {what}: finished runs with the same content key, not trained "
-                      "again (--no-reuse trains them anew)", markup=False, soft_wrap=True)
+                      "again (--no-reuse trains them anew)", soft_wrap=True)
 
 
 def print_registered(name: str, version: str, run_id: str | None) -> None:
     """Where ``--register`` put the model: its registered name and version, and the URI that loads it."""
     console.print(f"registered the model of run {run_id} as '{name}' version {version}: models:/{name}/{version}",
-                  markup=False, soft_wrap=True)
+                  soft_wrap=True)
 
 
 def print_reproduction(result: Reproduction) -> None:
     """Metric by metric: the original value, the reproduced one and whether they match."""
     rows = [[key, "-" if a is None else f"{a:.6g}", "-" if b is None else f"{b:.6g}",
-             "-" if a is None or b is None else f"{abs(a - b):.2g}", "yes" if same else "[red]NO[/red]"]
+             "-" if a is None or b is None else f"{abs(a - b):.2g}", "yes" if same else styled("[red]NO[/red]")]
             for key, a, b, same in result.rows]
     note = "" if result.original_status == "FINISHED" else f" (the original ended {result.original_status})"
     result_table(f"reproduce {result.original_run_id}{note}", ["metric", "original", "reproduced", "|diff|", "match"],
@@ -285,14 +305,15 @@ def print_reproduction(result: Reproduction) -> None:
     metric, difference = result.largest_metric_difference()
     verdict = "[green]all metrics match[/green]" if result.metrics_match else "[red]metrics differ[/red]"
     if metric is not None:
-        verdict += f" (largest difference: {metric} by {difference:.3g})" if difference else " (all identical)"
-    console.print(f"{verdict}  ·  new run {result.run_id}")
+        verdict += f" (largest difference: {escape(metric)} by {difference:.3g})" if difference else " (all identical)"
+    console.print(styled(f"{verdict}  ·  new run {escape(str(result.run_id))}"))
     if result.weights is not None:
-        console.print(weights_verdict(result.weights))
+        console.print(styled(weights_verdict(result.weights)))
 
 
 def weights_verdict(check: WeightsCheck) -> str:
-    """One line on the final weights: identical bit for bit, or how far apart and whether that was promised."""
+    """One line on the final weights (rich markup, user text escaped): identical bit for bit, or how far apart and
+    whether that was promised."""
     data = "" if check.same_data is not False else "; [red]the data differ (another data hash)[/red]"
     if check.original is None:
         return f"weights: the original logged no weights hash (an older run){data}"
@@ -300,7 +321,7 @@ def weights_verdict(check: WeightsCheck) -> str:
         return f"[green]weights identical bit for bit[/green] (sha256 {check.original[:12]}){data}"
     largest = ""
     if check.largest is not None:
-        largest = f", largest difference {check.largest[1]:.3g} in {check.largest[0]}"
+        largest = f", largest difference {check.largest[1]:.3g} in {escape(str(check.largest[0]))}"
     else:
         largest = " (the original logged no model to compare them with)"
     if check.bit_for_bit:

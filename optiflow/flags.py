@@ -24,7 +24,8 @@ TRAIN_FLAGS: dict[str, Callable[[Command], Command]] = {
     "data_dir": click.option("--data-dir", type=click.Path(file_okay=False), help="Where file-based datasets live [data]."),
     "epochs": click.option("--epochs", type=int, help="Training epochs [20]."),
     "batch_size": click.option("--batch-size", help="Mini-batch size, or 'full' for whole-batch gradient descent [32]."),
-    "lr": click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default)."),
+    "lr": click.option("--lr", type=float, help="Learning rate (overrides the optimizer's default; a wrapper such as "
+                                               "sam:base=[sgd] without an lr passes it to the optimizer it wraps)."),
     "seed": click.option("--seed", type=int, help="Random seed for splits, initialization and batching [0]."),
     "device": click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
     "val_split": click.option("--val-split", type=float, help="Fraction of the training data held out for validation [0.1]."),

@@ -215,4 +215,6 @@ def optiflow_test_end(run, metrics, predictions):
     ``predictions`` is the model's output on ``run.splits.x_test`` (logits, or
     values for regression), on the device, row by row with ``run.splits.y_test``
     (None when the test split is empty).  Not called for runs that fail or are
-    killed.  Returns nothing."""
+    killed; called for search trials and CV folds too.  If it raises, the test
+    metrics and the model are logged, then the run ends FAILED naming the
+    plugin.  Returns nothing."""

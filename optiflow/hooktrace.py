@@ -14,6 +14,10 @@ import pluggy
 
 from optiflow.values import env_flag
 
+#: a run's ``--reg`` objects registered as plugins: ``{their plugin name: (the plugin that registered the
+#: regularizer, "regularizer 'x'")}``
+RunPlugins = dict[str, tuple[str, str]]
+
 
 def culprit(pm: pluggy.PluginManager, exc: BaseException,
             parts: Iterable[tuple[str, str, str]] = ()) -> tuple[str, str] | None:
@@ -34,6 +38,20 @@ def culprit(pm: pluggy.PluginManager, exc: BaseException,
         if _raised_in(exc, module):
             return plugin, what
     return None
+
+
+def blame(names: RunPlugins, plugin: str, hook: str) -> str:
+    """``plugin 'x' failed in optiflow_epoch_end``; a ``--reg`` object's hook names the plugin that registered it:
+    ``plugin 'x' failed in regularizer 'y' (optiflow_test_end)``."""
+    if plugin in names:
+        registered_by, what = names[plugin]
+        return f"plugin '{registered_by}' failed in {what} ({hook})"
+    return f"plugin {plugin!r} failed in {hook}"
+
+
+def owner(names: RunPlugins, plugin: str) -> str:
+    """The name of the plugin behind ``plugin``: itself, or for a ``--reg`` object the plugin that registered it."""
+    return names[plugin][0] if plugin in names else plugin
 
 
 def _raised_in(exc: BaseException, module: str) -> bool:

@@ -21,11 +21,12 @@ def kinds_named(name: str | None) -> tuple[str, ...]:
 
 
 def component_records(components: list[Any]) -> list[dict[str, Any]]:
-    """One JSON-ready record per component: kind, name, aliases, typed options with defaults, description, plugin."""
+    """One JSON-ready record per component: kind, name, aliases, typed options with defaults, description, plugin,
+    and ``namespaced_only`` (it answers to ``plugin/name`` only)."""
     return [
         {"kind": c.kind, "name": c.name, "aliases": list(c.aliases),
          "options": [{"name": o.name, "type": o.type_name, "default": o.default,
                       "choices": list(o.choices) if o.choices else None} for o in c.options],
-         "description": c.description, "plugin": c.plugin}
+         "description": c.description, "plugin": c.plugin, "namespaced_only": c.namespaced_only}
         for c in components
     ]

@@ -9,10 +9,12 @@ from typing import Any
 
 from optiflow.config import ComponentSpec, RunConfig
 from optiflow.errors import OptiflowError
-from optiflow.registry import Component, Registry, flat_options
+from optiflow.registry import MAX_NESTING, Component, Nested, Registry, flat_options
 from optiflow.slots import SLOTS
 
-#: A component and its typed options.
+#: A component and its typed options, defaults filled: ``(Component, {option: value})``, as every slot of
+#: :class:`Plan` holds it (``component, options = run.plan.opt``); an option that is a component holds a
+#: :class:`~optiflow.registry.Nested`.
 Resolved = tuple[Component, dict[str, Any]]
 
 #: Run settings logged as parameters beside the components.
@@ -25,16 +27,16 @@ class Plan:
     """Every slot of :data:`optiflow.slots.SLOTS` resolved: one field per slot key, each a ``(Component, typed
     options)`` pair (a list of them for ``aug`` and ``reg``; ``loss`` None for the task's default)."""
 
-    config: RunConfig
-    data: Resolved
-    norm: Resolved
-    aug: list[Resolved]
-    model: Resolved
-    loss: Resolved | None
-    opt: Resolved
-    sched: Resolved
-    init: Resolved
-    reg: list[Resolved]
+    config: RunConfig  #: the configuration the plan resolves
+    data: Resolved  #: the dataset and its options: ``plan.data[1]["n"]``
+    norm: Resolved  #: the input normalizer
+    aug: list[Resolved]  #: the augmentations, in order
+    model: Resolved  #: the model
+    loss: Resolved | None  #: the loss; None: the task's default
+    opt: Resolved  #: the optimizer: ``plan.opt[1]["lr"]``; a wrapped one is a :class:`~optiflow.registry.Nested`
+    sched: Resolved  #: the learning-rate scheduler (``warmup_epochs`` among its options)
+    init: Resolved  #: the weight initializer
+    reg: list[Resolved]  #: the regularizers (and per-run hook objects), in order
 
     def components(self) -> list[tuple[str, Resolved]]:
         """``(parameter key, resolved component)`` for every filled slot, in table order."""
@@ -75,7 +77,7 @@ def plan(config: RunConfig, registry: Registry) -> Plan:
     for slot in SLOTS:
         spec = getattr(config, slot.key)
         if slot.key == "opt" and config.lr is not None:
-            spec = ComponentSpec(spec.name, {**spec.options, "lr": config.lr})
+            spec = with_lr(spec, config.lr, registry)
         if slot.repeatable:
             resolved[slot.key] = [resolve(slot.kind, item) for item in spec]
         else:
@@ -88,3 +90,16 @@ def plan(config: RunConfig, registry: Registry) -> Plan:
     if duplicated:
         raise OptiflowError(f"regularizer '{duplicated[0]}' given twice; combine its options in one --reg")
     return Plan(config=config, **resolved)
+
+
+def with_lr(spec: ComponentSpec, lr: float, registry: Registry, depth: int = 0) -> ComponentSpec:
+    """``--lr`` as the optimizer's ``lr`` option; a wrapper that declares none but wraps one optimizer (one option
+    that is an optimizer spec, ``sam:base=[sgd]``) passes it on to the optimizer it wraps, which steps with it."""
+    component = registry.get("optimizer", spec.name)
+    wrapped = [o for o in component.options if o.component_kind == "optimizer"]
+    if any(o.name == "lr" for o in component.options) or len(wrapped) != 1 or depth >= MAX_NESTING:
+        return ComponentSpec(spec.name, {**spec.options, "lr": lr})  # no lr and no one base: the usual error
+    base = wrapped[0]
+    value = spec.options.get(base.name, base.default)
+    inner = ComponentSpec(value.name, value.options) if isinstance(value, Nested) else ComponentSpec.parse(value)
+    return ComponentSpec(spec.name, {**spec.options, base.name: with_lr(inner, lr, registry, depth + 1)})

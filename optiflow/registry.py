@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import fnmatch
 import inspect
@@ -17,6 +18,14 @@ from optiflow.config import ComponentSpec
 from optiflow.errors import OptiflowError
 from optiflow.slots import FAMILY_KINDS, KINDS, SLOTS, family_of
 from optiflow.values import MAX_INT, coerce, type_name
+
+#: how deep components may nest in options: ``sam:base=[lookahead:inner=[sgd]]`` nests 2 levels
+MAX_NESTING = 32
+_NESTING = contextvars.ContextVar("optiflow_nesting", default=0)
+
+
+class NestedTooDeep(OptiflowError):
+    """A spec nests components in options deeper than :data:`MAX_NESTING` (refused before Python's stack is)."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +77,21 @@ class Option:
         if registry is None:
             raise OptiflowError(f"{owner}: option '{self.name}' names a {kind}: build the component from "
                                 "get_registry(), which finds it")
+        depth = _NESTING.get() + 1
+        if depth > MAX_NESTING:
+            raise NestedTooDeep(f"{owner}: components nested too deep in option '{self.name}' "
+                                f"(at most {MAX_NESTING} levels)")
+        token = _NESTING.set(depth)
         try:
             spec = ComponentSpec.parse(value)
             component = registry.get(str(kind), spec.name)
             return Nested(component, component.resolve_options(spec.options))
+        except NestedTooDeep:
+            raise
         except OptiflowError as exc:
             raise OptiflowError(f"{owner}: option '{self.name}': {exc}") from None
+        finally:
+            _NESTING.reset(token)
 
 
 @dataclass(frozen=True)

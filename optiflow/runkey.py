@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import uuid
 from typing import TYPE_CHECKING
 
 from optiflow.plan import Plan
+from optiflow.registry import Nested
 from optiflow.slots import SLOT_BY_KEY
 
 if TYPE_CHECKING:
@@ -23,8 +26,10 @@ if TYPE_CHECKING:
     from optiflow.plugins import PluginManager
 
 KEY_TAG = "optiflow.key"
+#: what a repr holding an object's address looks like (``<function relu at 0x7f...>``): not the same in two processes
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 #: bumped when what the key holds changes, so that no older key matches a newer one by accident
-KEY_FORMAT = 1
+KEY_FORMAT = 2
 #: settings that change where a run is logged, what it is called, where its files are read from (their content
 #: is in the key) or how fast it goes, never what it computes; ``lr`` is the optimizer's ``lr`` option, and the
 #: device is in the key as the kind it resolves to
@@ -58,7 +63,21 @@ def run_key(resolved: Plan, data: str, device: torch.device, world_size: int = 1
     content = {"format": KEY_FORMAT, "components": components, "settings": settings, "device": device.type,
                "world_size": world_size, "data": data,
                "versions": {"optiflow": __version__, "torch": torch.__version__, "plugins": hooks}}
-    text = json.dumps(content, sort_keys=True, default=repr, separators=(",", ":"))
+    unstable: list[str] = []
+
+    def canonical(value: object) -> object:
+        """A value JSON cannot write, as what it means: a nested component by name, options and plugin; anything
+        else by its ``repr`` unless that holds a memory address (then the run gets a key no other run has)."""
+        if isinstance(value, Nested):
+            return {"name": value.name, "options": value.options, "plugin": _origin(pm, value.component.plugin)}
+        text = repr(value)
+        if _ADDRESS.search(text):
+            unstable.append(text)
+        return text
+
+    text = json.dumps(content, sort_keys=True, default=canonical, separators=(",", ":"))
+    if unstable:  # keyed by an object's identity: no other process could find this run, so none is promised
+        text += uuid.uuid4().hex
     return hashlib.sha256(text.encode()).hexdigest()
 
 

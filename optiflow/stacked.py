@@ -161,6 +161,7 @@ class _Stack:
         self.params = [torch.stack([ps[i].detach() for ps in self.per_run]).clone().requires_grad_(True)
                        for i in range(len(self.per_run[0]))]
         self.optimizer = _stacked_optimizer(first, self.params)
+        self.step_optimizer = _FusedAdamStep(self.optimizer)
         self.batches = [_batches(run) for run in runs]
         self.batch_size, self.steps = self.batches[0].batch_size, len(self.batches[0])
         self.loss, self.masked = stacked_loss(runs)
@@ -187,7 +188,7 @@ class _Stack:
             if together is not None and (self.masked is not None or len(set(counts)) == 1):
                 yb = together[1][:, start:end]
                 outputs, losses = self._padded_step(together[0][:, start:end], yb, counts, loss_sums, correct)
-                targets = list(yb)
+                targets = list(yb) if self.plain is not None else []
             else:  # the last batch of runs whose training splits differ in size: one graph per run
                 targets = [y[start:end] for y in ys]
                 outputs, losses = self._ragged_step([x[start:end] for x in xs], targets, counts, loss_sums, correct)
@@ -208,7 +209,8 @@ class _Stack:
     def _padded_step(self, xb: Tensor, yb: Tensor, counts: list[int], loss_sums: Tensor,
                      correct: Tensor) -> tuple[list[Tensor], Tensor]:
         """One step of all K on batches ``[K, B, ...]``; the last batches of splits that differ in size are
-        padded, and padding weighs 0.  Returns each run's outputs (detached) and the K losses."""
+        padded, and padding weighs 0.  Returns each run's outputs (detached; only when the plain task loss is
+        summed apart, else none) and the K losses."""
         outputs = forward(self.layers, self.params, xb)
         valid = None
         if len(set(counts)) == 1:
@@ -220,11 +222,11 @@ class _Stack:
             losses = self.masked(outputs, yb, valid)
             loss_sums.add_(losses.detach() * torch.tensor(counts, device=xb.device, dtype=losses.dtype))
         losses.sum().backward()
-        self.optimizer.step()
+        self.step_optimizer()
         if self.classification:
             hits = outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))
             correct.add_((hits if valid is None else hits & valid).sum(1))
-        return list(outputs.detach()), losses
+        return list(outputs.detach()) if self.plain is not None else [], losses
 
     def _ragged_step(self, xs: list[Tensor], ys: list[Tensor], counts: list[int], loss_sums: Tensor,
                      correct: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -233,7 +235,7 @@ class _Stack:
         outs = [forward(self.layers, [p[j:j + 1] for p in self.params], x.unsqueeze(0))[0] for j, x in enumerate(xs)]
         losses = torch.stack([run.loss_fn(out, y) for run, out, y in zip(self.runs, outs, ys)])
         losses.sum().backward()
-        self.optimizer.step()
+        self.step_optimizer()
         for j, (out, target) in enumerate(zip(outs, ys)):
             loss_sums[j].add_(losses[j].detach(), alpha=counts[j])
             if self.classification:
@@ -264,6 +266,64 @@ class _Stack:
                     run.optimizer.state[own] = {
                         key: (value[j].clone() if value.shape == stacked.shape else value.clone())
                         if isinstance(value, Tensor) else value for key, value in state.items()}
+
+
+class _FusedAdamStep:
+    """``optimizer.step()`` for a fused Adam or AdamW without the Python it wraps around its kernel on every call
+    (the profiler record, hook loops, the state gathered and grouped again): the same two calls torch's fused Adam
+    makes (``_foreach_add_`` on the step counts, then ``_fused_adam_`` / ``_fused_adamw_``) with the same
+    arguments, so the same update bit for bit.  The first step, and every step of any other optimizer, or once
+    hooks, a gradient scaler, a tensor hyper-parameter or a missing gradient appear, is ``optimizer.step()``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.groups: list[tuple[dict, list[Tensor], list[list[Tensor]]]] | None = None
+        self.direct = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and all(
+            group.get("fused") and not group.get("capturable") and not group.get("differentiable")
+            and "decoupled_weight_decay" in group for group in optimizer.param_groups)
+
+    def __call__(self) -> None:
+        from torch.optim import optimizer as base
+
+        optimizer, groups = self.optimizer, self.groups
+        if (groups is None or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+                or base._global_optimizer_pre_hooks or base._global_optimizer_post_hooks
+                or getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None):
+            optimizer.step()
+            if self.direct and groups is None:
+                self.groups = self._gather()
+                self.direct = self.groups is not None
+            return
+        grads = [[p.grad for p in params] for _, params, _ in groups]
+        if any(g is None for group_grads in grads for g in group_grads) or any(
+                isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"])
+                for group, _, _ in groups):
+            optimizer.step()
+            return
+        with torch.no_grad():
+            for (group, params, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)), group_grads in zip(groups, grads):
+                torch._foreach_add_(steps, 1)
+                kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+                beta1, beta2 = group["betas"]
+                kernel(params, group_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,  # type: ignore[arg-type]
+                       amsgrad=group["amsgrad"],
+                       lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                       maximize=group["maximize"], grad_scale=None, found_inf=None)
+
+    def _gather(self) -> list[tuple[dict, list[Tensor], list[list[Tensor]]]] | None:
+        """Each group's parameters and state lists, as the first ``step()`` created them; None when a parameter
+        has no state yet or the tensors are not all of one device and dtype (torch would group them)."""
+        optimizer, groups = self.optimizer, []
+        kinds = {(p.device, p.dtype) for group in optimizer.param_groups for p in group["params"]}
+        for group in optimizer.param_groups:
+            states = [optimizer.state.get(p) or {} for p in group["params"]]
+            if len(kinds) != 1 or not all(states):
+                return None
+            lists = [[state[key] for state in states] for key in ("exp_avg", "exp_avg_sq")]
+            lists.append([state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [])
+            lists.append([state["step"] for state in states])
+            groups.append((group, list(group["params"]), lists))
+        return groups
 
 
 def _groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[tuple[int, ...], tuple[tuple[str, str], ...]]]:

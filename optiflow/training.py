@@ -24,7 +24,7 @@ from optiflow.errors import (
     TrackingServerLost,
     first_line,
 )
-from optiflow.hooktrace import culprit
+from optiflow.hooktrace import RunPlugins, blame, culprit, owner
 from optiflow.loop import evaluate, fit, score
 from optiflow.metrics import check_final_metric, check_monitor, epoch_metric_names, evaluation_metric_names
 from optiflow.plugins import PluginManager, adds_undeclared_metrics, get_plugin_manager, get_registry
@@ -83,8 +83,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, pm: PluginMana
                 resumed_from = _begin(run, pm, state, extra_params or {})
                 fit(run, pm, reporter, on_epoch)
                 reporter.stop()
-                metrics = end_run(run, pm)
-                _finish(run, metrics, log_model=log_model)
+                metrics = end_run(run, pm, finish=lambda test: _finish(run, test, log_model=log_model))
                 seconds = time.perf_counter() - started
                 tracker.log_metrics({"train_seconds": seconds}, step=run.epoch)
             except BaseException as exc:
@@ -120,7 +119,7 @@ def check_ranking_metric(metric: str, run: Run) -> None:
     check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0, run.metrics_declared)
 
 
-def _open(run: Run, pm: PluginManager, names: dict[str, str], resume: str | None, parent_run_id: str | None,
+def _open(run: Run, pm: PluginManager, names: RunPlugins, resume: str | None, parent_run_id: str | None,
           extra_tags: dict[str, str] | None) -> tuple[Tracker | NullTracker, dict[str, Any] | None, distributed.Cluster]:
     """Open the run's MLflow run (rank 0 only; ``resume`` reopens it) once the plugins and the checkpoint to
     resume from accept it: a refusal on any process stops every process before a run opens.  Returns the
@@ -163,15 +162,27 @@ def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_para
     return resumed_from
 
 
-def end_run(run: Run, pm: PluginManager) -> dict[str, float]:
+def end_run(run: Run, pm: PluginManager,
+            finish: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
     """A run that trained to its end: FINISHED for ``optiflow_run_end``, then its test metrics (and the predictions
-    for ``optiflow_test_end``, when a plugin implements it)."""
+    for ``optiflow_test_end``, when a plugin implements it), handed to ``finish`` (which logs them and the model).
+
+    When ``optiflow_test_end`` raises, ``finish`` still gets the test metrics, then the error goes on: the run ends
+    FAILED (a hook failed; a FINISHED run would be reused without the hook's output) yet nothing trained is lost."""
     run.status = "FINISHED"
     pm.hook.optiflow_run_end(run=run, status="FINISHED")
     if not pm.hook.optiflow_test_end.get_hookimpls():
-        return evaluate(run, run.splits.x_test, run.splits.y_test, "test")
-    metrics, predictions = score(run, run.splits.x_test, run.splits.y_test, "test")
-    pm.hook.optiflow_test_end(run=run, metrics=metrics, predictions=predictions)
+        metrics = evaluate(run, run.splits.x_test, run.splits.y_test, "test")
+    else:
+        metrics, predictions = score(run, run.splits.x_test, run.splits.y_test, "test")
+        try:
+            pm.hook.optiflow_test_end(run=run, metrics=metrics, predictions=predictions)
+        except Exception:
+            if finish is not None:
+                finish(metrics)
+            raise
+    if finish is not None:
+        finish(metrics)
     return metrics
 
 
@@ -193,10 +204,10 @@ def _agreeing() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
+def per_run_plugins(run: Run, pm: PluginManager) -> Iterator[RunPlugins]:
     """Register the run's ``--reg`` objects as plugins for as long as the run lasts; yields
-    ``{plugin name: "regularizer 'x'"}`` for naming them in errors."""
-    names = {f"{c.name}@{id(run):x}#{i}": f"regularizer '{c.name}'" for i, (c, _) in enumerate(run.plan.reg)}
+    ``{plugin name: (the plugin that registered the regularizer, "regularizer 'x'")}`` for naming them in errors."""
+    names = {f"{c.name}@{id(run):x}#{i}": (c.plugin, f"regularizer '{c.name}'") for i, (c, _) in enumerate(run.plan.reg)}
     try:
         for name, regularizer in zip(names, run.regularizers):
             pm.register(regularizer, name=name)
@@ -207,7 +218,7 @@ def per_run_plugins(run: Run, pm: PluginManager) -> Iterator[dict[str, str]]:
                 pm.unregister(name=name)
 
 
-def _check_run(run: Run, pm: PluginManager, names: dict[str, str]) -> None:
+def _check_run(run: Run, pm: PluginManager, names: RunPlugins) -> None:
     """Before any run is logged: the metrics the run will produce (``optiflow_metric_names``), the scheduler's
     monitored metric among them, and ``optiflow_check_run``, where plugins refuse combinations they cannot work with."""
     validation = len(run.splits.x_val) > 0
@@ -225,11 +236,11 @@ def _check_run(run: Run, pm: PluginManager, names: dict[str, str]) -> None:
         raise
     except Exception as exc:
         plugin, hook = culprit(pm, exc) or ("?", "optiflow_check_run")
-        raise PluginError(f"plugin {names.get(plugin, repr(plugin))} failed in {hook}: {type(exc).__name__}: "
-                          f"{first_line(exc)}", plugin) from exc
+        raise PluginError(f"{blame(names, plugin, hook)}: {type(exc).__name__}: {first_line(exc)}",
+                          owner(names, plugin)) from exc
 
 
-def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseException, names: dict[str, str],
+def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseException, names: RunPlugins,
                     outcome: Outcome) -> BaseException:
     """Say why the run did not finish (failure tag, traceback, checkpoint) before ``run_status`` ends it
     FAILED or KILLED; returns the error to raise, its message naming the run and how to resume it."""
@@ -282,7 +293,7 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     return exc
 
 
-def failure_reason(pm: PluginManager, exc: BaseException, names: dict[str, str] | None = None,
+def failure_reason(pm: PluginManager, exc: BaseException, names: RunPlugins | None = None,
                    parts: list[tuple[str, str, str]] | None = None) -> tuple[str, tuple[str, str] | None]:
     """Why a training did not finish, in one line, and the ``(plugin, hook)`` that raised, if a plugin did
     (``names`` names per-run plugins), or ``(plugin, "optimizer 'x'")`` when one of ``parts`` did (:func:`stepped_parts`)."""
@@ -291,7 +302,8 @@ def failure_reason(pm: PluginManager, exc: BaseException, names: dict[str, str] 
     reason = str(exc) if isinstance(exc, OptiflowError) else f"{type(exc).__name__}: {first_line(exc)}"
     where = culprit(pm, exc, parts or ())
     if where is not None:
-        reason = f"plugin {(names or {}).get(where[0], repr(where[0]))} failed in {where[1]}: {reason}"
+        reason = f"{blame(names or {}, *where)}: {reason}"
+        where = (owner(names or {}, where[0]), where[1])
     return reason, where
 
 

@@ -254,3 +254,42 @@ def test_the_summary_marks_the_best_variant_apart_from_significance_and_sums_sec
     rows = list(csv.DictReader((Path.cwd() / "o" / "summary.csv").open()))
     assert sorted(row["best"] for row in rows) == ["", "yes"]
     assert all(float(row["seconds (all seeds)"]) > 0 for row in rows)
+
+
+BRACKETED = "opt=[sam:base=[sgd:momentum=0.9,nesterov=true],rho=0.05]"
+
+
+def test_printed_user_text_keeps_its_brackets(capsys, monkeypatch, tmp_path):
+    """Specs, names and paths print as typed: rich markup never eats ``[sgd:...]`` (the console has markup off)."""
+    from optiflow import console
+    from optiflow.config import RunConfig
+    from optiflow.registry import Component, Option
+    from optiflow.run import RunResult
+    from optiflow.search.summary import SearchResult
+
+    config = RunConfig(experiment="exp [v2]", tracking_uri=f"sqlite:///{tmp_path}/[store].db")
+    console.print_summary(RunResult("r1", {"test_[top1]": 0.5}, {}, 1, 0.1, config.tracking_uri), config)
+    search = SearchResult("study [a]", "p1", 0.5, {"opt.base": "[sgd:momentum=0.9]"}, ["trial", "opt.base", "a", "b"],
+                          [["0", "[sgd:momentum=0.5]", "", ""]], {"COMPLETE": 1})
+    console.print_search(search, config)
+    console.result_table("runs", ["variant"], [[BRACKETED]])
+    monkeypatch.setattr(console.console, "_force_terminal", True)
+    monkeypatch.setattr(console.console, "_width", 200)
+    console.component_table([Component("optimizer", "wrap", lambda model: None, "[beta] wraps [sgd]",
+                                       (Option("base", object, "[sgd:momentum=0.9]", component_kind="optimizer"),), plugin="mine")])
+    bars = console._bars()
+    bars.add_task(f"runs: {BRACKETED}", total=2, info="best opt.base=[adam]")
+    console.console.print(bars.make_tasks_table(bars.tasks))
+    output = capsys.readouterr().out
+    assert f"runs: {BRACKETED}" in output and "best opt.base=[adam]" in output, "the live bars print names whole"
+    for text in ("exp [v2]", "test_[top1]", "[store]", "study [a]", "best 0.5: opt.base=[sgd:momentum=0.9]",
+                 "[sgd:momentum=0.5]", BRACKETED, "[beta] wraps [sgd]", "base=[sgd:momentum=0.9] (optimizer spec)"):
+        assert text in output, text
+
+
+def test_compare_prints_bracketed_variants_whole(invoke, tmp_path):
+    result = invoke("compare", "--data", "iris", "--vary", "opt=[sgd:momentum=0.9,nesterov=true],[adam]",
+                    "--epochs", "1", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.stderr
+    assert "[1/2] opt=[sgd:momentum=0.9,nesterov=true]" in result.output
+    assert result.output.count("opt=[sgd:momentum=0.9,nesterov=true]") >= 2, "announced and in the summary table"

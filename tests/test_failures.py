@@ -61,7 +61,7 @@ def test_regularizer_exception_names_the_regularizer(tracking_uri, experiment, m
         raise RuntimeError("penalty exploded")
 
     monkeypatch.setattr(L2Penalty, "optiflow_penalty", hookimpl(broken))
-    with pytest.raises(PluginError, match="plugin regularizer 'l2' failed in optiflow_penalty: RuntimeError: penalty"):
+    with pytest.raises(PluginError, match="plugin 'regularizers' failed in regularizer 'l2' \\(optiflow_penalty\\): RuntimeError: penalty"):
         train(config(tracking_uri, experiment, epochs=2, reg=["l2"]))
     [run] = runs_of(mlflow_client, experiment)
     assert run.info.status == "FAILED"

@@ -414,6 +414,44 @@ def test_hook_run_end(hooked_run, tracking_uri, monkeypatch):
     assert Recorder.instances[0].events[-1] == ("run_end", "FAILED", 1)
 
 
+class BrokenArtifact:
+    """The per-run object behind ``--reg broken-artifact``: its artifact hook fails after the test split is scored."""
+
+    @hookimpl
+    def optiflow_test_end(self, run, metrics, predictions):
+        metrics["test_seen"] = 1.0
+        raise ValueError("no matrix today")
+
+
+class BrokenArtifactPlugin:
+    @hookimpl
+    def optiflow_register_regularizers(self, register):
+        register("broken-artifact", BrokenArtifact)
+
+
+def test_a_failing_test_end_names_the_plugin_and_fails_the_run_keeping_its_metrics_and_model(tracking_uri):
+    """A ``--reg`` object's hook is blamed on the plugin that registered it; the run ends FAILED (so it is never
+    reused without the hook's output) with the test metrics and the model logged: nothing trained is lost."""
+    from mlflow.tracking import MlflowClient
+
+    from optiflow.commands.train import train
+
+    config = RunConfig.from_dict({"data": "hooks-blobs:n=60", "model": "hooks-net", "reg": ["broken-artifact"],
+                                  "epochs": 1, "tracking_uri": tracking_uri, "experiment": "test-hooks-test-end-fails"})
+    with registered_plugin(FamilyPlugin(), name="hooks-test-plugin"), \
+            registered_plugin(BrokenArtifactPlugin(), name="artifact-plugin"):
+        with pytest.raises(PluginError) as info:
+            train(config)
+    assert str(info.value).startswith("plugin 'artifact-plugin' failed in regularizer 'broken-artifact' "
+                                      "(optiflow_test_end): ValueError: no matrix today")
+    assert info.value.plugin == "artifact-plugin"
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("test-hooks-test-end-fails").experiment_id])
+    assert run.info.status == "FAILED" and "optiflow_test_end" in run.data.tags["failure"]
+    assert {"test_loss", "test_accuracy", "test_seen"} <= set(run.data.metrics)
+    assert client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run.info.run_id}'")
+
+
 def test_hook_register_commands(invoke):
     import click
 

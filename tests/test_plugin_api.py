@@ -186,6 +186,35 @@ def test_a_bad_nested_component_is_one_line_naming_both(api_plugin, spec, messag
     assert message in str(info.value)
 
 
+def test_lr_reaches_the_optimizer_a_wrapper_wraps_unless_the_wrapper_takes_it(api_plugin):
+    def lr_of(opt: str) -> float:
+        resolved = plan(RunConfig.from_dict({"opt": opt, "lr": 0.4}), get_registry())
+        optimizer, _ = build_optimizer(resolved, nn.Linear(2, 1), TrainingLength(1, 1))
+        return optimizer.param_groups[0]["lr"]
+
+    assert lr_of("api-scaled:base=[sgd:momentum=0.9],scale=0.5") == pytest.approx(0.2), "--lr set sgd's lr"
+    assert lr_of("api-scaled:base=[api-scaled:base=[adam:lr=0.1]]") == pytest.approx(0.4), "through two wrappers"
+    assert lr_of("api-scaled") == pytest.approx(0.4), "the base's default spec gets it too"
+    assert lr_of("api-wrapped:scale=0.5") == pytest.approx(0.2), "a wrapper that declares lr takes it itself"
+    resolved = plan(RunConfig.from_dict({"opt": "api-scaled:base=[sgd:momentum=0.9]", "lr": 0.4}), get_registry())
+    assert resolved.params()["opt.base.lr"] == 0.4 and "opt.lr" not in resolved.params()
+
+
+@pytest.mark.parametrize("bracketed", [True, False])
+def test_components_nest_up_to_a_limit_and_deeper_is_one_line_with_exit_2(api_plugin, bracketed, invoke):
+    from optiflow.registry import MAX_NESTING
+
+    def nested(levels: int) -> str:
+        return "api-scaled:base=[" * levels + "sgd" + "]" * levels if bracketed else "api-scaled:base=" * levels + "sgd"
+
+    deepest = plan(RunConfig.from_dict({"opt": nested(MAX_NESTING)}), get_registry())
+    assert deepest.params()["opt" + ".base" * MAX_NESTING] == "sgd"
+    result = invoke("train", "--opt", nested(2000), "--epochs", "1", "-q")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("Error: optimizer 'api-scaled': components nested too deep in option 'base' "
+                                     f"(at most {MAX_NESTING} levels)")
+
+
 @pytest.mark.parametrize("spec", ["mlp:activation=leaky-relu:negative_slope=0.1,hidden=[8]",
                                   "mlp:hidden=[8],activation=[leaky-relu:negative_slope=0.1]"])
 def test_mlp_activation_takes_the_same_grammar_and_the_old_form(spec):

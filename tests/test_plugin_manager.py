@@ -390,6 +390,8 @@ def test_a_namespaced_only_name_reuses_a_builtin_without_clash_even_in_strict_mo
     assert rows["mine"]["namespaced_only"] == {"optimizer": ["mine/adam"]}
     assert rows["mine"]["components"] == {"optimizer": ["mine/adam", "nadam-ish"]}
     assert rows["mine"]["clashes"] == []
+    listed = {r["name"]: r for r in json.loads(invoke("list", "optimizer", "--json").output)}
+    assert listed["mine/adam"]["namespaced_only"] is True and listed["nadam-ish"]["namespaced_only"] is False
 
 
 def test_an_accidental_clash_still_warns_and_is_listed(site, invoke, monkeypatch):
@@ -481,7 +483,8 @@ def test_list_json_describes_each_component(invoke):
     records = {(r["kind"], r["name"]): r for r in json.loads(result.output)}
     assert len(records) == sum(len(plugins.get_registry().names(kind)) for kind in KINDS)
     kaiming = records["initializer", "kaiming-normal"]
-    assert set(kaiming) == {"kind", "name", "aliases", "options", "description", "plugin"}
+    assert set(kaiming) == {"kind", "name", "aliases", "options", "description", "plugin", "namespaced_only"}
+    assert kaiming["namespaced_only"] is False
     assert kaiming["plugin"] == "initializers" and kaiming["description"].startswith("He/Kaiming normal")
     assert {"name": "mode", "type": "fan_in|fan_out", "default": "fan_in", "choices": ["fan_in", "fan_out"]} in \
         kaiming["options"]

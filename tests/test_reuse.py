@@ -272,3 +272,18 @@ def test_a_killed_search_rerun_trains_only_the_trials_that_did_not_finish(tmp_pa
     assert len(before) == 2
     assert len(after) == 4 and set(before) <= set(after)
     assert "reused 2 of 4 trials" in output
+
+
+def test_two_processes_give_the_same_run_the_same_key():
+    """A fresh process computes the key a finished run was tagged with in another one: the default model's
+    nested activation (an option whose value is a component) is keyed by its name and options, never by the
+    address of its factory, so that `optiflow train` run twice reuses the first run."""
+    script = ("from optiflow.config import RunConfig; from optiflow.plugins import get_registry; "
+              "from optiflow.reuse import planned_key; "
+              "print(*(planned_key(RunConfig.from_dict({'data': 'iris', 'device': 'cpu', 'model': model}), "
+              "get_registry()) for model in ('mlp', 'mlp:activation=[leaky-relu:negative_slope=0.2]', "
+              "'cnn:activation=tanh')))")
+    keys = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(2)]
+    assert len(keys[0]) == 3 and len(set(keys[0])) == 3
+    assert keys[0] == keys[1]

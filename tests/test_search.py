@@ -359,6 +359,19 @@ def test_a_failed_refit_keeps_the_study_summary(invoke, mlflow_client, experimen
     assert "trials.csv" in {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
 
 
+def test_a_study_where_every_trial_failed_exits_1_and_fails_its_parent(invoke, mlflow_client, experiment):
+    result = invoke("search", "--opt", "sgd", "--space", "lr=choice:1e30,1e31", "--sampler", "grid", "--epochs", "2",
+                    *REFIT)
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: no trial completed: 2 failed, the first (trial 0) with: the training loss became")
+    assert "2 fail" in result.output, "the trials table is still shown"
+    [parent], children = study_runs(mlflow_client, experiment)
+    assert parent.info.status == "FAILED" and parent.data.tags["failure"].startswith("no trial completed")
+    assert {c.info.status for c in children} == {"FAILED"} and not refits(mlflow_client, experiment)
+    assert "trials.csv" in {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+
+
 def test_child_runs_log_params_and_metrics_and_no_files_unless_child_artifacts(invoke, mlflow_client, experiment):
     args = ("search", "--space", "lr=choice:0.01,0.001", "--sampler", "grid", "--cv", "2", "--epochs", "2", *TINY)
     assert invoke(*args).exit_code == 0

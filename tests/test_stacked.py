@@ -233,3 +233,56 @@ def test_a_search_with_stacked_folds_scores_the_folds_it_logs(invoke, mlflow_cli
         assert all(f.info.status == "FINISHED" for f in folds)
         mean = sum(f.data.metrics["val_accuracy"] for f in folds) / 3
         assert trial.data.metrics["cv_val_accuracy_mean"] == pytest.approx(mean)
+
+
+@pytest.mark.parametrize("settings", [
+    {"lr": 0.01},
+    {"lr": 0.003, "weight_decay": 0.01, "amsgrad": True},
+    {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6, "maximize": True},
+])
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+def test_the_direct_fused_adam_step_updates_the_weights_and_state_bit_for_bit(kind, settings):
+    import torch
+
+    from optiflow.stacked import _FusedAdamStep
+
+    torch.manual_seed(0)
+    start = [torch.randn(5, 7, 3), torch.randn(5, 7)]
+    plain = [t.clone().requires_grad_(True) for t in start]
+    direct = [t.clone().requires_grad_(True) for t in start]
+    reference = getattr(torch.optim, kind)(plain, fused=True, **settings)
+    optimizer = getattr(torch.optim, kind)(direct, fused=True, **settings)
+    step = _FusedAdamStep(optimizer)
+    for i in range(4):
+        grads = [torch.randn_like(t) for t in start]
+        for params in (plain, direct):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        reference.step()
+        step()
+        if i == 0:
+            assert step.groups is not None, "after its first step the optimizer is stepped directly"
+        for a, b in zip(plain, direct):
+            assert torch.equal(a, b)
+            for key, value in reference.state[a].items():
+                assert torch.equal(value, optimizer.state[b][key]), key
+
+
+def test_the_direct_adam_step_gives_way_to_step_hooks_and_other_optimizers():
+    import torch
+
+    from optiflow.stacked import _FusedAdamStep
+
+    params = [torch.zeros(3, requires_grad=True)]
+    optimizer = torch.optim.Adam(params, fused=True)
+    step, seen = _FusedAdamStep(optimizer), []
+    params[0].grad = torch.ones(3)
+    step()
+    optimizer.register_step_post_hook(lambda *args: seen.append(1))
+    step()
+    assert seen == [1], "a step hook registered on the optimizer still runs"
+    sgd = _FusedAdamStep(torch.optim.SGD(params, lr=0.1))
+    sgd()
+    sgd()
+    assert sgd.groups is None and not sgd.direct
+    assert torch.allclose(params[0].detach(), torch.full((3,), -0.002 - 0.2)), "SGD still steps, through its step()"

@@ -98,7 +98,10 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
             return result
         result.stop = stop_reason(study, settings, time.monotonic() - started)
         tracker.set_tags({REASON_TAG: result.stop.reason, DETAIL_TAG: result.stop.detail})
-        if settings.refit:
+        if result.none_completed:
+            outcome.status = "FAILED"
+            tracker.set_tags({"failure": result.none_completed[:5000]})
+        elif settings.refit:
             result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
     return result
 

@@ -37,7 +37,9 @@ def train_folds(configs: list[RunConfig], *, parent_run_id: str, tags: list[dict
     from optiflow.training import end_run, training_error
 
     registry, pm = get_registry(), get_plugin_manager()
-    runs = [prepare(config, registry) for config in configs]
+    runs = [prepare(configs[0], registry)]
+    with host.threads(runs[0].setup.threads):  # the threads its folds train with: a small model's one thread
+        runs += [prepare(config, registry) for config in configs[1:]]  # spares each fold's tiny kernels a wait
     if why_not_stacked(runs, pm) is not None:
         return None
     first = Tracker(configs[0].tracking_uri, configs[0].experiment)  # the folds share their store and experiment

@@ -38,10 +38,14 @@ class SearchResult:
     stop: Stop | None = None
     #: trials that reused a finished run's score instead of training (:mod:`optiflow.reuse`)
     reused: int = 0
+    #: no trial completed and some failed: why (the first failed trial's error), else None
+    none_completed: str | None = None
 
     @property
     def failure(self) -> str | None:
-        """Why the command exits non-zero although the study is complete: its refit failed."""
+        """Why the command exits non-zero: no trial completed, or the study is complete but its refit failed."""
+        if self.none_completed:
+            return self.none_completed
         if self.refit is not None and self.refit.failure:
             return f"the study is logged, but its refit failed: {self.refit.failure}"
         return None
@@ -86,7 +90,19 @@ def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -
                                          "params": best.params}, sort_keys=False), "best_params.yaml")
         _log_plots(tracker, study, settings, complete=len(complete) if names else 0)
     return SearchResult(study.study_name, tracker.open_run_id, best.value if best else None,
-                        dict(best.params) if best else {}, columns, rows, counts, reused=len(reused))
+                        dict(best.params) if best else {}, columns, rows, counts, reused=len(reused),
+                        none_completed=_none_completed(trials))
+
+
+def _none_completed(trials: list[optuna.trial.FrozenTrial]) -> str | None:
+    """``no trial completed (trial 0 failed: ...)`` when some trials failed and none completed, else None."""
+    states = {t.state for t in trials}
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    if not failed or optuna.trial.TrialState.COMPLETE in states or optuna.trial.TrialState.RUNNING in states:
+        return None
+    first = min(failed, key=lambda t: t.number)
+    return f"no trial completed: {len(failed)} failed, the first (trial {first.number}) with: " \
+           f"{str(first.user_attrs.get('failure', '')).partition(chr(10))[0] or 'no error recorded'}"
 
 
 #: fewer complete trials than this make a parameter-importance estimate rough, and its plot says so
