@@ -88,6 +88,15 @@ def coerce(tp: object, value: object, *, ranged: bool = True) -> Any:
     raise TypeError(f"unsupported type {tp!r}")
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` (a CSV cell) reads as a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def literal(value: object) -> bool | int | float | str | None:
     """A value given without a type (a search choice, a sampler option) as Optuna stores it: a number when
     it reads as one, a bool when spelled ``true``/``false``, else the text.  Other true/false words stay
