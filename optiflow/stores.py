@@ -210,9 +210,13 @@ def commit_without_waiting_for_the_disk() -> None:
     from sqlalchemy.engine import Engine
 
     def on_connect(connection: object, _record: object) -> None:
-        if isinstance(connection, sqlite3.Connection) and \
-                connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
-            connection.execute("PRAGMA synchronous=NORMAL")
+        if not isinstance(connection, sqlite3.Connection):
+            return
+        try:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                connection.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError:  # a damaged file: said by the first query, not retried here as a failed connect
+            return
 
     event.listen(Engine, "connect", on_connect)
     _RELAXED = True
