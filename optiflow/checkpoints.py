@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow import heartbeat
 from optiflow.errors import OptiflowError, first_line, no_space
+from optiflow.stores import quiet_artifact_downloads
 from optiflow.tracking import Tracker, retry
 
 if TYPE_CHECKING:
@@ -273,7 +274,7 @@ def load(client: MlflowClient, run_id: str) -> dict[str, Any]:
     """The checkpoint of run ``run_id``, loaded with ``weights_only=True`` (no code runs from the file)."""
     import torch
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line on stderr, even when refused
+    quiet_artifact_downloads()
     with tempfile.TemporaryDirectory(prefix="optiflow-checkpoint-") as folder:
         try:
             path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}", folder)

@@ -19,7 +19,8 @@ from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import build_config, print_settings, resolve_layers, train_options
 from optiflow.signals import InterruptGuard
-from optiflow.values import env_flag
+from optiflow.stores import quiet_artifact_downloads
+from optiflow.values import dashed_name, env_flag
 
 if TYPE_CHECKING:
     from optiflow.config import RunConfig
@@ -30,7 +31,7 @@ class OptiflowGroup(click.Group):
 
     def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
         tracking.CLI_ARGS = list(sys.argv[1:] if args is None else args)  # every run's optiflow.command tag
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr holds optiflow's lines only
+        quiet_artifact_downloads()
         kwargs["standalone_mode"] = False
         try:
             return super().main(args, *rest, **kwargs)
@@ -149,7 +150,7 @@ def _resume_config(params: dict[str, Any]) -> RunConfig:
 
     changed = sorted(k for k, v in params.items() if k not in RESUME_FLAGS and v not in (None, (), False))
     if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        flags = ", ".join("--" + dashed_name(k) for k in changed)
         raise click.UsageError(f"--resume continues the run exactly as it was configured; drop {flags}")
     return resume_config(params["resume"], params["tracking_uri"], **{k: params[k] for k in RESUME_PLACES})
 

@@ -18,7 +18,7 @@ import yaml
 
 from optiflow.errors import OptiflowError
 from optiflow.slots import SLOT_BY_KEY
-from optiflow.values import coerce, type_name
+from optiflow.values import coerce, key_name, type_name
 
 #: the largest epoch count or batch size accepted (beyond it a typo, not a plan)
 MAX_COUNT = 10**9
@@ -187,7 +187,7 @@ class RunConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
-            key = str(raw_key).replace("-", "_")
+            key = key_name(raw_key)
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""

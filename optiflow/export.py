@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from optiflow.errors import OptiflowError, first_line
 from optiflow.run import EXAMPLE_SAMPLES, Run
+from optiflow.stores import quiet_artifact_downloads
 from optiflow.tracking import client, resolve_tracking_uri, retry
 
 if TYPE_CHECKING:
@@ -239,7 +240,7 @@ def load_program(model_uri: str) -> torch.export.ExportedProgram:
     from optiflow.model_file import UnsafeModel
     from optiflow.model_file import load_program as read_program
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_artifact_downloads()
     repository = get_artifact_repository(model_uri)
     listed = [f for f in repository.list_artifacts("data") if f.path.endswith(PROGRAM_FILE)]
     if not listed or listed[0].is_dir:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from optiflow.slots import SLOTS
+from optiflow.values import key_name
 
 if TYPE_CHECKING:
     from optiflow.config import RunConfig
@@ -166,7 +167,7 @@ def resolve_layers(params: dict[str, Any], command_defaults: dict[str, Any],
     from optiflow.config import RunConfig, load_yaml
 
     path = params.get("config_file")
-    values = {str(k).replace("-", "_"): v for k, v in (load_yaml(path) if path else {}).items()}
+    values = {key_name(k): v for k, v in (load_yaml(path) if path else {}).items()}
     settings = dict(command_defaults)
     settings.update({key: values.pop(key) for key in command_defaults if key in values})
     for key, default in command_defaults.items():

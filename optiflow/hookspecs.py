@@ -119,7 +119,16 @@ def optiflow_metric_names(run):
     names of the metrics this plugin adds in ``optiflow_validation_end``, or None.  A scheduler or early
     stopping monitors the core's epoch metrics or declared ones: a name nobody produces (``val_los``) is
     refused before the run opens.  ``run.metric_names`` holds them all for ``optiflow_check_run``.
-    (Metrics added in ``optiflow_epoch_end`` are logged, but come after the scheduler's step.)"""
+    (Metrics added in ``optiflow_epoch_end`` are logged, but come after the scheduler's step: declare them
+    with ``optiflow_epoch_metric_names``.)"""
+
+
+@hookspec
+def optiflow_epoch_metric_names(run):
+    """Called once per run with ``optiflow_metric_names``.  Return the names of the metrics this plugin adds in
+    ``optiflow_epoch_end`` (logged and rankable by compare's and search's ``--metric``, not monitored), or
+    None.  With every such plugin declaring them, a ``--metric`` no run logs is refused before anything trains;
+    a third-party plugin adding epoch metrics without declaring any defers that check until after training."""
 
 
 @hookspec

@@ -18,12 +18,14 @@ import functools
 import os
 from collections.abc import Iterator
 
+from optiflow.values import env_flag
+
 #: mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 #: blocks up to this size come from the heap and stay there when freed
 KEEP_BYTES = 1 << 30
-#: set to 0 to leave the C library's allocator as it is
+#: set to a false word (0, off, false, no) to leave the C library's allocator as it is
 ENV_SWITCH = "OPTIFLOW_MALLOC_TUNING"
 
 
@@ -32,9 +34,9 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks below 1 GiB for reuse, once per process.
 
     Returns whether the allocator was tuned: False off glibc (macOS, Windows,
-    musl), or when ``OPTIFLOW_MALLOC_TUNING=0``.
+    musl), or when ``OPTIFLOW_MALLOC_TUNING`` is a false word (``0``, ``off``, ``false``, ``no``).
     """
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0" or not _glibc():
+    if not env_flag(ENV_SWITCH, default=True) or not _glibc():
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -30,6 +30,7 @@ from torch import Tensor
 from optiflow import checkpoints, distributed
 from optiflow.data import LoaderBatches, TensorBatches
 from optiflow.errors import TrainingError
+from optiflow.metrics import hits
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
 from optiflow.run import Reporter, Run, is_task_loss, task_loss
@@ -74,12 +75,7 @@ def fit(run: Run, pm: PluginManager, reporter: Reporter, on_epoch: Callable[[int
                                 correct_total if classification else None)
         if len(run.splits.x_val):
             metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
-        hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
-        metrics = cluster.share(metrics)
-        if run.schedule.interval == "epoch":
-            run.schedule.step(metrics)
-        hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
-        run.stop_reason = cluster.share(run.stop_reason)
+        metrics = end_epoch(run, pm, epoch, metrics, cluster)
         _record_epoch(run, metrics)
         reporter.epoch(epoch, metrics)
         if on_epoch is not None:
@@ -111,7 +107,7 @@ def _train_epoch(run: Run, batches: TensorBatches | LoaderBatches, step: Step, c
         if log_step_loss:
             run.log_metrics({"train_loss_step": float(loss)}, step=run.step)
         if classification:
-            correct.add_((outputs.argmax(1) == (yb if yb.ndim == 1 else yb.argmax(1))).sum())
+            correct.add_(hits(outputs, yb).sum())
         seen += len(xb)
         if step_schedule:
             run.schedule.step()
@@ -308,12 +304,31 @@ class LossCheck:
                                 f"its first step's {self.baseline:.3g}: {advice}")
 
 
+def end_epoch(run: Run, pm: PluginManager, epoch: int, metrics: dict[str, float],
+              cluster: distributed.Cluster) -> dict[str, float]:
+    """What follows an epoch's metrics, for one run or each of K stacked ones: the validation-end hook, rank 0's
+    metrics on every process, an epoch-interval scheduler's step, the epoch-end hook, rank 0's stop decision.
+    Returns the metrics every process records."""
+    pm.hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
+    metrics = cluster.share(metrics)
+    if run.schedule.interval == "epoch":
+        run.schedule.step(metrics)
+    pm.hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
+    run.stop_reason = cluster.share(run.stop_reason)
+    return metrics
+
+
+def record_metrics(run: Run, metrics: dict[str, float]) -> None:
+    """Add the epoch's metrics to the run's history and log them at step ``run.epoch``."""
+    for key, value in metrics.items():
+        run.history.setdefault(key, []).append(value)
+    run.tracking.log_metrics(metrics, step=run.epoch, flush=False)
+
+
 def _record_epoch(run: Run, metrics: dict[str, float]) -> None:
     """Log the epoch's metrics and keep a checkpoint of it, as one step no signal can split."""
     with deferred():
-        for key, value in metrics.items():
-            run.history.setdefault(key, []).append(value)
-        run.tracking.log_metrics(metrics, step=run.epoch, flush=False)
+        record_metrics(run, metrics)
         run.checkpoint = checkpoints.capture(run)
         checkpoints.save_periodically(run, METRIC_FLUSH_SECONDS)
 
@@ -338,7 +353,7 @@ def score(run: Run, x: Tensor, y: Tensor, prefix: str, keep: bool = True) -> tup
             outputs = model(xb)
             loss_sum += loss_fn(outputs.float(), yb) * len(xb)
             if run.task == "classification":
-                correct += (outputs.argmax(1) == yb).sum()
+                correct += hits(outputs, yb).sum()
             if keep or run.task != "classification":
                 outputs_all.append(outputs if run.task == "classification" else outputs.reshape(yb.shape))
     model.train(was_training)

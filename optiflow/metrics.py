@@ -6,11 +6,22 @@ import csv
 import difflib
 import io
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 from optiflow.errors import OptiflowError
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 TIMING_METRICS = frozenset({"epoch_time", "samples_per_sec", "train_seconds"})
 HIGHER_IS_BETTER = ("accuracy", "r2", "f1", "auc", "precision", "recall", "per_sec")
+
+
+def hits(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Which predictions are right: the class each output row scores highest (the last dimension holds the
+    classes; one run's ``(N, C)`` or K stacked runs' ``(K, N, C)``) against its target, a class index or, for a
+    one-hot or mixed target (mixup, cutmix), the class the target weighs most."""
+    return outputs.argmax(-1) == (targets if targets.ndim == outputs.ndim - 1 else targets.argmax(-1))
 
 
 def higher_is_better(metric: str) -> bool:
@@ -49,19 +60,24 @@ def check_monitor(owner: str, monitor: str, produced: Collection[str], validatio
 CORE_FAMILIES = ("train_", "val_", "test_")
 
 
-def check_final_metric(owner: str, metric: str, produced: Collection[str], validation: bool) -> None:
+def check_final_metric(owner: str, metric: str, produced: Collection[str], validation: bool,
+                       declared: bool = True) -> None:
     """Refuse, before anything trains, a final metric ``owner`` (``--metric``) ranks by that the run will not
-    log: a ``val_*`` metric without a validation split, a core metric of the other task, a typo of a produced
-    name.  Other names may be what a plugin logs at epoch end (``grad_norm/fc1``, ``weight_norm``: not
-    declared before the run), so they are checked on the finished runs."""
-    if metric.startswith(CORE_FAMILIES) or difflib.get_close_matches(metric, list(produced), n=1):
+    log.  ``produced`` holds every name the run logs when ``declared``; otherwise a third-party plugin adds
+    metrics it does not declare, and only a ``val_*`` metric without a validation split, a core metric of the
+    other task or a typo of a produced name is refused here: other names are checked on the finished runs."""
+    if declared or metric.startswith(CORE_FAMILIES) or difflib.get_close_matches(metric, list(produced), n=1):
         check_monitor(owner, metric, produced, validation)
 
 
-def final_metrics(metrics: dict[str, float], history: dict[str, list[float]]) -> dict[str, float]:
-    """The last value of every per-epoch metric, with the final test metrics."""
+def final_metrics(metrics: dict[str, float], history: dict[str, list[float]],
+                  seconds: float | None = None) -> dict[str, float]:
+    """The last value of every per-epoch metric, with the final test metrics and ``train_seconds`` (the
+    training's wall time, as every run logs it) when ``seconds`` is given."""
     final = {key: values[-1] for key, values in history.items() if values}
     final.update(metrics)
+    if seconds is not None:
+        final["train_seconds"] = seconds
     return final
 
 

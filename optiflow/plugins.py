@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -364,3 +365,21 @@ def _failure_text(exc: BaseException, hook_name: str | None = None) -> str:
 
 def _names(text: str) -> set[str]:
     return {plugin_key(n) for n in text.split(",") if n.strip()}
+
+
+def adds_undeclared_metrics(pm: PluginManager) -> bool:
+    """Whether a plugin from outside optiflow adds metrics (``optiflow_validation_end`` / ``optiflow_epoch_end``)
+    and declares none (``optiflow_metric_names`` / ``optiflow_epoch_metric_names``): then a ``--metric`` no
+    declared name matches may still be logged, and is checked on the finished runs."""
+    builtin = tuple(module.rpartition(".")[0] + "." for module in DEFAULT_PLUGINS[:1]) + ("optiflow.",)
+
+    def hooks(plugin: object) -> set[str]:
+        return {caller.name for caller in pm.get_hookcallers(plugin) or []}
+
+    for plugin in pm.get_plugins():
+        module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+        names = hooks(plugin)
+        if (not str(module).startswith(builtin) and names & {"optiflow_validation_end", "optiflow_epoch_end"}
+                and not names & {"optiflow_metric_names", "optiflow_epoch_metric_names"}):
+            return True
+    return False

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from optiflow.data import image_transform
 from optiflow.errors import OptiflowError
 from optiflow.files import beyond_float32, csv_rows, load_npy, open_image, repeated
+from optiflow.serving import as_grid
+from optiflow.values import is_number
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,6 +116,9 @@ def read_csv(file: Path, spec: ModelSpec, target: str | None = None) -> Inputs:
     header, body = [name.strip() for name in rows[0]], rows[1:]
     if not body:
         raise OptiflowError(f"{file} has a header but no data rows")
+    if all(is_number(name) for name in header) and not any(is_number(n) for n in spec.feature_names or ()):
+        raise OptiflowError(f"{file}: its first row holds numbers, not column names: the CSV needs a header row "
+                            f"({_columns_hint(list(spec.feature_names or ()), spec)})")
     twice = repeated(header)
     if twice is not None:
         raise OptiflowError(f"{file}: column '{twice}' appears twice in the header")
@@ -121,6 +126,9 @@ def read_csv(file: Path, spec: ModelSpec, target: str | None = None) -> Inputs:
         if len(row) != len(header):
             raise OptiflowError(f"{file}, line {line}: {len(row)} values for {len(header)} columns")
     position = {name: i for i, name in enumerate(header)}
+    if target is not None and target in (spec.feature_names or ()):
+        raise OptiflowError(f"--target '{target}' is a feature column of the model; name the column holding the "
+                            "labels")
     if target is not None and target not in position:
         known = set(spec.feature_names or ())
         others = [c for c in header if c not in known]
@@ -165,6 +173,8 @@ def read_npy(file: Path, spec: ModelSpec) -> Inputs:
         array = array.reshape(-1, *shape)
     elif spec.image and shape[0] == 1 and array.shape[1:] == shape[1:]:
         array = array[:, None]
+    elif not spec.image and as_grid(array.shape[1:], spec.feature_names):
+        array = array.reshape(len(array), size)
     if array.ndim == 0 or array.shape[1:] != shape:
         raise OptiflowError(f"{file} holds an array of shape {tuple(array.shape)}; {_shape_hint(array.shape, spec)}")
     if array.dtype.kind == "f":

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from optiflow.config import ComponentSpec
 from optiflow.errors import OptiflowError
 from optiflow.slots import FAMILY_KINDS, KINDS, SLOTS, family_of
-from optiflow.values import MAX_INT, coerce, type_name
+from optiflow.values import MAX_INT, coerce, dashed_name, key_name, type_name
 
 #: how deep components may nest in options: ``sam:base=[lookahead:inner=[sgd]]`` nests 2 levels
 MAX_NESTING = 32
@@ -160,7 +160,7 @@ class Component:
             if option.component_kind and option.default is not None and option.name not in raw:
                 resolved[option.name] = option.coerce(option.default, owner, self.registry)
         for key, value in raw.items():
-            key = key.replace("-", "_")
+            key = key_name(key)
             if key not in known:
                 valid = ", ".join(known) or "none"
                 hint = _suggest(key, known)
@@ -284,9 +284,9 @@ class Registry:
     def get(self, kind: str, name: str) -> Component:
         """The component ``name`` (or ``plugin/name``) of ``kind``, or an OptiflowError naming close
         matches and the plugins that were skipped."""
-        found = self._lookup(kind, name) or self._lookup(kind, name.replace("_", "-"))
+        found = self._lookup(kind, name) or self._lookup(kind, dashed_name(name))
         if found is None and "/" in name:
-            found = self._qualified(kind, name) or self._qualified(kind, name.replace("_", "-"))
+            found = self._qualified(kind, name) or self._qualified(kind, dashed_name(name))
         if found is None:
             names = sorted([*self.components[kind], *self.aliases[kind]])
             close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
@@ -364,11 +364,16 @@ def _nested_kind(metadata: tuple[object, ...], owner: str, option: str) -> str:
     return str(kind)
 
 
+#: the option every scheduler takes; the core adds it to schedulers that do not declare it (and
+#: optiflow.schedule applies it)
+WARMUP_OPTION = "warmup_epochs"
+
+
 def _with_core_options(kind: str, options: tuple[Option, ...]) -> tuple[Option, ...]:
-    """Every scheduler takes ``warmup_epochs``: the core adds it (and applies it) where the factory lacks it."""
-    if kind != "scheduler" or any(o.name == "warmup_epochs" for o in options):
+    """Every scheduler takes :data:`WARMUP_OPTION`: the core adds it (and applies it) where the factory lacks it."""
+    if kind != "scheduler" or any(o.name == WARMUP_OPTION for o in options):
         return options
-    return (*options, Option("warmup_epochs", int, 0))
+    return (*options, Option(WARMUP_OPTION, int, 0))
 
 
 def _clash_line(kind: str, name: str, owner: str, newcomer: Component) -> str:

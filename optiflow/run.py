@@ -80,6 +80,10 @@ class Run:
     #: the names every epoch's metrics will hold, the core's and those plugins declare
     #: (``optiflow_metric_names``); set before ``optiflow_check_run``, None before
     metric_names: frozenset[str] | None = None
+    #: what the finished run's final metrics will hold: ``metric_names``, those plugins add at epoch end
+    #: (``optiflow_epoch_metric_names``), the test split's and ``train_seconds``; None before ``optiflow_check_run``
+    final_metric_names: frozenset[str] | None = None
+    metrics_declared: bool = True  #: False when a third-party plugin adds metrics without declaring them
     epoch: int = 0  #: the current epoch, from 1 (0 before the first)
     step: int = 0  #: training batches so far, from 1, across epochs
     stop_reason: str | None = None  #: why training ends early (``request_stop``), else None

@@ -36,7 +36,8 @@ KEY_FORMAT = 2
 NOT_IN_KEY = frozenset({"experiment", "run_name", "tracking_uri", "data_dir", "pin_memory", "log_step_loss", "lr",
                         "device"})
 #: the hooks that run inside a training: a plugin implementing one may change what it computes
-PER_RUN_HOOKS = frozenset({"optiflow_check_run", "optiflow_metric_names", "optiflow_run_start", "optiflow_epoch_start",
+PER_RUN_HOOKS = frozenset({"optiflow_check_run", "optiflow_metric_names", "optiflow_epoch_metric_names",
+                           "optiflow_run_start", "optiflow_epoch_start",
                            "optiflow_train_batch", "optiflow_penalty", "optiflow_after_backward",
                            "optiflow_after_step", "optiflow_validation_end", "optiflow_epoch_end", "optiflow_run_end"})
 

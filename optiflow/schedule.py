@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from optiflow.errors import OptiflowError, first_line
+from optiflow.registry import WARMUP_OPTION
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
@@ -141,10 +142,6 @@ def rehearse(optimizer: Optimizer, length: TrainingLength, build_schedule: Calla
     except (ArithmeticError, ValueError, RuntimeError, IndexError, TypeError) as exc:
         raise OptiflowError(f"scheduler '{name}' cannot step with these options: "
                             f"{type(exc).__name__}: {first_line(exc)}") from None
-
-
-#: the option every scheduler takes; the core adds it to schedulers that do not declare it
-WARMUP_OPTION = "warmup_epochs"
 
 
 def scheduled(factory: Callable[..., Any], call: Callable[..., Any], optimizer: Optimizer, length: TrainingLength,

@@ -121,6 +121,8 @@ class Predictor:
             x = x.reshape(len(x), *shape)  # flat rows
         elif self.card.get("image") and shape[0] == 1 and x.shape[1:] == shape[1:]:
             x = x.reshape(len(x), *shape)  # one-channel images without their channel axis
+        elif as_grid(x.shape[1:], self.card.get("feature_names")):
+            x = x.reshape(len(x), size)  # a flat model of an image's pixels, given images
         if x.shape[1:] != shape:
             dims = ", ".join(map(str, shape))
             flat = f" or (N, {size})" if len(shape) > 1 else ""
@@ -174,3 +176,17 @@ class Predictor:
         if self.card["task"] == "classification":
             return [str(c) for c in self.card["classes"]]
         return ["prediction"] if width == 1 else [f"prediction_{i}" for i in range(width)]
+
+
+def as_grid(sample_shape: tuple[int, ...], feature_names: list[str] | None) -> bool:
+    """Whether samples shaped ``sample_shape`` are the images ``(1, H, W)`` or ``(H, W)`` whose pixels a flat
+    model takes as its features ``pixel_<row>_<column>`` (digits trained with ``image=false``)."""
+    names = list(feature_names or ())
+    if not names or not names[-1].startswith("pixel_"):
+        return False
+    try:
+        height, width = (int(n) + 1 for n in names[-1].split("_")[1:])
+    except ValueError:
+        return False
+    grid = [f"pixel_{row}_{column}" for row in range(height) for column in range(width)]
+    return names == grid and tuple(sample_shape) in ((height, width), (1, height, width))

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from optiflow import distributed
 from optiflow.data import TensorBatches
-from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, evaluate, fit, train_metrics
+from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, end_epoch, evaluate, fit, record_metrics, train_metrics
+from optiflow.metrics import hits
 from optiflow.optim import first_order
 from optiflow.plugins import PluginManager
 from optiflow.run import Run, SilentReporter, is_task_loss, task_loss
@@ -125,6 +126,7 @@ def _end_epoch(runs: list[Run], checks: list[LossCheck], pm: PluginManager, epoc
     """Each run's epoch metrics (its validation from ``validation`` or its own pass), epoch-end hooks, history."""
     objective_sums, loss_sums, correct, seen = sums
     classification = runs[0].task == "classification"
+    cluster = distributed.current()  # one process: stacking refuses torchrun
     for j, (run, check) in enumerate(zip(runs, checks)):
         check(objective_sums[j], seen[j])
         metrics = train_metrics(float(loss_sums[j]), float(objective_sums[j]), seen[j], run.lr, seconds,
@@ -133,11 +135,7 @@ def _end_epoch(runs: list[Run], checks: list[LossCheck], pm: PluginManager, epoc
             metrics.update(validation[j])
         elif len(run.splits.x_val):
             metrics.update(evaluate(run, run.splits.x_val, run.splits.y_val, "val"))
-        pm.hook.optiflow_validation_end(run=run, epoch=epoch, metrics=metrics)
-        pm.hook.optiflow_epoch_end(run=run, epoch=epoch, metrics=metrics)
-        for key, value in metrics.items():
-            run.history.setdefault(key, []).append(value)
-        run.tracking.log_metrics(metrics, step=epoch, flush=False)
+        record_metrics(run, end_epoch(run, pm, epoch, metrics, cluster))
 
 
 def _go_on_apart(stack: _Stack, checks: list[LossCheck], pm: PluginManager) -> None:
@@ -224,8 +222,8 @@ class _Stack:
         losses.sum().backward()
         self.step_optimizer()
         if self.classification:
-            hits = outputs.detach().argmax(2) == (yb if yb.ndim == 2 else yb.argmax(2))
-            correct.add_((hits if valid is None else hits & valid).sum(1))
+            right = hits(outputs.detach(), yb)
+            correct.add_((right if valid is None else right & valid).sum(1))
         return list(outputs.detach()) if self.plain is not None else [], losses
 
     def _ragged_step(self, xs: list[Tensor], ys: list[Tensor], counts: list[int], loss_sums: Tensor,
@@ -239,7 +237,7 @@ class _Stack:
         for j, (out, target) in enumerate(zip(outs, ys)):
             loss_sums[j].add_(losses[j].detach(), alpha=counts[j])
             if self.classification:
-                correct[j] += (out.detach().argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
+                correct[j] += hits(out.detach(), target).sum()
         return [out.detach() for out in outs], losses
 
     def sync_lr(self) -> None:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from optiflow.metrics import hits
+
 if TYPE_CHECKING:
     from optiflow.run import Run
 
@@ -38,8 +40,8 @@ def stacked_validation(runs: list[Run], layers: list[nn.Module]) -> Callable[[li
             per_sample = torch.nn.functional.cross_entropy(outputs.flatten(0, 1), y_val.flatten(),
                                                            reduction="none").view(y_val.shape)
             losses = ((per_sample * valid).sum(1) / sizes).tolist()
-            correct = ((outputs.argmax(2) == y_val) & valid).sum(1).tolist()
-        return [{"val_loss": loss, "val_accuracy": hits / int(n)} for loss, hits, n in zip(losses, correct, sizes)]
+            correct = (hits(outputs, y_val) & valid).sum(1).tolist()
+        return [{"val_loss": loss, "val_accuracy": right / int(n)} for loss, right, n in zip(losses, correct, sizes)]
 
     return validate
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from optiflow.config import brief, load_yaml
 from optiflow.errors import OptiflowError
+from optiflow.stores import quiet_artifact_downloads
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -34,7 +35,7 @@ PATH_OPTIONS = ("path",)
 def stored_config(mlflow_client: MlflowClient, run_id: str) -> dict[str, Any]:
     """Run ``run_id``'s ``config.yaml`` artifact, read with the checks of a ``--config`` file (a mapping, no
     duplicate keys, bounded size)."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_artifact_downloads()
     with tempfile.TemporaryDirectory(prefix="optiflow-config-") as folder:
         try:
             path = mlflow_client.download_artifacts(run_id, "config.yaml", folder)

@@ -17,6 +17,13 @@ from pathlib import Path
 
 from optiflow.errors import DiskFull, OptiflowError, StoreLost, first_line, no_space
 
+
+def quiet_artifact_downloads() -> None:
+    """Turn MLflow's artifact download progress bar off unless the user set it: stderr holds optiflow's lines
+    only (one line even when a download is refused)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 
 
@@ -29,6 +36,8 @@ def check_scheme(uri: str) -> None:
     except ValueError as exc:
         raise OptiflowError(f"the tracking URI {uri} is not a valid URI ({exc})") from None
     if scheme in ("", "file") or re.match(r"^[a-z]$", scheme):  # a path, or a Windows drive letter
+        # MLflow's own reading of its variable (mlflow.environment_variables.MLFLOW_ALLOW_FILE_STORE: "1"/"true",
+        # any case), not optiflow's vocabulary: what MLflow accepts decides; its object raises on other words
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
             return
         raise OptiflowError(f"the tracking URI {uri} is a folder (MLflow's file store, which MLflow no longer "
@@ -201,9 +210,13 @@ def commit_without_waiting_for_the_disk() -> None:
     from sqlalchemy.engine import Engine
 
     def on_connect(connection: object, _record: object) -> None:
-        if isinstance(connection, sqlite3.Connection) and \
-                connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
-            connection.execute("PRAGMA synchronous=NORMAL")
+        if not isinstance(connection, sqlite3.Connection):
+            return
+        try:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                connection.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError:  # a damaged file: said by the first query, not retried here as a failed connect
+            return
 
     event.listen(Engine, "connect", on_connect)
     _RELAXED = True

@@ -26,8 +26,8 @@ from optiflow.errors import (
 )
 from optiflow.hooktrace import RunPlugins, blame, culprit, owner
 from optiflow.loop import evaluate, fit, score
-from optiflow.metrics import check_monitor, epoch_metric_names, evaluation_metric_names
-from optiflow.plugins import PluginManager, get_plugin_manager, get_registry
+from optiflow.metrics import check_final_metric, check_monitor, epoch_metric_names, evaluation_metric_names
+from optiflow.plugins import PluginManager, adds_undeclared_metrics, get_plugin_manager, get_registry
 from optiflow.registry import Registry
 from optiflow.reuse import finished_run, key_tags, outputs
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare, stepped_parts
@@ -110,9 +110,13 @@ def preflight(config: RunConfig, *, registry: Registry | None = None, pm: Plugin
 
 def produced_metric_names(run: Run) -> set[str]:
     """What a prepared run (:func:`preflight`) will log as final metrics: its per-epoch metrics (the core's
-    and those plugins declare) and, with a test split, the test evaluation's."""
-    tested = evaluation_metric_names(run.task, "test") if len(run.splits.x_test) else []
-    return set(run.metric_names or ()) | set(tested)
+    and those plugins declare), with a test split the test evaluation's, and ``train_seconds``."""
+    return set(run.final_metric_names or ())
+
+
+def check_ranking_metric(metric: str, run: Run) -> None:
+    """Refuse a ``--metric`` the prepared ``run`` will not log (:func:`~optiflow.metrics.check_final_metric`)."""
+    check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0, run.metrics_declared)
 
 
 def _open(run: Run, pm: PluginManager, names: RunPlugins, resume: str | None, parent_run_id: str | None,
@@ -221,6 +225,10 @@ def _check_run(run: Run, pm: PluginManager, names: RunPlugins) -> None:
     try:
         declared = pm.hook.optiflow_metric_names(run=run)
         run.metric_names = frozenset(epoch_metric_names(run.task, validation)).union(*map(list, declared))
+        tested = evaluation_metric_names(run.task, "test") if len(run.splits.x_test) else []
+        run.final_metric_names = run.metric_names.union(*map(list, pm.hook.optiflow_epoch_metric_names(run=run)),
+                                                        tested, ["train_seconds"])
+        run.metrics_declared = not adds_undeclared_metrics(pm)
         if run.schedule.monitor is not None:
             check_monitor(f"scheduler '{run.plan.sched[0].name}'", run.schedule.monitor, run.metric_names, validation)
         pm.hook.optiflow_check_run(run=run)

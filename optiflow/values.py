@@ -34,9 +34,22 @@ def parse_bool(value: object) -> bool:
     raise ValueError(value)
 
 
-def env_flag(variable: str) -> bool:
-    """Whether environment switch ``variable`` is on (a true word); unset, empty or anything else is off."""
-    return os.environ.get(variable, "").strip().lower() in TRUE_WORDS
+def env_flag(variable: str, default: bool = False) -> bool:
+    """Whether environment switch ``variable`` is on. A switch off by default is on only for a true word; one on
+    by default (``default=True``) is off only for a false word; unset or empty gives ``default``."""
+    text = os.environ.get(variable, "").strip().lower()
+    return text not in FALSE_WORDS if default else text in TRUE_WORDS
+
+
+def key_name(text: object) -> str:
+    """A configuration key, option or search-space name as Python spells it: ``warmup-epochs`` and
+    ``warmup_epochs`` are one name (a flag's dashes are a key's underscores)."""
+    return str(text).replace("-", "_")
+
+
+def dashed_name(text: str) -> str:
+    """The reverse of :func:`key_name`: ``--batch-size`` for key ``batch_size``, ``step-lr`` for ``step_lr``."""
+    return text.replace("_", "-")
 
 
 def coerce(tp: object, value: object, *, ranged: bool = True) -> Any:
@@ -73,6 +86,15 @@ def coerce(tp: object, value: object, *, ranged: bool = True) -> Any:
     if tp is Any:
         return value
     raise TypeError(f"unsupported type {tp!r}")
+
+
+def is_number(text: str) -> bool:
+    """Whether ``text`` (a CSV cell) reads as a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def literal(value: object) -> bool | int | float | str | None:

@@ -15,6 +15,7 @@ from optiflow import hookimpl
 from optiflow.data import DataContext, DataSource, image_transform
 from optiflow.errors import OptiflowError, first_line
 from optiflow.files import beyond_float32, csv_rows, open_image, repeated
+from optiflow.values import is_number
 
 
 @hookimpl
@@ -290,7 +291,7 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
         try:
             features.append([float(v) for i, v in enumerate(row) if i != column])
         except ValueError:
-            bad = next(i for i, v in enumerate(row) if i != column and not _is_number(v))
+            bad = next(i for i, v in enumerate(row) if i != column and not is_number(v))
             raise OptiflowError(
                 f"csv file {file}, line {line}: column '{header[bad]}' holds {row[bad]!r}, not a number"
             ) from None
@@ -298,7 +299,7 @@ def csv(ctx: DataContext, *, path: str = "", target: str = "target",
     _refuse_empty_targets(file, target, labels)
     names = [name for i, name in enumerate(header) if i != column]
     x = _float32(file, features, names)
-    numeric = all(_is_number(v) for v in labels)
+    numeric = all(is_number(v) for v in labels)
     if task == "auto":
         integral = numeric and all(float(v).is_integer() for v in labels)
         task = "classification" if not numeric or (integral and len(set(labels)) <= 20) else "regression"
@@ -365,14 +366,6 @@ def _user_path(ctx: DataContext, name: str, path: str) -> Path:
         if candidate.exists():
             return candidate
     raise OptiflowError(f"dataset '{name}': {path} not found (also looked in {ctx.data_dir})")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 DATASETS = {

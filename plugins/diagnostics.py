@@ -99,6 +99,13 @@ class GradientFlow:
 
 
 @hookimpl
+def optiflow_epoch_metric_names(run):
+    shown = layer_names(run.model)
+    return [f"{METRIC_PREFIX}{shown[name]}" for name, module in run.model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))]
+
+
+@hookimpl
 def optiflow_run_start(run):
     run.state[STATE_KEY] = GradientFlow()
 

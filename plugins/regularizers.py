@@ -64,6 +64,10 @@ class _NormPenalty:
         return self.value(run.model)
 
     @hookimpl
+    def optiflow_epoch_metric_names(self, run):
+        return [f"penalty_{self.name}"]
+
+    @hookimpl
     def optiflow_epoch_end(self, run, epoch, metrics):
         import torch
 
@@ -106,6 +110,10 @@ class WeightDecay:
         for group in run.optimizer.param_groups:
             if self.decay_bias or any(id(p) in decayed for p in group["params"]):
                 group["weight_decay"] = self.strength
+
+    @hookimpl
+    def optiflow_epoch_metric_names(self, run):
+        return ["weight_norm"]
 
     @hookimpl
     def optiflow_epoch_end(self, run, epoch, metrics):
@@ -185,6 +193,10 @@ class EarlyStopping:
             check_monitor("early-stopping", self.monitor, run.metric_names, len(run.splits.x_val) > 0)
 
     @hookimpl
+    def optiflow_epoch_metric_names(self, run):
+        return ["early_stopping_wait"]
+
+    @hookimpl
     def optiflow_epoch_end(self, run, epoch, metrics):
         value = metrics.get(self.monitor)
         if value is None:
@@ -248,6 +260,10 @@ class GradientNoise:
             torch._foreach_add_(grads, [torch.randn_like(g) for g in grads], alpha=sigma)
 
     @hookimpl
+    def optiflow_epoch_metric_names(self, run):
+        return ["grad_noise_std"]
+
+    @hookimpl
     def optiflow_epoch_end(self, run, epoch, metrics):
         metrics["grad_noise_std"] = self.std(run.step)
 
@@ -283,6 +299,10 @@ class GradClip:
         over = (size > self.threshold).long()
         self.clipped = over if self.clipped is None else self.clipped + over
         self.peak = size.detach() if self.peak is None else torch.maximum(self.peak, size.detach())
+
+    @hookimpl
+    def optiflow_epoch_metric_names(self, run):
+        return ["grad_clip_count", "grad_clip_norm_max" if self.mode == "norm" else "grad_clip_value_max"]
 
     @hookimpl
     def optiflow_epoch_end(self, run, epoch, metrics):

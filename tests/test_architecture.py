@@ -33,9 +33,10 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            named = {f"{node.module}.{alias.name}" for alias in node.names}
-            targets |= named if named <= known else named | {node.module}
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute(name, path.name == "__init__.py", node.module, node.level)
+            named = {f"{module}.{alias.name}" for alias in node.names}
+            targets |= named if named <= known else named | {module}
     resolved = set()
     for target in targets:
         while target and target not in known:
@@ -43,6 +44,16 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         if target and target != name:
             resolved.add(target)
     return resolved
+
+
+def absolute(name: str, is_package: bool, module: str | None, level: int) -> str:
+    """The absolute name of ``from <level dots><module> import ...`` written in module ``name`` (a package's
+    ``__init__`` counts from the package itself)."""
+    if level == 0:
+        return module or ""
+    parts = name.split(".") if is_package else name.split(".")[:-1]
+    base = parts[:len(parts) - (level - 1)]
+    return ".".join([*base, module] if module else base)
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -161,6 +172,21 @@ def test_layer_checker_finds_an_upward_import():
                             "optiflow.search.c": set()})) == [["optiflow.commands", "optiflow.search"]]
 
 
+def test_import_scanner_resolves_relative_imports(tmp_path):
+    """A planted ``from ..commands.train import train`` in search/ is an upward import like its absolute form."""
+    known = set(modules())
+    planted = tmp_path / "objective.py"
+    planted.write_text("def f():\n    from ..commands.train import train\n    from . import space\n"
+                       "    from .. import slots\n")
+    found = imports("optiflow.search.objective", planted, known)
+    assert {"optiflow.commands.train", "optiflow.search.space", "optiflow.slots"} <= found
+    assert upward_imports({"optiflow.search.objective": found, **{m: set() for m in found}}) == [
+        "optiflow.search.objective -> optiflow.commands.train"]
+    package = tmp_path / "__init__.py"
+    package.write_text("from .study import run_study\nfrom ..commands import compare\n")
+    assert {"optiflow.search.study", "optiflow.commands.compare"} <= imports("optiflow.search", package, known)
+
+
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -240,25 +266,63 @@ def test_long_function_finder_counts_from_def_to_last_line_nested_ones_included(
     assert long_functions(source) == ["outer: 63", "inner: 61"]  # fits: 60 lines, the most allowed
 
 
-def test_runs_are_created_in_one_place():
-    """Tracker.start is the one way to create an MLflow run (a train, a child run, a fold, a failed trial's
-    record); mlflow.start_run only reopens a run by its id (to log its model)."""
-    creating, opening = [], []
-    for name, path in modules().items():
-        tree = ast.parse(path.read_text())
-        for scope in ast.walk(tree):
+#: What creates an MLflow run: the client's ``create_run``, ``mlflow.start_run`` without ``run_id``, a row of
+#: MLflow's ``SqlRun`` model, optiflow's bulk writer of finished runs; and who gives a run its opening tags.
+RUN_WRITERS = ("create_run", "start_run", "SqlRun", "write_finished", "opening_tags")
+
+
+def run_writers(sources: dict[str, str]) -> dict[str, set[str]]:
+    """For each of :data:`RUN_WRITERS`, the functions (``module.function``) of ``sources`` that use it to make a
+    run: a call (directly or through ``retry(f, ...)``), or for ``SqlRun`` any mention."""
+    found: dict[str, set[str]] = {writer: set() for writer in RUN_WRITERS}
+    for name, source in sources.items():
+        for scope in ast.walk(ast.parse(source)):
             if not isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(scope):
-                if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
-                    called = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
-                    if called == "create_run" or (called == "retry" and node.args and isinstance(
-                            node.args[0], ast.Attribute) and node.args[0].attr == "create_run"):
-                        creating.append(f"{name}.{scope.name}")
-                    elif called == "start_run":
-                        opening.append((f"{name}.{scope.name}", {k.arg for k in node.keywords}))
-    assert sorted(set(creating)) == ["optiflow.tracking.start"]
-    assert opening and all("run_id" in keywords for _, keywords in opening), opening
+                if isinstance(node, (ast.Name, ast.Attribute)) and _called(node) == "SqlRun":
+                    found["SqlRun"].add(f"{name}.{scope.name}")
+                if not isinstance(node, ast.Call):
+                    continue
+                called = _called(node.func)
+                if called == "retry" and node.args:
+                    called = _called(node.args[0])
+                if called == "start_run" and any(k.arg == "run_id" for k in node.keywords):
+                    continue  # reopens a run by its id (to log its model)
+                if called in found:
+                    found[called].add(f"{name}.{scope.name}")
+    return found
+
+
+def _called(node: ast.expr) -> str:
+    return node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+
+
+def test_runs_are_created_in_one_place():
+    """A run's row and opening tags come from optiflow/tracking.py only: Tracker.start creates a run (a train, a
+    child run, a fold, a failed trial's record), tracking.log_finished several finished ones through
+    bulkwrite.write_finished (the store-level writer, which alone writes MLflow's SqlRun rows), both with
+    Tracker.opening_tags; mlflow.start_run only reopens a run by its id."""
+    found = run_writers({name: path.read_text() for name, path in modules().items()})
+    assert found == {"create_run": {"optiflow.tracking.start"}, "start_run": set(),
+                     "SqlRun": {"optiflow.bulkwrite.write_finished"},
+                     "write_finished": {"optiflow.tracking.log_finished"},
+                     "opening_tags": {"optiflow.tracking.start", "optiflow.tracking.log_finished"}}
+
+
+def test_run_writer_finder_finds_a_second_way_to_create_a_run():
+    planted = (
+        "def fold(client, rows, session):\n"
+        "    from mlflow.store.tracking.dbmodels.models import SqlRun\n"
+        "    session.execute(insert(SqlRun), rows)\n"
+        "def child(mlflow):\n    with mlflow.start_run(nested=True):\n        pass\n"
+        "def reopen(mlflow, run_id):\n    with mlflow.start_run(run_id=run_id):\n        pass\n"
+        "def trial(client):\n    return retry(client.create_run, '0')\n"
+        "def bulk(client, runs):\n    return bulkwrite.write_finished(client, '0', runs, 0, 1)\n")
+    found = run_writers({"optiflow.search.study": planted})
+    assert found == {"create_run": {"optiflow.search.study.trial"}, "start_run": {"optiflow.search.study.child"},
+                     "SqlRun": {"optiflow.search.study.fold"}, "write_finished": {"optiflow.search.study.bulk"},
+                     "opening_tags": set()}
 
 
 def test_low_level_modules_import_nothing_above_them():

@@ -535,6 +535,10 @@ SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
          "variant lr=0.1: --metric monitors 'val_loss', but --val-split is 0 (no validation set)"),
         (["compare", "--vary", "lr=0.1", "--data", "sine", "--metric", "test_accuracy", "--epochs", "1"],
          "variant lr=0.1: --metric monitors 'test_accuracy', which this run does not produce"),
+        (["compare", "--vary", "opt=sgd,adam", "--metric", "nope", "--epochs", "1"],
+         "variant opt=sgd: --metric monitors 'nope', which this run does not produce"),
+        (["search", *SPACE, "--metric", "weight_norm"], "--metric monitors 'weight_norm', which this run does not "
+                                                        "produce"),
     ],
     ids=["search-zero-trials", "search-negative-timeout", "search-zero-jobs", "search-sampler-option-not-int",
          "search-infinite-bound", "compare-out-in-proc", "reproduce-negative-rtol", "search-jobs-overflow",
@@ -550,7 +554,8 @@ SPACE = ("--space", "lr=loguniform:1e-4:1e-1", "--epochs", "1")
          "search-monitor-typo", "search-early-stopping-typo", "compare-plateau-without-validation",
          "compare-variant-with-bad-schedule", "compare-variant-with-bad-augmentation",
          "search-objective-without-validation", "search-objective-typo", "compare-metric-typo",
-         "compare-metric-without-validation", "compare-metric-of-the-other-task"],
+         "compare-metric-without-validation", "compare-metric-of-the-other-task", "compare-metric-nobody-logs",
+         "search-metric-of-a-regularizer-not-used"],
 )
 def test_other_commands_refuse_bad_input_in_one_line_without_a_run(invoke, files, mlflow_client, experiment, args,
                                                                    expect):

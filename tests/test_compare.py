@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import yaml
@@ -215,6 +216,44 @@ def test_folders_optiflow_creates_are_git_ignored_and_existing_ones_left_alone(i
     mine.mkdir()
     assert invoke("compare", "--vary", "opt=sgd", "--out", str(mine), *TINY).exit_code == 0
     assert (mine / "summary.csv").exists() and not (mine / ".gitignore").exists()
+
+
+@pytest.mark.parametrize("metric, args", [("train_seconds", ()), ("weight_norm", ("--reg", "weight-decay")),
+                                          ("grad_norm/fc1", ()), ("penalty_l2", ("--reg", "l2"))])
+def test_compare_ranks_by_every_metric_a_run_logs(invoke, mlflow_client, experiment, metric, args):
+    """What runs log besides the epoch metrics (the training's wall time, built-in plugins' epoch-end metrics)
+    is known before training, and the comparison ranks by it."""
+    result = invoke("compare", "--vary", "opt=sgd,adam", "--metric", metric, "--epochs", "1", *args)
+    assert result.exit_code == 0, result.output
+    [parent] = [r for r in runs_of(mlflow_client, experiment) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_variant"] in ("opt=sgd", "opt=adam")
+
+
+def test_a_metric_of_an_undeclaring_third_party_plugin_is_checked_after_training(invoke, mlflow_client, experiment):
+    """A plugin from outside optiflow adding an epoch metric without declaring it: its name is not refused up
+    front (the comparison ranks by it); another unknown name still fails, after training, in one line."""
+    from optiflow import hookimpl
+    from optiflow.plugins import registered_plugin
+
+    class Undeclared:
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            metrics["my_metric"] = 1.0 / epoch
+
+    with registered_plugin(Undeclared(), name="undeclared-metrics"):
+        assert invoke("compare", "--vary", "opt=sgd,adam", "--metric", "my_metric", "--epochs", "1").exit_code == 0
+        late = invoke("compare", "--vary", "opt=sgd,adam", "--metric", "nope", "--epochs", "1")
+    assert late.exit_code != 0 and "no run produced metric 'nope'" in late.output
+
+
+def test_the_summary_marks_the_best_variant_apart_from_significance_and_sums_seconds_over_seeds(invoke):
+    """``*`` means a significant difference in the summary's note: the best variant is marked "yes", and the
+    seconds column says it adds up every seed's run."""
+    result = invoke("compare", "--vary", "opt=sgd,adam", "--epochs", "1", "--out", "o")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((Path.cwd() / "o" / "summary.csv").open()))
+    assert sorted(row["best"] for row in rows) == ["", "yes"]
+    assert all(float(row["seconds (all seeds)"]) > 0 for row in rows)
 
 
 BRACKETED = "opt=[sam:base=[sgd:momentum=0.9,nesterov=true],rho=0.05]"

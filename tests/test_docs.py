@@ -363,3 +363,15 @@ def test_contributing_layout_names_every_module_of_the_core():
 
 def test_contributing_says_how_to_regenerate_the_docs():
     assert generate.COMMAND in (ROOT / "CONTRIBUTING.md").read_text()
+
+
+def test_the_package_version_is_the_release_the_changelog_prepares():
+    """Runs are tagged ``optiflow.version``; docs/results.md dates metric changes by release ("before 0.2.0"):
+    the version in pyproject.toml is the [Unreleased] release of CHANGELOG.md (as a .devN) or a released one."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    heading = re.search(r"^## \[Unreleased\] — (\S+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert heading is not None
+    assert version.startswith(f"{heading.group(1)}.dev"), f"pyproject.toml says {version}, CHANGELOG prepares " \
+                                                         f"{heading.group(1)}"

@@ -495,3 +495,30 @@ def test_hook_test_end(tracking_uri):
     assert shape == (30, 3), "the model's outputs on the 30 test samples, one row each"
     logged = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
     assert logged["test_agreement"] == pytest.approx(metrics["test_accuracy"]), "predictions are what was scored"
+
+
+def test_hook_epoch_metric_names(tracking_uri):
+    """What a plugin declares it adds at epoch end is among the run's final metrics before it opens, and logged;
+    a plugin outside optiflow adding metrics without declaring them is noticed."""
+    from optiflow.plugins import adds_undeclared_metrics, get_plugin_manager
+    from optiflow.training import preflight, produced_metric_names, train
+
+    class Declaring:
+        @hookimpl
+        def optiflow_epoch_metric_names(self, run):
+            return ["declared_metric"]
+
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            metrics["declared_metric"] = float(epoch)
+
+    config = RunConfig.from_dict({"epochs": 1, "tracking_uri": tracking_uri, "experiment": "test-hooks-epoch-names"})
+    with registered_plugin(Declaring(), name="declaring"):
+        run = preflight(config)
+        assert {"declared_metric", "train_seconds", "test_loss"} <= produced_metric_names(run)
+        assert run.metrics_declared and not adds_undeclared_metrics(get_plugin_manager())
+        result = train(config, log_model=False)
+    assert "declared_metric" in result.history
+    undeclared = type("Undeclared", (), {"optiflow_epoch_end": hookimpl(lambda self, run, epoch, metrics: None)})
+    with registered_plugin(undeclared(), name="undeclared"):
+        assert adds_undeclared_metrics(get_plugin_manager())

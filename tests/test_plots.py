@@ -99,4 +99,5 @@ def test_search_plots_name_the_metric_and_how_few_trials_importance_rests_on():
     assert drawn["optimization_history.png"].get_ylabel() == "val_loss"
     importance = drawn["param_importances.png"]
     assert importance.get_title() == "importance for val_loss, from 6 complete trials: few trials, a rough estimate"
+    assert importance.get_title(loc="left") == importance.get_title(loc="right") == "", "no title drawn over ours"
     assert "Objective Value" not in importance.get_xlabel()

@@ -10,6 +10,7 @@ import csv
 import io
 import re
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -562,3 +563,39 @@ def test_a_model_without_optiflow_metadata_is_one_line(tracking_uri, tmp_path):
         mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[])
     (tmp_path / "x.csv").write_text("a\n1\n")
     assert_refused(predict(tracking_uri, run.info.run_id, tmp_path / "x.csv"), "has no optiflow metadata")
+
+
+def test_a_csv_without_a_header_row_is_told_to_have_one(tmp_path):
+    path = write(tmp_path / "x.csv", "\n".join(",".join(["0.0"] * 63 + [str(i)]) for i in range(3)) + "\n")
+    with pytest.raises(OptiflowError, match="first row holds numbers, not column names: the CSV needs a header row"):
+        read_inputs(path, DIGITS)
+
+
+def test_a_target_that_is_a_feature_column_is_refused(tmp_path):
+    path = write(tmp_path / "x.csv", ",".join(PIXELS) + "\n" + ",".join(["1"] * 64) + "\n")
+    with pytest.raises(OptiflowError, match="--target 'pixel_0_0' is a feature column of the model"):
+        read_inputs(path, DIGITS, target="pixel_0_0")
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (5, 8, 8), (5, 64)])
+def test_a_flat_digits_model_takes_images_too(tmp_path, shape):
+    """docs/models.md: a digits model (image=false too) takes 64 columns and (N, 1, 8, 8) images."""
+    flat = replace(DIGITS, input_shape=(64,), image=False)
+    np.save(tmp_path / "x.npy", np.arange(5 * 64, dtype=np.float32).reshape(shape))
+    inputs = read_inputs(str(tmp_path / "x.npy"), flat)
+    assert inputs.x.shape == (5, 64) and list(inputs.x.columns) == PIXELS
+    assert inputs.x.to_numpy()[1, 3] == 64 + 3, "row-major: pixel_0_3 of the second image"
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 8, 8), (3, 8, 8), (3, 64)])
+def test_the_pyfunc_of_a_flat_digits_model_takes_images_too(shape):
+    import torch
+
+    from optiflow.serving import Predictor
+
+    card = {"task": "regression", "input_shape": [64], "image": False, "feature_names": PIXELS}
+    predictor = Predictor(lambda x: x.sum(dim=1, keepdim=True), card)
+    x = np.arange(3 * 64, dtype=np.float32).reshape(shape)
+    with torch.no_grad():
+        out = predictor.predict(x)
+    assert np.allclose(np.asarray(out, dtype=np.float64).ravel(), np.arange(3 * 64).reshape(3, 64).sum(axis=1))

@@ -235,6 +235,20 @@ def test_a_search_with_stacked_folds_scores_the_folds_it_logs(invoke, mlflow_cli
         assert trial.data.metrics["cv_val_accuracy_mean"] == pytest.approx(mean)
 
 
+def test_one_run_and_k_stacked_runs_count_right_predictions_alike():
+    """metrics.hits: a class index or a one-hot/mixed target, one run's (N, C) outputs or K runs' (K, N, C)."""
+    import torch
+
+    from optiflow.metrics import hits
+
+    outputs = torch.tensor([[[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], [[0.6, 0.4], [0.2, 0.8], [0.5, 0.4]]])
+    labels = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    mixed = torch.nn.functional.one_hot(labels, 2).float() * 0.7 + 0.15
+    for targets in (labels, mixed):
+        assert hits(outputs, targets).tolist() == [[True, False, False], [True, True, False]]
+        assert [hits(outputs[j], targets[j]).sum().item() for j in range(2)] == [1, 2]
+
+
 @pytest.mark.parametrize("settings", [
     {"lr": 0.01},
     {"lr": 0.003, "weight_decay": 0.01, "amsgrad": True},

@@ -35,6 +35,25 @@ def test_environment_switches_read_the_same_words(word, meaning, monkeypatch):
     assert tracing() is meaning and env_flag("OPTIFLOW_STRICT_PLUGINS") is meaning
 
 
+@pytest.mark.parametrize("word, meaning", SPELLINGS + [("", True), ("maybe", True)])
+def test_the_malloc_switch_is_on_by_default_and_off_for_every_false_word(word, meaning, monkeypatch):
+    """OPTIFLOW_MALLOC_TUNING once turned off only for "0": "off", "false", "no" left it on."""
+    from optiflow import host
+
+    calls = []
+
+    class Mallopt:
+        def __call__(self, *args):
+            calls.append(args)
+            return 1
+
+    monkeypatch.setattr(host, "_glibc", lambda: True)
+    monkeypatch.setattr(host.ctypes, "CDLL", lambda _name: type("Libc", (), {"mallopt": Mallopt()})())
+    monkeypatch.setenv(host.ENV_SWITCH, f" {word.upper()} ")
+    assert host.keep_freed_memory.__wrapped__() is meaning
+    assert bool(calls) is meaning
+
+
 @pytest.mark.parametrize("word", ["maybe", "2", "tru", ""])
 def test_a_word_outside_the_vocabulary_is_no_bool(word, monkeypatch):
     with pytest.raises(OptiflowError, match="configuration key 'shuffle' expects bool"):
@@ -108,3 +127,12 @@ def test_optuna_options_are_coerced_to_the_type_of_the_constructor_default():
         settings.sampler_options = {"n_startup_trials": bad}
         with pytest.raises(OptiflowError, match=f"sampler 'tpe': option 'n_startup_trials' expects {expected}"):
             make_sampler(settings)
+
+
+@pytest.mark.parametrize("spelling", ["batch-size", "batch_size"])
+def test_a_key_reads_alike_with_dashes_or_underscores(spelling):
+    """values.key_name: a flag's dashes are a key's underscores, in a config file and a component option."""
+    from optiflow.values import dashed_name, key_name
+
+    assert RunConfig.from_dict({spelling: 64}).batch_size == 64
+    assert key_name(spelling) == "batch_size" and dashed_name(key_name(spelling)) == "batch-size"

@@ -17,6 +17,7 @@ from optiflow.config import RunConfig, split_variants
 from optiflow.errors import OptiflowError, TrainingError
 from optiflow.forecast import Tick, eta
 from optiflow.metrics import csv_text, default_metric, final_metrics, higher_is_better, markdown_table, number
+from optiflow.values import key_name
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -44,7 +45,8 @@ class ChildRun:
     reused: bool = False
 
 
-BRIEF_COLUMNS = ("variant", "runs", "mean [95% CI]", "vs baseline (paired)", "seconds", "best")
+SECONDS_COLUMN = "seconds (all seeds)"  #: a variant's training time, its runs' summed
+BRIEF_COLUMNS = ("variant", "runs", "mean [95% CI]", "vs baseline (paired)", SECONDS_COLUMN, "best")
 
 
 @dataclass
@@ -93,7 +95,7 @@ def parse_vary(items: object) -> dict[str, list[str]]:
         pairs.append((key, values))
     vary: dict[str, list[str]] = {}
     for raw_key, values in pairs:
-        key = str(raw_key).strip().replace("-", "_")
+        key = key_name(str(raw_key).strip())
         if key not in VARIABLE_KEYS:
             close = [k for k in VARIABLE_KEYS if key.startswith(k)] or difflib.get_close_matches(key, VARIABLE_KEYS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -239,16 +241,16 @@ def _train_child(label: str, config: RunConfig, parent_run_id: str, tags: dict[s
                        role="compare-child", reuse=reuse)
     except TrainingError as exc:
         return ChildRun(label, config.seed, "FAILED", failure=str(exc))
-    return ChildRun(label, config.seed, "FINISHED", result.run_id, final_metrics(result.metrics, result.history),
-                    result.history, result.seconds, reused=result.reused)
+    final = final_metrics(result.metrics, result.history, result.seconds)
+    return ChildRun(label, config.seed, "FINISHED", result.run_id, final, result.history, result.seconds,
+                    reused=result.reused)
 
 
 def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) -> None:
     """Each variant (its first seed) passes all that a training checks before its run opens, and logs the
-    ``metric`` to rank by (:func:`~optiflow.metrics.check_final_metric`), before the comparison's parent run
+    ``metric`` to rank by (:func:`~optiflow.training.check_ranking_metric`), before the comparison's parent run
     opens: bad input is one line naming the variant, and no run is left FAILED."""
-    from optiflow.metrics import check_final_metric
-    from optiflow.training import preflight, produced_metric_names
+    from optiflow.training import check_ranking_metric, preflight
 
     checked: set[str] = set()
     for label, config in runs:
@@ -258,7 +260,7 @@ def preflight_variants(runs: list[tuple[str, RunConfig]], metric: str | None) ->
         try:
             run = preflight(config)
             if metric is not None:
-                check_final_metric("--metric", metric, produced_metric_names(run), len(run.splits.x_val) > 0)
+                check_ranking_metric(metric, run)
         except OptiflowError as exc:
             raise OptiflowError(f"variant {label}: {exc}") from None
 
@@ -303,7 +305,7 @@ def _summarize(tracker: Tracker, children: list[ChildRun], metric: str | None, o
     extra = [k for k in ("test_loss", "train_loss", "val_loss") if k != metric]
     columns = ["variant", "runs", "failed", f"{metric} mean", f"{metric} std", f"{metric} 95% CI low",
                f"{metric} 95% CI high", f"{metric} min", f"{metric} max", f"difference to {baseline}",
-               "p (paired t-test)", "significant at 5%", *(f"{k} mean" for k in extra), "seconds", "best"]
+               "p (paired t-test)", "significant at 5%", *(f"{k} mean" for k in extra), SECONDS_COLUMN, "best"]
     rows, brief = [], []
     for label, runs in by_label.items():
         values, interval, test = scores[label], intervals[label], tests[label]
@@ -315,7 +317,7 @@ def _summarize(tracker: Tracker, children: list[ChildRun], metric: str | None, o
             number(_mean(values)), number(statistics.stdev(values) if len(values) > 1 else None),
             number(interval.low if interval else None), number(interval.high if interval else None),
             number(min(values) if values else None), number(max(values) if values else None), *versus,
-            *(number(m) for m in means), f"{sum(c.seconds for c in runs):.1f}", "*" if label == best else "",
+            *(number(m) for m in means), f"{sum(c.seconds for c in runs):.1f}", "yes" if label == best else "",
         ])
         failed = rows[-1][2]
         mean = number(_mean(values)) + (f" [{number(interval.low)}, {number(interval.high)}]" if interval else "")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from optiflow.errors import DiskFull, OptiflowError, first_line, no_space
 from optiflow.predict_inputs import ID_COLUMN, ModelSpec, input_file, read_inputs
 from optiflow.serving import OutOfRange, Predictor
+from optiflow.stores import quiet_artifact_downloads
 
 if TYPE_CHECKING:
     import numpy as np
@@ -94,7 +95,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
     uri = resolve_tracking_uri(tracking_uri, existing=True)
     store = client(uri)
     mlflow.set_tracking_uri(uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_artifact_downloads()
     if model.startswith("models:/"):
         return model, model
     match = RUNS_URI.match(model)

@@ -219,15 +219,14 @@ def _preflight_first_corner(base: RunConfig, settings: SearchSettings) -> None:
     """A trial at the space's first corner (every choice's first value, every range's low bound) passes all that
     a training checks before its run opens, before the study's parent run opens (a monitored metric no trial
     produces, an augmentation the data cannot take ...)."""
-    from optiflow.metrics import check_monitor
-    from optiflow.training import preflight, produced_metric_names
+    from optiflow.training import check_ranking_metric, preflight
 
     config, sampled = trial_config(base, settings.space, Dimension.first)
     if settings.cv:
         config = config.replace(cv_folds=settings.cv, cv_fold=0)
     try:
         run = preflight(config)
-        check_monitor("--metric", settings.metric, produced_metric_names(run), len(run.splits.x_val) > 0)
+        check_ranking_metric(settings.metric, run)
     except OptiflowError as exc:
         where = ", ".join(f"{name}={short(value)}" for name, value in sampled.items())
         raise OptiflowError(f"a trial with {where}: {exc}" if where else str(exc)) from None

@@ -22,7 +22,7 @@ from optiflow.search.folds import train_folds
 from optiflow.search.space import short, trial_config
 from optiflow.search.stopping import no_more_trials, stop_at_target, time_limit, trial_tick
 from optiflow.search.study import SearchSettings, open_study
-from optiflow.search.workers import REUSED_ATTR, RUN_ATTR, finished, total_callback
+from optiflow.search.workers import OVER_ATTR, REUSED_ATTR, RUN_ATTR, finished, over_total, total_callback
 
 
 class TrialPruned(RunKilled, optuna.TrialPruned):
@@ -72,6 +72,9 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
         return False
 
     def objective(trial: optuna.Trial) -> float:
+        if total is not None and over_total(study, trial, total):
+            study.stop()
+            raise TrainingError(trial.user_attrs["failure"])
         config, sampled = trial_config(base, settings.space, lambda dim: dim.suggest(trial))
         trial_tags = {**(tags or {}), "optuna.study_name": study.study_name, "optuna.trial_number": str(trial.number)}
         params = {"optuna.trial_number": trial.number, "optuna.sampler": settings.sampler,
@@ -86,7 +89,7 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
                                       reuse=settings.reuse)
                 if result.reused:
                     _reused(trial, [result], settings, str(result.run_id), config.epochs)
-                value = _objective_value(final_metrics(result.metrics, result.history), settings.metric)
+                value = _objective_value(final_metrics(result.metrics, result.history, result.seconds), settings.metric)
         except TrialPruned:
             trial.set_user_attr("mlflow_run_id", _child_run(base, parent_id, name, trial_tags, params, None))
             raise
@@ -99,7 +102,7 @@ def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, p
         return value
 
     def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if progress is None:
+        if progress is None or trial.user_attrs.get(OVER_ATTR):
             return
         shown = ", ".join(f"{k}={short(v)}" for k, v in trial.params.items())
         value = f"{settings.metric}={trial.value:.4g}" if trial.value is not None else trial.user_attrs.get("failure", "")
@@ -178,7 +181,7 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
     if all(found):
         reused = [result for result in found if result is not None]
         _reused(trial, reused, settings, _parent_of(config, str(reused[0].run_id)), config.epochs)
-        return statistics.fmean(_objective_value(final_metrics(r.metrics, r.history), settings.metric) for r in reused)
+        return statistics.fmean(_objective_value(final_metrics(r.metrics, r.history, r.seconds), settings.metric) for r in reused)
     tracker = Tracker(config.tracking_uri, config.experiment)
     tracker.start(run_name=name, tags={**tags, "optiflow.kind": "cross-validation"}, parent_run_id=parent_id)
     scores: list[float] = []
@@ -205,7 +208,7 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
                 offset=fold * config.epochs, role="cv-fold")
             if result.reused:
                 _report(trial, result, settings, fold * config.epochs)
-            scores.append(_objective_value(final_metrics(result.metrics, result.history), settings.metric))
+            scores.append(_objective_value(final_metrics(result.metrics, result.history, result.seconds), settings.metric))
             histories.append(result.history)
             tracker.log_metrics({f"cv_{settings.metric}": scores[-1]}, step=fold + 1, flush=False)
         for epoch in range(min(len(h.get("train_loss", [])) for h in histories)):

@@ -16,10 +16,11 @@ import optuna
 
 from optiflow.config import RunConfig
 from optiflow.errors import first_line
-from optiflow.search.claims import claim, release
+from optiflow.search.claims import claim, release, settle
 from optiflow.search.space import trial_config
 from optiflow.search.study import SearchSettings
 from optiflow.search.summary import Refit
+from optiflow.search.workers import close_runs
 
 if TYPE_CHECKING:
     from optiflow.tracking import Tracker
@@ -45,6 +46,8 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
     best = study.best_trial
     if not _claim(study, best.number, shared=settings.storage is not None):
         return None
+    if settings.storage is not None:
+        _close_dead_refits(base.tracking_uri, parent.run_id, best.number)
     config = refit_config(base, settings, best)
     outcome = Refit(best.number, val_split=config.val_split)
     if progress is not None:
@@ -64,6 +67,8 @@ def refit(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent
         outcome.failure = first_line(exc) or type(exc).__name__
         if outcome.run_id is None and settings.storage is not None:
             release(study, _claim_name(best.number))
+    if outcome.run_id is not None and settings.storage is not None:
+        settle(study, _claim_name(best.number), f"refit run {outcome.run_id}")
     parent_tags = {"refit_run_id": outcome.run_id or "-"}
     if outcome.failure:
         parent_tags["refit_failure"] = outcome.failure[:5000]
@@ -93,6 +98,21 @@ def _claim(study: optuna.Study, trial: int, shared: bool) -> bool:
     """Whether this process refits ``trial``: with a shared storage, the one that takes the study's claim
     ``refit-of-trial-N`` (:func:`~optiflow.search.claims.claim`: exactly one process does)."""
     return not shared or claim(study, _claim_name(trial))
+
+
+def _close_dead_refits(tracking_uri: str | None, parent_id: str | None, trial: int) -> None:
+    """End KILLED the refit runs of ``trial`` left RUNNING by a process killed mid-refit (this process holds the
+    claim, so no other one refits that trial now)."""
+    from optiflow.tracking import client, resolve_tracking_uri, retry
+
+    store = client(resolve_tracking_uri(tracking_uri))
+    parent = retry(store.get_run, parent_id)
+    left = retry(store.search_runs, [parent.info.experiment_id],
+                 f"tags.mlflow.parentRunId = '{parent_id}' and tags.`optiflow.refit_of_trial` = '{trial}' "
+                 "and attributes.status = 'RUNNING'")
+    for run in left:
+        close_runs(tracking_uri, run.info.run_id, f"the process refitting trial {trial} stopped before the end; "
+                                                  "a later search refit the trial again")
 
 
 def _claim_name(trial: int) -> str:

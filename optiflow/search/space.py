@@ -14,7 +14,7 @@ from optiflow.config import ComponentSpec, RunConfig, load_yaml, split_variants
 from optiflow.errors import OptiflowError
 from optiflow.registry import Component
 from optiflow.slots import SLOT_BY_KEY, SLOT_KINDS
-from optiflow.values import literal
+from optiflow.values import key_name, literal
 
 if TYPE_CHECKING:
     import optuna
@@ -87,7 +87,7 @@ def parse_space(items: object, base: RunConfig) -> list[Dimension]:
     if not entries:
         raise OptiflowError("nothing to search: give at least one --space NAME=SPEC (e.g. lr=loguniform:1e-4:1e-1)")
     ranges = {str(name): _parse_range(str(name), spec) for name, spec in entries.items()}
-    chosen = {name.replace("-", "_"): dim.choices for name, dim in ranges.items() if dim.kind == "choice"}
+    chosen = {key_name(name): dim.choices for name, dim in ranges.items() if dim.kind == "choice"}
     return [dataclasses.replace(dim, **_target(name, base, chosen)) for name, dim in ranges.items()]
 
 
@@ -195,7 +195,7 @@ def _target(name: str, base: RunConfig, chosen: dict[str, tuple[Scalar, ...]]) -
     from optiflow.plugins import get_registry
 
     registry = get_registry()
-    key = name.replace("-", "_")
+    key = key_name(name)
     fields = [f.name for f in dataclasses.fields(RunConfig) if f.name not in NOT_SEARCHABLE]
     if key in fields:
         return {"key": key}
@@ -217,7 +217,7 @@ def _target(name: str, base: RunConfig, chosen: dict[str, tuple[Scalar, ...]]) -
         member = None
         if SLOT_BY_KEY[head].repeatable:
             member, _, option = name.partition(".")[2].partition(".")
-            option = option.replace("-", "_")
+            option = key_name(option)
             if member not in {spec.name for spec in getattr(base, head)}:
                 raise OptiflowError(f"--space {name}: {SLOT_KINDS[head]} '{member}' is not in the run; "
                                     f"add --{head} {member}")

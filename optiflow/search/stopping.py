@@ -20,7 +20,7 @@ from optiflow.errors import OptiflowError
 from optiflow.forecast import Tick, eta
 from optiflow.search.space import short
 from optiflow.search.study import SearchSettings
-from optiflow.search.workers import REUSED_ATTR, finished
+from optiflow.search.workers import OVER_ATTR, REUSED_ATTR, finished
 from optiflow.values import duration_text
 
 #: the parent run's tags saying why the study stopped (one of :data:`REASONS`) and how
@@ -121,7 +121,8 @@ def stop_reason(study: optuna.Study, settings: SearchSettings, elapsed: float, n
                               f"finished trials")
     if settings.timeout is not None and elapsed >= settings.timeout:
         return Stop("timeout", f"--timeout {settings.timeout:g} s passed after {done} finished trials")
-    failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+    failed = sum(not t.user_attrs.get(OVER_ATTR)  # a trial asked for over --n-trials was never run
+                 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
     return Stop("trials", f"{done} finished trials" + (f" and {failed} failed" if failed else ""))
 
 
@@ -131,7 +132,8 @@ def trial_tick(study: optuna.Study, trial: optuna.trial.FrozenTrial, settings: S
     reused score left out; cut to what is left of the budget) and the best trial so far with its parameters."""
     trials = study.get_trials(deepcopy=False)
     durations = [t.duration.total_seconds() for t in trials  # a reused score cost nothing: not a trial's time
-                 if t.state.is_finished() and t.duration is not None and not t.user_attrs.get(REUSED_ATTR)]
+                 if t.state.is_finished() and t.duration is not None and not t.user_attrs.get(REUSED_ATTR)
+                 and not t.user_attrs.get(OVER_ATTR)]
     running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
     done = sum(t.state in (COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     left = eta(durations, settings.n_trials - done, parallel=max(settings.n_jobs, 1 + running))

@@ -4,7 +4,7 @@ Several processes (``--n-jobs`` or separate ``optiflow search`` commands on one
 ``--storage``) share one study and one parent run: the first process to create
 the study's ``parent-run`` claim (:mod:`optiflow.search.claims`: exactly one
 succeeds) creates the parent run and records its id in the study's user
-attributes; the others wait for it.
+attributes; the others wait for it, and take the claim over when its holder is gone.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from optiflow.errors import OptiflowError, first_line, redact
 from optiflow.registry import annotation_of
 from optiflow.search.space import Dimension
 from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
-from optiflow.values import coerce, literal, type_name
+from optiflow.values import coerce, key_name, literal, type_name
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
@@ -124,7 +124,7 @@ def parse_component(value: str, names: tuple[str, ...], what: str) -> tuple[str,
         close = difflib.get_close_matches(spec.name, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise OptiflowError(f"unknown {what} '{spec.name}'{hint}; choose from {', '.join(names)}")
-    return spec.name, {k.replace("-", "_"): literal(v) for k, v in spec.options.items()}
+    return spec.name, {key_name(k): literal(v) for k, v in spec.options.items()}
 
 
 def open_storage(url: str | None, heartbeat: int = 0,
@@ -203,16 +203,19 @@ def shared_parent_run(study: optuna.Study, shared: bool, create: Callable[[], st
         run_id = create()
         study.set_user_attr(PARENT_ATTR, run_id)
         return run_id
-    if not claim(study, PARENT_CLAIM):
-        deadline = time.monotonic() + PARENT_WAIT_SECONDS
-        while time.monotonic() < deadline:
-            run_id = study.user_attrs.get(PARENT_ATTR)
-            if run_id:
-                return run_id
-            time.sleep(0.2)
-        raise OptiflowError(f"another process ({holder(study, PARENT_CLAIM)}) is setting up study "
-                            f"'{study.study_name}' but recorded no MLflow run in {PARENT_WAIT_SECONDS:.0f} s; "
-                            "if it was killed, search under a new --study-name") from None
+    deadline = time.monotonic() + PARENT_WAIT_SECONDS
+    while not claim(study, PARENT_CLAIM):  # a holder that is gone is taken over (see optiflow.search.claims)
+        run_id = study.user_attrs.get(PARENT_ATTR)
+        if run_id:
+            return run_id
+        if time.monotonic() > deadline:
+            raise OptiflowError(f"another process ({holder(study, PARENT_CLAIM)}) is setting up study "
+                                f"'{study.study_name}' but recorded no MLflow run in {PARENT_WAIT_SECONDS:.0f} s; "
+                                "if it was killed, search under a new --study-name") from None
+        time.sleep(0.2)
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id:  # the holder recorded the run just before this process took the claim over
+        return run_id
     try:
         run_id = create()
     except BaseException:

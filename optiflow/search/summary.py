@@ -14,7 +14,7 @@ from optiflow.metrics import csv_text, markdown_table, number
 from optiflow.reuse import reused_tags
 from optiflow.search.space import short
 from optiflow.search.study import SearchSettings
-from optiflow.search.workers import REUSED_ATTR, RUN_ATTR
+from optiflow.search.workers import OVER_ATTR, REUSED_ATTR, RUN_ATTR
 
 if TYPE_CHECKING:
     from optiflow.runlog import RunTracker
@@ -66,7 +66,7 @@ class Refit:
 
 def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -> SearchResult:
     """Best value and parameters, trial counts, the trials table and Optuna's plots on the parent run."""
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(OVER_ATTR)]
     counts = {state.name: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = study.best_trial if complete else None
@@ -141,6 +141,8 @@ def _log_plots(tracker: RunTracker, study: optuna.Study, settings: SearchSetting
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         if title is not None:
             axis = figure.axes[0]
+            for where in ("left", "right"):  # Optuna's own title (left on the importances) would overlap ours
+                axis.set_title("", loc=where)
             axis.set_title(title)
             if artifact == "intermediate_values.png":
                 axis.set_ylabel(metric)

@@ -5,9 +5,11 @@ On an RDB storage (PostgreSQL, MySQL, SQLite) every running trial beats a heartb
 than twice that (Optuna's ``grace_period``) belonged to a worker that died: the next worker to
 ask for a trial fails it, :class:`CloseAndRetry` ends its MLflow run (and its fold runs) KILLED
 and queues the same parameters once more as a new trial.  ``--n-trials`` is the study's total of
-finished (complete + pruned) trials across all workers (Optuna's ``MaxTrialsCallback``): a worker
-stops asking once the total is reached, so a study overshoots by at most workers - 1 trials, and
-running the same command on the same storage again continues toward the total.
+finished (complete + pruned) trials across all workers: a worker stops asking once the finished and
+running trials reach it (Optuna's ``MaxTrialsCallback``), and a trial that two racing workers asked
+for over the total is failed unrun (:func:`over_total`: the lower trial numbers win; user attribute
+``optiflow.over_n_trials``, left out of the summary), so the study never holds more; running the
+same command on the same storage again continues toward the total.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ RUN_ATTR = "mlflow_run_id"
 REUSED_ATTR = "reused_run_ids"
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 MAX_RETRY = 1
+#: a trial's user attribute: asked for once the study already held ``--n-trials`` finished or running trials
+OVER_ATTR = "optiflow.over_n_trials"
+COUNTED_STATES = (*FINISHED_STATES, optuna.trial.TrialState.RUNNING)
 
 
 def heartbeat_options(seconds: int, tracking_uri: str | None) -> dict[str, Any]:
@@ -89,8 +94,19 @@ def finished(study: optuna.Study) -> int:
 
 
 def total_callback(n_trials: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
-    """Stops this worker's ``optimize`` once the study holds ``n_trials`` finished trials."""
-    return optuna.study.MaxTrialsCallback(n_trials, states=FINISHED_STATES)
+    """Stops this worker's ``optimize`` once the study holds ``n_trials`` finished or running trials."""
+    return optuna.study.MaxTrialsCallback(n_trials, states=COUNTED_STATES)
+
+
+def over_total(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """Whether the trials numbered before ``trial`` that finished or still run already reach ``n_trials``: then
+    ``trial`` (asked for by a worker racing another) is marked :data:`OVER_ATTR`, to be failed unrun."""
+    counted = [t for t in study.get_trials(deepcopy=False, states=COUNTED_STATES) if t.number < trial.number]
+    if len(counted) < n_trials:
+        return False
+    trial.set_user_attr(OVER_ATTR, True)
+    trial.set_user_attr("failure", f"not run: the study already holds --n-trials {n_trials} trials")
+    return True
 
 
 def heartbeat_interval(study: optuna.Study) -> int | None:
