@@ -80,10 +80,8 @@ class Comparison:
 
 
 def parse_vary(items: object) -> dict[str, list[str]]:
-    """``["opt=sgd,adam", "lr=0.1,0.01"]`` as ``{"opt": [...], "lr": [...]}``; a later key wins.
-
-    Items may also be YAML mappings ``{opt: [sgd, adam]}`` (from a ``--config`` file).
-    """
+    """``["opt=sgd,adam", "lr=0.1,0.01"]`` as ``{"opt": [...], "lr": [...]}``; a later key wins.  Items may
+    also be YAML mappings ``{opt: [sgd, adam]}`` (from a ``--config`` file)."""
     pairs: list[tuple[str, Any]] = []
     for item in items if isinstance(items, (list, tuple)) else [items]:
         if isinstance(item, dict):
