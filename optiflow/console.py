@@ -48,7 +48,7 @@ def styled(markup: str) -> Text:
 def _bars(transient: bool = False) -> Progress:
     """Bars whose description and info are plain text (a run's name holds specs such as ``opt=[sgd:...]``)."""
     return Progress(TextColumn("{task.description}", style="bold", markup=False,
-                               table_column=Column(no_wrap=True, max_width=28, overflow="ellipsis")),
+                               table_column=Column(no_wrap=True)),
                     BarColumn(bar_width=12, table_column=Column(no_wrap=True)),
                     MofNCompleteColumn(table_column=Column(no_wrap=True)),
                     # the info alone gives way on a narrow terminal, cut short at its end (the best's parameters)

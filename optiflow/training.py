@@ -33,7 +33,7 @@ from optiflow.reuse import finished_run, key_tags, outputs
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare, stepped_parts
 from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
-from optiflow.stored import resume_command
+from optiflow.stored import resume_hint
 from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, run_status
 
 
@@ -272,9 +272,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
             if not run.wants_artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
-            saved = f"; checkpoint of epoch {run.checkpoint['epoch']} saved, " + (
-                SEARCH_AGAIN if run.role in SEARCH_ROLES else
-                f"resume with: {resume_command(run.config, str(tracker.run_id))}")
+            saved = (f"; checkpoint of epoch {run.checkpoint['epoch']} saved, "
+                     f"{resume_hint(run.config, str(tracker.run_id), run.role)}")
     except DiskFull as full:
         if not isinstance(exc, OptiflowError):
             raise full from exc  # the disk filled up while saying why: the full disk is what the user must fix
@@ -292,12 +291,6 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
     noted: Any = exc  # BaseException.add_note() is Python 3.11+
     noted.__notes__ = [*getattr(exc, "__notes__", []), note]
     return exc
-
-
-#: a search's trials and folds are not resumed with ``train --resume``: the search is run again
-SEARCH_ROLES = ("search-trial", "cv-fold")
-SEARCH_AGAIN = ("to go on, run the same search command again (the same --storage and --study-name, if given): "
-                "its finished trials are reused")
 
 
 def failure_reason(pm: PluginManager, exc: BaseException, names: RunPlugins | None = None,
