@@ -18,6 +18,7 @@ from optiflow.cli_predict import export, predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
 from optiflow.flags import build_config, print_settings, resolve_layers, train_options
+from optiflow.signals import InterruptGuard
 from optiflow.stores import quiet_artifact_downloads
 from optiflow.values import dashed_name, env_flag
 
@@ -103,7 +104,7 @@ def _disable_plugins(names: tuple[str, ...]) -> None:
 
 @cli.command()
 @train_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary, only errors (and, for a reused run, the line naming it).")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as YAML and exit.")
 @click.option("--nproc", type=click.IntRange(1, 1024), help="Data-parallel processes on this machine (DDP through torchrun: gloo on CPU, nccl on CUDA; --batch-size is per process) [1].")
 @click.option("--resume", metavar="RUN_ID", callback=flags.not_empty, help="Continue a KILLED or FAILED run from its checkpoint, in the same run.")
@@ -134,7 +135,8 @@ def train(**params: Any) -> None:
 
     warn = None if params["quiet"] or params["resume"] else data_dir_warning(config)
     result = run_training(config, reporter=reporter, resume=params["resume"], on_start=warn, reuse=params["reuse"] is not False)
-    print_summary(result, config, quiet=params["quiet"] or not main_process)
+    if main_process:
+        print_summary(result, config, quiet=params["quiet"])
     flags.register(params["register"], result.run_id, config.tracking_uri, quiet=params["quiet"])
 
 
@@ -203,9 +205,11 @@ def compare(**params: Any) -> None:
     from optiflow.console import WorkProgress, print_comparison, print_forecast
 
     if params["dry_run"]:
-        return print_forecast(compare_forecast(config, vary, int(settings["repeats"]), settings["metric"]))
+        return print_forecast(compare_forecast(config, vary, int(settings["repeats"]), settings["metric"],
+                                               log_models=bool(settings["log_models"]) or bool(params["register"]),
+                                               reuse=params["reuse"] is not False))
     quiet = params["quiet"]
-    with WorkProgress("runs", quiet) as progress:
+    with InterruptGuard(), WorkProgress("runs", quiet) as progress:  # SIGINT/SIGTERM between runs too
         result = command.compare(config, vary, repeats=int(settings["repeats"]), metric=settings["metric"],
                                  baseline=settings["baseline"], out_dir=settings["out"],
                                  log_models=bool(settings["log_models"]), reuse=params["reuse"] is not False,
@@ -268,7 +272,7 @@ def search(**params: Any) -> None:
     if params["dry_run"]:
         return print_forecast(search_forecast(config, settings))
     quiet = params["quiet"]
-    with WorkProgress("trials", quiet) as progress:
+    with InterruptGuard(), WorkProgress("trials", quiet) as progress:  # as compare: between trials, stacked folds
         result = command.search(config, settings, progress=progress)
     if not quiet:
         print_search(result, config)

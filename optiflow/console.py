@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 if TYPE_CHECKING:
@@ -47,9 +47,15 @@ def styled(markup: str) -> Text:
 
 def _bars(transient: bool = False) -> Progress:
     """Bars whose description and info are plain text (a run's name holds specs such as ``opt=[sgd:...]``)."""
-    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=console,
-                    transient=transient)
+    return Progress(TextColumn("{task.description}", style="bold", markup=False,
+                               table_column=Column(no_wrap=True)),
+                    BarColumn(bar_width=12, table_column=Column(no_wrap=True)),
+                    MofNCompleteColumn(table_column=Column(no_wrap=True)),
+                    # the info alone gives way on a narrow terminal, cut short at its end (the best's parameters)
+                    TextColumn("{task.fields[info]}", markup=False,
+                               table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+                    TimeElapsedColumn(table_column=Column(no_wrap=True)), console=console, transient=transient,
+                    expand=True)
 
 
 class RichReporter:
@@ -110,7 +116,7 @@ class WorkProgress:
             if not self.quiet:
                 console.print(item)
         elif self.bars is not None and self.task is not None:
-            self.bars.update(self.task, total=item.total, completed=item.done, info=item.status())
+            self.bars.update(self.task, total=item.total, completed=item.done, info=item.status(best_last=True))
         else:
             console.print(item.line(), markup=False, soft_wrap=True)
 
@@ -137,14 +143,20 @@ def print_forecast(forecast: Forecast) -> None:
                   f"{cal.epoch_seconds:.2f} s, test {cal.test_seconds:.2f} s", markup=False)
     console.print(f"estimated total: {duration_text(forecast.estimate)} ({forecast.basis})", markup=False,
                   soft_wrap=True)
+    for warning in forecast.warnings:
+        console.print(f"warning: {warning}", markup=False, soft_wrap=True)
 
 
 def print_summary(result: RunResult, config: RunConfig, quiet: bool = False) -> None:
-    """The final table: test metrics, epochs, time, the MLflow run and how to open the UI."""
+    """The final table: test metrics, epochs, time, the MLflow run and how to open the UI; ``quiet``: nothing,
+    but for a reused run the line naming it (it is the result)."""
     from optiflow.errors import redact
     from optiflow.tracking import ui_command
 
     if quiet:
+        if result.reused:
+            console.print(f"reused run {result.run_id}: a finished run with the same content key (--no-reuse trains "
+                          f"anew)", markup=False, soft_wrap=True)
         return
     title = "optiflow run (reused: a finished run with the same content key; --no-reuse trains anew)" \
         if result.reused else "optiflow run"
@@ -260,7 +272,10 @@ def print_search(result: SearchResult, config: RunConfig, top: int = 10) -> None
     from optiflow.tracking import resolve_tracking_uri, ui_command
 
     counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items() if n)
-    result_table(f"study {result.study_name}: {counts}", result.columns[:-2], [r[:-2] for r in result.rows[:top]])
+    if result.rows:
+        result_table(f"study {result.study_name}: {counts}", result.columns[:-2], [r[:-2] for r in result.rows[:top]])
+    else:
+        console.print(f"study {result.study_name}: no trial finished", markup=False, soft_wrap=True)
     print_reused(result.reused, sum(result.counts.values()), "trials")
     if result.best_value is not None:
         shown = ", ".join(f"{k}={v}" for k, v in result.best_params.items())

@@ -92,9 +92,9 @@ def stop_options(func: Command) -> Command:
         click.option("--target", metavar="METRIC=VALUE",
                      help="Stop starting trials once a finished trial reaches VALUE of METRIC (e.g. val_accuracy=0.98: "
                           "at least, or at most for a metric lower is better), in any process sharing --storage; "
-                          "METRIC is the objective."),
+                          "METRIC is the objective; a bare VALUE is a value of --metric."),
         click.option("--budget", metavar="TIME", help="Wall time for the search (90s, 30m, 2h, 1h30m): no trial starts "
-                                                      "after it, the one in flight finishes."),
+                                                      "after it, the one in flight finishes; a search that finished no trial exits 1."),
     ])(func)
 
 

@@ -7,7 +7,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from optiflow.config import RunConfig
@@ -113,14 +113,13 @@ class Tick:
     #: the best so far with its parameters
     best: str | None = None
 
-    def status(self) -> str:
-        """The last unit's time, the best so far and the ETA, in one line."""
+    def status(self, best_last: bool = False) -> str:
+        """The last unit's time, the best so far and the ETA, in one line (``best_last``: the best, the longest
+        part, at the end, where a narrow terminal's bar cuts it short)."""
         parts = [f"last {duration_text(self.seconds)}"]
-        if self.best:
-            parts.append(f"best {self.best}")
-        if self.eta is not None:
-            parts.append(f"ETA {duration_text(self.eta)}")
-        return "  ·  ".join(parts)
+        eta_part = [f"ETA {duration_text(self.eta)}"] if self.eta is not None else []
+        best = [f"best {self.best}"] if self.best else []
+        return "  ·  ".join([*parts, *eta_part, *best] if best_last else [*parts, *best, *eta_part])
 
     def line(self) -> str:
         return f"[{self.done}/{self.total}] {self.what}  ·  {self.status()}"
@@ -137,6 +136,8 @@ class Forecast:
     estimate: float
     #: how the estimate was made, in a line
     basis: str
+    #: what the plan will not do as asked (a budget shorter than one trial), a line each
+    warnings: list[str] = field(default_factory=list)
 
 
 def estimate_runs(calibration: Calibration, epochs: Sequence[int], parallel: int = 1) -> float:

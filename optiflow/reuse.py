@@ -4,6 +4,7 @@ would log (:data:`OUTPUTS_TAG`); parents name what they reused (:func:`reused_ta
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from optiflow import distributed
@@ -91,3 +92,20 @@ def planned_key(config: RunConfig, registry: Registry) -> str:
     cluster = distributed.current()
     device = resolve_device(config.device, cluster.local_rank if cluster.enabled else None)
     return run_key(resolved, dataset_digest(load_source(resolved, config)), device, cluster.world_size)
+
+
+def finished_in_store(configs: list[RunConfig], needed: set[str], registry: Registry) -> list[str | None]:
+    """For ``--dry-run``: the FINISHED run each of ``configs`` would reuse (its id, None: it would train), read
+    without creating anything: a store that does not exist yet (its SQLite file or folder) holds none."""
+    import os
+
+    from optiflow.stores import is_server, sqlite_path
+    from optiflow.tracking import DEFAULT_TRACKING_URI
+
+    uri = configs[0].tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI if configs else ""
+    path = Path(uri.removeprefix("file://").removeprefix("file:")) if uri.startswith("file:") else (
+        sqlite_path(uri) if "://" in uri else Path(uri))
+    if not configs or (path is not None and not is_server(uri) and not path.exists()):
+        return [None] * len(configs)
+    found = [finished_run(config, planned_key(config, registry), needed) for config in configs]
+    return [result.run_id if result is not None else None for result in found]

@@ -97,6 +97,19 @@ def resume_command(config: RunConfig, run_id: str) -> str:
     return shlex.join(["optiflow", "train", "--resume", run_id, *(["--data-dir", folder] if folder else [])])
 
 
+#: a search's trials and folds are not resumed with ``train --resume``: the search is run again
+SEARCH_ROLES = ("search-trial", "cv-fold")
+
+
+def resume_hint(config: RunConfig, run_id: str, role: str) -> str:
+    """How to go on after run ``run_id`` was stopped with a checkpoint: ``train --resume``, or for a search's trial
+    or fold (``role``), the same search again."""
+    if role in SEARCH_ROLES:
+        return ("to go on, run the same search command again (the same --storage and --study-name, if given): "
+                "its finished trials are reused")
+    return f"resume with: {resume_command(config, run_id)}"
+
+
 def data_dir_warning(config: RunConfig) -> Callable[[str], None] | None:
     """What to say once a run with ``config`` is open when its resume or reproduction will need a ``--data-dir``
     (None: nothing to say)."""

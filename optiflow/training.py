@@ -33,7 +33,7 @@ from optiflow.reuse import finished_run, key_tags, outputs
 from optiflow.run import Reporter, Run, RunResult, SilentReporter, prepare, stepped_parts
 from optiflow.runlog import NullTracker
 from optiflow.signals import InterruptGuard
-from optiflow.stored import resume_command
+from optiflow.stored import resume_hint
 from optiflow.tracking import Outcome, Tracker, client, resolve_tracking_uri, run_status
 
 
@@ -272,8 +272,8 @@ def _record_failure(run: Run, pm: PluginManager, reporter: Reporter, exc: BaseEx
             if not run.wants_artifacts:
                 tracker.log_text(run.config.to_yaml(), "config.yaml")  # what --resume reads
             checkpoints.save(tracker, run.checkpoint)
-            saved = (f"; checkpoint of epoch {run.checkpoint['epoch']} saved, resume with: "
-                     f"{resume_command(run.config, str(tracker.run_id))}")
+            saved = (f"; checkpoint of epoch {run.checkpoint['epoch']} saved, "
+                     f"{resume_hint(run.config, str(tracker.run_id), run.role)}")
     except DiskFull as full:
         if not isinstance(exc, OptiflowError):
             raise full from exc  # the disk filled up while saying why: the full disk is what the user must fix

@@ -173,8 +173,8 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])")
 
 
 def parse_duration(value: object) -> float:
-    """A wall time in seconds: ``90``, ``90s``, ``30m``, ``2h``, ``1h30m`` (units s, m, h, d); ValueError otherwise
-    (and for anything not finite and > 0)."""
+    """A wall time in seconds: ``90``, ``90s``, ``30m``, ``2h``, ``1h30m`` (units s, m, h, d, largest first, a part
+    after a larger unit below it); ValueError otherwise (``1h99m``, ``''``, anything not finite and > 0)."""
     text = str(value).strip().lower().replace(" ", "")
     try:
         seconds = float(text)
@@ -182,7 +182,12 @@ def parse_duration(value: object) -> float:
         parts = _DURATION_PART.findall(text)
         if not parts or "".join(number + unit for number, unit in parts) != text:
             raise ValueError(value) from None
-        seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+        units = [DURATION_UNITS[unit] for _, unit in parts]
+        # units largest first, each once; after a larger unit a part stays below it (1h30m, not 1h99m or 30m1h)
+        if units != sorted(set(units), reverse=True) or any(
+                float(number) * unit >= above for (number, _), unit, above in zip(parts[1:], units[1:], units)):
+            raise ValueError(value) from None
+        seconds = sum(float(number) * unit for (number, _), unit in zip(parts, units))
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(value)
     return seconds

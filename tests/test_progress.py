@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import pytest
 
@@ -76,6 +77,18 @@ def test_a_terminal_gets_a_live_bar_not_lines(invoke, terminal, args):
     assert "[1/2]" not in shown and "\x1b[" in shown  # the bar, drawn with terminal codes, not a plain line
 
 
+def test_an_80_column_bar_keeps_the_count_and_the_eta_and_cuts_the_best_short(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(console_module, "console", PipeFriendlyConsole(file=out, force_terminal=True, width=80))
+    best = "val_accuracy=0.9712 (trial 7: lr=0.0123, opt=adam, hidden=128, dropout=0.25, momentum=0.9)"
+    with console_module.WorkProgress("trials", quiet=False) as progress:
+        progress(Tick(12, 40, "trial 11 complete", 3.2, 130.0, best))
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    shown = [line for line in re.split(r"[\r\n]", plain) if line.startswith("trials")][-1]
+    assert "12/40" in shown and "ETA 2m10s" in shown and "best val_accuracy" in shown
+    assert "…" in shown and "momentum" not in shown  # the parameters give way, not the count
+
+
 @pytest.mark.parametrize("args", [SEARCH, COMPARE], ids=["search", "compare"])
 @pytest.mark.parametrize("quiet", [False, True], ids=["piped", "quiet"])
 def test_piped_or_quiet_gets_one_plain_line_per_unit(invoke, args, quiet):
@@ -116,6 +129,34 @@ def test_search_dry_run_leaves_a_shared_study_untouched(invoke, tmp_path):
     assert study.read_bytes() == before and not (tmp_path / "mlruns").exists()
 
 
+def test_search_dry_run_lists_the_budget_and_warns_when_it_is_shorter_than_one_trial(invoke, tmp_path):
+    result = invoke("search", "--space", "lr=loguniform:1e-3:1e-1", "--budget", "0.01s", "--dry-run", *TINY,
+                    store=False)
+    assert result.exit_code == 0, result.stderr
+    assert "stops at --budget 0.0s" in result.output
+    assert "warning: --budget of 0.0s is shorter than one trial (about " in result.output
+    roomy = invoke("search", "--space", "lr=loguniform:1e-3:1e-1", "--budget", "1h", "--dry-run", *TINY, store=False)
+    assert "stops at --budget 1h00m" in roomy.output and "warning" not in roomy.output
+
+
+def test_search_dry_run_counts_the_trials_a_shared_study_already_finished(invoke, tmp_path):
+    import optuna
+
+    study = tmp_path / "study.db"
+    shared = optuna.create_study(storage=f"sqlite:///{study}", study_name="shared")
+    shared.optimize(lambda trial: trial.suggest_float("lr", 1e-3, 1e-1), n_trials=2)
+    before = study.read_bytes()
+    args = ("search", "--space", "lr=loguniform:1e-3:1e-1", "--storage", f"sqlite:///{study}", "--n-trials", "5",
+            "--dry-run", *TINY)
+    result = invoke(*args, "--study-name", "shared", store=False)
+    assert result.exit_code == 0, result.stderr
+    assert "study shared holds 2 finished trials, 3 left to run" in result.output
+    assert "5 trials (2 already finished) = 3 trainings" in result.output and "3 trainings of 1 epochs" in result.output
+    other = invoke(*args, "--study-name", "other", store=False)  # no such study: every trial is to run
+    assert "5 trainings of 1 epochs" in other.output and "finished trials" not in other.output
+    assert study.read_bytes() == before and not (tmp_path / "mlruns").exists()
+
+
 def test_compare_dry_run_prints_the_runs_and_an_estimate_and_touches_no_store(invoke, tmp_path):
     result = invoke("compare", "--vary", "opt=sgd,adam", "--vary", "lr=0.1,0.01", "--repeats", "3", "--epochs", "2",
                     "--out", str(tmp_path / "out"), "--dry-run", store=False)
@@ -123,6 +164,17 @@ def test_compare_dry_run_prints_the_runs_and_an_estimate_and_touches_no_store(in
     assert "12 runs: 4 variants x 3 seeds" in result.output and "opt=adam lr=0.01" in result.output
     assert "12 trainings of 2 epochs at variant opt=sgd lr=0.1's cost" in result.output
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "out").exists()
+
+
+def test_compare_dry_run_says_which_runs_it_would_reuse_and_leaves_them_out_of_the_estimate(invoke, tmp_path):
+    first = invoke("compare", "--vary", "opt=sgd,rmsprop", *TINY, "--out", str(tmp_path / "a"), "-q")
+    assert first.exit_code == 0, first.stderr
+    result = invoke("compare", "--vary", "opt=sgd,adam,rmsprop", *TINY, "--out", str(tmp_path / "b"), "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert "reused 2 of 3 runs" in result.output and "1 trainings of 1 epochs" in result.output
+    assert not (tmp_path / "b").exists()
+    fresh = invoke("compare", "--vary", "opt=sgd,adam,rmsprop", *TINY, "--no-reuse", "--dry-run")
+    assert "reused" not in fresh.output and "3 trainings of 1 epochs" in fresh.output
 
 
 def test_dry_run_refuses_bad_input_like_the_real_command(invoke, tmp_path):

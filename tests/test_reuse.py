@@ -123,6 +123,9 @@ def test_train_reuses_a_finished_run(invoke, mlflow_client, experiment):
     assert again.exit_code == 0, again.output
     assert "reused" in again.output and run.info.run_id in again.output
     assert len(runs_of(mlflow_client, experiment)) == 1
+    quiet = invoke("train", *TINY, "-q")  # the reused run is the result: named even under -q, in one line
+    assert quiet.exit_code == 0 and quiet.output.strip().splitlines() == [
+        f"reused run {run.info.run_id}: a finished run with the same content key (--no-reuse trains anew)"]
     assert invoke("train", *TINY, "--no-reuse").exit_code == 0
     runs = runs_of(mlflow_client, experiment)
     assert len(runs) == 2 and runs[0].data.tags["optiflow.key"] == runs[1].data.tags["optiflow.key"]

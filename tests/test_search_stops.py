@@ -12,6 +12,8 @@ import optuna
 import pytest
 
 from optiflow import hookimpl
+from optiflow.commands.search import settings_from
+from optiflow.config import RunConfig
 from optiflow.search.stopping import stop_reason, target_trial, trial_tick
 from optiflow.search.study import SearchSettings
 
@@ -101,16 +103,80 @@ def test_ctrl_c_records_interrupted_on_the_parent(invoke, mlflow_client, experim
     assert parent.info.status == "KILLED" and parent.data.tags["stop_reason"] == "interrupted"
 
 
+def test_an_interrupted_trial_says_to_run_the_search_again_not_train_resume(invoke, mlflow_client, experiment, plugin):
+    class Interrupt:
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            if epoch >= 2:  # after the first epoch's checkpoint
+                raise KeyboardInterrupt
+
+    plugin(Interrupt(), "interrupt")
+    result = invoke("search", *SPACE, "--n-trials", "2", "--epochs", "3", *TINY)
+    assert result.exit_code == 130
+    assert "checkpoint of epoch" in result.stderr and "run the same search command again" in result.stderr
+    assert "--resume" not in result.stderr
+
+
+#: runs optiflow with SIGINT ignored (as a shell's ``&`` starts it) and sends itself SIGINT once a run has ended
+BACKGROUND = "\n".join([
+    "import os, signal, sys",
+    "from mlflow.tracking import MlflowClient",
+    "from optiflow.cli import main",
+    "signal.signal(signal.SIGINT, signal.SIG_IGN)",
+    "ended = MlflowClient.set_terminated",
+    "def end(self, *args, **kwargs):",
+    "    ended(self, *args, **kwargs)",
+    "    os.kill(os.getpid(), signal.SIGINT)",
+    "MlflowClient.set_terminated = end",
+    "sys.argv = ['optiflow', *sys.argv[1:]]",
+    "main()",
+])
+
+
+@pytest.mark.parametrize("command", [
+    ("search", *SPACE, "--n-trials", "3", "--cv", "2", "--pruner", "none", *TINY),  # folds trained stacked
+    ("compare", "--vary", "opt=sgd,adam", *TINY[:4]),
+])
+def test_kill_int_stops_a_background_search_as_it_stops_compare(command, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "-c", BACKGROUND, *command, "--epochs", "1", "--tracking-uri", store],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "interrupted by SIGINT" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_budget_spent_before_any_trial_finished_says_so_and_exits_1(invoke, mlflow_client, experiment):
+    """A search that ran no trial is not a success: one clear line, exit 1, no empty summary."""
+    result = invoke("search", *SPACE, "--n-trials", "3", "--epochs", "1", "--budget", "0.001s", *TINY)
+    assert result.exit_code == 1
+    assert "the budget ended before any trial finished" in result.stderr and "Traceback" not in result.stderr
+    assert "no trial finished" in result.output and "┏" not in result.output  # no empty table
+    parent = parent_of(mlflow_client, experiment)
+    assert parent.info.status == "FAILED" and parent.data.tags["stop_reason"] == "budget"
+    assert trial_numbers(mlflow_client, experiment) == []
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--target", "val_accuracy=high"), "--target expects METRIC=VALUE"),
     (("--target", "val_accuracy=0.9", "--metric", "val_loss"), "--target names val_accuracy but the objective"),
     (("--budget", "ten minutes"), "--budget expects a wall time"),
     (("--budget", "0s"), "--budget expects a wall time"),
+    (("--budget", ""), "--budget expects a wall time"),  # not read as "no budget"
+    (("--budget", "1h99m"), "--budget expects a wall time"),  # 99 minutes are not a part of an hour
+    (("--budget", "30m1h"), "--budget expects a wall time"),
 ])
 def test_bad_target_or_budget_is_one_line_exit_2_and_no_run(invoke, mlflow_client, experiment, args, message):
     result = invoke("search", *SPACE, "--n-trials", "2", "--epochs", "1", *args, *TINY)
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert mlflow_client.get_experiment_by_name(experiment) is None
+
+
+def test_a_bare_target_is_a_value_of_the_default_objective():
+    """docs/search.md: a bare ``--target 0.98`` is a value of ``--metric``, or of its default when none is given."""
+    base = RunConfig()
+    assert settings_from({"target": "0.98", "space": SPACE[1:2]}, base).target == 0.98
+    assert settings_from({"target": "0.98", "space": SPACE[1:2]}, base).metric == SearchSettings.metric
+    assert settings_from({"target": "0.2", "metric": "val_loss", "space": SPACE[1:2]}, base).metric == "val_loss"
 
 
 def _trial(number: int, state: str, value: float | None, seconds: float, finished_at: int) -> optuna.trial.FrozenTrial:
@@ -204,7 +270,7 @@ def test_parse_target(text, metric, expected):
     assert parse_target(text, metric) == expected
 
 
-@pytest.mark.parametrize("text", ["val_accuracy=", "=0.9", "0.9", "val_accuracy=nan", "val_accuracy=inf"])
+@pytest.mark.parametrize("text", ["val_accuracy=", "=0.9", "val_accuracy=nan", "val_accuracy=inf"])
 def test_parse_target_refuses(text):
     from optiflow.errors import OptiflowError
     from optiflow.search.stopping import parse_target

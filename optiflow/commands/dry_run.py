@@ -13,21 +13,32 @@ from optiflow.errors import redact
 from optiflow.forecast import Forecast, calibrate, calibrate_stacked, estimate_runs
 from optiflow.search.space import Dimension, Scalar, describe_dimension, trial_config
 from optiflow.search.study import SearchSettings
+from optiflow.values import duration_text
 
 
 def compare_forecast(base: RunConfig, vary: dict[str, list[str]], repeats: int = 1,
-                     metric: str | None = None) -> Forecast:
-    """``compare --dry-run``: the runs it would train and, from one calibration epoch of the first variant
-    (in this process, nothing logged, no store touched), an estimate of the total time."""
+                     metric: str | None = None, *, log_models: bool = False, reuse: bool = True) -> Forecast:
+    """``compare --dry-run``: the runs it would train, those it would reuse (read from an existing store, nothing
+    created) and, from one calibration epoch of the first variant (in this process, nothing logged), an estimate
+    of the total time of the runs it would train."""
+    from optiflow.plugins import get_registry
+    from optiflow.reuse import finished_in_store, outputs
+
     runs = plan_runs(base, vary, repeats)
     preflight_variants(runs, metric)
     labels = list(dict.fromkeys(label for label, _ in runs))
+    needed = outputs(artifacts=True, log_model=log_models, config=base)
+    reused = finished_in_store([c for _, c in runs], needed, get_registry()) if reuse else [None] * len(runs)
+    count = sum(found is not None for found in reused)
     lines = [f"{len(runs)} runs: {len(labels)} variants x {repeats} seed{'s' if repeats > 1 else ''}",
-             *(f"  {label}" for label in labels)]
+             *(f"  {label}" for label in labels),
+             *([f"reused {count} of {len(runs)} runs: finished runs with the same content key, not trained"]
+               if count else [])]
     calibration = calibrate(runs[0][1])
-    epochs = [config.epochs for _, config in runs]
+    epochs = [config.epochs for (_, config), found in zip(runs, reused) if found is None]
     return Forecast(lines, calibration, estimate_runs(calibration, epochs),
-                    f"{len(runs)} trainings of {statistics.fmean(epochs):g} epochs at variant {labels[0]}'s cost")
+                    f"{len(epochs)} trainings of {statistics.fmean(epochs or [0]):g} epochs at variant {labels[0]}'s "
+                    f"cost" + (f", {count} reused" if count else ""))
 
 
 def search_forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
@@ -40,21 +51,54 @@ def search_forecast(base: RunConfig, settings: SearchSettings) -> Forecast:
     stacked = calibrate_stacked([config.replace(cv_folds=settings.cv, cv_fold=k) for k in range(folds)]) if (
         settings.cv and settings.pruner == "none" and not settings.child_artifacts and not settings.log_models) else None
     epochs = [int(round(_mean_value(d))) for d in settings.space if d.key == "epochs"] or [base.epochs]
-    trainings = settings.n_trials * folds
-    estimate = estimate_runs(stacked or calibration, epochs * (settings.n_trials if stacked else trainings),
+    done = finished_before(settings)
+    left = max(0, settings.n_trials - done)
+    trainings = left * folds
+    estimate = estimate_runs(stacked or calibration, epochs * (left if stacked else trainings),
                              settings.n_jobs) + (calibration.run_seconds(epochs[0]) if settings.refit else 0.0)
     limits = [s for s in (settings.timeout, settings.budget) if s is not None]
     capped = bool(limits) and min(limits) < estimate
-    stops = [f"--target {settings.metric}={settings.target:g}"] if settings.target is not None else []
-    lines = [f"{settings.n_trials} trials{f' x {folds} folds' if settings.cv else ''} = {trainings} trainings, "
+    stops = [*([f"--target {settings.metric}={settings.target:g}"] if settings.target is not None else []),
+             *([f"--budget {duration_text(settings.budget)}"] if settings.budget is not None else [])]
+    lines = [f"{settings.n_trials} trials{f' x {folds} folds' if settings.cv else ''}"
+             f"{f' ({done} already finished)' if done else ''} = {trainings} trainings, "
              f"{settings.n_jobs} at a time; sampler {settings.sampler}, pruner {settings.pruner}; "
              f"{settings.direction} {settings.metric}" + "".join(f"; stops at {s}" for s in stops),
              *(f"  {d.name} = {describe_dimension(d)}" for d in settings.space),
-             f"study storage: {redact(settings.storage) if settings.storage else 'in memory'} (not opened)"]
+             f"study storage: {redact(settings.storage) if settings.storage else 'in memory'} "
+             + (f"(read, not written: study {settings.study_name} holds {done} finished trials, {left} left to run)"
+                if done else "(nothing created)")]
     basis = (f"{trainings} trainings of {epochs[0]} epochs{' and the refit' if settings.refit else ''}, without "
              f"pruning" + (f"; each trial's {folds} folds at once (stacked)" if stacked else "") + (f"; capped by {'--timeout' if min(limits) == settings.timeout else '--budget'}"
                           if capped else ""))
-    return Forecast(lines, calibration, min([estimate, *limits]), basis)
+    trial = (stacked.run_seconds(epochs[0]) if stacked else calibration.run_seconds(epochs[0]) * folds)
+    short = [f"{flag} of {duration_text(limit)} is shorter than one trial (about {duration_text(trial)}): the "
+             f"search would likely finish no trial" for flag, limit in (("--timeout", settings.timeout),
+                                                                       ("--budget", settings.budget))
+             if limit is not None and limit < trial]
+    return Forecast(lines, calibration, min([estimate, *limits]), basis, short)
+
+
+def finished_before(settings: SearchSettings) -> int:
+    """The finished trials (complete and pruned) an existing ``--storage`` study already holds toward
+    ``--n-trials``, read without creating or writing anything; 0 when there is no such study (or a journal file,
+    which is not read)."""
+    import optuna
+
+    from optiflow.search.workers import finished
+    from optiflow.stores import sqlite_path
+
+    url, name = settings.storage, settings.study_name
+    if not url or not name or "://" not in url or url.startswith("journal:"):
+        return 0
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        return 0
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
+        return finished(optuna.load_study(study_name=name, storage=storage))
+    except KeyError:  # no such study in the storage
+        return 0
 
 
 def _middle(dim: Dimension) -> Scalar:

@@ -98,6 +98,8 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
             return result
         result.stop = stop_reason(study, settings, time.monotonic() - started)
         tracker.set_tags({REASON_TAG: result.stop.reason, DETAIL_TAG: result.stop.detail})
+        if not any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
+            result.none_completed = f"{_ENDED.get(result.stop.reason, 'the search')} ended before any trial finished"
         if result.none_completed:
             outcome.status = "FAILED"
             tracker.set_tags({"failure": result.none_completed[:5000]})
@@ -128,6 +130,8 @@ def quiet_heartbeat_threads() -> Iterator[None]:
 def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
     """Search settings from flags and ``--config`` values, validated and with the defaults of
     :func:`~optiflow.search.study.given_defaults` filled in."""
+    if values.get("budget") is not None:
+        _budget(values["budget"])  # an empty --budget '' is refused, not read as no budget
     given = {**given_defaults(), "refit": True, "register": None, "reuse": True,
              **{key: value for key, value in values.items() if value is not None and value != ""}}
     space = parse_space(given["space"] or (), base)
@@ -151,6 +155,10 @@ def settings_from(values: dict[str, Any], base: RunConfig) -> SearchSettings:
         refit=given["refit"] is not False, register=str(given["register"]) if given["register"] else None,
         reuse=given["reuse"] is not False,
     )
+
+
+#: who ended a search that finished no trial, by its stop reason
+_ENDED = {"budget": "the budget", "timeout": "the --timeout"}
 
 
 def _budget(value: object) -> float | None:

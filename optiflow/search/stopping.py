@@ -41,9 +41,10 @@ class Stop:
 
 def parse_target(text: object, metric: str | None) -> tuple[str, float]:
     """``--target METRIC=VALUE`` (or a bare VALUE of the objective) as (metric, value); the metric must be the
-    objective ``metric`` when one is given (None: the target's metric becomes the objective)."""
+    objective ``metric`` when one is given (None: the target's metric becomes the objective; a bare VALUE is
+    then a value of the default objective, :attr:`SearchSettings.metric`)."""
     name, sep, value = str(text).strip().rpartition("=")
-    name = name.strip() if sep else (metric or "")
+    name = name.strip() if sep else (metric or SearchSettings.metric)
     try:
         number = float(value)
     except ValueError:
