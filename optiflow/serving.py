@@ -121,7 +121,7 @@ class Predictor:
             x = x.reshape(len(x), *shape)  # flat rows
         elif self.card.get("image") and shape[0] == 1 and x.shape[1:] == shape[1:]:
             x = x.reshape(len(x), *shape)  # one-channel images without their channel axis
-        elif as_grid(x.shape[1:], self.card.get("feature_names")):
+        elif len(shape) == 1 and as_grid(x.shape[1:], self.card.get("feature_names")):
             x = x.reshape(len(x), size)  # a flat model of an image's pixels, given images
         if x.shape[1:] != shape:
             dims = ", ".join(map(str, shape))
