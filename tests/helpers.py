@@ -18,6 +18,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     )
 
 
+def trained_run(folder: Path, experiment: str, *args: str) -> tuple[str, Any]:
+    """``optiflow train -q ARGS`` into a new SQLite store in ``folder`` (experiment ``experiment``), as a
+    subprocess: (its tracking URI, its one run)."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    result = run_cli("train", *args, "-q", "--tracking-uri", store, "--experiment", experiment, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    [run] = runs_of(MlflowClient(store), experiment)
+    return store, run
+
+
 def runs_of(client, experiment: str):
     """The runs of ``experiment``, oldest first; the experiment must exist."""
     exp = client.get_experiment_by_name(experiment)

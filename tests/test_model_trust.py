@@ -15,21 +15,14 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import run_cli, trained_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[str, str, Path]:
     """One small iris run in its own SQLite store: (tracking URI, run id, the logged model's folder)."""
-    from mlflow.tracking import MlflowClient
-
     root = tmp_path_factory.mktemp("trust")
-    store = f"sqlite:///{root / 'mlflow.db'}"
-    result = run_cli("train", "--data", "iris", "--epochs", "2", "-q", "--tracking-uri", store,
-                     "--experiment", "trust", cwd=root)
-    assert result.returncode == 0, result.stderr
-    client = MlflowClient(store)
-    [run] = client.search_runs([client.get_experiment_by_name("trust").experiment_id])
+    store, run = trained_run(root, "trust", "--data", "iris", "--epochs", "2")
     [folder] = [path.parent for path in root.rglob("MLmodel")]
     return store, run.info.run_id, folder
 

@@ -6,22 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import run_cli, sklearn_digits_test_split
+from helpers import run_cli, sklearn_digits_test_split, trained_run
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from mlflow.tracking import MlflowClient
-
     root = tmp_path_factory.mktemp("onnx")
-    store = f"sqlite:///{root / 'mlflow.db'}"
-    result = run_cli("train", "--model", "cnn", "--epochs", "2", "-q", "--tracking-uri", store,
-                     "--experiment", "onnx", cwd=root)
-    assert result.returncode == 0, result.stderr
-    client = MlflowClient(store)
-    [run] = client.search_runs([client.get_experiment_by_name("onnx").experiment_id])
+    store, run = trained_run(root, "onnx", "--model", "cnn", "--epochs", "2")
     return store, run, root
 
 
@@ -70,14 +63,7 @@ def test_export_mistakes_are_one_line(digits_run, tmp_path):
 def test_a_regression_model_in_its_units_exports_at_the_default_tolerance(tmp_path):
     """Diabetes answers in the target's units (25..350): float32 rounding alone is ~1e-5 there, so the
     tolerance is relative above 1."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_cli("train", "--data", "diabetes", "--epochs", "2", "-q", "--tracking-uri", store,
-                     "--experiment", "reg", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(store)
-    [run] = client.search_runs([client.get_experiment_by_name("reg").experiment_id])
+    store, run = trained_run(tmp_path, "reg", "--data", "diabetes", "--epochs", "2")
     out = tmp_path / "diabetes.onnx"
     result = run_cli("export", run.info.run_id, "--onnx", str(out), "--tracking-uri", store, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
