@@ -84,3 +84,32 @@ def deterministic(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+def exit_process(code: object) -> None:
+    """End the process with ``code`` once everything it started has finished, without tearing the interpreter
+    down.  ``code`` is a ``SystemExit`` code: None is 0; text is said on stderr and is 1.
+
+    Python's own exit joins the threads it must wait for and runs the ``atexit`` handlers (MLflow's, logging's,
+    ``weakref.finalize``, multiprocessing's), then frees every module one by one: after torch and MLflow are
+    imported that teardown alone takes 0.5-0.9 s of a command's wall time, and writes nothing.  This does the
+    first two steps, flushes the standard streams, and leaves the rest to the operating system.
+    """
+    import atexit
+    import sys
+    import threading
+
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive():
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # a reader that left (`| head`), a closed or replaced stream
+            pass
+    os._exit(code)

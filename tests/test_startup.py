@@ -296,3 +296,47 @@ def test_scaling_never_changes_the_tensor_a_dataset_gave():
     images = torch.full((4, 1, 2, 2), 255, dtype=torch.uint8)
     assert torch.equal(DataSource(images, torch.arange(4) % 2, "classification").x, torch.ones(4, 1, 2, 2))
     assert int(images.max()) == 255
+
+
+def _exit_after(work: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``work`` (Python source: it sets ``out``, the folder) and then optiflow's ``main()`` in a fresh process."""
+    code = f"import pathlib, sys\nout = pathlib.Path({str(folder)!r})\n{work}\nfrom optiflow.cli import main\nmain()\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("argv, exit_code", [(["--version"], 0), (["train", "--epochs", "0"], 2)])
+def test_a_command_ends_after_its_threads_and_exit_handlers_with_its_exit_code(tmp_path, argv, exit_code):
+    """optiflow skips the interpreter's teardown (``host.exit_process``) but not what Python's exit promises: a
+    non-daemon thread still running is waited for, ``atexit`` and ``weakref.finalize`` handlers run, the
+    exit code and the one error line stay."""
+    work = (
+        "import atexit, threading, time, weakref\n"
+        "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+        "class Held: pass\n"
+        "held = Held()\n"
+        "weakref.finalize(held, (out / 'finalized').write_text, 'ran')\n"
+        "threading.Thread(target=lambda: (time.sleep(1.5), (out / 'thread').write_text('done'))).start()\n"
+        f"sys.argv = ['optiflow', *{argv!r}]\n")
+    done = _exit_after(work, tmp_path)
+    assert done.returncode == exit_code, done.stderr
+    assert "Traceback" not in done.stderr
+    if exit_code:
+        assert len(done.stderr.strip().splitlines()) == 1 and "epochs" in done.stderr
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "finalized").read_text() == "ran"
+
+
+def test_the_interpreter_teardown_is_skipped_and_text_exit_codes_are_said(tmp_path):
+    """What makes the exit fast: objects are not torn down one by one (a ``__del__`` left for the teardown does
+    not run; it is no promise of Python's, and docs/plugins.md says to use ``atexit``); a text exit code is
+    printed on stderr and exits 1, as Python's own exit does."""
+    code = ("import pathlib, sys\nfrom optiflow.host import exit_process\n"
+            f"out = pathlib.Path({str(tmp_path)!r})\n"
+            "class Torn:\n    def __del__(self): (out / 'torn').write_text('ran')\n"
+            "kept = Torn()\nprint('written', flush=False)\nexit_process('bye: a text code')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "written\n", "bye: a text code\n")
+    assert not (tmp_path / "torn").exists()
