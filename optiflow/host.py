@@ -90,10 +90,11 @@ def exit_process(code: object) -> None:
     """End the process with ``code`` once everything it started has finished, without tearing the interpreter
     down.  ``code`` is a ``SystemExit`` code: None is 0; text is said on stderr and is 1.
 
-    Python's own exit joins the threads it must wait for and runs the ``atexit`` handlers (MLflow's, logging's,
-    ``weakref.finalize``, multiprocessing's), then frees every module one by one: after torch and MLflow are
-    imported that teardown alone takes 0.5-0.9 s of a command's wall time, and writes nothing.  This does the
-    first two steps, flushes the standard streams, and leaves the rest to the operating system.
+    Python's own exit tells idle thread pools to stop and joins the threads it must wait for, runs the ``atexit``
+    handlers (MLflow's, logging's, ``weakref.finalize``, multiprocessing's), then frees every module one by one:
+    after torch and MLflow are imported that teardown alone takes 0.5-0.9 s of a command's wall time, and writes
+    nothing.  This does the first two steps, flushes the standard streams, and leaves the rest to the operating
+    system.
     """
     import atexit
     import sys
@@ -103,9 +104,10 @@ def exit_process(code: object) -> None:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive():
-            thread.join()
+    # What the interpreter's exit calls first (wait_for_thread_shutdown): threading's own exit callbacks (they
+    # tell idle concurrent.futures workers, such as MLflow's artifact-download pool, to stop), then it joins every
+    # non-daemon thread.  Joining the threads alone would wait forever on such a worker.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -298,12 +298,12 @@ def test_scaling_never_changes_the_tensor_a_dataset_gave():
     assert int(images.max()) == 255
 
 
-def _exit_after(work: str, folder: Path) -> subprocess.CompletedProcess[str]:
+def _exit_after(work: str, folder: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     """Run ``work`` (Python source: it sets ``out``, the folder) and then optiflow's ``main()`` in a fresh process."""
     code = f"import pathlib, sys\nout = pathlib.Path({str(folder)!r})\n{work}\nfrom optiflow.cli import main\nmain()\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env,
-                          timeout=300)
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize("argv, exit_code", [(["--version"], 0), (["train", "--epochs", "0"], 2)])
@@ -340,3 +340,16 @@ def test_the_interpreter_teardown_is_skipped_and_text_exit_codes_are_said(tmp_pa
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (1, "written\n", "bye: a text code\n")
     assert not (tmp_path / "torn").exists()
+
+
+def test_an_idle_thread_pool_does_not_hold_the_exit(tmp_path):
+    """A ``ThreadPoolExecutor`` still referenced at exit with an idle worker (MLflow's local artifact repository
+    keeps one after `optiflow predict RUN` downloads the model) is told to stop, as Python's exit tells it, and
+    the command ends with its exit code; joining the non-daemon threads alone waited on that worker forever."""
+    work = ("import concurrent.futures\n"
+            "pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)\n"
+            "pool.submit((out / 'task').write_text, 'done').result()\n"
+            "sys.argv = ['optiflow', 'train', '--epochs', '0']\n")
+    done = _exit_after(work, tmp_path, timeout=60)
+    assert done.returncode == 2 and "epochs" in done.stderr, done.stderr
+    assert (tmp_path / "task").read_text() == "done"
