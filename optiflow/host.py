@@ -107,7 +107,11 @@ def exit_process(code: object) -> None:
     # What the interpreter's exit calls first (wait_for_thread_shutdown): threading's own exit callbacks (they
     # tell idle concurrent.futures workers, such as MLflow's artifact-download pool, to stop), then it joins every
     # non-daemon thread.  Joining the threads alone would wait forever on such a worker.
-    threading._shutdown()  # type: ignore[attr-defined]
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except KeyboardInterrupt:  # Ctrl-C while waiting: one line and 130, not the traceback Python's exit prints
+        print("Error: interrupted while waiting for the command's threads to finish", file=sys.stderr)
+        code = 130
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -353,3 +353,33 @@ def test_an_idle_thread_pool_does_not_hold_the_exit(tmp_path):
     done = _exit_after(work, tmp_path, timeout=60)
     assert done.returncode == 2 and "epochs" in done.stderr, done.stderr
     assert (tmp_path / "task").read_text() == "done"
+
+
+def test_ctrl_c_while_the_exit_waits_for_a_thread_is_one_line_and_130(tmp_path):
+    """Ctrl-C while the exit waits for a plugin's non-daemon thread: one line and 130, no traceback (Python's own
+    exit printed a traceback and exited 0), and the ``atexit`` handlers still run."""
+    import signal
+    import time
+
+    code = (f"import atexit, pathlib, sys, threading, time\nout = pathlib.Path({str(tmp_path)!r})\n"
+            "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "sys.argv = ['optiflow', '--version']\n"
+            "from optiflow.cli import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    assert process.stdout is not None
+    printed = process.stdout.readline()  # --version has printed (click flushes): the exit is about to wait
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert (process.returncode, printed + stdout) == (130, f"optiflow {_version()}\n"), stderr
+    assert stderr == "Error: interrupted while waiting for the command's threads to finish\n"
+    assert (tmp_path / "atexit").read_text() == "ran"
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("optiflow")
