@@ -113,9 +113,25 @@ def exit_process(code: object) -> None:
         print("Error: interrupted while waiting for the command's threads to finish", file=sys.stderr)
         code = 130
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):  # a reader that left (`| head`), a closed or replaced stream
-            pass
+    unwritten = _flush(sys.stdout, "<stdout>")
+    if unwritten is not None and not code:  # Python's exit said it and exited 120: one line and 1, as any fault
+        print(f"Error: {unwritten}", file=sys.stderr)  # (a command that failed has said its error already)
+        code = 1
+    _flush(sys.stderr, "<stderr>")
     os._exit(code)
+
+
+def _flush(stream: object, name: str) -> str | None:
+    """Flush a standard stream; what went wrong when output it held is lost (a full disk), else None."""
+    from optiflow.errors import no_space
+
+    try:
+        stream.flush()  # type: ignore[attr-defined]
+    except BrokenPipeError:  # a reader that left (`| head`) has what it wanted
+        return None
+    except OSError as exc:
+        full = no_space(exc, name)
+        return str(full) if full is not None else f"could not write {name}: {exc.strerror or exc}"
+    except (ValueError, AttributeError):  # a closed stream, or None (a closed file descriptor at start)
+        return None
+    return None

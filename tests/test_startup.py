@@ -383,3 +383,18 @@ def _version() -> str:
     from importlib.metadata import version
 
     return version("optiflow")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_lost_at_exit_on_a_full_disk_is_one_error_line_and_exit_1(tmp_path):
+    """`optiflow list optimizer > file` on a full disk: the table still buffered when the command ends cannot be
+    written; the exit says so in one line and exits 1 (Python's own exit said it in two lines and exited 120), never
+    0 as if the file held the table.  A reader that left (`| head`) is no failure."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "optiflow", "list", "optimizer"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("Error: no space left on the device"), \
+        done.stderr
