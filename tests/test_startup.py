@@ -6,6 +6,7 @@ Behaviour only; the time and memory figures come from benchmarks/bench_startup.p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -398,3 +399,18 @@ def test_output_lost_at_exit_on_a_full_disk_is_one_error_line_and_exit_1(tmp_pat
     assert done.returncode == 1
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("Error: no space left on the device"), \
         done.stderr
+
+
+def test_the_store_file_alone_holds_the_run_when_the_command_has_ended(tmp_path):
+    """After `optiflow train` the run is in ``mlflow.db`` itself, not only in its ``-wal`` file: a copy of the
+    database file alone (a backup, a scp) holds it, as when the teardown closed MLflow's connections."""
+    import shutil
+    import sqlite3
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "optiflow", "train", "--epochs", "1", "-q"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    copy = shutil.copy(tmp_path / "mlruns" / "mlflow.db", tmp_path / "copy.db")
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        assert db.execute("SELECT status FROM runs").fetchall() == [("FINISHED",)]
