@@ -173,3 +173,33 @@ def test_a_trial_run_is_running_with_its_params_and_heartbeat_while_its_folds_tr
     result = invoke("search", "--space", "lr=choice:0.01", "--sampler", "grid", "--cv", "2", "--epochs", "1", *TINY)
     assert result.exit_code == 0, result.stderr
     assert seen == [("RUNNING", None, "2", True, {})]
+
+
+@pytest.mark.slow
+def test_on_postgresql_a_trial_run_in_two_transactions_logs_what_the_client_logs():
+    """The same on a PostgreSQL store (MLflow's SqlAlchemyStore there too)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from services import start_postgres
+
+    root = Path(tempfile.mkdtemp(prefix="optiflow-pg-"))
+    postgres = start_postgres(root, databases=("mlflow",))
+    try:
+        uri = postgres.url("mlflow")
+        mlflow_client = MlflowClient(uri)
+        parent_id = _parent(uri, "on-postgres")
+        with pytest.MonkeyPatch.context() as patched:
+            one_by_one(patched)
+            expected_id, _ = trial_like(uri, "on-postgres", parent_id)
+        counted = commits(uri)
+        written_id, _ = trial_like(uri, "on-postgres", parent_id)
+        assert counted[0] == 2
+        assert logged(mlflow_client, written_id) == logged(mlflow_client, expected_id)
+        assert mlflow_client.get_run(written_id).info.status == "FINISHED"
+    finally:
+        postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)
