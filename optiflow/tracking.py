@@ -176,23 +176,23 @@ class Tracker:
             if pending:
                 self.set_tags(pending)
         else:
-            self._create(run_name, opening, int(time.time() * 1000) if started_ms is None else started_ms)
+            self.run_id = self._create(run_name, opening, int(time.time() * 1000) if started_ms is None else started_ms)
         self.flush()
         return self.run_id
 
-    def _create(self, run_name: str | None, opening: dict[str, str], started_ms: int) -> None:
-        """Create the run RUNNING with its opening tags: on a SQL store with the params and metrics queued so far
-        in one transaction (:func:`optiflow.bulkwrite.write_finished`), else through the client (``start``
-        flushes what is queued)."""
+    def _create(self, run_name: str | None, opening: dict[str, str], started_ms: int) -> str:
+        """Create the run RUNNING with its opening tags (returns its id): on a SQL store with the params and
+        metrics queued so far in one transaction (:func:`optiflow.bulkwrite.write_finished`), else through the
+        client (``start`` flushes what is queued)."""
         check_same_file(self.uri, self.store_file)
         if run_name and "mlflow.runName" not in opening and len(self._pending_params) <= PARAM_BATCH:
             run = bulkwrite.FinishedRun(run_name, opening, self._pending_params, self._pending, status="RUNNING")
             if retry(bulkwrite.write_finished, self.client, self.experiment_id, [run], started_ms, None):
-                self.run_id, self._pending_params, self._pending = run.run_id, [], []
-                return
+                self._pending_params, self._pending = [], []
+                return str(run.run_id)
         created = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
                         tags=opening)
-        self.run_id = created.info.run_id
+        return str(created.info.run_id)
 
     def sibling(self) -> Tracker:
         """A tracker for another run of this one's store and experiment, which it does not look up again."""

@@ -35,8 +35,9 @@ DRIVER = "\n".join([
     "        os.kill(os.getpid(), signal.SIGKILL)",
     "create_run = Tracker._create",  # where a tracker creates its run (one transaction on a SQL store)
     "def create(self, *args, **kwargs):",
-    "    create_run(self, *args, **kwargs)",
+    "    run_id = create_run(self, *args, **kwargs)",
     "    tick('create')",
+    "    return run_id",
     "Tracker._create = create",
     "save = checkpoints.save",
     "def saved(*args, **kwargs):",
