@@ -64,7 +64,7 @@ def write_finished(mlflow_client: MlflowClient, experiment_id: str, runs: Sequen
     if store is None:
         return False
     rows: dict[Any, list[dict[str, Any]]] = {SqlRun: [], SqlTag: [], SqlParam: []}
-    written: list[tuple[str, FinishedRun]] = []
+    written: list[tuple[str, FinishedRun, dict[str, str]]] = []
     for run in runs:
         _validate_param_keys_unique(run.params)
         params = [_validate_param(p.key, p.value, path=f"params[{i}]") for i, p in enumerate(run.params)]
@@ -72,37 +72,37 @@ def write_finished(mlflow_client: MlflowClient, experiment_id: str, runs: Sequen
         tags = {MLFLOW_RUN_NAME: run.name, **run.tags}
         rows[SqlTag] += [dict(run_uuid=run_id, key=k, value=v) for k, v in tags.items()]
         rows[SqlParam] += [dict(run_uuid=run_id, key=p.key, value=p.value) for p in params]
-        written.append((run_id, run))
+        written.append((run_id, run, tags))
     with store.ManagedSessionMaker(read_only=False) as session:
         # the experiment read in the writing transaction, without its tags (MLflow's get_experiment reads them)
         experiment = store._get_experiment(session, experiment_id, ViewType.ALL)
         store._check_experiment_is_active(experiment)
-        rows[SqlRun] = [_run_row(store, experiment, run_id, run, started_ms, ended_ms) for run_id, run in written]
+        rows[SqlRun] = [_run_row(store, experiment, run_id, tags, run.status, started_ms, ended_ms)
+                        for run_id, run, tags in written]
         for model, values in rows.items():
             if values:
                 session.execute(insert(model), values)
-        for run_id, run in written:
+        for run_id, run, _ in written:
             _insert_metrics(store, session, run_id, run.metrics)
-    for run_id, run in written:
+    for run_id, run, _ in written:
         run.run_id = run_id
     return True
 
 
-def _run_row(store: SqlAlchemyStore, experiment: Any, run_id: str, run: FinishedRun, started_ms: int,
-             ended_ms: int | None) -> dict[str, Any]:
-    """The ``runs`` row of ``run`` (id ``run_id``) in ``experiment`` (an ``SqlExperiment``), as MLflow's
-    ``create_run`` fills it (then ``set_terminated`` for an ended one)."""
+def _run_row(store: SqlAlchemyStore, experiment: Any, run_id: str, tags: Mapping[str, str], status: str,
+             started_ms: int, ended_ms: int | None) -> dict[str, Any]:
+    """The ``runs`` row of run ``run_id`` with ``tags`` (its name among them) in ``experiment`` (an
+    ``SqlExperiment``), as MLflow's ``create_run`` fills it (then ``set_terminated`` for an ended one)."""
     from mlflow.entities import RunStatus, SourceType
     from mlflow.entities.lifecycle_stage import LifecycleStage
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
     from mlflow.utils.uri import append_to_uri_path
 
-    tags = {MLFLOW_RUN_NAME: run.name, **run.tags}
     return dict(
         name=tags[MLFLOW_RUN_NAME], run_uuid=run_id, experiment_id=int(experiment.experiment_id),
         artifact_uri=append_to_uri_path(experiment.artifact_location, run_id, store.ARTIFACTS_FOLDER_NAME),
         source_type=SourceType.to_string(SourceType.UNKNOWN), source_name="", entry_point_name="",
-        user_id=tags.get(MLFLOW_USER, "unknown"), status=RunStatus.to_string(RunStatus.from_string(run.status)),
+        user_id=tags.get(MLFLOW_USER, "unknown"), status=RunStatus.to_string(RunStatus.from_string(status)),
         start_time=started_ms, end_time=ended_ms, deleted_time=None, source_version="",
         lifecycle_stage=LifecycleStage.ACTIVE)
 
