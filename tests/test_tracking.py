@@ -395,8 +395,10 @@ def test_tags_set_before_a_run_is_reopened_land_on_it(tracking_uri, experiment, 
 
 
 def test_the_store_commits_without_waiting_for_the_disk_and_other_databases_keep_sqlites_default(tmp_path):
-    """The MLflow store (WAL) commits with synchronous=NORMAL (1) on every new connection; a database in another
-    journal mode, as an Optuna study's, keeps FULL (2).  Run in a fresh process: the hook is process-wide."""
+    """The MLflow store (WAL) commits with synchronous=NORMAL (1) on every new connection, the client's own
+    included on a store it just created (the connections that created its tables, before WAL, are closed); a
+    database in another journal mode, as an Optuna study's, keeps FULL (2).  Run in a fresh process: the hook is
+    process-wide."""
     script = f"""
 import sqlalchemy
 from optiflow.tracking import client, resolve_tracking_uri
@@ -404,9 +406,10 @@ uri = resolve_tracking_uri("sqlite:///{tmp_path}/mlruns/mlflow.db")
 client(uri).search_experiments()
 store = sqlalchemy.create_engine(uri)
 other = sqlalchemy.create_engine("sqlite:///{tmp_path}/study.db")
-with store.connect() as a, other.connect() as b:
+with store.connect() as a, other.connect() as b, client(uri)._tracking_client.store.engine.connect() as c:
     print(a.exec_driver_sql("PRAGMA journal_mode").scalar(), a.exec_driver_sql("PRAGMA synchronous").scalar(),
-          b.exec_driver_sql("PRAGMA journal_mode").scalar(), b.exec_driver_sql("PRAGMA synchronous").scalar())
+          b.exec_driver_sql("PRAGMA journal_mode").scalar(), b.exec_driver_sql("PRAGMA synchronous").scalar(),
+          c.exec_driver_sql("PRAGMA synchronous").scalar())
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True)
-    assert done.stdout.split() == ["wal", "1", "delete", "2"]
+    assert done.stdout.split() == ["wal", "1", "delete", "2", "1"]
