@@ -60,11 +60,11 @@ def test_preparing_the_default_run_imports_no_scikit_learn(tmp_path):
 
 @pytest.mark.slow
 def test_the_default_train_command_end_to_end_imports_no_scikit_learn(tmp_path):
-    work = ("import importlib.metadata, importlib_metadata, runpy\nscans = []\n"
+    work = ("import importlib.metadata, importlib_metadata\nscans = []\n"
             "for module in (importlib.metadata, importlib_metadata):\n"
             "    module.packages_distributions = lambda *a, **k: scans.append(1) or {}\n"
-            "sys.argv = ['optiflow', 'train', '--epochs', '1', '-q']\n"
-            "try:\n    runpy.run_module('optiflow', run_name='__main__')\nexcept SystemExit as exc:\n"
+            "from optiflow.cli import cli\n"  # main() would end the process (host.exit_process) before the check
+            "try:\n    cli(['train', '--epochs', '1', '-q'], prog_name='optiflow')\nexcept SystemExit as exc:\n"
             "    assert not exc.code, exc.code\n"
             "assert not scans, 'every installed distribution was scanned (MLflow requirement check)'")
     assert heavy_imports_after(work, tmp_path) == "[]"
@@ -414,3 +414,11 @@ def test_the_store_file_alone_holds_the_run_when_the_command_has_ended(tmp_path)
     copy = shutil.copy(tmp_path / "mlruns" / "mlflow.db", tmp_path / "copy.db")
     with contextlib.closing(sqlite3.connect(copy)) as db:
         assert db.execute("SELECT status FROM runs").fetchall() == [("FINISHED",)]
+
+
+@pytest.mark.parametrize("module", ["optiflow", "optiflow.cli"])
+def test_both_module_entry_points_run_the_command(tmp_path, module):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", module, "train", "--epochs", "0"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("Error:") and "epochs" in done.stderr
