@@ -390,8 +390,9 @@ def main() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     # Importing mlflow (later, inside a command) sets its loggers' levels from this, overriding any set here before.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    from optiflow.host import exit_process
+    from optiflow.host import exit_process, scan_imported_objects_once
 
+    scan_imported_objects_once()
     try:
         cli(prog_name="optiflow")
     except SystemExit as exc:
