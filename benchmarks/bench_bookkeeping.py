@@ -90,14 +90,14 @@ def write_trial(uri: str, experiment: str, parent_id: str, epochs: int) -> None:
     from optiflow.tracking import Tracker, run_status
 
     tracker = Tracker(uri, experiment)
+    tracker.log_params({**fold_content(epochs, 0)[1], "cv_folds": FOLDS}, flush=False)
     tracker.start(run_name="trial 3", tags={"optiflow.kind": "cross-validation"}, parent_run_id=parent_id)
     with run_status(tracker):
-        tracker.log_params({**fold_content(epochs, 0)[1], "cv_folds": FOLDS})
         for fold in range(FOLDS):
             tracker.log_metrics({"cv_val_accuracy": 0.9 + fold / 100}, step=fold + 1, flush=False)
         for values, step in fold_content(epochs, 0)[0][:-1]:
             tracker.log_metrics(values, step=step, flush=False)
-        tracker.log_metrics({"cv_val_accuracy_mean": 0.92, "cv_val_accuracy_std": 0.01})
+        tracker.log_metrics({"cv_val_accuracy_mean": 0.92, "cv_val_accuracy_std": 0.01}, flush=False)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class FinishedRun:
-    """One run to write finished: its name, tags (as its tracker opens runs), params and metrics."""
+    """One run to write finished (or RUNNING, to open it): its name, tags (as its tracker opens runs), params and
+    metrics."""
 
     name: str
     tags: Mapping[str, str]
@@ -48,15 +49,14 @@ def sql_store(mlflow_client: MlflowClient) -> SqlAlchemyStore | None:
 
 
 def write_finished(mlflow_client: MlflowClient, experiment_id: str, runs: Sequence[FinishedRun], started_ms: int,
-                   ended_ms: int) -> bool:
+                   ended_ms: int | None) -> bool:
     """Create ``runs`` in experiment ``experiment_id``, started at ``started_ms`` and ended at ``ended_ms``
-    with their status, each with its tags, params and metrics, in one transaction (none is written unless
-    all are); sets each one's ``run_id``.  False (nothing written) where the store is no SQL store."""
-    from mlflow.entities import RunStatus, SourceType
-    from mlflow.entities.lifecycle_stage import LifecycleStage
+    (None: not ended, for a RUNNING run) with their status, each with its tags, params and metrics, in one
+    transaction (none is written unless all are); sets each one's ``run_id``.  False (nothing written) where
+    the store is no SQL store."""
+    from mlflow.entities import ViewType
     from mlflow.store.tracking.dbmodels.models import SqlParam, SqlRun, SqlTag
-    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
-    from mlflow.utils.uri import append_to_uri_path
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
     from mlflow.utils.validation import _validate_param, _validate_param_keys_unique
     from sqlalchemy import insert
 
@@ -64,48 +64,68 @@ def write_finished(mlflow_client: MlflowClient, experiment_id: str, runs: Sequen
     if store is None:
         return False
     rows: dict[Any, list[dict[str, Any]]] = {SqlRun: [], SqlTag: [], SqlParam: []}
-    metrics: list[tuple[str, Sequence[Metric]]] = []
-    experiment = store.get_experiment(experiment_id)
-    store._check_experiment_is_active(experiment)
+    written: list[tuple[str, FinishedRun, dict[str, str]]] = []
     for run in runs:
         _validate_param_keys_unique(run.params)
         params = [_validate_param(p.key, p.value, path=f"params[{i}]") for i, p in enumerate(run.params)]
         run_id = uuid.uuid4().hex
         tags = {MLFLOW_RUN_NAME: run.name, **run.tags}
-        rows[SqlRun].append(dict(
-            name=tags[MLFLOW_RUN_NAME], run_uuid=run_id, experiment_id=int(experiment.experiment_id),
-            artifact_uri=append_to_uri_path(experiment.artifact_location, run_id, store.ARTIFACTS_FOLDER_NAME),
-            source_type=SourceType.to_string(SourceType.UNKNOWN), source_name="", entry_point_name="",
-            user_id=tags.get(MLFLOW_USER, "unknown"), status=RunStatus.to_string(RunStatus.from_string(run.status)),
-            start_time=started_ms, end_time=ended_ms, deleted_time=None, source_version="",
-            lifecycle_stage=LifecycleStage.ACTIVE))
         rows[SqlTag] += [dict(run_uuid=run_id, key=k, value=v) for k, v in tags.items()]
         rows[SqlParam] += [dict(run_uuid=run_id, key=p.key, value=p.value) for p in params]
-        metrics.append((run_id, run.metrics))
+        written.append((run_id, run, tags))
     with store.ManagedSessionMaker(read_only=False) as session:
+        # the experiment read in the writing transaction, without its tags (MLflow's get_experiment reads them)
+        experiment = store._get_experiment(session, experiment_id, ViewType.ALL)
+        store._check_experiment_is_active(experiment)
+        rows[SqlRun] = [_run_row(store, experiment, run_id, tags, run.status, started_ms, ended_ms)
+                        for run_id, run, tags in written]
         for model, values in rows.items():
             if values:
                 session.execute(insert(model), values)
-        for run_id, logged in metrics:
-            _insert_metrics(store, session, run_id, logged)
-    for run, (run_id, _) in zip(runs, metrics):
+        for run_id, run, _ in written:
+            _insert_metrics(store, session, run_id, run.metrics)
+    for run_id, run, _ in written:
         run.run_id = run_id
     return True
 
 
-def log_batch(mlflow_client: MlflowClient, run_id: str, metrics: Sequence[Metric]) -> bool:
+def _run_row(store: SqlAlchemyStore, experiment: Any, run_id: str, tags: Mapping[str, str], status: str,
+             started_ms: int, ended_ms: int | None) -> dict[str, Any]:
+    """The ``runs`` row of run ``run_id`` with ``tags`` (its name among them) in ``experiment`` (an
+    ``SqlExperiment``), as MLflow's ``create_run`` fills it (then ``set_terminated`` for an ended one)."""
+    from mlflow.entities import RunStatus, SourceType
+    from mlflow.entities.lifecycle_stage import LifecycleStage
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME, MLFLOW_USER
+    from mlflow.utils.uri import append_to_uri_path
+
+    return dict(
+        name=tags[MLFLOW_RUN_NAME], run_uuid=run_id, experiment_id=int(experiment.experiment_id),
+        artifact_uri=append_to_uri_path(experiment.artifact_location, run_id, store.ARTIFACTS_FOLDER_NAME),
+        source_type=SourceType.to_string(SourceType.UNKNOWN), source_name="", entry_point_name="",
+        user_id=tags.get(MLFLOW_USER, "unknown"), status=RunStatus.to_string(RunStatus.from_string(status)),
+        start_time=started_ms, end_time=ended_ms, deleted_time=None, source_version="",
+        lifecycle_stage=LifecycleStage.ACTIVE)
+
+
+def log_batch(mlflow_client: MlflowClient, run_id: str, metrics: Sequence[Metric],
+              end: tuple[str, int] | None = None) -> bool:
     """Insert ``metrics`` into the open run ``run_id`` in one statement and update its latest metrics, as
-    MLflow's ``log_batch`` would; False (nothing written) where the store is no SQL store or a metric of the
-    batch is already in the run (MLflow's client then skips those it holds)."""
+    MLflow's ``log_batch`` would, and with ``end`` = (status, end time in ms) end the run in the same
+    transaction, as MLflow's ``set_terminated`` would; False (nothing written) where the store is no SQL store
+    or a metric of the batch is already in the run (MLflow's client then skips those it holds)."""
+    from mlflow.entities import RunStatus
     from sqlalchemy.exc import IntegrityError
 
     store = sql_store(mlflow_client)
-    if store is None or not metrics:
+    if store is None or not (metrics or end):
         return False
     try:
         with store.ManagedSessionMaker(read_only=False) as session:
-            store._check_run_is_active(store._get_run(run_uuid=run_id, session=session))
+            run = store._get_run(run_uuid=run_id, session=session)
+            store._check_run_is_active(run)
             _insert_metrics(store, session, run_id, metrics)
+            if end is not None:
+                run.status, run.end_time = RunStatus.to_string(RunStatus.from_string(end[0])), end[1]
     except Exception as exc:  # ManagedSessionMaker wraps the store's errors in an MlflowException
         if isinstance(exc, IntegrityError) or isinstance(exc.__cause__, IntegrityError):
             return False

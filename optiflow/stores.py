@@ -1,5 +1,5 @@
-"""Checks on the tracking store a user names, the SQLite store's lock and journal mode, and telling a full
-disk from other store failures.
+"""The MLflow client of a store (one per store and process), checks on the tracking store a user names, the
+SQLite store's lock and journal mode, and telling a full disk from other store failures.
 
 Kept apart from :mod:`optiflow.tracking` (which uses them) so that each stays a readable size.
 """
@@ -14,8 +14,12 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from optiflow.errors import DiskFull, OptiflowError, StoreLost, first_line, no_space
+from optiflow.errors import DiskFull, OptiflowError, StoreLost, first_line, no_space, redact
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 
 def quiet_artifact_downloads() -> None:
@@ -174,15 +178,19 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
-def use_write_ahead_log(path: Path) -> None:
-    """Switch a SQLite store to WAL (persistent in the file): writers then never block readers."""
+def use_write_ahead_log(path: Path) -> bool:
+    """Switch a SQLite store to WAL (persistent in the file): writers then never block readers.  True when it
+    switched now: connections opened before keep SQLite's default ``synchronous`` (see
+    :func:`commit_without_waiting_for_the_disk`) and are best closed."""
     import sqlite3
 
     if str(path) == ":memory:":
-        return
+        return False
     with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
         if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             connection.execute("PRAGMA journal_mode=WAL")
+            return True
+    return False
 
 
 def is_server(uri: str) -> bool:
@@ -267,3 +275,45 @@ def store_failure(exc: BaseException) -> str:
     text = str(exc)
     cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     return cause.group(1).strip() if cause else re.sub(r"^\([\w.]+\)\s*", "", first_line(exc))
+
+
+_CLIENTS: dict[tuple[str, int], MlflowClient] = {}
+
+
+def client(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock.
+
+    One client per store and process, probed once: a search opens a run per trial and fold."""
+    key = (uri, os.getpid())
+    if key not in _CLIENTS:
+        _CLIENTS[key] = _new_client(uri)
+    return _CLIENTS[key]
+
+
+def _new_client(uri: str) -> MlflowClient:
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    # MLflow logs each SQLAlchemy error with its traceback before raising it; optiflow says it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    path = sqlite_path(uri)
+    if is_server(uri):
+        for name, value in SERVER_ENV.items():
+            os.environ.setdefault(name, value)
+    if path is not None:
+        commit_without_waiting_for_the_disk()
+    with store_lock(path):
+        try:
+            mlflow_client = MlflowClient(tracking_uri=uri)
+            with fail_fast_http():
+                mlflow_client.search_experiments(max_results=1)
+        except Exception as exc:
+            full = disk_full(exc, None, (), store=uri)
+            if full is not None:
+                raise full from None
+            raise OptiflowError(f"cannot reach the tracking store {redact(uri)}: {store_failure(exc)}") from None
+        if path is not None and use_write_ahead_log(path):
+            # a new store: the connections MLflow opened to create it commit waiting for the disk; new ones do not
+            mlflow_client._tracking_client.store.engine.dispose()
+    return mlflow_client

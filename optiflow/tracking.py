@@ -18,20 +18,16 @@ from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_
 from optiflow.runlog import RunTracker
 from optiflow.signals import deferred
 from optiflow.stores import (
-    SERVER_ENV,
     check_database_file,
     check_same_file,
     check_scheme,
-    commit_without_waiting_for_the_disk,
+    client,
     created_folder,
     disk_full,
-    fail_fast_http,
     file_identity,
     is_server,
     sqlite_path,
     store_failure,
-    store_lock,
-    use_write_ahead_log,
 )
 
 if TYPE_CHECKING:
@@ -108,49 +104,21 @@ def retry(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         raise full from None
 
 
-_CLIENTS: dict[tuple[str, int], MlflowClient] = {}
-
-
-def client(uri: str) -> MlflowClient:
-    """An ``MlflowClient`` on ``uri``; the first use of a SQLite store creates it under a file lock.
-
-    One client per store and process, probed once: a search opens a run per trial and fold."""
-    key = (uri, os.getpid())
-    if key not in _CLIENTS:
-        _CLIENTS[key] = _new_client(uri)
-    return _CLIENTS[key]
-
-
-def _new_client(uri: str) -> MlflowClient:
-    import logging
-
-    from mlflow.tracking import MlflowClient
-
-    # MLflow logs each SQLAlchemy error with its traceback before raising it; optiflow says it in one line
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    path = sqlite_path(uri)
-    if is_server(uri):
-        for name, value in SERVER_ENV.items():
-            os.environ.setdefault(name, value)
-    if path is not None:
-        commit_without_waiting_for_the_disk()
-    with store_lock(path):
-        try:
-            mlflow_client = MlflowClient(tracking_uri=uri)
-            with fail_fast_http():
-                mlflow_client.search_experiments(max_results=1)
-        except Exception as exc:
-            full = disk_full(exc, None, (), store=uri)
-            if full is not None:
-                raise full from None
-            raise OptiflowError(f"cannot reach the tracking store {redact(uri)}: {store_failure(exc)}") from None
-        if path is not None:
-            use_write_ahead_log(path)
-    return mlflow_client
+_EXPERIMENTS: dict[tuple[str, tuple[int, int] | None, int, str], str] = {}
 
 
 def experiment_id(mlflow_client: MlflowClient, uri: str, name: str) -> str:
-    """The id of experiment ``name``, created if missing (safe when processes race to create it)."""
+    """The id of experiment ``name``, created if missing (safe when processes race to create it).
+
+    Looked up once per store (its file, for SQLite), name and process (a search opens a run per trial): every
+    run created checks in its own write that the experiment is still there and active."""
+    key = (uri, file_identity(uri), os.getpid(), name)
+    if key not in _EXPERIMENTS:
+        _EXPERIMENTS[key] = _experiment_id(mlflow_client, uri, name)
+    return _EXPERIMENTS[key]
+
+
+def _experiment_id(mlflow_client: MlflowClient, uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     if not name.strip() or len(name) > 500:
@@ -208,11 +176,23 @@ class Tracker:
             if pending:
                 self.set_tags(pending)
         else:
-            run = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
-                        tags=opening)
-            self.run_id = run.info.run_id
+            self.run_id = self._create(run_name, opening, int(time.time() * 1000) if started_ms is None else started_ms)
         self.flush()
         return self.run_id
+
+    def _create(self, run_name: str | None, opening: dict[str, str], started_ms: int) -> str:
+        """Create the run RUNNING with its opening tags (returns its id): on a SQL store with the params and
+        metrics queued so far in one transaction (:func:`optiflow.bulkwrite.write_finished`), else through the
+        client (``start`` flushes what is queued)."""
+        check_same_file(self.uri, self.store_file)
+        if run_name and "mlflow.runName" not in opening and len(self._pending_params) <= PARAM_BATCH:
+            run = bulkwrite.FinishedRun(run_name, opening, self._pending_params, self._pending, status="RUNNING")
+            if retry(bulkwrite.write_finished, self.client, self.experiment_id, [run], started_ms, None):
+                self._pending_params, self._pending = [], []
+                return str(run.run_id)
+        created = retry(self.client.create_run, self.experiment_id, start_time=started_ms, run_name=run_name,
+                        tags=opening)
+        return str(created.info.run_id)
 
     def sibling(self) -> Tracker:
         """A tracker for another run of this one's store and experiment, which it does not look up again."""
@@ -320,10 +300,18 @@ class Tracker:
     def end(self, status: str = "FINISHED", ended_ms: int | None = None) -> None:
         """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED) at ``ended_ms``
         (default now)."""
+        ended = int(time.time() * 1000) if ended_ms is None else ended_ms
+        done = False
         try:
-            self.flush()
+            if self.run_id is not None and not self._pending_params and len(self._pending) <= METRIC_BATCH:
+                check_same_file(self.uri, self.store_file)  # on a SQL store: the last metrics and the end at once
+                done = retry(bulkwrite.log_batch, self.client, self.run_id, self._pending, end=(status, ended))
+                self._pending = [] if done else self._pending
+            if not done:
+                self.flush()
         finally:
-            retry(self.client.set_terminated, self.open_run_id, status=status, end_time=ended_ms)
+            if not done:
+                retry(self.client.set_terminated, self.open_run_id, status=status, end_time=ended)
 
     @property
     def open_run_id(self) -> str:

@@ -74,18 +74,18 @@ def train(config: RunConfig, *, registry: Registry | None = None, pm: PluginMana
     if run.device.type == "cpu":
         host.keep_freed_memory()
     with per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
-        tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags)
+        tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags, extra_params or {})
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome, heartbeat.beating(tracker):
             try:
                 if on_start is not None and cluster.main:
                     on_start(str(tracker.run_id))
-                resumed_from = _begin(run, pm, state, extra_params or {})
+                resumed_from = _begin(run, pm, state)
                 fit(run, pm, reporter, on_epoch)
                 reporter.stop()
                 metrics = end_run(run, pm, finish=lambda test: _finish(run, test, log_model=log_model))
                 seconds = time.perf_counter() - started
-                tracker.log_metrics({"train_seconds": seconds}, step=run.epoch)
+                tracker.log_metrics({"train_seconds": seconds}, step=run.epoch, flush=False)  # written as it ends
             except BaseException as exc:
                 error = _record_failure(run, pm, reporter, exc, names, outcome)
                 if error is exc:
@@ -120,7 +120,8 @@ def check_ranking_metric(metric: str, run: Run) -> None:
 
 
 def _open(run: Run, pm: PluginManager, names: RunPlugins, resume: str | None, parent_run_id: str | None,
-          extra_tags: dict[str, str] | None) -> tuple[Tracker | NullTracker, dict[str, Any] | None, distributed.Cluster]:
+          extra_tags: dict[str, str] | None, extra_params: dict[str, Any],
+          ) -> tuple[Tracker | NullTracker, dict[str, Any] | None, distributed.Cluster]:
     """Open the run's MLflow run (rank 0 only; ``resume`` reopens it) once the plugins and the checkpoint to
     resume from accept it: a refusal on any process stops every process before a run opens.  Returns the
     tracker, the checkpoint and the process group."""
@@ -138,17 +139,20 @@ def _open(run: Run, pm: PluginManager, names: RunPlugins, resume: str | None, pa
             checkpoints.restore(run, state)  # a checkpoint that does not fit is refused before the run reopens
     distributed.agree(None)  # every process's inputs are sound (a bad one stops all, before any run opens)
     cluster = distributed.join(run.device)
+    if state is None:  # a new run opens with its setup: parameters and data digest (one write on a SQL store)
+        tracker.log_params(setup_params(run, extra_params), flush=False)
+        tracker.set_tags({digest.DATA_TAG: data_digest(run)})
     tracker.start(run_name=config.run_name or default_run_name(run), tags=extra_tags,
                   parent_run_id=parent_run_id, run_id=resume)  # the heartbeat is written with it
     run.tracker = tracker
     return tracker, state, cluster
 
 
-def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None, extra_params: dict[str, Any]) -> int | None:
-    """Log the run's setup (or mark it resumed, the metrics queued in its checkpoint written by the process
+def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None) -> int | None:
+    """Log the run's setup files (or mark it resumed, the metrics queued in its checkpoint written by the process
     that logs) and start it; returns the epoch it resumes from."""
     if state is None:
-        _log_setup(run, extra_params)
+        _log_setup(run)
     else:
         run.checkpoint = state
         if isinstance(run.tracker, Tracker):  # the other data-parallel processes hold a NullTracker
@@ -320,12 +324,10 @@ def training_error(pm: PluginManager, exc: Exception, context: str,
     return exc
 
 
-def _log_setup(run: Run, extra_params: dict[str, Any]) -> None:
-    """Parameters (the plan, data sizes, resolved computing decisions, ``extra_params``), the config and the
-    normalizer."""
+def _log_setup(run: Run) -> None:
+    """The config and the normalizer (``run.wants_artifacts``); the parameters (:func:`setup_params`) and the
+    data digest went in with the run as it opened (:func:`_open`)."""
     tracker = run.tracking
-    tracker.log_params(setup_params(run, extra_params))
-    tracker.set_tags({digest.DATA_TAG: data_digest(run)})
     if not run.wants_artifacts:
         return
     tracker.log_text(run.config.to_yaml(), "config.yaml")

@@ -300,13 +300,14 @@ def _called(node: ast.expr) -> str:
 
 def test_runs_are_created_in_one_place():
     """A run's row and opening tags come from optiflow/tracking.py only: Tracker.start creates a run (a train, a
-    child run, a fold, a failed trial's record), tracking.log_finished several finished ones through
-    bulkwrite.write_finished (the store-level writer, which alone writes MLflow's SqlRun rows), both with
-    Tracker.opening_tags; mlflow.start_run only reopens a run by its id."""
+    child run, a fold, a failed trial's record) through Tracker._create, tracking.log_finished several finished
+    ones, both through bulkwrite.write_finished on a SQL store (the store-level writer, which alone writes MLflow's
+    SqlRun rows), else the client's create_run, both with Tracker.opening_tags; mlflow.start_run only reopens a
+    run by its id."""
     found = run_writers({name: path.read_text() for name, path in modules().items()})
-    assert found == {"create_run": {"optiflow.tracking.start"}, "start_run": set(),
+    assert found == {"create_run": {"optiflow.tracking._create"}, "start_run": set(),
                      "SqlRun": {"optiflow.bulkwrite.write_finished"},
-                     "write_finished": {"optiflow.tracking.log_finished"},
+                     "write_finished": {"optiflow.tracking._create", "optiflow.tracking.log_finished"},
                      "opening_tags": {"optiflow.tracking.start", "optiflow.tracking.log_finished"}}
 
 

@@ -218,16 +218,16 @@ def test_a_trial_trains_only_the_folds_no_finished_run_holds(invoke, mlflow_clie
 #: runs the command given, then interrupts itself (SIGNAL) as soon as the N-th run ends FINISHED (FINISHED_RUNS)
 DRIVER = "\n".join([
     "import os, signal, sys",
-    "from mlflow.tracking import MlflowClient",
     "from optiflow.cli import main",
-    "ended = MlflowClient.set_terminated",
+    "from optiflow.tracking import Tracker",
+    "ended = Tracker.end",  # where every run a tracker opened ends (folds written finished at once aside)
     "finished = [0]",
-    "def end(self, run_id, status=None, *args, **kwargs):",
-    "    ended(self, run_id, status, *args, **kwargs)",
-    "    finished[0] += status in (None, 'FINISHED')",
+    "def end(self, status='FINISHED', *args, **kwargs):",
+    "    ended(self, status, *args, **kwargs)",
+    "    finished[0] += status == 'FINISHED'",
     "    if finished[0] == int(os.environ['FINISHED_RUNS']):",
     "        os.kill(os.getpid(), getattr(signal, os.environ['SIGNAL']))",
-    "MlflowClient.set_terminated = end",
+    "Tracker.end = end",
     "sys.argv = ['optiflow', *sys.argv[1:]]",
     "main()",
 ])

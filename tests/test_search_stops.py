@@ -120,14 +120,14 @@ def test_an_interrupted_trial_says_to_run_the_search_again_not_train_resume(invo
 #: runs optiflow with SIGINT ignored (as a shell's ``&`` starts it) and sends itself SIGINT once a run has ended
 BACKGROUND = "\n".join([
     "import os, signal, sys",
-    "from mlflow.tracking import MlflowClient",
     "from optiflow.cli import main",
+    "from optiflow.tracking import Tracker",
     "signal.signal(signal.SIGINT, signal.SIG_IGN)",
-    "ended = MlflowClient.set_terminated",
+    "ended = Tracker.end",  # a run ends (on a SQL store in one transaction with its last metrics, not set_terminated)
     "def end(self, *args, **kwargs):",
     "    ended(self, *args, **kwargs)",
     "    os.kill(os.getpid(), signal.SIGINT)",
-    "MlflowClient.set_terminated = end",
+    "Tracker.end = end",
     "sys.argv = ['optiflow', *sys.argv[1:]]",
     "main()",
 ])

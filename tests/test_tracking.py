@@ -189,23 +189,32 @@ def test_a_tracker_never_stores_a_password_in_params_tags_or_files(tracking_uri,
     assert run.data.params["storage"] == "postgresql://optiflow:***@db/optuna"
 
 
+@pytest.mark.parametrize("bulk", [True, False])
 def test_a_run_carries_its_heartbeat_from_the_call_that_creates_it(tracking_uri, experiment, mlflow_client,
-                                                                    monkeypatch):
-    """A process killed right after create_run still leaves a run whose heartbeat names it (no later write)."""
+                                                                    monkeypatch, bulk):
+    """A process killed right after the run's creation (one transaction on a SQL store, else the client's
+    create_run) still leaves a run whose heartbeat names it (no later write)."""
     import socket
 
     from mlflow.tracking import MlflowClient
 
-    from optiflow import heartbeat
+    from optiflow import bulkwrite, heartbeat
 
     created = []
-    original = MlflowClient.create_run
+    original, write_finished = MlflowClient.create_run, bulkwrite.write_finished
 
     def record(self, *args, **kwargs):
         created.append(kwargs.get("tags", {}).get(heartbeat.TAG))
         return original(self, *args, **kwargs)
 
+    def record_bulk(mlflow_client, experiment_id, runs, *args):
+        created.extend(run.tags.get(heartbeat.TAG) for run in runs)
+        return write_finished(mlflow_client, experiment_id, runs, *args)
+
     monkeypatch.setattr(MlflowClient, "create_run", record)
+    monkeypatch.setattr(bulkwrite, "write_finished", record_bulk)
+    if not bulk:
+        monkeypatch.setattr(bulkwrite, "sql_store", lambda mlflow_client: None)  # as on a tracking server
     tracker = Tracker(tracking_uri, experiment)
     run_id = tracker.start(run_name="r")
     assert created[0] is not None and created[0].split(" ")[:2] == [socket.gethostname(), str(os.getpid())]
@@ -292,10 +301,16 @@ def test_a_bad_seconds_setting_is_one_line_before_any_run_opens(invoke, mlflow_c
     assert result.exit_code == 2 and lines == [f"Error: ${name} must be a number of seconds >= 0, got 'soon'"], \
         result.stderr
     assert_no_run(mlflow_client, experiment)
+@pytest.mark.parametrize("bulk", [True, False])
 def test_what_is_logged_before_a_run_opens_is_written_with_it_and_nothing_before(tracking_uri, experiment,
-                                                                                  mlflow_client, monkeypatch):
+                                                                                  mlflow_client, monkeypatch, bulk):
     """Folds trained stacked log to a tracker whose run opens once they finish: start() is the one place a run
-    is created, with the params, metrics and tags logged before it, at the time it was given."""
+    is created, with the params, metrics and tags logged before it, at the time it was given (on a SQL store
+    in one transaction and ended in another, else through the client)."""
+    from optiflow import bulkwrite
+
+    if not bulk:
+        monkeypatch.setattr(bulkwrite, "sql_store", lambda mlflow_client: None)  # as on a tracking server
     tracker = Tracker(tracking_uri, experiment)
     calls = []
     for name in ("create_run", "log_batch", "set_terminated"):
@@ -312,7 +327,7 @@ def test_what_is_logged_before_a_run_opens_is_written_with_it_and_nothing_before
     parent = mlflow_client.create_run(mlflow_client.get_experiment_by_name(experiment).experiment_id).info.run_id
     run_id = tracker.start("fold 0", {"optiflow.cv_fold": "0"}, parent_run_id=parent, started_ms=1_000)
     tracker.end("FINISHED", ended_ms=2_000)
-    assert calls == ["create_run", "log_batch", "set_terminated"]
+    assert calls == ([] if bulk else ["create_run", "log_batch", "set_terminated"])
     run = mlflow_client.get_run(run_id)
     assert (run.info.start_time, run.info.end_time, run.info.status) == (1_000, 2_000, "FINISHED")
     assert run.data.params == {"epochs": "2"}
@@ -380,8 +395,10 @@ def test_tags_set_before_a_run_is_reopened_land_on_it(tracking_uri, experiment, 
 
 
 def test_the_store_commits_without_waiting_for_the_disk_and_other_databases_keep_sqlites_default(tmp_path):
-    """The MLflow store (WAL) commits with synchronous=NORMAL (1) on every new connection; a database in another
-    journal mode, as an Optuna study's, keeps FULL (2).  Run in a fresh process: the hook is process-wide."""
+    """The MLflow store (WAL) commits with synchronous=NORMAL (1) on every new connection, the client's own
+    included on a store it just created (the connections that created its tables, before WAL, are closed); a
+    database in another journal mode, as an Optuna study's, keeps FULL (2).  Run in a fresh process: the hook is
+    process-wide."""
     script = f"""
 import sqlalchemy
 from optiflow.tracking import client, resolve_tracking_uri
@@ -389,9 +406,10 @@ uri = resolve_tracking_uri("sqlite:///{tmp_path}/mlruns/mlflow.db")
 client(uri).search_experiments()
 store = sqlalchemy.create_engine(uri)
 other = sqlalchemy.create_engine("sqlite:///{tmp_path}/study.db")
-with store.connect() as a, other.connect() as b:
+with store.connect() as a, other.connect() as b, client(uri)._tracking_client.store.engine.connect() as c:
     print(a.exec_driver_sql("PRAGMA journal_mode").scalar(), a.exec_driver_sql("PRAGMA synchronous").scalar(),
-          b.exec_driver_sql("PRAGMA journal_mode").scalar(), b.exec_driver_sql("PRAGMA synchronous").scalar())
+          b.exec_driver_sql("PRAGMA journal_mode").scalar(), b.exec_driver_sql("PRAGMA synchronous").scalar(),
+          c.exec_driver_sql("PRAGMA synchronous").scalar())
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True)
-    assert done.stdout.split() == ["wal", "1", "delete", "2"]
+    assert done.stdout.split() == ["wal", "1", "delete", "2", "1"]

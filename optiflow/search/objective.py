@@ -183,12 +183,12 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
         _reused(trial, reused, settings, _parent_of(config, str(reused[0].run_id)), config.epochs)
         return statistics.fmean(_objective_value(final_metrics(r.metrics, r.history, r.seconds), settings.metric) for r in reused)
     tracker = Tracker(config.tracking_uri, config.experiment)
+    tracker.log_params({**params, "cv_folds": settings.cv}, flush=False)  # written with the run as it opens
     tracker.start(run_name=name, tags={**tags, "optiflow.kind": "cross-validation"}, parent_run_id=parent_id)
     scores: list[float] = []
     histories: list[dict[str, list[float]]] = []
     with run_status(tracker), heartbeat.beating(tracker):
         trial.set_user_attr(RUN_ATTR, tracker.run_id)
-        tracker.log_params({**params, "cv_folds": settings.cv})
         if settings.child_artifacts:
             tracker.log_text(config.to_yaml(), "config.yaml")
         if any(found):
@@ -216,8 +216,8 @@ def _cross_validate(trial: optuna.Trial, config: RunConfig, settings: SearchSett
             tracker.log_metrics({k: statistics.fmean(h[k][epoch] for h in histories) for k in keys}, step=epoch + 1,
                                 flush=False)
         value = statistics.fmean(scores)
-        tracker.log_metrics({f"cv_{settings.metric}_mean": value,
-                             f"cv_{settings.metric}_std": statistics.pstdev(scores)})
+        tracker.log_metrics({f"cv_{settings.metric}_mean": value, f"cv_{settings.metric}_std": statistics.pstdev(scores)},
+                            flush=False)  # written as run_status ends the run, in the same transaction
         return value
 
 
