@@ -385,10 +385,10 @@ for _command in (predict, export, runs, ui):
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    # Importing mlflow (later, inside a command) sets its loggers' levels from this, overriding any set here before.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    from optiflow.host import exit_process
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by MLflow's import, overriding levels set before
+    from optiflow.host import exit_process, scan_imported_objects_once
 
+    scan_imported_objects_once()
     try:
         cli(prog_name="optiflow")
     except SystemExit as exc:
