@@ -113,9 +113,10 @@ def scan_imported_objects_once() -> None:
     (classes, functions, module namespaces), which live as long as the process, scanned nine times over in a
     default ``optiflow train``: a sixth of its CPU time.  From this call on, the survivors of a full collection
     that follows an import wave are frozen (``gc.freeze``): reference counting still frees them, later
-    collections skip them.  A reference cycle among objects frozen so, that becomes garbage later, is not
-    reclaimed: freezes happen only while modules are being imported (each module's first use), not while
-    training runs repeat.  Called once, by the ``optiflow`` command, which owns its process."""
+    collections skip them.  A freeze takes every object alive at that collection, a run in progress included
+    (imports happen at each module's first use, which can be mid-run): a reference cycle alive then that becomes
+    garbage later is not reclaimed until the process ends.  Import waves are finite, so what is kept does not
+    grow with trials or epochs.  Called once, by the ``optiflow`` command, which owns its process."""
     if not any(isinstance(callback, _ImportedObjectsFreezer) for callback in gc.callbacks):
         gc.callbacks.append(_ImportedObjectsFreezer())
 

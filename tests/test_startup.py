@@ -457,3 +457,41 @@ def test_the_optiflow_command_freezes_what_its_imports_made(tmp_path):
     plain = subprocess.run([sys.executable, "-c", f"import pathlib\nout = pathlib.Path({str(tmp_path)!r})\n{wave}"],
                            capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0 and (tmp_path / "frozen").read_text() == "0", plain.stderr
+
+
+MID_RUN_WAVE = """
+import atexit, gc, weakref
+from optiflow import hookimpl
+from optiflow.plugins import registered_plugin
+held = {}
+class MidRunImports:
+    @hookimpl
+    def optiflow_epoch_end(self, run, epoch, metrics):
+        if epoch == 1:
+            held.update(run=weakref.ref(run), model=weakref.ref(run.model), optimizer=weakref.ref(run.optimizer))
+            if CYCLE:
+                run.__dict__['plugin_state'] = {'run': run}
+            frozen = gc.get_freeze_count()
+            import xml.dom.minidom, xmlrpc.client, http.server, unittest, doctest, pydoc, mailbox, smtplib, imaplib
+            gc.collect()
+            held['froze'] = gc.get_freeze_count() > frozen + 10000
+def kept():
+    gc.collect()
+    alive = sorted(name for name in ('run', 'model', 'optimizer') if held[name]() is not None)
+    (out / 'kept').write_text(' '.join([str(held['froze']), *alive]))
+atexit.register(kept)
+registration = registered_plugin(MidRunImports(), name='mid-run-imports')  # kept: main() never returns
+registration.__enter__()
+sys.argv = ['optiflow', 'train', '--epochs', '2', '--model', 'mlp:hidden=[16]', '--no-reuse', '-q']
+"""
+
+
+@pytest.mark.parametrize("cycle, kept", [(False, "True"), (True, "True model optimizer run")])
+def test_a_run_alive_at_a_mid_run_import_wave_is_freed_when_it_ends_unless_it_is_a_cycle(tmp_path, cycle, kept):
+    """docs/plugins.md's promise: a freeze takes the run in progress when a plugin imports a library mid-run
+    (epoch 1 here), and optiflow's own run state (the ``Run``, its model and optimizer) has no reference cycle, so
+    reference counting still frees it when the run ends.  A plugin that ties the ``Run`` into a cycle keeps the
+    whole run until the command ends, as the docs warn."""
+    done = _exit_after(f"CYCLE = {cycle}\n{MID_RUN_WAVE}", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "kept").read_text() == kept
