@@ -223,3 +223,23 @@ def test_every_run_of_a_cv_search_has_its_metrics_stamped_between_its_start_and_
                for metric in mlflow_client.get_metric_history(run.info.run_id, key)
                if not run.info.start_time <= metric.timestamp <= run.info.end_time]
     assert outside == []
+
+
+def test_a_training_has_its_test_metrics_written_while_its_model_is_exported(invoke, mlflow_client, experiment,
+                                                                           monkeypatch):
+    """The model's export takes seconds (and the most memory): a process killed or out of memory there keeps
+    the test metrics it computed before."""
+    from optiflow import export
+
+    seen = []
+    log_model = export.log_model
+
+    def watching(run):
+        stored = mlflow_client.get_run(run.tracker.run_id)
+        seen.append((stored.info.status, sorted(key for key in stored.data.metrics if key.startswith("test_"))))
+        return log_model(run)
+
+    monkeypatch.setattr(export, "log_model", watching)
+    result = invoke("train", "--epochs", "1", "--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert seen == [("RUNNING", ["test_accuracy", "test_loss"])]
