@@ -72,8 +72,7 @@ def _fail(message: str, code: int) -> None:
     from optiflow.distributed import agree, is_main_process
 
     first = first_line(message) or "failed"
-    error = OptiflowError(first)
-    error.exit_code = code
+    (error := OptiflowError(first)).exit_code = code
     agree(error, if_expected=True)  # `train` under torchrun, before training: the other processes stop too
     if is_main_process():  # data-parallel workers all hit the same error (or rank 0 names the rank): say it once
         click.echo(f"Error: {first}", err=True)
@@ -379,21 +378,23 @@ def plugins(as_json: bool) -> None:
     plugin_table(rows)
 
 
-cli.add_command(predict)
-cli.add_command(export)
-cli.add_command(runs)
-cli.add_command(ui)
+for _command in (predict, export, runs, ui):
+    cli.add_command(_command)
 
 
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    # Importing mlflow (later, inside a command) sets its loggers' levels from this, overriding any set here before.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    from optiflow.host import exit_process
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by MLflow's import, overriding levels set before
+    from optiflow.host import exit_process, scan_imported_objects_once
 
+    scan_imported_objects_once()
     try:
         cli(prog_name="optiflow")
     except SystemExit as exc:
         exit_process(exc.code)  # the command's work is written: skip the interpreter's teardown (0.5-0.9 s)
     exit_process(0)
+
+
+if __name__ == "__main__":  # python -m optiflow.cli, as python -m optiflow
+    main()

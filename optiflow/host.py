@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import os
+import sys
 from collections.abc import Iterator
 
 from optiflow.values import env_flag
@@ -86,14 +88,47 @@ def deterministic(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = before[1]
 
 
+#: modules an import must add for the objects it made to be frozen at the next full collection
+IMPORT_WAVE = 25
+
+
+class _ImportedObjectsFreezer:
+    """A ``gc.callbacks`` entry: after a full collection that follows an import of at least :data:`IMPORT_WAVE`
+    modules, what survived it is frozen (``gc.freeze``).  See :func:`scan_imported_objects_once`."""
+
+    def __init__(self) -> None:
+        self.modules = len(sys.modules)
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info.get("generation") == 2 and len(sys.modules) >= self.modules + IMPORT_WAVE:
+            self.modules = len(sys.modules)
+            gc.freeze()
+
+
+def scan_imported_objects_once() -> None:
+    """Have the garbage collector scan the objects imports make once, not at every later full collection.
+
+    CPython runs a full collection each time the objects it tracks grow by a quarter, and scans all of them:
+    importing torch, ``torch._dynamo``, MLflow's store, matplotlib and ``torch.export`` makes about 650,000
+    (classes, functions, module namespaces), which live as long as the process, scanned nine times over in a
+    default ``optiflow train``: a sixth of its CPU time.  From this call on, the survivors of a full collection
+    that follows an import wave are frozen (``gc.freeze``): reference counting still frees them, later
+    collections skip them.  A reference cycle among objects frozen so, that becomes garbage later, is not
+    reclaimed: freezes happen only while modules are being imported (each module's first use), not while
+    training runs repeat.  Called once, by the ``optiflow`` command, which owns its process."""
+    if not any(isinstance(callback, _ImportedObjectsFreezer) for callback in gc.callbacks):
+        gc.callbacks.append(_ImportedObjectsFreezer())
+
+
 def exit_process(code: object) -> None:
     """End the process with ``code`` once everything it started has finished, without tearing the interpreter
     down.  ``code`` is a ``SystemExit`` code: None is 0; text is said on stderr and is 1.
 
-    Python's own exit joins the threads it must wait for and runs the ``atexit`` handlers (MLflow's, logging's,
-    ``weakref.finalize``, multiprocessing's), then frees every module one by one: after torch and MLflow are
-    imported that teardown alone takes 0.5-0.9 s of a command's wall time, and writes nothing.  This does the
-    first two steps, flushes the standard streams, and leaves the rest to the operating system.
+    Python's own exit tells idle thread pools to stop and joins the threads it must wait for, runs the ``atexit``
+    handlers (MLflow's, logging's, ``weakref.finalize``, multiprocessing's), then frees every module one by one:
+    after torch and MLflow are imported that teardown alone takes 0.5-0.9 s of a command's wall time, and writes
+    nothing.  This does the first two steps, flushes the standard streams, and leaves the rest to the operating
+    system.
     """
     import atexit
     import sys
@@ -103,13 +138,34 @@ def exit_process(code: object) -> None:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive():
-            thread.join()
+    # What the interpreter's exit calls first (wait_for_thread_shutdown): threading's own exit callbacks (they
+    # tell idle concurrent.futures workers, such as MLflow's artifact-download pool, to stop), then it joins every
+    # non-daemon thread.  Joining the threads alone would wait forever on such a worker.
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except KeyboardInterrupt:  # Ctrl-C while waiting: one line and 130, not the traceback Python's exit prints
+        print("Error: interrupted while waiting for the command's threads to finish", file=sys.stderr)
+        code = 130
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):  # a reader that left (`| head`), a closed or replaced stream
-            pass
+    unwritten = _flush(sys.stdout, "<stdout>")
+    if unwritten is not None and not code:  # Python's exit said it and exited 120: one line and 1, as any fault
+        print(f"Error: {unwritten}", file=sys.stderr)  # (a command that failed has said its error already)
+        code = 1
+    _flush(sys.stderr, "<stderr>")
     os._exit(code)
+
+
+def _flush(stream: object, name: str) -> str | None:
+    """Flush a standard stream; what went wrong when output it held is lost (a full disk), else None."""
+    from optiflow.errors import no_space
+
+    try:
+        stream.flush()  # type: ignore[attr-defined]
+    except BrokenPipeError:  # a reader that left (`| head`) has what it wanted
+        return None
+    except OSError as exc:
+        full = no_space(exc, name)
+        return str(full) if full is not None else f"could not write {name}: {exc.strerror or exc}"
+    except (ValueError, AttributeError):  # a closed stream, or None (a closed file descriptor at start)
+        return None
+    return None

@@ -186,11 +186,31 @@ def use_write_ahead_log(path: Path) -> bool:
 
     if str(path) == ":memory:":
         return False
+    if not _WAL_STORES:
+        import atexit
+
+        atexit.register(_checkpoint_at_exit)
+    _WAL_STORES.add(str(path.resolve()))
     with contextlib.closing(sqlite3.connect(path, timeout=30)) as connection:
         if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             connection.execute("PRAGMA journal_mode=WAL")
             return True
     return False
+
+
+_WAL_STORES: set[str] = set()
+
+
+def _checkpoint_at_exit() -> None:
+    """Copy each WAL store's log into its database file (and to the disk) when the command ends, as closing
+    MLflow's connections did in the interpreter's teardown, which optiflow's exit skips: ``mlflow.db`` then holds
+    every run by itself (a copy of the file alone has them), not only with its ``-wal`` file beside it.  PASSIVE:
+    a store another process is reading is checkpointed as far as it can be, never waited for."""
+    import sqlite3
+
+    for path in sorted(_WAL_STORES):
+        with contextlib.suppress(sqlite3.Error, OSError), contextlib.closing(sqlite3.connect(path, timeout=1)) as db:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def is_server(uri: str) -> bool:

@@ -439,3 +439,48 @@ def test_normalizer_without_module_still_trains_and_says_the_model_takes_normali
     _, model, meta = load(tracking_uri, result.run_id)
     assert meta["raw_input"] is False and meta["feature_names"] is None
     assert model.predict(np.zeros((2, 4), dtype=np.float32)).shape == (2, 3)
+
+
+def test_the_optiflow_command_logs_the_run_files_and_model_layout_it_always_logged(tmp_path):
+    """What cutting a command's fixed cost (issue 24) must leave alone, through the command as users run it: the
+    run's files, the logged model's files, its MLmodel flavors, signature and example, its pinned requirements and
+    its figures' sizes (a plot drawn on another canvas or at another size would show here)."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from optiflow import export
+
+    from helpers import trained_run
+
+    store, run = trained_run(tmp_path, "layout", "--epochs", "2")
+    client = MlflowClient(store)
+    listed = {a.path: a.is_dir for a in client.list_artifacts(run.info.run_id)}
+    assert listed == {"checkpoint": True, "config.yaml": False, "gradient_flow.png": False,
+                      "learning_curves.png": False, "normalization.json": False}
+    [folder] = [path.parent for path in tmp_path.rglob("MLmodel")]
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert files == {"MLmodel", "code/optiflow_serving.py", "conda.yaml", "data/model.pt2", "input_example.json",
+                     "python_env.yaml", "requirements.txt", "serving_input_example.json"}
+    meta = yaml.safe_load((folder / "MLmodel").read_text())
+    assert set(meta["flavors"]) == {"python_function", "pytorch"}
+    assert meta["flavors"]["python_function"]["loader_module"] == "optiflow_serving"
+    assert meta["flavors"]["pytorch"]["model_data"] == "data" and meta["run_id"] == run.info.run_id
+    assert meta["signature"]["inputs"] is None
+    assert [c["name"] for c in json.loads(meta["signature"]["outputs"])] == [str(d) for d in range(10)]
+    assert meta["saved_input_example_info"]["type"] == "ndarray"
+    assert meta["metadata"]["optiflow"]["input_shape"] == [1, 8, 8]
+    example = json.loads((folder / "input_example.json").read_text())
+    assert np.asarray(example).shape == (5, 1, 8, 8)
+    pinned = (folder / "requirements.txt").read_text().splitlines()
+    assert [line.split("==")[0] for line in pinned] == ["mlflow", "torch", "numpy", "pandas"]
+    assert (folder / "code/optiflow_serving.py").read_text() == (Path(export.__file__).with_name("serving.py")
+                                                                 .read_text())
+    shown = {}
+    for name in ("learning_curves.png", "gradient_flow.png"):
+        with Image.open(client.download_artifacts(run.info.run_id, name, str(tmp_path / "got"))) as image:
+            shown[name] = image.size
+    assert shown == {"learning_curves.png": (1000, 400), "gradient_flow.png": (550, 400)}
+    program = export.load_program(folder.as_uri())
+    probabilities = program.module()(torch.rand(3, 1, 8, 8) * 16)
+    assert torch.allclose(probabilities.sum(1), torch.ones(3))

@@ -6,6 +6,7 @@ Behaviour only; the time and memory figures come from benchmarks/bench_startup.p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -59,11 +60,11 @@ def test_preparing_the_default_run_imports_no_scikit_learn(tmp_path):
 
 @pytest.mark.slow
 def test_the_default_train_command_end_to_end_imports_no_scikit_learn(tmp_path):
-    work = ("import importlib.metadata, importlib_metadata, runpy\nscans = []\n"
+    work = ("import importlib.metadata, importlib_metadata\nscans = []\n"
             "for module in (importlib.metadata, importlib_metadata):\n"
             "    module.packages_distributions = lambda *a, **k: scans.append(1) or {}\n"
-            "sys.argv = ['optiflow', 'train', '--epochs', '1', '-q']\n"
-            "try:\n    runpy.run_module('optiflow', run_name='__main__')\nexcept SystemExit as exc:\n"
+            "from optiflow.cli import cli\n"  # main() would end the process (host.exit_process) before the check
+            "try:\n    cli(['train', '--epochs', '1', '-q'], prog_name='optiflow')\nexcept SystemExit as exc:\n"
             "    assert not exc.code, exc.code\n"
             "assert not scans, 'every installed distribution was scanned (MLflow requirement check)'")
     assert heavy_imports_after(work, tmp_path) == "[]"
@@ -298,12 +299,12 @@ def test_scaling_never_changes_the_tensor_a_dataset_gave():
     assert int(images.max()) == 255
 
 
-def _exit_after(work: str, folder: Path) -> subprocess.CompletedProcess[str]:
+def _exit_after(work: str, folder: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     """Run ``work`` (Python source: it sets ``out``, the folder) and then optiflow's ``main()`` in a fresh process."""
     code = f"import pathlib, sys\nout = pathlib.Path({str(folder)!r})\n{work}\nfrom optiflow.cli import main\nmain()\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env,
-                          timeout=300)
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize("argv, exit_code", [(["--version"], 0), (["train", "--epochs", "0"], 2)])
@@ -340,3 +341,119 @@ def test_the_interpreter_teardown_is_skipped_and_text_exit_codes_are_said(tmp_pa
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (1, "written\n", "bye: a text code\n")
     assert not (tmp_path / "torn").exists()
+
+
+def test_an_idle_thread_pool_does_not_hold_the_exit(tmp_path):
+    """A ``ThreadPoolExecutor`` still referenced at exit with an idle worker (MLflow's local artifact repository
+    keeps one after `optiflow predict RUN` downloads the model) is told to stop, as Python's exit tells it, and
+    the command ends with its exit code; joining the non-daemon threads alone waited on that worker forever."""
+    work = ("import concurrent.futures\n"
+            "pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)\n"
+            "pool.submit((out / 'task').write_text, 'done').result()\n"
+            "sys.argv = ['optiflow', 'train', '--epochs', '0']\n")
+    done = _exit_after(work, tmp_path, timeout=60)
+    assert done.returncode == 2 and "epochs" in done.stderr, done.stderr
+    assert (tmp_path / "task").read_text() == "done"
+
+
+def test_ctrl_c_while_the_exit_waits_for_a_thread_is_one_line_and_130(tmp_path):
+    """Ctrl-C while the exit waits for a plugin's non-daemon thread: one line and 130, no traceback (Python's own
+    exit printed a traceback and exited 0), and the ``atexit`` handlers still run."""
+    import signal
+    import time
+
+    code = (f"import atexit, pathlib, sys, threading, time\nout = pathlib.Path({str(tmp_path)!r})\n"
+            "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "sys.argv = ['optiflow', '--version']\n"
+            "from optiflow.cli import main\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    assert process.stdout is not None
+    printed = process.stdout.readline()  # --version has printed (click flushes): the exit is about to wait
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert (process.returncode, printed + stdout) == (130, f"optiflow {_version()}\n"), stderr
+    assert stderr == "Error: interrupted while waiting for the command's threads to finish\n"
+    assert (tmp_path / "atexit").read_text() == "ran"
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("optiflow")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_lost_at_exit_on_a_full_disk_is_one_error_line_and_exit_1(tmp_path):
+    """`optiflow list optimizer > file` on a full disk: the table still buffered when the command ends cannot be
+    written; the exit says so in one line and exits 1 (Python's own exit said it in two lines and exited 120), never
+    0 as if the file held the table.  A reader that left (`| head`) is no failure."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "optiflow", "list", "optimizer"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("Error: no space left on the device"), \
+        done.stderr
+
+
+def test_the_store_file_alone_holds_the_run_when_the_command_has_ended(tmp_path):
+    """After `optiflow train` the run is in ``mlflow.db`` itself, not only in its ``-wal`` file: a copy of the
+    database file alone (a backup, a scp) holds it, as when the teardown closed MLflow's connections."""
+    import shutil
+    import sqlite3
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "optiflow", "train", "--epochs", "1", "-q"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    copy = shutil.copy(tmp_path / "mlruns" / "mlflow.db", tmp_path / "copy.db")
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        assert db.execute("SELECT status FROM runs").fetchall() == [("FINISHED",)]
+
+
+@pytest.mark.parametrize("module", ["optiflow", "optiflow.cli"])
+def test_both_module_entry_points_run_the_command(tmp_path, module):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", module, "train", "--epochs", "0"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("Error:") and "epochs" in done.stderr
+
+
+def test_objects_imports_make_are_frozen_and_later_garbage_is_still_collected(tmp_path):
+    """``host.scan_imported_objects_once`` (the ``optiflow`` command's): a full collection after an import wave
+    freezes its survivors, so later collections skip them; a full collection with no import in between freezes
+    nothing, and a reference cycle made after the imports is still reclaimed, as is a cycle made during them that
+    was garbage at the collection."""
+    code = (
+        "import gc, sys, weakref\nfrom optiflow.host import scan_imported_objects_once\n"
+        "scan_imported_objects_once(); scan_imported_objects_once()\n"
+        "class Node: pass\n"
+        "def cycle():\n    node = Node(); node.me = node; return weakref.ref(node)\n"
+        "early = cycle()\n"
+        "import asyncio, email.parser, http.client, xml.dom.minidom, unittest, argparse\n"
+        "gc.collect()\nwave = gc.get_freeze_count()\n"
+        "later = cycle()\ngc.collect()\n"
+        "print(len(gc.callbacks), wave > 10000, gc.get_freeze_count() == wave, early() is None, later() is None)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.split() == ["1", "True", "True", "True", "True"], done.stderr
+
+
+def test_the_optiflow_command_freezes_what_its_imports_made(tmp_path):
+    """``main()`` installs the freezer for the whole command (an exit handler imports a wave of modules and
+    collects: what the wave made is frozen); the same code run without the command freezes nothing."""
+    wave = ("import asyncio, email.parser, http.client, xml.dom.minidom, unittest, argparse, gc\n"
+            "gc.collect()\n(out / 'frozen').write_text(str(gc.get_freeze_count()))\n")
+    work = ("import atexit\ndef wave():\n" + "".join(f"    {line}\n" for line in wave.splitlines())
+            + "atexit.register(wave)\nsys.argv = ['optiflow', '--version']\n")
+    done = _exit_after(work, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert int((tmp_path / "frozen").read_text()) > 10000
+    plain = subprocess.run([sys.executable, "-c", f"import pathlib\nout = pathlib.Path({str(tmp_path)!r})\n{wave}"],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0 and (tmp_path / "frozen").read_text() == "0", plain.stderr
