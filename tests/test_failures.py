@@ -267,3 +267,66 @@ def test_a_parent_is_stale_only_when_no_descendant_lives_and_closes_with_its_chi
     assert "its parent run's process is gone" in mlflow_client.get_run(unbeaten).data.tags["failure"]
     order = result.output.index
     assert order(parent) < order(trial) and order(cv_trial) < order(fold)
+
+
+#: runs ``optiflow ARGS`` (or, with OLD_STORE, MLflow's own creation of a store, as optiflow 0.1 did) and sends
+#: itself a signal right after the first SQL statement holding ``STATEMENT`` (HALT_AT=STATEMENT|SIGNAL), while
+#: MLflow creates and migrates a new store's tables: the moment is exact, no sleeps decide it
+CREATING = "\n".join([
+    "import os, signal, sys",
+    "from sqlalchemy import event",
+    "from sqlalchemy.engine import Engine",
+    "statement, _, name = os.environ['HALT_AT'].partition('|')",
+    "def halt(connection, cursor, sql, *rest):",
+    "    if statement.lower() in sql.lower():",
+    "        os.kill(os.getpid(), getattr(signal, name))",
+    "event.listen(Engine, 'after_cursor_execute', halt)",
+    "if os.environ.get('OLD_STORE'):",
+    "    from mlflow import MlflowClient",
+    "    MlflowClient(os.environ['OLD_STORE']).search_experiments()",
+    "from optiflow.cli import main",
+    "sys.argv = ['optiflow', *sys.argv[1:]]",
+    "main()",
+])
+# the two failures an interrupted creation left: a batch migration's copy table, a column added but not recorded
+HALTS = [("CREATE TABLE _alembic_tmp_experiment_tags", "SIGINT"), ("ADD COLUMN outputs", "SIGKILL")]
+
+
+def halted(at: tuple[str, str], args: list[str], cwd, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", CREATING, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HALT_AT": "|".join(at), **env})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", HALTS, ids=[name for _, name in HALTS])
+def test_a_signal_while_a_new_store_is_created_leaves_no_half_made_store(tmp_path, at):
+    path = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    train = ["train", "--data", "iris", "--model", "mlp:hidden=[16]", "--epochs", "1", "-q", "--tracking-uri", uri]
+    done = halted(at, train, tmp_path)
+    if at[1] == "SIGINT":
+        assert done.returncode == 130 and done.stderr.strip() == "Error: interrupted", done.stderr
+    else:
+        assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not path.exists(), "no half-made store in place"
+    again = subprocess.run([sys.executable, "-m", "optiflow", *train], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if ".creating" in p.name) == [], "the partial file is removed"
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    assert [run.info.status for run in runs] == ["FINISHED"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", HALTS, ids=[name for _, name in HALTS])
+def test_a_store_left_half_made_by_an_older_version_is_one_line(tmp_path, invoke, at):
+    path = tmp_path / "old.db"
+    done = halted((at[0], "SIGKILL"), [], tmp_path, OLD_STORE=f"sqlite:///{path}")
+    assert done.returncode == -signal.SIGKILL and path.exists(), done.stderr
+    result = invoke("runs", "--tracking-uri", f"sqlite:///{path}", store=False)
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"Error: the tracking store {path} was left half-created by an interrupted "
+                                     "command and holds no runs; delete it (and old.db-wal, old.db-shm beside it) "
+                                     "and run again"), result.output
