@@ -330,3 +330,38 @@ def test_a_store_left_half_made_by_an_older_version_is_one_line(tmp_path, invoke
     assert result.output.strip() == (f"Error: the tracking store {path} was left half-created by an interrupted "
                                      "command and holds no runs; delete it (and old.db-wal, old.db-shm beside it) "
                                      "and run again"), result.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_search_with_workers_is_one_line_and_its_runs_killed(tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the search and its spawned worker process."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optiflow", "search", "--data", "iris", "--model", "mlp:hidden=[16]", "--epochs",
+         "100000", "--n-trials", "4", "--n-jobs", "2", "--space", "lr=loguniform:0.01:0.1", "--no-refit", "-q",
+         "--tracking-uri", uri, "--experiment", "ctrl-c"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        client, deadline = MlflowClient(uri), time.monotonic() + 240
+        while time.monotonic() < deadline:  # both processes train a trial
+            assert process.poll() is None, process.communicate()
+            found = client.get_experiment_by_name("ctrl-c") if (tmp_path / "mlflow.db").exists() else None
+            runs = client.search_runs([found.experiment_id]) if found else []
+            trials = [r for r in runs if "optuna.trial_number" in r.data.params]
+            if len(trials) == 2 and all(client.get_metric_history(r.info.run_id, "train_loss") for r in trials):
+                break
+            time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: interrupted"), stderr
+    runs = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
+    trials = [r for r in runs if "optuna.trial_number" in r.data.params]
+    assert len(trials) == 2 and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status)
+                                                                             for r in runs]
