@@ -298,7 +298,7 @@ def halted(at: tuple[str, str], args: list[str], cwd, **env: str) -> subprocess.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("at", HALTS, ids=[name for _, name in HALTS])
+@pytest.mark.parametrize("at", HALTS, ids=["copy-table-SIGINT", "added-column-SIGKILL"])
 def test_a_signal_while_a_new_store_is_created_leaves_no_half_made_store(tmp_path, at):
     path = tmp_path / "mlflow.db"
     uri = f"sqlite:///{path}"
@@ -320,7 +320,7 @@ def test_a_signal_while_a_new_store_is_created_leaves_no_half_made_store(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("at", HALTS, ids=[name for _, name in HALTS])
+@pytest.mark.parametrize("at", HALTS, ids=["copy-table", "added-column"])
 def test_a_store_left_half_made_by_an_older_version_is_one_line(tmp_path, invoke, at):
     path = tmp_path / "old.db"
     done = halted((at[0], "SIGKILL"), [], tmp_path, OLD_STORE=f"sqlite:///{path}")
