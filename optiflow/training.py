@@ -351,8 +351,9 @@ def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(run: Run, test: dict[str, float], log_model: bool) -> None:
-    """Test metrics, the learning curves (``run.wants_artifacts``) and (``log_model``) the model, on the finished run."""
-    run.tracking.log_metrics(test, step=run.epoch, flush=False)
+    """Test metrics, the learning curves (``run.wants_artifacts``) and (``log_model``) the model, on the finished run.
+    The test metrics are written before the files (seconds): a process killed while it exports keeps them."""
+    run.tracking.log_metrics(test, step=run.epoch, flush=log_model or run.wants_artifacts)
     run.tracking.set_tags({digest.WEIGHTS_TAG: digest.weights_digest(run.model)})
     if run.wants_artifacts:
         _log_curves(run)

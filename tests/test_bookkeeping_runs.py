@@ -4,6 +4,7 @@ client writes one by one, RUNNING while it trains, and the client's path whereve
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -203,3 +204,42 @@ def test_on_postgresql_a_trial_run_in_two_transactions_logs_what_the_client_logs
     finally:
         postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_every_run_of_a_cv_search_has_its_metrics_stamped_between_its_start_and_end(invoke, tracking_uri,
+                                                                                  mlflow_client, experiment,
+                                                                                  monkeypatch):
+    """The parent, trial and fold runs: no metric is stamped after its run ended (the folds' end was read before
+    their test metrics were stamped).  The clock moves 2 ms each time it is read, so a read out of order shows."""
+    real, reads = time.time, itertools.count()
+    monkeypatch.setattr(time, "time", lambda: real() + next(reads) * 0.002)
+    result = invoke("search", "--space", "lr=choice:0.01", "--sampler", "grid", "--cv", "2", "--epochs", "1", *TINY,
+                    "--tracking-uri", tracking_uri, "--experiment", experiment, store=False)
+    assert result.exit_code == 0, result.stderr
+    runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1 + 1 + 2  # the search, its trial, the trial's folds
+    outside = [(run.info.run_name, key, metric.timestamp - run.info.end_time)
+               for run in runs for key in run.data.metrics
+               for metric in mlflow_client.get_metric_history(run.info.run_id, key)
+               if not run.info.start_time <= metric.timestamp <= run.info.end_time]
+    assert outside == []
+
+
+def test_a_training_has_its_test_metrics_written_while_its_model_is_exported(invoke, mlflow_client, experiment,
+                                                                           monkeypatch):
+    """The model's export takes seconds (and the most memory): a process killed or out of memory there keeps
+    the test metrics it computed before."""
+    from optiflow import export
+
+    seen = []
+    log_model = export.log_model
+
+    def watching(run):
+        stored = mlflow_client.get_run(run.tracker.run_id)
+        seen.append((stored.info.status, sorted(key for key in stored.data.metrics if key.startswith("test_"))))
+        return log_model(run)
+
+    monkeypatch.setattr(export, "log_model", watching)
+    result = invoke("train", "--epochs", "1", "--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert seen == [("RUNNING", ["test_accuracy", "test_loss"])]

@@ -84,10 +84,10 @@ def _log_folds(runs: list[Run], trackers: list[Tracker], tests: list[dict[str, f
     from optiflow.tracking import log_finished
     from optiflow.training import data_digest, default_run_name, setup_params
 
-    ended_ms = int(time.time() * 1000)
     for run, tracker, test in zip(runs, trackers, tests):
         tracker.log_metrics({**test, "train_seconds": seconds}, step=run.epoch, flush=False)
         tracker.log_params(setup_params(run, params), flush=False)
+    ended_ms = int(time.time() * 1000)  # read after the metrics were stamped: none lies after its run's end
     fold_tags = [{**fold_tags, STACKED_TAG: str(len(runs)), digest.WEIGHTS_TAG: digest.weights_digest(run.model),
                   digest.DATA_TAG: data_digest(run),
                   **key_tags(run.key, outputs(artifacts=False, log_model=False, config=run.config))}
