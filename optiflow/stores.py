@@ -325,6 +325,8 @@ def _new_client(uri: str) -> MlflowClient:
         commit_without_waiting_for_the_disk()
     with store_lock(path):
         try:
+            if path is not None:
+                _create_whole(path)
             mlflow_client = MlflowClient(tracking_uri=uri)
             with fail_fast_http():
                 mlflow_client.search_experiments(max_results=1)
@@ -332,8 +334,61 @@ def _new_client(uri: str) -> MlflowClient:
             full = disk_full(exc, None, (), store=uri)
             if full is not None:
                 raise full from None
-            raise OptiflowError(f"cannot reach the tracking store {redact(uri)}: {store_failure(exc)}") from None
+            raise OptiflowError(_half_made(path, exc) or
+                                f"cannot reach the tracking store {redact(uri)}: {store_failure(exc)}") from None
         if path is not None and use_write_ahead_log(path):
             # a new store: the connections MLflow opened to create it commit waiting for the disk; new ones do not
             mlflow_client._tracking_client.store.engine.dispose()
     return mlflow_client
+
+
+def _create_whole(path: Path) -> None:
+    """Create a new SQLite store whole or not at all (called under its lock): MLflow creates and migrates its
+    tables in a hidden file beside it (seconds, dozens of migrations), which is renamed into place once done.
+    Ctrl-C, SIGTERM or SIGKILL meanwhile leave no half-made store, only that file, removed on the way out or
+    by the next creation (a creator's pid in its name; under the lock no other creation is running)."""
+    import glob
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    if str(path) == ":memory:":
+        return
+    for stale in glob.glob(glob.escape(str(path.with_name(f".{path.name}."))) + "*.creating*"):
+        Path(stale).unlink(missing_ok=True)
+    if path.exists():
+        return
+    partial = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    try:
+        creating = MlflowClient(tracking_uri=f"sqlite:///{partial}")
+        creating.search_experiments(max_results=1)
+        creating._tracking_client.store.engine.dispose()
+        with contextlib.closing(sqlite3.connect(partial)) as connection:  # the last connection: no -wal left
+            connection.execute("PRAGMA journal_mode=WAL")
+        os.replace(partial, path)
+    finally:
+        for leftover in ("", "-journal", "-wal", "-shm"):
+            Path(f"{partial}{leftover}").unlink(missing_ok=True)
+
+
+#: what MLflow says when a store's tables were left half-made (a creation or migration stopped midway)
+HALF_MADE = re.compile(r"_alembic_tmp_\w+ already exists|duplicate column name|table \w+ already exists")
+
+
+def _half_made(path: Path | None, exc: BaseException) -> str | None:
+    """One line for a SQLite store whose creation or migration was stopped midway (by optiflow 0.1,
+    a SIGKILL, ``mlflow db upgrade`` interrupted): MLflow cannot resume it.  None for other failures."""
+    import sqlite3
+
+    if path is None or not HALF_MADE.search(str(exc)):
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+            runs = connection.execute("SELECT count(*) FROM runs").fetchone()[0]
+    except sqlite3.Error:
+        runs = 0
+    if not runs:
+        return (f"the tracking store {path} was left half-created by an interrupted command and holds no runs; "
+                f"delete it (and {path.name}-wal, {path.name}-shm beside it) and run again")
+    return (f"the tracking store {path} was left half-migrated by an interrupted upgrade ({store_failure(exc)}); "
+            f"its {runs} runs are there but MLflow cannot resume: restore it from a backup")

@@ -267,3 +267,101 @@ def test_a_parent_is_stale_only_when_no_descendant_lives_and_closes_with_its_chi
     assert "its parent run's process is gone" in mlflow_client.get_run(unbeaten).data.tags["failure"]
     order = result.output.index
     assert order(parent) < order(trial) and order(cv_trial) < order(fold)
+
+
+#: runs ``optiflow ARGS`` (or, with OLD_STORE, MLflow's own creation of a store, as optiflow 0.1 did) and sends
+#: itself a signal right after the first SQL statement holding ``STATEMENT`` (HALT_AT=STATEMENT|SIGNAL), while
+#: MLflow creates and migrates a new store's tables: the moment is exact, no sleeps decide it
+CREATING = "\n".join([
+    "import os, signal, sys",
+    "from sqlalchemy import event",
+    "from sqlalchemy.engine import Engine",
+    "statement, _, name = os.environ['HALT_AT'].partition('|')",
+    "def halt(connection, cursor, sql, *rest):",
+    "    if statement.lower() in sql.lower():",
+    "        os.kill(os.getpid(), getattr(signal, name))",
+    "event.listen(Engine, 'after_cursor_execute', halt)",
+    "if os.environ.get('OLD_STORE'):",
+    "    from mlflow import MlflowClient",
+    "    MlflowClient(os.environ['OLD_STORE']).search_experiments()",
+    "from optiflow.cli import main",
+    "sys.argv = ['optiflow', *sys.argv[1:]]",
+    "main()",
+])
+# the two failures an interrupted creation left: a batch migration's copy table, a column added but not recorded
+HALTS = [("CREATE TABLE _alembic_tmp_experiment_tags", "SIGINT"), ("ADD COLUMN outputs", "SIGKILL")]
+
+
+def halted(at: tuple[str, str], args: list[str], cwd, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", CREATING, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HALT_AT": "|".join(at), **env})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", HALTS, ids=["copy-table-SIGINT", "added-column-SIGKILL"])
+def test_a_signal_while_a_new_store_is_created_leaves_no_half_made_store(tmp_path, at):
+    path = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    train = ["train", "--data", "iris", "--model", "mlp:hidden=[16]", "--epochs", "1", "-q", "--tracking-uri", uri]
+    done = halted(at, train, tmp_path)
+    if at[1] == "SIGINT":
+        assert done.returncode == 130 and done.stderr.strip() == "Error: interrupted", done.stderr
+    else:
+        assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not path.exists(), "no half-made store in place"
+    again = subprocess.run([sys.executable, "-m", "optiflow", *train], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if ".creating" in p.name) == [], "the partial file is removed"
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    assert [run.info.status for run in runs] == ["FINISHED"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", HALTS, ids=["copy-table", "added-column"])
+def test_a_store_left_half_made_by_an_older_version_is_one_line(tmp_path, invoke, at):
+    path = tmp_path / "old.db"
+    done = halted((at[0], "SIGKILL"), [], tmp_path, OLD_STORE=f"sqlite:///{path}")
+    assert done.returncode == -signal.SIGKILL and path.exists(), done.stderr
+    result = invoke("runs", "--tracking-uri", f"sqlite:///{path}", store=False)
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"Error: the tracking store {path} was left half-created by an interrupted "
+                                     "command and holds no runs; delete it (and old.db-wal, old.db-shm beside it) "
+                                     "and run again"), result.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_search_with_workers_is_one_line_and_its_runs_killed(tmp_path):
+    """Ctrl-C reaches the whole foreground process group: the search and its spawned worker process."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optiflow", "search", "--data", "iris", "--model", "mlp:hidden=[16]", "--epochs",
+         "100000", "--n-trials", "4", "--n-jobs", "2", "--space", "lr=loguniform:0.01:0.1", "--no-refit", "-q",
+         "--tracking-uri", uri, "--experiment", "ctrl-c"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        client, deadline = MlflowClient(uri), time.monotonic() + 240
+        while time.monotonic() < deadline:  # both processes train a trial
+            assert process.poll() is None, process.communicate()
+            found = client.get_experiment_by_name("ctrl-c") if (tmp_path / "mlflow.db").exists() else None
+            runs = client.search_runs([found.experiment_id]) if found else []
+            trials = [r for r in runs if "optuna.trial_number" in r.data.params]
+            if len(trials) == 2 and all(client.get_metric_history(r.info.run_id, "train_loss") for r in trials):
+                break
+            time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: interrupted"), stderr
+    runs = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id])
+    trials = [r for r in runs if "optuna.trial_number" in r.data.params]
+    assert len(trials) == 2 and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status)
+                                                                             for r in runs]

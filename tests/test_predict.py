@@ -599,3 +599,24 @@ def test_the_pyfunc_of_a_flat_digits_model_takes_images_too(shape):
     with torch.no_grad():
         out = predictor.predict(x)
     assert np.allclose(np.asarray(out, dtype=np.float64).ravel(), np.arange(3 * 64).reshape(3, 64).sum(axis=1))
+
+
+@pytest.mark.slow
+def test_predict_and_export_leave_no_temporary_files(store, iris_run, tmp_path, monkeypatch):
+    """docs/tracking.md: the copies of a logged model's files a command downloads are removed when it ends."""
+    import tempfile
+
+    rows = tmp_path / "rows.csv"
+    iris_csv(rows, card(store, iris_run), target=False, rows=3)  # (MLflow's Model.load leaves a copy: not here)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # $TMPDIR of the command
+    refused = tmp_path / "refused.csv"
+    refused.write_text("a,b\n1,2\n")
+    assert predict(store, iris_run, rows).exit_code == 0
+    assert predict(store, iris_run, refused).exit_code == 2
+    exported = optiflow("export", iris_run, "--onnx", str(tmp_path / "model.onnx"), "--tracking-uri", store)
+    assert exported.exit_code == 0, exported.output + exported.stderr
+    left = [path.relative_to(scratch) for path in scratch.rglob("*") if not path.name.startswith("torchinductor")
+            and "torchinductor" not in path.parts[len(scratch.parts)]]
+    assert left == [], left

@@ -22,6 +22,7 @@ from optiflow.stores import quiet_artifact_downloads
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
+    from mlflow.models import Model
 
 RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
 DEFAULT_MODEL_PATH = "model"
@@ -112,11 +113,10 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
 def model_spec(uri: str, label: str) -> ModelSpec:
     """What the model at ``uri`` takes and gives, from the ``optiflow`` entry of its MLmodel metadata."""
     from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
 
     check_card_size(uri, label)
     try:
-        logged = Model.load(uri)
+        logged = _loaded_card(uri)
     except MlflowException as exc:
         if uri.startswith("runs:/"):
             where = uri.split("/", 2)[2]
@@ -131,6 +131,21 @@ def model_spec(uri: str, label: str) -> ModelSpec:
     except (KeyError, TypeError, ValueError) as exc:
         raise OptiflowError(f"the optiflow metadata of the model of {label} is incomplete or malformed "
                             f"({first_line(exc)})") from None
+
+
+def _loaded_card(uri: str) -> Model:
+    """The model's MLmodel metadata, downloaded into a temporary folder removed afterwards (``Model.load`` of a
+    ``runs:/`` or ``models:/`` URI leaves its copy in ``$TMPDIR``)."""
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    if ModelsArtifactRepository._is_logged_model_uri(uri):  # models:/m-ID: as Model.load reads it
+        uri = ModelsArtifactRepository.get_underlying_uri(uri)
+    with tempfile.TemporaryDirectory(prefix="optiflow-model-") as folder:
+        return Model.load(download_artifacts(artifact_uri=f"{uri.rstrip('/')}/MLmodel", dst_path=folder))
 
 
 CARD_ITEMS = 1_000_000

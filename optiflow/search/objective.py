@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
 import statistics
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -267,13 +269,30 @@ def _spawn_workers(base: RunConfig, settings: SearchSettings, study_name: str, p
         if share:
             worker = context.Process(target=_worker, daemon=True,
                                      args=(base, settings, study_name, parent_id, share, tags, tracking.CLI_ARGS))
-            worker.start()
+            # the worker starts with SIGINT blocked (a mask survives exec), so Ctrl-C while it imports waits
+            # for _worker, where it is one quiet exit; this process gets its own at once after the start
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                worker.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             workers.append(worker)
     return workers
 
 
 def _worker(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str, n_trials: int,
             tags: dict[str, str] | None, cli_args: list[str] | None) -> None:
+    """A worker process's trials.  Ctrl-C (SIGINT to the whole process group) or the command's SIGTERM end
+    the trial's run KILLED, then the worker quietly: the command says it in one line, not each worker."""
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held back while it started
+        _work(base, settings, study_name, parent_id, n_trials, tags, cli_args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _work(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str, n_trials: int,
+          tags: dict[str, str] | None, cli_args: list[str] | None) -> None:
     tracking.CLI_ARGS = cli_args  # its runs' optiflow.command is the command that spawned it
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(base, dataclasses.replace(settings, study_name=study_name))
