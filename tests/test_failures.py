@@ -274,7 +274,8 @@ def test_a_parent_is_stale_only_when_no_descendant_lives_and_closes_with_its_chi
 #: MLflow creates and migrates a new store's tables: the moment is exact, no sleeps decide it
 CREATING = "\n".join([
     "import os, signal, sys",
-    "from sqlalchemy import event",
+    "signal.signal(signal.SIGINT, signal.default_int_handler)",  # as from a terminal, though pytest may run
+    "from sqlalchemy import event",                              # as a background job (SIGINT ignored)
     "from sqlalchemy.engine import Engine",
     "statement, _, name = os.environ['HALT_AT'].partition('|')",
     "def halt(connection, cursor, sql, *rest):",

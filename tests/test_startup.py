@@ -362,7 +362,9 @@ def test_ctrl_c_while_the_exit_waits_for_a_thread_is_one_line_and_130(tmp_path):
     import signal
     import time
 
-    code = (f"import atexit, pathlib, sys, threading, time\nout = pathlib.Path({str(tmp_path)!r})\n"
+    code = (f"import atexit, pathlib, signal, sys, threading, time\nout = pathlib.Path({str(tmp_path)!r})\n"
+            # Ctrl-C as from a terminal, though pytest may run as a background job (which ignores SIGINT)
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
             "threading.Thread(target=time.sleep, args=(60,)).start()\n"
             "sys.argv = ['optiflow', '--version']\n"
@@ -408,6 +410,7 @@ def test_the_store_file_alone_holds_the_run_when_the_command_has_ended(tmp_path)
     import sqlite3
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default store, mlruns/mlflow.db, is the one looked at
     done = subprocess.run([sys.executable, "-m", "optiflow", "train", "--epochs", "1", "-q"], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
