@@ -298,7 +298,7 @@ class Tracker:
                 raise
             raise full from None
         finally:  # a Python caller's URI and environment as they were (MLflow exports the URI it is given)
-            mlflow.set_tracking_uri(before[1])  # type: ignore[arg-type]  # None unsets it (MLflow reads it so)
+            mlflow.set_tracking_uri(before[1])
             if before[0] is not None:
                 os.environ["MLFLOW_TRACKING_URI"] = before[0]
 
