@@ -286,8 +286,7 @@ class Tracker:
         from mlflow.models import Model
 
         run_id = self.open_run_id
-        before = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-        mlflow.set_tracking_uri(self.uri)  # Model.log logs through MLflow's global URI: set for the call only
+        mlflow.set_tracking_uri(self.uri)
         try:
             with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
                 Model.log(None, flavor, name="model", run_id=run_id, metadata=metadata,
@@ -297,10 +296,6 @@ class Tracker:
             if full is None:
                 raise
             raise full from None
-        finally:  # a Python caller's URI and environment as they were (MLflow exports the URI it is given)
-            mlflow.set_tracking_uri(before[1])
-            if before[0] is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = before[0]
 
     def end(self, status: str = "FINISHED", ended_ms: int | None = None) -> None:
         """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED) at ``ended_ms``

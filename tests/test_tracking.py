@@ -414,27 +414,3 @@ with store.connect() as a, other.connect() as b, client(uri)._tracking_client.st
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert done.stdout.split() == ["wal", "1", "delete", "2", "1"]
 
-
-@pytest.mark.parametrize("preset", [None, "sqlite:///elsewhere.db"])
-def test_a_python_caller_keeps_its_tracking_uri_after_a_run_logs_its_model(tmp_path, monkeypatch, preset):
-    """Logging the model sets MLflow's global tracking URI (``Model.log`` writes through it), which MLflow also
-    exports as MLFLOW_TRACKING_URI to every later subprocess: a library caller's URI and environment are put
-    back as they were, whether it had set one or not."""
-    import mlflow
-
-    from optiflow.commands.train import train
-    from optiflow.config import RunConfig
-
-    if preset is None:
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    else:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", preset)
-    mlflow.set_tracking_uri(None)
-    try:
-        result = train(RunConfig.from_dict({"epochs": 1, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                            "experiment": "library-caller"}))
-        assert result.run_id and os.environ.get("MLFLOW_TRACKING_URI") == preset
-        assert mlflow.is_tracking_uri_set() == (preset is not None)
-        assert preset is None or mlflow.get_tracking_uri() == preset
-    finally:
-        mlflow.set_tracking_uri(None)
