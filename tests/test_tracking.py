@@ -413,4 +413,3 @@ with store.connect() as a, other.connect() as b, client(uri)._tracking_client.st
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert done.stdout.split() == ["wal", "1", "delete", "2", "1"]
-
