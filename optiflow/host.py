@@ -132,7 +132,6 @@ def exit_process(code: object) -> None:
     system.
     """
     import atexit
-    import sys
     import threading
 
     if not isinstance(code, int):

@@ -306,7 +306,8 @@ class Tracker:
             if self.run_id is not None and not self._pending_params and len(self._pending) <= METRIC_BATCH:
                 check_same_file(self.uri, self.store_file)  # on a SQL store: the last metrics and the end at once
                 done = retry(bulkwrite.log_batch, self.client, self.run_id, self._pending, end=(status, ended))
-                self._pending = [] if done else self._pending
+                if done:
+                    self._pending = []
             if not done:
                 self.flush()
         finally:
