@@ -441,20 +441,30 @@ def test_a_rerun_continues_toward_n_trials_and_a_complete_study_runs_none(invoke
     assert sorted(int(c.data.params["optuna.trial_number"]) for c in children) == [0, 1, 2]
 
 
-def test_a_stale_trial_is_failed_its_run_killed_and_retried_once(tmp_path, tracking_uri, experiment, mlflow_client):
-    """What a surviving worker does with the trial of a worker that died: the heartbeat machinery, in-process."""
+@pytest.mark.parametrize("recorded", [True, False], ids=["run-recorded-on-trial", "killed-before-recording"])
+def test_a_stale_trial_is_failed_its_run_killed_and_retried_once(tmp_path, tracking_uri, experiment, mlflow_client,
+                                                                recorded):
+    """What a surviving worker does with the trial of a worker that died: the heartbeat machinery, in-process.
+    A worker killed after opening its trial's run but before recording it on the trial (``recorded=False``)
+    leaves a run found by its parent and trial number, and ended KILLED all the same."""
     import time
 
-    from optiflow.search.workers import RUN_ATTR, heartbeat_interval, heartbeat_options, settle
+    from optiflow.search.workers import PARENT_ATTR, RUN_ATTR, heartbeat_interval, heartbeat_options, settle
     from optiflow.tracking import Tracker
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", **heartbeat_options(1, tracking_uri))
     study = optuna.create_study(storage=storage, study_name="dead")
     assert heartbeat_interval(study) == 1
-    tracker = Tracker(tracking_uri, experiment)
-    run_id = tracker.start(run_name="trial 0")
+    parent = Tracker(tracking_uri, experiment).start(run_name="search")
+    study.set_user_attr(PARENT_ATTR, parent)
     trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
-    trial.set_user_attr(RUN_ATTR, run_id)
+    tracker = Tracker(tracking_uri, experiment)
+    run_id = tracker.start(run_name="trial 0", parent_run_id=parent,
+                           tags={"optuna.study_name": "dead", "optuna.trial_number": "0"})
+    other = Tracker(tracking_uri, experiment).start(run_name="trial 7", parent_run_id=parent,
+                                                    tags={"optuna.study_name": "dead", "optuna.trial_number": "7"})
+    if recorded:
+        trial.set_user_attr(RUN_ATTR, run_id)
     storage.record_heartbeat(trial._trial_id)  # ... and then its worker dies
     time.sleep(2.5)
     retried: list[int] = []
@@ -472,6 +482,7 @@ def test_a_stale_trial_is_failed_its_run_killed_and_retried_once(tmp_path, track
     assert study.trials[1].system_attrs["failed_trial"] == 0
     killed = mlflow_client.get_run(run_id)
     assert killed.info.status == "KILLED" and "no heartbeat for 2 s" in killed.data.tags["failure"]
+    assert [mlflow_client.get_run(r).info.status for r in (parent, other)] == ["RUNNING", "RUNNING"]
 
 
 def test_search_defaults_come_from_search_settings_alone(invoke, monkeypatch):

@@ -24,14 +24,13 @@ from optiflow.config import ComponentSpec, RunConfig, brief
 from optiflow.errors import OptiflowError, first_line, redact
 from optiflow.registry import annotation_of
 from optiflow.search.space import Dimension
-from optiflow.search.workers import HEARTBEAT_SECONDS, heartbeat_options
+from optiflow.search.workers import HEARTBEAT_SECONDS, PARENT_ATTR, heartbeat_options
 from optiflow.values import coerce, key_name, literal, type_name
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
 #: what a sampler or pruner constructor makes
 Made = TypeVar("Made")
-PARENT_ATTR = "optiflow.mlflow_parent_run_id"
 PARENT_CLAIM = "parent-run"
 PARENT_WAIT_SECONDS = 120.0
 STORAGE_ATTEMPTS = 4

@@ -26,6 +26,8 @@ from optiflow.errors import ServiceLost, first_line, redact
 
 HEARTBEAT_SECONDS = 15
 RUN_ATTR = "mlflow_run_id"
+#: the study's user attribute naming its parent MLflow run (:func:`optiflow.search.study.shared_parent_run`)
+PARENT_ATTR = "optiflow.mlflow_parent_run_id"
 #: a trial's user attribute naming the finished runs it reused instead of training (its folds' with --cv)
 REUSED_ATTR = "reused_run_ids"
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -62,14 +64,29 @@ class CloseAndRetry:
             self.retry = factory(max_retry=MAX_RETRY)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reason = (f"the worker running trial {trial.number} stopped: no heartbeat for {self.grace} s "
+                  f"(its trial is retried once with the same parameters)")
         run_id = trial.user_attrs.get(RUN_ATTR)
-        if run_id:
-            close_runs(self.tracking_uri, run_id,
-                       f"the worker running trial {trial.number} stopped: no heartbeat for {self.grace} s "
-                       f"(its trial is retried once with the same parameters)")
+        for dead in [run_id] if run_id else trial_runs(self.tracking_uri, study, trial.number):
+            close_runs(self.tracking_uri, dead, reason)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry(study, trial)
+
+
+def trial_runs(tracking_uri: str | None, study: optuna.Study, number: int) -> list[str]:
+    """The RUNNING runs of trial ``number`` under the study's parent run, found by their tags: a worker killed
+    between opening its trial's run and recording it on the trial (:data:`RUN_ATTR`) left only those."""
+    from optiflow.tracking import client, resolve_tracking_uri, retry
+
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    if not parent_id:
+        return []
+    store = client(resolve_tracking_uri(tracking_uri))
+    parent = retry(store.get_run, parent_id)
+    query = (f"tags.mlflow.parentRunId = '{parent_id}' and tags.`optuna.trial_number` = '{number}' "
+             "and attributes.status = 'RUNNING'")
+    return [run.info.run_id for run in retry(store.search_runs, [parent.info.experiment_id], query)]
 
 
 def close_runs(tracking_uri: str | None, run_id: str, reason: str) -> None:
