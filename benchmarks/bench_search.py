@@ -13,6 +13,12 @@ machine's load average before and after it and whether it counts (benchmarks/con
 0.5 per core; before a round the benchmark waits up to ``--settle`` seconds for the previous one's
 load to fade); the summary uses comparable rounds only, and says so when there are none.
 
+Each round also times, as a fresh process, what the optiflow side cannot avoid importing (torch,
+``torch._dynamo`` that every ``torch.optim`` step and ``torch.export`` import, MLflow, Optuna and
+scikit-learn's ``model_selection`` for the folds), and the scikit-learn side reports how long its own
+imports and its ``fit`` took: the summary prints optiflow's import floor against scikit-learn's whole
+search, the part of the goal (at most 1.2x) that those imports alone take.
+
 Then two figures behind the ratio: the bookkeeping cost of one tracked run (a 1-epoch
 ``train()`` call's wall time minus its epoch time) and the per-step overhead of the loop on a
 tiny model against a bare loop (benchmarks/bench_overhead.py, 2 rounds).
@@ -40,6 +46,7 @@ SPACE = ["hidden=int:32:256", "lr=choice:0.001,0.01,0.1", "epochs=int:10:50", "b
 
 SKLEARN = """
 import sys, json, time
+began = time.perf_counter()
 import numpy as np
 from scipy.stats import randint
 from sklearn.datasets import load_digits
@@ -60,9 +67,13 @@ space = {
 }
 model = make_pipeline(StandardScaler(), MLPClassifier(solver="adam", random_state=seed))
 search = RandomizedSearchCV(model, space, n_iter=10, cv=5, random_state=seed, n_jobs=int(sys.argv[3]))
+fitting = time.perf_counter()
 search.fit(x[train_index], y[train_index])
-print(json.dumps({"test_accuracy": float(search.score(x[test_index], y[test_index]))}))
+fitted = time.perf_counter()
+print(json.dumps({"test_accuracy": float(search.score(x[test_index], y[test_index])),
+                  "imports": fitting - began, "fit": fitted - fitting}))
 """
+FLOOR = "import torch, torch._dynamo, mlflow, optuna, sklearn.model_selection"
 
 
 def split_indices(seed: int) -> tuple[list[int], list[int]]:
@@ -79,14 +90,23 @@ def split_indices(seed: int) -> tuple[list[int], list[int]]:
     return [int(i) for i in splits.x_train.flatten()], [int(i) for i in splits.x_test.flatten()]
 
 
-def run_sklearn(seed: int, indices: tuple[list[int], list[int]], n_jobs: int) -> tuple[float, float]:
+def run_sklearn(seed: int, indices: tuple[list[int], list[int]], n_jobs: int) -> tuple[float, float, float]:
+    """(wall seconds, test accuracy, seconds of it in ``search.fit``)."""
     import json
 
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", SKLEARN, str(seed), json.dumps(indices), str(n_jobs)],
                           check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    return seconds, json.loads(done.stdout.strip().splitlines()[-1])["test_accuracy"]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return seconds, report["test_accuracy"], report["fit"]
+
+
+def import_floor() -> float:
+    """Wall seconds of a fresh process importing what ``optiflow search`` cannot do without (:data:`FLOOR`)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", FLOOR], check=True, capture_output=True)
+    return time.perf_counter() - started
 
 
 def run_optiflow(seed: int, store: str, n_jobs: int) -> tuple[float, float | None]:
@@ -143,7 +163,7 @@ def main() -> None:
 
     client(store)  # the store's tables, created once per project, not inside round 1's timing
     print(f"random search, 10 trials x 5-fold CV, MLP on digits, n_jobs={args.n_jobs}")
-    times: dict[str, list[float]] = {"sklearn": [], "optiflow": []}
+    times: dict[str, list[float]] = {"sklearn": [], "optiflow": [], "floor": [], "fit": []}
     accuracy: dict[str, list[float | None]] = {"sklearn": [], "optiflow": []}
     rounds: list[Round] = []
     for round_index in range(args.rounds):
@@ -152,23 +172,32 @@ def main() -> None:
         order = ("sklearn", "optiflow") if round_index % 2 == 0 else ("optiflow", "sklearn")
         with Round(f"round {round_index + 1}", settle_seconds=args.settle, quiet=True) as conditions:
             for side in order:
-                seconds, score = (run_sklearn(seed, indices, args.n_jobs) if side == "sklearn"
-                                  else run_optiflow(seed, store, args.n_jobs))
+                if side == "sklearn":
+                    seconds, score, fit = run_sklearn(seed, indices, args.n_jobs)
+                    times["fit"].append(fit)
+                else:
+                    seconds, score = run_optiflow(seed, store, args.n_jobs)
                 times[side].append(seconds)
                 accuracy[side].append(score)
+            times["floor"].append(import_floor())
         rounds.append(conditions)
         ratio = times["optiflow"][-1] / times["sklearn"][-1]
         scores = "  ".join(f"{side} {accuracy[side][-1]:.4f}" for side in ("sklearn", "optiflow")
                            if accuracy[side][-1] is not None)
         print(f"  round {round_index + 1} (seed {seed}): sklearn {times['sklearn'][-1]:6.1f} s  "
               f"optiflow {times['optiflow'][-1]:6.1f} s  optiflow/sklearn time {ratio:.2f}  "
-              f"test accuracy: {scores}\n    {conditions.describe()}", flush=True)
+              f"test accuracy: {scores}\n    sklearn's fit {times['fit'][-1]:.1f} s; optiflow's import floor "
+              f"{times['floor'][-1]:.1f} s\n    {conditions.describe()}", flush=True)
     kept, note = comparable_only(rounds, list(range(args.rounds)))
     print(note)
     ratios = [times["optiflow"][i] / times["sklearn"][i] for i in kept]
     print(f"median optiflow/sklearn time: {statistics.median(ratios):.2f} "
           f"(sklearn {statistics.median(times['sklearn'][i] for i in kept):.1f} s, "
           f"optiflow {statistics.median(times['optiflow'][i] for i in kept):.1f} s)")
+    floors = [times["floor"][i] / times["sklearn"][i] for i in kept]
+    print(f"optiflow's import floor ({FLOOR}): median {statistics.median(times['floor'][i] for i in kept):.1f} s "
+          f"= {statistics.median(floors):.2f}x scikit-learn's whole search, whose fit took "
+          f"{statistics.median(times['fit'][i] for i in kept):.1f} s")
     for side in ("sklearn", "optiflow"):
         scores = [score for score in (accuracy[side][i] for i in kept) if score is not None]
         shown = f"{statistics.fmean(scores):.4f} (min {min(scores):.4f})" if scores else "n/a (no refit run)"

@@ -124,7 +124,7 @@ def train(**params: Any) -> None:
         return
     if (params["nproc"] or 1) > 1 and "WORLD_SIZE" not in os.environ:
         _launch_data_parallel(config, params["nproc"])
-    from optiflow.commands.train import train as run_training
+    from optiflow.commands.train import train_command as run_training
     from optiflow.console import RichReporter, print_summary
 
     main_process = is_main_process()

@@ -16,9 +16,10 @@ import contextlib
 import ctypes
 import functools
 import gc
+import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from optiflow.values import env_flag
 
@@ -90,35 +91,110 @@ def deterministic(enabled: bool) -> Iterator[None]:
 
 #: modules an import must add for the objects it made to be frozen at the next full collection
 IMPORT_WAVE = 25
+#: the youngest generation's threshold while the command waits for its imports to end (CPython's default is
+#: 700): a command that never trains still collects once this many more objects are alive, and then as usual
+PAUSED_THRESHOLD = 1_000_000
 
 
 class _ImportedObjectsFreezer:
     """A ``gc.callbacks`` entry: after a full collection that follows an import of at least :data:`IMPORT_WAVE`
-    modules, what survived it is frozen (``gc.freeze``).  See :func:`scan_imported_objects_once`."""
+    modules, what survived it is frozen (``gc.freeze``); while paused (:func:`imports_ahead`), the collector
+    waits.  See :func:`scan_imported_objects_once`."""
 
     def __init__(self) -> None:
         self.modules = len(sys.modules)
+        #: the thresholds to restore while paused, else None
+        self.normal: tuple[int, int, int] | None = None
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "stop" and info.get("generation") == 2 and len(sys.modules) >= self.modules + IMPORT_WAVE:
-            self.modules = len(sys.modules)
-            gc.freeze()
+        if phase != "stop":
+            return
+        self.resume(freeze=False)  # a collection while paused (the safety valve): collect as usual from now on
+        if info.get("generation") == 2 and len(sys.modules) >= self.modules + IMPORT_WAVE:
+            self.freeze()
+
+    def freeze(self) -> None:
+        self.modules = len(sys.modules)
+        gc.freeze()
+
+    def pause(self) -> bool:
+        if self.normal is not None:
+            return False
+        self.normal = gc.get_threshold()
+        gc.set_threshold(PAUSED_THRESHOLD, *self.normal[1:])
+        return True
+
+    def resume(self, freeze: bool = True) -> None:
+        if self.normal is None:
+            return
+        if freeze and len(sys.modules) >= self.modules + IMPORT_WAVE:
+            self.freeze()
+        gc.set_threshold(*self.normal)
+        self.normal = None
+
+
+def _freezer() -> _ImportedObjectsFreezer | None:
+    return next((callback for callback in gc.callbacks if isinstance(callback, _ImportedObjectsFreezer)), None)
 
 
 def scan_imported_objects_once() -> None:
-    """Have the garbage collector scan the objects imports make once, not at every later full collection.
+    """Have the garbage collector scan the objects imports make at most once, not at every later collection.
 
-    CPython runs a full collection each time the objects it tracks grow by a quarter, and scans all of them:
-    importing torch, ``torch._dynamo``, MLflow's store, matplotlib and ``torch.export`` makes about 650,000
-    (classes, functions, module namespaces), which live as long as the process, scanned nine times over in a
-    default ``optiflow train``: a sixth of its CPU time.  From this call on, the survivors of a full collection
-    that follows an import wave are frozen (``gc.freeze``): reference counting still frees them, later
-    collections skip them.  A freeze takes every object alive at that collection, a run in progress included
-    (imports happen at each module's first use, which can be mid-run): a reference cycle alive then that becomes
-    garbage later is not reclaimed until the process ends.  Import waves are finite, so what is kept does not
-    grow with trials or epochs.  Called once, by the ``optiflow`` command, which owns its process."""
-    if not any(isinstance(callback, _ImportedObjectsFreezer) for callback in gc.callbacks):
-        gc.callbacks.append(_ImportedObjectsFreezer())
+    CPython collects its youngest objects every 700 new ones and runs a full collection each time the objects it
+    tracks grow by a quarter: importing torch, ``torch._dynamo``, MLflow's store, matplotlib and ``torch.export``
+    makes about 650,000 (classes, functions, module namespaces) that live as long as the process, each scanned
+    again and again in a default ``optiflow train``.  From this call on:
+
+    - until a training command has imported what its runs need first (:func:`imports_done`), the collector
+      waits (:data:`PAUSED_THRESHOLD`): what those imports make is not scanned at all, and frozen
+      (``gc.freeze``) before any run exists; it waits again while a run exports and plots
+      (:func:`imports_ahead`), then goes on as usual;
+    - the survivors of a full collection that follows an import wave elsewhere are frozen.
+
+    Frozen objects are still freed by reference counting; collections skip them.  A freeze takes every object
+    alive then, a run in progress included (imports happen at each module's first use, which can be mid-run): a
+    reference cycle alive at a freeze that becomes garbage later is not reclaimed until the process ends (after
+    a pause, also a cycle that was already garbage).  Import waves are finite, so what is kept does not grow with
+    trials or epochs.  Called once, by the ``optiflow`` command, which owns its process."""
+    if _freezer() is None:
+        freezer = _ImportedObjectsFreezer()
+        gc.callbacks.append(freezer)
+        freezer.pause()
+
+
+def imports_done(ahead: Iterable[str] = (), *, freeze: bool = True) -> None:
+    """The command's imports are over for now: import the modules ``ahead`` (what its first run imports anyway,
+    :func:`optiflow.stores.run_imports`), then end the pause, freezing what an import wave made without scanning
+    it.  The commands that train call it first, before any run exists: a reference cycle an import leaves (a
+    traceback caught inside a library holds its frames, and they their locals) then holds no run's data or
+    model.  ``freeze=False`` (a training starts, its run alive) ends the pause without a freeze.  A module that
+    fails to import here fails again, and is said, where it is used.  Nothing outside the ``optiflow`` command
+    (:func:`scan_imported_objects_once`)."""
+    freezer = _freezer()
+    if freezer is None or freezer.normal is None:
+        return
+    for name in ahead:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: S110 - imported again where it is used, which says what is wrong
+            pass
+    freezer.resume(freeze)
+
+
+@contextlib.contextmanager
+def imports_ahead() -> Iterator[None]:
+    """While open (a run's end: its figures and the model's export import matplotlib and ``torch.export``), the
+    ``optiflow`` command's collector waits, then goes on as usual: nothing is frozen as it closes (the export
+    leaves reference cycles around the run's model; a full collection later reclaims them, then freezes the
+    wave).  A ``train`` ends right after, so what its end imports is never scanned.  Nothing outside the
+    command."""
+    freezer = _freezer()
+    paused = freezer is not None and freezer.pause()
+    try:
+        yield
+    finally:
+        if freezer is not None and paused:
+            freezer.resume(freeze=False)
 
 
 def exit_process(code: object) -> None:

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from optiflow import checkpoints, distributed
+from optiflow import checkpoints, distributed, host
 from optiflow.data import LoaderBatches, TensorBatches
 from optiflow.errors import TrainingError
 from optiflow.metrics import hits
@@ -52,6 +52,7 @@ def fit(run: Run, pm: PluginManager, reporter: Reporter, on_epoch: Callable[[int
         check: LossCheck | None = None) -> None:
     """Train from the epoch after ``run.epoch`` to ``config.epochs`` (or an early stop), logging every epoch;
     ``check`` carries on the loss check of epochs trained before (by :mod:`optiflow.stacked`)."""
+    host.imports_done(freeze=False)  # the run is alive: its state must not be frozen
     config = run.config
     cluster = distributed.current()
     batches = training_batches(run, cluster)

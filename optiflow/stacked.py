@@ -22,7 +22,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from optiflow import distributed
+from optiflow import distributed, host
 from optiflow.data import TensorBatches
 from optiflow.loop import FINITE_CHECK_STEPS, LossCheck, end_epoch, evaluate, fit, record_metrics, train_metrics
 from optiflow.metrics import hits
@@ -92,6 +92,7 @@ def fit_stacked(runs: list[Run], pm: PluginManager) -> None:
     early, a learning rate differs) go on one by one from where they are.  Raises what training raises
     (TrainingError when one diverges, what a hook raises).
     """
+    host.imports_done(freeze=False)  # the run is alive: its state must not be frozen
     stack = _Stack(runs)
     checks = [LossCheck(run) for run in runs]
     hook = pm.hook

@@ -218,6 +218,12 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def run_imports(uri: str | None) -> tuple[str, ...]:
+    """What a run tracked in ``uri`` (None: the default) imports first: :func:`~optiflow.host.imports_done`."""
+    server = is_server(uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    return ("torch._dynamo", "mlflow.tracking", *(() if server else ("mlflow.store.tracking.sqlalchemy_store",)))
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative paths are relative to the cwd)."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None

@@ -1,6 +1,5 @@
 """One training, tracked as one MLflow run from setup to model: what ``optiflow train`` runs, and what
-compare, search, refit and reproduce run for each of their runs (below them all, so none imports another).
-"""
+compare, search, refit and reproduce run for each of their runs (below them all, so none imports another)."""
 
 from __future__ import annotations
 
@@ -166,6 +165,7 @@ def _begin(run: Run, pm: PluginManager, state: dict[str, Any] | None) -> int | N
     return resumed_from
 
 
+@host.imports_ahead()
 def end_run(run: Run, pm: PluginManager,
             finish: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
     """A run that trained to its end: FINISHED for ``optiflow_run_end``, then its test metrics (and the predictions

@@ -302,9 +302,13 @@ def test_scaling_never_changes_the_tensor_a_dataset_gave():
 def _exit_after(work: str, folder: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     """Run ``work`` (Python source: it sets ``out``, the folder) and then optiflow's ``main()`` in a fresh process."""
     code = f"import pathlib, sys\nout = pathlib.Path({str(folder)!r})\n{work}\nfrom optiflow.cli import main\nmain()\n"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder,
+                          env=_with_checkout(), timeout=timeout)
+
+
+def _with_checkout() -> dict[str, str]:
+    """This environment with this checkout first on ``PYTHONPATH``."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.mark.parametrize("argv, exit_code", [(["--version"], 0), (["train", "--epochs", "0"], 2)])
@@ -460,6 +464,80 @@ def test_the_optiflow_command_freezes_what_its_imports_made(tmp_path):
     plain = subprocess.run([sys.executable, "-c", f"import pathlib\nout = pathlib.Path({str(tmp_path)!r})\n{wave}"],
                            capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0 and (tmp_path / "frozen").read_text() == "0", plain.stderr
+
+
+def test_the_command_s_collector_waits_for_its_imports_and_freezes_them_unscanned():
+    """``scan_imported_objects_once`` pauses the collector (its youngest threshold raised) until a training
+    command has imported what its runs need (``imports_done``, which imports the modules ``ahead``): a wave of
+    imports meanwhile runs no collection, and is frozen unscanned as the pause ends, thresholds restored.
+    ``imports_ahead`` (a run's end) pauses again, then resumes without a freeze (the run's state is alive), as
+    ``imports_done(freeze=False)`` does (a training starts).  Outside the command both are no-ops."""
+    code = (
+        "import gc, sys\nfrom optiflow import host\n"
+        "normal = gc.get_threshold()\n"
+        "host.imports_done(ahead=['xml.dom.minidom'])\nwith host.imports_ahead():\n    pass\n"
+        "library = gc.get_threshold() == normal and gc.get_freeze_count() == 0 and 'xml.dom.minidom' not in sys.modules\n"
+        "host.scan_imported_objects_once()\n"
+        "paused = gc.get_threshold() == (host.PAUSED_THRESHOLD, *normal[1:])\n"
+        "seen = []\ngc.callbacks.insert(0, lambda phase, info: seen.append(info) if phase == 'start' else None)\n"
+        "import asyncio, email.parser, http.client, unittest, argparse\n"
+        "host.imports_done(ahead=['xml.dom.minidom', 'no_such_module_here'])\n"
+        "ahead = 'xml.dom.minidom' in sys.modules\nduring = len(seen)\n"
+        "first = gc.get_freeze_count()\nrestored = gc.get_threshold() == normal\n"
+        "with host.imports_ahead():\n"
+        "    again = gc.get_threshold()[0] == host.PAUSED_THRESHOLD\n"
+        "    import xmlrpc.client, http.server, doctest, pydoc, mailbox, smtplib, imaplib\n"
+        "host.scan_imported_objects_once()\nhost.imports_done(freeze=False)\n"
+        "print(library, paused, ahead, during, first > 10000, restored, again, gc.get_freeze_count() == first,\n"
+        "      gc.get_threshold() == normal)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_with_checkout(),
+                          timeout=60)
+    assert done.stdout.split() == ["True", "True", "True", "0", "True", "True", "True", "True", "True"], done.stderr
+
+
+def test_a_command_that_never_trains_still_collects_once_a_million_objects_are_alive():
+    """The pause is a raised threshold, not a disabled collector: a command that never reaches a training (a
+    long ``predict``) collects once :data:`~optiflow.host.PAUSED_THRESHOLD` more objects are alive, then as usual
+    (nothing frozen by that collection: it followed no full one), and reclaims the cycles made meanwhile."""
+    code = (
+        "import gc, weakref\nfrom optiflow import host\n"
+        "normal = gc.get_threshold()\nhost.scan_imported_objects_once()\n"
+        "class Node: pass\nnode = Node(); node.me = node; early = weakref.ref(node); del node\n"
+        "kept = [[] for _ in range(host.PAUSED_THRESHOLD + 100_000)]\n"
+        "print(gc.get_threshold() == normal, gc.get_freeze_count() == 0)\n"
+        "gc.collect(0); gc.collect(1)\nprint(early() is None)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_with_checkout(),
+                          timeout=120)
+    assert done.stdout.split() == ["True", "True", "True"], done.stderr
+
+
+COLLECTOR_WATCH = """
+import atexit, gc
+from optiflow import hookimpl
+from optiflow.plugins import registered_plugin
+normal, seen = gc.get_threshold()[0], {}
+class Watch:
+    @hookimpl
+    def optiflow_epoch_end(self, run, epoch, metrics):
+        seen.setdefault('epoch', (gc.get_threshold()[0] == normal, gc.get_freeze_count() > 10000))
+    @hookimpl
+    def optiflow_run_end(self, run, status):
+        seen['end'] = gc.get_threshold()[0] > normal
+atexit.register(lambda: (out / 'seen').write_text(' '.join(map(str, [*seen['epoch'], seen['end'],
+                                                                      gc.get_threshold()[0] == normal]))))
+registration = registered_plugin(Watch(), name='watch')  # kept: main() never returns
+registration.__enter__()
+sys.argv = ['optiflow', 'train', '--epochs', '2', '--model', 'mlp:hidden=[16]', '--no-reuse', '-q']
+"""
+
+
+def test_optiflow_train_trains_with_the_collector_as_usual_and_its_imports_frozen(tmp_path):
+    """In ``optiflow train``, the epochs run with the collector's usual thresholds and the setup's imports
+    already frozen; the run's end (figures, the model's export) is paused again; the command ends with the
+    usual thresholds."""
+    done = _exit_after(COLLECTOR_WATCH, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "seen").read_text() == "True True True True"
 
 
 MID_RUN_WAVE = """

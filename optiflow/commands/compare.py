@@ -169,10 +169,11 @@ def compare(base: RunConfig, vary: dict[str, list[str]], *, repeats: int = 1, me
     content key a FINISHED run of the experiment holds is that run, not trained again (:mod:`optiflow.reuse`).
     ``progress`` gets a :class:`~optiflow.forecast.Tick` after each run: runs done, the best so far, the ETA.
     """
-    from optiflow import heartbeat
+    from optiflow import heartbeat, host, stores
     from optiflow.reuse import reused_tags
     from optiflow.tracking import Tracker, run_status
 
+    host.imports_done(ahead=stores.run_imports(base.tracking_uri))  # the command's: before any run exists
     runs = plan_runs(base, vary, repeats)
     heartbeat.check_settings()
     baseline = baseline_variant(baseline, [variant_label(values) for values in variants(vary)])

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import yaml
 
+from optiflow import host
 from optiflow.config import RunConfig
 from optiflow.errors import OptiflowError, redact
 from optiflow.metrics import higher_is_better
@@ -35,6 +36,7 @@ from optiflow.search.study import (
 )
 from optiflow.search.summary import SearchResult, summarize
 from optiflow.search.workers import settle, storage_lost
+from optiflow.stores import run_imports
 from optiflow.values import parse_duration
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
     ``progress`` gets a line (a str) or a finished trial (a :class:`~optiflow.forecast.Tick`).
     """
     started = time.monotonic()
+    host.imports_done(ahead=run_imports(base.tracking_uri))  # the command's: before any run exists
     if settings.budget is not None:
         settings = dataclasses.replace(settings, deadline=time.time() + settings.budget)
     validate(base, settings)

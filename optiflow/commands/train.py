@@ -6,13 +6,24 @@
 
 from __future__ import annotations
 
-from optiflow import checkpoints
+from typing import Any
+
+from optiflow import checkpoints, host
 from optiflow.config import RunConfig
 from optiflow.export import register_model
+from optiflow.run import RunResult
+from optiflow.stores import run_imports
 from optiflow.tracking import client, resolve_tracking_uri, retry
 from optiflow.training import train
 
-__all__ = ["register_model", "resume_config", "train"]
+__all__ = ["register_model", "resume_config", "train", "train_command"]
+
+
+def train_command(config: RunConfig, **options: Any) -> RunResult:
+    """:func:`train` as ``optiflow train`` runs it: what its run imports first is imported, and frozen unscanned,
+    before anything of the run exists (:func:`optiflow.host.imports_done`)."""
+    host.imports_done(ahead=run_imports(config.tracking_uri))
+    return train(config, **options)
 
 
 def resume_config(run_id: str, tracking_uri: str | None = None, *, data_dir: str | None = None,
