@@ -505,3 +505,36 @@ def test_search_defaults_come_from_search_settings_alone(invoke, monkeypatch):
     result = invoke("search", "--space", "lr=loguniform:1e-4:1e-1", "--print-config", store=False)
     assert result.exit_code == 0, result.stderr
     assert yaml.safe_load(result.output)["sampler"] == "random"
+
+
+def test_a_retried_trial_whose_worker_died_before_recording_its_run_has_that_run_killed(tmp_path, tracking_uri,
+                                                                                         experiment, mlflow_client):
+    """Optuna's retry copies the dead trial's user attributes, its recorded run id included: the retried trial
+    carries trial 0's (KILLED) run until its own run is recorded.  A worker killed between opening the retried
+    trial's run and recording it left that run RUNNING: the stale-trial callback must find it by its tags."""
+    import time
+
+    from optiflow.search.workers import PARENT_ATTR, RUN_ATTR, heartbeat_options
+    from optiflow.tracking import Tracker
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", **heartbeat_options(1, tracking_uri))
+    study = optuna.create_study(storage=storage, study_name="dead")
+    parent = Tracker(tracking_uri, experiment).start(run_name="search")
+    study.set_user_attr(PARENT_ATTR, parent)
+    runs = []
+    for number in range(2):  # trial 0 dies with its run recorded; its retry, trial 1, dies before recording
+        trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+        assert trial.number == number
+        runs.append(Tracker(tracking_uri, experiment).start(
+            run_name=f"trial {number}", parent_run_id=parent,
+            tags={"optuna.study_name": "dead", "optuna.trial_number": str(number)}))
+        if number == 0:
+            trial.set_user_attr(RUN_ATTR, runs[0])
+        else:
+            assert trial.user_attrs[RUN_ATTR] == runs[0]  # inherited from the trial it retries
+        storage.record_heartbeat(trial._trial_id)  # ... and then its worker dies
+        time.sleep(3)
+        optuna.storages.fail_stale_trials(study)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]  # retried once only
+    assert [mlflow_client.get_run(r).info.status for r in runs] == ["KILLED", "KILLED"]
+    assert "trial 1 stopped" in mlflow_client.get_run(runs[1]).data.tags["failure"]

@@ -66,8 +66,11 @@ class CloseAndRetry:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         reason = (f"the worker running trial {trial.number} stopped: no heartbeat for {self.grace} s "
                   f"(its trial is retried once with the same parameters)")
-        run_id = trial.user_attrs.get(RUN_ATTR)
-        for dead in [run_id] if run_id else trial_runs(self.tracking_uri, study, trial.number):
+        # The recorded run and the runs found by tags: a retried trial inherits the user attributes of the trial
+        # it retries (Optuna's retry copies them), the run id included, until its own run is recorded.
+        recorded = trial.user_attrs.get(RUN_ATTR)
+        for dead in dict.fromkeys([*([recorded] if recorded else []),
+                                   *trial_runs(self.tracking_uri, study, trial.number)]):
             close_runs(self.tracking_uri, dead, reason)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -76,7 +79,8 @@ class CloseAndRetry:
 
 def trial_runs(tracking_uri: str | None, study: optuna.Study, number: int) -> list[str]:
     """The RUNNING runs of trial ``number`` under the study's parent run, found by their tags: a worker killed
-    between opening its trial's run and recording it on the trial (:data:`RUN_ATTR`) left only those."""
+    between opening its trial's run and recording it on the trial (:data:`RUN_ATTR`) left only those (a retried
+    trial then still holds the run id of the trial it retries)."""
     from optiflow.tracking import client, resolve_tracking_uri, retry
 
     parent_id = study.user_attrs.get(PARENT_ATTR)
