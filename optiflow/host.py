@@ -105,6 +105,8 @@ class _ImportedObjectsFreezer:
         self.modules = len(sys.modules)
         #: the thresholds to restore while paused, else None
         self.normal: tuple[int, int, int] | None = None
+        #: the thresholds the pause set (restored only if nobody changed them meanwhile: a plugin's stay)
+        self.paused: tuple[int, int, int] | None = None
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase != "stop":
@@ -121,7 +123,9 @@ class _ImportedObjectsFreezer:
         if self.normal is not None:
             return False
         self.normal = gc.get_threshold()
-        gc.set_threshold(PAUSED_THRESHOLD, *self.normal[1:])
+        youngest = self.normal[0] if not 0 < self.normal[0] < PAUSED_THRESHOLD else PAUSED_THRESHOLD  # 0: off
+        self.paused = (youngest, *self.normal[1:])
+        gc.set_threshold(*self.paused)
         return True
 
     def resume(self, freeze: bool = True) -> None:
@@ -129,8 +133,9 @@ class _ImportedObjectsFreezer:
             return
         if freeze and len(sys.modules) >= self.modules + IMPORT_WAVE:
             self.freeze()
-        gc.set_threshold(*self.normal)
-        self.normal = None
+        if gc.get_threshold() == self.paused:
+            gc.set_threshold(*self.normal)
+        self.normal = self.paused = None
 
 
 def _freezer() -> _ImportedObjectsFreezer | None:

@@ -511,6 +511,29 @@ def test_a_command_that_never_trains_still_collects_once_a_million_objects_are_a
     assert done.stdout.split() == ["True", "True", "True"], done.stderr
 
 
+
+@pytest.mark.parametrize("before", ["700 10 10", "0 10 10", "2000000 10 10"], ids=["default", "off", "higher"])
+def test_thresholds_a_user_or_plugin_sets_are_kept_by_the_pause(before):
+    """The pause only raises the youngest threshold (a collector a user turned off with threshold 0, or set
+    higher than the pause's, stays as set) and, as it ends, restores the thresholds only where nobody changed
+    them meanwhile: a plugin that sets its own at import (the command waits then), in ``optiflow_run_end``
+    (inside ``imports_ahead``), or before a collection that ends a pause keeps them."""
+    code = (
+        "import gc, sys\nfrom optiflow import host\n"
+        f"gc.set_threshold({before.replace(' ', ', ')})\nhost.scan_imported_objects_once()\n"
+        "raised = gc.get_threshold()[0]\n"
+        "gc.set_threshold(5000, 20, 30)\nhost.imports_done()\nfirst = gc.get_threshold()\n"
+        "with host.imports_ahead():\n    gc.set_threshold(9000, 5, 5)\nsecond = gc.get_threshold()\n"
+        "with host.imports_ahead():\n    gc.set_threshold(4000, 5, 5)\n    gc.collect()\nthird = gc.get_threshold()\n"
+        "with host.imports_ahead():\n    pass\n"
+        "print(raised, *first, *second, *third, *gc.get_threshold())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_with_checkout(),
+                          timeout=60)
+    expected_raised = {"700 10 10": "1000000"}.get(before, before.split()[0])
+    assert done.stdout.split() == [expected_raised, "5000", "20", "30", "9000", "5", "5", "4000", "5", "5",
+                                   "4000", "5", "5"], done.stderr
+
+
 COLLECTOR_WATCH = """
 import atexit, gc
 from optiflow import hookimpl
