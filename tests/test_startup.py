@@ -563,6 +563,23 @@ def test_optiflow_train_trains_with_the_collector_as_usual_and_its_imports_froze
     assert (tmp_path / "seen").read_text() == "True True True True"
 
 
+
+def test_optiflow_reproduce_trains_with_its_imports_frozen_as_train_does(tmp_path):
+    """``reproduce`` is a training command too: its run trains with the usual thresholds and what the imports
+    made already frozen (``imports_done`` ahead of the run), as ``train``'s does."""
+    first = _exit_after(COLLECTOR_WATCH, tmp_path)
+    assert first.returncode == 0, first.stderr
+    from optiflow.tracking import client
+
+    store = client(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    run_id = store.search_runs([store.get_experiment_by_name("optiflow").experiment_id])[0].info.run_id
+    argv = "sys.argv = ['optiflow', 'train', '--epochs', '2', '--model', 'mlp:hidden=[16]', '--no-reuse', '-q']"
+    again = _exit_after(COLLECTOR_WATCH.replace(argv, f"sys.argv = ['optiflow', 'reproduce', {run_id!r}, '-q']"),
+                        tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "seen").read_text() == "True True True True"
+
+
 MID_RUN_WAVE = """
 import atexit, gc, weakref
 from optiflow import hookimpl

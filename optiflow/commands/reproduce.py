@@ -6,12 +6,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from optiflow import hookimpl
+from optiflow import hookimpl, host
 from optiflow.config import RunConfig
 from optiflow.digest import DATA_TAG, WEIGHTS_TAG, largest_difference
 from optiflow.errors import OptiflowError
 from optiflow.metrics import TIMING_METRICS
 from optiflow.stored import placed, stored_config
+from optiflow.stores import run_imports
 
 if TYPE_CHECKING:
     from optiflow.run import Reporter, Run
@@ -137,6 +138,7 @@ def reproduce(run_id: str, tracking_uri: str | None = None, *, device: str | Non
     config, original = original_config(run_id, tracking_uri, data_dir=data_dir, allow_download=allow_download)
     if device is not None:
         config = config.replace(device=device)
+    host.imports_done(ahead=run_imports(config.tracking_uri))  # a training command's: before its run exists
     keep = _FinalWeights()
     pm = get_plugin_manager()
     pm.register(keep, name=f"optiflow-reproduce-{id(keep):x}")
