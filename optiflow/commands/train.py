@@ -10,6 +10,7 @@ from typing import Any
 
 from optiflow import checkpoints, host
 from optiflow.config import RunConfig
+from optiflow.distributed import is_main_process
 from optiflow.export import register_model
 from optiflow.run import RunResult
 from optiflow.stores import run_imports
@@ -21,8 +22,9 @@ __all__ = ["register_model", "resume_config", "train", "train_command"]
 
 def train_command(config: RunConfig, **options: Any) -> RunResult:
     """:func:`train` as ``optiflow train`` runs it: what its run imports first is imported, and frozen unscanned,
-    before anything of the run exists (:func:`optiflow.host.imports_done`)."""
-    host.imports_done(ahead=run_imports(config.tracking_uri))
+    before anything of the run exists (:func:`optiflow.host.imports_done`; a torchrun worker but rank 0 logs
+    nothing, and imports no MLflow)."""
+    host.imports_done(ahead=run_imports(config.tracking_uri) if is_main_process() else ("torch._dynamo",))
     return train(config, **options)
 
 
