@@ -306,6 +306,12 @@ def _exit_after(work: str, folder: Path, timeout: int = 300) -> subprocess.Compl
                           env=_with_checkout(), timeout=timeout)
 
 
+def _python(code: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    """Run Python source ``code`` in a fresh process with this checkout first on the path."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_with_checkout(),
+                          timeout=timeout)
+
+
 def _with_checkout() -> dict[str, str]:
     """This environment with this checkout first on ``PYTHONPATH``."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -490,8 +496,7 @@ def test_the_command_s_collector_waits_for_its_imports_and_freezes_them_unscanne
         "host.scan_imported_objects_once()\nhost.imports_done(freeze=False)\n"
         "print(library, paused, ahead, during, first > 10000, restored, again, gc.get_freeze_count() == first,\n"
         "      gc.get_threshold() == normal)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_with_checkout(),
-                          timeout=60)
+    done = _python(code, timeout=60)
     assert done.stdout.split() == ["True", "True", "True", "0", "True", "True", "True", "True", "True"], done.stderr
 
 
@@ -506,8 +511,7 @@ def test_a_command_that_never_trains_still_collects_once_a_million_objects_are_a
         "kept = [[] for _ in range(host.PAUSED_THRESHOLD + 100_000)]\n"
         "print(gc.get_threshold() == normal, gc.get_freeze_count() == 0)\n"
         "gc.collect(0); gc.collect(1)\nprint(early() is None)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_with_checkout(),
-                          timeout=120)
+    done = _python(code, timeout=120)
     assert done.stdout.split() == ["True", "True", "True"], done.stderr
 
 
@@ -527,8 +531,7 @@ def test_thresholds_a_user_or_plugin_sets_are_kept_by_the_pause(before):
         "with host.imports_ahead():\n    gc.set_threshold(4000, 5, 5)\n    gc.collect()\nthird = gc.get_threshold()\n"
         "with host.imports_ahead():\n    pass\n"
         "print(raised, *first, *second, *third, *gc.get_threshold())\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_with_checkout(),
-                          timeout=60)
+    done = _python(code, timeout=60)
     expected_raised = {"700 10 10": "1000000"}.get(before, before.split()[0])
     assert done.stdout.split() == [expected_raised, "5000", "20", "30", "9000", "5", "5", "4000", "5", "5",
                                    "4000", "5", "5"], done.stderr
