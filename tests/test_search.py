@@ -538,3 +538,29 @@ def test_a_retried_trial_whose_worker_died_before_recording_its_run_has_that_run
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]  # retried once only
     assert [mlflow_client.get_run(r).info.status for r in runs] == ["KILLED", "KILLED"]
     assert "trial 1 stopped" in mlflow_client.get_run(runs[1]).data.tags["failure"]
+
+
+def test_a_cross_validated_trial_killed_before_recording_its_run_has_it_and_its_folds_killed(tmp_path, tracking_uri,
+                                                                                             experiment, mlflow_client):
+    """With --cv a trial's run holds its fold runs: a worker killed before recording the trial's run leaves both
+    RUNNING; the trial's run is found by parent and trial number, its running fold with it, and both end KILLED
+    (a fold run of the same trial number, whose parent is the trial's run, is not taken for a trial run)."""
+    import time
+
+    from optiflow.search.workers import PARENT_ATTR, heartbeat_options
+    from optiflow.tracking import Tracker
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", **heartbeat_options(1, tracking_uri))
+    study = optuna.create_study(storage=storage, study_name="dead")
+    parent = Tracker(tracking_uri, experiment).start(run_name="search")
+    study.set_user_attr(PARENT_ATTR, parent)
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    tags = {"optuna.study_name": "dead", "optuna.trial_number": "0"}
+    cv_run = Tracker(tracking_uri, experiment).start(run_name="trial 0", parent_run_id=parent,
+                                                     tags={**tags, "optiflow.kind": "cross-validation"})
+    fold = Tracker(tracking_uri, experiment).start(run_name="trial 0 fold 0", parent_run_id=cv_run,
+                                                   tags={**tags, "optiflow.cv_fold": "0"})
+    storage.record_heartbeat(trial._trial_id)  # ... and then its worker dies
+    time.sleep(3)
+    optuna.storages.fail_stale_trials(study)
+    assert [mlflow_client.get_run(r).info.status for r in (cv_run, fold, parent)] == ["KILLED", "KILLED", "RUNNING"]
