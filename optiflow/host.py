@@ -129,13 +129,14 @@ class _ImportedObjectsFreezer:
         return True
 
     def resume(self, freeze: bool = True) -> None:
-        if self.normal is None:
+        normal, paused = self.normal, self.paused  # taken first: a collection in another thread may resume too
+        if normal is None:
             return
+        self.normal = self.paused = None
         if freeze and len(sys.modules) >= self.modules + IMPORT_WAVE:
             self.freeze()
-        if gc.get_threshold() == self.paused:
-            gc.set_threshold(*self.normal)
-        self.normal = self.paused = None
+        if gc.get_threshold() == paused:
+            gc.set_threshold(*normal)
 
 
 def _freezer() -> _ImportedObjectsFreezer | None:
