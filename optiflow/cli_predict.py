@@ -34,9 +34,11 @@ def predict(model: str, input_path: str, output: str | None, tracking_uri: str |
     optiflow predict runs:/3f2a9c.../model --input digits.npy > predictions.csv
     optiflow predict 3f2a9c... --input digits.csv --target label   # prints the accuracy
     """
+    from optiflow import host
     from optiflow.commands.predict import predict as run_prediction
     from optiflow.commands.predict import write_predictions
 
+    host.imports_done()  # the collector's pause ends before the input is read: its rows are collected as usual
     result = run_prediction(model, input_path, tracking_uri, target)
     if not result.spec.raw_input:
         click.echo("warning: this model takes normalized inputs (its normalizer could not be part of it), "
@@ -83,8 +85,10 @@ def export(model: str, onnx_path: str, tolerance: float, tracking_uri: str | Non
     \b
     optiflow export 3f2a9c... --onnx digits.onnx
     """
+    from optiflow import host
     from optiflow.commands.onnx_export import export_onnx
 
+    host.imports_done()  # the collector's pause ends before the model is read
     result = export_onnx(model, onnx_path, tracking_uri, tolerance)
     if not quiet:
         check = ("onnxruntime not installed: checked with onnx.checker only" if result.max_difference is None

@@ -583,6 +583,26 @@ def test_optiflow_reproduce_trains_with_its_imports_frozen_as_train_does(tmp_pat
     assert (tmp_path / "seen").read_text() == "True True True True"
 
 
+def test_optiflow_predict_reads_its_input_with_the_collector_as_usual(tmp_path):
+    """``predict`` ends the collector's pause before it reads its input (``imports_done``): what it imported is
+    frozen, and the rows it reads are collected at the usual thresholds, not after a million objects."""
+    first = _exit_after(COLLECTOR_WATCH, tmp_path)
+    assert first.returncode == 0, first.stderr
+    from optiflow.tracking import client
+
+    store = client(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    run_id = store.search_runs([store.get_experiment_by_name("optiflow").experiment_id])[0].info.run_id
+    rows = tmp_path / "rows.csv"
+    rows.write_text(",".join(f"pixel_{i // 8}_{i % 8}" for i in range(64)) + "\n" + "\n".join(",".join(["3"] * 64) for _ in range(5)))
+    work = ("import atexit, gc\nnormal = gc.get_threshold()\n"
+            "atexit.register(lambda: (out / 'seen').write_text(f'{gc.get_threshold() == normal} '\n"
+            "                                                   f'{gc.get_freeze_count() > 10000}'))\n"
+            f"sys.argv = ['optiflow', 'predict', {run_id!r}, '--input', {str(rows)!r}, '-q']\n")
+    done = _exit_after(work, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "seen").read_text() == "True True"
+
+
 MID_RUN_WAVE = """
 import atexit, gc, weakref
 from optiflow import hookimpl
