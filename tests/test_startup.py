@@ -603,6 +603,19 @@ def test_optiflow_predict_reads_its_input_with_the_collector_as_usual(tmp_path):
     assert (tmp_path / "seen").read_text() == "True True"
 
 
+@pytest.mark.parametrize("argv", [["search", "--space", "lr=loguniform:0.1:0.01"], ["compare", "--vary", "opt=nope"]],
+                         ids=["search", "compare"])
+def test_search_and_compare_refuse_bad_input_before_importing_ahead(tmp_path, argv):
+    """The training commands import what their runs need ahead (``imports_done``) once their input is checked: a
+    bad ``--space`` or ``--vary`` is one line without waiting for ``torch._dynamo`` and MLflow's store."""
+    work = ("import atexit\n"
+            "atexit.register(lambda: (out / 'seen').write_text(str('torch._dynamo' in sys.modules)))\n"
+            f"sys.argv = ['optiflow', *{argv!r}]\n")
+    done = _exit_after(work, tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("Error:") and len(done.stderr.splitlines()) == 1, done.stderr
+    assert (tmp_path / "seen").read_text() == "False"
+
+
 MID_RUN_WAVE = """
 import atexit, gc, weakref
 from optiflow import hookimpl

@@ -173,12 +173,12 @@ def compare(base: RunConfig, vary: dict[str, list[str]], *, repeats: int = 1, me
     from optiflow.reuse import reused_tags
     from optiflow.tracking import Tracker, run_status
 
-    host.imports_done(ahead=stores.run_imports(base.tracking_uri))  # the command's: before any run exists
     runs = plan_runs(base, vary, repeats)
     heartbeat.check_settings()
     baseline = baseline_variant(baseline, [variant_label(values) for values in variants(vary)])
     if out_dir:
         _output_folder(Path(out_dir))  # before any run opens
+    host.imports_done(ahead=stores.run_imports(base.tracking_uri))  # once the input is checked, before any run
     preflight_variants(runs, metric)
     tracker = Tracker(base.tracking_uri, base.experiment)
     parent_name = base.run_name or "compare " + " x ".join(vary)

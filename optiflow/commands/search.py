@@ -53,7 +53,6 @@ def search(base: RunConfig, settings: SearchSettings, *, tags: dict[str, str] | 
     ``progress`` gets a line (a str) or a finished trial (a :class:`~optiflow.forecast.Tick`).
     """
     started = time.monotonic()
-    host.imports_done(ahead=run_imports(base.tracking_uri))  # the command's: before any run exists
     if settings.budget is not None:
         settings = dataclasses.replace(settings, deadline=time.time() + settings.budget)
     validate(base, settings)
@@ -215,6 +214,7 @@ def validate(base: RunConfig, settings: SearchSettings) -> None:
                 plan(trial_config(base, settings.space, pick)[0], registry)
             except OptiflowError as exc:
                 raise OptiflowError(f"--space {dim.name}={value}: {exc}") from None
+    host.imports_done(ahead=run_imports(base.tracking_uri))  # the input checked, before any run exists
     _preflight_first_corner(base, settings)
 
 
