@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import yaml
 
+from optiflow import host
 from optiflow.metrics import csv_text, markdown_table, number
 from optiflow.reuse import reused_tags
 from optiflow.search.space import short
@@ -64,6 +65,7 @@ class Refit:
     failure: str | None = None
 
 
+@host.imports_ahead()  # Optuna's importance (scikit-learn's forests) and matplotlib: imported with the collector waiting
 def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -> SearchResult:
     """Best value and parameters, trial counts, the trials table and Optuna's plots on the parent run."""
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(OVER_ATTR)]
