@@ -79,7 +79,12 @@ def test_two_workers_share_a_postgres_study_and_survive_a_sigkill(services, tmp_
     first = optiflow(*command, env=env, cwd=tmp_path)
     time.sleep(3)  # the first creates the study and the parent run; the second joins them
     second = optiflow(*command, env=env, cwd=tmp_path)
-    killed_run = wait_for_running_trial(store, "cluster", second.pid)
+    while True:  # stopped first: a trial that ends between the look and the kill is not the one killed
+        killed_run = wait_for_running_trial(store, "cluster", second.pid)
+        second.send_signal(signal.SIGSTOP)
+        if store.get_run(killed_run).info.status == "RUNNING":
+            break
+        second.send_signal(signal.SIGCONT)
     second.send_signal(signal.SIGKILL)
     second.communicate(timeout=60)
     out, err = first.communicate(timeout=480)

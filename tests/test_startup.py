@@ -313,8 +313,10 @@ def _python(code: str, timeout: int) -> subprocess.CompletedProcess[str]:
 
 
 def _with_checkout() -> dict[str, str]:
-    """This environment with this checkout first on ``PYTHONPATH``."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    """This environment with this checkout first on ``PYTHONPATH``, without a ``MLFLOW_TRACKING_URI`` an earlier
+    in-process test left (MLflow exports the URI a model was logged to): the command uses its folder's store."""
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**inherited, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.mark.parametrize("argv, exit_code", [(["--version"], 0), (["train", "--epochs", "0"], 2)])
