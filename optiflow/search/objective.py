@@ -24,7 +24,15 @@ from optiflow.search.folds import train_folds
 from optiflow.search.space import short, trial_config
 from optiflow.search.stopping import no_more_trials, stop_at_target, time_limit, trial_tick
 from optiflow.search.study import SearchSettings, open_study
-from optiflow.search.workers import OVER_ATTR, REUSED_ATTR, RUN_ATTR, finished, over_total, total_callback
+from optiflow.search.workers import (
+    OVER_ATTR,
+    REUSED_ATTR,
+    RUN_ATTR,
+    finished,
+    over_total,
+    total_callback,
+    trial_runs_filter,
+)
 
 
 class TrialPruned(RunKilled, optuna.TrialPruned):
@@ -243,8 +251,7 @@ def _child_run(base: RunConfig, parent_id: str, name: str, tags: dict[str, str],
     from optiflow.tracking import Tracker, retry, run_status
 
     tracker = Tracker(base.tracking_uri, base.experiment)
-    query = (f"tags.mlflow.parentRunId = '{parent_id}' and "
-             f"tags.`optuna.trial_number` = '{tags['optuna.trial_number']}'")
+    query = trial_runs_filter(parent_id, tags["optuna.trial_number"])
     found = retry(tracker.client.search_runs, [tracker.experiment_id], query, max_results=1)
     if found or failure is None:
         return found[0].info.run_id if found else "-"

@@ -88,9 +88,13 @@ def trial_runs(tracking_uri: str | None, study: optuna.Study, number: int) -> li
         return []
     store = client(resolve_tracking_uri(tracking_uri))
     parent = retry(store.get_run, parent_id)
-    query = (f"tags.mlflow.parentRunId = '{parent_id}' and tags.`optuna.trial_number` = '{number}' "
-             "and attributes.status = 'RUNNING'")
+    query = f"{trial_runs_filter(parent_id, number)} and attributes.status = 'RUNNING'"
     return [run.info.run_id for run in retry(store.search_runs, [parent.info.experiment_id], query)]
+
+
+def trial_runs_filter(parent_id: str, number: int | str) -> str:
+    """MLflow's search filter for the runs of trial ``number`` under the study's parent run ``parent_id``."""
+    return f"tags.mlflow.parentRunId = '{parent_id}' and tags.`optuna.trial_number` = '{number}'"
 
 
 def close_runs(tracking_uri: str | None, run_id: str, reason: str) -> None:
