@@ -45,8 +45,7 @@ def heavy_imports_after(work: str, folder: Path) -> str:
     """Which of scikit-learn, Optuna and SciPy's statistics a fresh process has imported after running
     ``work`` (Python source) in ``folder``; raises if the work fails."""
     code = f"import sys\n{work}\nprint(sorted(m for m in ('sklearn', 'optuna', 'scipy.stats') if m in sys.modules))\n"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.pop("MLFLOW_TRACKING_URI", None)  # an earlier test's mlflow.set_tracking_uri() exports it; the default store is wanted
+    env = _with_checkout()  # without an earlier test's MLFLOW_TRACKING_URI: the default store is wanted
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]
@@ -349,7 +348,7 @@ def test_the_interpreter_teardown_is_skipped_and_text_exit_codes_are_said(tmp_pa
             f"out = pathlib.Path({str(tmp_path)!r})\n"
             "class Torn:\n    def __del__(self): (out / 'torn').write_text('ran')\n"
             "kept = Torn()\nprint('written', flush=False)\nexit_process('bye: a text code')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = _with_checkout()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (1, "written\n", "bye: a text code\n")
     assert not (tmp_path / "torn").exists()
@@ -381,7 +380,7 @@ def test_ctrl_c_while_the_exit_waits_for_a_thread_is_one_line_and_130(tmp_path):
             "threading.Thread(target=time.sleep, args=(60,)).start()\n"
             "sys.argv = ['optiflow', '--version']\n"
             "from optiflow.cli import main\nmain()\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = _with_checkout()
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
     assert process.stdout is not None
@@ -421,7 +420,7 @@ def test_the_store_file_alone_holds_the_run_when_the_command_has_ended(tmp_path)
     import shutil
     import sqlite3
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = _with_checkout()
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store, mlruns/mlflow.db, is the one looked at
     done = subprocess.run([sys.executable, "-m", "optiflow", "train", "--epochs", "1", "-q"], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
@@ -433,7 +432,7 @@ def test_the_store_file_alone_holds_the_run_when_the_command_has_ended(tmp_path)
 
 @pytest.mark.parametrize("module", ["optiflow", "optiflow.cli"])
 def test_both_module_entry_points_run_the_command(tmp_path, module):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = _with_checkout()
     done = subprocess.run([sys.executable, "-m", module, "train", "--epochs", "0"], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("Error:") and "epochs" in done.stderr
@@ -454,7 +453,7 @@ def test_objects_imports_make_are_frozen_and_later_garbage_is_still_collected(tm
         "gc.collect()\nwave = gc.get_freeze_count()\n"
         "later = cycle()\ngc.collect()\n"
         "print(len(gc.callbacks), wave > 10000, gc.get_freeze_count() == wave, early() is None, later() is None)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = _with_checkout()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.stdout.split() == ["1", "True", "True", "True", "True"], done.stderr
 
