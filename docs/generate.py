@@ -135,6 +135,7 @@ def catalogue() -> str:
 PUBLIC_API: dict[str, tuple[str, ...]] = {
     "optiflow.run": ("Run", "ROLES", "RunResult"),
     "optiflow.runlog": ("RunTracker",),
+    "optiflow.drawing": ("Recipe",),
     "optiflow.config": ("RunConfig", "ComponentSpec"),
     "optiflow.plan": ("Plan", "Resolved"),
     "optiflow.registry": ("Component", "Option", "Nested"),

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from optiflow import drawing
+
 
 class RunTracker(Protocol):
     """What a run logs through (``Run.tracker``, :func:`optiflow.tracking.run_status`); ``run_id`` is None until
@@ -45,8 +47,15 @@ class RunTracker(Protocol):
     def log_text(self, text: str, artifact_file: str) -> None:
         """Save ``text`` as the artifact ``artifact_file``."""
 
-    def log_figure(self, figure: Figure, artifact_file: str) -> None:
-        """Save a matplotlib figure as the artifact ``artifact_file`` (``.png``)."""
+    def log_figure(self, figure: Figure | drawing.Recipe, artifact_file: str) -> None:
+        """Save a matplotlib figure as the artifact ``artifact_file`` (``.png``); a
+        :class:`~optiflow.drawing.Recipe` is drawn beside the run, logged by :meth:`collect_figures` or as it ends."""
+
+    def prepare_figures(self) -> None:
+        """Start what draws recipes now (a run that will log figures: matplotlib loads while it trains)."""
+
+    def collect_figures(self) -> None:
+        """Log the recipes' figures once drawn."""
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local file into the run's artifacts (under ``artifact_path``)."""
@@ -82,7 +91,11 @@ class NullTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None: ...
 
-    def log_figure(self, figure: Figure, artifact_file: str) -> None: ...
+    def log_figure(self, figure: Figure | drawing.Recipe, artifact_file: str) -> None: ...
+
+    def prepare_figures(self) -> None: ...
+
+    def collect_figures(self) -> None: ...
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
 

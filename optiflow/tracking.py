@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeVar
 
-from optiflow import __version__, bulkwrite, heartbeat
+from optiflow import __version__, bulkwrite, drawing, heartbeat
 from optiflow.errors import OptiflowError, RunKilled, TrackingServerLost, first_line, redact
 from optiflow.runlog import RunTracker
 from optiflow.signals import deferred
@@ -162,6 +162,7 @@ class Tracker:
         self._pending_params: list[Param] = []
         self._pending_tags: dict[str, str] = {}
         self._flushed_at = time.monotonic()
+        self.drawer = drawing.Drawer()  #: draws the run's figures beside it (optiflow.drawing)
 
     def start(self, run_name: str | None = None, tags: Mapping[str, object] | None = None,
               parent_run_id: str | None = None, run_id: str | None = None, started_ms: int | None = None) -> str:
@@ -273,8 +274,23 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         retry(self.client.log_text, self.open_run_id, redact(text), artifact_file)
 
-    def log_figure(self, figure: Figure, artifact_file: str) -> None:
-        retry(self.client.log_figure, self.open_run_id, figure, artifact_file)
+    def log_figure(self, figure: Figure | drawing.Recipe, artifact_file: str) -> None:
+        """Log a matplotlib figure as the artifact ``artifact_file`` now; a :class:`~optiflow.drawing.Recipe` is
+        drawn beside the run and logged by :meth:`collect_figures`, at the latest as the run ends."""
+        if not isinstance(figure, drawing.Recipe):
+            retry(self.client.log_figure, self.open_run_id, figure, artifact_file)
+        elif self.open_run_id:  # a run not yet open draws nothing (open_run_id says so)
+            self.drawer.draw(figure, artifact_file)
+
+    def prepare_figures(self) -> None:
+        """Start the helper that draws recipes (:class:`~optiflow.drawing.Drawer`): a run that will log figures."""
+        self.drawer.start()
+
+    def collect_figures(self) -> None:
+        """Log the figures drawn beside the run, once drawn (what fails to draw raises here)."""
+        with self.drawer.finished() as drawn:
+            for path, artifact_file in drawn:
+                retry(self.client.log_artifact, self.open_run_id, str(path), os.path.dirname(artifact_file) or None)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         retry(self.client.log_artifact, self.open_run_id, str(local_path), artifact_path)
@@ -298,11 +314,12 @@ class Tracker:
             raise full from None
 
     def end(self, status: str = "FINISHED", ended_ms: int | None = None) -> None:
-        """Flush what is queued and close the run with ``status`` (FINISHED, FAILED or KILLED) at ``ended_ms``
-        (default now)."""
+        """Log the figures drawn, flush what is queued, close the run as ``status`` at ``ended_ms`` (default now)."""
         ended = int(time.time() * 1000) if ended_ms is None else ended_ms
         done = False
         try:
+            with contextlib.suppress(Exception):  # a figure that fails to draw does not stop the run's end
+                self.collect_figures()
             if self.run_id is not None and not self._pending_params and len(self._pending) <= METRIC_BATCH:
                 check_same_file(self.uri, self.store_file)  # on a SQL store: the last metrics and the end at once
                 done = retry(bulkwrite.log_batch, self.client, self.run_id, self._pending, end=(status, ended))

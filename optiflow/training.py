@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from optiflow import checkpoints, digest, distributed, export, heartbeat, host
+from optiflow import checkpoints, digest, distributed, drawing, export, heartbeat, host
 from optiflow.config import RunConfig
 from optiflow.errors import (
     DiskFull,
@@ -74,6 +74,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, pm: PluginMana
         host.keep_freed_memory()
     with per_run_plugins(run, pm) as names, host.threads(run.setup.threads), host.deterministic(config.deterministic):
         tracker, state, cluster = _open(run, pm, names, resume, parent_run_id, extra_tags, extra_params or {})
+        if artifacts:
+            tracker.prepare_figures()  # matplotlib loads beside the run while it trains
         started = time.perf_counter()
         with InterruptGuard(), run_status(tracker) as outcome, heartbeat.beating(tracker):
             try:
@@ -359,6 +361,7 @@ def _finish(run: Run, test: dict[str, float], log_model: bool) -> None:
         _log_curves(run)
     if log_model:
         export.log_model(run)
+    run.tracking.collect_figures()  # drawn meanwhile (optiflow.drawing)
 
 
 def data_digest(run: Run) -> str:
@@ -382,11 +385,8 @@ def components_title(run: Run) -> str:
 
 
 def _log_curves(run: Run) -> None:
-    from optiflow.plots import learning_curves, pyplot
-
-    figure = learning_curves(run.history, title=components_title(run))
-    run.tracking.log_figure(figure, "learning_curves.png")
-    pyplot().close(figure)
+    recipe = drawing.Recipe("optiflow.plots:learning_curves", {"history": run.history, "title": components_title(run)})
+    run.tracking.log_figure(recipe, "learning_curves.png")
 
 
 def _jsonable(value: object) -> object:

@@ -75,27 +75,36 @@ class GradientFlow:
 
     def figure(self, model=None) -> Any:
         """Gradient norm per layer (input to output, log scale), one line per epoch from dark to light."""
-        from optiflow.plots import pyplot
+        return flow_figure(**self.drawn(model))
 
-        plt = pyplot()
-        figure, axis = plt.subplots(figsize=(max(5.5, 0.6 * len(self.layers)), 4))
-        colors = plt.get_cmap("viridis")
-        for index, (epoch, row) in enumerate(zip(self.epochs, self.norms)):
-            shade = colors(index / max(1, len(self.epochs) - 1))
-            axis.plot(range(len(self.layers)), row, marker=".", color=shade, label=f"epoch {epoch}")
+    def drawn(self, model=None) -> dict[str, Any]:
+        """What :func:`flow_figure` draws (JSON values): the norms, and each layer's kind where ``model`` says it."""
         shown = layer_names(model) if model is not None else {}
         kinds = {shown[name]: type(module).__name__ for name, module in model.named_modules()} if shown else {}
         labels = [f"{layer}\n{kinds[layer]}" if layer in kinds else layer for layer in self.layers]
-        axis.set_xticks(range(len(self.layers)), labels, fontsize=7)
-        axis.set_yscale("log")
-        axis.set(xlabel="layer (input → output)", ylabel="gradient L2 norm", title="gradient flow")
-        if len(self.epochs) <= 12:
-            axis.legend(fontsize=7, title="one line per epoch", title_fontsize=7)
-        else:  # too many lines to name: the colour scale says which epoch each is
-            scale = plt.cm.ScalarMappable(cmap=colors, norm=plt.Normalize(self.epochs[0], self.epochs[-1]))
-            figure.colorbar(scale, ax=axis, label="epoch")
-        figure.subplots_adjust(left=0.12, right=0.97, bottom=0.2, top=0.9)
-        return figure
+        return {"labels": labels, "epochs": self.epochs, "norms": self.norms}
+
+
+def flow_figure(labels: list[str], epochs: list[int], norms: list[list[float]]) -> Any:
+    """The gradient-flow figure of :meth:`GradientFlow.figure` from its JSON values (drawn beside the run)."""
+    from optiflow.plots import pyplot
+
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(max(5.5, 0.6 * len(labels)), 4))
+    colors = plt.get_cmap("viridis")
+    for index, (epoch, row) in enumerate(zip(epochs, norms)):
+        shade = colors(index / max(1, len(epochs) - 1))
+        axis.plot(range(len(labels)), row, marker=".", color=shade, label=f"epoch {epoch}")
+    axis.set_xticks(range(len(labels)), labels, fontsize=7)
+    axis.set_yscale("log")
+    axis.set(xlabel="layer (input → output)", ylabel="gradient L2 norm", title="gradient flow")
+    if len(epochs) <= 12:
+        axis.legend(fontsize=7, title="one line per epoch", title_fontsize=7)
+    else:  # too many lines to name: the colour scale says which epoch each is
+        scale = plt.cm.ScalarMappable(cmap=colors, norm=plt.Normalize(epochs[0], epochs[-1]))
+        figure.colorbar(scale, ax=axis, label="epoch")
+    figure.subplots_adjust(left=0.12, right=0.97, bottom=0.2, top=0.9)
+    return figure
 
 
 @hookimpl
@@ -126,10 +135,6 @@ def optiflow_run_end(run, status):
     flow = run.state.pop(STATE_KEY, None)
     if flow is None or not flow.epochs or run.tracker is None or not run.wants_artifacts:
         return
-    import matplotlib.pyplot as plt
+    from optiflow.drawing import Recipe
 
-    figure = flow.figure(run.model)
-    try:
-        run.tracker.log_figure(figure, "gradient_flow.png")
-    finally:
-        plt.close(figure)
+    run.tracker.log_figure(Recipe(f"{__name__}:flow_figure", flow.drawn(run.model)), "gradient_flow.png")

@@ -100,7 +100,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 #: "imports one way"); a new module must be placed here.
 LAYERS: list[tuple[str, set[str]]] = [
     ("facts", {"optiflow", "optiflow.errors", "optiflow.slots", "optiflow.signals", "optiflow.metrics", "optiflow.host",
-               "optiflow.hooktrace", "optiflow.hookspecs", "optiflow.optim", "optiflow.plots", "optiflow.distributed",
+               "optiflow.hooktrace", "optiflow.hookspecs", "optiflow.optim", "optiflow.plots", "optiflow.drawing",
+               "optiflow.distributed",
                "optiflow.heartbeat", "optiflow.stores", "optiflow.serving", "optiflow.files", "optiflow.values",
                "optiflow.runlog", "optiflow.confidence", "optiflow.digest"}),
     ("tracking", {"optiflow.bulkwrite", "optiflow.tracking"}),

@@ -1,0 +1,227 @@
+"""Figures drawn beside the run: a helper process draws a run's pictures while the run's own process goes on, so
+matplotlib never loads in the run's process and the drawing overlaps the model's export.
+
+A figure drawn this way is a :class:`Recipe`: the name of a function that returns a matplotlib figure, and its
+arguments as JSON values.  One helper serves the whole process (``python -c`` running :func:`main`); it starts
+when the first run that logs figures starts (and imports matplotlib while that run trains, on another core).
+Each run's :class:`Drawer` sends it recipes, one JSON line each, and at the run's end waits for its own files.
+The helper saves each figure as a PNG, whole or not at all, and marks a figure it could not draw; such a figure
+(or one a helper that could not start, died or took longer than :data:`WAIT_SECONDS` left undrawn) is drawn in
+the run's own process, so what fails raises there, as it always did.  The helper runs in its own session
+(Ctrl-C at the terminal reaches the run, which decides what stops), prints nothing, and ends when the run's
+process closes its input or goes away, removing the figures nobody collected.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: how long a run waits at its end for its figures before it draws what is left itself
+WAIT_SECONDS = 30.0
+_HELPER = "from optiflow.drawing import main; main()"
+_FAILED = ".failed"  # beside a figure the helper could not draw
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A figure as ``function`` (``"package.module:name"``, returning a matplotlib ``Figure``) and its keyword
+    arguments (JSON values: numbers, NaN included, text, lists and dicts)."""
+
+    function: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def make(self) -> Figure:
+        module, _, name = self.function.partition(":")
+        return getattr(importlib.import_module(module), name)(**self.kwargs)
+
+    def save(self, path: Path) -> None:
+        """Draw the figure and save it to ``path`` (PNG), closing it."""
+        from optiflow.plots import pyplot
+
+        figure = self.make()
+        try:
+            figure.savefig(path)
+        finally:
+            pyplot().close(figure)
+
+
+class _Helper:
+    """The process's drawing helper: started once, restarted after it died; requests are JSON lines."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        with self.lock:
+            if self.process is not None and self.process.poll() is None:
+                return
+            path = os.pathsep.join(sys.path)  # this process's modules, plugins' included
+            try:
+                self.process = subprocess.Popen([sys.executable, "-c", _HELPER], stdin=subprocess.PIPE,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                env={**os.environ, "PYTHONPATH": path}, start_new_session=True)
+            except OSError:
+                self.process = None
+            else:
+                atexit.register(self.close, self.process)
+
+    @staticmethod
+    def close(process: subprocess.Popen[bytes]) -> None:
+        """At this process's exit: end the helper's input and let it finish (what it draws is no longer wanted)."""
+        with contextlib.suppress(OSError, ValueError):
+            process.stdin.close()  # type: ignore[union-attr]
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def send(self, request: bytes) -> bool:
+        """Whether the helper took the request (a JSON line)."""
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                return False
+            try:
+                stdin: IO[bytes] = self.process.stdin  # type: ignore[assignment]
+                stdin.write(request)
+                stdin.flush()
+                return True
+            except (OSError, ValueError):
+                return False
+
+    def alive(self) -> bool:
+        process = self.process
+        return process is not None and process.poll() is None
+
+    def stop(self) -> None:
+        """Kill the helper (it hangs): the next run starts another."""
+        with self.lock:
+            process, self.process = self.process, None
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.kill()
+            process.wait()
+
+
+_HELPER_PROCESS = _Helper()
+
+
+class Drawer:
+    """One run's figures: drawn by the helper (:meth:`start`), else by :meth:`finished` in this process."""
+
+    def __init__(self) -> None:
+        self.staging: Path | None = None  #: where this run's figures are drawn to, one folder each
+        self.queued: list[tuple[Recipe, Path, str, bool]] = []  #: recipe, file, artifact name, sent to the helper
+
+    def start(self) -> None:
+        """Make sure the helper runs: started now, it imports matplotlib while the run trains."""
+        _HELPER_PROCESS.start()
+
+    def draw(self, recipe: Recipe, artifact_file: str) -> None:
+        """Ask for ``recipe`` drawn as ``artifact_file``; :meth:`finished` hands over the file."""
+        if self.staging is None:
+            self.staging = Path(tempfile.mkdtemp(prefix="optiflow-figures-"))
+        path = self.staging / str(len(self.queued)) / Path(artifact_file).name
+        try:
+            request = json.dumps({"function": recipe.function, "kwargs": recipe.kwargs, "path": str(path),
+                                  "sys_path": sys.path, "staging": str(self.staging)}).encode() + b"\n"
+        except TypeError as exc:
+            raise TypeError(f"the arguments of figure {recipe.function!r} must be JSON values: {exc}") from None
+        path.parent.mkdir()
+        self.start()
+        self.queued.append((recipe, path, artifact_file, _HELPER_PROCESS.send(request)))
+
+    @contextlib.contextmanager
+    def finished(self) -> Iterator[list[tuple[Path, str]]]:
+        """Wait for the helper's figures and draw here what it did not; yields the file and artifact name of each
+        figure drawn, in the order asked for, then raises the first error of a figure that could not be drawn.
+        The files are gone when the block ends."""
+        try:
+            self._wait()
+            drawn, errors = [], []
+            for recipe, path, name, _ in self.queued:
+                try:
+                    if not path.is_file():
+                        recipe.save(path)
+                    drawn.append((path, name))
+                except Exception as exc:
+                    errors.append(exc)
+            yield drawn
+            if errors:
+                raise errors[0]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Forget this run's figures and remove their files."""
+        self.queued.clear()
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+    def _wait(self) -> None:
+        """Until each figure sent to the helper is drawn or marked failed, the helper died, or the wait is over."""
+        waiting = [path for _, path, _, sent in self.queued if sent]
+        deadline, delay = time.monotonic() + WAIT_SECONDS, 0.002
+        while waiting:
+            waiting = [p for p in waiting if not p.is_file() and not p.with_name(p.name + _FAILED).exists()]
+            if not waiting or not _HELPER_PROCESS.alive():
+                return
+            if time.monotonic() > deadline:
+                _HELPER_PROCESS.stop()
+                return
+            time.sleep(delay)
+            delay = min(2 * delay, 0.02)
+
+
+def main() -> None:
+    """The helper: import matplotlib, then draw each requested figure (a JSON line: function, kwargs, path,
+    ``sys_path``, ``staging``) to its path, whole or not at all, or mark it failed.  Ends at the end of its input,
+    removing what is left in the runs' staging folders (their figures were collected, or their process died)."""
+    import gc
+
+    gc.disable()  # a short-lived process drawing a few figures: nothing to collect
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from optiflow.plots import pyplot
+
+    pyplot()
+    staging: set[str] = set()
+    try:
+        for line in sys.stdin.buffer:
+            request = json.loads(line)
+            sys.path[:0] = [entry for entry in request["sys_path"] if entry not in sys.path]
+            staging.add(request["staging"])
+            _draw(Recipe(request["function"], request["kwargs"]), Path(request["path"]))
+    finally:
+        for folder in staging:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _draw(recipe: Recipe, path: Path) -> None:
+    partial = path.with_name(f".{path.stem}.part{path.suffix}")  # the suffix names the format
+    try:
+        recipe.save(partial)
+        os.replace(partial, path)
+    except Exception:
+        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + _FAILED).touch()
