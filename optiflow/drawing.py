@@ -151,23 +151,21 @@ class Drawer:
         self.queued.append((recipe, path, artifact_file, _HELPER_PROCESS.send(request)))
 
     @contextlib.contextmanager
-    def finished(self) -> Iterator[list[tuple[Path, str]]]:
+    def finished(self) -> Iterator[tuple[list[tuple[Path, str]], dict[str, Exception]]]:
         """Wait for the helper's figures and draw here what it did not; yields the file and artifact name of each
-        figure drawn, in the order asked for, then raises the first error of a figure that could not be drawn.
-        The files are gone when the block ends."""
+        figure drawn, in the order asked for, and the error of each that could not be, by artifact name.  The
+        files are gone when the block ends."""
         try:
             self._wait()
-            drawn, errors = [], []
+            drawn, failed = [], {}
             for recipe, path, name, _ in self.queued:
                 try:
                     if not path.is_file():
                         recipe.save(path)
                     drawn.append((path, name))
                 except Exception as exc:
-                    errors.append(exc)
-            yield drawn
-            if errors:
-                raise errors[0]
+                    failed[name] = exc
+            yield drawn, failed
         finally:
             self.close()
 

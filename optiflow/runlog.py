@@ -54,8 +54,8 @@ class RunTracker(Protocol):
     def prepare_figures(self) -> None:
         """Start what draws recipes now (a run that will log figures: matplotlib loads while it trains)."""
 
-    def collect_figures(self) -> None:
-        """Log the recipes' figures once drawn."""
+    def collect_figures(self, raise_errors: bool = True) -> dict[str, Exception]:
+        """Log the recipes' figures once drawn; raise the first error of one that could not be, or return them."""
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local file into the run's artifacts (under ``artifact_path``)."""
@@ -95,7 +95,8 @@ class NullTracker:
 
     def prepare_figures(self) -> None: ...
 
-    def collect_figures(self) -> None: ...
+    def collect_figures(self, raise_errors: bool = True) -> dict[str, Exception]:
+        return {}
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
 

@@ -213,7 +213,8 @@ class Tracker:
         """Queue params (sent with the next flush, batched with metrics)."""
         from mlflow.entities import Param
 
-        self._pending_params.extend(Param(k, _param_value(v)) for k, v in params.items())
+        texts = {key: redact(str(value)) for key, value in params.items()}  # MLflow keeps 6000 characters
+        self._pending_params.extend(Param(k, v if len(v) <= 6000 else v[:5997] + "...") for k, v in texts.items())
         if flush:
             self.flush()
 
@@ -286,11 +287,15 @@ class Tracker:
         """Start the helper that draws recipes (:class:`~optiflow.drawing.Drawer`): a run that will log figures."""
         self.drawer.start()
 
-    def collect_figures(self) -> None:
-        """Log the figures drawn beside the run, once drawn (what fails to draw raises here)."""
-        with self.drawer.finished() as drawn:
+    def collect_figures(self, raise_errors: bool = True) -> dict[str, Exception]:
+        """Log the figures drawn beside the run, once drawn; then raise the error of the first that could not be,
+        or (``raise_errors=False``) return each such error by artifact name."""
+        with self.drawer.finished() as (drawn, failed):
             for path, artifact_file in drawn:
                 retry(self.client.log_artifact, self.open_run_id, str(path), os.path.dirname(artifact_file) or None)
+        if failed and raise_errors:
+            raise next(iter(failed.values()))
+        return failed
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         retry(self.client.log_artifact, self.open_run_id, str(local_path), artifact_path)
@@ -314,11 +319,11 @@ class Tracker:
             raise full from None
 
     def end(self, status: str = "FINISHED", ended_ms: int | None = None) -> None:
-        """Log the figures drawn, flush what is queued, close the run as ``status`` at ``ended_ms`` (default now)."""
+        """Log the figures drawn, flush what is queued, close the run as ``status`` at ``ended_ms`` (now)."""
         ended = int(time.time() * 1000) if ended_ms is None else ended_ms
         done = False
         try:
-            with contextlib.suppress(Exception):  # a figure that fails to draw does not stop the run's end
+            with contextlib.suppress(Exception):  # a figure that fails to draw or log does not stop the run's end
                 self.collect_figures()
             if self.run_id is not None and not self._pending_params and len(self._pending) <= METRIC_BATCH:
                 check_same_file(self.uri, self.store_file)  # on a SQL store: the last metrics and the end at once
@@ -392,8 +397,3 @@ def run_status(tracker: RunTracker) -> Iterator[Outcome]:
     finally:
         if outcome.status is not None:
             tracker.end(outcome.status)
-
-
-def _param_value(value: object) -> str:
-    text = redact(str(value))
-    return text if len(text) <= 6000 else text[:5997] + "..."

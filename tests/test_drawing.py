@@ -213,3 +213,30 @@ def test_ctrl_c_at_the_terminal_does_not_stop_the_helper(tmp_path):
     assert helper is not None
     assert os.getsid(helper.pid) == helper.pid != os.getsid(0)
     assert run_cli("--help").returncode == 0
+
+
+def test_the_search_plots_are_drawn_beside_it_and_one_that_cannot_be_is_a_tag_saying_why(tracker, tmp_path):
+    """The search's plots are drawn from a copy of its trials: the same figures, logged once drawn; a plot that
+    cannot be drawn (here a copied trial Optuna refuses) is the ``plot.<file>`` tag it always was."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from optiflow.search.summary import _log_plots, log_plots_drawn
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) + t.suggest_int("width", 1, 9), n_trials=6)
+    _log_plots(tracker, study, SimpleNamespace(metric="val_loss", pruner="median"), complete=6)
+    refused = {"state": "COMPLETE", "value": 1.0, "params": {"lr": 5.0}, "intermediate": {},
+               "distributions": {"lr": optuna.distributions.distribution_to_json(
+                   optuna.distributions.FloatDistribution(1e-4, 1e-1))}}
+    tracker.log_figure(Recipe("optiflow.search.summary:study_plot", {
+        "artifact": "optimization_history.png", "trials": [refused], "metric": "val_loss", "complete": 1,
+        "direction": "minimize"}), "refused.png")
+    log_plots_drawn(tracker)
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    assert tags["plot.refused.png"].startswith("not drawn: ") and "lr" in tags["plot.refused.png"]
+    logged = [a.path for a in tracker.client.list_artifacts(tracker.run_id)]
+    assert logged == ["intermediate_values.png", "optimization_history.png", "param_importances.png"]
+    assert png_size(artifact_bytes(tracker, "param_importances.png", tmp_path)) == (800, 500)

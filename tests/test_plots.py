@@ -90,7 +90,7 @@ def test_search_plots_name_the_metric_and_how_few_trials_importance_rests_on():
 
     class Tracker:
         def log_figure(self, figure, name):
-            drawn[name] = figure.axes[0]
+            drawn[name] = figure.make().axes[0]  # a Recipe, drawn beside the search: drawn here to look at
 
         def set_tags(self, tags):
             raise AssertionError(tags)

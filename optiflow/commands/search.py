@@ -34,7 +34,7 @@ from optiflow.search.study import (
     parse_component,
     shared_parent_run,
 )
-from optiflow.search.summary import SearchResult, summarize
+from optiflow.search.summary import SearchResult, log_plots_drawn, summarize
 from optiflow.search.workers import settle, storage_lost
 from optiflow.stores import run_imports
 from optiflow.values import parse_duration
@@ -84,6 +84,7 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
     parent_id = shared_parent_run(study, settings.storage is not None,
                                   lambda: _create_parent(tracker, base, settings, study.study_name, tags))
     tracker.start(run_id=parent_id)
+    tracker.prepare_figures()  # the helper that draws the study's plots imports matplotlib while trials train
     with run_status(tracker) as outcome, shared_data(), heartbeat.beating(tracker):
         try:
             run_study(base, settings, study, parent_id, tags=tags, progress=progress)
@@ -94,19 +95,22 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
                 tracker.set_tags({REASON_TAG: "interrupted", DETAIL_TAG: "interrupted (Ctrl-C or SIGTERM)"})
             raise
         finally:
-            result = summarize(tracker, study, settings)
-        if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
-            outcome.status = None  # another worker holds a trial: the last one refits and ends the parent
-            return result
-        result.stop = stop_reason(study, settings, time.monotonic() - started)
-        tracker.set_tags({REASON_TAG: result.stop.reason, DETAIL_TAG: result.stop.detail})
-        if not any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
-            result.none_completed = f"{_ENDED.get(result.stop.reason, 'the search')} ended before any trial finished"
-        if result.none_completed:
-            outcome.status = "FAILED"
-            tracker.set_tags({"failure": result.none_completed[:5000]})
-        elif settings.refit:
-            result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
+            result = summarize(tracker, study, settings)  # its plots are drawn beside the search meanwhile
+        try:
+            if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+                outcome.status = None  # another worker holds a trial: the last one refits and ends the parent
+                return result
+            result.stop = stop_reason(study, settings, time.monotonic() - started)
+            tracker.set_tags({REASON_TAG: result.stop.reason, DETAIL_TAG: result.stop.detail})
+            if not any(t.state.is_finished() for t in study.get_trials(deepcopy=False)):
+                result.none_completed = f"{_ENDED.get(result.stop.reason, 'the search')} ended before any trial finished"
+            if result.none_completed:
+                outcome.status = "FAILED"
+                tracker.set_tags({"failure": result.none_completed[:5000]})
+            elif settings.refit:
+                result.refit = refit(base, settings, study, tracker, tags=tags, progress=progress)
+        finally:
+            log_plots_drawn(tracker)
     return result
 
 

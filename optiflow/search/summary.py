@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import yaml
 
-from optiflow import host
+from optiflow.drawing import Recipe
 from optiflow.metrics import csv_text, markdown_table, number
 from optiflow.reuse import reused_tags
 from optiflow.search.space import short
@@ -65,7 +65,6 @@ class Refit:
     failure: str | None = None
 
 
-@host.imports_ahead()  # Optuna's importance (scikit-learn's forests) and matplotlib: imported with the collector waiting
 def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -> SearchResult:
     """Best value and parameters, trial counts, the trials table and Optuna's plots on the parent run."""
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(OVER_ATTR)]
@@ -113,42 +112,60 @@ FEW_TRIALS = 20
 
 def _log_plots(tracker: RunTracker, study: optuna.Study, settings: SearchSettings, complete: int) -> None:
     """Optuna's optimization history, parameter importances (two or more ``complete`` trials, the count in the
-    title) and intermediate values (pruning), each naming the metric instead of Optuna's "Objective Value"."""
-    import functools
+    title) and intermediate values (pruning), each naming the metric instead of Optuna's "Objective Value": drawn
+    beside the search (:mod:`optiflow.drawing`) from a copy of its trials, while the refit trains."""
+    from optuna.distributions import distribution_to_json
 
-    from optiflow.plots import pyplot
+    plots = ["optimization_history.png"] + ["param_importances.png"] * (complete > 1) + \
+        ["intermediate_values.png"] * (settings.pruner != "none")
+    trials = [{"state": t.state.name, "value": t.value, "params": t.params, "intermediate": t.intermediate_values,
+               "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()}}
+              for t in study.get_trials(deepcopy=False)]
+    for artifact in plots:
+        tracker.log_figure(Recipe(f"{__name__}:study_plot", {
+            "artifact": artifact, "trials": trials, "metric": settings.metric, "complete": complete,
+            "direction": study.direction.name.lower()}), artifact)
 
-    plt = pyplot()
-    metric = settings.metric
+
+def study_plot(artifact: str, trials: list[dict[str, Any]], metric: str, complete: int, direction: str) -> Any:
+    """The plot ``artifact`` of :func:`_log_plots`, drawn from a copy of the study's ``trials``."""
+    from optuna.distributions import json_to_distribution
+
     visualization = optuna.visualization.matplotlib
-    plots: list[tuple[str, Callable[[optuna.Study], Any], str | None]] = [
-        ("optimization_history.png", functools.partial(visualization.plot_optimization_history, target_name=metric),
-         None)]
-    if complete > 1:
-        rough = ": few trials, a rough estimate" if complete < FEW_TRIALS else ""
-        plots.append(("param_importances.png", functools.partial(visualization.plot_param_importances,
-                                                                 target_name=metric),
-                      f"importance for {metric}, from {complete} complete trials{rough}"))
-    if settings.pruner != "none":
-        plots.append(("intermediate_values.png", visualization.plot_intermediate_values,
-                      f"{metric} per epoch of each trial"))
-    for artifact, plot, title in plots:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = plot(study)
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-            tracker.set_tags({f"plot.{artifact}": f"not drawn: {exc}"[:500]})
-            continue
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-        if title is not None:
-            axis = figure.axes[0]
-            for where in ("left", "right"):  # Optuna's own title (left on the importances) would overlap ours
-                axis.set_title("", loc=where)
-            axis.set_title(title)
-            if artifact == "intermediate_values.png":
-                axis.set_ylabel(metric)
-        figure.set_size_inches(8, 5)
-        figure.tight_layout()
-        tracker.log_figure(figure, artifact)
-        plt.close(figure)
+    study = optuna.create_study(direction=optuna.study.StudyDirection[direction.upper()],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.add_trials([optuna.trial.create_trial(
+        state=optuna.trial.TrialState[t["state"]], value=t["value"], params=t["params"],
+        distributions={k: json_to_distribution(d) for k, d in t["distributions"].items()},
+        intermediate_values={int(step): value for step, value in t["intermediate"].items()}) for t in trials])
+    rough = ": few trials, a rough estimate" if complete < FEW_TRIALS else ""
+    plots: dict[str, tuple[Callable[..., Any], str | None]] = {
+        "optimization_history.png": (visualization.plot_optimization_history, None),
+        "param_importances.png": (visualization.plot_param_importances,
+                                  f"importance for {metric}, from {complete} complete trials{rough}"),
+        "intermediate_values.png": (visualization.plot_intermediate_values, f"{metric} per epoch of each trial"),
+    }
+    plot, title = plots[artifact]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        axes = plot(study) if artifact == "intermediate_values.png" else plot(study, target_name=metric)
+    figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+    if title is not None:
+        axis = figure.axes[0]
+        for where in ("left", "right"):  # Optuna's own title (left on the importances) would overlap ours
+            axis.set_title("", loc=where)
+        axis.set_title(title)
+        if artifact == "intermediate_values.png":
+            axis.set_ylabel(metric)
+    figure.set_size_inches(8, 5)
+    figure.tight_layout()
+    return figure
+
+
+def log_plots_drawn(tracker: Tracker) -> None:
+    """Log the study's plots once drawn; one Optuna cannot draw (too few distinct trials) is a
+    ``plot.<file>`` tag saying why."""
+    for artifact, exc in tracker.collect_figures(raise_errors=False).items():
+        if not isinstance(exc, (ValueError, RuntimeError, ZeroDivisionError)):
+            raise exc
+        tracker.set_tags({f"plot.{artifact}": f"not drawn: {exc}"[:500]})
