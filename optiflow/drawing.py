@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 #: how long a run waits at its end for its figures before it draws what is left itself
-WAIT_SECONDS = 30.0
+WAIT_SECONDS = 120.0
 _HELPER = "from optiflow.drawing import main; main()"
 _FAILED = ".failed"  # beside a figure the helper could not draw
 
