@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -154,20 +154,38 @@ class Drawer:
     def finished(self) -> Iterator[tuple[list[tuple[Path, str]], dict[str, Exception]]]:
         """Wait for the helper's figures and draw here what it did not; yields the file and artifact name of each
         figure drawn, in the order asked for, and the error of each that could not be, by artifact name.  The
-        files are gone when the block ends."""
+        files are gone when the block ends.  A Ctrl-C before the block leaves the figures queued (the run's end
+        collects them) and no figure half drawn."""
+        self._wait()
+        drawn, failed = [], {}
+        for recipe, path, name, _ in self.queued:
+            try:
+                if not path.is_file():
+                    _save_whole(recipe, path)
+                drawn.append((path, name))
+            except Exception as exc:
+                failed[name] = exc
         try:
-            self._wait()
-            drawn, failed = [], {}
-            for recipe, path, name, _ in self.queued:
-                try:
-                    if not path.is_file():
-                        recipe.save(path)
-                    drawn.append((path, name))
-                except Exception as exc:
-                    failed[name] = exc
             yield drawn, failed
         finally:
             self.close()
+
+    def collect_ending(self, log_artifact: Callable[[Path, str | None], None]) -> KeyboardInterrupt | None:
+        """As the run ends: log each figure (``log_artifact(file, folder)``) once drawn; one that cannot be drawn
+        or logged is left out.  A Ctrl-C meanwhile stops the wait: the figures drawn so far are logged and the
+        interruption returned."""
+        try:
+            with contextlib.suppress(Exception), self.finished() as (drawn, _):
+                for path, name in drawn:
+                    log_artifact(path, os.path.dirname(name) or None)
+        except KeyboardInterrupt as exc:
+            with contextlib.suppress(Exception):
+                for _, path, name, _ in self.queued:
+                    if path.is_file():
+                        log_artifact(path, os.path.dirname(name) or None)
+            self.close()
+            return exc
+        return None
 
     def close(self) -> None:
         """Forget this run's figures and remove their files."""
@@ -215,11 +233,18 @@ def main() -> None:
 
 
 def _draw(recipe: Recipe, path: Path) -> None:
+    try:
+        _save_whole(recipe, path)
+    except Exception:
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + _FAILED).touch()
+
+
+def _save_whole(recipe: Recipe, path: Path) -> None:
+    """Save the figure to ``path`` whole or not at all."""
     partial = path.with_name(f".{path.stem}.part{path.suffix}")  # the suffix names the format
     try:
         recipe.save(partial)
         os.replace(partial, path)
-    except Exception:
+    finally:
         partial.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.with_name(path.name + _FAILED).touch()

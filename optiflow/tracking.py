@@ -292,7 +292,7 @@ class Tracker:
         or (``raise_errors=False``) return each such error by artifact name."""
         with self.drawer.finished() as (drawn, failed):
             for path, artifact_file in drawn:
-                retry(self.client.log_artifact, self.open_run_id, str(path), os.path.dirname(artifact_file) or None)
+                self.log_artifact(path, os.path.dirname(artifact_file) or None)
         if failed and raise_errors:
             raise next(iter(failed.values()))
         return failed
@@ -323,8 +323,7 @@ class Tracker:
         ended = int(time.time() * 1000) if ended_ms is None else ended_ms
         done = False
         try:
-            with contextlib.suppress(Exception):  # a figure that fails to draw or log does not stop the run's end
-                self.collect_figures()
+            interrupted = self.drawer.collect_ending(self.log_artifact)
             if self.run_id is not None and not self._pending_params and len(self._pending) <= METRIC_BATCH:
                 check_same_file(self.uri, self.store_file)  # on a SQL store: the last metrics and the end at once
                 done = retry(bulkwrite.log_batch, self.client, self.run_id, self._pending, end=(status, ended))
@@ -335,6 +334,8 @@ class Tracker:
         finally:
             if not done:
                 retry(self.client.set_terminated, self.open_run_id, status=status, end_time=ended)
+        if interrupted is not None:  # Ctrl-C while the figures were awaited: the run ended, with those drawn
+            raise interrupted
 
     @property
     def open_run_id(self) -> str:

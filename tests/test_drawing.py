@@ -240,3 +240,60 @@ def test_the_search_plots_are_drawn_beside_it_and_one_that_cannot_be_is_a_tag_sa
     logged = [a.path for a in tracker.client.list_artifacts(tracker.run_id)]
     assert logged == ["intermediate_values.png", "optimization_history.png", "param_importances.png"]
     assert png_size(artifact_bytes(tracker, "param_importances.png", tmp_path)) == (800, 500)
+
+
+def _interrupt_the_wait(monkeypatch) -> None:
+    """The next sleep while a run waits for its figures is a Ctrl-C (RunInterrupted, as InterruptGuard raises)."""
+    from optiflow.errors import RunInterrupted
+
+    sleep = time.sleep
+
+    def interrupted(seconds: float) -> None:
+        monkeypatch.setattr(drawing.time, "sleep", sleep)
+        raise RunInterrupted(signal.SIGINT)
+
+    monkeypatch.setattr(drawing.time, "sleep", interrupted)
+
+
+def test_ctrl_c_while_a_run_waits_for_its_figures_leaves_them_to_its_end(tmp_path, figures, monkeypatch):
+    """Ctrl-C while the finished run waits for its figures (after its export): the run ends KILLED and
+    still logs the figures the helper drew, as the run's end collects them."""
+    from optiflow.errors import RunInterrupted
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "figures")
+    tracker.start("stopped")
+    tracker.log_figure(Recipe(f"{figures}:slow_beside", {"values": [1], "seconds": 0.5, "parent": os.getpid()}),
+                       "late.png")
+    _interrupt_the_wait(monkeypatch)
+    with pytest.raises(RunInterrupted):
+        tracker.collect_figures()
+    tracker.end("KILLED")
+    assert tracker.client.get_run(tracker.run_id).info.status == "KILLED"
+    assert [a.path for a in tracker.client.list_artifacts(tracker.run_id)] == ["late.png"]
+    assert tracker.drawer.staging is None
+
+
+def test_ctrl_c_while_the_run_ends_stops_the_wait_not_the_end(tmp_path, figures, monkeypatch):
+    """A Ctrl-C while the run's end waits for its figures gives up the figures not yet drawn, not the run: the
+    figures drawn, its metrics and its status are written, the temporary figures removed, and the interruption
+    goes on."""
+    from optiflow.errors import RunInterrupted
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "figures")
+    tracker.start("stopped")
+    tracker.log_metrics({"train_seconds": 3.0}, step=1, flush=False)
+    tracker.log_figure(Recipe(f"{figures}:line", {"values": [1, 2]}), "drawn.png")
+    tracker.log_figure(Recipe(f"{figures}:slow_beside", {"values": [1], "seconds": 5, "parent": os.getpid()}),
+                       "late.png")
+    staging = tracker.drawer.staging
+    drawn = tracker.drawer.queued[0][1]
+    deadline = time.monotonic() + 60
+    while not drawn.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _interrupt_the_wait(monkeypatch)
+    with pytest.raises(RunInterrupted):
+        tracker.end("KILLED")
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and run.data.metrics == {"train_seconds": 3.0}
+    assert [a.path for a in tracker.client.list_artifacts(tracker.run_id)] == ["drawn.png"]
+    assert staging is not None and not staging.exists()
