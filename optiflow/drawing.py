@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 #: how long a run waits at its end for its figures before it draws what is left itself
 WAIT_SECONDS = 120.0
+_EXIT_SECONDS = 1.0  # how long this process's exit waits for an idle helper to end (it removes what is left)
 _HELPER = "from optiflow.drawing import main; main()"
 _FAILED = ".failed"  # beside a figure the helper could not draw
 
@@ -86,12 +87,13 @@ class _Helper:
 
     @staticmethod
     def close(process: subprocess.Popen[bytes]) -> None:
-        """At this process's exit: end the helper's input and let it finish (what it draws is no longer wanted)."""
+        """At this process's exit: end the helper's input and let it end; one still drawing after a second (what
+        it draws is no longer wanted) or a Ctrl-C meanwhile stops it."""
         with contextlib.suppress(OSError, ValueError):
             process.stdin.close()  # type: ignore[union-attr]
         try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
+            process.wait(_EXIT_SECONDS)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
             process.kill()
             process.wait()
 

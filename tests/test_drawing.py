@@ -297,3 +297,29 @@ def test_ctrl_c_while_the_run_ends_stops_the_wait_not_the_end(tmp_path, figures,
     assert run.info.status == "KILLED" and run.data.metrics == {"train_seconds": 3.0}
     assert [a.path for a in tracker.client.list_artifacts(tracker.run_id)] == ["drawn.png"]
     assert staging is not None and not staging.exists()
+
+
+def test_ctrl_c_while_the_process_exits_stops_a_busy_helper_without_a_traceback(tmp_path, figures):
+    """The command exits while the helper still draws a figure nobody will collect (a run stopped by a second
+    Ctrl-C): the exit does not wait for it for long, a Ctrl-C meanwhile prints no traceback, and no helper is
+    left drawing."""
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys, threading
+        sys.path.insert(0, {str(tmp_path)!r})
+        from optiflow import drawing
+        drawer = drawing.Drawer()
+        drawer.draw(drawing.Recipe("my_figures:slow_beside", {{"values": [1], "seconds": 60, "parent": os.getpid()}}),
+                    "slow.png")
+        print(json.dumps(drawing._HELPER_PROCESS.process.pid), flush=True)
+        if sys.argv[1] == "ctrl-c":
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+            timer.daemon = True  # Python's exit waits for the helper, not for this thread
+            timer.start()
+    """)
+    for how in ("exit", "ctrl-c"):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert time.monotonic() - started < 30, how
+        assert "Traceback" not in done.stderr, done.stderr
+        assert not _alive(json.loads(done.stdout)), f"{how}: the helper is stopped with the process"
