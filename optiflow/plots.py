@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -127,5 +128,48 @@ def lr_schedule(positions: list[float], rates: list[float], title: str = "", war
     axis.set(xlabel="epoch", ylabel="learning rate", title=title or "learning-rate schedule")
     axis.set_xlim(0, max(positions) if positions else 1)
     epoch_ticks(axis)
+    figure.tight_layout()
+    return figure
+
+
+#: fewer complete trials than this make a parameter-importance estimate rough, and its plot says so
+FEW_TRIALS = 20
+
+
+def study_plot(artifact: str, trials: list[dict[str, Any]], metric: str, complete: int, direction: str) -> Any:
+    """The plot ``artifact`` of a search (:func:`optiflow.search.summary._log_plots`), drawn from a copy of the
+    study's ``trials``; it imports Optuna, not torch (the helper of :mod:`optiflow.drawing` draws it)."""
+    import warnings
+
+    import optuna
+    from optuna.distributions import json_to_distribution
+
+    visualization = optuna.visualization.matplotlib
+    study = optuna.create_study(direction=optuna.study.StudyDirection[direction.upper()],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.add_trials([optuna.trial.create_trial(
+        state=optuna.trial.TrialState[t["state"]], value=t["value"], params=t["params"],
+        distributions={k: json_to_distribution(d) for k, d in t["distributions"].items()},
+        intermediate_values={int(step): value for step, value in t["intermediate"].items()}) for t in trials])
+    rough = ": few trials, a rough estimate" if complete < FEW_TRIALS else ""
+    plots: dict[str, tuple[Callable[..., Any], str | None]] = {
+        "optimization_history.png": (visualization.plot_optimization_history, None),
+        "param_importances.png": (visualization.plot_param_importances,
+                                  f"importance for {metric}, from {complete} complete trials{rough}"),
+        "intermediate_values.png": (visualization.plot_intermediate_values, f"{metric} per epoch of each trial"),
+    }
+    plot, title = plots[artifact]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        axes = plot(study) if artifact == "intermediate_values.png" else plot(study, target_name=metric)
+    figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+    if title is not None:
+        axis = figure.axes[0]
+        for where in ("left", "right"):  # Optuna's own title (left on the importances) would overlap ours
+            axis.set_title("", loc=where)
+        axis.set_title(title)
+        if artifact == "intermediate_values.png":
+            axis.set_ylabel(metric)
+    figure.set_size_inches(8, 5)
     figure.tight_layout()
     return figure

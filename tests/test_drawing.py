@@ -231,7 +231,7 @@ def test_the_search_plots_are_drawn_beside_it_and_one_that_cannot_be_is_a_tag_sa
     refused = {"state": "COMPLETE", "value": 1.0, "params": {"lr": 5.0}, "intermediate": {},
                "distributions": {"lr": optuna.distributions.distribution_to_json(
                    optuna.distributions.FloatDistribution(1e-4, 1e-1))}}
-    tracker.log_figure(Recipe("optiflow.search.summary:study_plot", {
+    tracker.log_figure(Recipe("optiflow.plots:study_plot", {
         "artifact": "optimization_history.png", "trials": [refused], "metric": "val_loss", "complete": 1,
         "direction": "minimize"}), "refused.png")
     log_plots_drawn(tracker)
@@ -323,3 +323,25 @@ def test_ctrl_c_while_the_process_exits_stops_a_busy_helper_without_a_traceback(
         assert time.monotonic() - started < 30, how
         assert "Traceback" not in done.stderr, done.stderr
         assert not _alive(json.loads(done.stdout)), f"{how}: the helper is stopped with the process"
+
+
+def test_the_helper_draws_the_search_plots_without_importing_torch():
+    """The study's plots need Optuna and matplotlib only: the helper that draws them beside the refit does not
+    import torch for them (a second torch in memory, seconds of a core the refit trains on)."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from optiflow.search.summary import _log_plots
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=1.0, params={"lr": 0.1}, distributions={
+        "lr": optuna.distributions.FloatDistribution(1e-3, 1.0)}))
+    recipes: list[Recipe] = []
+    queue = SimpleNamespace(log_figure=lambda recipe, artifact: recipes.append(recipe))
+    _log_plots(queue, study, SimpleNamespace(metric="val_loss", pruner="median"), complete=1)  # type: ignore[arg-type]
+    modules = {recipe.function.partition(":")[0] for recipe in recipes}
+    code = f"import importlib, sys\nfor m in {sorted(modules)!r}: importlib.import_module(m)\nprint('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip() == "False", (modules, done.stderr)

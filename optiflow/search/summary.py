@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,10 +104,6 @@ def _none_completed(trials: list[optuna.trial.FrozenTrial]) -> str | None:
            f"{str(first.user_attrs.get('failure', '')).partition(chr(10))[0] or 'no error recorded'}"
 
 
-#: fewer complete trials than this make a parameter-importance estimate rough, and its plot says so
-FEW_TRIALS = 20
-
-
 def _log_plots(tracker: RunTracker, study: optuna.Study, settings: SearchSettings, complete: int) -> None:
     """Optuna's optimization history, parameter importances (two or more ``complete`` trials, the count in the
     title) and intermediate values (pruning), each naming the metric instead of Optuna's "Objective Value": drawn
@@ -122,44 +116,9 @@ def _log_plots(tracker: RunTracker, study: optuna.Study, settings: SearchSetting
                "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()}}
               for t in study.get_trials(deepcopy=False)]
     for artifact in plots:
-        tracker.log_figure(Recipe(f"{__name__}:study_plot", {
+        tracker.log_figure(Recipe("optiflow.plots:study_plot", {
             "artifact": artifact, "trials": trials, "metric": settings.metric, "complete": complete,
             "direction": study.direction.name.lower()}), artifact)
-
-
-def study_plot(artifact: str, trials: list[dict[str, Any]], metric: str, complete: int, direction: str) -> Any:
-    """The plot ``artifact`` of :func:`_log_plots`, drawn from a copy of the study's ``trials``."""
-    from optuna.distributions import json_to_distribution
-
-    visualization = optuna.visualization.matplotlib
-    study = optuna.create_study(direction=optuna.study.StudyDirection[direction.upper()],
-                                sampler=optuna.samplers.RandomSampler(seed=0))
-    study.add_trials([optuna.trial.create_trial(
-        state=optuna.trial.TrialState[t["state"]], value=t["value"], params=t["params"],
-        distributions={k: json_to_distribution(d) for k, d in t["distributions"].items()},
-        intermediate_values={int(step): value for step, value in t["intermediate"].items()}) for t in trials])
-    rough = ": few trials, a rough estimate" if complete < FEW_TRIALS else ""
-    plots: dict[str, tuple[Callable[..., Any], str | None]] = {
-        "optimization_history.png": (visualization.plot_optimization_history, None),
-        "param_importances.png": (visualization.plot_param_importances,
-                                  f"importance for {metric}, from {complete} complete trials{rough}"),
-        "intermediate_values.png": (visualization.plot_intermediate_values, f"{metric} per epoch of each trial"),
-    }
-    plot, title = plots[artifact]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        axes = plot(study) if artifact == "intermediate_values.png" else plot(study, target_name=metric)
-    figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-    if title is not None:
-        axis = figure.axes[0]
-        for where in ("left", "right"):  # Optuna's own title (left on the importances) would overlap ours
-            axis.set_title("", loc=where)
-        axis.set_title(title)
-        if artifact == "intermediate_values.png":
-            axis.set_ylabel(metric)
-    figure.set_size_inches(8, 5)
-    figure.tight_layout()
-    return figure
 
 
 def log_plots_drawn(tracker: Tracker) -> None:
