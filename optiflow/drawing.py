@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 #: how long a run waits at its end for its figures before it draws what is left itself
 WAIT_SECONDS = 120.0
 _EXIT_SECONDS = 1.0  # how long this process's exit waits for an idle helper to end (it removes what is left)
-_HELPER = "from optiflow.drawing import main; main()"
+#: the helper's code: without the working directory ``python -c`` puts first on its path (the run's path follows)
+_HELPER = "import sys\nif sys.path[0] == '':\n    del sys.path[0]\nfrom optiflow.drawing import main; main()"
 _FAILED = ".failed"  # beside a figure the helper could not draw
 
 

@@ -345,3 +345,26 @@ def test_the_helper_draws_the_search_plots_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.stdout.strip() == "False", (modules, done.stderr)
+
+
+def test_the_helper_does_not_run_modules_of_the_working_directory(tmp_path, figures):
+    """`optiflow` (a console script) never imports a `tempfile.py` of the folder it runs in; its helper, a
+    ``python -c``, must not either (Python puts the working directory first on a ``-c`` process's path)."""
+    (work := tmp_path / "work").mkdir()
+    (work / "tempfile.py").write_text("open('RAN', 'w').write('the working directory ran in the helper')\n"
+                                      "raise ImportError('not this one')\n")
+    (script := tmp_path / "run.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from optiflow import drawing
+        drawer = drawing.Drawer()
+        drawer.draw(drawing.Recipe("my_figures:line", {{"values": [1, 2]}}), "line.png")
+        drawer._wait()
+        print(drawer.queued[0][1].is_file())
+        drawer.close()
+    """))
+    done = subprocess.run([sys.executable, str(script)], cwd=work, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert not (work / "RAN").exists()
+    assert done.stdout.strip() == "True", "the helper drew the figure"
