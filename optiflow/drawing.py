@@ -4,7 +4,8 @@ matplotlib never loads in the run's process and the drawing overlaps the model's
 A figure drawn this way is a :class:`Recipe`: the name of a function that returns a matplotlib figure, and its
 arguments as JSON values.  One helper serves the whole process (``python -c`` running :func:`main`); it starts
 when the first run that logs figures starts (and imports matplotlib while that run trains, on another core).
-Each run's :class:`Drawer` sends it recipes, one JSON line each, and at the run's end waits for its own files.
+Each run's :class:`Drawer` sends it recipes, one short JSON line each naming the file that holds it, and at
+the run's end waits for its own files.
 The helper saves each figure as a PNG, whole or not at all, and marks a figure it could not draw; such a figure
 (or one a helper that could not start, died or took longer than :data:`WAIT_SECONDS` left undrawn) is drawn in
 the run's own process, so what fails raises there, as it always did.  The helper runs in its own session
@@ -146,12 +147,14 @@ class Drawer:
         path = self.staging / str(len(self.queued)) / Path(artifact_file).name
         try:
             request = json.dumps({"function": recipe.function, "kwargs": recipe.kwargs, "path": str(path),
-                                  "sys_path": sys.path, "staging": str(self.staging)}).encode() + b"\n"
+                                  "sys_path": sys.path})
         except TypeError as exc:
             raise TypeError(f"the arguments of figure {recipe.function!r} must be JSON values: {exc}") from None
         path.parent.mkdir()
+        (asked := path.parent / "request.json").write_text(request)  # a short line never waits on a busy helper
         self.start()
-        self.queued.append((recipe, path, artifact_file, _HELPER_PROCESS.send(request)))
+        line = json.dumps({"request": str(asked), "staging": str(self.staging)}).encode() + b"\n"
+        self.queued.append((recipe, path, artifact_file, _HELPER_PROCESS.send(line)))
 
     @contextlib.contextmanager
     def finished(self) -> Iterator[tuple[list[tuple[Path, str]], dict[str, Exception]]]:
@@ -213,9 +216,10 @@ class Drawer:
 
 
 def main() -> None:
-    """The helper: import matplotlib, then draw each requested figure (a JSON line: function, kwargs, path,
-    ``sys_path``, ``staging``) to its path, whole or not at all, or mark it failed.  Ends at the end of its input,
-    removing what is left in the runs' staging folders (their figures were collected, or their process died)."""
+    """The helper: import matplotlib, then draw each requested figure (a JSON line: ``request``, a file holding
+    function, kwargs, path and ``sys_path``, and ``staging``) to its path, whole or not at all, or mark it failed.
+    Ends at the end of its input, removing what is left in the runs' staging folders (their figures were
+    collected, or their process died)."""
     import gc
 
     gc.disable()  # a short-lived process drawing a few figures: nothing to collect
@@ -226,9 +230,13 @@ def main() -> None:
     staging: set[str] = set()
     try:
         for line in sys.stdin.buffer:
-            request = json.loads(line)
+            asked = json.loads(line)
+            staging.add(asked["staging"])
+            try:
+                request = json.loads(Path(asked["request"]).read_text())
+            except OSError:  # the run collected its figures already
+                continue
             sys.path[:0] = [entry for entry in request["sys_path"] if entry not in sys.path]
-            staging.add(request["staging"])
             _draw(Recipe(request["function"], request["kwargs"]), Path(request["path"]))
     finally:
         for folder in staging:

@@ -368,3 +368,18 @@ def test_the_helper_does_not_run_modules_of_the_working_directory(tmp_path, figu
     assert done.returncode == 0, done.stderr
     assert not (work / "RAN").exists()
     assert done.stdout.strip() == "True", "the helper drew the figure"
+
+
+def test_a_large_figure_asked_for_behind_a_hung_one_does_not_hang_the_run(tracker, figures, tmp_path, monkeypatch):
+    """The helper hangs in one figure; the next asks for more than a pipe holds (a search's plots of thousands
+    of trials): asking returns at once, and the run draws both itself once the wait is over."""
+    monkeypatch.setattr(drawing, "WAIT_SECONDS", 1.0)
+    tracker.prepare_figures()
+    tracker.log_figure(Recipe(f"{figures}:slow_beside", {"values": [1, 2], "seconds": 600, "parent": os.getpid()}),
+                       "hung.png")
+    time.sleep(0.5)  # the helper reads the first request and hangs in it
+    started = time.monotonic()
+    tracker.log_figure(Recipe(f"{figures}:line", {"values": [1.0] * 200_000}), "large.png")
+    assert time.monotonic() - started < 10, "asking for a figure does not wait for the helper"
+    tracker.collect_figures()
+    assert [a.path for a in tracker.client.list_artifacts(tracker.run_id)] == ["hung.png", "large.png"]
