@@ -98,6 +98,8 @@ class _Helper:
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             process.kill()
             process.wait()
+        for folder in list(_STAGING):  # a stopped helper removed nothing: the figures of runs never collected
+            shutil.rmtree(folder, ignore_errors=True)
 
     def send(self, request: bytes) -> bool:
         """Whether the helper took the request (a JSON line)."""
@@ -127,6 +129,7 @@ class _Helper:
 
 
 _HELPER_PROCESS = _Helper()
+_STAGING: set[Path] = set()  #: the staging folders of this process's runs not yet collected
 
 
 class Drawer:
@@ -144,6 +147,7 @@ class Drawer:
         """Ask for ``recipe`` drawn as ``artifact_file``; :meth:`finished` hands over the file."""
         if self.staging is None:
             self.staging = Path(tempfile.mkdtemp(prefix="optiflow-figures-"))
+            _STAGING.add(self.staging)
         path = self.staging / str(len(self.queued)) / Path(artifact_file).name
         try:
             request = json.dumps({"function": recipe.function, "kwargs": recipe.kwargs, "path": str(path),
@@ -198,6 +202,7 @@ class Drawer:
         self.queued.clear()
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
+            _STAGING.discard(self.staging)
             self.staging = None
 
     def _wait(self) -> None:

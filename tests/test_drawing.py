@@ -310,7 +310,7 @@ def test_ctrl_c_while_the_process_exits_stops_a_busy_helper_without_a_traceback(
         drawer = drawing.Drawer()
         drawer.draw(drawing.Recipe("my_figures:slow_beside", {{"values": [1], "seconds": 60, "parent": os.getpid()}}),
                     "slow.png")
-        print(json.dumps(drawing._HELPER_PROCESS.process.pid), flush=True)
+        print(json.dumps([drawing._HELPER_PROCESS.process.pid, str(drawer.staging)]), flush=True)
         if sys.argv[1] == "ctrl-c":
             timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
             timer.daemon = True  # Python's exit waits for the helper, not for this thread
@@ -322,7 +322,9 @@ def test_ctrl_c_while_the_process_exits_stops_a_busy_helper_without_a_traceback(
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert time.monotonic() - started < 30, how
         assert "Traceback" not in done.stderr, done.stderr
-        assert not _alive(json.loads(done.stdout)), f"{how}: the helper is stopped with the process"
+        helper, staging = json.loads(done.stdout)
+        assert not _alive(helper), f"{how}: the helper is stopped with the process"
+        assert not Path(staging).exists(), f"{how}: the figures nobody collected are removed"
 
 
 def test_the_helper_draws_the_search_plots_without_importing_torch():
