@@ -166,16 +166,7 @@ def test_a_run_that_ends_logs_the_figures_it_was_still_drawing(tmp_path, figures
 def test_a_process_killed_while_its_figure_is_drawn_leaves_nothing_behind(tmp_path, figures):
     """SIGKILL the run's process while the helper draws: the helper finishes, removes the run's temporary
     figures and exits (its input ended), so no process and no folder is left."""
-    script = textwrap.dedent(f"""
-        import json, os, signal, sys, time
-        sys.path.insert(0, {str(tmp_path)!r})
-        from optiflow import drawing
-        drawer = drawing.Drawer()
-        drawer.draw(drawing.Recipe("my_figures:slow_beside", {{"values": [1], "seconds": 1, "parent": os.getpid()}}),
-                    "slow.png")
-        print(json.dumps([drawing._HELPER_PROCESS.process.pid, str(drawer.staging)]), flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-    """)
+    script = _slow_figure_script(tmp_path, 1, "os.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == -signal.SIGKILL, done.stderr
@@ -185,6 +176,20 @@ def test_a_process_killed_while_its_figure_is_drawn_leaves_nothing_behind(tmp_pa
         time.sleep(0.1)
     assert not Path(staging).exists(), "the killed run's figures are removed"
     assert not _alive(helper), "the helper ends with the run's process"
+
+
+def _slow_figure_script(tmp_path: Path, seconds: float, then: str) -> str:
+    """A process that asks for a figure the helper draws in ``seconds``, prints the helper's pid and the run's
+    staging folder, then runs ``then``."""
+    return textwrap.dedent(f"""
+        import json, os, signal, sys, threading
+        sys.path.insert(0, {str(tmp_path)!r})
+        from optiflow import drawing
+        drawer = drawing.Drawer()
+        drawer.draw(drawing.Recipe("my_figures:slow_beside", {{"values": [1], "seconds": {seconds}, "parent": os.getpid()}}),
+                    "slow.png")
+        print(json.dumps([drawing._HELPER_PROCESS.process.pid, str(drawer.staging)]), flush=True)
+    """) + textwrap.dedent(then)
 
 
 def _alive(pid: int) -> bool:
@@ -303,14 +308,7 @@ def test_ctrl_c_while_the_process_exits_stops_a_busy_helper_without_a_traceback(
     """The command exits while the helper still draws a figure nobody will collect (a run stopped by a second
     Ctrl-C): the exit does not wait for it for long, a Ctrl-C meanwhile prints no traceback, and no helper is
     left drawing."""
-    script = textwrap.dedent(f"""
-        import json, os, signal, sys, threading
-        sys.path.insert(0, {str(tmp_path)!r})
-        from optiflow import drawing
-        drawer = drawing.Drawer()
-        drawer.draw(drawing.Recipe("my_figures:slow_beside", {{"values": [1], "seconds": 60, "parent": os.getpid()}}),
-                    "slow.png")
-        print(json.dumps([drawing._HELPER_PROCESS.process.pid, str(drawer.staging)]), flush=True)
+    script = _slow_figure_script(tmp_path, 60, """
         if sys.argv[1] == "ctrl-c":
             timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
             timer.daemon = True  # Python's exit waits for the helper, not for this thread
