@@ -103,6 +103,29 @@ def test_ctrl_c_records_interrupted_on_the_parent(invoke, mlflow_client, experim
     assert parent.info.status == "KILLED" and parent.data.tags["stop_reason"] == "interrupted"
 
 
+def test_an_interrupted_search_logs_its_trials_table_but_no_plots_and_ends_at_once(invoke, mlflow_client, experiment,
+                                                                                  plugin):
+    """Ctrl-C in the third trial: the two complete trials are in trials.csv, and the search ends without waiting
+    for Optuna's plots to be drawn (as before they were drawn beside the search)."""
+    trials: set[int] = set()
+
+    class Interrupt:
+        @hookimpl
+        def optiflow_epoch_end(self, run, epoch, metrics):
+            trials.add(id(run))
+            if len(trials) == 3:
+                raise KeyboardInterrupt
+
+    plugin(Interrupt(), "interrupt")
+    result = invoke("search", *SPACE, "--n-trials", "5", "--epochs", "1", *TINY, "-q")
+    assert result.exit_code == 130
+    parent = parent_of(mlflow_client, experiment)
+    assert parent.info.status == "KILLED" and parent.data.tags["stop_reason"] == "interrupted"
+    logged = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+    assert "trials.csv" in logged and not any(name.endswith(".png") for name in logged), logged
+    assert parent.data.metrics["n_complete"] == 2
+
+
 def test_an_interrupted_trial_says_to_run_the_search_again_not_train_resume(invoke, mlflow_client, experiment, plugin):
     class Interrupt:
         @hookimpl

@@ -85,17 +85,19 @@ def _search(base: RunConfig, settings: SearchSettings, tags: dict[str, str] | No
                                   lambda: _create_parent(tracker, base, settings, study.study_name, tags))
     tracker.start(run_id=parent_id)
     tracker.prepare_figures()  # the helper that draws the study's plots imports matplotlib while trials train
+    interrupted = False
     with run_status(tracker) as outcome, shared_data(), heartbeat.beating(tracker):
         try:
             run_study(base, settings, study, parent_id, tags=tags, progress=progress)
             settle(study, lambda queued: run_trials(base, settings, study, parent_id, queued, tags=tags,
                                                     progress=progress), progress)
         except KeyboardInterrupt:
+            interrupted = True
             with contextlib.suppress(Exception):
                 tracker.set_tags({REASON_TAG: "interrupted", DETAIL_TAG: "interrupted (Ctrl-C or SIGTERM)"})
             raise
-        finally:
-            result = summarize(tracker, study, settings)  # its plots are drawn beside the search meanwhile
+        finally:  # the plots are drawn beside the search meanwhile; none when it was interrupted: it ends at once
+            result = summarize(tracker, study, settings, plots=not interrupted)
         try:
             if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
                 outcome.status = None  # another worker holds a trial: the last one refits and ends the parent

@@ -63,8 +63,8 @@ class Refit:
     failure: str | None = None
 
 
-def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -> SearchResult:
-    """Best value and parameters, trial counts, the trials table and Optuna's plots on the parent run."""
+def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings, plots: bool = True) -> SearchResult:
+    """Best value and parameters, trial counts, the trials table and (``plots``) Optuna's plots on the parent run."""
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(OVER_ATTR)]
     counts = {state.name: sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -87,7 +87,8 @@ def summarize(tracker: Tracker, study: optuna.Study, settings: SearchSettings) -
                           **{f"best.{k}": v for k, v in best.params.items()}})
         tracker.log_text(yaml.safe_dump({"value": best.value, "metric": settings.metric, "trial": best.number,
                                          "params": best.params}, sort_keys=False), "best_params.yaml")
-        _log_plots(tracker, study, settings, complete=len(complete) if names else 0)
+        if plots:
+            _log_plots(tracker, study, settings, complete=len(complete) if names else 0)
     return SearchResult(study.study_name, tracker.open_run_id, best.value if best else None,
                         dict(best.params) if best else {}, columns, rows, counts, reused=len(reused),
                         none_completed=_none_completed(trials))
