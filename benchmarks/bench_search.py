@@ -14,8 +14,8 @@ machine's load average before and after it and whether it counts (benchmarks/con
 load to fade); the summary uses comparable rounds only, and says so when there are none.
 
 Each round also times, as a fresh process, what the optiflow side cannot avoid importing (torch,
-``torch._dynamo`` that every ``torch.optim`` step and ``torch.export`` import, MLflow, Optuna and
-scikit-learn's ``model_selection`` for the folds), with no garbage collection at all, and the scikit-learn side reports how long its own
+``torch._dynamo`` that every ``torch.optim`` step and ``torch.export`` import, MLflow and Optuna; the folds
+are cut without scikit-learn), with no garbage collection at all, and the scikit-learn side reports how long its own
 imports and its ``fit`` took: the summary prints optiflow's import floor against scikit-learn's whole
 search, the part of the goal (at most 1.2x) that those imports alone take.
 
@@ -73,7 +73,7 @@ fitted = time.perf_counter()
 print(json.dumps({"test_accuracy": float(search.score(x[test_index], y[test_index])),
                   "imports": fitting - began, "fit": fitted - fitting}))
 """
-FLOOR = "import gc; gc.disable(); import torch, torch._dynamo, mlflow, optuna, sklearn.model_selection"
+FLOOR = "import gc; gc.disable(); import torch, torch._dynamo, mlflow, optuna"
 
 
 def split_indices(seed: int) -> tuple[list[int], list[int]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from optiflow.errors import OptiflowError
-from optiflow.holdout import shuffle_split
+from optiflow.holdout import kfold_split, shuffle_split
 from optiflow.sizing import first_non_finite
 
 if TYPE_CHECKING:
@@ -191,11 +191,9 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
         x_rest, y_rest, x_test, y_test = cut(source.x, source.y, test_split, salt=0)
     if cv_folds:
         def partition() -> list[tuple[Tensor, Tensor]]:
-            from sklearn.model_selection import KFold, StratifiedKFold
-
-            folds = StratifiedKFold if source.task == "classification" else KFold
+            classes = y_rest.numpy() if source.task == "classification" else None
             try:
-                parts = folds(cv_folds, shuffle=True, random_state=seed + 1).split(x_rest.numpy(), y_rest.numpy())
+                parts = kfold_split(len(x_rest), cv_folds, seed + 1, classes)  # scikit-learn's (Stratified)KFold
                 return [(torch.as_tensor(a), torch.as_tensor(b)) for a, b in parts]
             except ValueError as exc:
                 raise OptiflowError(f"cannot make {cv_folds} cross-validation folds: {exc}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,15 @@ def heavy_imports_after(work: str, folder: Path) -> str:
 def test_preparing_the_default_run_imports_no_scikit_learn(tmp_path):
     work = ("from optiflow.config import RunConfig\nfrom optiflow.plugins import get_registry\n"
             "from optiflow.run import prepare\nprepare(RunConfig.from_dict({'device': 'cpu'}), get_registry())")
+    assert heavy_imports_after(work, tmp_path) == "[]"
+
+
+def test_preparing_a_cross_validation_fold_imports_no_scikit_learn(tmp_path):
+    """A search's folds are cut as scikit-learn's StratifiedKFold cuts them (see the test below), without it."""
+    work = ("from optiflow.config import RunConfig\nfrom optiflow.plugins import get_registry\n"
+            "from optiflow.run import prepare\n"
+            "run = prepare(RunConfig.from_dict({'device': 'cpu', 'cv_folds': 5, 'cv_fold': 3}), get_registry())\n"
+            "assert len(run.splits.x_val) in (287, 288), len(run.splits.x_val)")
     assert heavy_imports_after(work, tmp_path) == "[]"
 
 
@@ -146,6 +156,44 @@ def test_held_out_splits_are_scikit_learns_train_test_split(kind):
                     assert got[0].dtype == expected[0].dtype
                     compared += 1
     assert compared >= 95
+
+
+@pytest.mark.parametrize("kind", ["none", "balanced", "skewed", "one of a class", "two classes"])
+def test_cross_validation_folds_are_scikit_learns_kfold_and_stratified_kfold(kind):
+    """``kfold_split`` cuts a search's folds without importing scikit-learn: the very indices of
+    ``(Stratified)KFold(k, shuffle=True, random_state=seed)``, its errors and its warning where it has them."""
+    import warnings
+
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    from optiflow.holdout import kfold_split
+
+    rng = np.random.default_rng(1)
+    compared = refused = 0
+    for n in (2, 5, 11, 50, 357, 1617):
+        for k in (2, 3, 5, 10):
+            for seed in (1, 124, 2**32 - 1):
+                labels = _labels(kind, n, rng)
+                folds = KFold(k, shuffle=True, random_state=seed) if labels is None else \
+                    StratifiedKFold(k, shuffle=True, random_state=seed)
+                with warnings.catch_warnings(record=True) as theirs:
+                    warnings.simplefilter("always")
+                    try:
+                        expected = list(folds.split(np.zeros((n, 1)), labels))
+                    except ValueError as exc:
+                        with pytest.raises(ValueError, match=re.escape(str(exc))):
+                            kfold_split(n, k, seed, labels)
+                        refused += 1
+                        continue
+                with warnings.catch_warnings(record=True) as ours:
+                    warnings.simplefilter("always")
+                    got = kfold_split(n, k, seed, labels)
+                assert [str(w.message) for w in ours] == [str(w.message) for w in theirs], (n, k, seed)
+                assert len(got) == len(expected) == k
+                for (train, val), (train_sk, val_sk) in zip(got, expected):
+                    assert np.array_equal(train, train_sk) and np.array_equal(val, val_sk), (n, k, seed)
+                compared += 1
+    assert compared >= 30 and refused > 0  # two samples in three folds or more: refused by both
 
 
 def test_a_split_that_leaves_no_training_data_is_refused_as_scikit_learn_refuses_it():
