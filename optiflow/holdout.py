@@ -69,7 +69,8 @@ def kfold_split(n: int, k: int, seed: int, stratify: ArrayLike | None = None
     """The (train, validation) index arrays of each of ``k`` shuffled folds of ``n`` samples: exactly those of
     scikit-learn's ``StratifiedKFold(k, shuffle=True, random_state=seed).split`` when ``stratify`` gives the
     classes, else ``KFold``'s, without importing scikit-learn (half a second of a search).  Raises ValueError
-    and warns where scikit-learn does."""
+    and warns where scikit-learn does for 1-D class labels (a classification source's class indices, strings
+    alike); scikit-learn's refusal of other targets (continuous, multi-output, NaN) is not repeated."""
     import warnings
 
     import numpy as np

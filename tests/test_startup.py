@@ -127,6 +127,22 @@ def _labels(kind, n, rng):
     }[kind]
 
 
+def _fold_labels(kind, n, rng):
+    """``_labels``, or class labels whose order of first appearance differs from their sorted order (which
+    ``StratifiedKFold`` goes by): strings, negative and gapped integers, classes first seen at the end, and
+    many classes of one member beside a few large ones."""
+    skewed = (rng.random(n) ** 3 * 5).astype(np.int64)
+    if kind == "strings":
+        return np.array(["zebra", "ant", "moth", "bee", "cat"])[skewed]
+    if kind == "negative and gapped":
+        return 4 - skewed * 37
+    if kind == "classes first seen late":
+        return np.r_[np.full(n - n // 3, 9), skewed[: n // 3]]
+    if kind == "many of one member":
+        return np.r_[skewed[: n - n // 4], -np.arange(1, n // 4 + 1)]
+    return _labels(kind, n, rng)
+
+
 def _as_split_does(split_with, n, fraction, seed, labels):
     """``split_with(n, fraction, seed, labels)``, unstratified when stratifying fails (as ``data.split`` does);
     None when that fails too."""
@@ -158,7 +174,8 @@ def test_held_out_splits_are_scikit_learns_train_test_split(kind):
     assert compared >= 95
 
 
-@pytest.mark.parametrize("kind", ["none", "balanced", "skewed", "one of a class", "two classes"])
+@pytest.mark.parametrize("kind", ["none", "balanced", "skewed", "one of a class", "two classes", "strings",
+                                  "negative and gapped", "classes first seen late", "many of one member"])
 def test_cross_validation_folds_are_scikit_learns_kfold_and_stratified_kfold(kind):
     """``kfold_split`` cuts a search's folds without importing scikit-learn: the very indices of
     ``(Stratified)KFold(k, shuffle=True, random_state=seed)``, its errors and its warning where it has them."""
@@ -171,9 +188,9 @@ def test_cross_validation_folds_are_scikit_learns_kfold_and_stratified_kfold(kin
     rng = np.random.default_rng(1)
     compared = refused = 0
     for n in (2, 5, 11, 50, 357, 1617):
-        for k in (2, 3, 5, 10):
-            for seed in (1, 124, 2**32 - 1):
-                labels = _labels(kind, n, rng)
+        for k in sorted({2, 3, 5, 10, n}):
+            for seed in (0, 1, 124, 2**32 - 1):
+                labels = _fold_labels(kind, n, rng)
                 folds = KFold(k, shuffle=True, random_state=seed) if labels is None else \
                     StratifiedKFold(k, shuffle=True, random_state=seed)
                 with warnings.catch_warnings(record=True) as theirs:
