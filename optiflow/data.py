@@ -157,6 +157,9 @@ class Normalizer(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
+SEEDS = 2**32  #: NumPy's seeds are below this: a salted seed wraps around (--seed 4294967295 is one like any other)
+
+
 def split(source: DataSource, val_split: float, test_split: float, seed: int, *, cv_folds: int = 0,
           cv_fold: int = 0) -> Splits:
     """Seeded, stratified (for classification) train/validation/test split.
@@ -177,9 +180,9 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
         def indices() -> tuple[Tensor, Tensor]:
             stratify = y.numpy() if source.task == "classification" else None
             try:
-                index_a, index_b = shuffle_split(len(x), fraction, seed + salt, stratify)
+                index_a, index_b = shuffle_split(len(x), fraction, (seed + salt) % SEEDS, stratify)
             except ValueError:  # too few samples of some class to stratify
-                index_a, index_b = shuffle_split(len(x), fraction, seed + salt)
+                index_a, index_b = shuffle_split(len(x), fraction, (seed + salt) % SEEDS)
             return torch.as_tensor(index_a), torch.as_tensor(index_b)
 
         a, b = _remembered(source, ("cut", test_split, fraction, seed, salt), indices)
@@ -193,7 +196,7 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
         def partition() -> list[tuple[Tensor, Tensor]]:
             classes = y_rest.numpy() if source.task == "classification" else None
             try:
-                parts = kfold_split(len(x_rest), cv_folds, seed + 1, classes)  # scikit-learn's (Stratified)KFold
+                parts = kfold_split(len(x_rest), cv_folds, (seed + 1) % SEEDS, classes)  # as (Stratified)KFold
                 return [(torch.as_tensor(a), torch.as_tensor(b)) for a, b in parts]
             except ValueError as exc:
                 raise OptiflowError(f"cannot make {cv_folds} cross-validation folds: {exc}") from None

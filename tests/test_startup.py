@@ -213,6 +213,19 @@ def test_cross_validation_folds_are_scikit_learns_kfold_and_stratified_kfold(kin
     assert compared >= 30 and refused > 0  # two samples in three folds or more: refused by both
 
 
+def test_the_largest_seed_splits_and_folds_like_any_other():
+    """--seed 4294967295 is accepted; its salted seeds (test, validation, folds) wrap around instead of
+    failing with NumPy's "Seed must be between 0 and 2**32 - 1"."""
+    from optiflow.config import MAX_SEED
+    from optiflow.plugins import get_registry
+    from optiflow.run import prepare
+
+    for extra in ({}, {"cv_folds": 5, "cv_fold": 4}):
+        run = prepare(RunConfig.from_dict({"device": "cpu", "data": "iris", "seed": MAX_SEED, **extra}),
+                      get_registry())
+        assert len(run.splits.x_train) > 0 and len(run.splits.x_val) > 0
+
+
 def test_a_split_that_leaves_no_training_data_is_refused_as_scikit_learn_refuses_it():
     for n, fraction in ((1, 0.5), (10, 1.0), (10, 0.0)):
         with pytest.raises(ValueError):
