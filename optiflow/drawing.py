@@ -75,7 +75,7 @@ class _Helper:
 
     def start(self) -> None:
         with self.lock:
-            if self.process is not None and self.process.poll() is None:
+            if self.alive():
                 return
             path = os.pathsep.join(sys.path)  # this process's modules, plugins' included
             try:
@@ -104,7 +104,7 @@ class _Helper:
     def send(self, request: bytes) -> bool:
         """Whether the helper took the request (a JSON line)."""
         with self.lock:
-            if self.process is None or self.process.poll() is not None:
+            if self.process is None or not self.alive():  # the first test narrows the type for mypy
                 return False
             try:
                 stdin: IO[bytes] = self.process.stdin  # type: ignore[assignment]
