@@ -178,11 +178,11 @@ def split(source: DataSource, val_split: float, test_split: float, seed: int, *,
                                 "and keep any for training; give more data")
 
         def indices() -> tuple[Tensor, Tensor]:
-            stratify = y.numpy() if source.task == "classification" else None
+            stratify, salted = (y.numpy() if source.task == "classification" else None), (seed + salt) % SEEDS
             try:
-                index_a, index_b = shuffle_split(len(x), fraction, (seed + salt) % SEEDS, stratify)
+                index_a, index_b = shuffle_split(len(x), fraction, salted, stratify)
             except ValueError:  # too few samples of some class to stratify
-                index_a, index_b = shuffle_split(len(x), fraction, (seed + salt) % SEEDS)
+                index_a, index_b = shuffle_split(len(x), fraction, salted)
             return torch.as_tensor(index_a), torch.as_tensor(index_b)
 
         a, b = _remembered(source, ("cut", test_split, fraction, seed, salt), indices)
