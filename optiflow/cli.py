@@ -6,6 +6,7 @@ Heavy libraries (torch, mlflow, optuna) are imported inside the commands so that
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from optiflow import flags, tracking
+from optiflow import drawing, flags, tracking
 from optiflow.cli_predict import export, predict
 from optiflow.cli_store import runs, ui
 from optiflow.errors import OptiflowError, TrainingError, first_line
@@ -124,10 +125,11 @@ def train(**params: Any) -> None:
         return
     if (params["nproc"] or 1) > 1 and "WORLD_SIZE" not in os.environ:
         _launch_data_parallel(config, params["nproc"])
+    if main_process := is_main_process():
+        drawing.start_helper()  # it imports matplotlib beside this process's imports, for the run's figures
     from optiflow.commands.train import train_command as run_training
     from optiflow.console import RichReporter, print_summary
 
-    main_process = is_main_process()
     quiet = params["quiet"] or not sys.stdout.isatty() or not main_process
     reporter = None if quiet else RichReporter()
     from optiflow.stored import data_dir_warning
@@ -147,10 +149,9 @@ def _resume_config(params: dict[str, Any]) -> RunConfig:
     """The logged configuration of the run to resume; flags that would change what is trained are refused."""
     from optiflow.commands.train import resume_config
 
-    changed = sorted(k for k, v in params.items() if k not in RESUME_FLAGS and v not in (None, (), False))
-    if changed:
-        flags = ", ".join("--" + dashed_name(k) for k in changed)
-        raise click.UsageError(f"--resume continues the run exactly as it was configured; drop {flags}")
+    if changed := ", ".join("--" + dashed_name(k) for k, v in sorted(params.items())
+                            if k not in RESUME_FLAGS and v not in (None, (), False)):
+        raise click.UsageError(f"--resume continues the run exactly as it was configured; drop {changed}")
     return resume_config(params["resume"], params["tracking_uri"], **{k: params[k] for k in RESUME_PLACES})
 
 
@@ -194,6 +195,8 @@ def compare(**params: Any) -> None:
     With --repeats N > 1 each variant's metric gets its mean and 95% t-interval over the N seeds, and
     every other variant a paired t-test against the baseline on the same seeds (* significant at 5%).
     """
+    if not (params["print_config"] or params["dry_run"]):
+        drawing.start_helper()  # as train's
     from optiflow.commands import compare as command
 
     config, settings = resolve_layers(params, COMPARE_DEFAULTS)
@@ -259,6 +262,8 @@ def search(**params: Any) -> None:
     optiflow search --space hidden=int:32:256 --sampler random --pruner median --cv 5
     optiflow search --space lr=loguniform:1e-4:1e-1 --storage sqlite:///study.db --study-name s1  # many processes
     """
+    if not (params["print_config"] or params["dry_run"]):
+        drawing.start_helper()  # as train's
     from optiflow.commands import search as command
 
     config, values = resolve_layers(params, command.given_defaults())
@@ -270,10 +275,9 @@ def search(**params: Any) -> None:
 
     if params["dry_run"]:
         return print_forecast(search_forecast(config, settings))
-    quiet = params["quiet"]
-    with InterruptGuard(), WorkProgress("trials", quiet) as progress:  # as compare: between trials, stacked folds
+    with InterruptGuard(), WorkProgress("trials", params["quiet"]) as progress:  # as compare: between trials, folds
         result = command.search(config, settings, progress=progress)
-    if not quiet:
+    if not params["quiet"]:
         print_search(result, config)
     if result.failure:
         raise TrainingError(result.failure)
@@ -350,8 +354,6 @@ def list_components(kind: str | None, pattern: str, as_json: bool) -> None:
     registry = get_registry()
     components = [c for k in kinds_named(kind) for c in registry.select(k, pattern)]
     if as_json:
-        import json
-
         click.echo(json.dumps(component_records(components), indent=2, default=str))
         return
     component_table(components)
@@ -369,8 +371,6 @@ def plugins(as_json: bool) -> None:
 
     rows = describe_plugins(reserved=cli.commands)
     if as_json:
-        import json
-
         click.echo(json.dumps(rows, indent=2))
         return
     from optiflow.console import plugin_table

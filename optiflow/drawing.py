@@ -72,6 +72,7 @@ class _Helper:
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()
+        self.fed: set[int] = set()  #: the helpers that were asked to draw (a helper that was not is just killed)
 
     def start(self) -> None:
         with self.lock:
@@ -87,14 +88,14 @@ class _Helper:
             else:
                 atexit.register(self.close, self.process)
 
-    @staticmethod
-    def close(process: subprocess.Popen[bytes]) -> None:
+    def close(self, process: subprocess.Popen[bytes]) -> None:
         """At this process's exit: end the helper's input and let it end; one still drawing after a second (what
-        it draws is no longer wanted) or a Ctrl-C meanwhile stops it."""
+        it draws is no longer wanted), one never asked to draw (a command that failed early) or a Ctrl-C meanwhile
+        stops it."""
         with contextlib.suppress(OSError, ValueError):
             process.stdin.close()  # type: ignore[union-attr]
         try:
-            process.wait(_EXIT_SECONDS)
+            process.wait(_EXIT_SECONDS if process.pid in self.fed else 0)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             process.kill()
             process.wait()
@@ -110,6 +111,7 @@ class _Helper:
                 stdin: IO[bytes] = self.process.stdin  # type: ignore[assignment]
                 stdin.write(request)
                 stdin.flush()
+                self.fed.add(self.process.pid)
                 return True
             except (OSError, ValueError):
                 return False
@@ -129,6 +131,11 @@ class _Helper:
 
 
 _HELPER_PROCESS = _Helper()
+
+
+def start_helper() -> None:
+    """Start this process's drawing helper now (a command that will draw: before its own imports)."""
+    _HELPER_PROCESS.start()
 _STAGING: set[Path] = set()  #: the staging folders of this process's runs not yet collected
 
 

@@ -24,7 +24,7 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from optiflow.errors import OptiflowError, first_line
+from optiflow.export_ahead import Ahead, beside, exporting
 from optiflow.run import EXAMPLE_SAMPLES, Run
 from optiflow.stores import quiet_artifact_downloads
 from optiflow.tracking import client, resolve_tracking_uri, retry
@@ -151,14 +152,15 @@ def normalizer_module(normalizer: object) -> nn.Module | None:
 
 
 def save_model(path: str, mlflow_model: Model, *, module: InferenceModule, card: ModelCard, example: Tensor,
-               **kwargs: object) -> None:
+               ahead: Ahead | None = None, **kwargs: object) -> None:
     """The MLflow flavor hook ``Model.log(flavor=optiflow.export, ...)`` calls: ``module`` exported
     under the ``pytorch`` flavor, served through ``optiflow_serving``.
 
     The logged signature gives the outputs only (MLflow's ``pt2`` export needs a tensor one, replaced
     once exported): an input schema would make MLflow refuse, before the model sees them, forms the
     model takes (``(N, 64)`` rows of a ``(N, 1, 8, 8)`` model, integer columns where it declares
-    doubles); ``optiflow_serving`` checks inputs itself, naming what is wrong."""
+    doubles); ``optiflow_serving`` checks inputs itself, naming what is wrong.  The export is the program traced
+    ``ahead`` (:mod:`optiflow.export_ahead`) when that one is the same."""
     import mlflow.pytorch
     import numpy as np
     import pandas as pd
@@ -172,7 +174,7 @@ def save_model(path: str, mlflow_model: Model, *, module: InferenceModule, card:
     array = example.numpy().astype(np.float32)
     outputs = Schema([ColSpec("double", name) for name in card.output_columns(width)])
     traced = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, *card.input_shape))]), outputs)
-    with tempfile.TemporaryDirectory() as staging, _requirements_checked_directly():
+    with tempfile.TemporaryDirectory() as staging, _requirements_checked_directly(), exporting(ahead, module):
         code = Path(staging) / f"{SERVING_MODULE}.py"
         shutil.copyfile(Path(__file__).with_name("serving.py"), code)
         mlflow.pytorch.save_model(
@@ -261,9 +263,22 @@ def load_module(model_uri: str) -> nn.Module:
     return torch.export.unflatten(load_program(model_uri))
 
 
-def log_model(run: Run) -> ModelCard | None:
-    """Log the run's pipeline as its ``model``; a normalizer that cannot be part of it is
-    said once (tag ``optiflow.model_input=normalized``, and on stderr)."""
+def traced_beside(run: Run, log_model: bool) -> contextlib.AbstractContextManager[Ahead | None]:
+    """While open, a fork of this process traces the model ``run`` will log (:mod:`optiflow.export_ahead`), the
+    same way :func:`log_model` does."""
+
+    def pipeline(forked: Run) -> tuple[nn.Module, Callable[[str], None]]:
+        from mlflow.models import Model
+
+        module, card, example = inference_module(forked)
+        return module, lambda path: save_model(path, Model(), module=module, card=card, example=example)
+
+    return beside(run, log_model, pipeline)
+
+
+def log_model(run: Run, ahead: Ahead | None = None) -> ModelCard | None:
+    """Log the run's pipeline as its ``model`` (exported by the fork tracing it ``ahead``, when it did); a normalizer
+    that cannot be part of it is said once (tag ``optiflow.model_input=normalized``, and on stderr)."""
     import sys
 
     if run.tracker is None or run.tracker.run_id is None:  # not the process that logs (data parallel)
@@ -274,7 +289,8 @@ def log_model(run: Run) -> ModelCard | None:
         run.tracker.set_tags({NORMALIZED_INPUT_TAG: "normalized"})
         print(f"warning: normalizer '{name}' has no module(), so the logged model takes normalized inputs, "
               "not raw ones", file=sys.stderr)
-    run.tracker.log_model(sys.modules[__name__], card.metadata(), module=module, card=card, example=example)
+    run.tracker.log_model(sys.modules[__name__], card.metadata(), module=module, card=card, example=example,
+                          ahead=ahead)
     return card
 
 

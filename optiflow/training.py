@@ -82,9 +82,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, pm: PluginMana
                 if on_start is not None and cluster.main:
                     on_start(str(tracker.run_id))
                 resumed_from = _begin(run, pm, state)
-                fit(run, pm, reporter, on_epoch)
-                reporter.stop()
-                metrics = end_run(run, pm, finish=lambda test: _finish(run, test, log_model=log_model))
+                with export.traced_beside(run, log_model) as ahead:  # the model traced while it trains
+                    fit(run, pm, reporter, on_epoch)
+                    reporter.stop()
+                    metrics = end_run(run, pm, finish=lambda test: _finish(run, test, log_model, ahead))
                 seconds = time.perf_counter() - started
                 tracker.log_metrics({"train_seconds": seconds}, step=run.epoch, flush=False)  # written as it ends
             except BaseException as exc:
@@ -194,8 +195,7 @@ def end_run(run: Run, pm: PluginManager,
 
 def default_run_name(run: Run) -> str:
     """``<model>-<opt>-<sched>-<data>`` (``cnn-adam-plateau-digits``), leaving out a ``none`` scheduler."""
-    plan = run.plan
-    names = [plan.model[0].name, plan.opt[0].name, plan.sched[0].name, plan.data[0].name]
+    names = [run.plan.model[0].name, run.plan.opt[0].name, run.plan.sched[0].name, run.plan.data[0].name]
     return "-".join(name for name in names if name != "none")
 
 
@@ -352,15 +352,15 @@ def setup_params(run: Run, extra_params: dict[str, Any]) -> dict[str, Any]:
     return {**params, **extra_params}
 
 
-def _finish(run: Run, test: dict[str, float], log_model: bool) -> None:
-    """Test metrics, the learning curves (``run.wants_artifacts``) and (``log_model``) the model, on the finished run.
-    The test metrics are written before the files (seconds): a process killed while it exports keeps them."""
+def _finish(run: Run, test: dict[str, float], log_model: bool, ahead: export.Ahead | None = None) -> None:
+    """Test metrics, the learning curves (``run.wants_artifacts``) and (``log_model``) the model (traced ``ahead``?),
+    on the finished run.  The test metrics are written before the files: a process killed while it exports keeps them."""
     run.tracking.log_metrics(test, step=run.epoch, flush=log_model or run.wants_artifacts)
     run.tracking.set_tags({digest.WEIGHTS_TAG: digest.weights_digest(run.model)})
     if run.wants_artifacts:
         _log_curves(run)
     if log_model:
-        export.log_model(run)
+        export.log_model(run, ahead)
     run.tracking.collect_figures()  # drawn meanwhile (optiflow.drawing)
 
 

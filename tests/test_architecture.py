@@ -111,7 +111,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                           "optiflow.stacked_model", "optiflow.stacked", "optiflow.stored", "optiflow.runkey",
                           "optiflow.reuse"}),
     ("built-in plugins", {"optiflow_plugins", "optiflow_plugins.*"}),
-    ("the logged model", {"optiflow.model_file", "optiflow.export", "optiflow.predict_inputs"}),
+    ("the logged model", {"optiflow.model_file", "optiflow.export", "optiflow.export_ahead", "optiflow.predict_inputs"}),
     ("one tracked training", {"optiflow.training", "optiflow.forecast"}),
     ("search", {"optiflow.search", "optiflow.search.*"}),
     ("commands", {"optiflow.commands", "optiflow.commands.*"}),

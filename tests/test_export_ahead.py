@@ -1,0 +1,239 @@
+"""The model traced while the run trains (optiflow/export_ahead.py): a fork of the run's process exports it and
+writes the program with the trained weights, the very program the run would have exported itself (the same bytes);
+whatever goes wrong with the fork (it fails, hangs, is stale because the model changed, the run is killed) leaves
+the run exporting itself as it always did, and no process or folder behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from optiflow import export_ahead, hookimpl
+from optiflow.config import RunConfig
+from optiflow.drawing import _Helper
+from optiflow.export_ahead import fingerprint
+from optiflow.training import train
+
+from helpers import tracked_status
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """The pids of the processes that called ``torch.export.export`` (the run's own, or the fork's: not seen here)."""
+    calls: list[int] = []
+    real = torch.export.export
+
+    def counted(*args, **kwargs):
+        calls.append(os.getpid())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counted)
+    return calls
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """Temporary folders (the fork's) made under ``tmp_path/tmp``: the test sees what is left."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def program_bytes(tracking_uri: str, run_id: str, folder: Path) -> bytes:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/data/model.pt2", dst_path=str(folder))
+    return Path(local).read_bytes()
+
+
+def trained(tracking_uri: str, experiment: str, **settings) -> str:
+    config = RunConfig.from_dict({"epochs": 3, "device": "cpu", "tracking_uri": tracking_uri,
+                                  "experiment": experiment, **settings})
+    result = train(config)
+    assert tracked_status(result) == "FINISHED"
+    return result.run_id
+
+
+def forks_of(pid: int) -> list[int]:
+    """The children of ``pid`` that are forks of it (the same command line; the drawing helper is not)."""
+    def cmdline(p: int) -> bytes:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with_children = (task / "children").read_text().split() if (task / "children").exists() else []
+        children += [int(c) for c in with_children]
+    return [c for c in children if cmdline(c) == cmdline(pid)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("settings", [{}, {"model": "mlp:hidden=(32,16),batch_norm=before,dropout=0.2"},
+                                      {"data": "diabetes"}], ids=["default", "batch-norm-dropout", "regression"])
+def test_the_program_traced_beside_the_run_is_the_one_the_run_would_export(
+        settings, tracking_uri, experiment, exports, scratch, tmp_path, monkeypatch):
+    ahead = trained(tracking_uri, experiment, **settings)
+    assert exports.count(os.getpid()) == 0, "the run's process exported nothing: the fork's program was logged"
+    monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
+    itself = trained(tracking_uri, experiment, **settings)
+    assert exports.count(os.getpid()) == 1
+    assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
+    assert list(scratch.glob("optiflow-export-*")) == [] and forks_of(os.getpid()) == []
+
+
+class Doubler:
+    """A plugin changing the model after the fork traced it: its logits doubled by a forward hook at run end."""
+
+    @hookimpl
+    def optiflow_run_end(self, run, status):
+        run.model.register_forward_hook(lambda module, inputs, output: output * 2)
+
+
+def test_a_model_changed_while_it_trained_is_exported_by_the_run_as_it_ended(
+        plugin, tracking_uri, experiment, exports, scratch, tmp_path, monkeypatch):
+    from optiflow import export
+
+    plugin(Doubler(), "doubler")
+    ahead = trained(tracking_uri, experiment, data="diabetes")
+    assert exports.count(os.getpid()) == 1, "the fork's trace was stale: the run exported itself"
+    program = export.load_module(f"runs:/{ahead}/model")
+    doubled = program(torch.ones(2, 10))
+    monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
+    itself = trained(tracking_uri, experiment, data="diabetes")
+    assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
+    assert torch.equal(doubled, export.load_module(f"runs:/{itself}/model")(torch.ones(2, 10)))
+    assert list(scratch.glob("optiflow-export-*")) == []
+
+
+def test_what_the_fork_printed_while_it_traced_is_printed_by_the_run(
+        tracking_uri, experiment, exports, scratch, monkeypatch, capsys):
+    real = torch.export.export
+
+    def noisy(*args, **kwargs):
+        print("tracing says hello", file=sys.stderr)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", noisy)
+    trained(tracking_uri, experiment)
+    assert capsys.readouterr().err.count("tracing says hello") == 1
+
+
+def hang(*_):
+    time.sleep(120)  # no CPU: the run gives up on it
+    return 1
+
+
+def fail(*_):
+    raise RuntimeError("the fork broke")
+
+
+@pytest.mark.parametrize("trace", [fail, hang], ids=["fails", "hangs"])
+def test_a_fork_that_fails_or_hangs_leaves_the_run_exporting_itself(
+        trace, tracking_uri, experiment, exports, scratch, monkeypatch):
+    monkeypatch.setattr(export_ahead, "_trace", trace)
+    monkeypatch.setattr(export_ahead, "STUCK_SECONDS", 0.5)
+    trained(tracking_uri, experiment)
+    assert exports.count(os.getpid()) == 1
+    assert forks_of(os.getpid()) == [] and list(scratch.glob("optiflow-export-*")) == []
+
+
+def test_a_run_with_more_data_than_is_small_is_not_traced_beside_it(
+        tracking_uri, experiment, exports, scratch, monkeypatch):
+    monkeypatch.setattr(export_ahead, "SMALL_DATA_BYTES", 1000)
+    trained(tracking_uri, experiment)
+    assert exports.count(os.getpid()) == 1 and list(scratch.glob("optiflow-export-*")) == []
+
+
+def test_the_fingerprint_sees_what_a_trace_reads_but_the_weights():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+            self.scale = 1.0
+            self.register_buffer("offset", torch.zeros(2), persistent=False)
+            self.register_buffer("count", torch.zeros(1))
+
+        def forward(self, x):
+            return self.linear(x) * self.scale + self.offset
+
+    model = Scaled()
+    first = fingerprint(model)
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)
+        model.count.add_(1)  # a persistent buffer travels with the weights
+    assert fingerprint(model) == first
+    changes = [lambda m: setattr(m, "scale", 2.0), lambda m: m.offset.add_(1.0),
+               lambda m: m.register_forward_hook(lambda *a: None), lambda m: m.linear.register_forward_pre_hook(print),
+               lambda m: setattr(m, "linear", nn.Linear(3, 2, bias=False)), lambda m: m.train(not m.training),
+               lambda m: setattr(m, "forward", lambda x: x), lambda m: m.linear.weight.requires_grad_(False)]
+    for change in changes:
+        changed = Scaled()
+        changed.load_state_dict(model.state_dict())
+        assert fingerprint(changed) == first
+        with torch.no_grad():
+            change(changed)
+        assert fingerprint(changed) != first
+
+
+def cli(*args: str, tmp: Path, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "optiflow", "train", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for(condition, seconds: float = 120.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_a_run_stopped_while_its_model_is_traced_leaves_no_fork_and_no_folder(how, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    process = cli("--epochs", "3000", "-q", tmp=tmp, cwd=tmp_path)
+    try:
+        [fork] = wait_for(lambda: forks_of(process.pid))
+        wait_for(lambda: any(tmp.glob("optiflow-export-*/export.log")))  # it traced, and waits for the weights
+        process.send_signal(how)
+        code = process.wait(60)
+        assert code == (130 if how == signal.SIGINT else -signal.SIGKILL), process.stderr.read()
+        wait_for(lambda: not alive(fork), 10)
+        wait_for(lambda: not any(tmp.glob("optiflow-export-*")), 10)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_drawing_helper_never_asked_to_draw_is_stopped_at_exit_without_waiting():
+    helper = _Helper()
+    helper.start()
+    assert helper.process is not None
+    helper.close(helper.process)
+    assert helper.process.returncode == -signal.SIGKILL
