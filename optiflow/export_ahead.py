@@ -12,7 +12,7 @@ How the program stays the one the run would export:
   (:func:`optiflow.export.traced_beside`), so through MLflow's own ``torch.export.export`` call; it stops at
   ``torch.export.save`` and waits there.
 - When the run logs its model, it sends the pipeline's weights and a fingerprint of everything else a trace may read
-  (:func:`fingerprint`: module types, ``forward`` code, attributes, tensors that are not weights, hooks, modes).  The
+  (:func:`optiflow.fingerprint.fingerprint`: module types, ``forward`` code, attributes, tensors that are not weights, hooks, modes).  The
   fork writes the program only when the fingerprint is the one it traced (a plugin that changed the model while it
   trained gets an export of the model as it ended), with every tensor of the program equal to the weights sent.
 - The run's own ``torch.export.export`` call (MLflow's) gets the fork's program only when its arguments are the ones
@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from optiflow.fingerprint import describe, fingerprint
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -227,6 +229,8 @@ def _trace(run: Run, pipeline: Pipeline, folder: Path, command: int) -> int:
     weights at ``torch.export.save``; write the program with them; 0 when it was written."""
     module, save_to = pipeline(run)
     traced = fingerprint(module)
+    if traced is None:  # the model holds state the fingerprint cannot describe: the run exports it itself
+        return 1
     real_export, real_save = torch.export.export, torch.export.save
     found: dict[str, str] = {}
 
@@ -326,66 +330,13 @@ class Program:
 
 
 def arguments_digest(args: tuple[object, ...], kwargs: dict[str, object]) -> str:
-    """SHA-256 of an export call's arguments: each tensor's dtype, shape and bytes, the rest as ``repr``."""
+    """SHA-256 of an export call's arguments: each tensor's dtype, shape and bytes, the rest as ``repr``; empty when
+    an argument cannot be described."""
+    described = [describe(value) for value in args]
+    if None in described:
+        return ""  # arguments it cannot describe: never the fork's program
     digest = hashlib.sha256()
-    for value in args:
-        digest.update(_value(value).encode())
+    for text in described:
+        digest.update(str(text).encode())
     digest.update(repr(sorted(kwargs.items(), key=lambda item: item[0])).encode())
     return digest.hexdigest()
-
-
-def fingerprint(module: nn.Module) -> str:
-    """SHA-256 of what a trace of ``module`` may read besides its weights (its ``state_dict``): each submodule's
-    type, ``forward`` code, mode and attributes (tensors by their bytes, parameters and persistent buffers by name,
-    shape and dtype only), its hooks, and torch's global module hooks."""
-    from torch.nn.modules import module as modules
-
-    digest = hashlib.sha256()
-    for hooks in (modules._global_forward_hooks, modules._global_forward_pre_hooks,
-                  modules._global_backward_hooks, modules._global_backward_pre_hooks):
-        digest.update(_value(list(hooks.values())).encode())
-    for name, sub in module.named_modules(remove_duplicate=False):
-        kind = type(sub)
-        digest.update(repr((name, kind.__module__, kind.__qualname__, _value(kind.forward))).encode())
-        transient: set[str] = getattr(sub, "_non_persistent_buffers_set", set())
-        for key, value in sorted(vars(sub).items()):
-            if key in ("_parameters", "_buffers"):
-                value = {n: _value(t) if n in transient else _shape(t) for n, t in value.items()}
-            elif key == "_modules":
-                value = list(value)
-            digest.update(f"{key}={_value(value)}".encode())
-    return digest.hexdigest()
-
-
-def _shape(tensor: Tensor | None) -> str:
-    return "None" if tensor is None else f"{tuple(tensor.shape)}:{tensor.dtype}:{tensor.requires_grad}"
-
-
-def _value(value: object, depth: int = 0) -> str:
-    """A stable text of ``value``: tensors by dtype, shape and content, functions by their code, containers by
-    their items, other objects by their type (their own attributes are in their module's entry when they are one)."""
-    if depth > 6:
-        return "..."
-    if isinstance(value, Tensor):
-        data = value.detach().cpu().contiguous().reshape(-1)
-        try:
-            content = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
-        except (RuntimeError, TypeError):  # a dtype without a byte view (quantized): its values
-            content = repr(data.tolist())
-        return f"tensor{tuple(value.shape)}:{value.dtype}:{content}"
-    tobytes = getattr(value, "tobytes", None)
-    if callable(tobytes) and hasattr(value, "dtype"):  # a NumPy array or scalar
-        return f"array{getattr(value, 'shape', ())}:{getattr(value, 'dtype', None)}:{hashlib.sha256(tobytes()).hexdigest()}"
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return repr(value)
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_value(v, depth + 1) for v in value]
-        return f"{type(value).__name__}[{', '.join(sorted(items) if isinstance(value, (set, frozenset)) else items)}]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_value(k, depth + 1)}: {_value(v, depth + 1)}" for k, v in value.items()) + "}"
-    function = getattr(value, "__func__", value)
-    code = getattr(function, "__code__", None)
-    if code is not None:
-        return f"{getattr(function, '__qualname__', '?')}:{hashlib.sha256(code.co_code).hexdigest()}:" \
-               f"{_value(code.co_consts, depth + 1)}"
-    return f"<{type(value).__module__}.{type(value).__qualname__}>"

@@ -5,6 +5,7 @@ the run exporting itself as it always did, and no process or folder behind."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -237,3 +238,79 @@ def test_a_drawing_helper_never_asked_to_draw_is_stopped_at_exit_without_waiting
     assert helper.process is not None
     helper.close(helper.process)
     assert helper.process.returncode == -signal.SIGKILL
+
+
+class Calibration:
+    """A plugin whose hook, registered at run start, reads state it changes at run end (a temperature it fits):
+    ``how`` is where that state lives, none of it a tensor or a number on a module."""
+
+    def __init__(self, how: str) -> None:
+        self.how, self.temperature, self.cell = how, 1.0, [1.0]
+
+    def scaled(self, module, inputs, output):
+        return output / self.temperature
+
+    @hookimpl
+    def optiflow_run_start(self, run):
+        import types
+
+        self.temperature, self.cell[0] = 1.0, 1.0  # each run starts from the same state
+        cell = self.cell
+        hooks = {"bound-method": self.scaled, "closure": lambda m, i, o: o / cell[0],
+                 "object-attribute": lambda m, i, o: o / m.calibration.t, "builtin": lambda m, i, o: m.squash(o)}
+        run.model.calibration, run.model.squash = types.SimpleNamespace(t=1.0), torch.tanh
+        run.model.register_forward_hook(hooks[self.how])
+
+    @hookimpl
+    def optiflow_run_end(self, run, status):
+        self.temperature, self.cell[0], run.model.calibration.t, run.model.squash = 2.0, 2.0, 2.0, torch.sigmoid
+
+
+@pytest.mark.parametrize("how", ["bound-method", "closure", "object-attribute", "builtin"])
+def test_a_hook_whose_state_changed_while_the_run_trained_is_exported_as_it_ended(
+        how, plugin, tracking_uri, experiment, scratch, tmp_path, monkeypatch):
+    from optiflow import export
+
+    plugin(Calibration(how), "calibration")
+    ahead = trained(tracking_uri, experiment, data="diabetes")
+    monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
+    itself = trained(tracking_uri, experiment, data="diabetes")
+    rows = torch.ones(2, 10)
+    assert torch.equal(export.load_module(f"runs:/{ahead}/model")(rows),
+                       export.load_module(f"runs:/{itself}/model")(rows)), "the logged model is the one traced"
+    assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
+
+
+GAIN = 1.0  #: read by Gained.forward as a global
+
+
+class Gained(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.tied = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.options = {"act": functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.1)}
+
+    def forward(self, x):
+        return self.options["act"](self.tied(self.linear(x))) * GAIN
+
+
+def test_the_fingerprint_sees_globals_partials_tied_or_strided_weights_and_has_none_for_what_it_cannot_describe(
+        monkeypatch):
+    import sqlite3
+
+    first = fingerprint(Gained())
+    assert first is not None and fingerprint(Gained()) == first
+    monkeypatch.setattr(sys.modules[__name__], "GAIN", 2.0)
+    assert fingerprint(Gained()) != first
+    monkeypatch.setattr(sys.modules[__name__], "GAIN", 1.0)
+    changes = [lambda m: m.options.update(act=functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.2)),
+               lambda m: setattr(m.tied, "weight", m.linear.weight),
+               lambda m: setattr(m.linear, "weight", nn.Parameter(m.linear.weight.detach().t().contiguous().t()))]
+    for change in changes:
+        changed = Gained()
+        change(changed)
+        assert fingerprint(changed) != first
+    unknown = Gained()
+    unknown.connection = sqlite3.connect(":memory:")  # state in C code: no fingerprint, the run exports itself
+    assert fingerprint(unknown) is None
+    unknown.connection.close()
