@@ -71,10 +71,15 @@ class Ahead:
         self.sent = False
 
     def send(self, module: nn.Module) -> None:
-        """The pipeline as it ended: its weights and fingerprint, for the fork to write its program with."""
+        """The pipeline as it ended: its weights and fingerprint, for the fork to write its program with (weights
+        that cannot be written, a full disk say, are not sent: the run exports itself)."""
         part = self.folder / "weights.part"
-        torch.save({"weights": module.state_dict(), "fingerprint": fingerprint(module)}, part)
-        part.rename(self.folder / "weights.pt")
+        try:
+            torch.save({"weights": module.state_dict(), "fingerprint": fingerprint(module)}, part)
+            part.rename(self.folder / "weights.pt")
+        except Exception:  # noqa: BLE001 - whatever failed here, the run's own export is what it always was
+            part.unlink(missing_ok=True)
+            return
         with contextlib.suppress(OSError):
             os.write(self.command, b"w")
             self.sent = True

@@ -314,3 +314,21 @@ def test_the_fingerprint_sees_globals_partials_tied_or_strided_weights_and_has_n
     unknown.connection = sqlite3.connect(":memory:")  # state in C code: no fingerprint, the run exports itself
     assert fingerprint(unknown) is None
     unknown.connection.close()
+
+
+def test_weights_that_cannot_be_sent_leave_the_run_exporting_itself(
+        tracking_uri, experiment, exports, scratch, monkeypatch):
+    import errno
+
+    real = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if str(f).endswith("weights.part"):  # the temporary folder's disk is full
+            Path(f).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full)
+    trained(tracking_uri, experiment)
+    assert exports.count(os.getpid()) == 1
+    assert forks_of(os.getpid()) == [] and list(scratch.glob("optiflow-export-*")) == []
