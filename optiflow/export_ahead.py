@@ -20,8 +20,8 @@ How the program stays the one the run would export:
 - Anything else (the fork failed, died, used no CPU for two seconds, or is stale): the run exports itself, as
   it always did.  What the fork's export printed on stderr is printed by the run when it uses the fork's program.
 
-Used for a run on the CPU that logs its model, on Linux, from the main thread, not data-parallel, with data of at
-most :data:`SMALL_DATA_BYTES` (a run with more trains long enough that its export is a small part of it, and a fork
+Used for a run on the CPU that logs its model, on Linux, from the main thread, not data-parallel, with data and
+model of at most :data:`SMALL_DATA_BYTES` together (a run with more trains long enough that its export is a small part of it, and a fork
 of a big process costs its page tables, and counts that process's memory again), unless ``OPTIFLOW_EXPORT_AHEAD=0``.  The
 fork is killed when the run ends in any other way (an error, Ctrl-C); it dies with the run's process."""
 
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 ENVIRONMENT = "OPTIFLOW_EXPORT_AHEAD"
 STUCK_SECONDS = 2.0  #: a fork that used no CPU for this long while the run waits for it is given up
 POLL_SECONDS = 0.005
-SMALL_DATA_BYTES = 64 * 2**20  #: a run whose splits hold more is not traced beside it
+SMALL_DATA_BYTES = 64 * 2**20  #: a run whose splits and model hold more is not traced beside it
 
 
 class _Saved(Exception):
@@ -151,7 +151,14 @@ def wanted(run: Run, log_model: bool) -> bool:
             and threading.current_thread() is threading.main_thread()
             and run.device.type == "cpu" and not distributed.current().enabled
             and tracker is not None and getattr(tracker, "run_id", None) is not None
-            and sum(t.element_size() * t.numel() for t in run.splits.tensors()) <= SMALL_DATA_BYTES)
+            and _bytes(run) <= SMALL_DATA_BYTES)
+
+
+def _bytes(run: Run) -> int:
+    """What the run's data and model hold: what a fork of its process holds again as the run rewrites it (the
+    model several times: its copy to trace, the weights sent, the pages training rewrites)."""
+    tensors = [*run.splits.tensors(), *run.model.parameters(), *run.model.buffers()]
+    return sum(t.element_size() * t.numel() for t in tensors)
 
 
 #: what the fork traces: ``pipeline(run)`` gives the module to log and a function saving it to a path

@@ -167,6 +167,22 @@ def test_a_run_with_more_data_than_is_small_is_not_traced_beside_it(
     assert exports.count(os.getpid()) == 1 and list(scratch.glob("optiflow-export-*")) == []
 
 
+def test_a_run_with_a_big_model_is_not_traced_beside_it(tracking_uri, experiment, exports, scratch, monkeypatch):
+    """The fork holds the model several times (its copy to trace, the weights sent, the pages training rewrites:
+    800 MB for a 144 MB MLP): the model counts towards what is small, as the data does."""
+    from optiflow.plugins import get_registry
+    from optiflow.run import prepare
+
+    settings = {"epochs": 3, "device": "cpu", "model": "mlp:hidden=(512,)"}
+    data = sum(t.element_size() * t.numel() for t in prepare(RunConfig.from_dict(settings), get_registry()).splits.tensors())
+    monkeypatch.setattr(export_ahead, "SMALL_DATA_BYTES", data + 100_000)  # the model's 140 kB weights are more
+    trained(tracking_uri, experiment, model="mlp:hidden=(512,)")
+    assert exports.count(os.getpid()) == 1 and list(scratch.glob("optiflow-export-*")) == []
+    monkeypatch.setattr(export_ahead, "SMALL_DATA_BYTES", data + 200_000)
+    trained(tracking_uri, experiment, model="mlp:hidden=(512,)")
+    assert exports.count(os.getpid()) == 1, "a model of 140 kB is small"
+
+
 def test_the_fingerprint_sees_what_a_trace_reads_but_the_weights():
     class Scaled(nn.Module):
         def __init__(self) -> None:
