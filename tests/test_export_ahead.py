@@ -348,3 +348,29 @@ def test_weights_that_cannot_be_sent_leave_the_run_exporting_itself(
     trained(tracking_uri, experiment)
     assert exports.count(os.getpid()) == 1
     assert forks_of(os.getpid()) == [] and list(scratch.glob("optiflow-export-*")) == []
+
+
+class Retier:
+    """A plugin replacing weights at run end by tied or strided ones (the same shapes; the program's bytes differ)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    @hookimpl
+    def optiflow_run_end(self, run, status):
+        first, second = [m for m in run.model.modules() if isinstance(m, nn.Linear) and m.weight.shape == (16, 16)]
+        if self.how == "tied":
+            second.weight = first.weight
+        else:
+            second.weight = nn.Parameter(second.weight.detach().t().contiguous().t())
+
+
+@pytest.mark.parametrize("how", ["tied", "strided"])
+def test_weights_tied_or_strided_at_run_end_are_exported_by_the_run_as_they_ended(
+        how, plugin, tracking_uri, experiment, scratch, tmp_path, monkeypatch):
+    plugin(Retier(how), "retier")
+    settings = {"data": "diabetes", "model": "mlp:hidden=(16,16,16)"}
+    ahead = trained(tracking_uri, experiment, **settings)
+    monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
+    itself = trained(tracking_uri, experiment, **settings)
+    assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
