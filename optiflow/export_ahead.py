@@ -18,7 +18,8 @@ How the program stays the one the run would export:
 - The run's own ``torch.export.export`` call (MLflow's) gets the fork's program only when its arguments are the ones
   the fork traced with: the example tensors bit for bit, the same dynamic shapes.
 - Anything else (the fork failed, died, used no CPU for two seconds, or is stale): the run exports itself, as
-  it always did.  What the fork's export printed on stderr is printed by the run when it uses the fork's program.
+  it always did.  What the fork's export printed (stdout, stderr) is printed by the run when it uses the fork's
+  program.
 
 Used for a run on the CPU that logs its model, on Linux, from the main thread, not data-parallel, with data and
 model of at most :data:`SMALL_DATA_BYTES` together (a run with more trains long enough that its export is a small part of it, and a fork
@@ -94,10 +95,12 @@ class Ahead:
             return None
         if result.get("arguments") != arguments_digest(args, kwargs) or not (self.folder / "model.pt2").is_file():
             return None
-        with contextlib.suppress(OSError):
-            printed = (self.folder / "export.log").read_text(errors="replace")
-            if printed:
-                sys.stderr.write(printed)
+        for name, stream in (("export.out", sys.stdout), ("export.log", sys.stderr)):
+            with contextlib.suppress(OSError, ValueError):
+                printed = (self.folder / name).read_text(errors="replace")
+                if printed:
+                    stream.write(printed)
+                    stream.flush()
         return self.folder / "model.pt2"
 
     def _wait(self) -> bool:
@@ -248,7 +251,7 @@ def _trace(run: Run, pipeline: Pipeline, folder: Path, command: int) -> int:
 
     def trace(mod: nn.Module, args: tuple[object, ...], *rest: object, **kwargs: object) -> ExportedProgram:
         found["arguments"] = arguments_digest(args, kwargs) if mod is module and not rest else ""
-        with _stderr_to(folder / "export.log"):
+        with _printed_to(folder / "export.out", folder / "export.log"):
             return real_export(mod, args, *rest, **kwargs)  # type: ignore[arg-type]
 
     def save(program: ExportedProgram, *_: object, **__: object) -> None:
@@ -280,19 +283,24 @@ def _await_weights(folder: Path, command: int) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def _stderr_to(path: Path) -> Iterator[None]:
-    """The fork's file descriptor 2 (and ``sys.stderr``) written to ``path`` while open."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(target, 2)
-    os.close(target)
+def _printed_to(out: Path, err: Path) -> Iterator[None]:
+    """The fork's file descriptors 1 and 2 (``sys.stdout``, ``sys.stderr``) written to ``out`` and ``err`` while
+    open: what the export prints, for the run to print when it uses the fork's program."""
+    streams = ((1, sys.stdout, out), (2, sys.stderr, err))
+    saved = []
+    for fd, stream, path in streams:
+        stream.flush()
+        saved.append(os.dup(fd))
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
     try:
         yield
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        for (fd, stream, _), kept in zip(streams, saved, strict=True):
+            stream.flush()
+            os.dup2(kept, fd)
+            os.close(kept)
 
 
 @contextlib.contextmanager

@@ -134,11 +134,14 @@ def test_what_the_fork_printed_while_it_traced_is_printed_by_the_run(
 
     def noisy(*args, **kwargs):
         print("tracing says hello", file=sys.stderr)
+        print("tracing says hello on stdout")  # a model's forward printing, say
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.export, "export", noisy)
     trained(tracking_uri, experiment)
-    assert capsys.readouterr().err.count("tracing says hello") == 1
+    printed = capsys.readouterr()
+    assert printed.err.count("tracing says hello") == 1
+    assert printed.out.count("tracing says hello on stdout") == 1
 
 
 def hang(*_):
