@@ -204,15 +204,19 @@ def start(run: Run, pipeline: Pipeline) -> Ahead | None:
 
 def _child_setup(parent: int, folder: Path, read: int, write: int) -> None:
     """The fork lets go of what is the run's: no signals of its own, the run's files and sockets closed, its own
-    stderr, one thread, low priority; it dies with the run's process (and removes its folder)."""
+    stderr, one thread, low priority, its temporary files in its folder (the run removes it); it dies with the run's
+    process, or with its terminal (and removes its folder)."""
     gc.disable()  # no finalizer of the run's objects (its database connections) runs here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tempfile.tempdir = str(folder)  # an export's staging folders (MLflow's, optiflow's): the fork is killed in them
 
     def gone(*_: object) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         os._exit(1)
 
     signal.signal(signal.SIGTERM, gone)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:  # its terminal closed (not under nohup)
+        signal.signal(signal.SIGHUP, gone)
     with contextlib.suppress(Exception):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
