@@ -12,9 +12,10 @@ How the program stays the one the run would export:
   (:func:`optiflow.export.traced_beside`), so through MLflow's own ``torch.export.export`` call; it stops at
   ``torch.export.save`` and waits there.
 - When the run logs its model, it sends the pipeline's weights and a fingerprint of everything else a trace may read
-  (:func:`optiflow.fingerprint.fingerprint`: module types, ``forward`` code, attributes, tensors that are not weights, hooks, modes).  The
-  fork writes the program only when the fingerprint is the one it traced (a plugin that changed the model while it
-  trained gets an export of the model as it ended), with every tensor of the program equal to the weights sent.
+  (:func:`optiflow.fingerprint.fingerprint`: module types, ``forward`` code, attributes, tensors that are not
+  weights, hooks, modes).  The fork writes the program only when the fingerprint is the one it traced (a plugin that
+  changed the model while it trained gets an export of the model as it ended), with every tensor of the program
+  equal to the weights sent.
 - The run's own ``torch.export.export`` call (MLflow's) gets the fork's program only when its arguments are the ones
   the fork traced with: the example tensors bit for bit, the same dynamic shapes.
 - Anything else (the fork failed, died, used no CPU for two seconds, or is stale): the run exports itself, as
@@ -22,9 +23,10 @@ How the program stays the one the run would export:
   program.
 
 Used for a run on the CPU that logs its model, on Linux, from the main thread, not data-parallel, with data and
-model of at most :data:`SMALL_DATA_BYTES` together (a run with more trains long enough that its export is a small part of it, and a fork
-of a big process costs its page tables, and counts that process's memory again), unless ``OPTIFLOW_EXPORT_AHEAD=0``.  The
-fork is killed when the run ends in any other way (an error, Ctrl-C); it dies with the run's process."""
+model of at most :data:`SMALL_DATA_BYTES` together (a run with more trains long enough that its export is a small
+part of it, and a fork of a big process costs its page tables, and counts that process's memory again), unless
+``OPTIFLOW_EXPORT_AHEAD`` is a false word (``0``, ``off``).  The fork is killed when the run ends in any other way
+(an error, Ctrl-C); it dies with the run's process."""
 
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ import torch
 from torch import nn
 
 from optiflow.fingerprint import describe, fingerprint
+from optiflow.values import env_flag
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -150,7 +153,7 @@ def wanted(run: Run, log_model: bool) -> bool:
     from optiflow import distributed
 
     tracker = run.tracker
-    return (log_model and os.environ.get(ENVIRONMENT, "1") != "0" and sys.platform.startswith("linux")
+    return (log_model and env_flag(ENVIRONMENT, default=True) and sys.platform.startswith("linux")
             and threading.current_thread() is threading.main_thread()
             and run.device.type == "cpu" and not distributed.current().enabled
             and tracker is not None and getattr(tracker, "run_id", None) is not None

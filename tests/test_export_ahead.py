@@ -387,3 +387,11 @@ def test_weights_tied_or_strided_at_run_end_are_exported_by_the_run_as_they_ende
     monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
     itself = trained(tracking_uri, experiment, **settings)
     assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
+
+
+@pytest.mark.parametrize("word", ["0", "false", "off", "no", " OFF "])
+def test_the_switch_is_off_for_any_false_word_as_every_optiflow_switch(word, tracking_uri, experiment, exports,
+                                                                       monkeypatch):
+    monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", word)
+    trained(tracking_uri, experiment, epochs=1)
+    assert exports.count(os.getpid()) == 1, "the run exported its model itself"
