@@ -1,12 +1,12 @@
 """What a trace of a module may read besides its weights, as one digest (:func:`fingerprint`): two modules with
 the same fingerprint and the same ``state_dict`` export to the same program.
 
-It describes what it knows how to describe completely: tensors by their bytes, numbers and strings by ``repr``,
-containers by their items, functions by their code, defaults, closure cells and the globals they name, bound
-methods by their function and object, classes, modules and torch's dtypes by their names, plain objects by their
-attributes.  Anything else (an object of C code, a cycle too deep, too many items) has no fingerprint (None): the
-run then exports its model itself (:mod:`optiflow.export_ahead`), never a program traced from state that may have
-changed since."""
+It describes what it knows how to describe completely: a module's class by what it holds up to ``nn.Module``
+(methods, class attributes), tensors by their bytes, numbers and strings by ``repr``, containers by their items,
+functions by their code, defaults, closure cells and the globals they name, bound methods by their function and
+object, other classes, modules and torch's dtypes by their names, plain objects by their attributes.  Anything else
+(an object of C code, a cycle, too deep or too many items) has no fingerprint (None): the run then exports its model
+itself (:mod:`optiflow.export_ahead`), never a program traced from state that may have changed since."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from torch import Tensor, nn
 MAX_DEPTH = 12  #: objects nested deeper than this have no fingerprint
 MAX_ITEMS = 20_000  #: nor does a module whose description has more values than this
 _HEAP_TYPE = 1 << 9  #: Py_TPFLAGS_HEAPTYPE: a class written in Python (not C code)
+_CLASS_PLUMBING = {"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__",
+                   "__slotnames__", "__parameters__", "__orig_bases__", "__abstractmethods__", "_abc_impl"}
 _NAMED = (torch.dtype, torch.device, torch.layout, torch.memory_format, enum.Enum, range, slice, type(Ellipsis))
 
 
@@ -30,9 +32,9 @@ class Unknown(Exception):
 
 def fingerprint(module: nn.Module) -> str | None:
     """SHA-256 of what a trace of ``module`` may read besides its weights (its ``state_dict``): each submodule's
-    type, ``forward`` and attributes (parameters and persistent buffers by name, shape, dtype, strides and which
-    storage they share, not by value), its hooks, and torch's global module hooks; None when part of it cannot be
-    described (see the module's docstring)."""
+    type, its class's methods and attributes, its own attributes (parameters and persistent buffers by name, shape,
+    dtype, strides and which storage they share, not by value), its hooks, and torch's global module hooks; None
+    when part of it cannot be described (see the module's docstring)."""
     from torch.nn.modules import module as modules
 
     tree = {id(sub): name for name, sub in module.named_modules(remove_duplicate=False)}
@@ -45,7 +47,7 @@ def fingerprint(module: nn.Module) -> str | None:
             digest.update(describe(list(hooks.values())).encode())
         for name, sub in module.named_modules(remove_duplicate=False):
             kind = type(sub)
-            digest.update(repr((name, describe(kind), describe(kind.forward))).encode())
+            digest.update(repr((name, describe(kind), describe.module_class(kind))).encode())
             transient: set[str] = getattr(sub, "_non_persistent_buffers_set", set())
             for key, value in sorted(vars(sub).items()):
                 if key in ("_parameters", "_buffers"):
@@ -105,6 +107,23 @@ class _Describer:
             return f"{type(value).__module__}.{type(value).__qualname__}:{self._inside(value, depth + 1)}"
         finally:
             self.open.discard(id(value))
+
+    def module_class(self, kind: type) -> str:
+        """What a module's class holds up to ``nn.Module``: its methods (``forward`` and what it calls), class
+        attributes and properties (a plugin may set ``Model.scale`` or replace ``Model.helper``)."""
+        held = {}
+        for owner in kind.__mro__:
+            if owner in (nn.Module, object):
+                break
+            for name, value in vars(owner).items():
+                if name in _CLASS_PLUMBING or name in held:
+                    continue
+                if isinstance(value, property):
+                    value = (value.fget, value.fset, value.fdel)
+                elif isinstance(value, (staticmethod, classmethod)):
+                    value = value.__func__
+                held[name] = self(value, 1)
+        return repr(sorted(held.items()))
 
     def _inside(self, value: object, depth: int) -> str:
         tobytes = getattr(value, "tobytes", None)

@@ -295,12 +295,46 @@ class Calibration:
         self.temperature, self.cell[0], run.model.calibration.t, run.model.squash = 2.0, 2.0, 2.0, torch.sigmoid
 
 
-@pytest.mark.parametrize("how", ["bound-method", "closure", "object-attribute", "builtin"])
+class Tempered(nn.Sequential):
+    """A model class whose forward reads a class attribute and calls a method, both changed at run end."""
+
+    temperature = 1.0
+
+    def forward(self, x):
+        return self.tempered(super().forward(x))
+
+    def tempered(self, y):
+        return y / self.temperature
+
+
+class ClassCalibration:
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    @hookimpl
+    def optiflow_run_start(self, run):
+        Tempered.temperature, Tempered.tempered = 1.0, ClassCalibration.divided  # each run starts the same
+        run.model.__class__ = Tempered
+
+    @staticmethod
+    def divided(self, y):
+        return y / self.temperature
+
+    @hookimpl
+    def optiflow_run_end(self, run, status):
+        if self.how == "class-attribute":
+            Tempered.temperature = 2.0
+        else:
+            Tempered.tempered = lambda self, y: y / 2.0
+
+
+@pytest.mark.parametrize("how", ["bound-method", "closure", "object-attribute", "builtin", "class-attribute",
+                                 "class-method"])
 def test_a_hook_whose_state_changed_while_the_run_trained_is_exported_as_it_ended(
         how, plugin, tracking_uri, experiment, scratch, tmp_path, monkeypatch):
     from optiflow import export
 
-    plugin(Calibration(how), "calibration")
+    plugin(ClassCalibration(how) if how.startswith("class") else Calibration(how), "calibration")
     ahead = trained(tracking_uri, experiment, data="diabetes")
     monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
     itself = trained(tracking_uri, experiment, data="diabetes")
