@@ -188,7 +188,7 @@ def start(run: Run, pipeline: Pipeline) -> Ahead | None:
 def _child_setup(parent: int, folder: Path, read: int, write: int) -> None:
     """The fork lets go of what is the run's: no signals of its own, the run's files and sockets closed, its own
     stderr, one thread, low priority; it dies with the run's process (and removes its folder)."""
-    gc.disable()  # no finalizer of the run's objects (its database connections) runs here
+    gc.freeze()  # the collector never looks at the run's objects (no finalizer of its database connections runs)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def gone(*_: object) -> None:
