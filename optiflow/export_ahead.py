@@ -209,7 +209,7 @@ def _child_setup(parent: int, folder: Path, read: int, write: int) -> None:
     """The fork lets go of what is the run's: no signals of its own, the run's files and sockets closed, its own
     stderr, one thread, low priority, its temporary files in its folder (the run removes it); it dies with the run's
     process, or with its terminal (and removes its folder)."""
-    gc.disable()  # no finalizer of the run's objects (its database connections) runs here
+    gc.freeze()  # the collector never looks at the run's objects (no finalizer of its database connections runs)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tempfile.tempdir = str(folder)  # an export's staging folders (MLflow's, optiflow's): the fork is killed in them
 

@@ -234,10 +234,10 @@ def test_a_training_has_its_test_metrics_written_while_its_model_is_exported(inv
     seen = []
     log_model = export.log_model
 
-    def watching(run):
+    def watching(run, ahead=None):
         stored = mlflow_client.get_run(run.tracker.run_id)
         seen.append((stored.info.status, sorted(key for key in stored.data.metrics if key.startswith("test_"))))
-        return log_model(run)
+        return log_model(run, ahead)
 
     monkeypatch.setattr(export, "log_model", watching)
     result = invoke("train", "--epochs", "1", "--model", "mlp:hidden=[16]", "--batch-size", "64", "-q")
