@@ -183,16 +183,20 @@ def beside(run: Run, log_model: bool, pipeline: Pipeline) -> Iterator[Ahead | No
 
 
 def start(run: Run, pipeline: Pipeline) -> Ahead | None:
-    """Fork the process to trace ``run``'s model; None when the fork cannot start."""
-    folder = Path(tempfile.mkdtemp(prefix="optiflow-export-"))
-    read, write = os.pipe()
+    """Fork the process to trace ``run``'s model; None when the fork cannot start (no temporary folder, no file
+    descriptor or memory left)."""
+    folder: Path | None = None
+    pipe: tuple[int, ...] = ()
     parent = os.getpid()
     try:
+        folder = Path(tempfile.mkdtemp(prefix="optiflow-export-"))
+        read, write = pipe = os.pipe()
         pid = os.fork()
     except OSError:
-        os.close(read)
-        os.close(write)
-        shutil.rmtree(folder, ignore_errors=True)
+        for fd in pipe:
+            os.close(fd)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         return None
     if pid == 0:  # the fork: never returns
         code = 1

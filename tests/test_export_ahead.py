@@ -429,3 +429,21 @@ def test_the_switch_is_off_for_any_false_word_as_every_optiflow_switch(word, tra
     monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", word)
     trained(tracking_uri, experiment, epochs=1)
     assert exports.count(os.getpid()) == 1, "the run exported its model itself"
+
+
+@pytest.mark.parametrize("call", ["pipe", "mkdtemp"])
+def test_a_fork_that_cannot_start_leaves_the_run_exporting_itself(call, tracking_uri, experiment, exports, scratch,
+                                                                  monkeypatch):
+    import errno
+
+    owner = os if call == "pipe" else tempfile
+    real = getattr(owner, call)
+
+    def refused(*args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__") == "optiflow.export_ahead":  # the fork's, not MLflow's
+            raise OSError(errno.EMFILE, "Too many open files")  # a process at its limit of open files
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, call, refused)
+    trained(tracking_uri, experiment, epochs=1)
+    assert exports.count(os.getpid()) == 1 and list(scratch.glob("optiflow-export-*")) == []
