@@ -150,6 +150,8 @@ def _cpu_seconds(pid: int) -> float | None:
 
 def wanted(run: Run, log_model: bool) -> bool:
     """Whether ``run`` gets its model traced beside it (see the module's docstring)."""
+    from torch.nn.parameter import is_lazy
+
     from optiflow import distributed
 
     tracker = run.tracker
@@ -157,6 +159,7 @@ def wanted(run: Run, log_model: bool) -> bool:
             and threading.current_thread() is threading.main_thread()
             and run.device.type == "cpu" and not distributed.current().enabled
             and tracker is not None and getattr(tracker, "run_id", None) is not None
+            and not any(map(is_lazy, [*run.model.parameters(), *run.model.buffers()]))  # its weights made
             and _bytes(run) <= SMALL_DATA_BYTES)
 
 

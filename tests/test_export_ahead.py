@@ -447,3 +447,17 @@ def test_a_fork_that_cannot_start_leaves_the_run_exporting_itself(call, tracking
     monkeypatch.setattr(owner, call, refused)
     trained(tracking_uri, experiment, epochs=1)
     assert exports.count(os.getpid()) == 1 and list(scratch.glob("optiflow-export-*")) == []
+
+
+class Lazy:
+    """A plugin adding a lazy layer (its weights made by the first forward) to the model as the run starts."""
+
+    @hookimpl
+    def optiflow_run_start(self, run):
+        run.model.append(nn.LazyLinear(1))
+
+
+def test_a_model_with_weights_not_yet_made_trains_and_exports_itself(plugin, tracking_uri, experiment, exports):
+    plugin(Lazy(), "lazy")
+    trained(tracking_uri, experiment, data="diabetes", epochs=1)
+    assert exports.count(os.getpid()) == 1
