@@ -101,7 +101,7 @@ def test_the_program_traced_beside_the_run_is_the_one_the_run_would_export(
     itself = trained(tracking_uri, experiment, **settings)
     assert exports.count(os.getpid()) == 1
     assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
-    assert list(scratch.glob("optiflow-export-*")) == [] and forks_of(os.getpid()) == []
+    assert left_in(scratch) == [] and forks_of(os.getpid()) == []
 
 
 class Doubler:
