@@ -5,7 +5,7 @@ It describes what it knows how to describe completely: a module's class by what 
 (methods, class attributes), tensors by their bytes, numbers and strings by ``repr``, containers by their items,
 functions by their code, defaults, closure cells and the globals they name, bound methods by their function and
 object, other classes, modules and torch's dtypes by their names, plain objects by their attributes.  Anything else
-(an object of C code, a cycle, too deep or too many items) has no fingerprint (None): the run then exports its model
+(an object of C code, too deep or too many items) has no fingerprint (None): the run then exports its model
 itself (:mod:`optiflow.export_ahead`), never a program traced from state that may have changed since."""
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class _Describer:
         if isinstance(value, nn.Module) and id(value) in self.tree:
             return f"submodule {self.tree[id(value)]!r}"  # described as one of the module's own
         if id(value) in self.open:
-            raise Unknown  # a cycle
+            return "cycle"  # what it holds is being described: a function calling itself, an object's back link
         self.open.add(id(value))
         try:
             return f"{type(value).__module__}.{type(value).__qualname__}:{self._inside(value, depth + 1)}"
@@ -151,12 +151,11 @@ class _Describer:
         raise Unknown
 
     def _function(self, function: types.FunctionType, depth: int) -> str:
-        """Its code, defaults, closure cells and the globals its code names (a global function by its code)."""
+        """Its code, defaults, closure cells and the globals its code names (a function among them in turn)."""
         cells = [cell.cell_contents for cell in function.__closure__ or ()]
         names = _global_names(function.__code__)
         named = {name: function.__globals__[name] for name in sorted(names) if name in function.__globals__}
-        globals_ = {name: self._code(value.__code__, depth) if isinstance(value, types.FunctionType)
-                    else self(value, depth) for name, value in named.items()}
+        globals_ = {name: self(value, depth) for name, value in named.items()}  # a helper function's, in turn
         return f"{function.__qualname__}:{self._code(function.__code__, depth)}:{self(function.__defaults__, depth)}" \
                f":{self(function.__kwdefaults__, depth)}:{self(cells, depth)}:{self(globals_, depth)}"
 

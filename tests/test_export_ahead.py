@@ -347,6 +347,13 @@ def test_a_hook_whose_state_changed_while_the_run_trained_is_exported_as_it_ende
 GAIN = 1.0  #: read by Gained.forward as a global
 
 
+OFFSET = 0.0  #: read by offset(), which Gained.forward calls
+
+
+def offset(x, times=1):
+    return x + OFFSET if times <= 1 else offset(x, times - 1)  # recursive: it names itself as a global
+
+
 class Gained(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -354,7 +361,7 @@ class Gained(nn.Module):
         self.options = {"act": functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.1)}
 
     def forward(self, x):
-        return self.options["act"](self.tied(self.linear(x))) * GAIN
+        return offset(self.options["act"](self.tied(self.linear(x))) * GAIN)
 
 
 def test_the_fingerprint_sees_globals_partials_tied_or_strided_weights_and_has_none_for_what_it_cannot_describe(
@@ -366,6 +373,9 @@ def test_the_fingerprint_sees_globals_partials_tied_or_strided_weights_and_has_n
     monkeypatch.setattr(sys.modules[__name__], "GAIN", 2.0)
     assert fingerprint(Gained()) != first
     monkeypatch.setattr(sys.modules[__name__], "GAIN", 1.0)
+    monkeypatch.setattr(sys.modules[__name__], "OFFSET", 1.0)  # a global of a function forward calls
+    assert fingerprint(Gained()) not in (first, None)
+    monkeypatch.setattr(sys.modules[__name__], "OFFSET", 0.0)
     changes = [lambda m: m.options.update(act=functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.2)),
                lambda m: setattr(m.tied, "weight", m.linear.weight),
                lambda m: setattr(m.linear, "weight", nn.Parameter(m.linear.weight.detach().t().contiguous().t()))]
