@@ -66,9 +66,27 @@ def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, pa
         if any(worker.exitcode != 0 for worker in workers):
             raise OptiflowError("a search worker process failed; see the failed trials in the study")
     finally:
+        _stop_workers(workers, interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt))
+
+
+WORKER_GRACE_SECONDS = 10.0
+
+
+def _stop_workers(workers: list[Any], interrupted: bool) -> None:
+    """Workers still running as this process stops: each is waited for, so that the study's temporary folder
+    outlives them.  Interrupted (Ctrl-C reached them too), each ends its trial's run KILLED first; then (or else
+    at once) what still runs is terminated, and killed after :data:`WORKER_GRACE_SECONDS`."""
+    if interrupted:
         for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
+            worker.join(WORKER_GRACE_SECONDS)
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(WORKER_GRACE_SECONDS)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, n_trials: int,
