@@ -170,11 +170,13 @@ def save_model(path: str, mlflow_model: Model, *, module: InferenceModule, card:
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     with torch.no_grad():
-        width = int(module(example).reshape(len(example), -1).shape[1])
+        computed = module(example)
+    width = int(computed.reshape(len(example), -1).shape[1])
     array = example.numpy().astype(np.float32)
     outputs = Schema([ColSpec("double", name) for name in card.output_columns(width)])
     traced = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, *card.input_shape))]), outputs)
-    with tempfile.TemporaryDirectory() as staging, _requirements_checked_directly(), exporting(ahead, module):
+    with tempfile.TemporaryDirectory() as staging, _requirements_checked_directly(), \
+            exporting(ahead, module, computed):
         code = Path(staging) / f"{SERVING_MODULE}.py"
         shutil.copyfile(Path(__file__).with_name("serving.py"), code)
         mlflow.pytorch.save_model(

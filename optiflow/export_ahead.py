@@ -15,12 +15,12 @@ How the program stays the one the run would export:
   (:func:`optiflow.fingerprint.fingerprint`: module types, ``forward`` code, attributes, tensors that are not
   weights, hooks, modes).  The fork writes the program only when the fingerprint is the one it traced (a plugin that
   changed the model while it trained gets an export of the model as it ended), with every tensor of the program
-  equal to the weights sent.
+  equal to the weights sent, and only when the program computes the run's outputs on the example (a change no
+  fingerprint sees, torch's own functions patched say, is caught there).
 - The run's own ``torch.export.export`` call (MLflow's) gets the fork's program only when its arguments are the ones
   the fork traced with: the example tensors bit for bit, the same dynamic shapes.
-- Anything else (the fork failed, died, used no CPU for two seconds, or is stale): the run exports itself, as
-  it always did.  What the fork's export printed (stdout, stderr) is printed by the run when it uses the fork's
-  program.
+- Anything else (the fork failed, died, used no CPU for 2 s, took a minute, is stale): the run exports itself, as
+  it always did.  What the fork's export printed (stdout, stderr) the run prints when it uses the fork's program.
 
 Used for a run on the CPU that logs its model, on Linux, from the main thread, not data-parallel, with data and
 model of at most :data:`SMALL_DATA_BYTES` together (a run with more trains long enough that its export is a small
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from optiflow.fingerprint import describe, fingerprint
 from optiflow.values import env_flag
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 
 ENVIRONMENT = "OPTIFLOW_EXPORT_AHEAD"
 STUCK_SECONDS = 2.0  #: a fork that used no CPU for this long while the run waits for it is given up
+WAIT_SECONDS = 60.0  #: nor does the run wait longer than this for a fork that works (then it exports itself)
+OUTPUT_RTOL, OUTPUT_ATOL = 1e-5, 1e-6  #: how close the fork's program computes the run's outputs on the example
 POLL_SECONDS = 0.005
 SMALL_DATA_BYTES = 64 * 2**20  #: a run whose splits and model hold more is not traced beside it
 
@@ -72,14 +74,15 @@ class Ahead:
 
     def __init__(self, pid: int, folder: Path, command: int) -> None:
         self.pid, self.folder, self.command = pid, folder, command
-        self.sent = False
+        self.sent, self.ended = False, False
 
-    def send(self, module: nn.Module) -> None:
-        """The pipeline as it ended: its weights and fingerprint, for the fork to write its program with (weights
-        that cannot be written, a full disk say, are not sent: the run exports itself)."""
+    def send(self, module: nn.Module, outputs: Tensor) -> None:
+        """The pipeline as it ended: its weights and fingerprint, and its ``outputs`` on the example, for the fork to
+        write its program with (weights that cannot be written, a full disk say, are not sent: the run exports
+        itself)."""
         part = self.folder / "weights.part"
         try:
-            torch.save({"weights": module.state_dict(), "fingerprint": fingerprint(module)}, part)
+            torch.save({"weights": module.state_dict(), "fingerprint": fingerprint(module), "outputs": outputs}, part)
             part.rename(self.folder / "weights.pt")
         except Exception:  # noqa: BLE001 - whatever failed here, the run's own export is what it always was
             part.unlink(missing_ok=True)
@@ -107,18 +110,22 @@ class Ahead:
         return self.folder / "model.pt2"
 
     def _wait(self) -> bool:
-        """Wait for the fork to end while it works; whether it ended by itself, successfully."""
+        """Wait for the fork to end while it works (at most :data:`WAIT_SECONDS`); whether it ended by itself,
+        successfully."""
+        if not self.pid:
+            return self.ended
         cpu, progressed = _cpu_seconds(self.pid), time.monotonic()
+        deadline = progressed + WAIT_SECONDS
         while True:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
                 return False
             if pid:
-                self.pid = 0
-                return os.waitstatus_to_exitcode(status) == 0
+                self.pid, self.ended = 0, os.waitstatus_to_exitcode(status) == 0
+                return self.ended
             now, used = time.monotonic(), _cpu_seconds(self.pid)
-            if used is None:
+            if used is None or now > deadline:
                 return False
             if used != cpu:
                 cpu, progressed = used, now
@@ -207,6 +214,8 @@ def start(run: Run, pipeline: Pipeline) -> Ahead | None:
             _child_setup(parent, folder, read, write)
             code = _trace(run, pipeline, folder, read)
         finally:
+            if os.getppid() != parent:  # the run's process is gone: nobody else removes the folder
+                shutil.rmtree(folder, ignore_errors=True)
             os._exit(code)
     os.close(read)
     return Ahead(pid, folder, write)
@@ -262,9 +271,11 @@ def _trace(run: Run, pipeline: Pipeline, folder: Path, command: int) -> int:
         return 1
     real_export, real_save = torch.export.export, torch.export.save
     found: dict[str, str] = {}
+    inputs: list[object] = []
 
     def trace(mod: nn.Module, args: tuple[object, ...], *rest: object, **kwargs: object) -> ExportedProgram:
         found["arguments"] = arguments_digest(args, kwargs) if mod is module and not rest else ""
+        inputs[:] = args
         with _printed_to(folder / "export.out", folder / "export.log"):
             return real_export(mod, args, *rest, **kwargs)  # type: ignore[arg-type]
 
@@ -275,7 +286,7 @@ def _trace(run: Run, pipeline: Pipeline, folder: Path, command: int) -> int:
         module.load_state_dict(weights["weights"], strict=True)
         state = program.state_dict
         if not all(name in weights["weights"] and torch.equal(tensor, weights["weights"][name])
-                   for name, tensor in state.items()):
+                   for name, tensor in state.items()) or not _computes(program, inputs, weights["outputs"]):
             raise _Saved
         real_save(program, folder / "model.part")
         (folder / "model.part").rename(folder / "model.pt2")
@@ -286,6 +297,18 @@ def _trace(run: Run, pipeline: Pipeline, folder: Path, command: int) -> int:
     with tempfile.TemporaryDirectory(dir=folder) as scratch, contextlib.suppress(_Saved):
         save_to(os.path.join(scratch, "model"))
     return 0 if (folder / "result.json").is_file() else 1
+
+
+def _computes(program: ExportedProgram, inputs: list[object], outputs: Tensor) -> bool:
+    """Whether ``program`` computes on ``inputs`` what the run's module computed (``outputs``): the last check that
+    the trace is not stale (state the fingerprint does not see: torch's global settings, a library patched)."""
+    try:
+        with torch.no_grad():
+            computed = program.module()(*inputs)
+        return isinstance(computed, Tensor) and computed.shape == outputs.shape and \
+            torch.allclose(computed, outputs, rtol=OUTPUT_RTOL, atol=OUTPUT_ATOL, equal_nan=True)
+    except Exception:  # noqa: BLE001 - a program that cannot run here is not the one to log
+        return False
 
 
 def _await_weights(folder: Path, command: int) -> dict[str, Any] | None:
@@ -318,13 +341,14 @@ def _printed_to(out: Path, err: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exporting(ahead: Ahead | None, module: nn.Module) -> Iterator[None]:
-    """While open (the run's :func:`optiflow.export.save_model`), an export of ``module`` is the fork's program
-    when it has the one the call asks for; every other call, and every other case, is torch's own."""
+def exporting(ahead: Ahead | None, module: nn.Module, outputs: Tensor) -> Iterator[None]:
+    """While open (the run's :func:`optiflow.export.save_model`), an export of ``module`` (which computed ``outputs``
+    on the example) is the fork's program when it has the one the call asks for; every other call, and every other
+    case, is torch's own."""
     if ahead is None:
         yield
         return
-    ahead.send(module)
+    ahead.send(module, outputs)
     real_export, real_save = torch.export.export, torch.export.save
 
     def export(mod: nn.Module, args: tuple[object, ...], *rest: object, **kwargs: object) -> object:

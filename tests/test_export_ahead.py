@@ -153,11 +153,17 @@ def fail(*_):
     raise RuntimeError("the fork broke")
 
 
-@pytest.mark.parametrize("trace", [fail, hang], ids=["fails", "hangs"])
+def spin(*_):
+    while True:  # it works, and never ends: the run waits WAIT_SECONDS at most
+        pass
+
+
+@pytest.mark.parametrize("trace", [fail, hang, spin], ids=["fails", "hangs", "spins"])
 def test_a_fork_that_fails_or_hangs_leaves_the_run_exporting_itself(
         trace, tracking_uri, experiment, exports, scratch, monkeypatch):
     monkeypatch.setattr(export_ahead, "_trace", trace)
     monkeypatch.setattr(export_ahead, "STUCK_SECONDS", 0.5)
+    monkeypatch.setattr(export_ahead, "WAIT_SECONDS", 1.0)
     trained(tracking_uri, experiment)
     assert exports.count(os.getpid()) == 1
     assert forks_of(os.getpid()) == [] and list(scratch.glob("optiflow-export-*")) == []
@@ -471,3 +477,37 @@ def test_a_model_with_weights_not_yet_made_trains_and_exports_itself(plugin, tra
     plugin(Lazy(), "lazy")
     trained(tracking_uri, experiment, data="diabetes", epochs=1)
     assert exports.count(os.getpid()) == 1
+
+
+RELU = torch.nn.functional.relu
+
+
+class PatchedLibrary:
+    """A plugin changing what the model computes where no fingerprint looks: torch's own ``F.relu``, at run end
+    (and back at the next run's start)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.monkeypatch = monkeypatch
+
+    @hookimpl
+    def optiflow_run_start(self, run):
+        self.monkeypatch.setattr(torch.nn.functional, "relu", RELU)
+
+    @hookimpl
+    def optiflow_run_end(self, run, status):
+        self.monkeypatch.setattr(torch.nn.functional, "relu", lambda x, inplace=False: torch.sigmoid(x))
+
+
+def test_a_program_that_no_longer_computes_what_the_model_does_is_not_logged(
+        plugin, tracking_uri, experiment, exports, scratch, tmp_path, monkeypatch):
+    """The fork's program is checked against the run's outputs on the example: a change the fingerprint cannot
+    see (a library function patched) leaves the run exporting the model as it ended."""
+    from optiflow import export
+
+    plugin(PatchedLibrary(monkeypatch), "patched-library")
+    ahead = trained(tracking_uri, experiment)
+    assert exports.count(os.getpid()) == 1, "the fork's program computed relu: the run exported itself"
+    assert "sigmoid" in export.load_program(f"runs:/{ahead}/model").graph_module.code
+    monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
+    itself = trained(tracking_uri, experiment)
+    assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
