@@ -31,6 +31,7 @@ part of it, and a fork of a big process costs its page tables, and counts that p
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import hashlib
@@ -304,7 +305,7 @@ def _computes(program: ExportedProgram, inputs: list[object], outputs: Tensor) -
     the trace is not stale (state the fingerprint does not see: torch's global settings, a library patched)."""
     try:
         with torch.no_grad():
-            computed = program.module()(*inputs)
+            computed = copy.deepcopy(program.module())(*inputs)  # what its forward writes (a buffer) not saved
         return isinstance(computed, Tensor) and computed.shape == outputs.shape and \
             torch.allclose(computed, outputs, rtol=OUTPUT_RTOL, atol=OUTPUT_ATOL, equal_nan=True)
     except Exception:  # noqa: BLE001 - a program that cannot run here is not the one to log
@@ -315,8 +316,7 @@ def _await_weights(folder: Path, command: int) -> dict[str, Any] | None:
     """Block until the run sends the weights (None when it ends without: its end of the pipe closed)."""
     if os.read(command, 1) != b"w":
         return None
-    loaded: dict[str, Any] = torch.load(folder / "weights.pt", weights_only=True)
-    return loaded
+    return torch.load(folder / "weights.pt", weights_only=True)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from optiflow import export_ahead, hookimpl
 from optiflow.config import RunConfig
@@ -510,4 +510,38 @@ def test_a_program_that_no_longer_computes_what_the_model_does_is_not_logged(
     assert "sigmoid" in export.load_program(f"runs:/{ahead}/model").graph_module.code
     monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
     itself = trained(tracking_uri, experiment)
+    assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
+
+
+class Counter(nn.Module):
+    """A layer counting its calls in a buffer, in eval mode too (a plugin's running statistic, say)."""
+
+    calls: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.add_(1)
+        return x
+
+
+class Counting:
+    """A plugin appending a :class:`Counter` to the model as the run starts."""
+
+    @hookimpl
+    def optiflow_run_start(self, run):
+        run.model.append(Counter())
+
+
+def test_a_program_that_mutates_its_buffers_is_logged_with_the_buffers_the_run_sent(
+        plugin, tracking_uri, experiment, exports, scratch, tmp_path, monkeypatch):
+    """The fork's check that its program computes the run's outputs runs the program: what the program's forward
+    writes to its buffers (a counter) must not reach the program it writes."""
+    plugin(Counting(), "counting")
+    ahead = trained(tracking_uri, experiment, data="diabetes", epochs=1)
+    assert exports.count(os.getpid()) == 0, "the fork's program was logged"
+    monkeypatch.setenv("OPTIFLOW_EXPORT_AHEAD", "0")
+    itself = trained(tracking_uri, experiment, data="diabetes", epochs=1)
     assert program_bytes(tracking_uri, ahead, tmp_path / "a") == program_bytes(tracking_uri, itself, tmp_path / "b")
