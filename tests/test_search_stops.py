@@ -3,6 +3,7 @@ storage so that every worker sharing --storage stops; the parent run records the
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import subprocess
 import sys
@@ -323,3 +324,38 @@ def test_a_stopped_study_leaves_dead_workers_retries_queued_instead_of_spinning(
     worker.join(timeout=30)
     assert not worker.is_alive()
     assert [t.state.name for t in study.trials] == ["COMPLETE", "WAITING"]
+
+
+def test_sigterm_to_the_search_alone_stops_its_workers_at_once_and_their_runs_end_killed(tmp_path):
+    """``kill PID`` (a service manager's stop) reaches the search's process only: its workers are sent SIGTERM as
+    it stops, not waited for while they train on (10 s each, then terminated: past a manager's own grace)."""
+    import os
+    import signal
+
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    search = subprocess.Popen([sys.executable, "-m", "optiflow", "search", *SPACE, "--n-trials", "2", "--n-jobs", "2",
+                               "--epochs", "100000", *TINY, "--tracking-uri", store, "--experiment", "term"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(tmp_path)})
+    client = mlflow.MlflowClient(store)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and search.poll() is None:
+            with contextlib.suppress(Exception):
+                runs = client.search_runs([client.get_experiment_by_name("term").experiment_id])
+                if sum("optuna.trial_number" in r.data.tags and r.info.status == "RUNNING" for r in runs) == 2:
+                    break
+            time.sleep(0.5)
+        time.sleep(2)  # both train
+        search.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = search.communicate(timeout=60)
+    finally:
+        search.kill()
+    assert time.monotonic() - sent < 8, "the workers were waited for while they trained on"
+    assert search.returncode == 143 and "Traceback" not in err, err
+    runs = client.search_runs([client.get_experiment_by_name("term").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["KILLED"] * 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("optiflow-study-")] == []

@@ -66,7 +66,9 @@ def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, pa
         if any(worker.exitcode != 0 for worker in workers):
             raise OptiflowError("a search worker process failed; see the failed trials in the study")
     finally:
-        _stop_workers(workers, interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt))
+        stopped = sys.exc_info()[1]  # Ctrl-C reached the workers too; a SIGTERM was this process's alone
+        _stop_workers(workers, interrupted=isinstance(stopped, KeyboardInterrupt)
+                      and getattr(stopped, "signum", signal.SIGINT) == signal.SIGINT)
 
 
 WORKER_GRACE_SECONDS = 10.0
@@ -74,8 +76,9 @@ WORKER_GRACE_SECONDS = 10.0
 
 def _stop_workers(workers: list[Any], interrupted: bool) -> None:
     """Workers still running as this process stops: each is waited for, so that the study's temporary folder
-    outlives them.  Interrupted (Ctrl-C reached them too), each ends its trial's run KILLED first; then (or else
-    at once) what still runs is terminated, and killed after :data:`WORKER_GRACE_SECONDS`."""
+    outlives them.  Interrupted by Ctrl-C (it reached them too), each ends its trial's run KILLED first; then (or
+    else at once: a SIGTERM sent to this process, an error) what still runs is terminated, and killed after
+    :data:`WORKER_GRACE_SECONDS`."""
     if interrupted:
         for worker in workers:
             worker.join(WORKER_GRACE_SECONDS)
