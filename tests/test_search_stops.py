@@ -359,3 +359,30 @@ def test_sigterm_to_the_search_alone_stops_its_workers_at_once_and_their_runs_en
     runs = client.search_runs([client.get_experiment_by_name("term").experiment_id])
     assert sorted(r.info.status for r in runs) == ["KILLED"] * 3
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("optiflow-study-")] == []
+
+
+def _stuck() -> None:
+    """A worker stuck where no signal handler runs (a C call retrying a lost store, say)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
+def test_stuck_workers_are_waited_for_the_grace_once_not_once_each(monkeypatch):
+    """Ctrl-C with --n-jobs 4 and every worker stuck: the search ends after the grace twice (the wait, then the
+    wait after SIGTERM), not twice per worker."""
+    import multiprocessing
+
+    from optiflow.search import objective
+
+    monkeypatch.setattr(objective, "WORKER_GRACE_SECONDS", 1.0)
+    workers = [multiprocessing.get_context("fork").Process(target=_stuck, daemon=True) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    objective._stop_workers(workers, interrupted=True)
+    assert time.monotonic() - started < 3.5
+    assert not any(worker.is_alive() for worker in workers)

@@ -8,6 +8,7 @@ import multiprocessing
 import signal
 import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -78,18 +79,24 @@ def _stop_workers(workers: list[Any], interrupted: bool) -> None:
     """Workers still running as this process stops: each is waited for, so that the study's temporary folder
     outlives them.  Interrupted by Ctrl-C (it reached them too), each ends its trial's run KILLED first; then (or
     else at once: a SIGTERM sent to this process, an error) what still runs is terminated, and killed after
-    :data:`WORKER_GRACE_SECONDS`."""
+    :data:`WORKER_GRACE_SECONDS` (each wait is for all workers together)."""
     if interrupted:
-        for worker in workers:
-            worker.join(WORKER_GRACE_SECONDS)
+        _join_all(workers)
     for worker in workers:
         if worker.is_alive():
             worker.terminate()
+    _join_all(workers)
     for worker in workers:
-        worker.join(WORKER_GRACE_SECONDS)
         if worker.is_alive():
             worker.kill()
             worker.join()
+
+
+def _join_all(workers: list[Any]) -> None:
+    """Wait for the workers together, :data:`WORKER_GRACE_SECONDS` at most in all (not that long for each)."""
+    deadline = time.monotonic() + WORKER_GRACE_SECONDS
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
 
 
 def run_trials(base: RunConfig, settings: SearchSettings, study: optuna.Study, parent_id: str, n_trials: int,
