@@ -386,3 +386,27 @@ def test_stuck_workers_are_waited_for_the_grace_once_not_once_each(monkeypatch):
     objective._stop_workers(workers, interrupted=True)
     assert time.monotonic() - started < 3.5
     assert not any(worker.is_alive() for worker in workers)
+
+
+def test_workers_started_before_one_could_not_start_are_stopped(monkeypatch):
+    """A worker that cannot start (no process left: EAGAIN) after others did: those are stopped with the search,
+    not left writing to the study's temporary journal the search removes."""
+    import errno
+    import multiprocessing.context
+
+    from optiflow.search import objective
+
+    started, stopped = [], []
+
+    def start(process):
+        if started:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        started.append(process)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start)
+    monkeypatch.setattr(objective, "_stop_workers", lambda workers, interrupted: stopped.extend(workers))
+    study = optuna.create_study(direction="minimize")
+    settings = SearchSettings(space=[], n_trials=3, n_jobs=3)
+    with pytest.raises(OSError):
+        objective.run_study(RunConfig(), settings, study, "parent")
+    assert started and stopped == started

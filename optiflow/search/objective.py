@@ -59,7 +59,7 @@ def run_study(base: RunConfig, settings: SearchSettings, study: optuna.Study, pa
             progress(why)
         return
     try:
-        workers = _spawn_workers(base, settings, study.study_name, parent_id, tags, remaining)
+        _spawn_workers(workers, base, settings, study.study_name, parent_id, tags, remaining)
         share = _share(remaining, settings.n_jobs, 0)
         run_trials(base, settings, study, parent_id, share, tags=tags, progress=progress, total=settings.n_trials)
         for worker in workers:
@@ -294,11 +294,11 @@ def _share(n_trials: int, n_jobs: int, index: int) -> int:
     return n_trials // n_jobs + (index < n_trials % n_jobs)
 
 
-def _spawn_workers(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str,
-                   tags: dict[str, str] | None, remaining: int) -> list[Any]:
-    """``n_jobs - 1`` extra processes (separate processes, so per-run plugins never cross runs)."""
+def _spawn_workers(workers: list[Any], base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str,
+                   tags: dict[str, str] | None, remaining: int) -> None:
+    """``n_jobs - 1`` extra processes (separate processes, so per-run plugins never cross runs), each added to
+    ``workers`` as it starts (those started are stopped with the search when a later one cannot start)."""
     context = multiprocessing.get_context("spawn")
-    workers = []
     for index in range(1, settings.n_jobs):
         share = _share(remaining, settings.n_jobs, index)
         if share:
@@ -312,7 +312,6 @@ def _spawn_workers(base: RunConfig, settings: SearchSettings, study_name: str, p
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
             workers.append(worker)
-    return workers
 
 
 def _worker(base: RunConfig, settings: SearchSettings, study_name: str, parent_id: str, n_trials: int,
