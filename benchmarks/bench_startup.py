@@ -2,7 +2,7 @@
 
 Each round runs, as fresh processes in a throw-away folder whose MLflow store already exists (its
 tables and the experiment are created by an untimed warm-up run, as in a project that has trained
-before; it also caches optiflow's compiled modules, as installing optiflow does), in alternating order (R H E T, T E H R, ...):
+before; it also caches optiflow's compiled modules, as installing optiflow does), in alternating order (R F H E T A, A T E H F R, ...):
 
   R  ``python -c "import torch, mlflow"``: the reference, what any tracked PyTorch run imports
   F  ``python -c "import gc; gc.disable(); import torch, torch._dynamo, mlflow"``: the floor of a default train,
@@ -12,6 +12,8 @@ before; it also caches optiflow's compiled modules, as installing optiflow does)
   H  ``optiflow --help``
   E  ``optiflow train --epochs 1`` (digits, default MLP): wall time against its logged training time
   T  ``optiflow train`` (the default run: digits, MLP, 20 epochs): the same
+  A  ``OPTIFLOW_EXPORT_AHEAD=0 optiflow train``: the same run exporting its model itself, after training (T has a
+     fork of its process trace it while it trains: optiflow.export_ahead); the summary prints T/A
 
 The training time of E and T is the sum of their logged ``epoch_time`` metric; the fixed cost is the
 wall time minus it, printed against R (issue 24's measure) and against F (what is left above the imports).  Each round prints the machine's load average before and after it and whether it
@@ -47,7 +49,10 @@ VARIANTS = {
     "H": ("optiflow --help", [sys.executable, "-m", "optiflow", "--help"]),
     "E": ("optiflow train --epochs 1", [sys.executable, "-m", "optiflow", "train", "--epochs", "1"]),
     "T": ("optiflow train (default, 20 epochs)", [sys.executable, "-m", "optiflow", "train"]),
+    "A": ("OPTIFLOW_EXPORT_AHEAD=0 optiflow train (its model exported after training)",
+          [sys.executable, "-m", "optiflow", "train"]),
 }
+SWITCHES = {"A": {"OPTIFLOW_EXPORT_AHEAD": "0"}}
 GOAL_WALL = 4.5
 GOAL_FIXED_RATIO = 1.5
 
@@ -65,12 +70,13 @@ def environment() -> dict[str, str]:
 def run(key: str, folder: Path) -> tuple[float, float | None]:
     """(wall seconds, logged training seconds or None) of one fresh process of variant ``key``."""
     command = list(VARIANTS[key][1])
-    if key in "ET":
+    if key in "ETA":
         command += ["--experiment", EXPERIMENT, "--no-reuse"]  # every round trains: a reused run would time nothing
     started = time.perf_counter()
-    subprocess.run(command, cwd=folder, env=environment(), check=True, capture_output=True)
+    subprocess.run(command, cwd=folder, env={**environment(), **SWITCHES.get(key, {})}, check=True,
+                   capture_output=True)
     wall = time.perf_counter() - started
-    return wall, (training_seconds(folder) if key in "ET" else None)
+    return wall, (training_seconds(folder) if key in "ETA" else None)
 
 
 def training_seconds(folder: Path) -> float:
@@ -85,7 +91,7 @@ def training_seconds(folder: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of R H E T [5]")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions of R F H E T A [5]")
     parser.add_argument("--short", action="store_true", help="2 rounds: a quick look, not a result")
     parser.add_argument("--settle", type=float, default=60.0,
                         help="seconds to wait before a round for the load to fall to 0.5 per core [60]")
@@ -97,7 +103,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="optiflow-bench-startup-"))
     run("E", folder)  # warm-up, untimed: the store's tables and the experiment, compiled modules, the OS file cache
     walls: dict[str, list[float]] = {key: [] for key in VARIANTS}
-    trained: dict[str, list[float]] = {"E": [], "T": []}
+    trained: dict[str, list[float]] = {"E": [], "T": [], "A": []}
     rounds = []
     for index in range(1, rounds_wanted + 1):
         order = list(VARIANTS) if index % 2 else list(reversed(VARIANTS))
@@ -121,10 +127,13 @@ def main() -> None:
     print(f"  R import torch, mlflow: {reference:.2f} s")
     print(f"  F import torch, torch._dynamo, mlflow, no collection: {floor:.2f} s = {floor / reference:.2f}x R")
     print(f"  H optiflow --help: {median(walls['H']):.2f} s")
-    for key in ("E", "T"):
+    for key in ("E", "T", "A"):
         fixed = [walls[key][i] - trained[key][i] for i in range(len(walls[key]))]
         print(f"  {key} {VARIANTS[key][0]}: {median(walls[key]):.2f} s wall, {median(trained[key]):.2f} s training, "
               f"fixed cost {median(fixed):.2f} s = {median(fixed) / reference:.2f}x R = {median(fixed) / floor:.2f}x F")
+    pairs = [walls["T"][i] / walls["A"][i] for i in indices]
+    print(f"  T/A, the model traced beside the run against exported after it: median {statistics.median(pairs):.2f} "
+          f"({', '.join(f'{p:.2f}' for p in pairs)})")
     fixed_t = median([walls["T"][i] - trained["T"][i] for i in range(len(walls["T"]))])
     print(f"  goals: T wall {median(walls['T']):.2f} s (<= {GOAL_WALL} s), "
           f"T fixed cost {fixed_t / reference:.2f}x R (<= {GOAL_FIXED_RATIO}x)")
