@@ -224,7 +224,7 @@ def start(run: Run, pipeline: Pipeline) -> Ahead | None:
 
 def _child_setup(parent: int, folder: Path, read: int, write: int) -> None:
     """The fork lets go of what is the run's: no signals of its own, the run's files and sockets closed, its own
-    stderr, one thread, low priority, its temporary files in its folder (the run removes it); it dies with the run's
+    stderr, one thread, its temporary files in its folder (the run removes it); it dies with the run's
     process, or with its terminal (and removes its folder)."""
     gc.freeze()  # the collector never looks at the run's objects (no finalizer of its database connections runs)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -251,9 +251,7 @@ def _child_setup(parent: int, folder: Path, read: int, write: int) -> None:
     os.closerange(read + 1, _highest_fd())
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the fork's own stdio objects, not the run's
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-    with contextlib.suppress(OSError):
-        os.nice(10)
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # at the run's own priority: when the run waits for it, it waits for nothing else
 
 
 def _highest_fd() -> int:
