@@ -223,10 +223,17 @@ def test_the_fingerprint_sees_what_a_trace_reads_but_the_weights():
         assert fingerprint(changed) != first
 
 
+def terminal_signals() -> None:
+    """In the child: SIGHUP as a terminal's process has it (a test run under nohup ignores it, and so would its
+    children)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def cli(*args: str, tmp: Path, cwd: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "optiflow", "train", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=terminal_signals)
 
 
 def wait_for(condition, seconds: float = 120.0):
