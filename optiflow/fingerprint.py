@@ -18,6 +18,8 @@ import types
 import torch
 from torch import Tensor, nn
 
+from optiflow.digest import tensors_digest
+
 MAX_DEPTH = 12  #: objects nested deeper than this have no fingerprint
 MAX_ITEMS = 20_000  #: nor does a module whose description has more values than this
 _HEAP_TYPE = 1 << 9  #: Py_TPFLAGS_HEAPTYPE: a class written in Python (not C code)
@@ -177,9 +179,8 @@ def _global_names(code: types.CodeType) -> set[str]:
 
 
 def _tensor(value: Tensor) -> str:
-    data = value.detach().cpu().contiguous().reshape(-1)
     try:
-        content = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
-    except (RuntimeError, TypeError):  # a dtype without a byte view (quantized): its values
-        content = repr(data.tolist())
+        content = tensors_digest([("", value)])
+    except (RuntimeError, TypeError):  # a dtype NumPy cannot hold (quantized): its values
+        content = repr(value.detach().cpu().reshape(-1).tolist())
     return f"tensor{tuple(value.shape)}:{value.dtype}:{content}"
