@@ -131,12 +131,13 @@ class _Helper:
 
 
 _HELPER_PROCESS = _Helper()
+_STAGING: set[Path] = set()  #: the staging folders of this process's runs not yet collected
 
 
 def start_helper() -> None:
-    """Start this process's drawing helper now (a command that will draw: before its own imports)."""
+    """Make sure this process's drawing helper runs: a command that will draw starts it before its own imports,
+    a run that logs figures when it opens (:meth:`Drawer.start`)."""
     _HELPER_PROCESS.start()
-_STAGING: set[Path] = set()  #: the staging folders of this process's runs not yet collected
 
 
 class Drawer:
@@ -148,7 +149,7 @@ class Drawer:
 
     def start(self) -> None:
         """Make sure the helper runs: started now, it imports matplotlib while the run trains."""
-        _HELPER_PROCESS.start()
+        start_helper()
 
     def draw(self, recipe: Recipe, artifact_file: str) -> None:
         """Ask for ``recipe`` drawn as ``artifact_file``; :meth:`finished` hands over the file."""
